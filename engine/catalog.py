@@ -89,7 +89,7 @@ def _anime_video_bundle(factor: int, param_sha: str, post_resize: float, sd_sha:
     )
 
 
-_ANIMEVIDEO_SD_SHA = "PENDING"  # filled in by the converter's pinned hash
+_ANIMEVIDEO_SD_SHA = "0021d03bbc1b216606d30a7cbe33447768174f0e8bbdd590295e6b39f4e3a268"  # filled in by the converter's pinned hash
 
 _MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
@@ -104,7 +104,7 @@ _MODELS: tuple[ModelSpec, ...] = (
             param_file="models/REALESRGAN_X4PLUS_UP4X.param", bin_file="models/REALESRGAN_X4PLUS_UP4X.bin",
             param_sha256="c8a066c12541a1ef01ba90fddd90688278bdc11536847699239be29225015bc8",
             bin_sha256="713ee713b0353afaa27976f0563a64a5043bd70b9bd8936c2e26e25ebcdbcddf",
-            state_dict_sha256="PENDING",
+            state_dict_sha256="b13cacfc45881a63f2767cea88eef7e0c3ff667f1c94eb621f76953a99371c48",
         ),
     ),
     ModelSpec(
@@ -127,7 +127,7 @@ _MODELS: tuple[ModelSpec, ...] = (
             param_file="models/REALESRGAN_X4PLUSANIME_UP4X.param", bin_file="models/REALESRGAN_X4PLUSANIME_UP4X.bin",
             param_sha256="d63c7e93c58ec5d0048ca1f0a995f40b2af17c2816a2e0a3b7172046d98795ec",
             bin_sha256="fe01c269cfd10cdef8e018ab66ebe750cf79c7af4d1f9c16c737e1295229bacc",
-            state_dict_sha256="PENDING",
+            state_dict_sha256="d978f5cf71aeb6f617a5596e42420f3cf37a300d8a0e9ef98f7711ad92ef864e",
         ),
     ),
     ModelSpec(

@@ -1,0 +1,55 @@
+"""Shared fixtures. Tests never touch the network or the user's real directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+# A per-session cache for the converted offline weights, so each test does not convert them again.
+_SESSION_WEIGHTS: Path | None = None
+
+
+@pytest.fixture(autouse=True)
+def _isolate_env(monkeypatch, tmp_path):
+    """Keep every test away from the user's config, and from any REALESRGAN_* variables of the shell."""
+    for key in list(os.environ):
+        if key.startswith("REALESRGAN_"):
+            monkeypatch.delenv(key)
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def config(tmp_path, shared_weights_dir):
+    from config import Config
+
+    return Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=tmp_path / "out",
+                           temp_dir=tmp_path / "tmp", config_dir=tmp_path / "cfg", log_dir=tmp_path / "logs",
+                           download_retries=0)
+
+
+@pytest.fixture(scope="session")
+def shared_weights_dir(tmp_path_factory) -> Path:
+    """A weights dir shared by the session, holding the bundled offline weights once converted."""
+    return tmp_path_factory.mktemp("weights")
+
+
+@pytest.fixture(scope="session")
+def model_manager_session(shared_weights_dir):
+    from config import Config
+    from engine.model_manager import ModelManager
+
+    cfg = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, download_retries=0)
+    return ModelManager(cfg)
+
+
+@pytest.fixture
+def model_manager(config):
+    from engine.model_manager import ModelManager
+
+    return ModelManager(config)
