@@ -1,0 +1,445 @@
+"""Tests for utils.image_io: decoding to HxWxC with depth/alpha/metadata, encoding, atomic saving, format choice."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image, ImageCms, ImageOps
+
+from utils.image_io import (
+    EncodedImage,
+    LoadedImage,
+    apply_orientation,
+    choose_output_format,
+    encode_image,
+    load_image,
+    save_image,
+    to_8bit,
+)
+from utils.validation import CorruptImage, InvalidSetting, TooLarge, UnsupportedFormat, ValidationError
+
+DATA = Path(__file__).parent / "data" / "images"
+TREE_16BIT = DATA / "tree_alpha_16bit_crop.png"  # 48x40 RGBA, 16 bits, soft alpha edges
+CHILDREN_RGBA = DATA / "children_alpha_crop.png"  # 48x40 RGBA, 8 bits, soft alpha edges
+ORIENTATION = 0x0112
+
+
+def _rng_pixels(shape, dtype, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
+
+
+def _srgb_icc() -> bytes:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def _exif(orientation: int, make: str = "TestCam") -> bytes:
+    exif = Image.Exif()
+    exif[0x010F] = make
+    exif[ORIENTATION] = orientation
+    return exif.tobytes()
+
+
+def _parse_exif(data: bytes) -> Image.Exif:
+    exif = Image.Exif()
+    exif.load(data)
+    return exif
+
+
+# ------------------------------------------------------------------------------------------- lossless round trips
+LOSSLESS_CASES = [
+    ((9, 7), np.uint8, "L"),
+    ((9, 7, 2), np.uint8, "LA"),
+    ((9, 7, 3), np.uint8, "RGB"),
+    ((9, 7, 4), np.uint8, "RGBA"),
+    ((9, 7), np.uint16, "L"),
+    ((9, 7, 2), np.uint16, "LA"),
+    ((9, 7, 3), np.uint16, "RGB"),
+    ((9, 7, 4), np.uint16, "RGBA"),
+]
+
+
+@pytest.mark.parametrize("shape, dtype, mode", LOSSLESS_CASES)
+def test_png_round_trip_is_exact(shape, dtype, mode):
+    pixels = _rng_pixels(shape, dtype)
+    encoded = encode_image(pixels, "png")
+    loaded = load_image(encoded.data)
+    expected = pixels if pixels.ndim == 3 else pixels[..., None]
+    assert loaded.pixels.dtype == dtype and loaded.mode == mode
+    assert loaded.bit_depth == 8 * np.dtype(dtype).itemsize == encoded.bit_depth
+    assert loaded.has_alpha == (mode in ("LA", "RGBA"))
+    np.testing.assert_array_equal(loaded.pixels, expected)
+    assert loaded.format == "PNG"
+
+
+@pytest.mark.parametrize("shape, dtype, mode", [c for c in LOSSLESS_CASES if c[2] != "LA" or c[1] == np.uint8])
+def test_tiff_round_trip_is_exact(shape, dtype, mode):
+    pixels = _rng_pixels(shape, dtype, seed=1)
+    loaded = load_image(encode_image(pixels, "tiff").data)
+    assert loaded.mode == mode and loaded.pixels.dtype == dtype and loaded.format == "TIFF"
+    np.testing.assert_array_equal(loaded.pixels, pixels if pixels.ndim == 3 else pixels[..., None])
+
+
+def test_16bit_gray_alpha_tiff_is_written_as_rgba():
+    pixels = _rng_pixels((5, 6, 2), np.uint16)
+    loaded = load_image(encode_image(pixels, "tiff").data)
+    assert loaded.mode == "RGBA" and loaded.bit_depth == 16
+    for c in range(3):
+        np.testing.assert_array_equal(loaded.pixels[..., c], pixels[..., 0])
+    np.testing.assert_array_equal(loaded.pixels[..., 3], pixels[..., 1])
+
+
+def test_16bit_rgba_sample_round_trips_through_png_and_tiff(tmp_path):
+    original = cv2.cvtColor(cv2.imread(str(TREE_16BIT), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGRA2RGBA)
+    loaded = load_image(TREE_16BIT)
+    assert loaded.pixels.dtype == np.uint16 and loaded.mode == "RGBA" and loaded.source_name == TREE_16BIT.name
+    np.testing.assert_array_equal(loaded.pixels, original)
+    # the sample really uses 16 bits: values that 8 bits cannot hold, and partial alpha
+    assert (loaded.pixels % 257 != 0).any()
+    assert ((loaded.pixels[..., 3] > 0) & (loaded.pixels[..., 3] < 65535)).any()
+    for fmt in ("png", "tiff"):
+        saved = save_image(loaded.pixels, tmp_path / f"out.{fmt}")
+        assert saved.bit_depth == 16 and not saved.reduced_to_8bit
+        again = load_image(saved.path)
+        np.testing.assert_array_equal(again.pixels, original)
+
+
+def test_8bit_rgba_sample_round_trip(tmp_path):
+    loaded = load_image(CHILDREN_RGBA)
+    assert loaded.pixels.dtype == np.uint8 and loaded.mode == "RGBA" and loaded.pixels.shape == (40, 48, 4)
+    np.testing.assert_array_equal(loaded.pixels, np.asarray(Image.open(CHILDREN_RGBA)))
+    for fmt in ("png", "tiff"):
+        again = load_image(save_image(loaded.pixels, tmp_path / f"out.{fmt}").path)
+        np.testing.assert_array_equal(again.pixels, loaded.pixels)
+    webp = load_image(encode_image(loaded.pixels, "webp", quality=90).data)
+    assert webp.mode == "RGBA"
+    assert np.abs(webp.pixels[..., 3].astype(int) - loaded.pixels[..., 3]).max() <= 2  # WebP alpha is lossless
+
+
+def test_bit_depth_comes_from_the_file_not_the_values():
+    dark16 = np.full((4, 4, 3), 200, np.uint16)  # every value < 256 but the file is 16-bit
+    loaded = load_image(encode_image(dark16, "png").data)
+    assert loaded.pixels.dtype == np.uint16 and loaded.bit_depth == 16
+    bright8 = np.full((4, 4, 3), 255, np.uint8)
+    assert load_image(encode_image(bright8, "png").data).pixels.dtype == np.uint8
+
+
+@pytest.mark.parametrize("shape, dtype", [((1, 1), np.uint8), ((1, 1, 4), np.uint8), ((1, 1, 3), np.uint16)])
+@pytest.mark.parametrize("fmt", ["png", "tiff", "jpg", "webp"])
+def test_one_pixel_images(shape, dtype, fmt):
+    pixels = np.full(shape, np.iinfo(dtype).max // 3, dtype)
+    loaded = load_image(encode_image(pixels, fmt).data)
+    assert loaded.pixels.shape[:2] == (1, 1)
+
+
+# ----------------------------------------------------------------------------------------------- lossy formats
+def test_jpeg_flattens_alpha_onto_white_and_says_so():
+    pixels = np.zeros((8, 8, 4), np.uint8)
+    pixels[..., 0] = 255  # red...
+    pixels[:, :4, 3] = 0  # ...transparent on the left half, opaque on the right
+    pixels[:, 4:, 3] = 255
+    encoded = encode_image(pixels, "jpg", quality=100)
+    assert encoded.alpha_flattened and encoded.warnings and "white" in encoded.warnings[0]
+    decoded = load_image(encoded.data).pixels.astype(int)
+    assert decoded.shape == (8, 8, 3)
+    assert (np.abs(decoded[:, :3] - 255) <= 6).all()  # white where it was transparent
+    assert (np.abs(decoded[:, 5:] - [255, 0, 0]) <= 6).all()  # red where opaque
+
+
+def test_16bit_to_jpeg_and_webp_is_reduced_to_8bit_with_a_flag():
+    pixels = np.full((6, 6, 3), 257 * 100, np.uint16)
+    for fmt in ("jpg", "webp"):
+        encoded = encode_image(pixels, fmt, quality=100)
+        assert encoded.reduced_to_8bit and encoded.bit_depth == 8
+        assert np.abs(load_image(encoded.data).pixels.astype(int) - 100).max() <= 2
+    assert encode_image(pixels, "png", keep_16bit=False).bit_depth == 8
+    assert not encode_image(pixels, "png").reduced_to_8bit
+
+
+def test_to_8bit_rounds():
+    values = np.array([0, 128, 129, 257, 65535], np.uint16)
+    np.testing.assert_array_equal(to_8bit(values), [0, 0, 1, 1, 255])
+
+
+def test_lossy_quality_changes_size_and_is_validated():
+    pixels = _rng_pixels((32, 32, 3), np.uint8)
+    assert len(encode_image(pixels, "jpg", quality=30).data) < len(encode_image(pixels, "jpg", quality=95).data)
+    for bad in (0, 101, 9.5, True):
+        with pytest.raises(InvalidSetting, match="quality"):
+            encode_image(pixels, "jpg", quality=bad)
+
+
+# ------------------------------------------------------------------------------------------------ orientation
+def _asymmetric_image() -> np.ndarray:
+    """32x16 (WxH) RGB: red left half, blue right half, a green top band on the left - JPEG-proof blocks."""
+    pixels = np.zeros((16, 32, 3), np.uint8)
+    pixels[:, :16] = (255, 0, 0)
+    pixels[:, 16:] = (0, 0, 255)
+    pixels[:8, :16] = (0, 255, 0)
+    return pixels
+
+
+def test_jpeg_exif_orientation_6_is_applied_and_reset():
+    stored = _asymmetric_image()
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, "JPEG", quality=95, exif=_exif(6))
+    loaded = load_image(buffer.getvalue())
+    # orientation 6: rotate 90 degrees clockwise to display, so 32x16 stored becomes 16 wide, 32 tall
+    assert loaded.pixels.shape == (32, 16, 3)
+    top_right, bottom_left = loaded.pixels[2, 13].astype(int), loaded.pixels[29, 2].astype(int)
+    assert (np.abs(top_right - [0, 255, 0]) < 40).all()  # the stored top-left (green) is now top-right
+    assert (np.abs(bottom_left - [0, 0, 255]) < 40).all()  # the stored right half (blue) is now at the bottom
+    exif = _parse_exif(loaded.exif)
+    assert exif[ORIENTATION] == 1 and exif[0x010F] == "TestCam"
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_matches_pil_for_all_eight_values(orientation):
+    stored = _rng_pixels((3, 5, 3), np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, "PNG", exif=_exif(orientation))
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))))
+    np.testing.assert_array_equal(load_image(buffer.getvalue()).pixels, expected)
+    np.testing.assert_array_equal(apply_orientation(stored, orientation), expected)
+
+
+def test_orientation_applied_on_16bit_path():
+    stored = _rng_pixels((3, 5, 4), np.uint16)
+    data = encode_image(stored, "png", exif=_exif(8)).data
+    loaded = load_image(data)
+    assert loaded.pixels.dtype == np.uint16
+    np.testing.assert_array_equal(loaded.pixels, np.rot90(stored, k=1))
+    assert _parse_exif(loaded.exif)[ORIENTATION] == 1
+
+
+# --------------------------------------------------------------------------------------------------- metadata
+@pytest.mark.parametrize("fmt", ["png", "jpg", "webp", "tiff"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_icc_profile_is_kept_on_output(tmp_path, fmt, dtype):
+    icc = _srgb_icc()
+    saved = save_image(_rng_pixels((6, 5, 3), dtype), tmp_path / f"icc.{fmt}", icc_profile=icc)
+    assert Image.open(saved.path).info.get("icc_profile") == icc
+    assert load_image(saved.path).icc_profile == icc
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg", "webp", "tiff"])
+def test_exif_is_kept_on_output(fmt):
+    loaded = load_image(encode_image(_rng_pixels((6, 5, 3), np.uint8), fmt, exif=_exif(1, "Kept")).data)
+    assert _parse_exif(loaded.exif)[0x010F] == "Kept"
+
+
+def test_16bit_png_keeps_metadata_and_16bit_tiff_reports_dropped_exif():
+    pixels = _rng_pixels((4, 4, 3), np.uint16)
+    png = load_image(encode_image(pixels, "png", icc_profile=_srgb_icc(), exif=_exif(1, "Deep")).data)
+    assert png.icc_profile == _srgb_icc() and _parse_exif(png.exif)[0x010F] == "Deep"
+    tiff = encode_image(pixels, "tiff", icc_profile=_srgb_icc(), exif=_exif(1))
+    assert tiff.metadata_dropped and any("EXIF" in w for w in tiff.warnings)
+    assert load_image(tiff.data).icc_profile == _srgb_icc()
+
+
+# ------------------------------------------------------------------------------------------- mode conversions
+def test_palette_with_transparency_becomes_rgba_and_without_becomes_rgb():
+    rgb = Image.fromarray(_rng_pixels((6, 6, 3), np.uint8) // 64 * 64).quantize(8)
+    assert load_image(rgb).mode == "RGB"
+    buffer = io.BytesIO()
+    rgb.save(buffer, "PNG", transparency=0)
+    loaded = load_image(buffer.getvalue())
+    assert loaded.mode == "RGBA"
+    index = np.asarray(rgb)
+    np.testing.assert_array_equal(loaded.pixels[..., 3] == 0, index == 0)
+
+
+def test_one_bit_la_and_cmyk_are_converted():
+    one_bit = Image.fromarray(np.eye(4, dtype=bool))
+    np.testing.assert_array_equal(load_image(one_bit).pixels[..., 0], np.eye(4, dtype=np.uint8) * 255)
+    la = Image.new("LA", (3, 2), (100, 50))
+    assert load_image(la).mode == "LA" and load_image(la).pixels[0, 0].tolist() == [100, 50]
+    buffer = io.BytesIO()
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(buffer, "JPEG", quality=100)  # pure red in CMYK
+    loaded = load_image(buffer.getvalue())
+    assert loaded.mode == "RGB" and loaded.icc_profile is None
+    assert (np.abs(loaded.pixels[0, 0].astype(int) - [255, 0, 0]) <= 8).all()
+
+
+def test_float_tiff_is_refused_with_advice():
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((3, 3), np.float32)).save(buffer, "TIFF")
+    with pytest.raises(UnsupportedFormat, match="8- or 16-bit"):
+        load_image(buffer.getvalue())
+
+
+def test_pil_image_source_is_not_modified():
+    im = Image.open(io.BytesIO(encode_image(_asymmetric_image(), "png", exif=_exif(6)).data))
+    loaded = load_image(im)
+    assert loaded.pixels.shape == (32, 16, 3) and im.size == (32, 16) and loaded.format == "PNG"
+
+
+# --------------------------------------------------------------------------------------------------- numpy input
+def test_numpy_inputs():
+    gray = load_image(np.zeros((3, 4), np.uint8))
+    assert gray.pixels.shape == (3, 4, 1) and gray.mode == "L" and gray.format is None
+    rgba16 = load_image(np.zeros((3, 4, 4), np.uint16))
+    assert rgba16.mode == "RGBA" and rgba16.bit_depth == 16 and rgba16.has_alpha
+    floats = load_image(np.array([[0.0, 0.5, 1.0, 0.001]], np.float32))
+    assert floats.pixels[..., 0].tolist() == [[0, 128, 255, 0]] and floats.pixels.dtype == np.uint8
+    assert load_image(np.array([[True, False]])).pixels[..., 0].tolist() == [[255, 0]]
+    big_endian = np.array([[1, 65535]], dtype=">u2")
+    assert load_image(big_endian).pixels[..., 0].tolist() == [[1, 65535]]
+
+
+@pytest.mark.parametrize("bad", [
+    np.zeros((3, 4, 5), np.uint8),
+    np.zeros((3,), np.uint8),
+    np.zeros((0, 4, 3), np.uint8),
+    np.zeros((3, 4), np.int32),
+    np.full((3, 4), 1.5, np.float32),
+    np.full((3, 4), np.nan, np.float64),
+])
+def test_bad_numpy_inputs_are_refused(bad):
+    with pytest.raises(ValidationError):
+        load_image(bad)
+
+
+def test_loaded_image_checks_its_fields():
+    with pytest.raises(ValueError, match="mode"):
+        LoadedImage(pixels=np.zeros((2, 2, 3), np.uint8), mode="RGBA", bit_depth=8, has_alpha=True)
+    with pytest.raises(ValueError, match="bit_depth"):
+        LoadedImage(pixels=np.zeros((2, 2, 3), np.uint8), mode="RGB", bit_depth=16, has_alpha=False)
+
+
+# ---------------------------------------------------------------------------------------------- refusals on load
+def test_max_pixels_on_every_source_kind():
+    pixels = np.zeros((10, 10, 3), np.uint8)
+    for source in (pixels, Image.fromarray(pixels), encode_image(pixels, "png").data):
+        assert load_image(source, max_pixels=100).width == 10
+        with pytest.raises(TooLarge, match="10×10"):
+            load_image(source, max_pixels=99)
+
+
+def test_huge_png_header_refused_by_loader():
+    ihdr = struct.pack(">IIBBBBB", 50000, 50000, 8, 6, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(
+        ">I", zlib.crc32(b"IHDR" + ihdr))
+    with pytest.raises(TooLarge, match="50000×50000 = 2500 MP"):
+        load_image(data, max_pixels=40_000_000)
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+@pytest.mark.parametrize("fmt", ["png", "jpg", "tiff"])
+def test_truncated_file_is_corrupt(fmt):
+    data = encode_image(_rng_pixels((64, 64, 3), np.uint8), fmt, quality=90).data
+    with pytest.raises(CorruptImage, match="could not be decoded; it may be damaged or not an image"):
+        load_image(data[: len(data) // 2])
+
+
+def test_truncated_16bit_png_is_corrupt():
+    data = TREE_16BIT.read_bytes()
+    with pytest.raises(CorruptImage):
+        load_image(data[: len(data) // 2])
+
+
+def test_gif_is_unsupported(tmp_path):
+    path = tmp_path / "anim.png"
+    Image.new("P", (4, 4)).save(path, "GIF")
+    with pytest.raises(UnsupportedFormat, match="GIF"):
+        load_image(path)
+
+
+def test_missing_file_and_wrong_type():
+    with pytest.raises(ValidationError, match="not found"):
+        load_image("/nonexistent/dir/x.png")
+    with pytest.raises(TypeError):
+        load_image(12345)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------- atomic saving
+def test_save_reports_bytes_and_leaves_no_temp_files(tmp_path):
+    pixels = _rng_pixels((8, 8, 3), np.uint8)
+    saved = save_image(pixels, tmp_path / "out.png")
+    assert saved.bytes_written == (tmp_path / "out.png").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+    assert save_image(pixels, tmp_path / "out.JPEG").format == "jpg"  # format from the extension
+
+
+def test_failed_write_leaves_existing_file_and_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "keep.png"
+    target.write_bytes(b"previous contents")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_image(_rng_pixels((8, 8, 3), np.uint8), target)
+    assert target.read_bytes() == b"previous contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.png"]
+
+
+def test_replace_failure_cleans_up(tmp_path):
+    (tmp_path / "taken.png").mkdir()  # os.replace cannot put a file over a folder
+    with pytest.raises(OSError):
+        save_image(_rng_pixels((4, 4, 3), np.uint8), tmp_path / "taken.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["taken.png"]
+
+
+def test_encoding_error_never_touches_the_file(tmp_path):
+    target = tmp_path / "keep.png"
+    target.write_bytes(b"old")
+    with pytest.raises(ValidationError):
+        save_image(np.zeros((4, 4, 7), np.uint8), target)
+    with pytest.raises(InvalidSetting, match="output format"):
+        save_image(np.zeros((4, 4, 3), np.uint8), tmp_path / "x.gif")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.png"]
+
+
+def test_save_and_encode_share_one_encoder(tmp_path):
+    pixels = _rng_pixels((8, 8, 4), np.uint16)
+    encoded = encode_image(pixels, "png", icc_profile=_srgb_icc())
+    saved = save_image(pixels, tmp_path / "a.png", icc_profile=_srgb_icc())
+    assert isinstance(encoded, EncodedImage)
+    assert saved.path.read_bytes() == encoded.data
+
+
+# ------------------------------------------------------------------------------------------------ format choice
+@pytest.mark.parametrize("requested, input_format, has_alpha, bit_depth, expected", [
+    ("auto", "PNG", False, 8, "png"),
+    ("auto", "JPEG", False, 8, "jpg"),
+    ("auto", "MPO", False, 8, "jpg"),
+    ("auto", "WEBP", False, 8, "webp"),
+    ("auto", "WEBP", True, 8, "webp"),
+    ("auto", "JPEG", True, 8, "png"),
+    ("auto", "TIFF", False, 16, "png"),
+    ("auto", "BMP", False, 8, "png"),
+    ("auto", None, True, 8, "png"),
+    ("auto", "PNG", True, 16, "png"),
+    ("JPEG", "PNG", True, 16, "jpg"),
+    ("tif", "JPEG", False, 8, "tiff"),
+    ("webp", None, False, 8, "webp"),
+])
+def test_choose_output_format(requested, input_format, has_alpha, bit_depth, expected):
+    assert choose_output_format(requested, input_format, has_alpha, bit_depth) == expected
+
+
+def test_choose_output_format_refuses_unknown():
+    with pytest.raises(InvalidSetting, match="png, jpg, webp, tiff"):
+        choose_output_format("gif", "PNG", False, 8)
+
+
+def test_tiff_keeps_exif_with_sub_folders_and_orientation_is_applied():
+    exif = Image.Exif()
+    exif[0x010F] = "Cam"
+    exif[ORIENTATION] = 6
+    exif.get_ifd(0x8769)[0x9003] = "2020:01:02 03:04:05"  # DateTimeOriginal, in the Exif sub-folder
+    stored = _rng_pixels((3, 5, 3), np.uint8)
+    encoded = encode_image(stored, "tiff", exif=exif.tobytes())
+    loaded = load_image(encoded.data)
+    np.testing.assert_array_equal(loaded.pixels, np.rot90(stored, k=-1))
+    kept = _parse_exif(loaded.exif)
+    assert kept[0x010F] == "Cam" and kept[ORIENTATION] == 1
+    assert kept.get_ifd(0x8769)[0x9003] == "2020:01:02 03:04:05"

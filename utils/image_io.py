@@ -1,0 +1,718 @@
+"""Reading and writing images with their bit depth, alpha, colour profile and EXIF intact.
+
+:func:`load_image` turns a path, bytes, a PIL image or a numpy array into a :class:`LoadedImage`: ``HxWxC``
+pixels (C = 1, 2, 3 or 4 for Gray, Gray+Alpha, RGB, RGBA), ``uint8`` or ``uint16`` as decoded — the depth comes
+from the file's declared format, never from pixel values. EXIF orientation is applied before returning, so
+pixels are upright and the kept EXIF says orientation 1.
+
+:func:`encode_image` (in memory) and :func:`save_image` (atomic write to disk) share one encoder. 16-bit arrays
+stay 16-bit in PNG and TIFF; JPEG and WebP hold 8 bits only. JPEG cannot hold alpha: it is flattened onto white
+and the result says so (``alpha_flattened``), so callers can warn the user instead of failing the job.
+
+Metadata: the ICC profile is kept by every writer. EXIF is kept by every writer except 16-bit colour TIFF
+(``metadata_dropped`` is then set); a TIFF source's EXIF is rebuilt from its descriptive tags (Make, Model,
+DateTime..., the Exif and GPS folders). A TIFF whose EXIF has sub-folders is written uncompressed, because PIL's
+compressing TIFF writer cannot store them.
+
+Nothing here imports ``engine`` or ``ui``; failures raise the :mod:`utils.validation` exceptions.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import secrets
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Literal, Union, get_args
+
+import cv2
+import numpy as np
+from PIL import Image, ImageCms, ImageOps
+
+from utils.validation import (
+    ALLOWED_IMAGE_FORMATS,
+    CorruptImage,
+    InvalidSetting,
+    TooLarge,
+    UnsupportedFormat,
+    ValidationError,
+    png_ihdr,
+    pixel_limit_message,
+    probe_image,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ChannelMode",
+    "EncodedImage",
+    "ImageFormat",
+    "LoadedImage",
+    "SavedImage",
+    "apply_orientation",
+    "as_pixels",
+    "choose_output_format",
+    "encode_image",
+    "load_image",
+    "normalize_format",
+    "save_image",
+    "to_8bit",
+    "write_atomic",
+]
+
+ImageFormat = Literal["png", "jpg", "webp", "tiff"]
+ChannelMode = Literal["L", "LA", "RGB", "RGBA"]
+ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes], Image.Image, np.ndarray]
+
+_MODE_BY_CHANNELS: dict[int, ChannelMode] = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+_FORMAT_NAMES: dict[str, ImageFormat] = {
+    "png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp", "tif": "tiff", "tiff": "tiff",
+}
+_PIL_SAVE_NAME: dict[ImageFormat, str] = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF"}
+_EXIF_PREFIX = b"Exif\x00\x00"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_ORIENTATION_TAG = 0x0112
+#: TIFF tags that are EXIF-like descriptions rather than file structure, kept as a TIFF source's EXIF.
+_TIFF_DESCRIPTIVE_TAGS = (0x010E, 0x010F, 0x0110, 0x0112, 0x0131, 0x0132, 0x013B, 0x8298)
+_EXIF_SUB_IFDS = (0x8769, 0x8825)  # Exif and GPS
+
+
+# ------------------------------------------------------------------------------------------------------ data types
+@dataclass(frozen=True)
+class LoadedImage:
+    """A decoded image, upright, with what is needed to write it back faithfully.
+
+    Attributes:
+        pixels: ``HxWxC`` array, C in {1, 2, 3, 4} ordered Gray / Gray+Alpha / RGB / RGBA, ``uint8`` or
+            ``uint16``. It may share memory with an array given to :func:`load_image`; do not modify it.
+        mode: ``"L"``, ``"LA"``, ``"RGB"`` or ``"RGBA"`` (the channel layout; depth is in ``bit_depth``).
+        bit_depth: 8 or 16, matching ``pixels.dtype``.
+        has_alpha: True when the last channel is alpha (modes ``LA`` and ``RGBA``).
+        icc_profile: the embedded ICC profile, or None (treat as sRGB).
+        exif: the EXIF block (``b"Exif\\0\\0"`` + TIFF data) with orientation reset to 1, or None.
+        format: the sniffed source format (``"PNG"``, ``"JPEG"``...), or None for arrays.
+        source_name: the file name of the source, when known.
+    """
+
+    pixels: np.ndarray
+    mode: ChannelMode
+    bit_depth: int
+    has_alpha: bool
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
+    format: str | None = None
+    source_name: str | None = None
+
+    def __post_init__(self) -> None:
+        p = self.pixels
+        if not isinstance(p, np.ndarray) or p.ndim != 3 or p.shape[2] not in _MODE_BY_CHANNELS:
+            raise ValueError(f"pixels must be an HxWxC array with C in 1..4, got {getattr(p, 'shape', p)!r}")
+        if p.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"pixels must be uint8 or uint16, got {p.dtype}")
+        if self.mode != _MODE_BY_CHANNELS[p.shape[2]]:
+            raise ValueError(f"mode {self.mode!r} does not match {p.shape[2]} channels")
+        if self.bit_depth != 8 * p.dtype.itemsize:
+            raise ValueError(f"bit_depth {self.bit_depth} does not match dtype {p.dtype}")
+        if self.has_alpha != (p.shape[2] in (2, 4)):
+            raise ValueError(f"has_alpha={self.has_alpha} does not match mode {self.mode}")
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.pixels.shape[2])
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An encoded image in memory.
+
+    Attributes:
+        data: the file's bytes.
+        format: the format written.
+        bit_depth: 8 or 16, the depth written.
+        alpha_flattened: alpha was composited onto white because the format (JPEG) cannot hold it.
+        reduced_to_8bit: a 16-bit input was written with 8 bits (JPEG/WebP, or ``keep_16bit=False``).
+        metadata_dropped: an EXIF block was given but the writer could not embed it (16-bit colour TIFF).
+    """
+
+    data: bytes
+    format: ImageFormat
+    bit_depth: int
+    alpha_flattened: bool = False
+    reduced_to_8bit: bool = False
+    metadata_dropped: bool = False
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Messages for the user about what the format could not keep."""
+        out = []
+        if self.alpha_flattened:
+            out.append(f"{self.format.upper()} cannot store transparency; it was flattened onto white "
+                       "(choose PNG or WebP to keep it)")
+        if self.reduced_to_8bit:
+            out.append("the 16-bit image was saved with 8 bits per channel (choose PNG or TIFF to keep 16 bits)")
+        if self.metadata_dropped:
+            out.append("the EXIF data could not be embedded in a 16-bit TIFF (choose PNG to keep it)")
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class SavedImage:
+    """The result of :func:`save_image`: where it went, how many bytes, and what was lost on the way."""
+
+    path: Path
+    bytes_written: int
+    format: ImageFormat
+    bit_depth: int
+    alpha_flattened: bool = False
+    reduced_to_8bit: bool = False
+    metadata_dropped: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------- load
+def load_image(source: ImageInput, *, max_pixels: int | None = None) -> LoadedImage:
+    """Decode an image into upright ``HxWxC`` pixels, keeping bit depth, alpha, ICC profile and EXIF.
+
+    Conversions: palette (``P``/``PA``) → RGB, or RGBA when it has transparency; 1-bit → Gray 0/255; ``L``/``RGB``
+    with a transparent colour (tRNS) → ``LA``/``RGBA``; CMYK → RGB through its ICC profile when it has one (the
+    CMYK profile is then dropped), else PIL's plain conversion; YCbCr/LAB/HSV → RGB. 16-bit PNG/TIFF stay
+    ``uint16`` (colour ones are decoded with OpenCV, since PIL holds 16-bit grayscale only). 32-bit integer and
+    float files are refused. Multi-frame files (APNG, animated WebP, multi-page TIFF) give their first frame.
+
+    Numpy arrays: ``HxW`` or ``HxWxC`` (C in 1..4, assumed Gray/GrayA/RGB/RGBA order), ``uint8`` or ``uint16``
+    kept as they are; ``bool`` → 0/255 ``uint8``; float arrays must lie in [0, 1] and become
+    ``uint8 = round(x * 255)``; any other dtype is refused.
+
+    Args:
+        source: a path, the file's bytes, a binary file object, a PIL image or a numpy array.
+        max_pixels: largest accepted ``width * height``; None for no limit of ours (PIL's bomb check remains).
+
+    Returns:
+        The decoded image.
+
+    Raises:
+        TooLarge: over ``max_pixels``, or over PIL's decompression-bomb limit.
+        UnsupportedFormat: not PNG/JPEG/WebP/TIFF/BMP, or a pixel type we do not handle.
+        CorruptImage: the file could not be decoded.
+        ValidationError: missing file, or an array of the wrong shape, dtype or range.
+    """
+    if isinstance(source, np.ndarray):
+        return _from_array(source, max_pixels)
+    if isinstance(source, Image.Image):
+        _check_pixels(source.width, source.height, max_pixels)
+        name = Path(source.filename).name if getattr(source, "filename", "") else None
+        fmt = "JPEG" if source.format == "MPO" else source.format
+        return _from_pil(source, fmt, name)
+    data, name = _read_source(source)
+    header = probe_image(data, max_pixels=max_pixels)
+    try:
+        with Image.open(io.BytesIO(data), formats=list(ALLOWED_IMAGE_FORMATS)) as im:
+            if _declared_bit_depth(im, data) > 8 and not im.mode.startswith("I;16"):
+                return _from_cv2(data, im, header.format, name)
+            return _from_pil(im, header.format, name)
+    except Image.DecompressionBombError:
+        raise TooLarge(f"the image is {header.width}×{header.height}, over the decoder's safety limit of "
+                       f"{2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels — downscale it first",
+                       actual=header.pixels, limit=2 * (Image.MAX_IMAGE_PIXELS or 0)) from None
+    except ValidationError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error) as exc:
+        raise CorruptImage(f"the {header.format} image could not be decoded; it may be damaged or not an image "
+                           f"({exc})") from None
+
+
+def _read_source(source: object) -> tuple[bytes, str | None]:
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            return path.read_bytes(), path.name
+        except FileNotFoundError:
+            raise ValidationError(f"file not found: {path}") from None
+        except IsADirectoryError:
+            raise ValidationError(f"not a regular file: {path}") from None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), None
+    if hasattr(source, "read"):
+        name = getattr(source, "name", None)
+        return source.read(), Path(name).name if isinstance(name, str) else None  # type: ignore[union-attr]
+    raise TypeError(f"cannot load an image from {type(source).__name__}; "
+                    "pass a path, bytes, a file object, a PIL image or a numpy array")
+
+
+def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise TooLarge(pixel_limit_message(width, height, max_pixels), actual=width * height, limit=max_pixels)
+
+
+def _declared_bit_depth(im: Image.Image, data: bytes) -> int:
+    """Bits per sample as the file declares them (PNG IHDR, TIFF BitsPerSample); 8 for everything else."""
+    if im.format == "PNG":
+        ihdr = png_ihdr(data[:29])
+        return ihdr[2] if ihdr else 8
+    if im.format == "TIFF":
+        bits = getattr(im, "tag_v2", {}).get(258, (8,))
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        return max(int(b) for b in bits)
+    return 8
+
+
+def _from_pil(im: Image.Image, fmt: str | None, name: str | None) -> LoadedImage:
+    icc = im.info.get("icc_profile") or None
+    exif = _reset_orientation(im.info.get("exif") or _tiff_exif(im))
+    upright = ImageOps.exif_transpose(im)  # decodes; returns a copy, the caller's image is untouched
+    converted, icc = _to_standard_mode(upright, icc)
+    if converted.mode.startswith("I;16"):
+        pixels = np.asarray(converted).astype(np.uint16)[..., None]
+    else:
+        pixels = np.asarray(converted)
+        if pixels.ndim == 2:
+            pixels = pixels[..., None]
+    return _make(np.ascontiguousarray(pixels), icc, exif, fmt, name)
+
+
+def _to_standard_mode(im: Image.Image, icc: bytes | None) -> tuple[Image.Image, bytes | None]:
+    """Convert any PIL mode to L, LA, RGB, RGBA or I;16. Returns the image and the ICC profile still valid."""
+    mode = im.mode
+    if mode in ("L", "LA", "RGB", "RGBA") or mode.startswith("I;16"):
+        if mode in ("L", "RGB") and "transparency" in im.info:
+            return im.convert(mode + "A"), icc
+        return im, icc
+    if mode == "1":
+        return im.convert("L"), icc
+    if mode in ("P", "PA"):
+        return im.convert("RGBA" if im.has_transparency_data else "RGB"), icc
+    if mode == "La":
+        return im.convert("LA"), icc
+    if mode == "RGBa":
+        return im.convert("RGBA"), icc
+    if mode == "RGBX":
+        return im.convert("RGB"), icc
+    if mode == "CMYK":
+        if icc:
+            try:
+                src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+                return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB"), None
+            except (ImageCms.PyCMSError, OSError) as exc:
+                logger.warning("CMYK profile could not be applied (%s); using a plain conversion", exc)
+        return im.convert("RGB"), None
+    if mode in ("YCbCr", "HSV", "LAB"):
+        try:
+            return im.convert("RGB"), None
+        except ValueError:
+            raise UnsupportedFormat(f"{mode} images are not supported; convert it to RGB first") from None
+    if mode == "I" and _fits_16bit(im):
+        return Image.fromarray(np.asarray(im).astype(np.uint16)), icc
+    raise UnsupportedFormat(f"{mode} ({'float' if mode == 'F' else '32-bit'}) images are not supported; "
+                            "convert it to 8- or 16-bit PNG or TIFF first")
+
+
+def _fits_16bit(im: Image.Image) -> bool:
+    """A mode-``I`` image that the file declared 16-bit (older PIL reads 16-bit PNGs as ``I``)."""
+    bits = getattr(im, "tag_v2", {}).get(258) if hasattr(im, "tag_v2") else None
+    if bits is not None:
+        return max(bits if isinstance(bits, tuple) else (bits,)) <= 16
+    return im.format == "PNG"
+
+
+def _from_cv2(data: bytes, im: Image.Image, fmt: str, name: str | None) -> LoadedImage:
+    """16-bit colour PNG/TIFF, which PIL would cut to 8 bits: decode with OpenCV, keep PIL's metadata."""
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if decoded is None:
+        raise CorruptImage(f"the 16-bit {fmt} image could not be decoded; it may be damaged or not an image")
+    if decoded.dtype != np.uint16:
+        raise UnsupportedFormat(f"{decoded.dtype} {fmt} images are not supported; convert it to 8- or 16-bit")
+    if decoded.ndim == 2:
+        decoded = decoded[..., None]
+    channels = decoded.shape[2]
+    if channels == 3:
+        pixels = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+    elif channels == 4:
+        pixels = cv2.cvtColor(decoded, cv2.COLOR_BGRA2RGBA)
+        ihdr = png_ihdr(data[:29])
+        if ihdr is not None and ihdr[3] == 4:  # a 16-bit gray+alpha PNG, which OpenCV expands to BGRA
+            pixels = np.ascontiguousarray(pixels[..., [0, 3]])
+    else:
+        pixels = decoded
+    if im.mode in ("L", "RGB") and "transparency" in im.info:
+        logger.warning("the 16-bit image's transparent colour (tRNS) is ignored")
+    pixels = apply_orientation(pixels, _orientation(im))
+    exif = _reset_orientation(im.info.get("exif") or _tiff_exif(im))
+    return _make(np.ascontiguousarray(pixels), im.info.get("icc_profile") or None, exif, fmt, name)
+
+
+def _tiff_exif(im: Image.Image) -> bytes | None:
+    """A TIFF keeps EXIF as its own tags: collect the descriptive ones and the Exif/GPS folders as an EXIF block."""
+    if not hasattr(im, "tag_v2"):
+        return None
+    try:
+        tags = im.getexif()
+        kept = Image.Exif()
+        for tag in _TIFF_DESCRIPTIVE_TAGS:
+            if tag in tags:
+                kept[tag] = tags[tag]
+        for ifd in _EXIF_SUB_IFDS:
+            sub = tags.get_ifd(ifd)
+            if sub:
+                kept[ifd] = dict(sub)
+        return kept.tobytes() if len(kept) else None
+    except Exception as exc:  # damaged tags must not cost the user the image
+        logger.info("dropping unreadable TIFF metadata (%s)", exc)
+        return None
+
+
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation without decoding (PNG's ``getexif`` would decode the whole image)."""
+    raw = im.info.get("exif")
+    if raw:
+        try:
+            exif = Image.Exif()
+            exif.load(raw)
+            return int(exif.get(_ORIENTATION_TAG, 1))
+        except Exception:  # unreadable EXIF: treat as upright, like PIL does
+            return 1
+    tags = getattr(im, "tag_v2", None)
+    if tags is not None:
+        return int(tags.get(_ORIENTATION_TAG, 1))
+    return 1
+
+
+def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Make ``HxWxC`` pixels upright for an EXIF orientation 1..8 (the same transforms as PIL's exif_transpose).
+
+    Returns a view where possible.
+    """
+    if orientation == 2:
+        return pixels[:, ::-1]
+    if orientation == 3:
+        return pixels[::-1, ::-1]
+    if orientation == 4:
+        return pixels[::-1]
+    if orientation == 5:
+        return pixels.transpose(1, 0, 2)
+    if orientation == 6:
+        return np.rot90(pixels, k=-1)
+    if orientation == 7:
+        return pixels.transpose(1, 0, 2)[::-1, ::-1]
+    if orientation == 8:
+        return np.rot90(pixels, k=1)
+    return pixels
+
+
+def _reset_orientation(exif: bytes | None) -> bytes | None:
+    """Return the EXIF block with orientation set to 1 (pixels are upright now), or None if unusable."""
+    if not exif:
+        return None
+    try:
+        parsed = Image.Exif()
+        parsed.load(exif)
+        if parsed.get(_ORIENTATION_TAG, 1) == 1:
+            return exif if exif.startswith(_EXIF_PREFIX) else _EXIF_PREFIX + exif
+        parsed[_ORIENTATION_TAG] = 1
+        return parsed.tobytes()
+    except Exception as exc:  # a damaged EXIF block must not cost the user the image
+        logger.info("dropping unreadable EXIF data (%s)", exc)
+        return None
+
+
+def _make(pixels: np.ndarray, icc: bytes | None, exif: bytes | None, fmt: str | None,
+          name: str | None) -> LoadedImage:
+    channels = pixels.shape[2]
+    return LoadedImage(pixels=pixels, mode=_MODE_BY_CHANNELS[channels], bit_depth=8 * pixels.dtype.itemsize,
+                       has_alpha=channels in (2, 4), icc_profile=icc, exif=exif, format=fmt, source_name=name)
+
+
+def _from_array(array: np.ndarray, max_pixels: int | None) -> LoadedImage:
+    pixels = as_pixels(array)
+    _check_pixels(pixels.shape[1], pixels.shape[0], max_pixels)
+    return _make(pixels, None, None, None, None)
+
+
+def as_pixels(array: np.ndarray) -> np.ndarray:
+    """Validate and normalise an array to ``HxWxC`` ``uint8``/``uint16`` (see :func:`load_image` for the rules).
+
+    Raises:
+        ValidationError: wrong shape, empty, unsupported dtype, or a float array outside [0, 1] or with NaN.
+    """
+    if not isinstance(array, np.ndarray):
+        raise ValidationError(f"expected a numpy array, got {type(array).__name__}")
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[2] not in _MODE_BY_CHANNELS:
+        raise ValidationError(f"an image array must be HxW or HxWxC with C in 1..4, got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValidationError(f"the image array is empty (shape {array.shape})")
+    if array.dtype == np.bool_:
+        return np.where(array, np.uint8(255), np.uint8(0))
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValidationError("the float image array contains NaN or infinity")
+        low, high = float(array.min()), float(array.max())
+        if low < 0.0 or high > 1.0:
+            raise ValidationError(f"float image arrays must lie in [0, 1], got values from {low:g} to {high:g}; "
+                                  "scale it, or pass uint8 (0..255) or uint16 (0..65535)")
+        return np.rint(array * 255.0).astype(np.uint8)
+    if array.dtype.newbyteorder("=") == np.dtype(np.uint16) and array.dtype != np.uint16:
+        array = array.astype(np.uint16)  # big-endian uint16 → native
+    if array.dtype not in (np.uint8, np.uint16):
+        raise ValidationError(f"image arrays must be uint8, uint16 or float in [0, 1], got {array.dtype}")
+    return np.ascontiguousarray(array)
+
+
+# ----------------------------------------------------------------------------------------------- output format
+def normalize_format(name: str) -> ImageFormat:
+    """``"JPEG"``/``".jpg"``/``"jpeg"`` → ``"jpg"``, ``"tif"`` → ``"tiff"``... for any writable format.
+
+    Raises:
+        InvalidSetting: not one of png, jpg, webp, tiff.
+    """
+    key = str(name).strip().lower().lstrip(".")
+    if key not in _FORMAT_NAMES:
+        raise InvalidSetting(f"output format must be one of {', '.join(get_args(ImageFormat))}, got {name!r}")
+    return _FORMAT_NAMES[key]
+
+
+def choose_output_format(requested: str, input_format: str | None, has_alpha: bool, bit_depth: int) -> ImageFormat:
+    """Pick the output format. An explicit request wins; ``"auto"`` keeps quality and the user's choice.
+
+    ``"auto"``: 16-bit → png; JPEG input without alpha → jpg; WebP input → webp (it holds alpha); anything else
+    (PNG, TIFF, BMP, arrays, alpha) → png, which is lossless and holds alpha and 16 bits.
+
+    Raises:
+        InvalidSetting: ``requested`` is not auto, png, jpg/jpeg, webp or tiff/tif.
+    """
+    if str(requested).strip().lower() != "auto":
+        return normalize_format(requested)
+    source = (input_format or "").strip().upper().lstrip(".")
+    source = {"JPG": "JPEG", "MPO": "JPEG", "TIF": "TIFF"}.get(source, source)
+    if bit_depth > 8:
+        return "png"
+    if source == "JPEG" and not has_alpha:
+        return "jpg"
+    if source == "WEBP":
+        return "webp"
+    return "png"
+
+
+# ---------------------------------------------------------------------------------------------------------- encode
+def to_8bit(pixels: np.ndarray) -> np.ndarray:
+    """``uint16`` → ``uint8`` by rounding ``x / 257`` (65535 → 255, 257 → 1); ``uint8`` is returned as is."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    return ((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def _flatten_on_white(pixels: np.ndarray) -> np.ndarray:
+    """Composite Gray+Alpha / RGBA onto white; returns Gray / RGB of the same dtype."""
+    top = float(np.iinfo(pixels.dtype).max)
+    colour = pixels[..., :-1].astype(np.float32)
+    alpha = pixels[..., -1:].astype(np.float32) / top
+    out = colour * alpha + top * (1.0 - alpha)
+    return np.clip(np.rint(out), 0, top).astype(pixels.dtype)
+
+
+def encode_image(pixels: np.ndarray, format: str, *, quality: int = 95, icc_profile: bytes | None = None,
+                 exif: bytes | None = None, keep_16bit: bool = True) -> EncodedImage:
+    """Encode pixels in memory.
+
+    Args:
+        pixels: ``HxW`` or ``HxWxC`` (C in 1..4, Gray/GrayA/RGB/RGBA), ``uint8`` or ``uint16`` (float in [0, 1]
+            is accepted as in :func:`load_image`).
+        format: png, jpg (jpeg), webp or tiff (tif).
+        quality: 1..100, for jpg and webp (lossy). JPEG at 90 or more is written without chroma subsampling.
+        icc_profile: ICC profile to embed (all formats).
+        exif: EXIF block to embed, with or without the ``Exif\\0\\0`` prefix (all formats except 16-bit colour
+            TIFF, where it is dropped and ``metadata_dropped`` is set).
+        keep_16bit: write ``uint16`` pixels as 16-bit PNG/TIFF; False writes 8 bits.
+
+    Returns:
+        The bytes and what had to change (alpha flattened onto white for JPEG, 16 → 8 bits, metadata dropped).
+
+    Raises:
+        InvalidSetting: unknown format or quality out of range.
+        ValidationError: pixels of the wrong shape or dtype.
+    """
+    fmt = normalize_format(format)
+    if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= quality <= 100:
+        raise InvalidSetting(f"quality must be a whole number from 1 to 100, got {quality!r}")
+    arr = as_pixels(pixels)
+
+    reduced = arr.dtype == np.uint16 and (fmt in ("jpg", "webp") or not keep_16bit)
+    if reduced:
+        arr = to_8bit(arr)
+    flattened = fmt == "jpg" and arr.shape[2] in (2, 4)
+    if flattened:
+        arr = _flatten_on_white(arr)
+
+    dropped = False
+    if arr.dtype == np.uint16 and arr.shape[2] > 1:  # PIL holds 16-bit grayscale only
+        if fmt == "png":
+            data = _add_png_metadata(_encode_png16(arr), icc_profile, exif)
+        else:
+            data = _encode_tiff16(arr, icc_profile)
+            if exif:
+                dropped = True
+                logger.warning("16-bit TIFF written without its EXIF (the 16-bit TIFF writer cannot embed it); "
+                               "choose PNG to keep it")
+    else:
+        data = _encode_pil(arr, fmt, int(quality), icc_profile, exif)
+    return EncodedImage(data=data, format=fmt, bit_depth=8 * arr.dtype.itemsize, alpha_flattened=flattened,
+                        reduced_to_8bit=reduced, metadata_dropped=dropped)
+
+
+def _encode_pil(arr: np.ndarray, fmt: ImageFormat, quality: int, icc: bytes | None, exif: bytes | None) -> bytes:
+    im = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)  # 16-bit gray becomes PIL's I;16
+    if fmt == "webp" and im.mode in ("L", "LA"):
+        im = im.convert("RGBA" if im.mode == "LA" else "RGB")
+    options: dict[str, object] = {}
+    if icc:
+        options["icc_profile"] = icc
+    if exif:
+        options["exif"] = exif if exif.startswith(_EXIF_PREFIX) else _EXIF_PREFIX + exif
+    if fmt == "jpg":
+        options.update(quality=quality, subsampling=0 if quality >= 90 else 2)
+    elif fmt == "webp":
+        options.update(quality=quality, method=4)
+    elif fmt == "png":
+        options.update(compress_level=6)
+    elif fmt == "tiff":
+        options.update(compression="tiff_lzw")
+    buffer = io.BytesIO()
+    try:
+        im.save(buffer, _PIL_SAVE_NAME[fmt], **options)
+    except RuntimeError:
+        if fmt != "tiff" or "exif" not in options:
+            raise
+        # PIL's libtiff (compressing) writer cannot write EXIF sub-folders; its own writer can, uncompressed.
+        logger.info("writing the TIFF uncompressed to keep its EXIF data")
+        options.pop("compression")
+        buffer = io.BytesIO()
+        im.save(buffer, "TIFF", **options)
+    return buffer.getvalue()
+
+
+def _encode_png16(arr: np.ndarray) -> bytes:
+    """16-bit Gray+Alpha, RGB or RGBA PNG. OpenCV writes RGB(A); gray+alpha is written here (colour type 4)."""
+    if arr.shape[2] == 2:
+        height, width = arr.shape[:2]
+        rows = arr.astype(">u2").view(np.uint8).reshape(height, width * 4)
+        raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1)  # filter type 0 per row
+        header = struct.pack(">IIBBBBB", width, height, 16, 4, 0, 0, 0)
+        return (_PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
+                + _png_chunk(b"IEND", b""))
+    bgr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR if arr.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
+    ok, buffer = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    if not ok:
+        raise ValidationError(f"OpenCV could not encode a {bgr.shape} 16-bit image as PNG")
+    return buffer.tobytes()
+
+
+def _encode_tiff16(arr: np.ndarray, icc: bytes | None) -> bytes:
+    """16-bit RGB(A) TIFF with tifffile, which marks alpha as alpha (ExtraSamples) and embeds ICC profiles.
+
+    Gray+alpha is written as RGBA: few readers (PIL included) open 16-bit gray+alpha TIFFs.
+    """
+    import tifffile
+
+    if arr.shape[2] == 2:
+        arr = np.concatenate([arr[..., :1]] * 3 + [arr[..., 1:]], axis=2)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, arr, photometric="rgb", extrasamples=["unassalpha"] if arr.shape[2] == 4 else None,
+                     compression="zlib", iccprofile=icc or None)
+    return buffer.getvalue()
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _add_png_metadata(png: bytes, icc: bytes | None, exif: bytes | None) -> bytes:
+    """Insert iCCP and eXIf chunks right after IHDR (both must precede IDAT)."""
+    if not icc and not exif:
+        return png
+    extra = b""
+    if icc:
+        extra += _png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc))
+    if exif:
+        extra += _png_chunk(b"eXIf", exif[len(_EXIF_PREFIX):] if exif.startswith(_EXIF_PREFIX) else exif)
+    ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR length+type, IHDR data, CRC
+    return png[:ihdr_end] + extra + png[ihdr_end:]
+
+
+# ------------------------------------------------------------------------------------------------------------ save
+def save_image(pixels: np.ndarray, path: str | os.PathLike, *, format: str | None = None, quality: int = 95,
+               icc_profile: bytes | None = None, exif: bytes | None = None, keep_16bit: bool = True) -> SavedImage:
+    """Encode and write an image atomically: a killed process never leaves a half-written file at ``path``.
+
+    The bytes go to a temporary file in the same folder, are flushed and fsynced, then moved over ``path`` with
+    ``os.replace``; on any failure the temporary file is removed and an existing ``path`` is left as it was.
+
+    Args:
+        pixels: as for :func:`encode_image`.
+        path: destination; its folder must exist.
+        format: png, jpg, webp or tiff; None to take it from the extension of ``path``.
+        quality, icc_profile, exif, keep_16bit: as for :func:`encode_image`.
+
+    Returns:
+        The path, the number of bytes written and the flags of :class:`EncodedImage`.
+
+    Raises:
+        InvalidSetting: unknown format (or extension) or quality out of range.
+        ValidationError: pixels of the wrong shape or dtype.
+        OSError: the folder is missing or not writable, the disk is full...
+    """
+    target = Path(path)
+    fmt = normalize_format(format if format is not None else target.suffix or "?")
+    encoded = encode_image(pixels, fmt, quality=quality, icc_profile=icc_profile, exif=exif, keep_16bit=keep_16bit)
+    written = write_atomic(target, encoded.data)
+    return SavedImage(path=target, bytes_written=written, format=encoded.format, bit_depth=encoded.bit_depth,
+                      alpha_flattened=encoded.alpha_flattened, reduced_to_8bit=encoded.reduced_to_8bit,
+                      metadata_dropped=encoded.metadata_dropped)
+
+
+def write_atomic(path: Path, data: bytes) -> int:
+    """Write ``data`` to ``path`` through a same-folder temporary file, fsync and ``os.replace``.
+
+    The new file gets the usual permissions (0666 minus the umask). Returns the number of bytes written.
+    """
+    folder = path.parent
+    temp = folder / f".{path.name[:64]}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            temp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_folder(folder)
+    return len(data)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
