@@ -160,22 +160,173 @@ def cmd_ui(args, config) -> int:
     return launch(config)
 
 
-def cmd_enhance(args, config) -> int:
-    from cli_commands import run_enhance
+_FORMAT_BY_SUFFIX = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff"}
 
-    return run_enhance(args, config)
+
+def _settings_from_args(args):
+    from engine.processor import EnhanceSettings
+
+    tile = args.tile if args.tile == "auto" else int(args.tile)
+    values = dict(model=args.model, outscale=args.scale, target_width=args.width, target_height=args.height,
+                  max_side=args.max_side, tile=tile, tile_overlap=args.tile_overlap,
+                  denoise_strength=args.denoise_strength, face_enhance=args.face_enhance,
+                  face_strength=args.face_strength, face_model=args.face_model,
+                  only_center_face=args.only_center_face, save_face_crops=args.save_face_crops,
+                  force_face_enhance=args.force_faces, precision=args.precision, device=args.device or "auto",
+                  output_format=args.output_format, quality=args.quality, alpha_mode=args.alpha_mode,
+                  keep_metadata=not args.no_metadata)
+    return EnhanceSettings(**{k: v for k, v in values.items() if v is not None})
+
+
+def cmd_enhance(args, config) -> int:
+    """Enhance files or folders. Exit status 1 when any image failed."""
+    from tqdm import tqdm
+
+    from engine.errors import InvalidSettingsError
+    from engine.model_manager import ModelManager
+    from engine.processor import (collect_inputs, enhance_image_direct, save_result, settings_from_advice,
+                                  output_format_for)
+
+    try:
+        base = _settings_from_args(args)
+    except (InvalidSettingsError, ValueError) as exc:
+        _err(f"Invalid settings: {exc}")
+        return EXIT_USAGE
+    manager = ModelManager(config)
+    pairs = collect_inputs(args.inputs, recursive=args.recursive)
+    if not pairs:
+        _err("No images found in the given inputs (PNG, JPEG, WebP, TIFF or BMP).")
+        return EXIT_USAGE
+    output = Path(args.output)
+    single_file = len(pairs) == 1 and not Path(args.inputs[0]).is_dir() and output.suffix != ""
+    advisor = None
+    if args.auto:
+        from engine.intelligent_enhancer import IntelligentEnhancer
+
+        advisor = IntelligentEnhancer(model_manager=manager, config=config)
+    failures = 0
+    for path, rel in tqdm(pairs, desc="images", unit="img", disable=args.json or len(pairs) == 1 or None):
+        record = {"input": str(path)}
+        try:
+            settings = base
+            if advisor is not None:
+                advice = advisor.get_intelligent_settings(path)
+                settings = settings_from_advice(advice["settings"], base)
+                record["advisor"] = advice["reasoning"]
+            if single_file:
+                target = output
+                fmt = _FORMAT_BY_SUFFIX.get(output.suffix.lower())
+                if fmt is None:
+                    raise ValueError(f"Unknown output extension {output.suffix!r}: use .png, .jpg, .webp or .tiff.")
+            else:
+                target, fmt = None, None
+            if target is not None and args.skip_existing and target.exists():
+                record.update(skipped=True, output=str(target))
+                _report(args, record)
+                continue
+            with tqdm(total=100, desc=path.name, unit="%", leave=False, disable=args.json or None) as bar:
+                def progress(fraction, message, bar=bar):
+                    bar.n = int(fraction * 100)
+                    bar.set_postfix_str(message[:40])
+                    bar.refresh()
+                result = enhance_image_direct(path, settings, manager, progress, config=config)
+            if target is None:
+                fmt = settings.output_format if settings.output_format != "auto" else output_format_for(result)
+                target = output / rel.with_suffix("." + fmt)
+                if args.skip_existing and target.exists():
+                    record.update(skipped=True, output=str(target))
+                    _report(args, record)
+                    continue
+            saved, metrics, notes = save_result(result, target, original_bytes=path.stat().st_size,
+                                                output_format=fmt)
+            report = result.report()
+            record.update(output=str(saved), model=report["model"], scale=report["scale"], tile=report["tile"],
+                          device=report["device"], precision=report["precision"], seconds=report["seconds"],
+                          warnings=report["warnings"] + notes, faces_detected=report["faces_detected"],
+                          faces_restored=report["faces_restored"], detector=report["detector"], metrics=metrics,
+                          ok=True)
+        except Exception as exc:
+            failures += 1
+            if not _is_expected(exc):
+                logger.exception("unexpected error on %s", path)
+            record.update(ok=False, error=_message(exc))
+        _report(args, record)
+    if len(pairs) > 1 and not args.json:
+        _out(f"{len(pairs) - failures} successful, {failures} failed")
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def _report(args, record: dict) -> None:
+    if args.json:
+        _print_json(record)
+    elif record.get("skipped"):
+        _out(f"skipped {record['input']} (output exists)")
+    elif record.get("ok"):
+        _out(f"{record['input']} -> {record['output']}  [{record['model']} on {record['device']} "
+             f"{record['precision']}, {record['seconds']:.1f} s]")
+        for warning in record.get("warnings", []):
+            _out(f"  warning: {warning}")
+    else:
+        _err(f"{record['input']}: {record['error']}")
 
 
 def cmd_analyze(args, config) -> int:
-    from cli_commands import run_analyze
+    from engine.intelligent_enhancer import IntelligentEnhancer
+    from engine.model_manager import ModelManager
 
-    return run_analyze(args, config)
+    advisor = IntelligentEnhancer(model_manager=ModelManager(config), config=config, device=args.device)
+    advice = advisor.get_intelligent_settings(args.image)
+    if args.json:
+        _print_json(advice)
+        return EXIT_OK
+    a, s = advice["analysis"], advice["settings"]
+    _out(f"{args.image}: {a['resolution']}, {a['content_type']} ({a['confidence']:.0%}), {a['faces']} face(s), "
+         f"noise {a['noise_level']:.2f}, JPEG artefacts {a['jpeg_artifacts']:.2f}, blur {a['blur']:.2f}")
+    _out(f"Recommended: model {s['model']}, scale x{s['scale']:g}, precision {s['precision']}, "
+         f"tile {'auto (' + str(s['tile']) + ')' if s['auto_tile'] else s['tile']}, "
+         f"face enhance {'on' if s['face_enhance'] else 'off'}, denoise {s['denoise_strength']:.2f}")
+    for reason in advice["reasoning"]:
+        _out(f"  - {reason}")
+    return EXIT_OK
 
 
 def cmd_video(args, config) -> int:
-    from cli_commands import run_video
+    from fractions import Fraction
 
-    return run_video(args, config)
+    from tqdm import tqdm
+
+    from engine.model_manager import ModelManager
+    from engine.processor import EnhanceSettings, make_frame_enhancer
+    from engine.video import VideoLimits, VideoSettings, upscale_video
+
+    settings = EnhanceSettings(model=args.model, outscale=args.scale, face_enhance=args.face_enhance,
+                               tile=args.tile if args.tile == "auto" else int(args.tile), precision=args.precision,
+                               device=args.device or "auto", batch_size=max(1, args.batch_frames))
+    manager = ModelManager(config)
+    enhancer = make_frame_enhancer(manager, settings, config)
+    video_settings = VideoSettings(codec=args.codec, crf=args.crf, preset=args.preset,
+                                   fps=Fraction(args.fps) if args.fps else None, batch_frames=args.batch_frames)
+    limits = VideoLimits(max_bytes=int(config.max_video_mb * 2**20), max_seconds=config.max_video_seconds,
+                         max_frames=config.max_video_frames, max_pixels=config.max_input_pixels)
+    with tqdm(unit="frame", disable=args.json or None) as bar:
+        def progress(p, bar=bar):
+            bar.total = p.total
+            bar.n = p.frames_done
+            bar.set_postfix_str(f"{p.fps:.2f} fps, ETA {p.eta_seconds or 0:.0f} s")
+            bar.refresh()
+        result = upscale_video(args.input, args.output, enhancer, video_settings, limits=limits, progress=progress,
+                               resume=args.resume)
+    record = {"input": args.input, "output": str(result.output), "frames": result.frames,
+              "seconds": round(result.seconds, 2), "fps": round(result.fps, 3), "model": args.model,
+              "warnings": list(result.warnings)}
+    if args.json:
+        _print_json(record)
+    else:
+        _out(f"{args.input} -> {result.output}: {result.frames} frames in {result.seconds:.1f} s "
+             f"({result.fps:.2f} fps)")
+        for warning in result.warnings:
+            _out(f"  warning: {warning}")
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------- plumbing

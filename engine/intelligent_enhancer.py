@@ -1,0 +1,451 @@
+"""The settings advisor: look at an image and this machine, recommend model, scale, tile, denoise and face settings,
+with plain-language reasons and a time/memory estimate.
+
+Measurements come from :mod:`engine.image_analysis`; the decision is :func:`decide`, a pure function of those
+numbers and of :class:`MachineFacts`, so the rules are tested without images. Throughput is measured once per
+(device, model) by a short calibration run of the real architecture and cached in the config dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from engine.catalog import CATALOG, DEFAULT_FACE_MODEL
+
+logger = logging.getLogger(__name__)
+
+# Thresholds on the calibrated analysis scales (see engine.image_analysis for how each maps to the image).
+NOISY_LEVEL = 0.16          # noise level 0.16 ≈ Gaussian sigma 8 on 0-255
+JPEG_DAMAGED = 0.35         # blockiness score above which JPEG artefacts are visible
+SMALL_SIDE = 320            # long side below which ×4 is the natural choice
+LARGE_SIDE = 1600           # long side above which ×2 is usually enough
+SLOW_SECONDS = 60.0         # a recommendation slower than this on the CPU offers the fast model
+FAST_PHOTO_MODEL = "realesr-general-x4v3"
+FAST_FALLBACK_MODEL = "realesr-animevideov3"
+GFPGAN_MACS_PER_FACE = 42_800_000_000  # GFPGANv1Clean at 512×512, measured with conv hooks
+_DEFAULT_MACS_PER_SECOND = {"cpu": 100e9, "cuda": 20e12, "mps": 2e12}
+
+
+@dataclass(frozen=True)
+class AnalysisNumbers:
+    """What the rules look at (all plain numbers, so rules are testable without images)."""
+
+    content_type: str
+    confidence: float
+    faces: int
+    noise_level: float
+    jpeg_artifacts: float
+    blur: float
+    width: int
+    height: int
+    bit_depth: int = 8
+    has_alpha: bool = False
+
+
+@dataclass(frozen=True)
+class MachineFacts:
+    """This machine and the model catalog's local state, as the rules need them."""
+
+    device: str  # "cpu", "cuda:0", "mps"
+    free_memory_bytes: int
+    available_models: frozenset[str]
+    downloadable_models: frozenset[str]
+    macs_per_second: Mapping[str, float] = field(default_factory=dict)  # per model; missing → device default
+    max_output_pixels: int = 400_000_000
+    face_enhancement_enabled: bool = True
+
+    def throughput(self, model: str) -> float:
+        kind = self.device.split(":")[0]
+        return float(self.macs_per_second.get(model) or _DEFAULT_MACS_PER_SECOND.get(kind, 100e9))
+
+
+@dataclass(frozen=True)
+class Advice:
+    settings: dict
+    reasoning: tuple[str, ...]
+    estimated_seconds: float
+    estimated_memory_mb: float
+    alternatives: tuple[dict, ...] = ()
+
+
+# ------------------------------------------------------------------------------------------------ pure rules
+def choose_scale(width: int, height: int, max_output_pixels: int, requested: float | None = None) -> tuple[float, str]:
+    """The output scale and why. Small inputs get ×4, large ones ×2, and the output pixel limit is respected."""
+    long_side = max(width, height)
+    if requested is not None:
+        scale, why = float(requested), f"Scale ×{requested:g} as requested"
+    elif long_side < SMALL_SIDE:
+        scale, why = 4.0, f"Small image ({width}×{height}): ×4 gives a usable size"
+    elif long_side > LARGE_SIDE:
+        scale, why = 2.0, f"Already large ({width}×{height}): ×2 is enough and 4× faster to compute"
+    else:
+        scale, why = 4.0, f"Medium image ({width}×{height}): ×4"
+    limit_scale = (max_output_pixels / max(width * height, 1)) ** 0.5
+    if scale > limit_scale:
+        scale = max(1.0, float(np.floor(limit_scale * 100) / 100))
+        why = (f"Output limited to {max_output_pixels / 1e6:.0f} MP: scale lowered to ×{scale:g} "
+               "(raise REALESRGAN_MAX_OUTPUT_PIXELS for more)")
+    return scale, why
+
+
+def denoise_from_noise(noise_level: float, jpeg_artifacts: float) -> float:
+    """Denoise strength for realesr-general-x4v3 from the measured damage: clean → 0.2, heavy noise → 1.0."""
+    damage = max(noise_level / 0.5, jpeg_artifacts)
+    return float(np.clip(0.2 + 0.8 * damage, 0.2, 1.0).round(2))
+
+
+def estimate_seconds(model: str, width: int, height: int, machine: MachineFacts, faces: int = 0,
+                     face_enhance: bool = False, tile_overhead: float = 1.1) -> float:
+    """Seconds for the network (MACs per input pixel × pixels ÷ this device's measured MAC/s) plus faces."""
+    spec = CATALOG[model]
+    seconds = spec.macs_per_pixel * width * height * tile_overhead / machine.throughput(model)
+    if face_enhance and faces:
+        seconds += faces * GFPGAN_MACS_PER_FACE / machine.throughput(model) * 1.5
+    return float(seconds)
+
+
+def _pick_available(preferred: str, machine: MachineFacts, fallback: str) -> tuple[str, str | None]:
+    if preferred in machine.available_models:
+        return preferred, None
+    if fallback in machine.available_models:
+        return fallback, preferred
+    return preferred, None
+
+
+def decide(a: AnalysisNumbers, machine: MachineFacts, requested_scale: float | None = None,
+           tile_for: callable = None) -> Advice:
+    """The advisor's rules. Pure: same numbers in, same advice out.
+
+    ``tile_for(model) -> (tile, memory_mb)`` gives the tile that fits this device (0 = whole image) and the memory
+    it needs; None means whole image with a rough estimate.
+    """
+    reasons: list[str] = []
+    alternatives: list[dict] = []
+    on_cpu = machine.device == "cpu"
+
+    # Model by content and damage.
+    damaged = a.noise_level >= NOISY_LEVEL or a.jpeg_artifacts >= JPEG_DAMAGED
+    denoise = 0.5
+    if a.content_type == "anime":
+        model, missing = _pick_available("RealESRGAN_x4plus_anime_6B", machine, FAST_FALLBACK_MODEL)
+        reasons.append(f"Flat colours and hard edges ({a.confidence:.0%} sure it is anime/illustration): anime model")
+    elif damaged:
+        what = "noise" if a.noise_level >= NOISY_LEVEL else "JPEG artefacts"
+        denoise = denoise_from_noise(a.noise_level, a.jpeg_artifacts)
+        if FAST_PHOTO_MODEL in machine.available_models:
+            model, missing = FAST_PHOTO_MODEL, None
+            reasons.append(f"Visible {what} (noise level {a.noise_level:.2f}, JPEG {a.jpeg_artifacts:.2f}): "
+                           f"{FAST_PHOTO_MODEL} with denoise strength {denoise:.2f}")
+        else:
+            model, missing = _pick_available("RealESRGAN_x4plus", machine, FAST_FALLBACK_MODEL)
+            if FAST_PHOTO_MODEL in machine.downloadable_models:
+                reasons.append(f"Visible {what}: {FAST_PHOTO_MODEL} with denoise {denoise:.2f} would be best, but "
+                               "its weights are not downloaded (System Info tab, or: python main.py models download "
+                               f"{FAST_PHOTO_MODEL}); RealESRGAN_x4plus also removes noise")
+            else:
+                reasons.append(f"Visible {what}: RealESRGAN_x4plus removes it along the way")
+    else:
+        model, missing = _pick_available("RealESRGAN_x4plus", machine, FAST_FALLBACK_MODEL)
+        reasons.append(f"Natural photo ({a.confidence:.0%} sure), clean: RealESRGAN_x4plus for the best detail")
+    if missing:
+        reasons.append(f"{missing} is not available here, so {model} is recommended instead")
+
+    scale, why_scale = choose_scale(a.width, a.height, machine.max_output_pixels, requested_scale)
+    reasons.append(why_scale)
+    if scale <= 2 and "RealESRGAN_x2plus" in machine.available_models and a.content_type != "anime" \
+            and model == "RealESRGAN_x4plus":
+        model = "RealESRGAN_x2plus"
+        reasons.append("×2 output: the native ×2 model is used (4× less compute than ×4 then resize)")
+
+    # Faces.
+    face_model_ready = DEFAULT_FACE_MODEL in machine.available_models
+    face_enhance = False
+    if a.faces and a.content_type == "photo" and machine.face_enhancement_enabled:
+        face_enhance = True
+        plural = "s" if a.faces > 1 else ""
+        if face_model_ready:
+            reasons.append(f"{a.faces} face{plural} found: face enhancement on ({DEFAULT_FACE_MODEL})")
+        else:
+            mb = (CATALOG[DEFAULT_FACE_MODEL].size_bytes or 0) / 1e6
+            reasons.append(f"{a.faces} face{plural} found: face enhancement on; {DEFAULT_FACE_MODEL} will be "
+                           f"downloaded on first use ({mb:.0f} MB), and until then faces are upscaled only")
+    elif a.faces and a.content_type == "anime":
+        reasons.append(f"{a.faces} drawn face(s): face enhancement off (GFPGAN is made for photos)")
+    elif a.faces and not machine.face_enhancement_enabled:
+        reasons.append("Faces found, but face enhancement is turned off in the configuration")
+
+    if a.has_alpha:
+        reasons.append("Transparent areas: alpha is upscaled by the model too, with edge colours protected")
+    if a.bit_depth == 16:
+        reasons.append("16-bit image: processed and saved in 16 bits (PNG/TIFF)")
+
+    # Precision and device.
+    is_cuda = machine.device.startswith("cuda")
+    precision = "fp16" if is_cuda else "fp32"
+    reasons.append("GPU: half precision (fp16), about twice as fast" if is_cuda
+                   else f"{'CPU' if on_cpu else machine.device}: full precision (fp32)")
+
+    # Tile and estimates.
+    tile, memory_mb = (tile_for(model) if tile_for else (0, _rough_memory_mb(model, a.width, a.height)))
+    reasons.append("The whole image fits in memory: no tiling" if tile == 0
+                   else f"Tiles of {tile} px fit the free memory ({machine.free_memory_bytes / 2**30:.1f} GB)")
+    seconds = estimate_seconds(model, a.width, a.height, machine, a.faces, face_enhance)
+    reasons.append(f"Estimated time on {machine.device}: {_human_seconds(seconds)}")
+
+    if on_cpu and seconds > SLOW_SECONDS and model not in (FAST_PHOTO_MODEL, FAST_FALLBACK_MODEL):
+        fast = FAST_PHOTO_MODEL if (a.content_type == "photo" and FAST_PHOTO_MODEL in machine.available_models) \
+            else FAST_FALLBACK_MODEL
+        if fast in machine.available_models:
+            fast_seconds = estimate_seconds(fast, a.width, a.height, machine, a.faces, face_enhance)
+            alternatives.append({"model": fast, "estimated_seconds": round(fast_seconds, 1),
+                                 "why": "fast choice on this CPU"})
+            reasons.append(f"{model} takes about {_human_seconds(seconds)} on this CPU; {fast} would take about "
+                           f"{_human_seconds(fast_seconds)} (the fast choice, a little less detail)")
+
+    settings = {
+        "model": model, "scale": scale, "fp32": precision == "fp32", "precision": precision,
+        "face_enhance": face_enhance, "face_strength": 0.8 if face_enhance else 0.8, "tile": int(tile),
+        "auto_tile": True, "denoise_strength": denoise,
+    }
+    return Advice(settings=settings, reasoning=tuple(reasons), estimated_seconds=round(seconds, 2),
+                  estimated_memory_mb=round(memory_mb, 1), alternatives=tuple(alternatives))
+
+
+def _rough_memory_mb(model: str, width: int, height: int) -> float:
+    from engine import upscaler
+
+    return upscaler.estimate_memory_bytes(CATALOG[model], height, width, 4) / 2**20
+
+
+def _human_seconds(seconds: float) -> str:
+    if seconds < 1:
+        return "under a second"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min"
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+class ThroughputCalibrator:
+    """Measures MAC/s of a model's architecture on a device with a short run of random weights (speed does not
+    depend on the weights), cached in memory and in ``cache_file``."""
+
+    def __init__(self, cache_file: Path | None = None, size: int = 48):
+        self.cache_file, self.size = cache_file, size
+        self._lock = threading.Lock()
+        self._values: dict[str, float] | None = None
+
+    def _load(self) -> dict[str, float]:
+        if self._values is None:
+            self._values = {}
+            if self.cache_file is not None and self.cache_file.is_file():
+                try:
+                    self._values = {str(k): float(v) for k, v in json.loads(self.cache_file.read_text()).items()}
+                except (ValueError, OSError) as exc:
+                    logger.warning("ignoring unreadable calibration cache %s: %s", self.cache_file, exc)
+        return self._values
+
+    def macs_per_second(self, model: str, device) -> float:
+        key = f"{device}|{model}"
+        with self._lock:
+            values = self._load()
+            if key not in values:
+                values[key] = self._measure(model, device)
+                self._save(values)
+            return values[key]
+
+    def _measure(self, model: str, device) -> float:
+        import torch
+
+        from engine.model_manager import build_network
+
+        spec = CATALOG[model]
+        torch.manual_seed(0)
+        net = build_network(spec).eval().to(device)
+        x = torch.rand(1, 3, self.size, self.size, device=device)
+        with torch.inference_mode():
+            net(x)  # warm-up
+            start = time.perf_counter()
+            net(x)
+            if getattr(device, "type", str(device)).startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        value = spec.macs_per_pixel * self.size * self.size / max(seconds, 1e-6)
+        logger.info("calibrated %s on %s: %.1f GMAC/s", model, device, value / 1e9)
+        return value
+
+    def _save(self, values: dict[str, float]) -> None:
+        if self.cache_file is None:
+            return
+        try:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.cache_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(values, indent=1))
+            tmp.replace(self.cache_file)
+        except OSError as exc:
+            logger.warning("could not save the calibration cache: %s", exc)
+
+
+# ------------------------------------------------------------------------------------------------ the advisor
+class IntelligentEnhancer:
+    """Analyses images and recommends settings. Holds only read-only facts; safe to share between requests."""
+
+    def __init__(self, model_manager=None, config=None, device: str | None = None, calibrate: bool = True):
+        self.model_manager, self.config = model_manager, config
+        self.device_name = device or (config.device if config is not None else "auto")
+        cache = Path(config.config_dir) / "calibration.json" if config is not None else None
+        self.calibrator = ThroughputCalibrator(cache) if calibrate else None
+
+    # The design's method names.
+    def detect_content_type(self, image) -> str:
+        from engine.image_analysis import content_type
+
+        return content_type(_pixels(image))[0]
+
+    def detect_faces(self, image) -> int:
+        return len(self._detect(_pixels(image)).faces)
+
+    def analyze_noise_level(self, image) -> float:
+        from engine.image_analysis import noise_level
+
+        return float(noise_level(_pixels(image)))
+
+    def calculate_optimal_tile(self, image, device=None, model: str = "RealESRGAN_x4plus") -> int:
+        from engine import upscaler
+        from utils.gpu import free_memory_bytes, resolve_device
+
+        pixels = _pixels(image)
+        dev = resolve_device(str(device or self.device_name))
+        reserve = self.config.gpu_memory_reserve if self.config is not None else 0.1
+        import torch
+
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+        return int(upscaler.auto_tile(CATALOG[model], dev, int(free_memory_bytes(dev) * (1 - reserve)), dtype,
+                                      height=pixels.shape[0], width=pixels.shape[1]))
+
+    def _detect(self, pixels: np.ndarray):
+        from engine.face_detect import detect_faces
+
+        weights = None
+        if self.model_manager is not None:
+            status = self.model_manager.status("detection_Resnet50_Final")
+            weights = Path(status.path) if status.available and status.path else None
+        rgb = pixels[:, :, :3] if pixels.shape[2] >= 3 else np.repeat(pixels[:, :, :1], 3, axis=2)
+        return detect_faces(_to_uint8(rgb), retinaface_weights=weights)
+
+    def machine_facts(self, models: tuple[str, ...] = ()) -> MachineFacts:
+        from utils.gpu import free_memory_bytes, resolve_device
+
+        device = resolve_device(self.device_name)
+        available, downloadable = set(), set()
+        if self.model_manager is not None:
+            for status in self.model_manager.list_models():
+                if status.available:
+                    available.add(status.name)
+                if status.url:
+                    downloadable.add(status.name)
+        else:
+            available = {n for n, s in CATALOG.items() if s.bundled is not None}
+        throughput = {}
+        if self.calibrator is not None:
+            for model in models:
+                throughput[model] = self.calibrator.macs_per_second(model, device)
+        return MachineFacts(
+            device=str(device), free_memory_bytes=int(free_memory_bytes(device)),
+            available_models=frozenset(available), downloadable_models=frozenset(downloadable),
+            macs_per_second=throughput,
+            max_output_pixels=self.config.max_output_pixels if self.config is not None else 400_000_000,
+            face_enhancement_enabled=self.config.enable_face_enhancement if self.config is not None else True)
+
+    def get_intelligent_settings(self, image, scale: float | None = None) -> dict:
+        """Analyse ``image`` and recommend settings.
+
+        Returns:
+            ``{"settings": {...}, "reasoning": [...], "analysis": {...}}`` — settings keys model, scale, fp32,
+            precision, face_enhance, face_strength, tile, auto_tile, denoise_strength; analysis keys content_type,
+            confidence, faces, face_boxes, face_detector, noise_level, noise_sigma, jpeg_artifacts, blur,
+            resolution, bit_depth, has_alpha, optimal_tile, estimated_seconds, estimated_memory_mb, device,
+            alternatives.
+        """
+        from engine import upscaler
+        from engine.image_analysis import analyze
+
+        start = time.perf_counter()
+        pixels = _pixels(image)
+        weights = None
+        if self.model_manager is not None:
+            status = self.model_manager.status("detection_Resnet50_Final")
+            weights = Path(status.path) if status.available and status.path else None
+        analysis = analyze(pixels, detect_faces_too=True, retinaface_weights=weights)
+        numbers = AnalysisNumbers(
+            content_type=analysis.content_type, confidence=float(analysis.confidence), faces=len(analysis.faces),
+            noise_level=float(analysis.noise_level), jpeg_artifacts=float(analysis.jpeg_artifacts),
+            blur=float(analysis.blur), width=int(analysis.width), height=int(analysis.height),
+            bit_depth=int(analysis.bit_depth), has_alpha=bool(analysis.has_alpha))
+        candidates = ("RealESRGAN_x4plus", "RealESRGAN_x4plus_anime_6B", FAST_PHOTO_MODEL, FAST_FALLBACK_MODEL,
+                      "RealESRGAN_x2plus")
+        machine = self.machine_facts(tuple(m for m in candidates if self.calibrator is not None))
+
+        from utils.gpu import resolve_device
+
+        device = resolve_device(self.device_name)
+        reserve = self.config.gpu_memory_reserve if self.config is not None else 0.1
+
+        def tile_for(model: str) -> tuple[int, float]:
+            import torch
+
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+            spec = CATALOG[model]
+            tile = upscaler.auto_tile(spec, device, int(machine.free_memory_bytes * (1 - reserve)), dtype,
+                                      height=numbers.height, width=numbers.width)
+            side_h = tile or numbers.height
+            side_w = tile or numbers.width
+            return int(tile), upscaler.estimate_memory_bytes(spec, side_h, side_w, 2 if dtype != torch.float32
+                                                              else 4) / 2**20
+
+        advice = decide(numbers, machine, requested_scale=scale, tile_for=tile_for)
+        return {
+            "settings": advice.settings,
+            "reasoning": list(advice.reasoning),
+            "analysis": {
+                "content_type": numbers.content_type, "confidence": round(numbers.confidence, 3),
+                "faces": numbers.faces,
+                "face_boxes": [[round(float(v), 1) for v in (f.x0, f.y0, f.x1, f.y1)] for f in analysis.faces],
+                "face_sizes": [round(float(min(f.x1 - f.x0, f.y1 - f.y0)), 1) for f in analysis.faces],
+                "face_detector": analysis.face_detector,
+                "noise_level": round(numbers.noise_level, 3), "noise_sigma": round(float(analysis.noise_sigma), 2),
+                "jpeg_artifacts": round(numbers.jpeg_artifacts, 3), "blur": round(numbers.blur, 3),
+                "resolution": f"{numbers.width}x{numbers.height}", "bit_depth": numbers.bit_depth,
+                "has_alpha": numbers.has_alpha, "optimal_tile": advice.settings["tile"],
+                "estimated_seconds": advice.estimated_seconds, "estimated_memory_mb": advice.estimated_memory_mb,
+                "device": machine.device, "alternatives": list(advice.alternatives),
+                "analysis_ms": round((time.perf_counter() - start) * 1000, 1),
+            },
+        }
+
+
+def _pixels(image) -> np.ndarray:
+    """Accept a path, PIL image or array; return HxWxC uint8/uint16 pixels."""
+    if isinstance(image, np.ndarray) and image.ndim == 3:
+        return image
+    from engine.processor import load_input
+
+    return load_input(image).pixels
+
+
+def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    if pixels.dtype == np.uint16:
+        return (pixels >> 8).astype(np.uint8)
+    return pixels.astype(np.uint8, copy=False)
+
+
+def advice_as_json(advice: dict) -> str:
+    return json.dumps(advice, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))

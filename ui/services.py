@@ -1,0 +1,51 @@
+"""The long-lived objects one app instance shares between the web UI and the REST API.
+
+Built once by :func:`create_services` (never at import). Everything here is safe to share between requests:
+the model cache locks per key, the advisor holds read-only facts, the settings manager serialises writers, and
+the limiter bounds how many inferences run at once per device.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from config import Config
+from engine.concurrency import DeviceLimiter
+from engine.intelligent_enhancer import IntelligentEnhancer
+from engine.model_manager import ModelManager
+from engine.settings_manager import SettingsManager
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Services:
+    config: Config
+    model_manager: ModelManager
+    advisor: IntelligentEnhancer
+    settings: SettingsManager
+    limiter: DeviceLimiter
+
+
+def create_services(config: Config) -> Services:
+    """Build the shared objects for ``config`` (creates the app's folders)."""
+    config.ensure_directories()
+    manager = ModelManager(config)
+    return Services(
+        config=config,
+        model_manager=manager,
+        advisor=IntelligentEnhancer(model_manager=manager, config=config),
+        settings=SettingsManager(config.config_dir),
+        limiter=DeviceLimiter(concurrency=config.concurrency_per_device, max_queue=config.max_queue_size),
+    )
+
+
+def warm_models(services: Services) -> None:
+    """Load the models named in REALESRGAN_WARM_MODELS so the first request is not slow."""
+    for name in services.config.warm_models:
+        try:
+            services.model_manager.load_model(name, services.config.device)
+            logger.info("warmed %s", name)
+        except Exception as exc:  # a model that can't be warmed is loaded (or reported) on first use instead
+            logger.warning("could not warm %s: %s", name, exc)
