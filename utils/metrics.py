@@ -1,0 +1,484 @@
+"""Metrics that tell whether an enhancement helped: file metrics, LR consistency, NIQE, LPIPS and identity.
+
+An upscaler has no ground truth, so quality is judged three ways:
+
+* **File metrics** (:func:`file_metrics`): sizes, scale factor, file sizes and their change, formatted as the
+  design's table (``"1920x1080"``, ``"2.0x"``, ``"456.2 KB"``, ``"+170.6%"``) with raw numeric twins for JSON.
+* **LR consistency** (:func:`lr_consistency`): the output downscaled to the input size (``cv2.INTER_AREA``)
+  compared with the input, PSNR and SSIM. High values mean the output did not invent or move content.
+* **No-reference quality** (:func:`niqe`): basicsr's NIQE with its shipped pristine-model parameters (works
+  offline; lower is better). The input is bicubic-upscaled to the output size first, so ``niqe_input`` and
+  ``niqe_output`` compare like with like.
+
+Conventions shared by every function here:
+
+* Images are ``HxW`` or ``HxWxC`` numpy arrays, C in {1, 2, 3, 4} ordered Gray / Gray+Alpha / RGB / RGBA (the
+  layout of :mod:`utils.image_io`), ``uint8`` (range 0..255) or ``uint16`` (range 0..65535). The range comes from
+  the dtype, never from pixel values. Alpha is ignored: metrics describe the colour channels.
+* Quality metrics are computed on **luminance**: Y of BT.601 YCbCr as MATLAB's ``rgb2ycbcr`` computes it (the
+  ``test_y_channel`` convention of basicsr and of the super-resolution literature), on the 0..255 scale; a gray
+  image is used as is. When one image is gray and the other colour, the gray one is expanded to RGB first, so
+  both go through the same conversion.
+* **PSNR** of identical images is infinite; it is reported capped at :data:`PSNR_CAP_DB` (100 dB), so output
+  stays valid JSON.
+* **NIQE** is computed on a centre crop of at most :data:`NIQE_MAX_SIDE` pixels a side (a whole number of
+  NIQE's 96-pixel blocks), the same crop for input and output. A crop, not a downscale, because downscaling
+  would hide exactly the blur and artefacts NIQE measures; the bound keeps it cheap on large outputs.
+* Every value returned is JSON-safe: ``float``/``int``/``str``/``None``/lists/dicts, never NaN or infinity
+  (``json.dumps(..., allow_nan=False)`` works). A metric that cannot be computed is ``None`` and its reason is
+  in ``"warnings"`` — never a made-up number.
+
+Nothing here imports ``engine`` or ``ui``; basicsr (NIQE) and facexlib (identity) load lazily on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "IDENTITY_WARN_THRESHOLD",
+    "NIQE_MAX_SIDE",
+    "PSNR_CAP_DB",
+    "calculate_image_metrics",
+    "file_metrics",
+    "format_bytes",
+    "get_image_info",
+    "lr_consistency",
+    "niqe",
+    "quality_metrics",
+]
+
+PSNR_CAP_DB = 100.0
+"""PSNR reported for identical images (and the ceiling of any PSNR), in dB."""
+
+NIQE_BLOCK = 96
+"""NIQE's block side (basicsr's and the official MATLAB code's)."""
+
+NIQE_MAX_SIDE = 8 * NIQE_BLOCK
+"""NIQE is computed on a centre crop at most this many pixels a side (768: 64 blocks)."""
+
+NIQE_MIN_SIDE = 2 * NIQE_BLOCK
+"""Smallest side NIQE accepts: fewer than 2x2 blocks gives no usable covariance."""
+
+IDENTITY_WARN_THRESHOLD = 0.6
+"""Cosine similarity of ArcFace embeddings below which the restored face is reported as maybe another person."""
+
+_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+_DTYPE_MAX = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+_ARCFACE_SIZE = 112
+
+
+# ------------------------------------------------------------------------------------------------ array helpers
+def _check_image(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """Return ``image`` as ``HxWxC`` (a view), after checking its dtype and layout."""
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(image).__name__}")
+    if image.dtype not in _DTYPE_MAX:
+        raise TypeError(f"{name} must be uint8 or uint16, got {image.dtype}; convert it with utils.image_io first")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in _MODES or image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{name} must be HxW or HxWxC with C in 1..4, got shape {image.shape}")
+    return image
+
+
+def _to_float255(image: np.ndarray) -> np.ndarray:
+    """``HxWxC`` uint8/uint16 → ``HxWxC'`` float32 on the 0..255 scale, alpha dropped (C' is 1 or 3)."""
+    colour = image[:, :, :3] if image.shape[2] >= 3 else image[:, :, :1]
+    return colour.astype(np.float32) * np.float32(255.0 / _DTYPE_MAX[image.dtype])
+
+
+def _match_channels(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Expand the gray one of two float ``HxWxC`` images to 3 channels when the other one is colour."""
+    if a.shape[2] == 1 and b.shape[2] == 3:
+        a = np.repeat(a, 3, axis=2)
+    elif a.shape[2] == 3 and b.shape[2] == 1:
+        b = np.repeat(b, 3, axis=2)
+    return a, b
+
+
+def _luminance(image: np.ndarray) -> np.ndarray:
+    """Float ``HxWx1`` or ``HxWx3`` RGB on 0..255 → ``HxW`` float32 luminance on 0..255.
+
+    RGB uses MATLAB's ``rgb2ycbcr`` Y (studio range), computed step by step as basicsr's ``to_y_channel`` (same
+    float32 rounding, so NIQE matches basicsr's published values); gray is returned as is.
+    """
+    if image.shape[2] == 1:
+        return image[:, :, 0].astype(np.float32)
+    rgb = image.astype(np.float32) / np.float32(255.0)
+    y = (np.dot(rgb, [65.481, 128.553, 24.966]) + 16.0) / 255.0
+    return y.astype(np.float32) * np.float32(255.0)
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+# ------------------------------------------------------------------------------------------------- file metrics
+def format_bytes(n: int | float) -> str:
+    """Format a byte count as the design's file-size column: kilobytes with one decimal.
+
+    ``format_bytes(467_149)`` → ``"456.2 KB"``; large files stay in KB (``"1234.5 KB"``), as in the design.
+
+    Raises:
+        ValueError: ``n`` is negative.
+    """
+    if n < 0:
+        raise ValueError(f"a byte count cannot be negative, got {n}")
+    return f"{n / 1024:.1f} KB"
+
+
+def _format_size(size: tuple[int, int]) -> str:
+    w, h = size
+    return f"{int(w)}x{int(h)}"
+
+
+def file_metrics(original_size: tuple[int, int], enhanced_size: tuple[int, int],
+                 original_bytes: int | None = None, enhanced_bytes: int | None = None) -> dict[str, Any]:
+    """The design's file metrics, formatted for display, with raw numeric twins for JSON consumers.
+
+    Args:
+        original_size: ``(width, height)`` of the input in pixels.
+        enhanced_size: ``(width, height)`` of the output in pixels.
+        original_bytes: encoded size of the input file, or None when unknown (e.g. an in-memory array).
+        enhanced_bytes: encoded size of the output file, or None when unknown.
+
+    Returns:
+        ``original_size`` / ``enhanced_size`` (``"1920x1080"``), ``scale_factor`` (``"2.0x"``, from the widths),
+        ``original_filesize`` / ``enhanced_filesize`` (``"456.2 KB"``, ``"n/a"`` when unknown) and
+        ``size_change`` (``"+170.6%"``, ``"n/a"`` when either size is unknown or the original is empty); and
+        the raw values ``original_width``, ``original_height``, ``enhanced_width``, ``enhanced_height``,
+        ``scale_factor_value`` (width ratio), ``scale_factor_y_value`` (height ratio), ``original_bytes``,
+        ``enhanced_bytes`` and ``size_change_percent`` (None when unknown).
+
+    Raises:
+        ValueError: a size is not two positive integers, or a byte count is negative.
+    """
+    for name, size in (("original_size", original_size), ("enhanced_size", enhanced_size)):
+        if len(size) != 2 or min(size) <= 0:
+            raise ValueError(f"{name} must be (width, height) with positive values, got {size!r}")
+    for name, n in (("original_bytes", original_bytes), ("enhanced_bytes", enhanced_bytes)):
+        if n is not None and n < 0:
+            raise ValueError(f"{name} cannot be negative, got {n}")
+    (ow, oh), (ew, eh) = original_size, enhanced_size
+    scale_x, scale_y = ew / ow, eh / oh
+    change = None
+    if original_bytes and enhanced_bytes is not None:
+        change = (enhanced_bytes - original_bytes) / original_bytes * 100.0
+    return {
+        "original_size": _format_size(original_size),
+        "enhanced_size": _format_size(enhanced_size),
+        "scale_factor": f"{scale_x:.1f}x",
+        "original_filesize": format_bytes(original_bytes) if original_bytes is not None else "n/a",
+        "enhanced_filesize": format_bytes(enhanced_bytes) if enhanced_bytes is not None else "n/a",
+        "size_change": f"{change:+.1f}%" if change is not None else "n/a",
+        "original_width": int(ow),
+        "original_height": int(oh),
+        "enhanced_width": int(ew),
+        "enhanced_height": int(eh),
+        "scale_factor_value": float(scale_x),
+        "scale_factor_y_value": float(scale_y),
+        "original_bytes": None if original_bytes is None else int(original_bytes),
+        "enhanced_bytes": None if enhanced_bytes is None else int(enhanced_bytes),
+        "size_change_percent": change,
+    }
+
+
+def get_image_info(image: np.ndarray) -> dict[str, Any]:
+    """Describe an image array: ``width``, ``height``, ``channels``, ``mode`` (L/LA/RGB/RGBA), ``bit_depth``
+    (8 or 16, from the dtype) and ``has_alpha``.
+
+    Args:
+        image: ``HxW`` or ``HxWxC`` uint8/uint16, C in 1..4.
+
+    Raises:
+        TypeError: not a uint8/uint16 numpy array.
+        ValueError: not an image layout.
+    """
+    img = _check_image(image)
+    h, w, c = img.shape
+    return {"width": int(w), "height": int(h), "channels": int(c), "mode": _MODES[c],
+            "bit_depth": 8 * img.dtype.itemsize, "has_alpha": c in (2, 4)}
+
+
+# ----------------------------------------------------------------------------------------------- LR consistency
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two float arrays on the 0..255 scale, capped at :data:`PSNR_CAP_DB`."""
+    mse = float(np.mean((a - b) ** 2))
+    if mse <= 0.0:
+        return PSNR_CAP_DB
+    return min(PSNR_CAP_DB, 10.0 * math.log10(255.0 * 255.0 / mse))
+
+
+def _ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03) of two ``HxW`` float64
+    images on the 0..255 scale, averaged over the window positions fully inside the image (as basicsr).
+
+    Raises:
+        ValueError: a side is shorter than the 11-pixel window.
+    """
+    if min(a.shape) < 11:
+        raise ValueError(f"SSIM needs at least 11x11 pixels, the input is {a.shape[1]}x{a.shape[0]}")
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    kernel = cv2.getGaussianKernel(11, 1.5)
+    window = np.outer(kernel, kernel.transpose())
+
+    def filt(x: np.ndarray) -> np.ndarray:
+        return cv2.filter2D(x, -1, window)[5:-5, 5:-5]
+
+    mu1, mu2 = filt(a), filt(b)
+    mu1_sq, mu2_sq, mu12 = mu1 ** 2, mu2 ** 2, mu1 * mu2
+    sigma1_sq = filt(a * a) - mu1_sq
+    sigma2_sq = filt(b * b) - mu2_sq
+    sigma12 = filt(a * b) - mu12
+    ssim_map = ((2 * mu12 + c1) * (2 * sigma12 + c2)) / ((mu1_sq + mu2_sq + c1) * (sigma1_sq + sigma2_sq + c2))
+    return float(ssim_map.mean())
+
+
+def lr_consistency(original: np.ndarray, enhanced: np.ndarray) -> dict[str, float | None]:
+    """Fidelity to the input: the output downscaled to the input size (``cv2.INTER_AREA``) against the input.
+
+    Both are compared on luminance (see the module docstring), 0..255 scale, whatever their bit depth.
+
+    Args:
+        original: the input, ``HxW[xC]`` uint8/uint16.
+        enhanced: the output, ``H'xW'[xC]`` uint8/uint16, any size (normally an integer multiple).
+
+    Returns:
+        ``{"psnr": dB capped at 100, "ssim": in [-1, 1] or None when the input is under 11x11 pixels}``.
+
+    Raises:
+        TypeError, ValueError: an argument is not a uint8/uint16 image.
+    """
+    orig = _to_float255(_check_image(original, "original"))
+    enh = _to_float255(_check_image(enhanced, "enhanced"))
+    h, w = orig.shape[:2]
+    if enh.shape[:2] != (h, w):
+        enh = cv2.resize(enh, (w, h), interpolation=cv2.INTER_AREA)
+        if enh.ndim == 2:
+            enh = enh[:, :, None]
+    orig, enh = _match_channels(orig, enh)
+    y_orig, y_enh = _luminance(orig).astype(np.float64), _luminance(enh).astype(np.float64)
+    ssim = _ssim(y_orig, y_enh) if min(h, w) >= 11 else None
+    return {"psnr": _psnr(y_orig, y_enh), "ssim": ssim}
+
+
+# ------------------------------------------------------------------------------------------------------- NIQE
+@functools.lru_cache(maxsize=1)
+def _niqe_backend() -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+    """basicsr's NIQE function and its pristine parameters (mu, cov, gaussian window), loaded once, read-only."""
+    from utils.compat import install_torchvision_shim
+
+    install_torchvision_shim()
+    import basicsr.metrics.niqe as basicsr_niqe
+
+    path = os.path.join(os.path.dirname(os.path.abspath(basicsr_niqe.__file__)), "niqe_pris_params.npz")
+    with np.load(path) as params:
+        arrays = tuple(np.array(params[k]) for k in ("mu_pris_param", "cov_pris_param", "gaussian_window"))
+    for a in arrays:
+        a.setflags(write=False)
+    return (basicsr_niqe.niqe, *arrays)
+
+
+def _centre_crop(image: np.ndarray, max_side: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    ch, cw = min(h, max_side), min(w, max_side)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return image[top:top + ch, left:left + cw]
+
+
+def _niqe_float(image255: np.ndarray) -> float:
+    """NIQE of a float ``HxWxC`` (C 1 or 3) image on the 0..255 scale; see :func:`niqe`."""
+    h, w = image255.shape[:2]
+    if min(h, w) < NIQE_MIN_SIDE:
+        raise ValueError(f"NIQE needs at least {NIQE_MIN_SIDE}x{NIQE_MIN_SIDE} pixels, the image is {w}x{h}")
+    crop = _centre_crop(image255, NIQE_MAX_SIDE)
+    y = _luminance(crop).round()  # basicsr rounds, to match MATLAB's results
+    if float(y.std()) == 0.0:
+        return math.nan  # a flat image has no natural-scene statistics to compare
+    niqe_fn, mu, cov, window = _niqe_backend()
+    with np.errstate(all="ignore"):
+        try:
+            return float(niqe_fn(y, mu, cov, window))
+        except np.linalg.LinAlgError:  # degenerate features (almost featureless image)
+            return math.nan
+
+
+def niqe(image: np.ndarray) -> float:
+    """No-reference NIQE (Mittal et al. 2013) with basicsr's implementation and pristine parameters.
+
+    Lower is better (sharp natural photos score about 3 to 5; blurred or noisy ones higher). Computed on
+    luminance of a centre crop of at most :data:`NIQE_MAX_SIDE` pixels a side (see the module docstring).
+
+    Args:
+        image: ``HxW[xC]`` uint8/uint16, at least :data:`NIQE_MIN_SIDE` pixels a side.
+
+    Returns:
+        The NIQE score; NaN for a featureless (flat) image, where NIQE is undefined (:func:`quality_metrics`
+        reports that as None with a warning).
+
+    Raises:
+        TypeError: not a uint8/uint16 numpy array.
+        ValueError: not an image layout, or smaller than :data:`NIQE_MIN_SIDE` a side.
+    """
+    return _niqe_float(_to_float255(_check_image(image)))
+
+
+# --------------------------------------------------------------------------------------------------- identity
+@functools.lru_cache(maxsize=2)
+def _arcface(path: str) -> Any:
+    """facexlib's ArcFace (IR-SE50) with the weights at ``path``, on CPU, in eval mode; cached, never mutated."""
+    import torch
+
+    from utils.compat import install_torchvision_shim
+
+    install_torchvision_shim()
+    from facexlib.recognition.arcface_arch import Backbone
+
+    model = Backbone(num_layers=50, drop_ratio=0.6, mode="ir_se")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("params_ema", "params", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _face_embedding_input(face: np.ndarray) -> np.ndarray:
+    """A face crop ``HxW[xC]`` uint8/uint16 → ``3x112x112`` float32 RGB in [-1, 1] (ArcFace's input)."""
+    img = _to_float255(_check_image(face, "face"))
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    img = cv2.resize(img, (_ARCFACE_SIZE, _ARCFACE_SIZE), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray((img / 127.5 - 1.0).transpose(2, 0, 1), dtype=np.float32)
+
+
+def _identity_similarities(face_pairs: Sequence[tuple[np.ndarray, np.ndarray]], model_path: str) -> list[float]:
+    """Cosine similarity of ArcFace embeddings for each (input face, output face) pair."""
+    import torch
+
+    model = _arcface(os.path.abspath(model_path))
+    batch = np.stack([_face_embedding_input(f) for pair in face_pairs for f in pair])
+    with torch.inference_mode():
+        emb = torch.nn.functional.normalize(model(torch.from_numpy(batch)).float(), dim=1)
+    return [min(1.0, max(-1.0, float((emb[2 * i] * emb[2 * i + 1]).sum()))) for i in range(len(face_pairs))]
+
+
+# ----------------------------------------------------------------------------------------------------- combined
+def quality_metrics(original: np.ndarray, enhanced: np.ndarray, *,
+                    face_pairs: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+                    lpips_model_path: str | os.PathLike | None = None,
+                    identity_model_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """LR consistency, NIQE of input and output, LPIPS and identity similarity, JSON-safe.
+
+    Args:
+        original: the input, ``HxW[xC]`` uint8/uint16.
+        enhanced: the output, ``H'xW'[xC]`` uint8/uint16.
+        face_pairs: ``(input face crop, output face crop)`` pairs, each ``HxW[xC]`` uint8/uint16 RGB, for the
+            identity similarity; None or empty when no faces were enhanced.
+        lpips_model_path: LPIPS weights, when the catalog has them. LPIPS is not computed offline yet, so this
+            is reported None with the reason.
+        identity_model_path: facexlib ArcFace IR-SE50 weights (``recognition_arcface_ir_se50.pth``, already
+            verified by the caller); None or a missing file → ``identity_similarity`` None with the reason.
+
+    Returns:
+        ``lr_psnr`` (dB, capped at 100), ``lr_ssim``, ``niqe_input`` (bicubic-upscaled input), ``niqe_output``,
+        ``lpips``, ``identity_similarity`` (mean over pairs) and ``identity_similarity_per_face``, each None
+        when not computable, and ``warnings``: a list of human-readable reasons (and a low-identity warning).
+
+    Raises:
+        TypeError, ValueError: an image is not a uint8/uint16 image array.
+    """
+    warnings: list[str] = []
+    orig = _to_float255(_check_image(original, "original"))
+    enh = _to_float255(_check_image(enhanced, "enhanced"))
+
+    lr = lr_consistency(original, enhanced)
+    if lr["ssim"] is None:
+        warnings.append("LR-consistency SSIM not computed: the input is smaller than 11x11 pixels")
+
+    niqe_in = niqe_out = None
+    h, w = enh.shape[:2]
+    if min(h, w) < NIQE_MIN_SIDE:
+        warnings.append(f"NIQE not computed: the output ({w}x{h}) is smaller than "
+                        f"{NIQE_MIN_SIDE}x{NIQE_MIN_SIDE} pixels")
+    else:
+        upscaled = cv2.resize(orig, (w, h), interpolation=cv2.INTER_CUBIC)
+        if upscaled.ndim == 2:
+            upscaled = upscaled[:, :, None]
+        upscaled = np.clip(upscaled, 0.0, 255.0)
+        upscaled, enh = _match_channels(upscaled, enh)
+        niqe_in = _finite_or_none(_niqe_float(upscaled))
+        niqe_out = _finite_or_none(_niqe_float(enh))
+        if niqe_in is None or niqe_out is None:
+            warnings.append("NIQE undefined for a featureless (flat) image")
+
+    if lpips_model_path is None:
+        warnings.append("LPIPS not computed: its weights are not in the model catalog")
+    else:
+        warnings.append("LPIPS not computed: no offline LPIPS implementation is available")
+
+    identity: float | None = None
+    per_face: list[float] | None = None
+    if not face_pairs:
+        warnings.append("identity similarity not computed: no face pairs were given")
+    elif identity_model_path is None:
+        warnings.append("identity similarity not computed: the face-recognition (ArcFace) weights are not in the "
+                        "model catalog")
+    elif not os.path.isfile(identity_model_path):
+        warnings.append("identity similarity not computed: the face-recognition weights file is missing")
+    else:
+        sims = _identity_similarities(face_pairs, os.fspath(identity_model_path))
+        per_face = [round(s, 4) for s in sims if math.isfinite(s)]
+        identity = _finite_or_none(float(np.mean(sims)))
+        if identity is not None and identity < IDENTITY_WARN_THRESHOLD:
+            warnings.append(f"identity similarity {identity:.2f} is below {IDENTITY_WARN_THRESHOLD}: "
+                            "the restored face may not look like the same person; lower the face strength")
+
+    for reason in warnings:
+        logger.debug("metrics: %s", reason)
+    return {
+        "lr_psnr": _finite_or_none(lr["psnr"]),
+        "lr_ssim": _finite_or_none(lr["ssim"]),
+        "niqe_input": niqe_in,
+        "niqe_output": niqe_out,
+        "lpips": None,
+        "identity_similarity": identity,
+        "identity_similarity_per_face": per_face,
+        "warnings": warnings,
+    }
+
+
+def calculate_image_metrics(original: np.ndarray, enhanced: np.ndarray, original_bytes: int | None = None,
+                            enhanced_bytes: int | None = None, quality: bool = True, **quality_kwargs: Any
+                            ) -> dict[str, Any]:
+    """File metrics and (when ``quality``) quality metrics of one enhancement, in one JSON-safe dict.
+
+    Args:
+        original: the input, ``HxW[xC]`` uint8/uint16.
+        enhanced: the output, ``H'xW'[xC]`` uint8/uint16.
+        original_bytes: encoded size of the input file, if known.
+        enhanced_bytes: encoded size of the output file, if known.
+        quality: also compute :func:`quality_metrics` (on by default; it costs a few percent of an enhance).
+        **quality_kwargs: ``face_pairs``, ``lpips_model_path``, ``identity_model_path`` for :func:`quality_metrics`.
+
+    Returns:
+        The keys of :func:`file_metrics`, plus those of :func:`quality_metrics` when ``quality`` (else just
+        ``"warnings": []``).
+    """
+    o, e = _check_image(original, "original"), _check_image(enhanced, "enhanced")
+    result = file_metrics((o.shape[1], o.shape[0]), (e.shape[1], e.shape[0]), original_bytes, enhanced_bytes)
+    if quality:
+        result.update(quality_metrics(original, enhanced, **quality_kwargs))
+    else:
+        result["warnings"] = []
+    return result
