@@ -1,0 +1,293 @@
+"""Offline face detection: facexlib RetinaFace when its weights are on disk, else scikit-image's LBP cascade.
+
+The RetinaFace weights cannot be fetched here, so the fallback is what normally runs: the frontal-face LBP cascade
+that scikit-image ships in its data folder (OpenCV 5 no longer has ``CascadeClassifier``). It runs on a grayscale
+copy downscaled to at most :data:`CASCADE_WORKING_SIDE` pixels, its raw windows are clustered by IoU and a face is
+kept only when at least :data:`CASCADE_MIN_NEIGHBOURS` windows agree on it. Measured on ``tests/data/advisor``
+(see ``tests/test_face_detect.py``): every face photo gets at least one face, no anime frame or landscape gets one;
+counts in group photos may miss turned or small faces.
+
+Thread safety: nothing mutable is shared. Each thread builds and keeps its own cascade (``threading.local``);
+RetinaFace networks are built per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from engine.errors import InvalidInputError, ModelNotAvailableError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FaceBox", "FaceDetection", "detect_faces", "estimate_landmarks"]
+
+Landmarks = tuple[tuple[float, float], ...]
+
+#: Long side (pixels) of the grayscale copy the cascade scans. Faces smaller than ~24/512 of the long side are missed.
+CASCADE_WORKING_SIDE = 512
+#: The cascade's own window size (pixels); the smallest face it can see on the working copy.
+CASCADE_WINDOW = 24
+#: Window scale step and stride multiplier of the multi-scale scan (larger = faster, coarser).
+CASCADE_SCALE_FACTOR = 1.2
+CASCADE_STEP_RATIO = 1.5
+#: Raw windows whose IoU is at least this are one cluster.
+CLUSTER_IOU = 0.3
+#: A cluster needs at least this many raw windows to count as a face (cuts single-window false positives).
+CASCADE_MIN_NEIGHBOURS = 3
+#: Two clusters where this share of the smaller box lies inside the larger are one face (nested windows).
+CONTAINMENT_MERGE = 0.5
+
+# Five-point landmarks as fractions of the box (x, y), RetinaFace order: left eye, right eye, nose tip, left and
+# right mouth corner ("left" = image left). Standard face proportions: eyes at ~38% of the height and ~31%/69%
+# of the width, nose tip at ~58%, mouth corners at ~78% height and 35%/65% width (close to the ArcFace 112x112
+# template used for alignment, rescaled to a square detector box).
+_LANDMARK_FRACTIONS: Landmarks = ((0.31, 0.38), (0.69, 0.38), (0.50, 0.58), (0.35, 0.78), (0.65, 0.78))
+
+_local = threading.local()
+
+
+@dataclass(frozen=True)
+class FaceBox:
+    """One face in input-image pixels: box corners, confidence in [0, 1] and optional 5-point landmarks."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    score: float
+    landmarks: Landmarks | None = None
+
+    @property
+    def width(self) -> float:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> float:
+        return self.y1 - self.y0
+
+
+@dataclass(frozen=True)
+class FaceDetection:
+    """All faces found in one image, best first, and which detector found them."""
+
+    faces: tuple[FaceBox, ...]
+    detector: str  # "retinaface" | "lbp-cascade"
+
+
+def estimate_landmarks(box: FaceBox | tuple[float, float, float, float]) -> Landmarks:
+    """Five landmarks (RetinaFace order) from a face box using standard face proportions.
+
+    Args:
+        box: a :class:`FaceBox` or ``(x0, y0, x1, y1)`` in pixels.
+
+    Returns:
+        ``((x, y), ...)`` five points: left eye, right eye, nose tip, left mouth corner, right mouth corner.
+    """
+    if isinstance(box, FaceBox):
+        x0, y0, x1, y1 = box.x0, box.y0, box.x1, box.y1
+    else:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"Face box must have x1 > x0 and y1 > y0, got {(x0, y0, x1, y1)}.")
+    w, h = x1 - x0, y1 - y0
+    return tuple((x0 + fx * w, y0 + fy * h) for fx, fy in _LANDMARK_FRACTIONS)
+
+
+def detect_faces(
+    image: np.ndarray,
+    *,
+    retinaface_weights: Path | None = None,
+    device: str = "cpu",
+    max_faces: int | None = None,
+    min_size: int = 16,
+) -> FaceDetection:
+    """Find frontal faces.
+
+    Args:
+        image: HxWx3 uint8 RGB (HxW gray, HxWx4 RGBA and uint16 are accepted and converted).
+        retinaface_weights: path to facexlib's ``detection_Resnet50_Final.pth``; used when the file exists,
+            otherwise the LBP cascade runs.
+        device: torch device for RetinaFace ("cpu", "cuda", "cuda:1").
+        max_faces: keep at most this many faces (largest score first); None keeps all.
+        min_size: drop faces whose shorter box side is below this many input pixels.
+
+    Returns:
+        :class:`FaceDetection` with boxes in input-image pixels, best first.
+
+    Raises:
+        InvalidInputError: the image is empty or not 2-D/3-D.
+        ModelNotAvailableError: the RetinaFace weights exist but cannot be loaded.
+    """
+    rgb = _as_rgb8(image)
+    if max_faces is not None and max_faces < 0:
+        raise ValueError(f"max_faces must be >= 0 or None, got {max_faces}.")
+    if retinaface_weights is not None and Path(retinaface_weights).is_file():
+        faces = _detect_retinaface(rgb, Path(retinaface_weights), device)
+        detector = "retinaface"
+    else:
+        if retinaface_weights is not None:
+            logger.info("RetinaFace weights not found at %s; using the LBP cascade.", retinaface_weights)
+        faces = _detect_cascade(rgb)
+        detector = "lbp-cascade"
+    faces = [f for f in faces if min(f.width, f.height) >= min_size]
+    faces.sort(key=lambda f: -f.score)
+    if max_faces is not None:
+        faces = faces[:max_faces]
+    return FaceDetection(faces=tuple(faces), detector=detector)
+
+
+def _as_rgb8(image: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 RGB from gray/RGB/RGBA uint8/uint16 (dtype decides the range, never the values)."""
+    if not isinstance(image, np.ndarray) or image.ndim not in (2, 3) or image.size == 0:
+        raise InvalidInputError("Expected a non-empty HxW or HxWxC image array.")
+    if image.ndim == 3 and image.shape[2] not in (1, 3, 4):
+        raise InvalidInputError(f"Expected 1, 3 or 4 channels, got {image.shape[2]}.")
+    if image.dtype == np.uint16:
+        image = (image.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise InvalidInputError(f"Expected uint8 or uint16 pixels, got {image.dtype}.")
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    if image.shape[2] == 1:
+        return np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def _cascade():
+    """This thread's LBP cascade (skimage's Cascade is not documented as re-entrant, so no sharing)."""
+    cascade = getattr(_local, "cascade", None)
+    if cascade is None:
+        from skimage.data import lbp_frontal_face_cascade_filename
+        from skimage.feature import Cascade
+
+        cascade = Cascade(lbp_frontal_face_cascade_filename())
+        _local.cascade = cascade
+    return cascade
+
+
+def _box_overlaps(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(IoU, intersection / smaller area) of two x0,y0,x1,y1 boxes."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    area_a = (a[2] - a[0]) * (a[3] - a[1])
+    area_b = (b[2] - b[0]) * (b[3] - b[1])
+    return inter / (area_a + area_b - inter), inter / min(area_a, area_b)
+
+
+def cluster_windows(boxes: np.ndarray, *, iou: float = CLUSTER_IOU) -> list[tuple[np.ndarray, int]]:
+    """Group raw detector windows (Nx4 x0,y0,x1,y1) whose IoU >= ``iou`` (transitively).
+
+    Returns:
+        ``[(mean box, number of windows), ...]`` one per cluster.
+    """
+    n = len(boxes)
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(n):
+        for j in range(i + 1, n):
+            if _box_overlaps(boxes[i], boxes[j])[0] >= iou:
+                parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(i)
+    return [(boxes[idx].mean(axis=0), len(idx)) for idx in groups.values()]
+
+
+def _detect_cascade(rgb: np.ndarray) -> list[FaceBox]:
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    h, w = gray.shape
+    scale = min(1.0, CASCADE_WORKING_SIDE / max(h, w))
+    if scale < 1.0:
+        gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    side = min(gray.shape)
+    if side < CASCADE_WINDOW:
+        return []
+    # intersection_score_threshold=1.0: skimage merges only identical windows, so the clustering below sees them all.
+    raw = _cascade().detect_multi_scale(
+        gray,
+        scale_factor=CASCADE_SCALE_FACTOR,
+        step_ratio=CASCADE_STEP_RATIO,
+        min_size=(CASCADE_WINDOW, CASCADE_WINDOW),
+        max_size=(side, side),
+        min_neighbor_number=0,
+        intersection_score_threshold=1.0,
+    )
+    if not raw:
+        return []
+    boxes = np.array([(d["c"], d["r"], d["c"] + d["width"], d["r"] + d["height"]) for d in raw], np.float64)
+    clusters = [c for c in cluster_windows(boxes) if c[1] >= CASCADE_MIN_NEIGHBOURS]
+    clusters.sort(key=lambda c: -c[1])
+    kept: list[tuple[np.ndarray, int]] = []
+    for box, count in clusters:
+        if all(_box_overlaps(box, other)[1] < CONTAINMENT_MERGE for other, _ in kept):
+            kept.append((box, count))
+    faces = []
+    for box, count in kept:
+        x0, y0, x1, y1 = (float(v) / scale for v in box)
+        x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
+        # Score: agreeing windows n -> n / (n + CASCADE_MIN_NEIGHBOURS), so the weakest kept face scores 0.5.
+        score = count / (count + CASCADE_MIN_NEIGHBOURS)
+        faces.append(FaceBox(x0, y0, x1, y1, score, estimate_landmarks((x0, y0, x1, y1))))
+    return faces
+
+
+def load_retinaface(weights: Path, device: str):
+    """Build facexlib's RetinaFace-ResNet50 and load ``weights`` (weights_only, 'module.' prefixes stripped)."""
+    import torch
+
+    from utils.compat import install_torchvision_shim
+
+    install_torchvision_shim()
+    from facexlib.detection.retinaface import RetinaFace
+
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, not a state dict, unsafe pickle
+        raise ModelNotAvailableError(
+            f"Could not load RetinaFace weights from {weights}: {exc}. Delete the file and download it again."
+        ) from exc
+    for key in ("params_ema", "params", "state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    state = {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
+    model = RetinaFace(network_name="resnet50", half=False, device=torch.device(device))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelNotAvailableError(
+            f"{weights} is not a RetinaFace-ResNet50 state dict ({exc}). Use facexlib's detection_Resnet50_Final.pth."
+        ) from exc
+    return model.eval().to(device)
+
+
+def _detect_retinaface(rgb: np.ndarray, weights: Path, device: str) -> list[FaceBox]:
+    import torch
+
+    model = load_retinaface(weights, device)
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    with torch.no_grad():
+        dets = model.detect_faces(bgr, conf_threshold=0.8)
+    faces = []
+    h, w = rgb.shape[:2]
+    for det in np.asarray(dets).reshape(-1, 15):
+        x0, y0, x1, y1 = (float(v) for v in det[:4])
+        x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        landmarks = tuple((float(det[5 + 2 * i]), float(det[6 + 2 * i])) for i in range(5))
+        faces.append(FaceBox(x0, y0, x1, y1, float(det[4]), landmarks))
+    return faces

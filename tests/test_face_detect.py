@@ -1,0 +1,153 @@
+"""Face detection: the offline LBP cascade on the labelled set, box mapping, landmarks, and the RetinaFace loader."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from engine.errors import InvalidInputError, ModelNotAvailableError
+from engine.face_detect import FaceBox, FaceDetection, detect_faces, estimate_landmarks
+
+DATA = Path(__file__).parent / "data" / "advisor"
+LABELS = json.loads((DATA / "labels.json").read_text())
+#: Largest |found - true| face count the cascade reaches on the labelled set (children-alpha: 3 of 5 found).
+COUNT_TOLERANCE = 2
+
+
+def read_rgb(name: str) -> np.ndarray:
+    image = cv2.imread(str(DATA / name), cv2.IMREAD_UNCHANGED)
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA if image.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    return image
+
+
+@pytest.mark.parametrize("name", sorted(LABELS))
+def test_cascade_face_count_on_labelled_set(name):
+    truth = LABELS[name]["faces"]
+    result = detect_faces(read_rgb(name))
+    assert result.detector == "lbp-cascade"
+    found = len(result.faces)
+    print(f"{name}: {found} faces found, {truth} true")
+    if truth == 0:
+        assert found == 0, f"false positive on {name}"
+    else:
+        assert found >= 1, f"no face found on {name}"
+        assert abs(found - truth) <= COUNT_TOLERANCE
+
+
+def test_boxes_are_in_input_pixels_and_well_formed():
+    image = read_rgb("Adele_crop.png")  # 256x256, one centred face
+    small = detect_faces(image).faces[0]
+    big_image = cv2.resize(image, (1024, 1024), interpolation=cv2.INTER_CUBIC)  # scanned at 512 -> mapped back
+    big = detect_faces(big_image).faces[0]
+    assert 0 <= big.x0 < big.x1 <= 1024 and 0 <= big.y0 < big.y1 <= 1024
+    centre_small = np.array([(small.x0 + small.x1) / 2, (small.y0 + small.y1) / 2])
+    centre_big = np.array([(big.x0 + big.x1) / 2, (big.y0 + big.y1) / 2])
+    np.testing.assert_allclose(centre_big / 4, centre_small, atol=12)
+    assert big.width / 4 == pytest.approx(small.width, rel=0.35)
+    assert 0.5 <= big.score <= 1.0
+    assert big.landmarks is not None and len(big.landmarks) == 5
+    assert all(big.x0 <= x <= big.x1 and big.y0 <= y <= big.y1 for x, y in big.landmarks)
+
+
+def test_max_faces_and_min_size_filter():
+    image = read_rgb("10045.png")
+    every = detect_faces(image)
+    assert len(every.faces) >= 2
+    assert len(detect_faces(image, max_faces=1).faces) == 1
+    assert detect_faces(image, max_faces=1).faces[0] == every.faces[0]  # best first
+    assert detect_faces(image, min_size=10_000).faces == ()
+    scores = [f.score for f in every.faces]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_gray_rgba_and_16bit_inputs():
+    rgb = read_rgb("Justin_Timberlake_crop.png")
+    base = detect_faces(rgb).faces
+    assert len(base) == 1
+    as16 = rgb.astype(np.uint16) * 257
+    assert detect_faces(as16).faces == base
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    assert detect_faces(rgba).faces == base
+    assert len(detect_faces(read_rgb("00017_gray.png")).faces) >= 1  # HxW gray
+
+
+@pytest.mark.parametrize(
+    "bad", [np.zeros((0, 0, 3), np.uint8), np.zeros((4, 4, 2), np.uint8), np.zeros((8, 8, 3), np.float32)]
+)
+def test_bad_input_raises_value_error(bad):
+    with pytest.raises(InvalidInputError):
+        detect_faces(bad)
+    with pytest.raises(ValueError):
+        detect_faces(bad)
+
+
+def test_tiny_image_has_no_faces():
+    assert detect_faces(np.full((10, 10, 3), 128, np.uint8)) == FaceDetection(faces=(), detector="lbp-cascade")
+
+
+def test_concurrent_calls_agree():
+    images = [read_rgb("10045.png"), read_rgb("Blake_Lively.jpg")]
+    expected = [detect_faces(im) for im in images]
+    results: dict[int, list[FaceDetection]] = {}
+
+    def work(i: int) -> None:
+        results[i] = [detect_faces(images[i % 2]) for _ in range(2)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, runs in results.items():
+        assert all(r == expected[i % 2] for r in runs)
+
+
+def test_estimate_landmarks_proportions():
+    points = estimate_landmarks((100.0, 50.0, 200.0, 150.0))
+    (lex, ley), (rex, rey), (nx, ny), (lmx, lmy), (rmx, rmy) = points
+    assert lex < nx < rex and lmx < nx < rmx
+    assert ley == rey < ny < lmy == rmy
+    assert all(100 <= x <= 200 and 50 <= y <= 150 for x, y in points)
+    box = FaceBox(100.0, 50.0, 200.0, 150.0, 0.9, None)
+    assert estimate_landmarks(box) == points
+    with pytest.raises(ValueError):
+        estimate_landmarks((10.0, 10.0, 5.0, 20.0))
+
+
+def test_missing_retinaface_weights_fall_back_to_cascade(tmp_path):
+    result = detect_faces(read_rgb("Adele_crop.png"), retinaface_weights=tmp_path / "absent.pth")
+    assert result.detector == "lbp-cascade" and len(result.faces) == 1
+
+
+def test_corrupt_retinaface_weights_raise(tmp_path):
+    bad = tmp_path / "detection_Resnet50_Final.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelNotAvailableError):
+        detect_faces(read_rgb("Adele_crop.png"), retinaface_weights=bad)
+
+
+def test_retinaface_branch_loads_module_prefixed_state_dict(tmp_path):
+    """The real weights can't be downloaded here: random weights test loading and output plumbing, not accuracy."""
+    torch = pytest.importorskip("torch")
+    from utils.compat import install_torchvision_shim
+
+    install_torchvision_shim()
+    from facexlib.detection.retinaface import RetinaFace
+
+    torch.manual_seed(0)
+    model = RetinaFace(network_name="resnet50", half=False, device=torch.device("cpu"))
+    path = tmp_path / "retinaface_random.pth"
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, path)
+    image = cv2.resize(read_rgb("Adele_crop.png"), (128, 128), interpolation=cv2.INTER_AREA)
+    result = detect_faces(image, retinaface_weights=path)
+    assert result.detector == "retinaface"
+    for face in result.faces:
+        assert 0 <= face.x0 < face.x1 <= 128 and 0 <= face.y0 < face.y1 <= 128
+        assert face.landmarks is not None and len(face.landmarks) == 5
+        assert 0.8 <= face.score <= 1.0
