@@ -221,8 +221,10 @@ def decide(a: AnalysisNumbers, machine: MachineFacts, requested_scale: float | N
 
 def _rough_memory_mb(model: str, width: int, height: int) -> float:
     from engine import upscaler
+    from engine.processor import network_scale
 
-    return upscaler.estimate_memory_bytes(CATALOG[model], height, width, 4) / 2**20
+    spec = CATALOG[model]
+    return upscaler.estimate_memory_bytes(spec.arch, height, width, scale=network_scale(spec)) / 2**20
 
 
 def _human_seconds(seconds: float) -> str:
@@ -328,8 +330,12 @@ class IntelligentEnhancer:
         import torch
 
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
-        return int(upscaler.auto_tile(CATALOG[model], dev, int(free_memory_bytes(dev) * (1 - reserve)), dtype,
-                                      height=pixels.shape[0], width=pixels.shape[1]))
+        from engine.processor import network_scale
+
+        spec = CATALOG[model]
+        return int(upscaler.auto_tile(spec.arch, pixels.shape[0], pixels.shape[1], device=dev, dtype=dtype,
+                                      free_bytes=int(free_memory_bytes(dev) * (1 - reserve)),
+                                      scale=network_scale(spec)))
 
     def _detect(self, pixels: np.ndarray):
         from engine.face_detect import detect_faces
@@ -403,13 +409,15 @@ class IntelligentEnhancer:
             import torch
 
             dtype = torch.float16 if device.type == "cuda" else torch.float32
+            from engine.processor import network_scale
+
             spec = CATALOG[model]
-            tile = upscaler.auto_tile(spec, device, int(machine.free_memory_bytes * (1 - reserve)), dtype,
-                                      height=numbers.height, width=numbers.width)
-            side_h = tile or numbers.height
-            side_w = tile or numbers.width
-            return int(tile), upscaler.estimate_memory_bytes(spec, side_h, side_w, 2 if dtype != torch.float32
-                                                              else 4) / 2**20
+            tile = upscaler.auto_tile(spec.arch, numbers.height, numbers.width, device=device, dtype=dtype,
+                                      free_bytes=int(machine.free_memory_bytes * (1 - reserve)),
+                                      scale=network_scale(spec))
+            side_h, side_w = (tile, tile) if tile else (numbers.height, numbers.width)
+            memory = upscaler.estimate_memory_bytes(spec.arch, side_h, side_w, dtype, scale=network_scale(spec))
+            return int(tile), memory / 2**20
 
         advice = decide(numbers, machine, requested_scale=scale, tile_for=tile_for)
         return {

@@ -72,7 +72,8 @@ def safe_load_state_dict(path: str | os.PathLike) -> dict:
     check_safe_environment()
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError, IndexError,
+            KeyError, UnicodeDecodeError, OSError) as exc:
         raise ModelNotAvailableError(
             f"Could not load weights from {Path(path).name}: {str(exc).splitlines()[0][:200]}. "
             "The file is damaged or not a plain weights file; delete it and download it again."

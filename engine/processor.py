@@ -340,8 +340,9 @@ def _upscale_rgb(rgb: np.ndarray, *, model_name: str, settings: EnhanceSettings,
         tile = settings.tile
         if tile == "auto":
             reserve = config.gpu_memory_reserve if config is not None else 0.1
-            tile = upscaler.auto_tile(spec, device, int(free_memory_bytes(device) * (1 - reserve)), loaded.dtype,
-                                      height=rgb.shape[0], width=rgb.shape[1])
+            tile = upscaler.auto_tile(spec.arch, rgb.shape[0], rgb.shape[1], device=device, dtype=loaded.dtype,
+                                      free_bytes=int(free_memory_bytes(device) * (1 - reserve)),
+                                      scale=network_scale(spec), batch_size=settings.batch_size)
         lo, hi = stage
 
         def tile_progress(done: int, total: int) -> None:

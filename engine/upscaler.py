@@ -47,7 +47,7 @@ from engine.errors import InvalidInputError, InvalidSettingsError, OutOfMemoryEr
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ACTIVATION_BYTES_PER_PIXEL", "TileBox", "TilePlan", "UpscaleStats", "RunBatch", "plan_tiles", "blend_window",
+    "ACTIVATION_BYTES_PER_PIXEL", "bytes_per_pixel", "estimate_memory_bytes", "TileBox", "TilePlan", "UpscaleStats", "RunBatch", "plan_tiles", "blend_window",
     "upscale_image", "upscale_image_ex", "output_is_bad", "auto_tile", "available_bytes", "prepare_for_inference", "default_run_batch",
 ]
 
@@ -382,6 +382,25 @@ def available_bytes(device: str | torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def bytes_per_pixel(model: str | nn.Module, dtype: torch.dtype = torch.float32, scale: int = 4) -> int:
+    """Peak activation memory per *input* pixel for an architecture (see :data:`ACTIVATION_BYTES_PER_PIXEL`).
+
+    ×2/×1 RRDBNet runs its body on an unshuffled, 4×/16× smaller grid, so it costs less per pixel; 2-byte dtypes
+    halve the figure.
+    """
+    arch = _arch_name(model)
+    per_pixel = ACTIVATION_BYTES_PER_PIXEL.get(arch, ACTIVATION_BYTES_PER_PIXEL["RRDBNet"])
+    if arch == "RRDBNet" and scale < 4:
+        per_pixel = per_pixel * scale * scale // 16 + 2_000  # body on a smaller grid, HR stage scale^2
+    return per_pixel * (torch.finfo(dtype).bits // 8) // 4
+
+
+def estimate_memory_bytes(model: str | nn.Module, height: int, width: int, dtype: torch.dtype = torch.float32,
+                          scale: int = 4, batch_size: int = 1) -> int:
+    """Activation memory for running ``batch_size`` inputs of ``height``×``width`` through ``model`` at once."""
+    return int(bytes_per_pixel(model, dtype, scale) * height * width * batch_size)
+
+
 def auto_tile(model: str | nn.Module, height: int, width: int, *, free_bytes: int | None = None,
               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, scale: int = 4,
               batch_size: int = 1, safety: float = 0.5) -> int:
@@ -393,18 +412,14 @@ def auto_tile(model: str | nn.Module, height: int, width: int, *, free_bytes: in
         free_bytes: memory available; queried from ``device`` when None.
         device: used only to query free memory.
         dtype: compute dtype (2-byte types halve the estimate).
-        scale: model scale; x2/x1 RRDBNet runs on an unshuffled, 4x/16x smaller grid, so costs less per pixel.
+        scale: the network's scale (see :func:`bytes_per_pixel`).
         batch_size: tiles per forward pass.
         safety: fraction of the free memory to plan for (allocator slack, other jobs).
 
     Returns:
         0, or a tile side >= 8 (8 when even that does not fit: the OOM fallback then reports the problem).
     """
-    arch = _arch_name(model)
-    per_pixel = ACTIVATION_BYTES_PER_PIXEL.get(arch, ACTIVATION_BYTES_PER_PIXEL["RRDBNet"])
-    if arch == "RRDBNet" and scale < 4:
-        per_pixel = per_pixel * scale * scale // 16 + 2_000  # body on a smaller grid, HR stage scale^2
-    per_pixel = per_pixel * (torch.finfo(dtype).bits // 8) // 4
+    per_pixel = bytes_per_pixel(model, dtype, scale)
     budget = (available_bytes(device) if free_bytes is None else free_bytes) * safety
     if height * width * per_pixel <= budget:
         return 0
