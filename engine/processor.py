@@ -261,7 +261,7 @@ def resize_float(image: np.ndarray, width: int, height: int) -> np.ndarray:
 class _Run:
     """What one network run used (returned by the inner loop, never stored on shared objects)."""
 
-    image: np.ndarray
+    image: np.ndarray | list[np.ndarray]
     model: str
     device: str
     precision: str
@@ -320,12 +320,14 @@ class _Cancellable:
             self.progress(min(max(fraction, 0.0), 1.0), message)
 
 
-def _upscale_rgb(rgb: np.ndarray, *, model_name: str, settings: EnhanceSettings, model_manager, config,
-                 report: _Cancellable, warnings: list[str], stage: tuple[float, float]) -> _Run:
-    """Run the network on an HxWx3 float RGB image, with OOM → smaller tile → CPU, and bad-half → fp32 retries."""
+def _upscale_rgb(rgb: np.ndarray | list[np.ndarray], *, model_name: str, settings: EnhanceSettings, model_manager,
+                 config, report: _Cancellable, warnings: list[str], stage: tuple[float, float]) -> _Run:
+    """Run the network on HxWx3 float RGB image(s) of one size, with OOM → smaller tile → CPU, and bad half
+    precision → fp32 retries. A list (video frames) shares forward calls; ``_Run.image`` is then a list too."""
     from engine import upscaler
     from utils.gpu import free_memory_bytes, resolve_device
 
+    images = rgb if isinstance(rgb, list) else [rgb]
     try:
         device = resolve_device(settings.device if settings.device != "auto" else (config.device if config else "auto"))
     except ValueError as exc:
@@ -340,8 +342,8 @@ def _upscale_rgb(rgb: np.ndarray, *, model_name: str, settings: EnhanceSettings,
         tile = settings.tile
         if tile == "auto":
             reserve = config.gpu_memory_reserve if config is not None else 0.1
-            tile = upscaler.auto_tile(spec.arch, rgb.shape[0], rgb.shape[1], device=device, dtype=loaded.dtype,
-                                      free_bytes=int(free_memory_bytes(device) * (1 - reserve)),
+            tile = upscaler.auto_tile(spec.arch, images[0].shape[0], images[0].shape[1], device=device,
+                                      dtype=loaded.dtype, free_bytes=int(free_memory_bytes(device) * (1 - reserve)),
                                       scale=network_scale(spec), batch_size=settings.batch_size)
         lo, hi = stage
 
@@ -349,8 +351,8 @@ def _upscale_rgb(rgb: np.ndarray, *, model_name: str, settings: EnhanceSettings,
             report(lo + (hi - lo) * done / max(total, 1), f"Upscaling with {model_name}: tile {done}/{total}")
 
         try:
-            out, stats = upscaler.upscale_image_ex(
-                loaded.net, rgb, scale=network_scale(spec), tile=int(tile), overlap=settings.tile_overlap,
+            outs, stats = upscaler.upscale_images_ex(
+                loaded.net, images, scale=network_scale(spec), tile=int(tile), overlap=settings.tile_overlap,
                 batch_size=settings.batch_size, device=device, dtype=loaded.dtype,
                 pad_multiple=pad_multiple_for(spec), progress=tile_progress)
         except OutOfMemoryError:
@@ -359,12 +361,13 @@ def _upscale_rgb(rgb: np.ndarray, *, model_name: str, settings: EnhanceSettings,
                 device, precision = resolve_device("cpu"), "fp32"
                 continue
             raise
-        if loaded.precision != "fp32" and upscaler.output_is_bad(out, rgb) and attempts < 3:
+        if loaded.precision != "fp32" and attempts < 3 and any(
+                upscaler.output_is_bad(out, src) for out, src in zip(outs, images)):
             warnings.append(f"{loaded.precision} produced an invalid image (NaN or black); it was redone in fp32.")
             precision = "fp32"
             continue
-        return _Run(image=out, model=model_name, device=str(device), precision=loaded.precision,
-                    tile=int(stats.tile_used))
+        return _Run(image=outs if isinstance(rgb, list) else outs[0], model=model_name, device=str(device),
+                    precision=loaded.precision, tile=int(stats.tile_used))
 
 
 def enhance_image_direct(image, settings: EnhanceSettings | None, model_manager, progress: ProgressFn | None = None,
@@ -727,16 +730,40 @@ def _extension_for(path: Path, settings: EnhanceSettings) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ video frames
-def make_frame_enhancer(model_manager, settings: EnhanceSettings, config=None) -> Callable[[list[np.ndarray]],
-                                                                                           list[np.ndarray]]:
+def make_frame_enhancer(model_manager, settings: EnhanceSettings, config=None,
+                        warnings: list[str] | None = None) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
     """A callable for :func:`engine.video.upscale_video`: a batch of HxWx3 uint8 RGB frames in, upscaled frames out.
 
-    Frames go through the same engine as images (models, tiling, precision, OOM handling, faces). Quality metrics
-    are skipped per frame. The callable holds no per-call state, so it may be shared.
+    Frames go through the same engine as images (models, tiling, precision, OOM handling); the frames of one batch
+    share forward calls. With face enhancement each frame also goes through the face path (skipped on anime with
+    a warning). Warnings are appended to ``warnings`` once each. The callable keeps no per-call state.
     """
     frame_settings = settings.replace(quality_metrics=False, keep_metadata=False, output_format="png")
+    notes: list[str] = warnings if warnings is not None else []
+
+    def add(new: Iterable[str]) -> None:
+        for note in new:
+            if note not in notes:
+                notes.append(note)
 
     def enhance(frames: list[np.ndarray]) -> list[np.ndarray]:
-        return [enhance_image_direct(frame, frame_settings, model_manager, config=config).pixels for frame in frames]
+        if not frames:
+            return []
+        if frame_settings.face_enhance or frames[0].ndim != 3 or frames[0].shape[2] != 3:
+            results = [enhance_image_direct(f, frame_settings, model_manager, config=config) for f in frames]
+            for r in results:
+                add(r.warnings)
+            return [r.pixels for r in results]
+        height, width = frames[0].shape[:2]
+        model_name, note = route_model(frame_settings.model, _requested_scale(frame_settings, width, height),
+                                       model_manager.is_available)
+        spec = model_manager.spec(model_name)
+        out_w, out_h, _ = plan_output_size(width, height, frame_settings, spec.scale)
+        run_warnings: list[str] = [note] if note else []
+        run = _upscale_rgb([_as_float(f) for f in frames], model_name=model_name, settings=frame_settings,
+                           model_manager=model_manager, config=config, report=_Cancellable(None, None),
+                           warnings=run_warnings, stage=(0.0, 1.0))
+        add(run_warnings)
+        return [_from_float(resize_float(out, out_w, out_h), np.uint8) for out in run.image]
 
     return enhance

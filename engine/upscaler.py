@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ACTIVATION_BYTES_PER_PIXEL", "bytes_per_pixel", "estimate_memory_bytes", "TileBox", "TilePlan", "UpscaleStats", "RunBatch", "plan_tiles", "blend_window",
-    "upscale_image", "upscale_image_ex", "output_is_bad", "auto_tile", "available_bytes", "prepare_for_inference", "default_run_batch",
+    "upscale_image", "upscale_image_ex", "upscale_images_ex", "output_is_bad", "auto_tile", "available_bytes", "prepare_for_inference", "default_run_batch",
 ]
 
 ProgressCallback = Callable[[int, int], None]
@@ -222,7 +222,7 @@ def _is_oom(error: BaseException) -> bool:
 
 
 def _pad_to_multiple(tensor: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad a 1xCxHxW tensor at the bottom/right to multiples of ``multiple`` (reflect, or replicate if tiny)."""
+    """Pad an NxCxHxW tensor at the bottom/right to multiples of ``multiple`` (reflect, or replicate if tiny)."""
     _, _, h, w = tensor.shape
     pad_h, pad_w = (-h) % multiple, (-w) % multiple
     if not pad_h and not pad_w:
@@ -234,30 +234,39 @@ def _pad_to_multiple(tensor: torch.Tensor, multiple: int) -> torch.Tensor:
 def _run_plan(net: nn.Module, source: torch.Tensor, plan: TilePlan, scale: int, batch_size: int,
               device: torch.device, dtype: torch.dtype, run_batch: RunBatch,
               progress: ProgressCallback | None) -> tuple[torch.Tensor, int]:
-    """Run every tile of ``plan``; returns the blended 3x(H*s)x(W*s) float32 CPU tensor and the batch count."""
+    """Run every tile of ``plan`` on every image of the NxCxHxW ``source``, several tiles per forward call.
+
+    Returns the blended Nx3x(H*s)x(W*s) float32 CPU tensor and the number of forward calls.
+    """
+    count = source.shape[0]
     out_h, out_w = plan.height * scale, plan.width * scale
     single = len(plan) == 1
-    accum = torch.zeros((3, out_h, out_w), dtype=torch.float32)
+    accum = torch.zeros((count, 3, out_h, out_w), dtype=torch.float32)
     weights = None if single else torch.zeros((1, out_h, out_w), dtype=torch.float32)
+    windows = {} if single else {i: torch.from_numpy(blend_window(b.h, b.w, b.overlap, scale, b.edges))
+                                 for i, b in enumerate(plan.boxes)}
+    if weights is not None:
+        for i, box in enumerate(plan.boxes):
+            weights[0, box.y * scale:(box.y + box.h) * scale, box.x * scale:(box.x + box.w) * scale].add_(windows[i])
     memory_format = torch.channels_last if source.shape[1] > 1 else torch.contiguous_format
+    jobs = [(n, i) for n in range(count) for i in range(len(plan))]  # same-shape tiles of every image
     batches = 0
-    for first in range(0, len(plan), batch_size):
-        boxes = plan.boxes[first:first + batch_size]
-        batch = torch.cat([source[:, :, b.y:b.y + b.h, b.x:b.x + b.w] for b in boxes])
+    for first in range(0, len(jobs), batch_size):
+        chunk = jobs[first:first + batch_size]
+        boxes = [plan.boxes[i] for _, i in chunk]
+        batch = torch.cat([source[n:n + 1, :, b.y:b.y + b.h, b.x:b.x + b.w] for (n, _), b in zip(chunk, boxes)])
         batch = batch.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
         output = run_batch(net, batch)
         output = output.to(device="cpu", dtype=torch.float32)
         batches += 1
-        for box, tile_out in zip(boxes, output):
-            ys, xs = slice(box.y * scale, (box.y + box.h) * scale), slice(box.x * scale, (box.x + box.w) * scale)
+        for (n, i), box, tile_out in zip(chunk, boxes, output):
             if single:
-                accum.copy_(tile_out)
+                accum[n].copy_(tile_out)
                 continue
-            window = torch.from_numpy(blend_window(box.h, box.w, box.overlap, scale, box.edges))
-            accum[:, ys, xs].addcmul_(tile_out, window)
-            weights[0, ys, xs].add_(window)
+            ys, xs = slice(box.y * scale, (box.y + box.h) * scale), slice(box.x * scale, (box.x + box.w) * scale)
+            accum[n, :, ys, xs].addcmul_(tile_out, windows[i])
         if progress is not None:
-            progress(min(first + batch_size, len(plan)), len(plan))
+            progress(min(first + batch_size, len(jobs)), len(jobs))
     if weights is not None:
         accum.div_(weights.clamp_min_(1e-12))
     return accum, batches
@@ -275,15 +284,36 @@ def upscale_image_ex(net: nn.Module, image: np.ndarray, *, scale: int, tile: int
     Returns:
         ``(output, stats)``: the (H*scale)x(W*scale)x3 float32 RGB image in [0, 1] and an :class:`UpscaleStats`.
     """
-    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-        raise InvalidInputError(f"Expected an HxWx3 RGB image, got shape {image.shape}.")
+    outputs, stats = upscale_images_ex(net, [image], scale=scale, tile=tile, overlap=overlap, batch_size=batch_size,
+                                       device=device, dtype=dtype, pad_multiple=pad_multiple, progress=progress,
+                                       min_tile=min_tile, run_batch=run_batch)
+    return outputs[0], stats
+
+
+def upscale_images_ex(net: nn.Module, images: Sequence[np.ndarray], *, scale: int, tile: int = 0, overlap: int = 16,
+                      batch_size: int = 4, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                      pad_multiple: int = 1, progress: ProgressCallback | None = None, min_tile: int = 32,
+                      run_batch: RunBatch = default_run_batch) -> tuple[list[np.ndarray], UpscaleStats]:
+    """Upscale several images of one size together (video frames): their tiles share forward calls.
+
+    Same arguments and guarantees as :func:`upscale_image`; each output equals what :func:`upscale_image` gives
+    for that image alone (up to the summation order of batched convolutions).
+    """
+    if not images:
+        raise InvalidInputError("No images to upscale.")
+    first_shape = images[0].shape
+    for image in images:
+        if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+            raise InvalidInputError(f"Expected HxWx3 RGB images, got shape {image.shape}.")
+        if image.shape != first_shape:
+            raise InvalidInputError(f"Images upscaled together must share one size: {first_shape} vs {image.shape}.")
     if scale < 1 or batch_size < 1 or pad_multiple < 1 or min_tile < 8:
         raise InvalidSettingsError(f"scale ({scale}), batch_size ({batch_size}) and pad_multiple ({pad_multiple}) "
                                    f"must be >= 1 and min_tile ({min_tile}) >= 8.")
     device = torch.device(device)
-    height, width = image.shape[:2]
+    height, width = first_shape[:2]
     start = time.perf_counter()
-    source = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
+    source = torch.from_numpy(np.ascontiguousarray(np.stack(images), dtype=np.float32)).permute(0, 3, 1, 2)
     source = _pad_to_multiple(source, pad_multiple)
     padded_h, padded_w = source.shape[2:]
     current = tile if 0 < tile < max(padded_h, padded_w) else 0
@@ -308,10 +338,11 @@ def upscale_image_ex(net: nn.Module, image: np.ndarray, *, scale: int, tile: int
             logger.warning("Out of memory with tile %s on %s; retrying with tile %d.", current or "off", device,
                            smaller)
             current, retries = smaller, retries + 1
-    output = blended[:, :height * scale, :width * scale].clamp(0.0, 1.0).permute(1, 2, 0).numpy()
-    stats = UpscaleStats(tile_used=current if len(plan) > 1 else 0, batches=batches, tiles=len(plan),
+    outputs = [np.ascontiguousarray(blended[n, :, :height * scale, :width * scale].clamp(0.0, 1.0)
+                                    .permute(1, 2, 0).numpy()) for n in range(len(images))]
+    stats = UpscaleStats(tile_used=current if len(plan) > 1 else 0, batches=batches, tiles=len(plan) * len(images),
                          seconds=time.perf_counter() - start, retries=retries, compute_ratio=plan.compute_ratio)
-    return np.ascontiguousarray(output), stats
+    return outputs, stats
 
 
 def upscale_image(net: nn.Module, image: np.ndarray, *, scale: int, tile: int = 0, overlap: int = 16,

@@ -1,0 +1,540 @@
+"""The REST API (``/api/v1``): enhance an uploaded image in memory and describe the server, as JSON.
+
+Mounted on the same FastAPI app as the web UI with :func:`install_api`. The contract:
+
+* ``POST /api/v1/enhance`` (multipart ``file`` + options) →
+  ``{"status": "success", "data": {"restored_image": <base64>, "format", "width", "height", "metrics",
+  "settings", "processing_time_ms", "warning"}}``.
+* Every error → ``{"error": <message for a person>, "stage": validation|decode|model|inference|faces|metrics|
+  encode}`` with 401 (API key), 413 (bytes or pixels over the limit), 415 (not JPEG/PNG/WebP), 422 (bad
+  parameter, undecodable image, no face found when ``face_enhance`` was asked), 429 (queue full, with
+  ``Retry-After``), 503 (model unavailable, out of memory), 500 (anything else). Bodies never hold a traceback or
+  a server path.
+* ``GET /api/v1/health`` and ``GET /api/v1/models``.
+
+Nothing is written to disk: uploads are parsed into memory (the multipart parser never spools to a temp file)
+and the result is encoded in memory. Request bodies are capped by :class:`BodySizeLimitMiddleware` while they
+stream, before anything reads them whole. Inference runs in a worker thread while holding a slot of the
+device's :class:`~engine.concurrency.DeviceLimiter`.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hmac
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel
+from starlette.datastructures import FormData, Headers
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine import processor
+from engine.catalog import SR_MODELS
+from engine.concurrency import QueueFullError
+from engine.errors import (EngineError, InputTooLargeError, InvalidInputError, InvalidSettingsError,
+                           ModelNotAvailableError, NoFaceFoundError, OutOfMemoryError, UnsafeEnvironmentError,
+                           UnsupportedFormatError)
+
+if TYPE_CHECKING:
+    from ui.services import Services
+
+logger = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+API_KEY_HEADER = "X-API-Key"
+#: Upload formats the API accepts (PIL format names, as :func:`utils.validation.check_image_header` reports them).
+ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
+
+Stage = Literal["validation", "decode", "model", "inference", "faces", "metrics", "encode"]
+OutputFormat = Literal["png", "jpg", "jpeg", "webp"]
+#: The SR models a client may ask for, generated from the catalog (OpenAPI lists them as an enum).
+ModelName = enum.Enum("ModelName", {name: name for name in SR_MODELS}, type=str)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+class ApiError(Exception):
+    """An error the API answers with ``{"error": message, "stage": stage}`` and ``status``."""
+
+    def __init__(self, status: int, message: str, stage: Stage, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.stage = status, message, stage
+        self.headers = dict(headers or {})
+
+
+class BodyTooLargeError(HTTPException):
+    """Raised from the size-capped ``receive`` once a body grows over the limit (an HTTPException, so FastAPI's
+    body parsing lets it through unchanged)."""
+
+    def __init__(self, limit: int):
+        super().__init__(status_code=413, detail=_too_large_message(limit))
+
+
+def _too_large_message(limit: int) -> str:
+    return (f"The request body is over the upload limit of {limit / 2**20:.1f} MB; send a smaller file "
+            "(the server's REALESRGAN_MAX_UPLOAD_MB sets the limit).")
+
+
+# Absolute paths: POSIX ("/a/b") not part of a URL or a relative path, and Windows ("C:\a" or "C:/a").
+_POSIX_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s'\"/,;:()]+/)*[^\s'\"/,;:()]+")
+_WINDOWS_PATH = re.compile(r"\b[A-Za-z]:[\\/](?:[^\s'\"\\/,;:()]+[\\/])*[^\s'\"\\/,;:()]+")
+
+
+def scrub_paths(text: str) -> str:
+    """Replace absolute file-system paths in ``text`` by their last component (URLs are kept). Pure."""
+
+    def last_part(match: re.Match) -> str:
+        parts = [p for p in re.split(r"[\\/]", match.group(0)) if p]
+        return f"<{parts[-1]}>" if parts else "<path>"
+
+    return _POSIX_PATH.sub(last_part, _WINDOWS_PATH.sub(last_part, text))
+
+
+def error_status(exc: BaseException) -> tuple[int, Stage]:
+    """HTTP status and stage for an exception from the pipeline. Pure (by type)."""
+    if isinstance(exc, QueueFullError):
+        return 429, "inference"
+    if isinstance(exc, UnsupportedFormatError):
+        return 415, "validation"
+    if isinstance(exc, InputTooLargeError):
+        return 413, "validation"
+    if isinstance(exc, InvalidSettingsError):
+        return 422, "validation"
+    if isinstance(exc, NoFaceFoundError):
+        return 422, "faces"
+    if isinstance(exc, InvalidInputError):
+        return 422, "decode"
+    if isinstance(exc, (ModelNotAvailableError, UnsafeEnvironmentError)):
+        return 503, "model"
+    if isinstance(exc, OutOfMemoryError):
+        return 503, "inference"
+    stage = getattr(exc, "stage", "inference")
+    return 500, stage if stage in _STAGES else "inference"
+
+
+_STAGES = frozenset({"validation", "decode", "model", "inference", "faces", "metrics", "encode"})
+
+
+def _api_error_from(exc: BaseException, default_stage: Stage = "inference") -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, EngineError):
+        status, stage = error_status(exc)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFullError) else None
+        return ApiError(status, scrub_paths(str(exc)), stage, headers)
+    from utils.gpu import is_out_of_memory
+
+    if is_out_of_memory(exc):
+        return ApiError(503, "The server ran out of memory for this image; try a smaller image or scale, or "
+                             "try again later.", "inference")
+    logger.error("API request failed at %s", default_stage, exc_info=exc)
+    return ApiError(500, f"Internal error while processing the image ({type(exc).__name__}); the details are in "
+                         "the server log.", default_stage)
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse({"error": error.message, "stage": error.stage}, status_code=error.status,
+                        headers=error.headers or None)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "header", "path", "form")]
+        msg = str(err.get("msg", "invalid value"))
+        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+    return "Invalid request: " + "; ".join(parts) if parts else "Invalid request."
+
+
+# ------------------------------------------------------------------------------------------------ request plumbing
+class _InMemoryFormRequest(Request):
+    """A request whose multipart files stay in memory (starlette spools files over 1 MB to a temp file).
+
+    The body is already capped by :class:`BodySizeLimitMiddleware`, so memory is bounded by the upload limit.
+    """
+
+    spool_bytes: int = 2**31
+
+    def form(self, *, max_files: int | float = 1000, max_fields: int | float = 1000,  # type: ignore[override]
+             max_part_size: int = 1024 * 1024):
+        return self._in_memory_form(max_files, max_fields, max_part_size)
+
+    async def _in_memory_form(self, max_files, max_fields, max_part_size) -> FormData:
+        cached = getattr(self, "_memory_form", None)
+        if cached is not None:
+            return cached
+        try:
+            from python_multipart.multipart import parse_options_header
+        except ImportError:  # python-multipart < 0.0.13 named its package `multipart`
+            from multipart.multipart import parse_options_header
+
+        content_type, _ = parse_options_header(self.headers.get("Content-Type"))
+        if content_type != b"multipart/form-data":
+            return await super().form(max_files=max_files, max_fields=max_fields, max_part_size=max_part_size)
+        parser = MultiPartParser(self.headers, self.stream(), max_files=max_files, max_fields=max_fields,
+                                 max_part_size=max_part_size)
+        parser.spool_max_size = self.spool_bytes  # never roll over to a file on disk
+        try:
+            form = await parser.parse()
+        except MultiPartException as exc:
+            raise ApiError(422, f"The multipart body could not be parsed: {exc.message}.", "validation") from None
+        self._memory_form = form
+        return form
+
+
+def _route_class(spool_bytes: int) -> type[APIRoute]:
+    class ApiRoute(APIRoute):
+        """Routes of this API: in-memory uploads, and every error answered as ``{"error", "stage"}``."""
+
+        def get_route_handler(self) -> Callable:
+            handler = super().get_route_handler()
+
+            async def route(request: Request) -> Response:
+                memory_request = _InMemoryFormRequest(request.scope, request.receive)
+                memory_request.spool_bytes = spool_bytes
+                try:
+                    return await handler(memory_request)
+                except ApiError as exc:
+                    return error_response(exc)
+                except RequestValidationError as exc:
+                    return error_response(ApiError(422, _validation_message(exc), "validation"))
+                except HTTPException as exc:
+                    message = exc.detail if isinstance(exc.detail, str) else "Invalid request."
+                    if exc.status_code == 400:  # FastAPI's "There was an error parsing the body"
+                        return error_response(ApiError(422, f"{message}.", "validation"))
+                    return error_response(ApiError(exc.status_code, message, "validation", exc.headers))
+
+            return route
+
+    return ApiRoute
+
+
+class BodySizeLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` on paths under ``path_prefix``, before anything reads them whole.
+
+    A declared ``Content-Length`` over the cap is answered 413 at once, without reading the body. A body without
+    one (chunked) is counted as it streams; the chunk that crosses the cap raises :class:`BodyTooLargeError`,
+    which becomes a 413 (the rest of the upload is never read, and the server closes the connection).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, path_prefix: str = API_PREFIX):
+        self.app, self.max_bytes, self.path_prefix = app, int(max_bytes), path_prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope.get("path", "").startswith(self.path_prefix):
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
+            await error_response(ApiError(413, _too_large_message(self.max_bytes), "validation"))(scope, receive,
+                                                                                                  send)
+            return
+        received = 0
+        started = False
+
+        async def capped_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLargeError(self.max_bytes)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, capped_receive, tracking_send)
+        except BodyTooLargeError:
+            if started:
+                raise
+            await error_response(ApiError(413, _too_large_message(self.max_bytes), "validation"))(scope, receive,
+                                                                                                  send)
+
+
+# ------------------------------------------------------------------------------------------------ response models
+class ErrorBody(BaseModel):
+    error: str
+    stage: Stage
+
+
+class EnhanceData(BaseModel):
+    restored_image: str
+    format: str
+    width: int
+    height: int
+    metrics: dict[str, Any]
+    settings: dict[str, Any]
+    processing_time_ms: int
+    warning: str | None
+
+
+class EnhanceResponse(BaseModel):
+    status: Literal["success"]
+    data: EnhanceData
+
+
+_ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in {
+    401: "Missing or wrong X-API-Key (only when the server has an API key).",
+    413: "The upload (bytes) or the image (pixels) is over the server's limits.",
+    415: "The file is not JPEG, PNG or WebP.",
+    422: "A parameter is out of range, the image cannot be decoded, or face_enhance was asked and no face was found.",
+    429: "The server is busy and its wait line is full; retry after Retry-After seconds.",
+    500: "Unexpected failure (details in the server log).",
+    503: "The model's weights are not available on the server, or it ran out of memory.",
+}.items()}
+
+
+# ------------------------------------------------------------------------------------------------ the work
+@dataclass(frozen=True)
+class EnhanceRequest:
+    """The client's options, checked for type and range by FastAPI (and again by EnhanceSettings)."""
+
+    upscale_factor: float
+    model: str | None
+    face_enhance: bool
+    face_strength: float | None
+    denoise_strength: float | None
+    output_format: Literal["png", "jpg", "webp"]
+
+    def settings(self) -> processor.EnhanceSettings:
+        """The settings from the request alone (model ``auto`` until the advisor has chosen)."""
+        values: dict[str, Any] = {"model": self.model or "auto", "outscale": self.upscale_factor,
+                                  "face_enhance": self.face_enhance, "output_format": self.output_format}
+        if self.face_strength is not None:
+            values["face_strength"] = self.face_strength
+        if self.denoise_strength is not None:
+            values["denoise_strength"] = self.denoise_strength
+        return processor.EnhanceSettings(**values)
+
+    def apply_to(self, advised: processor.EnhanceSettings) -> processor.EnhanceSettings:
+        """The advisor's settings with every option the client gave winning over them."""
+        explicit = self.settings()
+        changes: dict[str, Any] = {"outscale": explicit.outscale, "face_enhance": explicit.face_enhance,
+                                   "output_format": explicit.output_format}
+        if self.face_strength is not None:
+            changes["face_strength"] = explicit.face_strength
+        if self.denoise_strength is not None:
+            changes["denoise_strength"] = explicit.denoise_strength
+        return advised.replace(**changes)
+
+
+def check_upload(data: bytes, config) -> None:
+    """Refuse an upload from its header alone: wrong type (415), too many bytes or pixels (413), unreadable (422).
+
+    Raises:
+        ApiError: the refusal.
+    """
+    from utils import validation
+
+    try:
+        header = validation.check_image_header(data, max_pixels=config.max_input_pixels,
+                                               max_bytes=config.max_upload_bytes)
+    except validation.UnsupportedFormat as exc:
+        raise ApiError(415, f"Unsupported file type: {exc}.", "validation") from None
+    except validation.TooLarge as exc:
+        raise ApiError(413, f"The image is too large: {exc}.", "validation") from None
+    except validation.ValidationError as exc:
+        raise ApiError(422, f"The image could not be read: {scrub_paths(str(exc))}.", "decode") from None
+    if header.format not in ACCEPTED_FORMATS:
+        raise ApiError(415, f"{header.format} files are not accepted by the API; send JPEG, PNG or WebP.",
+                       "validation")
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON types (numpy scalars → Python, NaN/inf → None, tuples → lists)."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if hasattr(value, "item") and callable(value.item):  # numpy scalar
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, int):
+        return value
+    return str(value)
+
+
+def run_enhance_job(services: "Services", data: bytes, options: EnhanceRequest) -> dict:
+    """Decode, (advise), enhance, check faces, encode and measure one upload. Blocking; runs in a worker thread.
+
+    Returns:
+        The ``data`` object of the success response.
+
+    Raises:
+        ApiError: any failure, with its status and stage.
+    """
+    from utils.image_io import encode_image
+    from utils.metrics import file_metrics
+
+    config = services.config
+    started = time.perf_counter()
+    stage: Stage = "validation"
+    try:
+        settings = options.settings()
+        chosen_by = "request"
+        if options.model is None:
+            stage = "decode"
+            loaded = processor.load_input(data, config)
+            stage = "inference"  # the advisor's analysis (face detection included) is part of the pipeline
+            advice = services.advisor.get_intelligent_settings(loaded.pixels, scale=options.upscale_factor)
+            settings = options.apply_to(processor.settings_from_advice(advice["settings"], settings))
+            chosen_by = "advisor"
+        stage = "inference"
+        result = processor.enhance_image_direct(data, settings, services.model_manager, config=config)
+    except Exception as exc:  # engine errors keep their status; anything else is logged and answered as 500
+        raise _api_error_from(exc, stage) from None
+
+    if settings.face_enhance and result.faces_detected == 0:
+        why = "; ".join(result.warnings)
+        raise ApiError(422, "No face was found in the image, and face_enhance=true requires at least one face "
+                            "(send face_enhance=false to upscale it without face restoration)"
+                       + (f". {scrub_paths(why)}" if why else "."), "faces")
+
+    try:
+        encoded = encode_image(result.pixels, options.output_format, quality=settings.quality,
+                               icc_profile=result.icc_profile, exif=result.exif)
+    except Exception as exc:  # encoder failures are ours, not the client's
+        raise _api_error_from(exc, "encode") from None
+
+    try:
+        metrics = dict(result.metrics)
+        metrics.update(file_metrics(result.input_size, result.size, len(data), len(encoded.data)))
+        metrics = _json_safe(metrics)
+    except Exception as exc:  # a metric that cannot be computed must not look like a bad image
+        raise _api_error_from(exc, "metrics") from None
+
+    warnings = [scrub_paths(w) for w in (*result.warnings, *encoded.warnings)]
+    return {
+        "restored_image": base64.b64encode(encoded.data).decode("ascii"),
+        "format": encoded.format,
+        "width": result.size[0],
+        "height": result.size[1],
+        "metrics": metrics,
+        "settings": _json_safe({
+            "model": result.model, "chosen_by": chosen_by, "upscale_factor": round(result.outscale, 4),
+            "face_enhance": settings.face_enhance, "face_model": settings.face_model,
+            "face_strength": settings.face_strength, "denoise_strength": settings.denoise_strength,
+            "output_format": encoded.format, "tile": result.tile, "precision": result.precision,
+            "device": result.device, "faces_detected": result.faces_detected,
+            "faces_restored": result.faces_restored,
+        }),
+        "processing_time_ms": int(round((time.perf_counter() - started) * 1000)),
+        "warning": " ".join(w if w.endswith(".") else w + "." for w in dict.fromkeys(warnings)) or None,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ the router
+def create_api_router(services: "Services") -> APIRouter:
+    """The ``/api/v1`` routes bound to ``services`` (its config, model manager, advisor and limiter)."""
+    config = services.config
+    router = APIRouter(prefix=API_PREFIX, tags=["api"], route_class=_route_class(config.max_upload_bytes + 1),
+                       responses={401: _ERRORS[401], 500: _ERRORS[500]})
+    key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
+                              description="Required when the server sets REALESRGAN_API_KEY.")
+
+    def require_key(provided: str | None = Depends(key_header)) -> None:
+        expected = config.api_key
+        if not expected:
+            return
+        if provided is None or not hmac.compare_digest(provided.encode("utf-8"), expected.encode("utf-8")):
+            raise ApiError(401, f"A valid {API_KEY_HEADER} header is required for this API.", "validation",
+                           headers={"WWW-Authenticate": "ApiKey"})
+
+    @router.post(
+        "/enhance", response_model=EnhanceResponse, dependencies=[Depends(require_key)],
+        responses={code: _ERRORS[code] for code in (413, 415, 422, 429, 503)},
+        summary="Enhance an image",
+        description=(
+            "Upscale a JPEG, PNG or WebP image (and optionally restore faces) in memory; the result comes back "
+            "base64-encoded. `model` defaults to the settings advisor's choice for this image. "
+            "With `face_enhance=true` the image must contain at least one detectable face, otherwise the answer "
+            "is 422 with stage `faces`. At most the configured number of images are processed at once; further "
+            "requests wait in a bounded line and beyond it get 429 with Retry-After."),
+    )
+    async def enhance(
+        file: UploadFile = File(..., description="The image: JPEG, PNG or WebP."),
+        upscale_factor: float = Form(2.0, ge=1.0, le=8.0, description="Output scale, 1 to 8."),
+        model: ModelName | None = Form(None, description="SR model; default: the advisor's choice."),
+        face_enhance: bool = Form(False, description="Restore faces (requires a face in the image)."),
+        face_strength: float | None = Form(None, ge=0.0, le=1.0, description="Face restoration blend, 0 to 1."),
+        denoise_strength: float | None = Form(None, ge=0.0, le=1.0, description="Denoise strength, 0 to 1."),
+        output_format: OutputFormat = Form("png", description="png, jpg or webp."),
+    ) -> JSONResponse:
+        data = await file.read()
+        await file.close()
+        check_upload(data, config)
+        if face_enhance and not config.enable_face_enhancement:
+            raise ApiError(422, "Face enhancement is turned off on this server; send face_enhance=false.",
+                           "validation")
+        options = EnhanceRequest(
+            upscale_factor=float(upscale_factor), model=model.value if model is not None else None,
+            face_enhance=bool(face_enhance), face_strength=face_strength, denoise_strength=denoise_strength,
+            output_format="jpg" if output_format == "jpeg" else output_format)
+        try:
+            options.settings()  # a bad combination is the client's fault: 422 before queueing
+        except InvalidSettingsError as exc:
+            raise ApiError(422, scrub_paths(str(exc)), "validation") from None
+        try:
+            ticket = services.limiter.try_acquire()
+        except QueueFullError as exc:
+            raise _api_error_from(exc) from None
+
+        def job() -> dict:
+            try:
+                ticket.wait()
+                return run_enhance_job(services, data, options)
+            finally:
+                ticket.release()
+
+        try:
+            # Not abandoned on cancellation: the slot is held until the inference really ends.
+            payload = await anyio.to_thread.run_sync(job)
+        finally:
+            ticket.release()
+        return JSONResponse({"status": "success", "data": payload})
+
+    @router.get("/health", dependencies=[Depends(require_key)], summary="Server status")
+    async def health() -> dict:
+        from utils.gpu import resolve_device
+
+        try:
+            device = str(resolve_device(config.device))
+        except Exception as exc:  # a broken device setting is reported, not raised, by a health check
+            device = f"unavailable ({type(exc).__name__})"
+        return {"status": "ok", "device": device, "loaded_models": services.model_manager.loaded_models(),
+                "queue": services.limiter.stats().as_dict()}
+
+    @router.get("/models", dependencies=[Depends(require_key)], summary="Model catalog with availability")
+    async def models() -> dict:
+        statuses = await anyio.to_thread.run_sync(services.model_manager.list_models)
+        return {"models": [{k: v for k, v in s.as_dict().items() if k != "path"} for s in statuses]}
+
+    return router
+
+
+def install_api(app: FastAPI, services: "Services") -> None:
+    """Add the ``/api/v1`` routes and the body-size cap for them to ``app`` (call before the app starts)."""
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=services.config.max_upload_bytes, path_prefix=API_PREFIX)
+    app.include_router(create_api_router(services))
+    logger.info("REST API at %s (API key %s, body limit %.1f MB)", API_PREFIX,
+                "required" if services.config.api_key else "not required", services.config.max_upload_bytes / 2**20)
