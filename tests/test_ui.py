@@ -1,0 +1,288 @@
+"""The web UI without a server: the Blocks build, upload validation, zip safety, presets through the handlers,
+the settings form conversions and the error messages users see."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+
+from engine.errors import InputTooLargeError, InvalidInputError, InvalidSettingsError, UnsupportedFormatError
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width``×``height`` with only a few rows of data (a decompression bomb)."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    rows = zlib.compress((b"\x00" + b"\x00" * 3 * min(width, 4096)) * 2, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def services(config):
+    from ui.services import create_services
+
+    return create_services(config)
+
+
+@pytest.fixture
+def small_png(tmp_path) -> Path:
+    from PIL import Image
+
+    path = tmp_path / "small.png"
+    Image.open(DATA / "images" / "children_alpha_crop.png").convert("RGB").crop((0, 0, 40, 32)).save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ the Blocks
+def test_blocks_build_with_five_tabs_and_two_public_endpoints(services):
+    import gradio as gr
+
+    from ui.app import build_app
+
+    demo = build_app(services)
+    assert isinstance(demo, gr.Blocks)
+    labels = [b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)]
+    assert labels == ["Image Enhancement", "Video", "Batch", "Presets", "System Info"]
+    assert any(isinstance(b, gr.ImageSlider) for b in demo.blocks.values())
+    endpoints = demo.get_api_info()["named_endpoints"]
+    assert set(endpoints) == {"/enhance", "/analyze"}  # every UI-internal event is private
+    params = endpoints["/enhance"]["parameters"]
+    assert [p["parameter_has_default"] for p in params] == [False, True]  # only the image is required
+    assert endpoints["/enhance"]["returns"][0]["component"] == "Image"  # the enhanced image comes first
+
+
+def test_share_without_auth_is_refused(config):
+    from ui.app import EXIT_USAGE, launch, share_refusal
+
+    open_share = config.replace(share=True)
+    assert "password" in share_refusal(open_share)
+    assert launch(open_share) == EXIT_USAGE  # refused before anything is built or served
+    assert share_refusal(open_share.replace(auth="me:secret")) is None
+    assert share_refusal(open_share.replace(allow_share_without_auth=True)) is None
+
+
+def test_launch_arguments_serve_only_the_apps_folders(config):
+    from ui.app import launch_kwargs
+
+    kwargs = launch_kwargs(config.replace(auth="me:secret", max_upload_mb=12, enable_video=False))
+    assert kwargs["allowed_paths"] == [str(Path(config.output_dir).resolve()), str(Path(config.temp_dir).resolve())]
+    assert str(Path(config.weights_dir).resolve()) in kwargs["blocked_paths"]
+    assert kwargs["auth"] == ("me", "secret")
+    assert kwargs["max_file_size"] == "12mb"
+
+
+# ------------------------------------------------------------------------------------------------ uploads
+def test_bomb_header_is_refused_without_decoding(tmp_path, config):
+    from ui.uploads import check_image_upload
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header_only(50000, 50000))
+    with pytest.raises(InputTooLargeError, match=r"50000×50000.*limit"):
+        check_image_upload(bomb, config)
+
+
+def test_upload_allow_list_and_damaged_files(tmp_path, config, small_png):
+    from ui.uploads import check_image_upload
+
+    header = check_image_upload(small_png, config)
+    assert (header.width, header.height, header.format) == (40, 32, "PNG")
+    gif = tmp_path / "anim.png"  # the extension lies; the content decides
+    gif.write_bytes(b"GIF89a" + b"\x01\x00\x01\x00" + b"\x00" * 20)
+    with pytest.raises(UnsupportedFormatError):
+        check_image_upload(gif, config)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(InvalidInputError):
+        check_image_upload(empty, config)
+    with pytest.raises(InputTooLargeError, match="MB"):
+        check_image_upload(small_png, config.replace(max_upload_mb=0.0001))
+
+
+def test_zip_extraction_is_safe_and_keeps_only_images(tmp_path, small_png):
+    from ui.uploads import extract_images
+
+    archive = tmp_path / "in.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(small_png, "../../escape.png")
+        zf.write(small_png, "/abs/path.png")
+        zf.write(small_png, "sub/dir/a.png")
+        zf.writestr("notes.txt", "hello")
+        zf.writestr(".hidden.png", "x")
+        link = zipfile.ZipInfo("link.png")
+        link.external_attr = 0o120777 << 16
+        zf.writestr(link, "/etc/passwd")
+    dest = tmp_path / "out"
+    contents = extract_images(archive, dest, max_total_bytes=10 << 20)
+    names = sorted(p.name for p in contents.images)
+    assert names == ["abs_path.png", "escape.png", "sub_dir_a.png"]
+    assert all(p.parent == dest for p in contents.images)
+    assert not (tmp_path / "escape.png").exists()
+    assert any("notes.txt" in s for s in contents.skipped) and any("link" in s for s in contents.skipped)
+
+
+def test_zip_bomb_is_stopped(tmp_path):
+    from ui.uploads import extract_images
+
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("big.png", b"\0" * (3 << 20))
+    with pytest.raises(InputTooLargeError):
+        extract_images(archive, tmp_path / "out", max_total_bytes=1 << 20)
+    not_zip = tmp_path / "fake.zip"
+    not_zip.write_bytes(b"not a zip")
+    with pytest.raises(InvalidInputError):
+        extract_images(not_zip, tmp_path / "out2", max_total_bytes=1 << 20)
+
+
+def test_temp_job_dir_is_removed(config):
+    from ui.uploads import temp_job_dir
+
+    with temp_job_dir(config) as folder:
+        (folder / "x").write_text("scratch")
+        assert folder.is_dir()
+    assert not folder.exists()
+
+
+# ------------------------------------------------------------------------------------------------ settings form
+def test_form_round_trip_and_validation():
+    from engine.settings_manager import DEFAULT_SETTINGS
+    from ui.form import FORM_KEYS, settings_to_widget_values, to_enhance_settings, widget_values_to_settings
+
+    settings = dict(DEFAULT_SETTINGS) | {"model": "realesr-animevideov3-x2", "outscale": 2.0, "tile": 256,
+                                         "face_enhance": True, "output_format": "webp", "quality": 80}
+    values = settings_to_widget_values(settings)
+    assert len(values) == len(FORM_KEYS)
+    assert widget_values_to_settings(values) == settings
+    engine = to_enhance_settings(settings)
+    assert (engine.model, engine.outscale, engine.tile, engine.output_format) == ("realesr-animevideov3-x2", 2.0,
+                                                                                 256, "webp")
+    bad = list(values)
+    bad[FORM_KEYS.index("outscale")] = 20
+    with pytest.raises(InvalidSettingsError, match="outscale"):
+        widget_values_to_settings(bad)
+
+
+def test_api_settings_only_keep_what_was_given():
+    from ui.tab_image import api_settings
+
+    assert api_settings(None) == {} and api_settings({}) == {}
+    assert api_settings('{"model": "realesr-animevideov3-x2", "scale": 2}') == {
+        "model": "realesr-animevideov3-x2", "outscale": 2.0}
+    with pytest.raises(InvalidSettingsError):
+        api_settings("[1, 2]")
+    with pytest.raises(InvalidSettingsError):
+        api_settings({"quality": 1000})
+
+
+def test_recommendation_is_applied_to_the_form():
+    from engine.settings_manager import DEFAULT_SETTINGS
+    from ui.form import settings_from_recommendation
+
+    advised = {"model": "RealESRGAN_x4plus_anime_6B", "scale": 2, "face_enhance": False, "face_strength": 0.5,
+               "denoise_strength": 0.3, "precision": "fp32", "tile": 0, "auto_tile": True}
+    updated = settings_from_recommendation(advised, dict(DEFAULT_SETTINGS))
+    assert (updated["model"], updated["outscale"], updated["precision"], updated["tile"]) == (
+        "RealESRGAN_x4plus_anime_6B", 2.0, "fp32", "auto")
+
+
+# ------------------------------------------------------------------------------------------------ presets
+def test_presets_round_trip_through_the_handlers(services, tmp_path):
+    from engine.settings_manager import BuiltinPresetError, DEFAULT_SETTINGS, SettingsManager
+    from ui import tab_presets
+    from ui.form import FORM_KEYS, settings_to_widget_values
+
+    manager = services.settings
+    values = settings_to_widget_values(dict(DEFAULT_SETTINGS) | {"model": "RealESRGAN_x4plus_anime_6B",
+                                                                 "outscale": 3.0, "denoise_strength": 0.2})
+    assert tab_presets.save_preset(manager, "  My scans ", values) == "My scans"
+    names = [value for _label, value in tab_presets.preset_choices(manager)]
+    assert "My scans" in names and "Photo quality" in names
+    loaded = tab_presets.load_preset(manager, "My scans")
+    assert loaded == values
+
+    exported = tab_presets.export_presets(manager, services.config)
+    assert json.loads(exported.read_text())["presets"]["My scans"]["outscale"] == 3.0
+    tab_presets.delete_preset(manager, "My scans")
+    assert "My scans" not in dict((v, v) for _l, v in tab_presets.preset_choices(manager))
+    assert tab_presets.import_presets(manager, exported) == ["My scans"]
+
+    # A fresh manager on the same folder (an app restart) sees the imported preset again.
+    again = SettingsManager(services.config.config_dir)
+    assert tab_presets.load_preset(again, "My scans")[FORM_KEYS.index("model")] == "RealESRGAN_x4plus_anime_6B"
+    with pytest.raises(BuiltinPresetError):
+        tab_presets.delete_preset(manager, "Photo quality")
+
+
+def test_last_used_settings_come_back_after_restart(services):
+    from engine.settings_manager import SettingsManager
+    from ui.app import _initial_settings
+
+    services.settings.save_settings({"model": "realesr-animevideov3-x2", "outscale": 2.0})
+    restarted = type(services)(**{**services.__dict__, "settings": SettingsManager(services.config.config_dir)})
+    assert _initial_settings(restarted)["model"] == "realesr-animevideov3-x2"
+
+
+# ------------------------------------------------------------------------------------------------ messages
+def test_error_messages_hide_paths_and_tracebacks():
+    from ui.errors import scrub_paths, user_message
+
+    assert scrub_paths("file not found: /srv/app/gradio/abc/photo.png") == "file not found: photo.png"
+    assert "C:" not in scrub_paths(r"cannot write C:\Users\me\out\x.png")
+    assert scrub_paths("scale 1/2 from https://example.org/a/b.pth") == "scale 1/2 from https://example.org/a/b.pth"
+    message = user_message(InvalidInputError("Cannot decode /home/me/secret/x.png."))
+    assert "/home" not in message and "x.png" in message
+    generic = user_message(KeyError("internal detail"))
+    assert "internal detail" not in generic and "KeyError" in generic
+
+
+# ------------------------------------------------------------------------------------------------ batch
+def test_batch_reports_successes_failures_and_zips_the_results(services, tmp_path, small_png):
+    from ui.tab_batch import run_batch
+    from ui.form import settings_to_widget_values, widget_values_to_settings
+
+    archive = tmp_path / "more.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(small_png, "inner/one.png")
+        zf.writestr("readme.txt", "not an image")
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header_only(50000, 50000))
+    settings = widget_values_to_settings(settings_to_widget_values({"model": "realesr-animevideov3-x2",
+                                                                    "outscale": 2.0}))
+    seen = []
+    outcome = run_batch(services, [(small_png, "small.png"), (archive, "more.zip"), (bomb, "bomb.png")], settings,
+                        progress=lambda i, n, name, f: seen.append((i, n)))
+    assert outcome.summary.startswith("**2 successful, 2 failed**")
+    reasons = dict(outcome.failures)
+    assert "too large" in reasons["bomb.png"] and "not an image" in reasons["more.zip"]
+    assert sorted(p.name for p, _ in outcome.outputs) == ["inner_one.png", "small.png"]
+    with zipfile.ZipFile(outcome.archive) as zf:
+        assert sorted(zf.namelist()) == ["inner_one.png", "small.png"]
+    assert seen and seen[-1] == (2, 2)
+    assert not any(Path(services.config.temp_dir).iterdir()), "the batch's scratch folder is removed"
+
+
+def test_cancel_stops_an_image_job_with_a_readable_message(services, small_png):
+    import threading
+
+    from engine.errors import CancelledError
+    from ui.errors import user_message
+    from ui.jobs import CancelToken
+    from ui.tab_image import enhance_file
+
+    token = CancelToken()
+    event = token.start()
+    token.cancel()
+    with pytest.raises(CancelledError) as stopped:
+        enhance_file(services, small_png, {"model": "realesr-animevideov3-x2"}, cancel=event)
+    assert "Cancel" in user_message(stopped.value)
+    assert isinstance(event, threading.Event) and token.start() is not event  # each job gets a fresh flag

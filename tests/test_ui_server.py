@@ -1,0 +1,124 @@
+"""The web app served on 127.0.0.1: the named API endpoints answer gradio_client, a decompression bomb is refused
+with a clear message and the app keeps serving, and the REST API lives on the same server."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, shared_weights_dir):
+    """The app launched in this process on a random local port; yields (url, services)."""
+    from config import Config
+    from ui.app import start
+    from ui.services import create_services
+
+    root = tmp_path_factory.mktemp("ui_server")
+    saved_env = os.environ.get("GRADIO_TEMP_DIR")
+    config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=root / "out",
+                             temp_dir=root / "tmp", config_dir=root / "cfg", log_dir=root / "logs",
+                             download_retries=0, host="127.0.0.1", port=free_port())
+    services = create_services(config)
+    demo, _app, url = start(services, prevent_thread_lock=True)
+    try:
+        yield url, services
+    finally:
+        demo.close()
+        if saved_env is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = saved_env
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from gradio_client import Client
+
+    return Client(served[0], verbose=False)
+
+
+@pytest.fixture
+def tiny_png(tmp_path) -> Path:
+    from PIL import Image
+
+    path = tmp_path / "tiny.png"
+    Image.open(DATA / "images" / "children_alpha_crop.png").convert("RGB").crop((0, 0, 32, 24)).save(path)
+    return path
+
+
+def test_enhance_endpoint_with_defaults_returns_the_image_first(client, tiny_png, served):
+    from PIL import Image
+
+    image_path, report = client.predict(_file(tiny_png), api_name="/enhance")
+    with Image.open(image_path) as im:
+        assert im.size == (128, 96)  # the default model's native ×4
+    assert report["output_size"] == [128, 96] and report["input_size"] == [32, 24]
+    outputs = list(Path(served[1].config.output_dir).rglob("tiny_enhanced.png"))
+    assert outputs, "the result is saved in a per-job folder under the output dir"
+
+
+def test_enhance_endpoint_with_settings(client, tiny_png):
+    from PIL import Image
+
+    image_path, report = client.predict(_file(tiny_png), {"model": "realesr-animevideov3-x2", "output_format": "jpg"},
+                                        api_name="/enhance")
+    with Image.open(image_path) as im:
+        assert im.size == (64, 48) and im.format == "JPEG"
+    assert report["model"] == "realesr-animevideov3-x2"
+
+
+def test_analyze_endpoint_returns_the_advisors_json(client, tiny_png):
+    advice = client.predict(_file(tiny_png), api_name="/analyze")
+    assert set(advice) >= {"settings", "reasoning", "analysis"}
+    assert advice["analysis"]["resolution"] == "32x24"
+    assert advice["settings"]["model"]
+
+
+def test_decompression_bomb_is_refused_and_the_app_keeps_serving(client, tmp_path, tiny_png):
+    from gradio_client.exceptions import AppError
+
+    from tests.test_ui import png_header_only
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header_only(50000, 50000))
+    with pytest.raises(AppError) as refused:
+        client.predict(_file(bomb), api_name="/enhance")
+    message = str(refused.value)
+    assert "too large" in message and "50000×50000" in message
+    assert str(tmp_path) not in message and "Traceback" not in message
+    image_path, _report = client.predict(_file(tiny_png), {"model": "realesr-animevideov3-x2"}, api_name="/enhance")
+    assert Path(image_path).is_file()
+
+
+def test_files_outside_the_apps_folders_are_not_served(served):
+    import httpx
+
+    url = served[0].rstrip("/")
+    for target in ("/etc/passwd", str(Path(served[1].config.config_dir) / "settings.json")):
+        response = httpx.get(f"{url}/gradio_api/file={target}", timeout=10)
+        assert response.status_code in (403, 404), target
+
+
+def test_rest_api_is_on_the_same_server(served):
+    import httpx
+
+    response = httpx.get(served[0].rstrip("/") + "/api/v1/health", timeout=10)
+    assert response.status_code == 200
+
+
+def _file(path: Path):
+    from gradio_client import handle_file
+
+    return handle_file(str(path))

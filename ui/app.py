@@ -1,0 +1,165 @@
+"""The web app: five tabs in one ``gr.Blocks``, served with a bounded queue, upload limits and optional auth.
+
+:func:`build_app` builds the Blocks without launching (tests use it); :func:`launch` is what ``python main.py``
+runs: it builds the shared services, refuses an unauthenticated share link, configures the queue, serves only the
+app's own output and temp folders, adds the REST API (``/api/v1``) to the same server when ``ui.rest_api`` is
+present, and blocks until interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from ui import tab_batch, tab_image, tab_presets, tab_system, tab_video
+from ui import form as form_mod
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_USAGE = 0, 2
+TITLE = "Real-ESRGAN Ultimate"
+
+CSS = """
+.gradio-container {max-width: 1400px !important; margin: auto;}
+#app-title h1 {margin-bottom: 0.1em;}
+#app-title p {color: var(--body-text-color-subdued); margin-top: 0;}
+#enhance-button {min-height: 48px; font-size: 1.1em;}
+#result-metrics table {font-size: 0.92em;}
+"""
+
+
+def _theme() -> gr.themes.Base:
+    return gr.themes.Soft(primary_hue="indigo", secondary_hue="sky", neutral_hue="slate")
+
+
+def build_app(services) -> gr.Blocks:
+    """Build the whole UI (no server is started).
+
+    The last-used settings are the widgets' initial values and are loaded again on every page load, so a
+    restarted app shows what was used last.
+    """
+    initial = _initial_settings(services)
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 24 * 3600)) as demo:
+        gr.Markdown(f"# {TITLE}\nSharper, larger images and videos with Real-ESRGAN and GFPGAN — on this "
+                    "computer, no upload to anyone else.", elem_id="app-title")
+        with gr.Tabs():
+            with gr.Tab("Image Enhancement", id="image"):
+                image = tab_image.render(services, initial)
+            with gr.Tab("Video", id="video"):
+                video = tab_video.render(services)
+            with gr.Tab("Batch", id="batch", visible=services.config.enable_batch):
+                batch = tab_batch.render(services, initial)
+            with gr.Tab("Presets", id="presets"):
+                presets = tab_presets.render(services)
+            with gr.Tab("System Info", id="system"):
+                system = tab_system.render(services)
+
+        tab_image.listen(image, services)
+        tab_video.listen(video, services)
+        tab_batch.listen(batch, services, image.form)
+        tab_presets.listen(presets, services, image.form)
+        tab_system.listen(system, services, demo)
+
+        def on_page_load():
+            for warning in services.settings.pop_warnings():
+                gr.Warning(warning)
+            settings = _initial_settings(services)
+            return [*form_mod.settings_to_widget_values(settings), bool(settings.get("auto_settings", True)),
+                    gr.update(choices=tab_presets.preset_choices(services.settings))]
+
+        demo.load(on_page_load, outputs=[*image.form.components, batch.auto, presets.choice],
+                  api_visibility="private", queue=False)
+    return demo
+
+
+def _initial_settings(services) -> dict:
+    try:
+        return services.settings.load_settings()
+    except Exception as exc:  # a broken settings folder must not stop the app; defaults are fine
+        logger.warning("could not load the last-used settings: %s", exc)
+        from engine.settings_manager import DEFAULT_SETTINGS
+
+        return dict(DEFAULT_SETTINGS)
+
+
+def configure_queue(demo: gr.Blocks, config) -> gr.Blocks:
+    """A bounded queue (users see their position) running ``concurrency_per_device`` jobs at once."""
+    return demo.queue(default_concurrency_limit=config.concurrency_per_device, max_size=config.max_queue_size)
+
+
+def share_refusal(config) -> str | None:
+    """The message refusing a public share link without a password, or None when serving is allowed."""
+    if config.share and not config.auth_pair and not config.allow_share_without_auth:
+        return ("Refusing to create a public share link without a password: anyone with the link could use this "
+                "computer. Add --auth user:password (or REALESRGAN_AUTH), or, if you really mean it, "
+                "--allow-share-without-auth.")
+    return None
+
+
+def launch_kwargs(config) -> dict:
+    """The arguments of ``Blocks.launch`` for ``config`` (served folders, limits, auth, theme)."""
+    max_mb = config.max_upload_mb
+    if config.enable_video:
+        max_mb = max(max_mb, config.max_video_mb)  # video uploads are checked against their own limit later
+    return dict(
+        server_name=config.host, server_port=config.port, share=config.share, auth=config.auth_pair,
+        auth_message="Sign in to use Real-ESRGAN Ultimate." if config.auth_pair else None,
+        max_file_size=f"{max_mb:g}mb",
+        allowed_paths=[str(Path(config.output_dir).resolve()), str(Path(config.temp_dir).resolve())],
+        blocked_paths=[str(Path(p).resolve()) for p in (config.weights_dir, config.config_dir, config.log_dir)],
+        show_error=True, footer_links=["api"], theme=_theme(), css=CSS, quiet=True,
+    )
+
+
+def start(services, *, prevent_thread_lock: bool = True, **overrides):
+    """Build, queue and start the app; add the REST API. Returns ``(demo, app, local_url)``."""
+    config = services.config
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(config.temp_dir).resolve() / "gradio"))
+    from ui.uploads import remove_stale_temp_dirs
+
+    remove_stale_temp_dirs(config)
+    demo = configure_queue(build_app(services), config)
+    kwargs = launch_kwargs(config) | overrides
+    app, local_url, share_url = demo.launch(prevent_thread_lock=prevent_thread_lock, **kwargs)
+    install_rest_api(app, services)
+    logger.info("web UI at %s%s", local_url, f" (public link {share_url})" if share_url else "")
+    return demo, app, local_url
+
+
+def install_rest_api(app, services) -> bool:
+    """Add ``/api/v1`` from ``ui.rest_api`` to Gradio's FastAPI app when that module exists."""
+    try:
+        from ui import rest_api
+    except ImportError as exc:
+        logger.info("REST API not installed (%s)", exc)
+        return False
+    # Gradio's app has started; let the API add routes and middleware (Starlette rebuilds its stack on the next
+    # request when it is reset).
+    app.middleware_stack = None
+    rest_api.install_api(app, services)
+    return True
+
+
+def launch(config) -> int:
+    """Run the web UI until interrupted (``python main.py``). Returns the process exit code."""
+    refusal = share_refusal(config)
+    if refusal:
+        logger.error(refusal)
+        print(refusal)  # noqa: T201 - the user started the app from a terminal and must see why it stopped
+        return EXIT_USAGE
+    from ui.services import create_services, warm_models
+
+    services = create_services(config)
+    warm_models(services)
+    demo, _app, local_url = start(services, prevent_thread_lock=True)
+    print(f"Real-ESRGAN Ultimate is running at {local_url}  (Ctrl+C to stop)")  # noqa: T201
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.close()
+    return EXIT_OK

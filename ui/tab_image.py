@@ -1,0 +1,344 @@
+"""Tab 1, Image Enhancement: upload → the advisor's analysis and recommendation → settings → Enhance (with
+progress and Cancel) → before/after slider, metrics and the download.
+
+The work is done by :func:`analyze_file` and :func:`enhance_file`, plain functions of paths and dicts that the
+Gradio handlers, the named API endpoints (``/enhance``, ``/analyze``) and the tests share.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import gradio as gr
+import numpy as np
+
+from engine.processor import EnhanceResult, enhance_image_direct, save_result
+from ui import form as form_mod
+from ui.errors import friendly_errors
+from ui.jobs import CancelToken, device_slot, gradio_progress
+from ui.uploads import check_image_upload, human_bytes, new_output_dir, upload_name, upload_path
+
+logger = logging.getLogger(__name__)
+
+PREVIEW_MAX_SIDE = 1280  # the slider shows previews at most this large; the download is full size
+
+INTRO = ("Drop a photo or drawing below (or paste one with Ctrl+V). The app looks at it and suggests settings; "
+         "press **Enhance** to upscale it, then drag the slider to compare before and after.")
+
+
+# ------------------------------------------------------------------------------------------------ the work
+@dataclass(frozen=True)
+class ImageJob:
+    """A finished enhancement as the UI shows it."""
+
+    output: Path
+    before: np.ndarray  # HxWxC uint8 preview of the input, resized to the preview of the output
+    after: np.ndarray  # HxWxC uint8 preview of the output
+    report: dict
+    summary: str
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+def analyze_file(services, path: str | Path, scale: float | None = None) -> dict:
+    """Validate the upload's header, then ask the advisor. Returns the advisor's JSON-safe dict.
+
+    Raises:
+        InputTooLargeError / UnsupportedFormatError / InvalidInputError: the upload is refused.
+    """
+    check_image_upload(path, services.config)
+    advice = services.advisor.get_intelligent_settings(str(path), scale=scale)
+    return json.loads(json.dumps(advice, default=str))  # JSON-safe (numpy numbers, tuples)
+
+
+def advice_markdown(advice: Mapping) -> str:
+    """The analysis and the recommendation in plain words."""
+    a, s = advice.get("analysis", {}), advice.get("settings", {})
+    content = {"photo": "a photo", "anime": "anime / a drawing"}.get(str(a.get("content_type")),
+                                                                     str(a.get("content_type", "unknown")))
+    lines = [f"**What the app sees:** {content} ({a.get('resolution', '?')}, confidence "
+             f"{float(a.get('confidence', 0)):.0%}), {a.get('faces', 0)} face(s), noise "
+             f"{float(a.get('noise_level', 0)):.2f}, JPEG artefacts {float(a.get('jpeg_artifacts', 0)):.2f}.",
+             f"**Recommended:** model `{s.get('model', 'auto')}`, ×{s.get('scale', '?')}"
+             + (", restore faces" if s.get("face_enhance") else "")
+             + (f", denoise {float(s['denoise_strength']):.2f}" if s.get("denoise_strength") is not None else "")]
+    if a.get("estimated_seconds") is not None:
+        lines[-1] += f" — about {float(a['estimated_seconds']):.0f} s on {a.get('device', 'this machine')}."
+    reasons = advice.get("reasoning") or []
+    if reasons:
+        lines.append("**Why:**\n" + "\n".join(f"- {r}" for r in reasons))
+    return "\n\n".join(lines)
+
+
+def enhance_file(services, path: str | Path, settings: Mapping[str, object], *, name: str | None = None,
+                 progress: Callable[[float, str], None] | None = None, cancel=None) -> ImageJob:
+    """Enhance one uploaded image with a settings dict and save it into a fresh job folder.
+
+    Args:
+        services: the app's :class:`ui.services.Services`.
+        path: the uploaded file.
+        settings: a settings dict (see :data:`engine.settings_manager.SETTINGS_SCHEMA`); missing keys default.
+        name: the file name the user uploaded (for the output's name).
+        progress: ``(fraction, message)`` callback.
+        cancel: a ``threading.Event``; setting it stops the job with ``CancelledError``.
+
+    Returns:
+        An :class:`ImageJob` with the saved file, previews and the report.
+    """
+    config = services.config
+    path = Path(path)
+    check_image_upload(path, config)
+    enhance_settings = form_mod.to_enhance_settings(settings)
+    report = progress or (lambda _fraction, _message: None)
+    with device_slot(services, notify=lambda text: report(0.0, text)):
+        result = enhance_image_direct(str(path), enhance_settings, services.model_manager, report, config=config,
+                                      cancel=cancel)
+    stem = Path(name or path.name).stem or "image"
+    folder = new_output_dir(config, "image")
+    from engine.processor import output_format_for
+
+    fmt = output_format_for(result)
+    ext = {"jpeg": "jpg"}.get(fmt, fmt)
+    saved, metrics, notes = save_result(result, folder / f"{stem}_enhanced.{ext}",
+                                        original_bytes=path.stat().st_size)
+    full_report = result.report() | {"metrics": metrics, "output_name": saved.name,
+                                     "warnings": list(result.warnings) + list(notes)}
+    before, after = _previews(path, result, config)
+    return ImageJob(output=Path(saved), before=before, after=after, report=full_report,
+                    summary=result_markdown(full_report), warnings=tuple(full_report["warnings"]))
+
+
+def _display_rgb(pixels: np.ndarray) -> np.ndarray:
+    from utils.image_io import to_8bit
+
+    p = to_8bit(pixels)
+    if p.shape[2] == 1:
+        p = np.repeat(p, 3, axis=2)
+    elif p.shape[2] == 2:
+        p = np.concatenate([np.repeat(p[:, :, :1], 3, axis=2), p[:, :, 1:]], axis=2)
+    return np.ascontiguousarray(p)
+
+
+def _previews(path: Path, result: EnhanceResult, config) -> tuple[np.ndarray, np.ndarray]:
+    """Same-size 8-bit previews of input (resized with bicubic, as a plain resize would) and output."""
+    import cv2
+
+    from engine.processor import load_input
+
+    out_w, out_h = result.size
+    factor = min(1.0, PREVIEW_MAX_SIDE / max(out_w, out_h))
+    w, h = max(1, round(out_w * factor)), max(1, round(out_h * factor))
+    after = _display_rgb(result.pixels)
+    if (w, h) != (out_w, out_h):
+        after = cv2.resize(after, (w, h), interpolation=cv2.INTER_AREA)
+    before = _display_rgb(load_input(str(path), config).pixels)
+    before = cv2.resize(before, (w, h), interpolation=cv2.INTER_CUBIC)
+    if before.shape[2] != after.shape[2]:  # keep both RGB when only one has alpha
+        before, after = before[:, :, :3], after[:, :, :3]
+    return np.ascontiguousarray(before), np.ascontiguousarray(after)
+
+
+def result_markdown(report: Mapping) -> str:
+    m = report.get("metrics", {})
+    size_in = "×".join(str(v) for v in report.get("input_size", []))
+    size_out = "×".join(str(v) for v in report.get("output_size", []))
+    rows = [
+        ("Size", f"{size_in} → {size_out} (×{report.get('scale')})"),
+        ("File size", f"{m.get('original_filesize', 'n/a')} → {m.get('enhanced_filesize', 'n/a')}"
+                      + (f" ({m['size_change']})" if m.get("size_change") not in (None, "n/a") else "")),
+        ("Time", f"{report.get('seconds', 0):.1f} s"),
+        ("Model", f"{report.get('model')}"),
+        ("Device", f"{report.get('device')} · {report.get('precision')} · tile {report.get('tile') or 'none'}"),
+    ]
+    if report.get("faces_detected"):
+        rows.append(("Faces", f"{report.get('faces_restored', 0)} restored of {report['faces_detected']} found"))
+    for key, label in (("psnr", "PSNR vs. resized input"), ("ssim", "SSIM vs. resized input"),
+                       ("sharpness_gain", "Sharpness gain")):
+        if isinstance(m.get(key), (int, float)):
+            rows.append((label, f"{m[key]:.3g}"))
+    text = "| Result | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    warnings = report.get("warnings") or []
+    if warnings:
+        text += "\n\n**Notes:**\n" + "\n".join(f"- {w}" for w in warnings)
+    return text
+
+
+def api_settings(raw: object) -> dict:
+    """The /enhance API's ``settings`` argument (dict or JSON text) → the settings it names, validated.
+
+    Only the keys given are returned, so everything else takes the engine's defaults (for example the model's
+    native scale when ``outscale`` is left out). ``scale`` is accepted for ``outscale``.
+
+    Raises:
+        InvalidSettingsError: not a JSON object, or a value of the wrong type or range.
+    """
+    from engine.errors import InvalidSettingsError
+    from engine.settings_manager import validate_settings
+
+    if raw in (None, "", {}):
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InvalidSettingsError(f"settings must be a JSON object: {exc.msg}.") from None
+    if not isinstance(raw, Mapping):
+        raise InvalidSettingsError("settings must be a JSON object such as {\"model\": \"auto\", \"outscale\": 2}.")
+    values = dict(raw)
+    if "scale" in values and "outscale" not in values:
+        values["outscale"] = values.pop("scale")
+    validated, _warnings = validate_settings(values)
+    return {key: validated[key] for key in values if key in validated}
+
+
+# ------------------------------------------------------------------------------------------------ the tab
+@dataclass
+class ImageTab:
+    image: gr.Image
+    advice: gr.Markdown
+    apply: gr.Button
+    recommended: gr.State
+    form: form_mod.SettingsForm
+    enhance: gr.Button
+    cancel: gr.Button
+    slider: gr.ImageSlider
+    metrics: gr.Markdown
+    download: gr.DownloadButton
+    token: gr.State
+    api_image: gr.Image
+    api_settings: gr.JSON
+    api_run: gr.Button
+    api_result: gr.Image
+    api_report: gr.JSON
+    api_analyze: gr.Button
+    api_advice: gr.JSON
+
+
+def render(services, initial_settings: Mapping[str, object]) -> ImageTab:
+    gr.Markdown(INTRO)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5, min_width=320):
+            image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                             label="Your image (PNG, JPEG, WebP, TIFF or BMP)", height=340, elem_id="input-image")
+            with gr.Group():
+                advice = gr.Markdown("Upload an image to see what the app recommends.", elem_id="advice",
+                                     padding=True)
+                apply = gr.Button("Apply recommendations", interactive=False, size="sm", elem_id="apply-advice")
+            recommended = gr.State(None)
+            with gr.Row():
+                enhance = gr.Button("Enhance", variant="primary", elem_id="enhance-button", scale=3)
+                cancel = gr.Button("Cancel", variant="stop", elem_id="cancel-button", scale=1)
+            with gr.Accordion("Settings", open=True):
+                form = form_mod.render_form(initial_settings, services.model_manager,
+                                            face_enabled=services.config.enable_face_enhancement)
+        with gr.Column(scale=6, min_width=360):
+            slider = gr.ImageSlider(label="Before / after — drag the handle to compare", type="numpy",
+                                    format="png", interactive=False, elem_id="result-slider", max_height=640,
+                                    buttons=["fullscreen"])
+            metrics = gr.Markdown("", elem_id="result-metrics", padding=True)
+            download = gr.DownloadButton("Download the full-size result", visible=False, variant="primary",
+                                         elem_id="download-result")
+    token = gr.State(CancelToken())
+
+    # Named API endpoints (hidden widgets: the API takes the image, and optionally a settings object).
+    with gr.Column(visible=False):
+        api_image = gr.Image(type="filepath", image_mode=None, label="image")
+        api_settings = gr.JSON(value={}, label="settings")
+        api_run = gr.Button("api enhance")
+        api_result = gr.Image(type="filepath", label="enhanced image")
+        api_report = gr.JSON(label="report")
+        api_analyze = gr.Button("api analyze")
+        api_advice = gr.JSON(label="analysis")
+    return ImageTab(image, advice, apply, recommended, form, enhance, cancel, slider, metrics, download, token,
+                    api_image, api_settings, api_run, api_result, api_report, api_analyze, api_advice)
+
+
+def listen(tab: ImageTab, services) -> None:
+    form_inputs = tab.form.components
+
+    def on_upload(payload):
+        path = upload_path(payload)
+        if path is None:
+            return "Upload an image to see what the app recommends.", None, gr.update(interactive=False)
+        with friendly_errors("analyse"):
+            advice = analyze_file(services, path)
+        return advice_markdown(advice), advice, gr.update(interactive=True)
+
+    tab.image.upload(on_upload, inputs=[tab.image], outputs=[tab.advice, tab.recommended, tab.apply],
+                     preprocess=False, api_visibility="private", concurrency_id="analyze",
+                     concurrency_limit=2, show_progress_on=[tab.advice])
+    tab.image.clear(lambda: ("Upload an image to see what the app recommends.", None, gr.update(interactive=False)),
+                    outputs=[tab.advice, tab.recommended, tab.apply], api_visibility="private", queue=False)
+
+    def on_apply(advice, *values):
+        if not advice:
+            raise gr.Error("Upload an image first; the recommendation comes from its analysis.")
+        with friendly_errors("apply recommendations"):
+            current = form_mod.widget_values_to_settings(values)
+            updated = form_mod.settings_from_recommendation(advice.get("settings", {}), current)
+        gr.Info("The recommended settings are in the form; press Enhance.")
+        return form_mod.settings_to_widget_values(updated)
+
+    tab.apply.click(on_apply, inputs=[tab.recommended, *form_inputs], outputs=form_inputs,
+                    api_visibility="private", queue=False)
+
+    def on_enhance(payload, token: CancelToken, *values, progress=gr.Progress()):
+        path = upload_path(payload)
+        if path is None:
+            raise gr.Error("Upload an image first (drag it onto the left box, or paste it).", title="No image")
+        event = token.start()
+        with friendly_errors("enhance"):
+            settings = form_mod.widget_values_to_settings(values)
+            progress(0.0, desc="Starting")
+            job = enhance_file(services, path, settings, name=upload_name(payload),
+                               progress=gradio_progress(progress), cancel=event)
+            try:
+                services.settings.save_settings(settings)
+            except Exception as exc:  # remembering the settings is a convenience; the result is what matters
+                logger.warning("could not save the last-used settings: %s", exc)
+        for note in job.warnings:
+            gr.Warning(note)
+        return ((job.before, job.after), job.summary,
+                gr.update(value=str(job.output), visible=True, label=f"Download {job.output.name}"))
+
+    enhance_event = tab.enhance.click(
+        on_enhance, inputs=[tab.image, tab.token, *form_inputs], outputs=[tab.slider, tab.metrics, tab.download],
+        preprocess=False, api_visibility="private", concurrency_id="device", show_progress_on=[tab.slider])
+
+    def on_cancel(token: CancelToken):
+        token.cancel()
+        gr.Info("Cancelling… the current step finishes first.")
+
+    tab.cancel.click(on_cancel, inputs=[tab.token], outputs=None, api_visibility="private", queue=False,
+                     cancels=[enhance_event])
+
+    # ---- named API endpoints
+    def api_enhance(image, settings=None, progress=gr.Progress()):
+        """Enhance an image. `settings` (optional) is a JSON object of settings (model, outscale, tile,
+        denoise_strength, face_enhance, face_strength, precision, device, output_format, quality); anything left
+        out takes its default. Returns the enhanced image file and a JSON report."""
+        path = upload_path(image)
+        if path is None:
+            raise gr.Error("Send an image file.", title="No image")
+        with friendly_errors("api enhance"):
+            values = api_settings(settings)
+            job = enhance_file(services, path, values, name=upload_name(image), progress=gradio_progress(progress))
+        return str(job.output), job.report
+
+    tab.api_run.click(api_enhance, inputs=[tab.api_image, tab.api_settings],
+                      outputs=[tab.api_result, tab.api_report], api_name="enhance", preprocess=False,
+                      concurrency_id="device")
+
+    def api_analyze(image):
+        """Analyse an image and recommend settings: returns {"settings", "reasoning", "analysis"}."""
+        path = upload_path(image)
+        if path is None:
+            raise gr.Error("Send an image file.", title="No image")
+        with friendly_errors("api analyze"):
+            return analyze_file(services, path)
+
+    tab.api_analyze.click(api_analyze, inputs=[tab.api_image], outputs=[tab.api_advice], api_name="analyze",
+                          preprocess=False, concurrency_id="analyze", concurrency_limit=2)

@@ -1,0 +1,123 @@
+"""Tab 5, System Info: devices and memory, versions, the model catalog with local status and downloads, and the
+disk used by weights and outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import gradio as gr
+
+from ui.errors import friendly_errors
+from ui.uploads import dir_size_bytes, human_bytes
+
+logger = logging.getLogger(__name__)
+
+MODEL_COLUMNS = ["Model", "Kind", "Scale", "Status", "Size", "Licence", "What it is for"]
+
+
+def system_markdown(services) -> str:
+    from utils.gpu import system_info
+
+    info = system_info()
+    lines = ["### Devices", "| Device | Name | Memory free / total |", "|---|---|---|"]
+    for dev in info.get("devices", []):
+        memory = (f"{human_bytes(dev['free_bytes'])} / {human_bytes(dev['total_bytes'])}"
+                  if dev.get("total_bytes") else "n/a")
+        lines.append(f"| `{dev['name']}` | {dev['label']} | {memory} |")
+    lines += ["", "### Software",
+              f"- Python {info.get('python')} on {info.get('platform')}",
+              f"- PyTorch {info.get('torch')}; CUDA "
+              + (f"{info.get('cuda_version')} (cuDNN {info.get('cudnn_version')}), driver "
+                 f"{info.get('driver_version') or 'n/a'}" if info.get("cuda_available") else "not available"),
+              f"- CPU: {info.get('cpu_count')} threads ({info.get('cpu_threads')} used by PyTorch); RAM "
+              f"{info.get('ram_available_gb')} GB free of {info.get('ram_total_gb')} GB"]
+    try:
+        import gradio
+
+        lines.append(f"- Gradio {gradio.__version__}")
+    except Exception:
+        pass
+    cfg = services.config
+    lines += ["", "### Disk",
+              f"- Model weights: {human_bytes(dir_size_bytes(cfg.weights_dir))}",
+              f"- Results: {human_bytes(dir_size_bytes(cfg.output_dir))}",
+              f"- Temporary files: {human_bytes(dir_size_bytes(cfg.temp_dir))}"]
+    try:
+        stats = services.limiter.stats()
+        lines += ["", "### Queue", f"- {stats.running} job(s) running, {stats.waiting} waiting "
+                                   f"(at most {stats.concurrency} at once per device, {stats.max_queue} in line)"]
+    except Exception:
+        pass
+    return "\n".join(lines)
+
+
+def model_rows(services) -> list[list[object]]:
+    rows = []
+    for s in services.model_manager.list_models():
+        status = {"weights_dir": "Ready (downloaded)", "bundled": "Ready (offline copy)"}.get(s.source, "Not downloaded")
+        if not s.available:
+            status = "Not downloaded" if s.url else "Unavailable"
+        rows.append([s.name, s.kind, f"×{s.scale}", status, human_bytes(s.size_bytes) if s.size_bytes else "—",
+                     s.license, s.description])
+    return rows
+
+
+def downloadable(services) -> list[str]:
+    return [s.name for s in services.model_manager.list_models() if not s.available and s.url]
+
+
+@dataclass
+class SystemTab:
+    info: gr.Markdown
+    models: gr.Dataframe
+    choice: gr.Dropdown
+    download: gr.Button
+    refresh: gr.Button
+    status: gr.Markdown
+
+
+def render(services) -> SystemTab:
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=4):
+            info = gr.Markdown("Loading…", elem_id="system-info", padding=True)
+            refresh = gr.Button("Refresh", size="sm")
+        with gr.Column(scale=6):
+            models = gr.Dataframe(headers=MODEL_COLUMNS, value=model_rows(services), interactive=False,
+                                  label="Models", wrap=True, elem_id="model-table")
+            with gr.Row():
+                choice = gr.Dropdown(downloadable(services), label="Download a model", value=None, scale=3,
+                                     info="Weights come from the official release and are checked (SHA-256).")
+                download = gr.Button("Download", scale=1)
+            status = gr.Markdown("", padding=True)
+    return SystemTab(info, models, choice, download, refresh, status)
+
+
+def listen(tab: SystemTab, services, demo: gr.Blocks) -> None:
+    def on_refresh():
+        with friendly_errors("system info"):
+            return (system_markdown(services), model_rows(services),
+                    gr.update(choices=downloadable(services), value=None))
+
+    outputs = [tab.info, tab.models, tab.choice]
+    tab.refresh.click(on_refresh, outputs=outputs, api_visibility="private", concurrency_id="system")
+    demo.load(on_refresh, outputs=outputs, api_visibility="private", concurrency_id="system")
+
+    def on_download(name, progress=gr.Progress()):
+        if not name:
+            raise gr.Error("Choose a model to download.", title="No model")
+
+        def report(done: int, total: int | None) -> None:
+            if total:
+                progress(done / total, desc=f"{name}: {human_bytes(done)} of {human_bytes(total)}")
+            else:
+                progress(None, desc=f"{name}: {human_bytes(done)}")
+
+        with friendly_errors("download model"):
+            services.model_manager.download(name, report)
+        return (f"Downloaded **{name}**.", model_rows(services), gr.update(choices=downloadable(services),
+                                                                            value=None))
+
+    tab.download.click(on_download, inputs=[tab.choice], outputs=[tab.status, tab.models, tab.choice],
+                       api_visibility="private", concurrency_id="download", concurrency_limit=1)
