@@ -1,6 +1,8 @@
 """Accuracy of the advisor's measurements: content type and face counts on tests/data/advisor, content type on
-held-out variants (other video frames, crops, downscales, JPEG re-compressions, scikit-image photos, synthetic
-cartoons), and the Spearman rank correlation of noise_level with synthetic Gaussian sigma 0..50.
+held-out variants (other video frames, crops, downscales, JPEG re-compressions, scikit-image photos,
+synthetic cartoons), the leave-one-source-out content-type accuracy of bench/fit_content_type.py (the honest
+held-out figure: the model is refitted without each source), and the Spearman rank correlation of noise_level
+with synthetic Gaussian sigma 0..50.
 
 Run: .venv/bin/python bench/eval_advisor.py   (needs /work/shared/testdata for the video frames; skips them if absent)
 """
@@ -23,6 +25,7 @@ from engine.image_analysis import analyze, content_type, noise_level, noise_sigm
 
 DATA = ROOT / "tests" / "data" / "advisor"
 VIDEO = Path("/work/shared/testdata/realesrgan/inputs/video/onepiece_demo.mp4")
+SHARED_OK = VIDEO.is_file()
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -142,6 +145,13 @@ def main() -> None:
         right += label == truth
         print(f"{name:28s} truth={truth:5s} got={label:5s} conf={conf:.2f} {'ok' if label == truth else 'MISS'}")
     print(f"content type accuracy (held-out): {right}/{len(items)}")
+    print("== leave-one-source-out content type (refit without each source, all its variants held out) ==")
+    if SHARED_OK:
+        from bench.fit_content_type import dataset, report, sources
+
+        report(*dataset(sources()))
+    else:
+        print("skipped: /work/shared/testdata not found")
     print("== noise: Spearman(noise_level, sigma 0..50 step 5) on clean photos ==")
     for name in ("00003.png", "OST_009.png", "children-alpha.png", "10045.png"):
         image = read_rgb(DATA / name)[..., :3]

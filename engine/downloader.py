@@ -13,8 +13,10 @@ import http.client
 import logging
 import os
 import re
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Callable
@@ -166,7 +168,14 @@ def _attempt(url: str, part: Path, expected_size: int | None, progress: Progress
             f"Download from {url} failed with HTTP {exc.code} {exc.reason}. Check the URL or mirror, "
             f"or place the file by hand in the weights dir ({part.parent})."
         ) from exc
-    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, socket.gaierror):  # offline: no point in retrying a host we cannot resolve
+            raise DownloadError(
+                f"Cannot reach {urllib.parse.urlsplit(url).hostname} (no network or DNS: {exc.reason}). Connect to "
+                f"the internet, set a mirror, or place the file by hand in the weights dir ({part.parent})."
+            ) from exc
+        raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+    except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
         raise _Transient(f"{type(exc).__name__}: {exc}") from exc
 
     with response:

@@ -267,3 +267,14 @@ def test_stalled_stream_times_out_and_resumes(server: Server, tmp_path: Path) ->
     download_file(server.url, dest, sha256=PAYLOAD_SHA, timeout=0.2, backoff=0.01)
     assert dest.read_bytes() == PAYLOAD
     assert [r["range"] for r in server.requests] == [None, f"bytes={half}-"]
+
+
+def test_unresolvable_host_fails_at_once_without_retries(tmp_path):
+    """Offline (no DNS), a download fails fast with a clear message instead of backing off for a minute."""
+    import time as _time
+
+    start = _time.perf_counter()
+    with pytest.raises(DownloadError, match="no network or DNS"):
+        download_file("http://nonexistent.invalid/w.pth", tmp_path / "w.pth", sha256=None, retries=4, backoff=5.0)
+    assert _time.perf_counter() - start < 4.0  # one backoff step alone would be 5 s
+    assert not (tmp_path / "w.pth").exists()

@@ -8,6 +8,7 @@ the limiter bounds how many inferences run at once per device.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 from config import Config
@@ -41,11 +42,21 @@ def create_services(config: Config) -> Services:
     )
 
 
-def warm_models(services: Services) -> None:
-    """Load the models named in REALESRGAN_WARM_MODELS so the first request is not slow."""
+def warm_models(services: Services, background: bool = True) -> threading.Thread | None:
+    """Convert the bundled offline weights (once) and load the models named in REALESRGAN_WARM_MODELS, so the
+    first request is not slow. Runs in a background thread unless ``background`` is False."""
+    if background:
+        thread = threading.Thread(target=warm_models, args=(services, False), name="warm-models", daemon=True)
+        thread.start()
+        return thread
+    try:
+        services.model_manager.import_all_bundled()
+    except Exception as exc:  # the offline weights are then converted on first use, or reported there
+        logger.warning("could not prepare the bundled offline weights: %s", exc)
     for name in services.config.warm_models:
         try:
             services.model_manager.load_model(name, services.config.device)
             logger.info("warmed %s", name)
         except Exception as exc:  # a model that can't be warmed is loaded (or reported) on first use instead
             logger.warning("could not warm %s: %s", name, exc)
+    return None
