@@ -78,7 +78,7 @@ def server():
 
 
 def _manager(config, catalog, **changes) -> ModelManager:
-    return ModelManager(config.replace(weights_dir=config.weights_dir.parent / "w-own", **changes), catalog)
+    return ModelManager(config.replace(weights_dir=config.output_dir.parent / "w-own", **changes), catalog)
 
 
 def test_official_url_download_then_cache(config, server):
