@@ -17,7 +17,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -669,8 +669,9 @@ def _crop(restored: np.ndarray, bg: np.ndarray, affine: np.ndarray, to_output: n
     return face if colour == 3 else _rgb_to_gray(face)
 
 
-def save_face_crops(result: FaceResult, output_path: str | Path) -> list[Path]:
-    """Write ``result.crops`` next to ``output_path`` as ``<stem>_face01.png``, ``<stem>_face02.png``, …
+def save_face_crops(result: FaceResult | Sequence[np.ndarray], output_path: str | Path) -> list[Path]:
+    """Write the face crops (of a :class:`FaceResult`, or given as arrays) next to ``output_path`` as
+    ``<stem>_face01.png``, ``<stem>_face02.png``, …
 
     Returns:
         The paths written (none when the result has no crops).
@@ -679,7 +680,8 @@ def save_face_crops(result: FaceResult, output_path: str | Path) -> list[Path]:
 
     output_path = Path(output_path)
     written = []
-    for number, crop in enumerate(result.crops, start=1):
+    crops = result.crops if isinstance(result, FaceResult) else result
+    for number, crop in enumerate(crops, start=1):
         path = output_path.with_name(f"{output_path.stem}_face{number:02d}.png")
         save_image(crop, path, format="png")
         written.append(path)

@@ -581,7 +581,8 @@ def save_result(result: EnhanceResult, path: str | Path, *, original_bytes: int 
     if result.settings.save_face_crops and result.face_crops:
         from engine.face_enhancer import save_face_crops
 
-        save_face_crops(result, path)
+        crops = save_face_crops(result.face_crops, path)
+        notes.append(f"Saved {len(crops)} face crop(s) next to the output ({crops[0].name}, ...).")
     return saved.path, metrics, notes
 
 

@@ -18,12 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PHOTO = Path(__file__).resolve().parent / "data" / "faces" / "blake_lively_245.png"
 
 
-def _enhance(tmp_path: Path, weights_dir: Path, out: Path, **env_extra) -> dict:
+def _enhance(tmp_path: Path, weights_dir: Path, out: Path, *extra: str, **env_extra) -> dict:
     from tests.test_model_manager import _clean_env
 
     env = _clean_env(tmp_path) | {"REALESRGAN_WEIGHTS_DIR": str(weights_dir)} | env_extra
     done = subprocess.run([sys.executable, str(ROOT / "main.py"), "enhance", str(PHOTO), "--face-enhance", "-o",
-                           str(out), "--model", "realesr-animevideov3", "--scale", "2", "--json"],
+                           str(out), "--model", "realesr-animevideov3", "--scale", "2", "--json", *extra],
                           capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -56,7 +56,12 @@ def test_with_gfpgan_weights_every_detected_face_is_restored(tmp_path, weights_d
     net = build_network(CATALOG["GFPGANv1.4"])
     torch.save({"params_ema": net.state_dict()}, weights_dir / CATALOG["GFPGANv1.4"].filename)
     out = tmp_path / "restored.png"
-    record = _enhance(tmp_path, weights_dir, out, REALESRGAN_VERIFY_CHECKSUMS="false")
+    record = _enhance(tmp_path, weights_dir, out, "--save-face-crops", REALESRGAN_VERIFY_CHECKSUMS="false")
     assert out.is_file()
     assert record["faces_detected"] >= 1
     assert record["faces_restored"] == record["faces_detected"], record["warnings"]
+    crops = sorted(tmp_path.glob("restored_face*.png"))
+    assert len(crops) == record["faces_restored"]
+    from PIL import Image
+
+    assert all(Image.open(c).size == (512, 512) for c in crops)

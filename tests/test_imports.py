@@ -41,3 +41,10 @@ def test_utils_import_neither_engine_nor_ui():
         text = path.read_text()
         assert "from engine" not in text and "import engine" not in text, path
         assert "from ui" not in text and "import ui" not in text, path
+
+
+def test_public_engine_api_resolves_lazily():
+    done = _run("import sys, engine; assert 'engine.processor' not in sys.modules;"
+                "missing = [n for n in engine.__all__ if getattr(engine, n, None) is None];"
+                "assert not missing, missing; assert 'gradio' not in sys.modules; print('ok')")
+    assert done.returncode == 0, done.stderr[-2000:]
