@@ -171,8 +171,8 @@ def _attempt(url: str, part: Path, expected_size: int | None, progress: Progress
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, socket.gaierror):  # offline: no point in retrying a host we cannot resolve
             raise DownloadError(
-                f"Cannot reach {urllib.parse.urlsplit(url).hostname} (no network or DNS: {exc.reason}). Connect to "
-                f"the internet, set a mirror, or place the file by hand in the weights dir ({part.parent})."
+                f"Cannot reach {urllib.parse.urlsplit(url).hostname}: no network or DNS. Connect to the internet, "
+                f"set a mirror, or place the file by hand in the weights dir ({part.parent})."
             ) from exc
         raise _Transient(f"{type(exc).__name__}: {exc}") from exc
     except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:

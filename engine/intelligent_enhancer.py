@@ -240,7 +240,7 @@ class ThroughputCalibrator:
     """Measures MAC/s of a model's architecture on a device with a short run of random weights (speed does not
     depend on the weights), cached in memory and in ``cache_file``."""
 
-    def __init__(self, cache_file: Path | None = None, size: int = 48):
+    def __init__(self, cache_file: Path | None = None, size: int = 64):
         self.cache_file, self.size = cache_file, size
         self._lock = threading.Lock()
         self._values: dict[str, float] | None = None
@@ -256,7 +256,7 @@ class ThroughputCalibrator:
         return self._values
 
     def macs_per_second(self, model: str, device) -> float:
-        key = f"{device}|{model}"
+        key = f"v2|{device}|{model}|{self.size}"
         with self._lock:
             values = self._load()
             if key not in values:
@@ -268,13 +268,16 @@ class ThroughputCalibrator:
         import torch
 
         from engine.model_manager import build_network
+        from engine.upscaler import prepare_for_inference
 
         spec = CATALOG[model]
         torch.manual_seed(0)
-        net = build_network(spec).eval().to(device)
-        x = torch.rand(1, 3, self.size, self.size, device=device)
+        dtype = torch.float16 if getattr(device, "type", str(device)).startswith("cuda") else torch.float32
+        net = prepare_for_inference(build_network(spec).eval(), device, dtype)  # as the engine runs it
+        x = torch.rand(1, 3, self.size, self.size, device=device, dtype=dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            net(x)  # warm-up
+            net(x[:, :, : self.size // 2, : self.size // 2])  # warm-up (primitive creation)
             start = time.perf_counter()
             net(x)
             if getattr(device, "type", str(device)).startswith("cuda"):

@@ -238,7 +238,7 @@ class ModelManager:
                 raise
             except DownloadError as exc:
                 logger.warning("download of %s from %s failed: %s", name, url, exc)
-                errors.append(str(exc))
+                errors.append(str(exc).split(". ")[0].rstrip("."))  # the reason; the advice follows once below
         raise DownloadError(
             f"Could not download {name} ({'; '.join(errors)}). Download {spec.url} by hand and put it in "
             f"{self.weights_dir}, or set REALESRGAN_MIRROR_URL to a mirror that holds {spec.filename}."

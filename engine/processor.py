@@ -532,7 +532,7 @@ def _enhance_faces(rgb_in, upscaled_rgb, settings, model_manager, config, run: _
     result = face_enhancer.enhance_faces(
         _from_float(rgb_in, np.uint8), _from_float(upscaled_rgb, np.uint8), settings=face_settings,
         model_manager=model_manager, device=run.device, precision=run.precision, content_type=content_type,
-        allow_cpu_fallback=config.allow_cpu_fallback if config is not None else True)
+        allow_cpu_fallback=config.allow_cpu_fallback if config is not None else True, allow_download=True)
     warnings.extend(result.warnings)
     if result.faces_restored == 0:
         out = upscaled_rgb  # keep full precision when nothing was pasted

@@ -181,7 +181,7 @@ _FIELDS = (
     SettingField("denoise_strength", "float", 0.5, "Denoise strength for realesr-general-x4v3 (0 keeps noise).",
                  minimum=0.0, maximum=1.0),
     SettingField("face_enhance", "bool", False, "Restore faces with the face model after upscaling."),
-    SettingField("face_strength", "float", 0.5, "Blend weight of the restored faces (0 = original, 1 = full).",
+    SettingField("face_strength", "float", 0.8, "Blend weight of the restored faces (0 = original, 1 = full).",
                  minimum=0.0, maximum=1.0),
     SettingField("face_model", "str", "GFPGANv1.4", "Face restoration model name from the catalog."),
     SettingField("precision", "choice", "auto", 'Inference precision; "auto" = fp16 on GPUs that support it, '
