@@ -506,7 +506,7 @@ def test_openapi_docs_list_the_routes(client):
 
 # ------------------------------------------------------------------------------------------------ pure parts
 def test_scrub_paths_keeps_urls_and_hides_paths():
-    from ui.rest_api import scrub_paths
+    from ui.errors import scrub_paths
 
     text = scrub_paths("not in /home/u/.cache/w/x.pth; get https://github.com/a/b.pth or C:\\Users\\me\\w.pth")
     assert "/home/u" not in text and "Users" not in text

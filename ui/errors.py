@@ -20,7 +20,9 @@ from engine.errors import (CancelledError, DownloadError, EngineError, FaceEnhan
 logger = logging.getLogger(__name__)
 
 # An absolute POSIX path ("/home/u/x.png") or a Windows one ("C:\\x\\y.png"); quoted or bare.
-_PATH_RE = re.compile(r"(?:[A-Za-z]:\\|(?<![\w.:/])/)(?:[^\s'\"<>|]*[/\\])+([^\s'\"<>|/\\]*)")
+# Absolute paths: POSIX ("/a/b") not part of a URL or a relative path, and Windows ("C:\a" or "C:/a").
+_POSIX_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s'\"/,;:()]+/)*[^\s'\"/,;:()]+")
+_WINDOWS_PATH = re.compile(r"\b[A-Za-z]:[\\/](?:[^\s'\"\\/,;:()]+[\\/])*[^\s'\"\\/,;:()]+")
 
 _TITLES: tuple[tuple[type[BaseException], str], ...] = (
     (CancelledError, "Cancelled"),
@@ -38,8 +40,14 @@ _TITLES: tuple[tuple[type[BaseException], str], ...] = (
 
 
 def scrub_paths(text: str) -> str:
-    """Replace absolute file-system paths in ``text`` by their last component (``/srv/a/b.png`` → ``b.png``)."""
-    return _PATH_RE.sub(lambda m: m.group(1) or "(folder)", text)
+    """Replace absolute file-system paths in ``text`` by their last component (``/srv/a/b.png`` → ``b.png``);
+    URLs are kept. Used for every message the UI or the REST API shows. Pure."""
+
+    def last_part(match: re.Match) -> str:
+        parts = [p for p in re.split(r"[\\/]", match.group(0)) if p]
+        return parts[-1] if parts else "(folder)"
+
+    return _POSIX_PATH.sub(last_part, _WINDOWS_PATH.sub(last_part, text))
 
 
 def title_for(exc: BaseException) -> str:

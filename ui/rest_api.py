@@ -25,7 +25,6 @@ import enum
 import hmac
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
@@ -47,6 +46,7 @@ from engine.concurrency import QueueFullError
 from engine.errors import (EngineError, InputTooLargeError, InvalidInputError, InvalidSettingsError,
                            ModelNotAvailableError, NoFaceFoundError, OutOfMemoryError, UnsafeEnvironmentError,
                            UnsupportedFormatError)
+from ui.errors import scrub_paths
 
 if TYPE_CHECKING:
     from ui.services import Services
@@ -85,21 +85,6 @@ class BodyTooLargeError(HTTPException):
 def _too_large_message(limit: int) -> str:
     return (f"The request body is over the upload limit of {limit / 2**20:.1f} MB; send a smaller file "
             "(the server's REALESRGAN_MAX_UPLOAD_MB sets the limit).")
-
-
-# Absolute paths: POSIX ("/a/b") not part of a URL or a relative path, and Windows ("C:\a" or "C:/a").
-_POSIX_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s'\"/,;:()]+/)*[^\s'\"/,;:()]+")
-_WINDOWS_PATH = re.compile(r"\b[A-Za-z]:[\\/](?:[^\s'\"\\/,;:()]+[\\/])*[^\s'\"\\/,;:()]+")
-
-
-def scrub_paths(text: str) -> str:
-    """Replace absolute file-system paths in ``text`` by their last component (URLs are kept). Pure."""
-
-    def last_part(match: re.Match) -> str:
-        parts = [p for p in re.split(r"[\\/]", match.group(0)) if p]
-        return f"<{parts[-1]}>" if parts else "<path>"
-
-    return _POSIX_PATH.sub(last_part, _WINDOWS_PATH.sub(last_part, text))
 
 
 def error_status(exc: BaseException) -> tuple[int, Stage]:

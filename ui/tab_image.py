@@ -104,8 +104,10 @@ def enhance_file(services, path: str | Path, settings: Mapping[str, object], *, 
     ext = {"jpeg": "jpg"}.get(fmt, fmt)
     saved, metrics, notes = save_result(result, folder / f"{stem}_enhanced.{ext}",
                                         original_bytes=path.stat().st_size)
+    from ui.errors import scrub_paths
+
     full_report = result.report() | {"metrics": metrics, "output_name": saved.name,
-                                     "warnings": list(result.warnings) + list(notes)}
+                                     "warnings": [scrub_paths(w) for w in (*result.warnings, *notes)]}
     before, after = _previews(path, result, config)
     return ImageJob(output=Path(saved), before=before, after=after, report=full_report,
                     summary=result_markdown(full_report), warnings=tuple(full_report["warnings"]))

@@ -163,7 +163,9 @@ def listen(tab: VideoTab, services) -> None:
         text = (f"**Done:** {outcome.frames} frames at {outcome.width}×{outcome.height} in {outcome.seconds:.1f} s "
                 f"({outcome.fps:.2f} fps).")
         if outcome.warnings:
-            text += "\n\n" + "\n".join(f"- {w}" for w in outcome.warnings)
+            from ui.errors import scrub_paths
+
+            text += "\n\n" + "\n".join(f"- {scrub_paths(w)}" for w in outcome.warnings)
         return str(outcome.output), text, gr.update(value=str(outcome.output), visible=True)
 
     run_event = tab.run.click(
