@@ -286,3 +286,15 @@ def test_cancel_stops_an_image_job_with_a_readable_message(services, small_png):
         enhance_file(services, small_png, {"model": "realesr-animevideov3-x2"}, cancel=event)
     assert "Cancel" in user_message(stopped.value)
     assert isinstance(event, threading.Event) and token.start() is not event  # each job gets a fresh flag
+
+
+def test_presets_overview_lists_builtins_and_user_presets(tmp_path):
+    from engine.settings_manager import BUILTIN_PRESETS, SettingsManager
+    from ui.tab_presets import presets_overview
+
+    manager = SettingsManager(tmp_path)
+    manager.save_preset("My scans", {"model": "RealESRGAN_x4plus", "outscale": 2.0})
+    table = presets_overview(manager)
+    assert "| My scans | yours | RealESRGAN_x4plus | ×2.0 | off |" in table
+    for name in BUILTIN_PRESETS:
+        assert f"| {name} | built-in |" in table

@@ -22,6 +22,16 @@ def preset_choices(manager) -> list[tuple[str, str]]:
     return [(f"{name} (built-in)" if info["builtin"] else name, name) for name, info in manager.load_presets().items()]
 
 
+def presets_overview(manager) -> str:
+    """A short Markdown table of every preset: name, kind, model, scale, faces."""
+    rows = ["| Preset | Kind | Model | Scale | Faces |", "| --- | --- | --- | --- | --- |"]
+    for name, info in manager.load_presets().items():
+        s = info["settings"]
+        rows.append(f"| {name} | {'built-in' if info['builtin'] else 'yours'} | {s.get('model')} | "
+                    f"×{s.get('outscale')} | {'on' if s.get('face_enhance') else 'off'} |")
+    return "\n".join(rows)
+
+
 # Plain handlers (the tests call these directly).
 def save_preset(manager, name: str, values: Sequence[object]) -> str:
     settings = form_mod.widget_values_to_settings(values)
@@ -63,6 +73,7 @@ class PresetsTab:
     export_file: gr.File
     import_file: gr.File
     status: gr.Markdown
+    overview: gr.Markdown
 
 
 def render(services) -> PresetsTab:
@@ -78,12 +89,13 @@ def render(services) -> PresetsTab:
             name = gr.Textbox(label="New preset name", placeholder="e.g. My scans", max_lines=1, max_length=64,
                               elem_id="preset-name")
             save = gr.Button("Save the current settings as a preset", elem_id="preset-save")
+            overview = gr.Markdown(presets_overview(services.settings), elem_id="preset-overview")
         with gr.Column():
             export = gr.Button("Export my presets")
             export_file = gr.File(label="Exported presets", interactive=False)
             import_file = gr.File(label="Import presets (JSON)", file_types=[".json"], file_count="single")
             status = gr.Markdown("", padding=True, elem_id="preset-status")
-    return PresetsTab(choice, load, delete, name, save, export, export_file, import_file, status)
+    return PresetsTab(choice, load, delete, name, save, export, export_file, import_file, status, overview)
 
 
 def listen(tab: PresetsTab, services, form: form_mod.SettingsForm) -> None:
@@ -96,10 +108,10 @@ def listen(tab: PresetsTab, services, form: form_mod.SettingsForm) -> None:
     def on_save(name, *values):
         with friendly_errors("save preset"):
             saved = save_preset(manager, name, values)
-        return refreshed(saved), f"Saved preset **{saved}**.", ""
+        return refreshed(saved), f"Saved preset **{saved}**.", "", presets_overview(manager)
 
-    tab.save.click(on_save, inputs=[tab.name, *form.components], outputs=[tab.choice, tab.status, tab.name],
-                   **private)
+    tab.save.click(on_save, inputs=[tab.name, *form.components],
+                   outputs=[tab.choice, tab.status, tab.name, tab.overview], **private)
 
     def on_load(name):
         if not name:
@@ -115,9 +127,9 @@ def listen(tab: PresetsTab, services, form: form_mod.SettingsForm) -> None:
             raise gr.Error("Choose a preset first.", title="No preset")
         with friendly_errors("delete preset"):
             delete_preset(manager, name)
-        return refreshed(None), f"Deleted **{name}**."
+        return refreshed(None), f"Deleted **{name}**.", presets_overview(manager)
 
-    tab.delete.click(on_delete, inputs=[tab.choice], outputs=[tab.choice, tab.status], **private)
+    tab.delete.click(on_delete, inputs=[tab.choice], outputs=[tab.choice, tab.status, tab.overview], **private)
 
     def on_export():
         with friendly_errors("export presets"):
@@ -129,12 +141,13 @@ def listen(tab: PresetsTab, services, form: form_mod.SettingsForm) -> None:
     def on_import(payload):
         path = upload_path(payload)
         if path is None:
-            return refreshed(), ""
+            return refreshed(), "", presets_overview(manager)
         with friendly_errors("import presets"):
             names = import_presets(manager, path)
         for warning in manager.pop_warnings():
             gr.Warning(warning)
-        return refreshed(), f"Imported {len(names)} preset(s): " + ", ".join(f"**{n}**" for n in names)
+        return (refreshed(), f"Imported {len(names)} preset(s): " + ", ".join(f"**{n}**" for n in names),
+                presets_overview(manager))
 
-    tab.import_file.upload(on_import, inputs=[tab.import_file], outputs=[tab.choice, tab.status],
+    tab.import_file.upload(on_import, inputs=[tab.import_file], outputs=[tab.choice, tab.status, tab.overview],
                            preprocess=False, api_visibility="private")
