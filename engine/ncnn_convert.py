@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -460,17 +460,12 @@ def _check_hash(actual: str, expected: str, name: str) -> None:
 
 
 def _save_atomically(payload: object, dest: Path) -> None:
+    from utils.atomic import write_atomic
+
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, dest)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_atomic(dest, buffer.getvalue())
 
 
 def import_bundled(spec: ModelSpec, dest: Path) -> Path:

@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 import unicodedata
@@ -41,6 +40,7 @@ from types import MappingProxyType
 from typing import Literal, Mapping, TypedDict
 
 from engine.errors import EngineError, InvalidSettingsError
+from utils.atomic import fsync_dir, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -339,30 +339,9 @@ def _dump(key: str, payload: Mapping) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------------- file helpers
-def _fsync_dir(directory: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync on Windows; os.replace is durable there
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that readers see the old or the new bytes, never a mix."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    write_atomic(path, data)
 
 
 def _parse(raw: bytes) -> object:
@@ -642,7 +621,7 @@ class SettingsManager:
             counter += 1
         try:
             os.replace(path, aside)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except OSError as exc:
             raise SettingsStorageError(f"Cannot set aside the corrupt file {path}: {exc.strerror or exc}.") from exc
         logger.warning("Corrupt %s moved to %s", path, aside)

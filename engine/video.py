@@ -20,7 +20,6 @@ import os
 import queue
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ import numpy as np
 from engine import ffmpeg as ff
 from engine.errors import CancelledError, InputTooLargeError, InvalidSettingsError, VideoError
 from engine.ffmpeg import FfmpegTools, StreamInfo
+from utils.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -334,16 +334,7 @@ class _Manifest:
     def save(self, work_dir: Path) -> None:
         data = json.dumps({"version": _MANIFEST_VERSION, "key": self.key, "segment_frames": self.segment_frames,
                            "width": self.width, "height": self.height, "segments": self.segments}, indent=1)
-        fd, tmp = tempfile.mkstemp(dir=work_dir, prefix="manifest.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, work_dir / "manifest.json")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(work_dir / "manifest.json", data.encode("utf-8"))
 
     @classmethod
     def load(cls, work_dir: Path, key: str, segment_frames: int) -> "_Manifest | None":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,22 @@ DATA = Path(__file__).resolve().parent / "data"
 
 # A per-session cache for the converted offline weights, so each test does not convert them again.
 _SESSION_WEIGHTS: Path | None = None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_config(root: Path, weights_dir: Path, **changes):
+    """A Config for an app under test: everything under ``root``, shared weights, no downloads, a free port."""
+    from config import Config
+
+    return Config.from_env(env={}, dotenv_path=None, weights_dir=weights_dir, output_dir=root / "out",
+                           temp_dir=root / "tmp", config_dir=root / "cfg", log_dir=root / "logs", download_retries=0,
+                           host="127.0.0.1", port=free_port(), **changes)
 
 
 @pytest.fixture(autouse=True)

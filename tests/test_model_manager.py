@@ -16,7 +16,7 @@ from types import MappingProxyType
 import pytest
 import torch
 
-from engine.catalog import CATALOG, ModelSpec
+from engine.catalog import ModelSpec
 from engine.errors import ModelNotAvailableError, UnsafeEnvironmentError
 from engine.model_manager import ModelManager, build_network, safe_load_state_dict, unwrap_state_dict
 

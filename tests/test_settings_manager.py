@@ -221,7 +221,7 @@ def _two_versions(tmp_path: Path) -> SettingsManager:
 
 
 def test_bak_holds_the_previous_version(tmp_path):
-    manager = _two_versions(tmp_path)
+    _two_versions(tmp_path)
     bak = json.loads((tmp_path / "presets.json.bak").read_text("utf-8"))
     assert list(bak["presets"]) == ["First"]
     assert list(_user_presets_on_disk(tmp_path)) == ["First", "Second"]

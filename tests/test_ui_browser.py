@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import app_config
 
 DATA = Path(__file__).resolve().parent / "data"
 CHROMIUM = "/usr/bin/chromium"
@@ -25,23 +26,15 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory, shared_weights_dir):
-    from config import Config
     from ui.app import start
     from ui.services import create_services
 
     root = tmp_path_factory.mktemp("ui_browser")
     saved_env = os.environ.get("GRADIO_TEMP_DIR")
-    config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=root / "out",
-                             temp_dir=root / "tmp", config_dir=root / "cfg", log_dir=root / "logs",
-                             download_retries=0, port=_free_port())
+    config = app_config(root, shared_weights_dir)
     demo, _app, url = start(create_services(config), prevent_thread_lock=True)
     try:
         yield url

@@ -4,32 +4,25 @@ with a clear message and the app keeps serving, and the REST API lives on the sa
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import app_config
+
 DATA = Path(__file__).resolve().parent / "data"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, shared_weights_dir):
     """The app launched in this process on a random local port; yields (url, services)."""
-    from config import Config
     from ui.app import start
     from ui.services import create_services
 
     root = tmp_path_factory.mktemp("ui_server")
     saved_env = os.environ.get("GRADIO_TEMP_DIR")
-    config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=root / "out",
-                             temp_dir=root / "tmp", config_dir=root / "cfg", log_dir=root / "logs",
-                             download_retries=0, host="127.0.0.1", port=free_port())
+    config = app_config(root, shared_weights_dir)
     services = create_services(config)
     demo, _app, url = start(services, prevent_thread_lock=True)
     try:

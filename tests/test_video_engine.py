@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from engine.processor import EnhanceSettings, enhance_image_direct, make_frame_enhancer
 from engine.video import VideoLimits, probe_video

@@ -20,7 +20,7 @@ from engine.processor import EnhanceResult, enhance_image_direct, save_result
 from ui import form as form_mod
 from ui.errors import friendly_errors
 from ui.jobs import CancelToken, device_slot, gradio_progress
-from ui.uploads import check_image_upload, human_bytes, new_output_dir, upload_name, upload_path
+from ui.uploads import check_image_upload, new_output_dir, upload_name, upload_path
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import secrets
 import struct
 import zlib
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from typing import IO, Literal, Union, get_args
 import cv2
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
+
+from utils.atomic import write_atomic
 
 from utils.validation import (
     ALLOWED_IMAGE_FORMATS,
@@ -678,41 +679,3 @@ def save_image(pixels: np.ndarray, path: str | os.PathLike, *, format: str | Non
     return SavedImage(path=target, bytes_written=written, format=encoded.format, bit_depth=encoded.bit_depth,
                       alpha_flattened=encoded.alpha_flattened, reduced_to_8bit=encoded.reduced_to_8bit,
                       metadata_dropped=encoded.metadata_dropped)
-
-
-def write_atomic(path: Path, data: bytes) -> int:
-    """Write ``data`` to ``path`` through a same-folder temporary file, fsync and ``os.replace``.
-
-    The new file gets the usual permissions (0666 minus the umask). Returns the number of bytes written.
-    """
-    folder = path.parent
-    temp = folder / f".{path.name[:64]}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            temp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_folder(folder)
-    return len(data)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
