@@ -336,15 +336,18 @@ def _upscale_rgb(rgb: np.ndarray | list[np.ndarray], *, model_name: str, setting
     attempts = 0
     while True:
         attempts += 1
+        # On a CPU one tile at a time stays in cache and runs faster than a batch; GPUs want batches.
+        batch_size = 1 if device.type == "cpu" else settings.batch_size
         loaded = model_manager.load_model(model_name, device, precision,
                                           denoise_strength=settings.denoise_strength)
         spec = loaded.spec
         tile = settings.tile
         if tile == "auto":
             reserve = config.gpu_memory_reserve if config is not None else 0.1
-            tile = upscaler.auto_tile(spec.arch, images[0].shape[0], images[0].shape[1], device=device,
+            side = upscaler.auto_tile(spec.arch, images[0].shape[0], images[0].shape[1], device=device,
                                       dtype=loaded.dtype, free_bytes=int(free_memory_bytes(device) * (1 - reserve)),
-                                      scale=network_scale(spec), batch_size=settings.batch_size)
+                                      scale=network_scale(spec), batch_size=batch_size)
+            tile = max(side - settings.tile_overlap, 16) if side else 0  # a tile reads its stride + the overlap
         lo, hi = stage
 
         def tile_progress(done: int, total: int) -> None:
@@ -353,7 +356,7 @@ def _upscale_rgb(rgb: np.ndarray | list[np.ndarray], *, model_name: str, setting
         try:
             outs, stats = upscaler.upscale_images_ex(
                 loaded.net, images, scale=network_scale(spec), tile=int(tile), overlap=settings.tile_overlap,
-                batch_size=settings.batch_size, device=device, dtype=loaded.dtype,
+                batch_size=batch_size, device=device, dtype=loaded.dtype,
                 pad_multiple=pad_multiple_for(spec), progress=tile_progress)
         except OutOfMemoryError:
             if device.type != "cpu" and (config is None or config.allow_cpu_fallback):

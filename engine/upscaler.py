@@ -111,13 +111,17 @@ class TilePlan:
 
 
 def _plan_axis(size: int, tile: int, overlap: int, multiple: int) -> tuple[int, list[int]]:
-    """Tile length and start offsets along one axis (all values multiples of ``multiple``)."""
-    if tile <= 0 or size <= tile:
+    """Tile length and start offsets along one axis (all values multiples of ``multiple``).
+
+    ``tile`` is the stride (the part of the image each tile is responsible for, as RealESRGANer's ``tile``); a
+    tile reads up to ``overlap`` more pixels of context, shared with its neighbour and blended.
+    """
+    if tile <= 0 or size <= tile + overlap:
         return size, [0]
     units, tile_u = size // multiple, max(tile // multiple, 1)
-    overlap_u = min(-(-overlap // multiple), tile_u - 1) if overlap > 0 else 0
-    count = math.ceil((units - overlap_u) / (tile_u - overlap_u))
-    length_u = min(tile_u, -(-(units + (count - 1) * overlap_u) // count))
+    overlap_u = min(-(-overlap // multiple), tile_u) if overlap > 0 else 0
+    count = math.ceil((units - overlap_u) / tile_u)
+    length_u = min(tile_u + overlap_u, -(-(units + (count - 1) * overlap_u) // count))
     starts = [round(i * (units - length_u) / (count - 1)) for i in range(count)] if count > 1 else [0]
     return length_u * multiple, [s * multiple for s in starts]
 
@@ -127,22 +131,24 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, multiple: int =
 
     Args:
         height, width: image size in pixels (already padded to ``multiple``).
-        tile: largest tile side in input pixels; 0 means one tile for the whole image.
-        overlap: least overlap between neighbouring tiles, input pixels (0 <= overlap < tile / 2).
+        tile: the most image pixels a tile is responsible for along each side (as RealESRGANer's ``tile``); a
+            tile reads up to ``tile + overlap`` pixels. 0 means one tile for the whole image.
+        overlap: least overlap between neighbouring tiles, input pixels (0 <= overlap <= tile); it is the
+            context each seam gets, blended with a feathered window.
         multiple: tile sizes and offsets are multiples of this (the network's pad multiple).
 
     Returns:
         A :class:`TilePlan`; tiles are in row-major order.
 
     Raises:
-        InvalidSettingsError: a negative tile/overlap, or an overlap of half the tile or more.
+        InvalidSettingsError: a negative tile/overlap, or an overlap larger than the tile.
     """
     if height <= 0 or width <= 0:
         raise InvalidInputError(f"Cannot tile an empty image ({height}x{width}).")
     if tile < 0 or overlap < 0 or multiple < 1:
         raise InvalidSettingsError(f"tile ({tile}), overlap ({overlap}) must be >= 0 and multiple ({multiple}) >= 1.")
-    if tile and 2 * overlap >= tile:
-        raise InvalidSettingsError(f"overlap ({overlap}) must be less than half the tile ({tile}); "
+    if tile and overlap > tile:
+        raise InvalidSettingsError(f"overlap ({overlap}) must not exceed the tile ({tile}); "
                                    "use a larger tile or a smaller overlap.")
     if height % multiple or width % multiple:
         raise InvalidSettingsError(f"image {height}x{width} is not padded to a multiple of {multiple}.")
@@ -319,7 +325,7 @@ def upscale_images_ex(net: nn.Module, images: Sequence[np.ndarray], *, scale: in
     current = tile if 0 < tile < max(padded_h, padded_w) else 0
     retries = 0
     while True:
-        plan = plan_tiles(padded_h, padded_w, current, min(overlap, max(current // 2 - 1, 0)), pad_multiple)
+        plan = plan_tiles(padded_h, padded_w, current, min(overlap, current), pad_multiple)
         try:
             with torch.inference_mode():
                 blended, batches = _run_plan(net, source, plan, scale, batch_size, device, dtype, run_batch,

@@ -225,7 +225,7 @@ def test_bad_half_precision_output_is_redone_in_fp32(manager):
 
 def test_out_of_memory_halves_the_tile_and_matches_a_clean_run(manager):
     image = crop(DATA / "upscaler" / "ost_009_crop192.png", 96)
-    key = _inject(manager, FAST, "fp32", oom_above=40)
+    key = _inject(manager, FAST, "fp32", oom_above=60)
     try:
         survived = enhance_image_direct(image, fast(tile=96, tile_overlap=8), manager)
     finally:

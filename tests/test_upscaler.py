@@ -92,7 +92,7 @@ def test_plan_covers_image_with_equal_tiles_and_enough_overlap(height, width, ti
     covered = np.zeros((height, width), dtype=int)
     for box in plan:
         assert (box.h, box.w) == (plan.tile_h, plan.tile_w)
-        assert box.h <= max(tile, 1) or box.h == height
+        assert box.h <= max(tile, 1) + overlap or box.h == height  # a tile reads its stride plus the overlap
         assert box.y % multiple == 0 and box.x % multiple == 0 and box.h % multiple == 0
         assert 0 <= box.y and box.y + box.h <= height and 0 <= box.x and box.x + box.w <= width
         covered[box.y:box.y + box.h, box.x:box.x + box.w] += 1
@@ -109,13 +109,15 @@ def test_plan_single_tile_when_tiling_is_off_or_unneeded():
     assert len(plan) == 1 and plan.compute_ratio == 1.0 and plan[0].edges == (True, True, True, True)
 
 
-def test_plan_shrinks_tiles_to_limit_redundant_compute():
+def test_plan_uses_the_tile_as_stride_like_realesrganer():
     plan = plan_tiles(256, 256, 128, 16)
-    assert (plan.tile_h, len(plan)) == (96, 9)  # 3 tiles of 96 instead of 3 of 128
-    assert plan.compute_ratio == pytest.approx((3 * 96 / 256) ** 2)
+    assert (plan.tile_h, len(plan)) == (136, 4)  # 2×2 tiles of 128 + 8 px of shared context
+    assert plan.compute_ratio == pytest.approx((2 * 136 / 256) ** 2)
+    shrunk = plan_tiles(300, 300, 128, 16)  # 3 per side; equal tiles shrink to limit redundant compute
+    assert len(shrunk) == 9 and shrunk.tile_h == 111
 
 
-@pytest.mark.parametrize("tile,overlap", [(-1, 0), (32, -1), (32, 16), (32, 20)])
+@pytest.mark.parametrize("tile,overlap", [(-1, 0), (32, -1), (32, 33), (16, 40)])
 def test_plan_rejects_bad_settings(tile, overlap):
     with pytest.raises(InvalidSettingsError):
         plan_tiles(100, 100, tile, overlap)
@@ -194,7 +196,7 @@ def test_progress_reports_every_batch(archs, photo):
     calls: list[tuple[int, int]] = []
     upscale_image(_srvgg(archs), photo[:64, :64], scale=4, tile=32, overlap=4, batch_size=2,
                   progress=lambda done, total: calls.append((done, total)))
-    assert calls == [(2, 9), (4, 9), (6, 9), (8, 9), (9, 9)]
+    assert calls == [(2, 4), (4, 4)]  # 64 px at stride 32: 2×2 tiles, two per batch
 
 
 def test_two_threads_share_one_net(archs, photo):
