@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--height", type=int, help="target height in pixels")
     size.add_argument("--max-side", type=int, help="longest output side in pixels")
     enhance.add_argument("--tile", default="auto", help="tile size in pixels, 0 for none, or auto")
-    enhance.add_argument("--tile-overlap", type=int, default=None)
+    enhance.add_argument("--tile-overlap", default=None, help="context shared by tiles in pixels, or auto")
     enhance.add_argument("--denoise-strength", type=float, default=None, help="0..1 (realesr-general-x4v3)")
     enhance.add_argument("--face-enhance", action="store_true")
     enhance.add_argument("--face-model", default=None, choices=FACE_MODELS)
@@ -168,7 +168,9 @@ def _settings_from_args(args):
 
     tile = args.tile if args.tile == "auto" else int(args.tile)
     values = dict(model=args.model, outscale=args.scale, target_width=args.width, target_height=args.height,
-                  max_side=args.max_side, tile=tile, tile_overlap=args.tile_overlap,
+                  max_side=args.max_side, tile=tile,
+                  tile_overlap=(None if args.tile_overlap is None else
+                                args.tile_overlap if args.tile_overlap == "auto" else int(args.tile_overlap)),
                   denoise_strength=args.denoise_strength, face_enhance=args.face_enhance,
                   face_strength=args.face_strength, face_model=args.face_model,
                   only_center_face=args.only_center_face, save_face_crops=args.save_face_crops,

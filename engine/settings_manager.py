@@ -177,7 +177,8 @@ _FIELDS = (
                  minimum=1.0, maximum=8.0),
     SettingField("tile", "int", "auto", 'Tile size in input pixels; 0 = no tiling; "auto" sizes it to memory.',
                  minimum=0, allow_auto=True),
-    SettingField("tile_overlap", "int", 10, "Padding around each tile in input pixels.", minimum=0, maximum=512),
+    SettingField("tile_overlap", "int", "auto", 'Context shared by neighbouring tiles, in input pixels; "auto" '
+                 "chooses it from the model and the tile size.", minimum=0, maximum=512, allow_auto=True),
     SettingField("denoise_strength", "float", 0.5, "Denoise strength for realesr-general-x4v3 (0 keeps noise).",
                  minimum=0.0, maximum=1.0),
     SettingField("face_enhance", "bool", False, "Restore faces with the face model after upscaling."),
@@ -208,7 +209,7 @@ class Settings(TypedDict):
     model: str
     outscale: float
     tile: int | Literal["auto"]
-    tile_overlap: int
+    tile_overlap: int | str
     denoise_strength: float
     face_enhance: bool
     face_strength: float

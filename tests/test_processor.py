@@ -75,6 +75,18 @@ def test_auto_routes_native_scale():
     assert route_model("RealESRGAN_x4plus_anime_6B", 2, offline)[0] == "RealESRGAN_x4plus_anime_6B"
 
 
+def test_auto_overlap_follows_the_receptive_field():
+    from engine.catalog import CATALOG
+    from engine.processor import overlap_for
+
+    rrdb, compact = CATALOG["RealESRGAN_x4plus"], CATALOG["realesr-animevideov3"]
+    assert overlap_for(rrdb, 256) == 64 and overlap_for(rrdb, 128) == 32 and overlap_for(rrdb, 32) == 16
+    assert overlap_for(compact, 256) == 32 and overlap_for(compact, 64) == 8
+    assert EnhanceSettings.from_mapping({"tile_overlap": "24"}).tile_overlap == 24
+    with pytest.raises(InvalidSettingsError, match="overlap"):
+        EnhanceSettings(tile_overlap=-1)
+
+
 def test_transparent_pixels_take_the_nearest_visible_colour():
     rgb = np.zeros((4, 4, 3), np.float32)
     rgb[:, :2] = (1.0, 0.5, 0.0)
