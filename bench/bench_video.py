@@ -93,7 +93,7 @@ def engine_enhancer(weights_dir: Path, device: str, precision: str, batch: int):
     from engine.processor import EnhanceSettings, make_frame_enhancer
 
     manager = ModelManager(Config.from_env(env={}, dotenv_path=None, weights_dir=weights_dir))
-    settings = EnhanceSettings(model="realesr-animevideov3-x2", outscale=2, tile=0, device=device,
+    settings = EnhanceSettings(model="realesr-animevideov3-x2", outscale=2, tile="auto", device=device,
                                precision=precision, batch_size=batch)
     return make_frame_enhancer(manager, settings)
 

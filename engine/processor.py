@@ -226,6 +226,21 @@ def overlap_for(spec: ModelSpec, tile: int) -> int:
     return int(min(32, max(8, tile // 8)))
 
 
+# Measured on a 2-core AVX-512 CPU: the compact model runs at ~3.1 µs per input pixel on 192-320 px inputs but
+# ~5.7 µs on 640×480 (its activations fall out of cache), so tiling pays for its overlap. RRDBNet's sweet spot
+# (~130 px) is too small for the overlap it needs, so it runs whole.
+_CPU_CACHE_TILES = {"SRVGGNetCompact": 256}
+
+
+def cpu_cache_tile(spec: ModelSpec, height: int, width: int, memory_tile: int) -> int:
+    """On a CPU, the tile that keeps a model's activations in cache (when that is faster), capped by the tile
+    that fits memory (``memory_tile``, 0 = anything fits). Pure."""
+    cache_tile = _CPU_CACHE_TILES.get(spec.arch)
+    if cache_tile is None or max(height, width) <= cache_tile * 3 // 2:
+        return memory_tile
+    return min(cache_tile, memory_tile) if memory_tile else cache_tile
+
+
 def network_scale(spec: ModelSpec) -> int:
     params = spec.arch_params
     return int(params.get("scale", params.get("upscale", spec.scale)))
@@ -362,6 +377,8 @@ def _upscale_rgb(rgb: np.ndarray | list[np.ndarray], *, model_name: str, setting
                                       dtype=loaded.dtype, free_bytes=int(free_memory_bytes(device) * (1 - reserve)),
                                       scale=network_scale(spec), batch_size=batch_size)
             tile = max(side - overlap_for(spec, side), 16) if side else 0  # a tile reads its stride + the overlap
+            if device.type == "cpu":
+                tile = cpu_cache_tile(spec, images[0].shape[0], images[0].shape[1], tile)
         lo, hi = stage
 
         def tile_progress(done: int, total: int) -> None:

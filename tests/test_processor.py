@@ -87,6 +87,17 @@ def test_auto_overlap_follows_the_receptive_field():
         EnhanceSettings(tile_overlap=-1)
 
 
+def test_cpu_tiles_for_cache_only_where_they_pay():
+    from engine.catalog import CATALOG
+    from engine.processor import cpu_cache_tile
+
+    compact, rrdb = CATALOG["realesr-animevideov3"], CATALOG["RealESRGAN_x4plus"]
+    assert cpu_cache_tile(compact, 480, 640, 0) == 256
+    assert cpu_cache_tile(compact, 480, 640, 128) == 128  # memory wins
+    assert cpu_cache_tile(compact, 200, 300, 0) == 0  # small images run whole
+    assert cpu_cache_tile(rrdb, 1000, 1000, 0) == 0
+
+
 def test_transparent_pixels_take_the_nearest_visible_colour():
     rgb = np.zeros((4, 4, 3), np.float32)
     rgb[:, :2] = (1.0, 0.5, 0.0)
