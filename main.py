@@ -186,8 +186,8 @@ def cmd_enhance(args, config) -> int:
 
     from engine.errors import InvalidSettingsError
     from engine.model_manager import ModelManager
-    from engine.processor import (collect_inputs, enhance_image_direct, save_result, settings_from_advice,
-                                  output_format_for)
+    from engine.processor import (collect_inputs, enhance_image_direct, output_format_for, output_path_for,
+                                  save_result, settings_from_advice)
 
     try:
         base = _settings_from_args(args)
@@ -216,7 +216,7 @@ def cmd_enhance(args, config) -> int:
                 settings = settings_from_advice(advice["settings"], base)
                 record["advisor"] = advice["reasoning"]
             if single_file:
-                target = output
+                target = output_path_for(path, output)
                 fmt = _FORMAT_BY_SUFFIX.get(output.suffix.lower())
                 if fmt is None:
                     raise ValueError(f"Unknown output extension {output.suffix!r}: use .png, .jpg, .webp or .tiff.")
@@ -234,7 +234,7 @@ def cmd_enhance(args, config) -> int:
                 result = enhance_image_direct(path, settings, manager, progress, config=config)
             if target is None:
                 fmt = settings.output_format if settings.output_format != "auto" else output_format_for(result)
-                target = output / rel.with_suffix("." + fmt)
+                target = output_path_for(path, output / rel.with_suffix("." + fmt))
                 if args.skip_existing and target.exists():
                     record.update(skipped=True, output=str(target))
                     _report(args, record)

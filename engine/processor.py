@@ -673,6 +673,14 @@ def collect_inputs(inputs: Iterable[str | Path], recursive: bool = False) -> lis
     return found
 
 
+def output_path_for(source: Path, target: Path) -> Path:
+    """``target``, unless it is the source file itself: then ``<stem>_enhanced<ext>`` beside it (an output
+    folder that is also the input folder must never overwrite the originals)."""
+    if target.exists() and source.exists() and target.resolve() == source.resolve():
+        return target.with_name(f"{target.stem}_enhanced{target.suffix}")
+    return target
+
+
 def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
@@ -707,7 +715,7 @@ def process_batch(inputs: Sequence[str | Path], settings_or_auto: EnhanceSetting
         try:
             settings = _settings_for(path, settings_or_auto, advisor, model_manager, config)
             fmt_ext = _extension_for(path, settings)
-            target = output_dir / rel.with_suffix(fmt_ext)
+            target = output_path_for(path, output_dir / rel.with_suffix(fmt_ext))
             if skip_existing and target.exists():
                 items.append(BatchItem(path, target, ok=True, skipped=True))
                 continue

@@ -605,6 +605,9 @@ def upscale_video(input: str | os.PathLike[str], output: str | os.PathLike[str],
     """
     started = time.monotonic()
     input_path, output_path = Path(input), Path(output)
+    if output_path.exists() and input_path.exists() and output_path.resolve() == input_path.resolve():
+        raise VideoError(f"The output {output_path.name} is the input file itself; choose another output name "
+                         "so the original is kept.")
     muxer = output_muxer(output_path, settings.codec)
     tools = ffmpeg if isinstance(ffmpeg, FfmpegTools) else ff.find_tools(ffmpeg)
     ff.require_encoder(ff.list_encoders(tools.ffmpeg), settings.codec, tools.ffmpeg)

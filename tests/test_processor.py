@@ -311,6 +311,18 @@ def test_batch_continues_past_a_corrupt_file_and_mirrors_folders(manager, tmp_pa
     assert again.skipped == 2 and again.summary() == "0 successful, 1 failed, 2 skipped (output exists)"
 
 
+def test_output_folder_equal_to_input_folder_never_overwrites_originals(manager, tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    original = src / "a.png"
+    Image.fromarray(crop(DATA / "upscaler" / "ost_009_crop192.png", 12)).save(original)
+    before = original.read_bytes()
+    report = process_batch([src], fast(), model_manager=manager, output_dir=src)
+    assert report.summary() == "1 successful, 0 failed"
+    assert original.read_bytes() == before
+    assert Image.open(src / "a_enhanced.png").size == (48, 48)
+
+
 def _cli(tmp_path: Path, weights_dir: Path, *args: str) -> subprocess.CompletedProcess:
     from tests.test_model_manager import _clean_env
 

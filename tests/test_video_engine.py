@@ -58,3 +58,21 @@ def test_cli_video_refuses_a_corrupt_file_clearly(tmp_path):
     assert done.returncode == 1
     assert "Error:" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_output_equal_to_input_is_refused_and_the_original_kept(tmp_path):
+    import shutil
+
+    from engine.errors import VideoError
+    from engine.video import VideoSettings, upscale_video
+
+    clip = tmp_path / "clip.mp4"
+    shutil.copy(CLIP, clip)
+    before = clip.read_bytes()
+    try:
+        upscale_video(clip, clip, lambda frames: frames, VideoSettings(), limits=LIMITS)
+    except VideoError as exc:
+        assert "original is kept" in str(exc)
+    else:
+        raise AssertionError("overwriting the input was not refused")
+    assert clip.read_bytes() == before
