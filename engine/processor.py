@@ -297,6 +297,40 @@ class _Run:
     tile: int
 
 
+BF16_MIN_PSNR = 40.0
+_bf16_verdicts: dict[tuple[str, float | None], float] = {}
+_bf16_lock = threading.Lock()
+
+
+def bf16_psnr(model_manager, model_name: str, denoise_strength: float | None = None) -> float:
+    """PSNR (dB) of the model's bf16 output against fp32 on a fixed probe image, measured once per model.
+
+    bf16 on the CPU is an opt-in fast mode that is kept only where it stays faithful (see BF16_MIN_PSNR).
+    """
+    from engine import upscaler
+
+    key = (model_name, denoise_strength)
+    with _bf16_lock:
+        if key in _bf16_verdicts:
+            return _bf16_verdicts[key]
+        rng = np.random.default_rng(0)
+        yy, xx = np.mgrid[0:40, 0:40] / 40.0
+        probe = np.stack([yy, xx, (yy + xx) / 2], axis=2) * 0.8 + rng.random((40, 40, 3)) * 0.2
+        probe = np.ascontiguousarray(probe, dtype=np.float32)
+        outputs = []
+        for precision in ("fp32", "bf16"):
+            loaded = model_manager.load_model(model_name, "cpu", precision, denoise_strength=denoise_strength)
+            out, _ = upscaler.upscale_image_ex(loaded.net, probe, scale=network_scale(loaded.spec), tile=0,
+                                               batch_size=1, dtype=loaded.dtype,
+                                               pad_multiple=pad_multiple_for(loaded.spec))
+            outputs.append(out)
+        mse = float(np.mean((outputs[0] - outputs[1]) ** 2))
+        psnr = 100.0 if mse == 0 else float(10 * np.log10(1.0 / mse))
+        _bf16_verdicts[key] = psnr
+        logger.info("bf16 check for %s: %.1f dB against fp32", model_name, psnr)
+        return psnr
+
+
 def _as_float(pixels: np.ndarray) -> np.ndarray:
     scale = 65535.0 if pixels.dtype == np.uint16 else 255.0
     return pixels.astype(np.float32) / scale
@@ -362,6 +396,12 @@ def _upscale_rgb(rgb: np.ndarray | list[np.ndarray], *, model_name: str, setting
     except ValueError as exc:
         raise InvalidSettingsError(str(exc)) from None
     precision = settings.precision
+    if precision == "bf16" and device.type == "cpu":
+        psnr = bf16_psnr(model_manager, model_name, settings.denoise_strength)
+        if not psnr >= BF16_MIN_PSNR:  # NaN counts as a failure
+            warnings.append(f"bf16 is not faithful enough for {model_name} ({psnr:.0f} dB against fp32, under "
+                            f"{BF16_MIN_PSNR:.0f} dB): fp32 was used.")
+            precision = "fp32"
     attempts = 0
     while True:
         attempts += 1

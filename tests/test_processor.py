@@ -233,8 +233,26 @@ def _inject(manager, name: str, precision: str, **fault):
     return key
 
 
-def test_bad_half_precision_output_is_redone_in_fp32(manager):
+def test_bf16_is_kept_only_where_it_stays_faithful(manager):
+    from engine import processor
+
     image = crop(DATA / "upscaler" / "ost_009_crop192.png", 16)
+    assert processor.bf16_psnr(manager, FAST) >= processor.BF16_MIN_PSNR
+    fast_mode = enhance_image_direct(image, fast(precision="bf16"), manager)
+    assert fast_mode.precision == "bf16" and not fast_mode.warnings
+    processor._bf16_verdicts[(FAST, 0.5)] = 31.0  # as if this model lost too much in bf16
+    try:
+        guarded = enhance_image_direct(image, fast(precision="bf16"), manager)
+    finally:
+        processor._bf16_verdicts.pop((FAST, 0.5))
+    assert guarded.precision == "fp32" and any("not faithful enough" in w for w in guarded.warnings)
+
+
+def test_bad_half_precision_output_is_redone_in_fp32(manager):
+    from engine import processor
+
+    image = crop(DATA / "upscaler" / "ost_009_crop192.png", 16)
+    assert processor.bf16_psnr(manager, FAST, 0.5) >= processor.BF16_MIN_PSNR  # measured on the sound network
     key = _inject(manager, FAST, "bf16", nan=True)
     try:
         result = enhance_image_direct(image, fast(precision="bf16"), manager)
