@@ -123,3 +123,13 @@ def test_estimates_follow_macs_and_throughput():
 def test_denoise_strength_is_monotonic_and_bounded():
     values = [denoise_from_noise(n, 0.0) for n in (0.0, 0.1, 0.2, 0.4, 0.8)]
     assert values == sorted(values) and 0.2 <= values[0] and values[-1] == 1.0
+
+
+def test_cpu_with_native_bf16_is_offered_the_fast_mode():
+    facts = cpu(macs_per_second={"RealESRGAN_x4plus": 100e9}, cpu_bf16_fast=True)
+    advice = decide(photo(width=640, height=480), facts, tile_for=no_tile)
+    fast = [a for a in advice.alternatives if a.get("precision") == "bf16"]
+    assert fast and fast[0]["estimated_seconds"] == pytest.approx(advice.estimated_seconds / 3, rel=0.05)
+    assert advice.settings["precision"] == "fp32"  # an offer, not the default
+    plain = decide(photo(width=640, height=480), cpu(macs_per_second={"RealESRGAN_x4plus": 100e9}), tile_for=no_tile)
+    assert not [a for a in plain.alternatives if a.get("precision") == "bf16"]
