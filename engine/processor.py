@@ -383,12 +383,25 @@ class _Cancellable:
             self.progress(min(max(fraction, 0.0), 1.0), message)
 
 
+def _auto_tile(spec: ModelSpec, height: int, width: int, device, dtype, batch_size: int, config) -> int:
+    """The tile (stride) for ``tile=auto``: what fits the device's free memory, and on a CPU what stays in cache."""
+    from engine import upscaler
+    from utils.gpu import free_memory_bytes
+
+    reserve = config.gpu_memory_reserve if config is not None else 0.1
+    side = upscaler.auto_tile(spec.arch, height, width, device=device, dtype=dtype,
+                              free_bytes=int(free_memory_bytes(device) * (1 - reserve)), scale=network_scale(spec),
+                              batch_size=batch_size)
+    tile = max(side - overlap_for(spec, side), 16) if side else 0  # a tile reads its stride + the overlap
+    return cpu_cache_tile(spec, height, width, tile) if device.type == "cpu" else tile
+
+
 def _upscale_rgb(rgb: np.ndarray | list[np.ndarray], *, model_name: str, settings: EnhanceSettings, model_manager,
                  config, report: _Cancellable, warnings: list[str], stage: tuple[float, float]) -> _Run:
     """Run the network on HxWx3 float RGB image(s) of one size, with OOM → smaller tile → CPU, and bad half
     precision → fp32 retries. A list (video frames) shares forward calls; ``_Run.image`` is then a list too."""
     from engine import upscaler
-    from utils.gpu import free_memory_bytes, resolve_device
+    from utils.gpu import resolve_device
 
     images = rgb if isinstance(rgb, list) else [rgb]
     try:
@@ -410,15 +423,9 @@ def _upscale_rgb(rgb: np.ndarray | list[np.ndarray], *, model_name: str, setting
         loaded = model_manager.load_model(model_name, device, precision,
                                           denoise_strength=settings.denoise_strength)
         spec = loaded.spec
-        tile = settings.tile
-        if tile == "auto":
-            reserve = config.gpu_memory_reserve if config is not None else 0.1
-            side = upscaler.auto_tile(spec.arch, images[0].shape[0], images[0].shape[1], device=device,
-                                      dtype=loaded.dtype, free_bytes=int(free_memory_bytes(device) * (1 - reserve)),
-                                      scale=network_scale(spec), batch_size=batch_size)
-            tile = max(side - overlap_for(spec, side), 16) if side else 0  # a tile reads its stride + the overlap
-            if device.type == "cpu":
-                tile = cpu_cache_tile(spec, images[0].shape[0], images[0].shape[1], tile)
+        height, width = images[0].shape[:2]
+        tile = settings.tile if settings.tile != "auto" else _auto_tile(spec, height, width, device, loaded.dtype,
+                                                                        batch_size, config)
         lo, hi = stage
 
         def tile_progress(done: int, total: int) -> None:
