@@ -308,8 +308,7 @@ def cmd_video(args, config) -> int:
     enhancer = make_frame_enhancer(manager, settings, config)
     video_settings = VideoSettings(codec=args.codec, crf=args.crf, preset=args.preset,
                                    fps=Fraction(args.fps) if args.fps else None, batch_frames=args.batch_frames)
-    limits = VideoLimits(max_bytes=int(config.max_video_mb * 2**20), max_seconds=config.max_video_seconds,
-                         max_frames=config.max_video_frames, max_pixels=config.max_input_pixels)
+    limits = VideoLimits.from_config(config)
     with tqdm(unit="frame", disable=args.json or None) as bar:
         def progress(p, bar=bar):
             bar.total = p.total

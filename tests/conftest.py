@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -29,6 +30,25 @@ def app_config(root: Path, weights_dir: Path, **changes):
     return Config.from_env(env={}, dotenv_path=None, weights_dir=weights_dir, output_dir=root / "out",
                            temp_dir=root / "tmp", config_dir=root / "cfg", log_dir=root / "logs", download_retries=0,
                            host="127.0.0.1", port=free_port(), **changes)
+
+
+@contextlib.contextmanager
+def serve_app(root: Path, weights_dir: Path):
+    """Run the whole app (UI and REST API) on a free local port; yields (url, services), then stops it."""
+    from ui.app import start
+    from ui.services import create_services
+
+    saved_env = os.environ.get("GRADIO_TEMP_DIR")  # start() points Gradio's uploads into the app's temp dir
+    services = create_services(app_config(root, weights_dir))
+    demo, _app, url = start(services, prevent_thread_lock=True)
+    try:
+        yield url, services
+    finally:
+        demo.close()
+        if saved_env is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = saved_env
 
 
 @pytest.fixture(autouse=True)

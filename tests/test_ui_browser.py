@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import app_config
+from tests.conftest import serve_app
 
 DATA = Path(__file__).resolve().parent / "data"
 CHROMIUM = "/usr/bin/chromium"
@@ -29,21 +29,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory, shared_weights_dir):
-    from ui.app import start
-    from ui.services import create_services
-
-    root = tmp_path_factory.mktemp("ui_browser")
-    saved_env = os.environ.get("GRADIO_TEMP_DIR")
-    config = app_config(root, shared_weights_dir)
-    demo, _app, url = start(create_services(config), prevent_thread_lock=True)
-    try:
+    with serve_app(tmp_path_factory.mktemp("ui_browser"), shared_weights_dir) as (url, _services):
         yield url
-    finally:
-        demo.close()
-        if saved_env is None:
-            os.environ.pop("GRADIO_TEMP_DIR", None)
-        else:
-            os.environ["GRADIO_TEMP_DIR"] = saved_env
 
 
 @pytest.fixture

@@ -3,12 +3,11 @@ with a clear message and the app keeps serving, and the REST API lives on the sa
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import app_config
+from tests.conftest import serve_app
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -17,22 +16,8 @@ DATA = Path(__file__).resolve().parent / "data"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, shared_weights_dir):
     """The app launched in this process on a random local port; yields (url, services)."""
-    from ui.app import start
-    from ui.services import create_services
-
-    root = tmp_path_factory.mktemp("ui_server")
-    saved_env = os.environ.get("GRADIO_TEMP_DIR")
-    config = app_config(root, shared_weights_dir)
-    services = create_services(config)
-    demo, _app, url = start(services, prevent_thread_lock=True)
-    try:
-        yield url, services
-    finally:
-        demo.close()
-        if saved_env is None:
-            os.environ.pop("GRADIO_TEMP_DIR", None)
-        else:
-            os.environ["GRADIO_TEMP_DIR"] = saved_env
+    with serve_app(tmp_path_factory.mktemp("ui_server"), shared_weights_dir) as served_app:
+        yield served_app
 
 
 @pytest.fixture(scope="module")
