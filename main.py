@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     mlist = msub.add_parser("list")
     mlist.add_argument("--json", action="store_true")
     mdown = msub.add_parser("download")
-    mdown.add_argument("name", nargs="?")
+    mdown.add_argument("name", nargs="*", help="catalog names (see: models list)")
     mdown.add_argument("--all", action="store_true")
     msub.add_parser("verify")
     msub.add_parser("import-bundled")
@@ -122,8 +122,8 @@ def cmd_models(args, config) -> int:
     if args.models_command == "download":
         from engine.catalog import OFFICIAL_MODELS
 
-        names = list(OFFICIAL_MODELS) if args.all else [args.name]
-        if names == [None]:
+        names = list(OFFICIAL_MODELS) if args.all else list(args.name)
+        if not names:
             _err("Name a model to download, or pass --all.")
             return EXIT_USAGE
         failed = 0

@@ -2,6 +2,9 @@
 
 Dropdowns, CLI choices and docs are generated from :data:`CATALOG`; nothing else lists model names.
 Facts come from the official release manifests (xinntao/Real-ESRGAN, TencentARC/GFPGAN, xinntao/facexlib).
+The metric weights (kind ``metric``: LPIPS and ArcFace) are the files torchvision, the ``lpips`` package and
+facexlib download; their SHA-256 and sizes are the published ones (torchvision's file name carries the first
+eight hex digits of its SHA-256, and the LPIPS linear layers are the file the ``lpips`` wheel ships).
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal, Mapping
 
-ModelKind = Literal["sr", "face", "detector", "parser"]
-ArchName = Literal["RRDBNet", "SRVGGNetCompact", "GFPGANv1Clean", "RestoreFormer", "RetinaFace", "ParseNet"]
+ModelKind = Literal["sr", "face", "detector", "parser", "metric"]
+ArchName = Literal["RRDBNet", "SRVGGNetCompact", "GFPGANv1Clean", "RestoreFormer", "RetinaFace", "ParseNet",
+                   "AlexNet", "LPIPSLinear", "ArcFaceIRSE50"]
 
 _GH = "https://github.com"
 
@@ -35,6 +39,15 @@ class BundledSource:
 
 
 @dataclass(frozen=True)
+class PackagedFile:
+    """The official weights file itself, shipped inside a registry package: used in place once its SHA-256
+    (the spec's ``sha256``) matches. ``path`` is relative to the package's directory."""
+
+    package: str
+    path: str
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One model. ``scale`` is the output/input size ratio of the whole model (after any built-in resize)."""
 
@@ -53,6 +66,7 @@ class ModelSpec:
     description: str = ""
     content: Literal["photo", "anime", "any"] = "any"
     bundled: BundledSource | None = None
+    packaged: PackagedFile | None = None
     denoise_pair: str | None = None  # name of the weak-denoise twin used for denoise-strength interpolation
 
     @property
@@ -218,6 +232,32 @@ _MODELS: tuple[ModelSpec, ...] = (
         sha256="3d558d8d0e42c20224f13cf5a29c79eba2d59913419f945545d8cf7b72920de2",
         license="MIT", supports_half=False, description="Face parsing for seamless paste-back (facexlib).",
     ),
+    ModelSpec(
+        name="lpips-alexnet", kind="metric", arch="AlexNet", arch_params=MappingProxyType({}), scale=1,
+        url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+        filename="alexnet-owt-7be5be79.pth", size_bytes=244_408_911,
+        sha256="7be5be791159472b1fbf3c69796f7cb30dca7ad8466c2df70058c37116cdee02",
+        license="BSD-3-Clause", supports_half=False,
+        description="AlexNet ImageNet features (torchvision): the trunk of the LPIPS metric.",
+    ),
+    ModelSpec(
+        name="lpips-alex-v0.1", kind="metric", arch="LPIPSLinear", arch_params=MappingProxyType({}), scale=1,
+        url="https://raw.githubusercontent.com/richzhang/PerceptualSimilarity/master/lpips/weights/v0.1/alex.pth",
+        filename="lpips_v0.1_alex.pth", size_bytes=6_009,
+        sha256="df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0",
+        license="BSD-2-Clause", supports_half=False,
+        description="LPIPS v0.1 linear layers on AlexNet (calibrated on human judgements).",
+        packaged=PackagedFile(package="lpips", path="weights/v0.1/alex.pth"),
+    ),
+    ModelSpec(
+        name="arcface-ir-se50", kind="metric", arch="ArcFaceIRSE50",
+        arch_params=MappingProxyType(dict(num_layers=50, drop_ratio=0.6, mode="ir_se")), scale=1,
+        url=f"{_GH}/xinntao/facexlib/releases/download/v0.1.0/recognition_arcface_ir_se50.pth",
+        filename="recognition_arcface_ir_se50.pth", size_bytes=175_367_323,
+        sha256="a035c768259b98ab1ce0e646312f48b9e1e218197a0f80ac6765e88f8b6ddf28",
+        license="MIT", supports_half=False,
+        description="ArcFace IR-SE50 face embeddings (facexlib): the identity-similarity metric.",
+    ),
 )
 
 CATALOG: Mapping[str, ModelSpec] = MappingProxyType({m.name: m for m in _MODELS})
@@ -225,7 +265,10 @@ CATALOG: Mapping[str, ModelSpec] = MappingProxyType({m.name: m for m in _MODELS}
 SR_MODELS: tuple[str, ...] = tuple(m.name for m in _MODELS if m.kind == "sr")
 FACE_MODELS: tuple[str, ...] = tuple(m.name for m in _MODELS if m.kind == "face")
 OFFICIAL_MODELS: tuple[str, ...] = tuple(m.name for m in _MODELS if m.official)
+METRIC_MODELS: tuple[str, ...] = tuple(m.name for m in _MODELS if m.kind == "metric")
 DEFAULT_FACE_MODEL = "GFPGANv1.4"
+LPIPS_MODELS: tuple[str, str] = ("lpips-alexnet", "lpips-alex-v0.1")  # (trunk, linear layers)
+IDENTITY_MODEL = "arcface-ir-se50"
 
 
 def get_spec(name: str, catalog: Mapping[str, ModelSpec] = CATALOG) -> ModelSpec:

@@ -41,6 +41,10 @@ PARSENET_MODEL = "parsing_parsenet"
 FACE_TEMPLATE_512 = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
                               [201.26117, 371.41043], [313.08905, 371.15118]], dtype=np.float32)
 _ALIGN_BORDER_VALUE = (135, 133, 132)  # the grey facexlib pads aligned faces with
+ARCFACE_TEMPLATE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                                 [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
+"""The five landmarks of ArcFace's 112×112 aligned face (insightface's reference points)."""
+IDENTITY_SIZE = 112
 
 
 class Upscaler(Protocol):
@@ -109,6 +113,8 @@ class FaceResult:
         crops: the restored faces, ``SxSxC uint8`` with ``S = settings.export_crop_size`` (C = 1 or 3), only when
             ``settings.save_crops``; in the order of ``boxes``.
         boxes: the restored faces' boxes ``(x0, y0, x1, y1)`` in output pixels.
+        identity_pairs: for each restored face, ``(input face, output face)``: ``112x112x3 RGB`` cut at the same
+            ArcFace-aligned position from the input and from the final output (for the identity metric).
     """
 
     image: np.ndarray
@@ -118,6 +124,7 @@ class FaceResult:
     warnings: tuple[str, ...] = ()
     crops: tuple[np.ndarray, ...] = ()
     boxes: tuple[tuple[float, float, float, float], ...] = ()
+    identity_pairs: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
 
     def as_report(self) -> dict:
         """The JSON-friendly summary for CLI/API reports."""
@@ -498,11 +505,12 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
     report = progress or _no_progress
 
     def finish(img: np.ndarray, detected: int, restored: int, detector: str, warnings: list[str],
-               crops: list[np.ndarray] = (), boxes: list = ()) -> FaceResult:
+               crops: list[np.ndarray] = (), boxes: list = (), pairs: list = ()) -> FaceResult:
         img = img[:, :, 0] if squeeze else img
         logger.info("faces: %d detected, %d restored (%s)", detected, restored, detector)
         return FaceResult(image=img, faces_detected=detected, faces_restored=restored, detector=detector,
-                          warnings=tuple(warnings), crops=tuple(crops), boxes=tuple(boxes))
+                          warnings=tuple(warnings), crops=tuple(crops), boxes=tuple(boxes),
+                          identity_pairs=tuple(pairs))
 
     if content_type == "anime" and not settings.force_on_anime:
         return finish(bg.copy(), 0, 0, "none", [
@@ -550,6 +558,7 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
     colour = _colour_channels(bg.shape[2])
     crops: list[np.ndarray] = []
     boxes: list[tuple[float, float, float, float]] = []
+    pasted: list[np.ndarray] = []  # landmarks (input pixels) of the faces restored
     for index, face in enumerate(usable, start=1):
         affine = alignment_matrix(face.landmarks)
         if affine is None:
@@ -573,12 +582,14 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
             continue
         boxes.append((face.box[0] * out_w / w, face.box[1] * out_h / h, face.box[2] * out_w / w,
                       face.box[3] * out_h / h))
+        pasted.append(face.landmarks)
         if settings.save_crops:
             crops.append(_crop(restored, bg, affine, to_output, settings, colour))
         report(index, len(usable))
     if model.moved_to_cpu:
         warnings.append("The GPU ran out of memory during face restoration; faces were restored on the CPU.")
-    return finish(out, detected, len(boxes), detector, warnings, crops, boxes)
+    return finish(out, detected, len(boxes), detector, warnings, crops, boxes,
+                  identity_pairs(rgb, _to_rgb(out), pasted, to_output))
 
 
 class _MaskSource:
@@ -595,6 +606,40 @@ class _MaskSource:
                 logger.warning("ParseNet unusable, pasting faces with the feathered mask: %s", exc)
                 self.failed = True
         return feathered_face_mask()
+
+
+def identity_pairs(input_rgb: np.ndarray, output_rgb: np.ndarray, landmarks: Sequence[np.ndarray],
+                   to_output: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(input face, output face)`` for each set of landmarks: both cut ArcFace-aligned (112×112, RGB) at the
+    same face position, from the input and from the output, for the identity-similarity metric.
+
+    Args:
+        input_rgb: the input, ``HxWx3``.
+        output_rgb: the output, ``H'xW'x3`` (same dtype).
+        landmarks: 5x2 landmarks in input pixels, one array per face.
+        to_output: 3x3 map from input to output pixels (:func:`output_transform`).
+    """
+    import cv2
+
+    pairs = []
+    for points in landmarks:
+        points = np.asarray(points, dtype=np.float64)
+        out_points = (points @ to_output[:2, :2].T + to_output[:2, 2]).astype(np.float32)
+        crops = []
+        for image, pts in ((input_rgb, points.astype(np.float32)), (output_rgb, out_points)):
+            matrix = cv2.estimateAffinePartial2D(pts, ARCFACE_TEMPLATE_112, method=cv2.LMEDS)[0]
+            if matrix is None or not np.isfinite(matrix).all():
+                break
+            shrink = 1.0 / max(1e-6, float(np.sqrt(abs(np.linalg.det(matrix[:, :2])))))
+            k = max(1, int(np.ceil(shrink - 1e-3)))  # warp at k x the size, then area-average: no aliasing
+            crop = cv2.warpAffine(image, matrix * np.float64(k), (IDENTITY_SIZE * k, IDENTITY_SIZE * k),
+                                  flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            if k > 1:
+                crop = cv2.resize(crop, (IDENTITY_SIZE, IDENTITY_SIZE), interpolation=cv2.INTER_AREA)
+            crops.append(crop)
+        if len(crops) == 2:
+            pairs.append((crops[0], crops[1]))
+    return pairs
 
 
 def alignment_matrix(landmarks: np.ndarray) -> np.ndarray | None:

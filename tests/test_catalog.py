@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from engine.catalog import CATALOG, OFFICIAL_MODELS, SR_MODELS, get_spec
+from engine.catalog import CATALOG, FACE_MODELS, METRIC_MODELS, OFFICIAL_MODELS, SR_MODELS, get_spec
 
 # The official release manifest, as the foundation issue lists it.
 OFFICIAL = {
@@ -22,14 +22,34 @@ OFFICIAL = {
     "parsing_parsenet": (85331193, "3d558d8d0e42c20224f13cf5a29c79eba2d59913419f945545d8cf7b72920de2"),
 }
 
+# The metric networks' published files: torchvision's AlexNet, the LPIPS v0.1 linear layers (as the lpips wheel
+# ships them) and facexlib's ArcFace IR-SE50.
+METRIC = {
+    "lpips-alexnet": (244408911, "7be5be791159472b1fbf3c69796f7cb30dca7ad8466c2df70058c37116cdee02"),
+    "lpips-alex-v0.1": (6009, "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0"),
+    "arcface-ir-se50": (175367323, "a035c768259b98ab1ce0e646312f48b9e1e218197a0f80ac6765e88f8b6ddf28"),
+}
+
 
 def test_every_official_model_is_in_the_catalog_with_its_manifest_facts():
-    assert set(OFFICIAL_MODELS) == set(OFFICIAL)
+    assert set(OFFICIAL_MODELS) == set(OFFICIAL) | set(METRIC)
     for name, (size, sha) in OFFICIAL.items():
         spec = CATALOG[name]
         assert (spec.size_bytes, spec.sha256) == (size, sha), name
         assert spec.url.startswith("https://github.com/") and "/releases/download/" in spec.url
         assert spec.url.endswith("/" + spec.filename)
+
+
+def test_metric_weights_have_their_published_facts_and_stay_out_of_the_model_choices():
+    assert set(METRIC_MODELS) == set(METRIC)
+    for name, (size, sha) in METRIC.items():
+        spec = CATALOG[name]
+        assert spec.kind == "metric" and (spec.size_bytes, spec.sha256) == (size, sha), name
+        assert spec.url.startswith("https://")
+    # torchvision names its files after the first eight hex digits of their SHA-256
+    assert CATALOG["lpips-alexnet"].url.endswith(f"-{METRIC['lpips-alexnet'][1][:8]}.pth")
+    assert CATALOG["lpips-alex-v0.1"].packaged.package == "lpips"
+    assert not set(METRIC_MODELS) & (set(SR_MODELS) | set(FACE_MODELS))
 
 
 def test_entries_are_consistent():

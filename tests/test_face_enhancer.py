@@ -23,8 +23,8 @@ from PIL import Image
 from engine.catalog import CATALOG
 from engine.errors import InvalidInputError, InvalidSettingsError
 from engine.face_enhancer import (DetectedFace, FaceResult, FaceSettings, alignment_matrix, enhance_faces,
-                                  feathered_face_mask, landmarks_from_box, output_transform, paste_face,
-                                  save_face_crops, select_faces)
+                                  feathered_face_mask, identity_pairs, landmarks_from_box, output_transform,
+                                  paste_face, save_face_crops, select_faces)
 
 FACES = Path(__file__).resolve().parent / "data" / "faces"
 PHOTO = FACES / "blake_lively_245.png"  # one face, 245x162 RGB
@@ -185,6 +185,26 @@ def test_paste_face_off_the_image_changes_nothing():
     far_away = np.array([[0.1, 0, 1000.0], [0, 0.1, 1000.0]])
     assert paste_face(out, np.zeros((512, 512, 3), np.uint8), feathered_face_mask(), far_away, 1.0) is False
     assert (out == 7).all()
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_identity_pairs_cut_the_same_face_from_input_and_output(photo, scale):
+    """For the identity metric: the input and a plain upscale, cut at the ArcFace-aligned position of the
+    detector's landmarks, are the same picture; the upscale of a mirrored input is not."""
+    h, w = photo.shape[:2]
+    face = DetectedFace(box=(75.0, 20.0, 165.0, 120.0), score=1.0, landmarks=landmarks_from_box((75, 20, 165, 120)))
+    up = cv2.resize(photo, (w * scale, h * scale), interpolation=cv2.INTER_CUBIC)
+    (a, b), = identity_pairs(photo, up, [face.landmarks], output_transform(scale, scale))
+    assert a.shape == b.shape == (112, 112, 3) and a.dtype == b.dtype == np.uint8
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 8  # interpolation differences only
+    (_, mirrored), = identity_pairs(photo, np.ascontiguousarray(up[:, ::-1]), [face.landmarks],
+                                    output_transform(scale, scale))
+    assert np.abs(a.astype(int) - mirrored.astype(int)).mean() > 20
+
+
+def test_restored_faces_come_with_their_identity_pairs(full):
+    assert len(full.identity_pairs) == full.faces_restored
+    assert all(a.shape == b.shape == (112, 112, 3) for a, b in full.identity_pairs)
 
 
 # -------------------------------------------------------------------------------------- the full face path

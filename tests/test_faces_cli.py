@@ -65,3 +65,33 @@ def test_with_gfpgan_weights_every_detected_face_is_restored(tmp_path, weights_d
     from PIL import Image
 
     assert all(Image.open(c).size == (512, 512) for c in crops)
+
+
+def test_identity_and_lpips_metrics_when_their_weights_are_present(tmp_path, weights_dir):
+    """GFPGAN, ArcFace IR-SE50 and the AlexNet trunk: real architectures, random weights the test makes (checksums
+    off); the LPIPS linear layers are the real ones from the lpips package. The JSON then carries an identity
+    similarity per restored face and an LPIPS value, and warns when the identity is low."""
+    import torchvision
+
+    from engine.catalog import CATALOG
+    from engine.model_manager import build_network
+    from utils.compat import install_torchvision_shim
+
+    install_torchvision_shim()
+    from facexlib.recognition.arcface_arch import Backbone
+
+    torch.manual_seed(0)
+    torch.save({"params_ema": build_network(CATALOG["GFPGANv1.4"]).state_dict()},
+               weights_dir / CATALOG["GFPGANv1.4"].filename)
+    torch.save(Backbone(num_layers=50, drop_ratio=0.6, mode="ir_se").state_dict(),
+               weights_dir / CATALOG["arcface-ir-se50"].filename)
+    torch.save(torchvision.models.alexnet().state_dict(), weights_dir / CATALOG["lpips-alexnet"].filename)
+    record = _enhance(tmp_path, weights_dir, tmp_path / "out.png", REALESRGAN_VERIFY_CHECKSUMS="false")
+    metrics = record["metrics"]
+    assert record["faces_restored"] >= 1
+    assert len(metrics["identity_similarity_per_face"]) == record["faces_restored"]
+    assert -1.0 <= metrics["identity_similarity"] <= 1.0
+    low = any("identity similarity" in w and "below" in w for w in metrics["warnings"])
+    assert low == (metrics["identity_similarity"] < 0.6)
+    assert isinstance(metrics["lpips"], float) and metrics["lpips"] != 0.0
+    assert not any("not computed" in w and ("LPIPS" in w or "identity" in w) for w in metrics["warnings"])

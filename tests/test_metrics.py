@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import DATA, ROOT
 from utils.metrics import (PSNR_CAP_DB, calculate_image_metrics, file_metrics, format_bytes, get_image_info,
-                           lr_consistency, niqe, quality_metrics)
+                           lpips_distance, lr_consistency, niqe, quality_metrics)
 
 PHOTO = DATA / "metrics" / "ADE_val_00000114.jpg"  # 256x256 natural photo (BSD 3-Clause, Real-ESRGAN inputs)
 
@@ -173,12 +173,14 @@ def test_quality_metrics_blur_upscale_vs_sharp_output(photo):
 def test_lpips_and_identity_are_none_with_reasons_when_weights_absent(photo, tmp_path):
     face = photo[64:192, 64:192]
     m = quality_metrics(photo, _nearest_2x(photo), face_pairs=[(face, _nearest_2x(face))],
-                        lpips_model_path=tmp_path / "lpips.pth", identity_model_path=tmp_path / "absent.pth")
+                        lpips_weights=(tmp_path / "alexnet.pth", tmp_path / "lin.pth"),
+                        identity_model_path=tmp_path / "absent.pth")
     assert m["lpips"] is None and m["identity_similarity"] is None and m["identity_similarity_per_face"] is None
-    assert any("LPIPS not computed" in w for w in m["warnings"])
+    assert any("LPIPS not computed" in w and "could not be used" in w for w in m["warnings"])
     assert any("weights file is missing" in w for w in m["warnings"])
     m = quality_metrics(photo, _nearest_2x(photo), face_pairs=[(face, face)])
-    assert any("ArcFace" in w and "not in the model catalog" in w for w in m["warnings"])
+    assert any("LPIPS not computed" in w and "models download lpips-alexnet" in w for w in m["warnings"])
+    assert any("ArcFace" in w and "models download arcface-ir-se50" in w for w in m["warnings"])
 
 
 def test_calculate_image_metrics_is_json_safe_for_edge_cases(photo):
@@ -205,6 +207,70 @@ def test_calculate_image_metrics_is_json_safe_for_edge_cases(photo):
 def test_quality_metrics_reject_float_images():
     with pytest.raises(TypeError, match="uint8 or uint16"):
         quality_metrics(np.zeros((8, 8, 3), np.float32), np.zeros((16, 16, 3), np.uint8))
+
+
+# ------------------------------------------------------------------------------------------------------- LPIPS
+@pytest.fixture(scope="module")
+def lpips_weights(tmp_path_factory) -> tuple:
+    """The real LPIPS v0.1 linear layers (the file the lpips package ships, checked against the catalog's
+    SHA-256) and an AlexNet trunk of torchvision's real architecture with random weights the test makes (the
+    ImageNet weights can't be downloaded offline)."""
+    torch = pytest.importorskip("torch")
+    import importlib.util
+
+    import torchvision
+
+    from engine.catalog import CATALOG
+    from engine.downloader import sha256_file
+
+    spec = CATALOG["lpips-alex-v0.1"]
+    package = importlib.util.find_spec(spec.packaged.package)
+    linear = ROOT.__class__(list(package.submodule_search_locations)[0]) / spec.packaged.path
+    assert sha256_file(linear) == spec.sha256
+    torch.manual_seed(0)
+    trunk = tmp_path_factory.mktemp("lpips") / "alexnet.pth"
+    torch.save(torchvision.models.alexnet().state_dict(), trunk)
+    return trunk, linear
+
+
+def test_lpips_loads_the_trunk_into_the_right_layers(lpips_weights):
+    import torch
+
+    from utils.metrics import _lpips_net
+
+    trunk = torch.load(lpips_weights[0], weights_only=True)
+    net = _lpips_net(str(lpips_weights[0]), str(lpips_weights[1]))
+    convs = [m for m in net.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [tuple(c.weight.shape) for c in convs] == [tuple(trunk[f"features.{i}.weight"].shape)
+                                                      for i in (0, 3, 6, 8, 10)]
+    assert all(torch.equal(c.weight, trunk[f"features.{i}.weight"]) for c, i in zip(convs, (0, 3, 6, 8, 10)))
+    linear = torch.load(lpips_weights[1], map_location="cpu", weights_only=True)
+    assert torch.equal(net.lin0.model[-1].weight, linear["lin0.model.1.weight"])
+
+
+def test_lpips_is_zero_for_identical_images_and_grows_with_blur(photo, lpips_weights):
+    assert lpips_distance(photo, photo, lpips_weights) == pytest.approx(0.0, abs=1e-6)
+    light = cv2.GaussianBlur(photo, (0, 0), 1.0)
+    heavy = cv2.GaussianBlur(photo, (0, 0), 4.0)
+    d_light, d_heavy = lpips_distance(photo, light, lpips_weights), lpips_distance(photo, heavy, lpips_weights)
+    assert 0.0 < d_light < d_heavy
+    sixteen = photo.astype(np.uint16) * 257  # the range comes from the dtype: same picture, same distance
+    assert lpips_distance(sixteen, light, lpips_weights) == pytest.approx(d_light, rel=1e-4)
+    with pytest.raises(ValueError, match="one size"):
+        lpips_distance(photo, photo[:128], lpips_weights)
+    with pytest.raises(ValueError, match="at least 32"):
+        lpips_distance(photo[:20, :20], photo[:20, :20], lpips_weights)
+
+
+def test_quality_metrics_report_lpips_in_input_space(photo, lpips_weights):
+    exact = quality_metrics(photo, _nearest_2x(photo), lpips_weights=lpips_weights)
+    assert exact["lpips"] == pytest.approx(0.0, abs=1e-6)  # a 2x nearest upscale shrinks back to the input
+    blurred = quality_metrics(photo, cv2.GaussianBlur(_nearest_2x(photo), (0, 0), 6.0), lpips_weights=lpips_weights)
+    assert blurred["lpips"] > 0.0
+    assert not any("LPIPS" in w for w in blurred["warnings"])
+    tiny = quality_metrics(photo[:16, :16], _nearest_2x(photo[:16, :16]), lpips_weights=lpips_weights)
+    assert tiny["lpips"] is None and any("smaller than 32x32" in w for w in tiny["warnings"])
+    _dumps(blurred)
 
 
 # ---------------------------------------------------------------------------------------------------- identity

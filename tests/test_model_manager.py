@@ -119,6 +119,41 @@ def test_hand_placed_file_with_wrong_hash_is_not_used(config, server):
     assert server.requests == ["/official/tiny.pth"]
 
 
+def test_weights_shipped_in_a_package_are_used_in_place_after_their_hash(config, server):
+    """The LPIPS linear layers come from the installed lpips package (real file, catalog hash): offline, no
+    download. A wrong file in the weights dir is skipped; a package file that does not match is refused."""
+    from dataclasses import replace
+
+    from engine.catalog import CATALOG
+
+    spec = CATALOG["lpips-alex-v0.1"]
+    manager = _manager(config, {spec.name: replace(spec, url=server.url + "/lin.pth")})
+    status = manager.status(spec.name)
+    assert status.available and status.source == "package" and status.path.endswith("alex.pth")
+    path, source = manager.weights_path(spec.name)
+    assert source == "package" and manager.local_weights(spec.name) == path
+    assert manager.verify(spec.name)[0] is True
+    manager.weights_dir.mkdir(parents=True)
+    (manager.weights_dir / spec.filename).write_bytes(b"not the linear layers")
+    assert manager.local_weights(spec.name) == path
+    assert server.requests == []
+
+    wrong = _manager(config, {spec.name: replace(spec, sha256="0" * 64, url=None)})
+    assert wrong.local_weights(spec.name) is None
+    with pytest.raises(ModelNotAvailableError):
+        wrong.weights_path(spec.name)
+
+
+def test_local_weights_never_downloads(config, server):
+    blob = _weights_bytes(6)
+    server.files["/official/tiny.pth"] = blob
+    spec = _tiny_spec("tiny", server.url + "/official/tiny.pth", hashlib.sha256(blob).hexdigest(), len(blob))
+    manager = _manager(config, {"tiny": spec})
+    assert manager.local_weights("tiny") is None and server.requests == []
+    manager.download("tiny")
+    assert manager.local_weights("tiny").read_bytes() == blob
+
+
 def test_missing_weights_without_any_source_says_how_to_get_them(config, server):
     spec = _tiny_spec("tiny", server.url + "/gone/tiny.pth", "0" * 64, 10)
     manager = _manager(config, {"tiny": spec})
@@ -218,3 +253,5 @@ def test_cli_models_list_json_lists_every_official_model(tmp_path):
     for name in ("RealESRGAN_x4plus", "RealESRGAN_x4plus_anime_6B", "realesr-animevideov3"):
         assert rows[name]["available"] is True and rows[name]["source"] == "bundled"
     assert rows["GFPGANv1.4"]["available"] is False
+    assert rows["lpips-alex-v0.1"]["available"] is True and rows["lpips-alex-v0.1"]["source"] == "package"
+    assert rows["lpips-alexnet"]["available"] is False and rows["arcface-ir-se50"]["kind"] == "metric"

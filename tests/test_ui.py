@@ -298,3 +298,17 @@ def test_presets_overview_lists_builtins_and_user_presets(tmp_path):
     assert "| My scans | yours | RealESRGAN_x4plus | ×2.0 | off |" in table
     for name in BUILTIN_PRESETS:
         assert f"| {name} | built-in |" in table
+
+
+def test_result_table_shows_the_quality_metrics_that_were_computed(services, small_png):
+    from ui.tab_image import enhance_file, metric_rows
+
+    outcome = enhance_file(services, small_png, {"model": "realesr-animevideov3-x2"})
+    assert "| Fidelity to the input | PSNR " in outcome.summary
+    assert "LPIPS" not in outcome.summary  # no AlexNet trunk here: null, so no row (the reason is in the metrics)
+    rows = dict(metric_rows({"lr_psnr": 38.25, "lr_ssim": 0.9712, "niqe_input": 6.5, "niqe_output": 4.25,
+                             "lpips": 0.1234, "identity_similarity": 0.812, "warnings": []}))
+    assert rows == {"Fidelity to the input": "PSNR 38.2 dB, SSIM 0.971 (output shrunk back)",
+                    "NIQE (lower is better)": "6.50 → 4.25", "LPIPS to the input (lower is closer)": "0.123",
+                    "Face identity kept (1 = same)": "0.81"}
+    assert metric_rows({"lr_psnr": None, "lpips": None, "identity_similarity": True}) == []

@@ -143,6 +143,26 @@ def _previews(path: Path, result: EnhanceResult, config) -> tuple[np.ndarray, np
     return np.ascontiguousarray(before), np.ascontiguousarray(after)
 
 
+def metric_rows(m: Mapping) -> list[tuple[str, str]]:
+    """The quality metrics worth a line in the result table (those computed; the reasons for the others are in
+    the metrics' own warnings)."""
+    def number(key: str) -> float | None:
+        value = m.get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    rows = []
+    if number("lr_psnr") is not None:
+        ssim = f", SSIM {number('lr_ssim'):.3f}" if number("lr_ssim") is not None else ""
+        rows.append(("Fidelity to the input", f"PSNR {number('lr_psnr'):.1f} dB{ssim} (output shrunk back)"))
+    if number("niqe_input") is not None and number("niqe_output") is not None:
+        rows.append(("NIQE (lower is better)", f"{number('niqe_input'):.2f} → {number('niqe_output'):.2f}"))
+    if number("lpips") is not None:
+        rows.append(("LPIPS to the input (lower is closer)", f"{number('lpips'):.3f}"))
+    if number("identity_similarity") is not None:
+        rows.append(("Face identity kept (1 = same)", f"{number('identity_similarity'):.2f}"))
+    return rows
+
+
 def result_markdown(report: Mapping) -> str:
     m = report.get("metrics", {})
     size_in = "×".join(str(v) for v in report.get("input_size", []))
@@ -157,10 +177,7 @@ def result_markdown(report: Mapping) -> str:
     ]
     if report.get("faces_detected"):
         rows.append(("Faces", f"{report.get('faces_restored', 0)} restored of {report['faces_detected']} found"))
-    for key, label in (("psnr", "PSNR vs. resized input"), ("ssim", "SSIM vs. resized input"),
-                       ("sharpness_gain", "Sharpness gain")):
-        if isinstance(m.get(key), (int, float)):
-            rows.append((label, f"{m[key]:.3g}"))
+    rows += metric_rows(m)
     text = "| Result | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     warnings = report.get("warnings") or []
     if warnings:

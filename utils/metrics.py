@@ -9,6 +9,12 @@ An upscaler has no ground truth, so quality is judged three ways:
 * **No-reference quality** (:func:`niqe`): basicsr's NIQE with its shipped pristine-model parameters (works
   offline; lower is better). The input is bicubic-upscaled to the output size first, so ``niqe_input`` and
   ``niqe_output`` compare like with like.
+* **LPIPS** (:func:`lpips_distance`): the perceptual distance (Zhang et al. 2018, AlexNet v0.1, the ``lpips``
+  package's network) between the input and the output brought back to the input size, the perceptual twin of
+  LR-consistency PSNR/SSIM (lower is more faithful). Needs the AlexNet trunk and the LPIPS linear layers.
+* **Identity similarity**: cosine similarity of ArcFace (facexlib IR-SE50) embeddings of each face cut from
+  the input and from the output at the same aligned position (1 = same person); a warning below
+  :data:`IDENTITY_WARN_THRESHOLD`.
 
 Conventions shared by every function here:
 
@@ -28,7 +34,8 @@ Conventions shared by every function here:
   (``json.dumps(..., allow_nan=False)`` works). A metric that cannot be computed is ``None`` and its reason is
   in ``"warnings"`` — never a made-up number.
 
-Nothing here imports ``engine`` or ``ui``; basicsr (NIQE) and facexlib (identity) load lazily on first use.
+Nothing here imports ``engine`` or ``ui``: the callers pass verified weight paths. basicsr (NIQE), lpips and
+facexlib (identity) load lazily on first use; the networks are cached per weights file and never mutated.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ __all__ = [
     "file_metrics",
     "format_bytes",
     "get_image_info",
+    "lpips_distance",
     "lr_consistency",
     "niqe",
     "quality_metrics",
@@ -71,6 +79,12 @@ NIQE_MIN_SIDE = 2 * NIQE_BLOCK
 
 IDENTITY_WARN_THRESHOLD = 0.6
 """Cosine similarity of ArcFace embeddings below which the restored face is reported as maybe another person."""
+
+LPIPS_MIN_SIDE = 32
+"""Smallest side LPIPS accepts: AlexNet's strides and pools leave nothing of a smaller image."""
+
+LPIPS_MAX_SIDE = 1024
+"""LPIPS is computed on a centre crop at most this many pixels a side (the same crop of both images)."""
 
 _MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 _DTYPE_MAX = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
@@ -333,6 +347,70 @@ def niqe(image: np.ndarray) -> float:
     return _niqe_float(_to_float255(_check_image(image)))
 
 
+# ------------------------------------------------------------------------------------------------------ LPIPS
+@functools.lru_cache(maxsize=2)
+def _lpips_net(trunk_path: str, linear_path: str) -> Any:
+    """The ``lpips`` package's LPIPS(AlexNet, v0.1) with the trunk and linear-layer weights at the given paths,
+    on CPU in eval mode; cached, never mutated. Both files are plain state dicts loaded with ``weights_only``."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # lpips 0.1.4 asks torchvision for AlexNet with the old `pretrained` flag
+        warnings.simplefilter("ignore")
+        import lpips
+
+        net = lpips.LPIPS(net="alex", version="0.1", pretrained=False, pnet_rand=True, verbose=False)
+    trunk = torch.load(trunk_path, map_location="cpu", weights_only=True)
+    state = {}
+    for slice_name, module in net.net.named_children():  # torchvision's features.N -> lpips' net.sliceK.N
+        for key in module.state_dict():
+            state[f"net.{slice_name}.{key}"] = trunk[f"features.{key}"]
+    linear = torch.load(linear_path, map_location="cpu", weights_only=True)
+    state.update({k: v for k, v in linear.items() if k.startswith("lin")})
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(("scaling_layer.", "lins."))]  # lins: aliases of lin0-4
+    if missing or unexpected:
+        raise ValueError(f"the LPIPS weights do not fit the network (missing {missing}, unexpected {unexpected})")
+    return net.eval().requires_grad_(False)
+
+
+def _lpips_input(image255: np.ndarray) -> Any:
+    """Float ``HxWxC`` (C 1 or 3) on 0..255 → ``1x3xHxW`` float32 tensor in [-1, 1] (LPIPS' input)."""
+    import torch
+
+    rgb = np.repeat(image255, 3, axis=2) if image255.shape[2] == 1 else image255
+    return torch.from_numpy(np.ascontiguousarray((rgb / 127.5 - 1.0).transpose(2, 0, 1)[None], dtype=np.float32))
+
+
+def lpips_distance(a: np.ndarray, b: np.ndarray, weights: tuple[str | os.PathLike, str | os.PathLike]) -> float:
+    """LPIPS distance of two images of the same size (0 for identical images; larger is more different).
+
+    Args:
+        a, b: ``HxW[xC]`` uint8/uint16, the same height and width, at least :data:`LPIPS_MIN_SIDE` a side;
+            compared on a centre crop of at most :data:`LPIPS_MAX_SIDE` a side.
+        weights: ``(AlexNet trunk, LPIPS v0.1 linear layers)`` paths, already verified by the caller (the
+            catalog's ``lpips-alexnet`` and ``lpips-alex-v0.1``).
+
+    Raises:
+        TypeError, ValueError: not images, different sizes, too small, or weights that do not fit.
+    """
+    import torch
+
+    fa = _to_float255(_check_image(a, "a"))
+    fb = _to_float255(_check_image(b, "b"))
+    if fa.shape[:2] != fb.shape[:2]:
+        raise ValueError(f"LPIPS compares images of one size, got {fa.shape[1]}x{fa.shape[0]} and "
+                         f"{fb.shape[1]}x{fb.shape[0]}")
+    if min(fa.shape[:2]) < LPIPS_MIN_SIDE:
+        raise ValueError(f"LPIPS needs at least {LPIPS_MIN_SIDE}x{LPIPS_MIN_SIDE} pixels, the image is "
+                         f"{fa.shape[1]}x{fa.shape[0]}")
+    fa, fb = _match_channels(_centre_crop(fa, LPIPS_MAX_SIDE), _centre_crop(fb, LPIPS_MAX_SIDE))
+    net = _lpips_net(os.path.abspath(weights[0]), os.path.abspath(weights[1]))
+    with torch.inference_mode():
+        return float(net(_lpips_input(fa), _lpips_input(fb)).item())
+
+
 # --------------------------------------------------------------------------------------------------- identity
 @functools.lru_cache(maxsize=2)
 def _arcface(path: str) -> Any:
@@ -376,7 +454,7 @@ def _identity_similarities(face_pairs: Sequence[tuple[np.ndarray, np.ndarray]], 
 # ----------------------------------------------------------------------------------------------------- combined
 def quality_metrics(original: np.ndarray, enhanced: np.ndarray, *,
                     face_pairs: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
-                    lpips_model_path: str | os.PathLike | None = None,
+                    lpips_weights: tuple[str | os.PathLike, str | os.PathLike] | None = None,
                     identity_model_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """LR consistency, NIQE of input and output, LPIPS and identity similarity, JSON-safe.
 
@@ -385,14 +463,14 @@ def quality_metrics(original: np.ndarray, enhanced: np.ndarray, *,
         enhanced: the output, ``H'xW'[xC]`` uint8/uint16.
         face_pairs: ``(input face crop, output face crop)`` pairs, each ``HxW[xC]`` uint8/uint16 RGB, for the
             identity similarity; None or empty when no faces were enhanced.
-        lpips_model_path: LPIPS weights, when the catalog has them. LPIPS is not computed offline yet, so this
-            is reported None with the reason.
+        lpips_weights: ``(AlexNet trunk, LPIPS linear layers)`` paths, already verified by the caller; None
+            → ``lpips`` None with the reason.
         identity_model_path: facexlib ArcFace IR-SE50 weights (``recognition_arcface_ir_se50.pth``, already
             verified by the caller); None or a missing file → ``identity_similarity`` None with the reason.
 
     Returns:
         ``lr_psnr`` (dB, capped at 100), ``lr_ssim``, ``niqe_input`` (bicubic-upscaled input), ``niqe_output``,
-        ``lpips``, ``identity_similarity`` (mean over pairs) and ``identity_similarity_per_face``, each None
+        ``lpips`` (input against the output at the input size), ``identity_similarity`` (mean over pairs) and ``identity_similarity_per_face``, each None
         when not computable, and ``warnings``: a list of human-readable reasons (and a low-identity warning).
 
     Raises:
@@ -422,24 +500,43 @@ def quality_metrics(original: np.ndarray, enhanced: np.ndarray, *,
         if niqe_in is None or niqe_out is None:
             warnings.append("NIQE undefined for a featureless (flat) image")
 
-    if lpips_model_path is None:
-        warnings.append("LPIPS not computed: its weights are not in the model catalog")
+    lpips: float | None = None
+    oh, ow = orig.shape[:2]
+    if lpips_weights is None:
+        warnings.append("LPIPS not computed: its weights are not on this machine (get them with: python main.py "
+                        "models download lpips-alexnet)")
+    elif min(oh, ow) < LPIPS_MIN_SIDE:
+        warnings.append(f"LPIPS not computed: the input ({ow}x{oh}) is smaller than "
+                        f"{LPIPS_MIN_SIDE}x{LPIPS_MIN_SIDE} pixels")
     else:
-        warnings.append("LPIPS not computed: no offline LPIPS implementation is available")
+        back = _check_image(enhanced, "enhanced")
+        if back.shape[:2] != (oh, ow):
+            back = cv2.resize(back, (ow, oh), interpolation=cv2.INTER_AREA)
+        try:
+            lpips = _finite_or_none(lpips_distance(original, back, lpips_weights))
+        except (ImportError, OSError, RuntimeError, ValueError, KeyError) as exc:
+            logger.warning("LPIPS failed: %s", exc)
+            warnings.append(f"LPIPS not computed: its network could not be used ({str(exc)[:120]})")
 
     identity: float | None = None
     per_face: list[float] | None = None
     if not face_pairs:
         warnings.append("identity similarity not computed: no face pairs were given")
     elif identity_model_path is None:
-        warnings.append("identity similarity not computed: the face-recognition (ArcFace) weights are not in the "
-                        "model catalog")
+        warnings.append("identity similarity not computed: the face-recognition (ArcFace) weights are not on "
+                        "this machine (get them with: python main.py models download arcface-ir-se50)")
     elif not os.path.isfile(identity_model_path):
         warnings.append("identity similarity not computed: the face-recognition weights file is missing")
     else:
-        sims = _identity_similarities(face_pairs, os.fspath(identity_model_path))
-        per_face = [round(s, 4) for s in sims if math.isfinite(s)]
-        identity = _finite_or_none(float(np.mean(sims)))
+        try:
+            sims = _identity_similarities(face_pairs, os.fspath(identity_model_path))
+        except (ImportError, OSError, RuntimeError, ValueError, KeyError) as exc:
+            logger.warning("identity similarity failed: %s", exc)
+            warnings.append(f"identity similarity not computed: the ArcFace network could not be used "
+                            f"({str(exc)[:120]})")
+            sims = []
+        per_face = [round(s, 4) for s in sims if math.isfinite(s)] or None
+        identity = _finite_or_none(float(np.mean(sims))) if sims else None
         if identity is not None and identity < IDENTITY_WARN_THRESHOLD:
             warnings.append(f"identity similarity {identity:.2f} is below {IDENTITY_WARN_THRESHOLD}: "
                             "the restored face may not look like the same person; lower the face strength")
@@ -451,7 +548,7 @@ def quality_metrics(original: np.ndarray, enhanced: np.ndarray, *,
         "lr_ssim": _finite_or_none(lr["ssim"]),
         "niqe_input": niqe_in,
         "niqe_output": niqe_out,
-        "lpips": None,
+        "lpips": lpips,
         "identity_similarity": identity,
         "identity_similarity_per_face": per_face,
         "warnings": warnings,
@@ -469,7 +566,7 @@ def calculate_image_metrics(original: np.ndarray, enhanced: np.ndarray, original
         original_bytes: encoded size of the input file, if known.
         enhanced_bytes: encoded size of the output file, if known.
         quality: also compute :func:`quality_metrics` (on by default; it costs a few percent of an enhance).
-        **quality_kwargs: ``face_pairs``, ``lpips_model_path``, ``identity_model_path`` for :func:`quality_metrics`.
+        **quality_kwargs: ``face_pairs``, ``lpips_weights``, ``identity_model_path`` for :func:`quality_metrics`.
 
     Returns:
         The keys of :func:`file_metrics`, plus those of :func:`quality_metrics` when ``quality`` (else just
