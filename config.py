@@ -80,6 +80,7 @@ class Config:
     gpu_memory_reserve: float = 0.1  # fraction of free VRAM left untouched when sizing tiles
     memory_policy: MemoryPolicy = "keep"
     allow_cpu_fallback: bool = True
+    cpu_memory_reuse: bool = True  # keep freed tensor memory mapped during CPU inference (glibc; utils.allocator)
 
     # Models
     verify_checksums: bool = True

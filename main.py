@@ -375,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
 
     config.ensure_directories()
     setup_logging(config.log_file, config.log_level)
+    if config.cpu_memory_reuse:
+        from utils.allocator import reuse_freed_memory
+
+        reuse_freed_memory()  # before any worker thread exists: those would keep arenas of their own
     try:
         check_safe_environment()
         handler = {None: cmd_ui, "ui": cmd_ui, "enhance": cmd_enhance, "analyze": cmd_analyze,

@@ -28,6 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.upscaler import prepare_for_inference, upscale_image_ex  # noqa: E402
+from engine.catalog import CATALOG  # noqa: E402
+from engine.processor import cpu_cache_tile, overlap_for  # noqa: E402
+from utils.allocator import reuse_freed_memory, reusing_freed_memory  # noqa: E402
 
 logger = logging.getLogger("bench_upscale")
 IMAGE = Path(__file__).resolve().parents[1] / "tests" / "data" / "upscaler" / "ost_009_crop192.png"
@@ -118,7 +121,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--sizes", type=int, nargs="*", default=None, help="x4plus input sizes")
+    parser.add_argument("--anime-sizes", type=int, nargs="*", default=None,
+                        help="realesr-animevideov3 input sizes (default 256 and 512)")
+    parser.add_argument("--models", nargs="*", default=["RealESRGAN_x4plus", "realesr-animevideov3"],
+                        choices=["RealESRGAN_x4plus", "realesr-animevideov3"])
     parser.add_argument("--tile", type=int, default=128, help="tile for the equal-tile comparison")
+    parser.add_argument("--no-memory-reuse", action="store_true",
+                        help="run ours with glibc's default allocator too (to see what utils.allocator adds)")
     parser.add_argument("--overlaps", type=int, nargs="*", default=[20, 32],
                         help="our overlaps to compare at that tile (20 = the context of tile_pad 10)")
     args = parser.parse_args()
@@ -126,7 +135,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 2)
     sizes = args.sizes or ([64] if args.quick else [256, 512])
-    anime_size = 128 if args.quick else 256
+    anime_sizes = args.anime_sizes or ([128] if args.quick else [256, 512])
 
     peaks = conv_peak()
     peak = peaks["fp32 NCHW"]
@@ -142,40 +151,66 @@ def main() -> None:
         print(f"{model:22} {size:5d} {path:34} {seconds:7.2f} {gflops:8.1f} {100 * gflops / peak:5.0f}% {speed} {note}",
               flush=True)
 
+    # The official runs go first, in a process whose allocator is still glibc's default (what the official scripts
+    # get); ours then run with the engine's allocator set-up (utils.allocator), unless --no-memory-reuse.
+    models = [(m, sz) for m, sz in (("RealESRGAN_x4plus", sizes), ("realesr-animevideov3", anime_sizes))
+              if m in args.models]
+    nets = {m: load_net(m) for m, _ in models}
+    official_runs: dict[tuple, tuple[float, np.ndarray]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for model, model_sizes in (("RealESRGAN_x4plus", sizes), ("realesr-animevideov3", [anime_size])):
-            net, real = load_net(model)
+        for model, model_sizes in models:
+            net, _real = nets[model]
             workdir = Path(tmp) / model
             workdir.mkdir()
-            fp32 = prepare_for_inference(net, "cpu", torch.float32)
-            bf16 = prepare_for_inference(net, "cpu", torch.bfloat16)
-            with torch.inference_mode():  # warm-up of oneDNN primitives
-                fp32(torch.rand(1, 3, 32, 32).contiguous(memory_format=torch.channels_last))
-                bf16(torch.rand(1, 3, 32, 32, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last))
             for size in model_sizes:
                 rgb = make_image(size)
-                base, ref = _timed(lambda: official(net, rgb, 0, 10, workdir), repeats)
-                row(model, size, "official tile=0 pre_pad=10 (defaults)", base, 0, "weights: real" if real else
-                    "weights: random")
-                t, (out, _) = _timed(lambda: upscale_image_ex(fp32, rgb, scale=4), repeats)
-                row(model, size, "ours fp32 tile=0", t, base, f"PSNR vs official {psnr(out, ref):.1f} dB")
-                t, (out16, _) = _timed(lambda: upscale_image_ex(bf16, rgb, scale=4, dtype=torch.bfloat16), repeats)
-                row(model, size, "ours bf16 tile=0", t, base, f"PSNR vs fp32 {psnr(out16, out):.1f} dB")
+                official_runs[model, size, 0] = _timed(lambda: official(net, rgb, 0, 10, workdir), repeats)
                 if size > args.tile:
-                    tile = args.tile
-                    tb, tref = _timed(lambda: official(net, rgb, tile, 0, workdir), repeats)
-                    err = np.abs(tref - out)
-                    row(model, size, f"official tile={tile} pad=10", tb, 0,
-                        f"err vs untiled mean {err.mean():.5f} max {err.max():.3f}")
-                    # overlap 20 reads as much context as tile_pad 10 (equal compute); more overlap, fewer seams.
-                    # batch_size=1: what the engine uses on a CPU (one tile stays in cache).
-                    for overlap in args.overlaps:
-                        t, (tout, st) = _timed(lambda: upscale_image_ex(fp32, rgb, scale=4, tile=tile,
-                                                                        overlap=overlap, batch_size=1), repeats)
-                        ours = np.abs(tout - out)
-                        row(model, size, f"ours fp32 tile={tile} overlap={overlap}", t, tb,
-                            f"err mean {ours.mean():.5f} ({err.mean() / ours.mean():.1f}x less) max {ours.max():.3f} "
-                            f"({err.max() / max(ours.max(), 1e-9):.1f}x less), compute x{st.compute_ratio:.2f}")
+                    official_runs[model, size, args.tile] = _timed(
+                        lambda: official(net, rgb, args.tile, 0, workdir), repeats)
+    if not args.no_memory_reuse:
+        print(f"allocator set-up for ours (utils.allocator): {'on' if reuse_freed_memory() else 'not available'}\n")
+
+    for model, model_sizes in models:
+        net, real = nets[model]
+        fp32 = prepare_for_inference(net, "cpu", torch.float32)
+        bf16 = prepare_for_inference(net, "cpu", torch.bfloat16)
+        with torch.inference_mode():  # warm-up of oneDNN primitives
+            fp32(torch.rand(1, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+            bf16(torch.rand(1, 3, 32, 32, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last))
+        for size in model_sizes:
+            rgb = make_image(size)
+            base, ref = official_runs[model, size, 0]
+            row(model, size, "official tile=0 pre_pad=10 (defaults)", base, 0, "weights: real" if real else
+                "weights: random")
+            t, (out, _) = _timed(lambda: upscale_image_ex(fp32, rgb, scale=4), repeats)
+            row(model, size, "ours fp32 tile=0", t, base, f"PSNR vs official {psnr(out, ref):.1f} dB")
+            t, (out16, _) = _timed(lambda: upscale_image_ex(bf16, rgb, scale=4, dtype=torch.bfloat16), repeats)
+            row(model, size, "ours bf16 tile=0", t, base, f"PSNR vs fp32 {psnr(out16, out):.1f} dB")
+            cache_tile = cpu_cache_tile(CATALOG[model], size, size, 0, memory_reused=reusing_freed_memory())
+            if cache_tile:  # what `enhance --tile auto` (the default) runs on a CPU
+                overlap = overlap_for(CATALOG[model], cache_tile)
+                t, (tout, st) = _timed(lambda: upscale_image_ex(fp32, rgb, scale=4, tile=cache_tile,
+                                                                overlap=overlap, batch_size=1), repeats)
+                err = np.abs(tout - out)
+                row(model, size, f"ours fp32 auto (tile={cache_tile} ov={overlap})", t, base,
+                    f"err vs untiled mean {err.mean():.5f} max {err.max():.3f}, compute x{st.compute_ratio:.2f}")
+            if size > args.tile:
+                tile = args.tile
+                tb, tref = official_runs[model, size, tile]
+                err = np.abs(tref - out)
+                row(model, size, f"official tile={tile} pad=10", tb, 0,
+                    f"err vs untiled mean {err.mean():.5f} max {err.max():.3f}")
+                # overlap 20 reads as much context as tile_pad 10 (equal compute); more overlap, fewer seams.
+                # batch_size=1: what the engine uses on a CPU (one tile stays in cache).
+                for overlap in args.overlaps:
+                    t, (tout, st) = _timed(lambda: upscale_image_ex(fp32, rgb, scale=4, tile=tile,
+                                                                    overlap=overlap, batch_size=1), repeats)
+                    ours = np.abs(tout - out)
+                    row(model, size, f"ours fp32 tile={tile} overlap={overlap}", t, tb,
+                        f"err mean {ours.mean():.5f} ({err.mean() / ours.mean():.1f}x less) max {ours.max():.3f} "
+                        f"({err.max() / max(ours.max(), 1e-9):.1f}x less), compute x{st.compute_ratio:.2f}")
+
 
 if __name__ == "__main__":
     main()

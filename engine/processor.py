@@ -226,16 +226,18 @@ def overlap_for(spec: ModelSpec, tile: int) -> int:
     return int(min(32, max(8, tile // 8)))
 
 
-# Measured on a 2-core AVX-512 CPU: the compact model runs at ~3.1 µs per input pixel on 192-320 px inputs but
-# ~5.7 µs on 640×480 (its activations fall out of cache), so tiling pays for its overlap. RRDBNet's sweet spot
-# (~130 px) is too small for the overlap it needs, so it runs whole.
-_CPU_CACHE_TILES = {"SRVGGNetCompact": 256}
+# Measured on a 2-core AVX-512 CPU with glibc's default allocator: the compact model runs at ~3.1 µs per input
+# pixel on inputs up to ~256 px but ~6.8 µs on 640×480 whole, because each layer's activations (> 32 MB) are
+# mmapped and page-faulted anew; 256-px tiles keep them small (3.8 µs). With utils.allocator's reuse of freed
+# memory the whole image runs at ~3.2 µs and tiles only add overlap, so this applies only without it.
+# RRDBNet's sweet spot (~130 px) is too small for the overlap it needs, so it runs whole either way.
+_CPU_SMALL_TILES = {"SRVGGNetCompact": 256}
 
 
-def cpu_cache_tile(spec: ModelSpec, height: int, width: int, memory_tile: int) -> int:
-    """On a CPU, the tile that keeps a model's activations in cache (when that is faster), capped by the tile
-    that fits memory (``memory_tile``, 0 = anything fits). Pure."""
-    cache_tile = _CPU_CACHE_TILES.get(spec.arch)
+def cpu_cache_tile(spec: ModelSpec, height: int, width: int, memory_tile: int, memory_reused: bool = False) -> int:
+    """On a CPU, the tile that keeps a model's activations small (when that is faster: only where freed memory is
+    not reused, see above), capped by the tile that fits memory (``memory_tile``, 0 = anything fits). Pure."""
+    cache_tile = None if memory_reused else _CPU_SMALL_TILES.get(spec.arch)
     if cache_tile is None or max(height, width) <= cache_tile * 3 // 2:
         return memory_tile
     return min(cache_tile, memory_tile) if memory_tile else cache_tile
@@ -393,7 +395,11 @@ def _auto_tile(spec: ModelSpec, height: int, width: int, device, dtype, batch_si
                               free_bytes=int(free_memory_bytes(device) * (1 - reserve)), scale=network_scale(spec),
                               batch_size=batch_size)
     tile = max(side - overlap_for(spec, side), 16) if side else 0  # a tile reads its stride + the overlap
-    return cpu_cache_tile(spec, height, width, tile) if device.type == "cpu" else tile
+    if device.type != "cpu":
+        return tile
+    from utils.allocator import reusing_freed_memory
+
+    return cpu_cache_tile(spec, height, width, tile, memory_reused=reusing_freed_memory())
 
 
 def _upscale_rgb(rgb: np.ndarray | list[np.ndarray], *, model_name: str, settings: EnhanceSettings, model_manager,
@@ -401,9 +407,12 @@ def _upscale_rgb(rgb: np.ndarray | list[np.ndarray], *, model_name: str, setting
     """Run the network on HxWx3 float RGB image(s) of one size, with OOM → smaller tile → CPU, and bad half
     precision → fp32 retries. A list (video frames) shares forward calls; ``_Run.image`` is then a list too."""
     from engine import upscaler
+    from utils import allocator
     from utils.gpu import resolve_device
 
     images = rgb if isinstance(rgb, list) else [rgb]
+    if config is None or config.cpu_memory_reuse:
+        allocator.reuse_freed_memory()  # no mmap + page faults per layer (see utils.allocator)
     try:
         device = resolve_device(settings.device if settings.device != "auto" else (config.device if config else "auto"))
     except ValueError as exc:
@@ -431,6 +440,7 @@ def _upscale_rgb(rgb: np.ndarray | list[np.ndarray], *, model_name: str, setting
         def tile_progress(done: int, total: int) -> None:
             report(lo + (hi - lo) * done / max(total, 1), f"Upscaling with {model_name}: tile {done}/{total}")
 
+        allocator.mark_busy()
         try:
             outs, stats = upscaler.upscale_images_ex(
                 loaded.net, images, scale=network_scale(spec), tile=int(tile),
@@ -448,6 +458,7 @@ def _upscale_rgb(rgb: np.ndarray | list[np.ndarray], *, model_name: str, setting
             warnings.append(f"{loaded.precision} produced an invalid image (NaN or black); it was redone in fp32.")
             precision = "fp32"
             continue
+        allocator.mark_busy()
         return _Run(image=outs if isinstance(rgb, list) else outs[0], model=model_name, device=str(device),
                     precision=loaded.precision, tile=int(stats.tile_used))
 

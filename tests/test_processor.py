@@ -96,6 +96,7 @@ def test_cpu_tiles_for_cache_only_where_they_pay():
     assert cpu_cache_tile(compact, 480, 640, 128) == 128  # memory wins
     assert cpu_cache_tile(compact, 200, 300, 0) == 0  # small images run whole
     assert cpu_cache_tile(rrdb, 1000, 1000, 0) == 0
+    assert cpu_cache_tile(compact, 480, 640, 0, memory_reused=True) == 0  # whole: as fast, no overlap to pay
 
 
 def test_transparent_pixels_take_the_nearest_visible_colour():
