@@ -557,6 +557,7 @@ def enhance_image_direct(image, settings: EnhanceSettings | None, model_manager,
     report(0.92, "Measuring quality")
     t4 = time.perf_counter()
     metrics = _metrics(pixels, out_pixels, loaded_image, settings, model_manager, face_pairs)
+    warnings.extend(w for w in metrics.get("warnings", ()) if w.startswith("identity similarity") and "below" in w)
     timings["metrics"] = time.perf_counter() - t4
     from utils.gpu import clear_cache
 

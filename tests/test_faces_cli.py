@@ -93,5 +93,6 @@ def test_identity_and_lpips_metrics_when_their_weights_are_present(tmp_path, wei
     assert -1.0 <= metrics["identity_similarity"] <= 1.0
     low = any("identity similarity" in w and "below" in w for w in metrics["warnings"])
     assert low == (metrics["identity_similarity"] < 0.6)
+    assert low == any("identity similarity" in w and "below" in w for w in record["warnings"])  # told to the user
     assert isinstance(metrics["lpips"], float) and metrics["lpips"] != 0.0
     assert not any("not computed" in w and ("LPIPS" in w or "identity" in w) for w in metrics["warnings"])
