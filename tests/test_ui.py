@@ -312,3 +312,15 @@ def test_result_table_shows_the_quality_metrics_that_were_computed(services, sma
                     "NIQE (lower is better)": "6.50 → 4.25", "LPIPS to the input (lower is closer)": "0.123",
                     "Face identity kept (1 = same)": "0.81"}
     assert metric_rows({"lr_psnr": None, "lpips": None, "identity_similarity": True}) == []
+
+
+def test_system_tab_lists_every_catalog_model_with_where_it_comes_from(services):
+    from engine.catalog import CATALOG
+    from ui.tab_system import downloadable, model_rows
+
+    rows = {r[0]: r for r in model_rows(services)}
+    assert set(rows) == set(CATALOG)
+    assert rows["lpips-alex-v0.1"][3] == "Ready (installed package)" and rows["lpips-alex-v0.1"][1] == "metric"
+    assert rows["arcface-ir-se50"][3] == "Not downloaded"
+    assert {"arcface-ir-se50", "lpips-alexnet", "GFPGANv1.4"} <= set(downloadable(services))
+    assert "lpips-alex-v0.1" not in downloadable(services)

@@ -56,7 +56,8 @@ def system_markdown(services) -> str:
 def model_rows(services) -> list[list[object]]:
     rows = []
     for s in services.model_manager.list_models():
-        status = {"weights_dir": "Ready (downloaded)", "bundled": "Ready (offline copy)"}.get(s.source, "Not downloaded")
+        status = {"weights_dir": "Ready (downloaded)", "bundled": "Ready (offline copy)",
+                  "package": "Ready (installed package)"}.get(s.source, "Not downloaded")
         if not s.available:
             status = "Not downloaded" if s.url else "Unavailable"
         rows.append([s.name, s.kind, f"×{s.scale}", status, human_bytes(s.size_bytes) if s.size_bytes else "—",
