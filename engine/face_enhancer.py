@@ -24,6 +24,7 @@ import numpy as np
 from engine.catalog import DEFAULT_FACE_MODEL, FACE_MODELS
 from engine.errors import (InvalidInputError, InvalidSettingsError, ModelNotAvailableError,
                            UnsafeEnvironmentError)
+from utils.gpu import is_out_of_memory
 
 if TYPE_CHECKING:
     from engine.model_manager import LoadedModel, ModelManager
@@ -396,26 +397,20 @@ def _load(model_manager: ModelManager, name: str, device, precision: str, allow_
         # must still be produced, and the warning below says what failed
         logger.warning("face model %s failed to load", name, exc_info=True)
         return _Outcome(why=f"{name} could not be loaded ({_first_line(exc)}); the weights file may be damaged",
-                        oom=_is_oom(exc))
+                        oom=is_out_of_memory(exc))
 
 
 def _run(loaded: LoadedModel, aligned: np.ndarray) -> _Outcome:
     try:
         return _Outcome(_restore(loaded, aligned))
     except (RuntimeError, FloatingPointError, MemoryError) as exc:
-        oom = _is_oom(exc)
+        oom = is_out_of_memory(exc)
         logger.warning("face restoration failed on %s: %s", loaded.device, exc)
         return _Outcome(why="out of memory" if oom else _first_line(exc), oom=oom)
 
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-
-
-def _is_oom(exc: BaseException) -> bool:
-    from utils.gpu import is_out_of_memory
-
-    return is_out_of_memory(exc)
 
 
 class _FaceModel:

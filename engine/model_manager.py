@@ -285,12 +285,9 @@ class ModelManager:
             ModelNotAvailableError: no source had them; the message says how to get them.
         """
         spec = self.spec(name)
-        official = self.official_path(spec)
-        if official.is_file() and self._verify_file(spec, official):
-            return official, "weights_dir"
-        packaged = self.packaged_path(spec)
-        if packaged is not None and self._verify_file(spec, packaged):
-            return packaged, "package"
+        local = self._verified_local(spec)
+        if local is not None:
+            return local
         if self.bundled_path(spec).is_file():
             return self.bundled_path(spec), "bundled"
         network_error: Exception | None = None
@@ -310,15 +307,19 @@ class ModelManager:
         raise ModelNotAvailableError(f"The weights of {name} are not in {self.weights_dir}; {how}.")
 
     def local_weights(self, name: str) -> Path | None:
-        """The verified weights of ``name`` already on this machine (weights dir, package or converted bundle),
-        or None; never downloads or converts anything."""
-        spec = self.spec(name)
+        """The verified official weights of ``name`` already on this machine (weights dir or an installed
+        package), or None; never downloads or converts anything."""
+        local = self._verified_local(self.spec(name))
+        return local[0] if local is not None else None
+
+    def _verified_local(self, spec: ModelSpec) -> tuple[Path, Source] | None:
+        """The official file in the weights dir, else the one an installed package ships, if its hash matches."""
         official = self.official_path(spec)
         if official.is_file() and self._verify_file(spec, official):
-            return official
+            return official, "weights_dir"
         packaged = self.packaged_path(spec)
         if packaged is not None and self._verify_file(spec, packaged):
-            return packaged
+            return packaged, "package"
         return None
 
     def verify(self, name: str) -> tuple[bool, str]:

@@ -675,11 +675,7 @@ def save_result(result: EnhanceResult, path: str | Path, *, original_bytes: int 
     path.parent.mkdir(parents=True, exist_ok=True)
     saved = save_image(result.pixels, path, format=fmt, quality=result.settings.quality,
                        icc_profile=result.icc_profile, exif=result.exif)
-    notes = []
-    if saved.alpha_flattened:
-        notes.append(f"{fmt.upper()} cannot store transparency; it was flattened onto white.")
-    if saved.reduced_to_8bit:
-        notes.append("The 16-bit image was saved with 8 bits per channel (choose PNG or TIFF to keep 16 bits).")
+    notes = [w[:1].upper() + w[1:] + "." for w in saved.warnings]
     metrics = dict(result.metrics)
     metrics.update(file_metrics((result.input_size[0], result.input_size[1]), result.size, original_bytes,
                                 saved.bytes_written))

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import InvalidInputError, InvalidSettingsError, OutOfMemoryError
+from utils.gpu import is_out_of_memory
 
 logger = logging.getLogger(__name__)
 
@@ -222,11 +223,6 @@ def default_run_batch(net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return net(batch)
 
 
-def _is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
-
-
 def _pad_to_multiple(tensor: torch.Tensor, multiple: int) -> torch.Tensor:
     """Pad an NxCxHxW tensor at the bottom/right to multiples of ``multiple`` (reflect, or replicate if tiny)."""
     _, _, h, w = tensor.shape
@@ -332,7 +328,7 @@ def upscale_images_ex(net: nn.Module, images: Sequence[np.ndarray], *, scale: in
                                              progress)
             break
         except (torch.OutOfMemoryError, RuntimeError) as error:
-            if not _is_oom(error):
+            if not is_out_of_memory(error):
                 raise
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -225,7 +226,7 @@ def lpips_weights(tmp_path_factory) -> tuple:
 
     spec = CATALOG["lpips-alex-v0.1"]
     package = importlib.util.find_spec(spec.packaged.package)
-    linear = ROOT.__class__(list(package.submodule_search_locations)[0]) / spec.packaged.path
+    linear = Path(list(package.submodule_search_locations)[0]) / spec.packaged.path
     assert sha256_file(linear) == spec.sha256
     torch.manual_seed(0)
     trunk = tmp_path_factory.mktemp("lpips") / "alexnet.pth"

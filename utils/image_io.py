@@ -134,22 +134,17 @@ class LoadedImage:
         return int(self.pixels.shape[2])
 
 
-@dataclass(frozen=True)
-class EncodedImage:
-    """An encoded image in memory.
+@dataclass(frozen=True, kw_only=True)
+class FormatLosses:
+    """What writing an image in its format could not keep (shared by :class:`EncodedImage` and
+    :class:`SavedImage`).
 
     Attributes:
-        data: the file's bytes.
-        format: the format written.
-        bit_depth: 8 or 16, the depth written.
         alpha_flattened: alpha was composited onto white because the format (JPEG) cannot hold it.
         reduced_to_8bit: a 16-bit input was written with 8 bits (JPEG/WebP, or ``keep_16bit=False``).
         metadata_dropped: an EXIF block was given but the writer could not embed it (16-bit colour TIFF).
     """
 
-    data: bytes
-    format: ImageFormat
-    bit_depth: int
     alpha_flattened: bool = False
     reduced_to_8bit: bool = False
     metadata_dropped: bool = False
@@ -169,16 +164,23 @@ class EncodedImage:
 
 
 @dataclass(frozen=True)
-class SavedImage:
-    """The result of :func:`save_image`: where it went, how many bytes, and what was lost on the way."""
+class EncodedImage(FormatLosses):
+    """An encoded image in memory: its bytes, the format and bit depth written, and what was lost."""
+
+    data: bytes
+    format: ImageFormat
+    bit_depth: int
+
+
+@dataclass(frozen=True)
+class SavedImage(FormatLosses):
+    """The result of :func:`save_image`: where it went, how many bytes, the format and bit depth, and what was
+    lost on the way."""
 
     path: Path
     bytes_written: int
     format: ImageFormat
     bit_depth: int
-    alpha_flattened: bool = False
-    reduced_to_8bit: bool = False
-    metadata_dropped: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------- load

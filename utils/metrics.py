@@ -275,15 +275,24 @@ def lr_consistency(original: np.ndarray, enhanced: np.ndarray) -> dict[str, floa
     """
     orig = _to_float255(_check_image(original, "original"))
     enh = _to_float255(_check_image(enhanced, "enhanced"))
-    h, w = orig.shape[:2]
-    if enh.shape[:2] != (h, w):
-        enh = cv2.resize(enh, (w, h), interpolation=cv2.INTER_AREA)
-        if enh.ndim == 2:
-            enh = enh[:, :, None]
-    orig, enh = _match_channels(orig, enh)
-    y_orig, y_enh = _luminance(orig).astype(np.float64), _luminance(enh).astype(np.float64)
-    ssim = _ssim(y_orig, y_enh) if min(h, w) >= 11 else None
-    return {"psnr": _psnr(y_orig, y_enh), "ssim": ssim}
+    return _lr_consistency_float(orig, _shrink_to(enh, orig.shape[:2]))
+
+
+def _shrink_to(image255: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A float ``HxWxC`` image resized to ``size`` = (height, width) with ``cv2.INTER_AREA`` (as is if equal)."""
+    h, w = size
+    if image255.shape[:2] == (h, w):
+        return image255
+    out = cv2.resize(image255, (w, h), interpolation=cv2.INTER_AREA)
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def _lr_consistency_float(orig255: np.ndarray, back255: np.ndarray) -> dict[str, float | None]:
+    """:func:`lr_consistency` of the input and the output already shrunk back to its size (float, 0..255)."""
+    orig, back = _match_channels(orig255, back255)
+    y_orig, y_back = _luminance(orig).astype(np.float64), _luminance(back).astype(np.float64)
+    ssim = _ssim(y_orig, y_back) if min(orig.shape[:2]) >= 11 else None
+    return {"psnr": _psnr(y_orig, y_back), "ssim": ssim}
 
 
 # ------------------------------------------------------------------------------------------------------- NIQE
@@ -395,10 +404,13 @@ def lpips_distance(a: np.ndarray, b: np.ndarray, weights: tuple[str | os.PathLik
     Raises:
         TypeError, ValueError: not images, different sizes, too small, or weights that do not fit.
     """
+    return _lpips_float(_to_float255(_check_image(a, "a")), _to_float255(_check_image(b, "b")), weights)
+
+
+def _lpips_float(fa: np.ndarray, fb: np.ndarray, weights: tuple[str | os.PathLike, str | os.PathLike]) -> float:
+    """:func:`lpips_distance` of two float ``HxWxC`` images on 0..255."""
     import torch
 
-    fa = _to_float255(_check_image(a, "a"))
-    fb = _to_float255(_check_image(b, "b"))
     if fa.shape[:2] != fb.shape[:2]:
         raise ValueError(f"LPIPS compares images of one size, got {fa.shape[1]}x{fa.shape[0]} and "
                          f"{fb.shape[1]}x{fb.shape[0]}")
@@ -479,8 +491,10 @@ def quality_metrics(original: np.ndarray, enhanced: np.ndarray, *,
     warnings: list[str] = []
     orig = _to_float255(_check_image(original, "original"))
     enh = _to_float255(_check_image(enhanced, "enhanced"))
+    oh, ow = orig.shape[:2]
+    back = _shrink_to(enh, (oh, ow))  # the output at the input size: LR consistency and LPIPS compare this
 
-    lr = lr_consistency(original, enhanced)
+    lr = _lr_consistency_float(orig, back)
     if lr["ssim"] is None:
         warnings.append("LR-consistency SSIM not computed: the input is smaller than 11x11 pixels")
 
@@ -501,7 +515,6 @@ def quality_metrics(original: np.ndarray, enhanced: np.ndarray, *,
             warnings.append("NIQE undefined for a featureless (flat) image")
 
     lpips: float | None = None
-    oh, ow = orig.shape[:2]
     if lpips_weights is None:
         warnings.append("LPIPS not computed: its weights are not on this machine (get them with: python main.py "
                         "models download lpips-alexnet)")
@@ -509,11 +522,8 @@ def quality_metrics(original: np.ndarray, enhanced: np.ndarray, *,
         warnings.append(f"LPIPS not computed: the input ({ow}x{oh}) is smaller than "
                         f"{LPIPS_MIN_SIDE}x{LPIPS_MIN_SIDE} pixels")
     else:
-        back = _check_image(enhanced, "enhanced")
-        if back.shape[:2] != (oh, ow):
-            back = cv2.resize(back, (ow, oh), interpolation=cv2.INTER_AREA)
         try:
-            lpips = _finite_or_none(lpips_distance(original, back, lpips_weights))
+            lpips = _finite_or_none(_lpips_float(orig, back, lpips_weights))
         except (ImportError, OSError, RuntimeError, ValueError, KeyError) as exc:
             logger.warning("LPIPS failed: %s", exc)
             warnings.append(f"LPIPS not computed: its network could not be used ({str(exc)[:120]})")
