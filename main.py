@@ -19,8 +19,13 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 # ---------------------------------------------------------------------------------------------- parsing
+#: The settings the ``video`` subcommand offers, and where it starts (a fast model at ×2 suits most clips).
+VIDEO_SETTINGS = ("model", "outscale", "face_enhance", "tile", "precision", "device")
+VIDEO_DEFAULTS = {"model": "realesr-animevideov3", "outscale": 2.0}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from engine.catalog import FACE_MODELS, SR_MODELS
+    from engine.settings import add_cli_arguments
 
     parser = argparse.ArgumentParser(prog="main.py", description="Real-ESRGAN Ultimate: sharper images and video.")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
@@ -33,29 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     enhance = sub.add_parser("enhance", help="upscale images")
     enhance.add_argument("inputs", nargs="+", help="image files or folders")
     enhance.add_argument("-o", "--output", required=True, help="output file (one input) or folder")
-    enhance.add_argument("--model", default="auto", choices=("auto",) + SR_MODELS)
-    enhance.add_argument("--scale", type=float, default=None, help="outscale, 1 to 8 (default: the model's)")
-    size = enhance.add_mutually_exclusive_group()
-    size.add_argument("--width", type=int, help="target width in pixels (height keeps the aspect)")
-    size.add_argument("--height", type=int, help="target height in pixels")
-    size.add_argument("--max-side", type=int, help="longest output side in pixels")
-    enhance.add_argument("--tile", default="auto", help="tile size in pixels, 0 for none, or auto")
-    enhance.add_argument("--tile-overlap", default=None, help="context shared by tiles in pixels, or auto")
-    enhance.add_argument("--denoise-strength", type=float, default=None, help="0..1 (realesr-general-x4v3)")
-    enhance.add_argument("--face-enhance", action="store_true")
-    enhance.add_argument("--face-model", default=None, choices=FACE_MODELS)
-    enhance.add_argument("--face-strength", type=float, default=None, help="0..1 (default 0.8)")
-    enhance.add_argument("--only-center-face", action="store_true")
-    enhance.add_argument("--save-face-crops", action="store_true")
-    enhance.add_argument("--force-faces", action="store_true", help="restore faces even on anime content")
-    enhance.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
-    enhance.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps")
-    enhance.add_argument("--format", dest="output_format", default="auto",
-                         choices=("auto", "png", "jpg", "webp", "tiff"))
-    enhance.add_argument("--quality", type=int, default=None, help="1..100 for jpg/webp")
-    enhance.add_argument("--alpha", dest="alpha_mode", default=None, choices=("model", "bicubic"))
-    enhance.add_argument("--no-metadata", action="store_true", help="do not copy EXIF/ICC to the output")
-    enhance.add_argument("--auto", action="store_true", help="let the advisor choose settings for each image")
+    add_cli_arguments(enhance)
+    enhance.add_argument("--auto", action="store_true",
+                         help="let the advisor choose settings for each image (the flags you give still win)")
     enhance.add_argument("--recursive", action="store_true", help="descend into sub-folders")
     enhance.add_argument("--skip-existing", action="store_true")
     enhance.add_argument("--json", action="store_true", help="print one JSON object per image")
@@ -63,22 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="recommend settings for an image")
     analyze.add_argument("image")
     analyze.add_argument("--device", default=None)
+    analyze.add_argument("--scale", type=float, default=None, help="the scale you want (default: the advisor's)")
     analyze.add_argument("--json", action="store_true")
 
     video = sub.add_parser("video", help="upscale a video")
     video.add_argument("input")
     video.add_argument("-o", "--output", required=True)
-    video.add_argument("--model", default="realesr-animevideov3", choices=SR_MODELS)
-    video.add_argument("--scale", type=float, default=2.0)
+    add_cli_arguments(video, VIDEO_SETTINGS, defaults=VIDEO_DEFAULTS)
     video.add_argument("--codec", default="h264", choices=("h264", "h265", "vp9"))
     video.add_argument("--crf", type=int, default=18)
     video.add_argument("--preset", default="medium")
     video.add_argument("--fps", default=None, help="output frame rate, e.g. 24000/1001 (default: same)")
-    video.add_argument("--face-enhance", action="store_true")
     video.add_argument("--batch-frames", type=int, default=4)
-    video.add_argument("--tile", default="auto")
-    video.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
-    video.add_argument("--device", default=None)
     video.add_argument("--resume", action="store_true", help="continue an interrupted run")
     video.add_argument("--json", action="store_true")
 
@@ -160,102 +141,58 @@ def cmd_ui(args, config) -> int:
     return launch(config)
 
 
-_FORMAT_BY_SUFFIX = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff"}
-
-
-def _settings_from_args(args):
-    from engine.processor import EnhanceSettings
-
-    tile = args.tile if args.tile == "auto" else int(args.tile)
-    values = dict(model=args.model, outscale=args.scale, target_width=args.width, target_height=args.height,
-                  max_side=args.max_side, tile=tile,
-                  tile_overlap=(None if args.tile_overlap is None else
-                                args.tile_overlap if args.tile_overlap == "auto" else int(args.tile_overlap)),
-                  denoise_strength=args.denoise_strength, face_enhance=args.face_enhance,
-                  face_strength=args.face_strength, face_model=args.face_model,
-                  only_center_face=args.only_center_face, save_face_crops=args.save_face_crops,
-                  force_face_enhance=args.force_faces, precision=args.precision, device=args.device or "auto",
-                  output_format=args.output_format, quality=args.quality, alpha_mode=args.alpha_mode,
-                  keep_metadata=not args.no_metadata)
-    return EnhanceSettings(**{k: v for k, v in values.items() if v is not None})
-
-
 def cmd_enhance(args, config) -> int:
-    """Enhance files or folders. Exit status 1 when any image failed."""
+    """Enhance files or folders through the one batch runner. Exit status 1 when any image failed."""
     from tqdm import tqdm
 
     from engine.errors import InvalidSettingsError
     from engine.model_manager import ModelManager
-    from engine.processor import (collect_inputs, enhance_image_direct, output_format_for, output_path_for,
-                                  save_result, settings_from_advice)
+    from engine.processor import BatchJob, BatchServices, EnhanceSettings, collect_inputs, run_batch
+    from engine.settings import explicit_from_cli
 
+    explicit = explicit_from_cli(args)
     try:
-        base = _settings_from_args(args)
-    except (InvalidSettingsError, ValueError) as exc:
+        base = EnhanceSettings.from_mapping(explicit)
+    except InvalidSettingsError as exc:
         _err(f"Invalid settings: {exc}")
         return EXIT_USAGE
-    manager = ModelManager(config)
-    pairs = collect_inputs(args.inputs, recursive=args.recursive)
-    if not pairs:
+    items = collect_inputs(args.inputs, recursive=args.recursive)
+    if not items:
         _err("No images found in the given inputs (PNG, JPEG, WebP, TIFF or BMP).")
         return EXIT_USAGE
     output = Path(args.output)
-    single_file = len(pairs) == 1 and not Path(args.inputs[0]).is_dir() and output.suffix != ""
-    advisor = None
-    if args.auto:
-        from engine.intelligent_enhancer import IntelligentEnhancer
+    single_file = len(items) == 1 and not Path(args.inputs[0]).is_dir() and output.suffix != ""
+    job = BatchJob(settings=base, explicit=explicit, auto=args.auto, output_dir=None if single_file else output,
+                   output_file=output if single_file else None, skip_existing=args.skip_existing)
+    services = BatchServices(ModelManager(config), config)
+    quiet = args.json or None
+    with tqdm(total=len(items) * 100, desc="images", unit="%", disable=quiet) as bar:
+        def progress(index, total, name, fraction, bar=bar):
+            bar.n = int((index + fraction) * 100)
+            bar.set_postfix_str(name[:40])
+            bar.refresh()
 
-        advisor = IntelligentEnhancer(model_manager=manager, config=config)
-    failures = 0
-    for path, rel in tqdm(pairs, desc="images", unit="img", disable=args.json or len(pairs) == 1 or None):
-        record = {"input": str(path)}
-        try:
-            settings = base
-            if advisor is not None:
-                advice = advisor.get_intelligent_settings(path)
-                settings = settings_from_advice(advice["settings"], base)
-                record["advisor"] = advice["reasoning"]
-            if single_file:
-                target = output_path_for(path, output)
-                fmt = _FORMAT_BY_SUFFIX.get(output.suffix.lower())
-                if fmt is None:
-                    raise ValueError(f"Unknown output extension {output.suffix!r}: use .png, .jpg, .webp or .tiff.")
-            else:
-                target, fmt = None, None
-            if target is not None and args.skip_existing and target.exists():
-                record.update(skipped=True, output=str(target))
-                _report(args, record)
-                continue
-            with tqdm(total=100, desc=path.name, unit="%", leave=False, disable=args.json or None) as bar:
-                def progress(fraction, message, bar=bar):
-                    bar.n = int(fraction * 100)
-                    bar.set_postfix_str(message[:40])
-                    bar.refresh()
-                result = enhance_image_direct(path, settings, manager, progress, config=config)
-            if target is None:
-                fmt = settings.output_format if settings.output_format != "auto" else output_format_for(result)
-                target = output_path_for(path, output / rel.with_suffix("." + fmt))
-                if args.skip_existing and target.exists():
-                    record.update(skipped=True, output=str(target))
-                    _report(args, record)
-                    continue
-            saved, metrics, notes = save_result(result, target, original_bytes=path.stat().st_size,
-                                                output_format=fmt)
-            report = result.report()
-            record.update(output=str(saved), model=report["model"], scale=report["scale"], tile=report["tile"],
-                          device=report["device"], precision=report["precision"], seconds=report["seconds"],
-                          warnings=report["warnings"] + notes, faces_detected=report["faces_detected"],
-                          faces_restored=report["faces_restored"], detector=report["detector"], metrics=metrics,
-                          ok=True)
-        except Exception as exc:
-            failures += 1
-            if not _is_expected(exc):
-                logger.exception("unexpected error on %s", path)
-            record.update(ok=False, error=_message(exc))
-        _report(args, record)
-    if len(pairs) > 1 and not args.json:
-        _out(f"{len(pairs) - failures} successful, {failures} failed")
-    return EXIT_FAILED if failures else EXIT_OK
+        report = run_batch(items, job, services, progress=progress,
+                           on_item=lambda item: _report(args, _record(item)))
+    if len(items) > 1 and not args.json:
+        _out(report.summary())
+    return EXIT_FAILED if report.failures else EXIT_OK
+
+
+def _record(item) -> dict:
+    """One image's line of output: what ran, where it went, or why it failed."""
+    record = {"input": str(item.input), "ok": item.ok}
+    if item.skipped:
+        return record | {"skipped": True, "output": str(item.output)}
+    if not item.ok:
+        return record | {"error": item.error}
+    r = item.report
+    record |= {key: r[key] for key in ("model", "scale", "tile", "device", "precision", "seconds", "warnings",
+                                      "faces_detected", "faces_restored", "detector", "metrics")}
+    record["output"] = str(item.output)
+    if item.reasons:
+        record["advisor"] = list(item.reasons)
+    return record
 
 
 def _report(args, record: dict) -> None:
@@ -273,21 +210,21 @@ def _report(args, record: dict) -> None:
 
 
 def cmd_analyze(args, config) -> int:
-    from engine.intelligent_enhancer import IntelligentEnhancer
+    from engine.intelligent_enhancer import IntelligentEnhancer, design_dict
     from engine.model_manager import ModelManager
 
     advisor = IntelligentEnhancer(model_manager=ModelManager(config), config=config, device=args.device)
-    advice = advisor.get_intelligent_settings(args.image)
+    advice = advisor.advise(args.image, scale=args.scale)
     if args.json:
-        _print_json(advice)
+        _print_json(design_dict(advice))
         return EXIT_OK
-    a, s = advice["analysis"], advice["settings"]
+    a, s = advice.analysis, advice.settings
     _out(f"{args.image}: {a['resolution']}, {a['content_type']} ({a['confidence']:.0%}), {a['faces']} face(s), "
          f"noise {a['noise_level']:.2f}, JPEG artefacts {a['jpeg_artifacts']:.2f}, blur {a['blur']:.2f}")
-    _out(f"Recommended: model {s['model']}, scale x{s['scale']:g}, precision {s['precision']}, "
-         f"tile {'auto (' + str(s['tile']) + ')' if s['auto_tile'] else s['tile']}, "
-         f"face enhance {'on' if s['face_enhance'] else 'off'}, denoise {s['denoise_strength']:.2f}")
-    for reason in advice["reasoning"]:
+    tile = f"auto ({a['optimal_tile'] or 'whole image'})" if s.tile == "auto" else s.tile
+    _out(f"Recommended: model {s.model}, scale x{s.outscale:g}, precision {s.precision}, tile {tile}, "
+         f"face enhance {'on' if s.face_enhance else 'off'}, denoise {s.denoise_strength:.2f}")
+    for reason in advice.reasons:
         _out(f"  - {reason}")
     return EXIT_OK
 
@@ -301,9 +238,10 @@ def cmd_video(args, config) -> int:
     from engine.processor import EnhanceSettings, make_frame_enhancer
     from engine.video import VideoLimits, VideoSettings, upscale_video
 
-    settings = EnhanceSettings(model=args.model, outscale=args.scale, face_enhance=args.face_enhance,
-                               tile=args.tile if args.tile == "auto" else int(args.tile), precision=args.precision,
-                               device=args.device or "auto", batch_size=max(1, args.batch_frames))
+    from engine.settings import explicit_from_cli
+
+    settings = EnhanceSettings.from_mapping(explicit_from_cli(args, VIDEO_DEFAULTS)
+                                            | {"batch_size": max(1, min(64, args.batch_frames))})
     manager = ModelManager(config)
     enhancer = make_frame_enhancer(manager, settings, config)
     video_settings = VideoSettings(codec=args.codec, crf=args.crf, preset=args.preset,
@@ -318,7 +256,7 @@ def cmd_video(args, config) -> int:
         result = upscale_video(args.input, args.output, enhancer, video_settings, limits=limits, progress=progress,
                                resume=args.resume)
     record = {"input": args.input, "output": str(result.output), "frames": result.frames,
-              "seconds": round(result.seconds, 2), "fps": round(result.fps, 3), "model": args.model,
+              "seconds": round(result.seconds, 2), "fps": round(result.fps, 3), "model": settings.model,
               "warnings": list(result.warnings)}
     if args.json:
         _print_json(record)

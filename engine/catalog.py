@@ -73,6 +73,19 @@ class ModelSpec:
     def official(self) -> bool:
         return self.url is not None
 
+    @property
+    def network_scale(self) -> int:
+        """The network's own scale (before any built-in resize of the whole model, see ``scale``)."""
+        params = self.arch_params
+        return int(params.get("scale", params.get("upscale", self.scale)))
+
+    @property
+    def pad_multiple(self) -> int:
+        """Input sides must be multiples of this: RRDBNet below ×4 pixel-unshuffles (×2 even, ×1 by 4)."""
+        if self.arch == "RRDBNet":
+            return {1: 4, 2: 2}.get(self.network_scale, 1)
+        return 1
+
 
 def _rrdb(num_block: int, scale: int) -> Mapping[str, object]:
     return MappingProxyType(dict(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=num_block, num_grow_ch=32,

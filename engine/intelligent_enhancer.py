@@ -8,17 +8,19 @@ numbers and of :class:`MachineFacts`, so the rules are tested without images. Th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
 from engine.catalog import CATALOG, DEFAULT_FACE_MODEL
+from engine.settings import Advice, EnhanceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +68,6 @@ class MachineFacts:
     def throughput(self, model: str) -> float:
         kind = self.device.split(":")[0]
         return float(self.macs_per_second.get(model) or _DEFAULT_MACS_PER_SECOND.get(kind, 100e9))
-
-
-@dataclass(frozen=True)
-class Advice:
-    settings: dict
-    reasoning: tuple[str, ...]
-    estimated_seconds: float
-    estimated_memory_mb: float
-    alternatives: tuple[dict, ...] = ()
 
 
 # ------------------------------------------------------------------------------------------------ pure rules
@@ -217,21 +210,18 @@ def decide(a: AnalysisNumbers, machine: MachineFacts, requested_scale: float | N
         reasons.append(f"This CPU computes in bf16 natively: precision bf16 would take about "
                        f"{_human_seconds(seconds / 3)} with nearly identical output")
 
-    settings = {
-        "model": model, "scale": scale, "fp32": precision == "fp32", "precision": precision,
-        "face_enhance": face_enhance, "face_strength": 0.8 if face_enhance else 0.8, "tile": int(tile),
-        "auto_tile": True, "denoise_strength": denoise,
-    }
-    return Advice(settings=settings, reasoning=tuple(reasons), estimated_seconds=round(seconds, 2),
-                  estimated_memory_mb=round(memory_mb, 1), alternatives=tuple(alternatives))
+    settings = EnhanceSettings(model=model, outscale=scale, precision=precision, face_enhance=face_enhance,
+                               tile="auto", denoise_strength=denoise)
+    return Advice(settings=settings, reasons=tuple(reasons), estimated_seconds=round(seconds, 2),
+                  estimated_memory_mb=round(memory_mb, 1), alternatives=tuple(alternatives),
+                  analysis={"optimal_tile": int(tile)})
 
 
 def _rough_memory_mb(model: str, width: int, height: int) -> float:
     from engine import upscaler
-    from engine.processor import network_scale
 
     spec = CATALOG[model]
-    return upscaler.estimate_memory_bytes(spec.arch, height, width, scale=network_scale(spec)) / 2**20
+    return upscaler.estimate_memory_bytes(spec.arch, height, width, scale=spec.network_scale) / 2**20
 
 
 def _human_seconds(seconds: float) -> str:
@@ -311,51 +301,19 @@ class IntelligentEnhancer:
     """Analyses images and recommends settings. Holds only read-only facts; safe to share between requests."""
 
     def __init__(self, model_manager=None, config=None, device: str | None = None, calibrate: bool = True):
-        self.model_manager, self.config = model_manager, config
-        self.device_name = device or (config.device if config is not None else "auto")
+        from config import Config
+
+        self.model_manager = model_manager
+        self.config = config if config is not None else Config()
+        self.device_name = device or self.config.device
         cache = Path(config.config_dir) / "calibration.json" if config is not None else None
         self.calibrator = ThroughputCalibrator(cache) if calibrate else None
 
-    # The design's method names.
-    def detect_content_type(self, image) -> str:
-        from engine.image_analysis import content_type
-
-        return content_type(_pixels(image))[0]
-
-    def detect_faces(self, image) -> int:
-        return len(self._detect(_pixels(image)).faces)
-
-    def analyze_noise_level(self, image) -> float:
-        from engine.image_analysis import noise_level
-
-        return float(noise_level(_pixels(image)))
-
-    def calculate_optimal_tile(self, image, device=None, model: str = "RealESRGAN_x4plus") -> int:
-        from engine import upscaler
-        from utils.gpu import free_memory_bytes, resolve_device
-
-        pixels = _pixels(image)
-        dev = resolve_device(str(device or self.device_name))
-        reserve = self.config.gpu_memory_reserve if self.config is not None else 0.1
-        import torch
-
-        dtype = torch.float16 if dev.type == "cuda" else torch.float32
-        from engine.processor import network_scale
-
-        spec = CATALOG[model]
-        return int(upscaler.auto_tile(spec.arch, pixels.shape[0], pixels.shape[1], device=dev, dtype=dtype,
-                                      free_bytes=int(free_memory_bytes(dev) * (1 - reserve)),
-                                      scale=network_scale(spec)))
-
-    def _detect(self, pixels: np.ndarray):
-        from engine.face_detect import detect_faces
-
-        weights = None
-        if self.model_manager is not None:
-            status = self.model_manager.status("detection_Resnet50_Final")
-            weights = Path(status.path) if status.available and status.path else None
-        rgb = pixels[:, :, :3] if pixels.shape[2] >= 3 else np.repeat(pixels[:, :, :1], 3, axis=2)
-        return detect_faces(_to_uint8(rgb), retinaface_weights=weights)
+    def _face_detector_weights(self) -> Path | None:
+        if self.model_manager is None:
+            return None
+        status = self.model_manager.status("detection_Resnet50_Final")
+        return Path(status.path) if status.available and status.path else None
 
     def machine_facts(self, models: tuple[str, ...] = ()) -> MachineFacts:
         from utils.gpu import free_memory_bytes, resolve_device
@@ -378,30 +336,22 @@ class IntelligentEnhancer:
             device=str(device), free_memory_bytes=int(free_memory_bytes(device)),
             available_models=frozenset(available), downloadable_models=frozenset(downloadable),
             macs_per_second=throughput,
-            max_output_pixels=self.config.max_output_pixels if self.config is not None else 400_000_000,
-            face_enhancement_enabled=self.config.enable_face_enhancement if self.config is not None else True,
+            max_output_pixels=self.config.max_output_pixels,
+            face_enhancement_enabled=self.config.enable_face_enhancement,
             cpu_bf16_fast=device.type == "cpu" and _cpu_has_fast_bf16())
 
-    def get_intelligent_settings(self, image, scale: float | None = None) -> dict:
-        """Analyse ``image`` and recommend settings.
+    def advise(self, image, scale: float | None = None) -> Advice:
+        """Analyse ``image`` (a path, PIL image or ``HxWxC`` array) and recommend settings for it on this machine.
 
-        Returns:
-            ``{"settings": {...}, "reasoning": [...], "analysis": {...}}`` — settings keys model, scale, fp32,
-            precision, face_enhance, face_strength, tile, auto_tile, denoise_strength; analysis keys content_type,
-            confidence, faces, face_boxes, face_detector, noise_level, noise_sigma, jpeg_artifacts, blur,
-            resolution, bit_depth, has_alpha, optimal_tile, estimated_seconds, estimated_memory_mb, device,
-            alternatives.
+        The tile it shows is the tile the engine will run (:func:`engine.inference.planning.choose_tile`).
         """
-        from engine import upscaler
         from engine.image_analysis import analyze
+        from engine.inference import planning
+        from utils.gpu import resolve_device
 
         start = time.perf_counter()
         pixels = _pixels(image)
-        weights = None
-        if self.model_manager is not None:
-            status = self.model_manager.status("detection_Resnet50_Final")
-            weights = Path(status.path) if status.available and status.path else None
-        analysis = analyze(pixels, detect_faces_too=True, retinaface_weights=weights)
+        analysis = analyze(pixels, detect_faces_too=True, retinaface_weights=self._face_detector_weights())
         numbers = AnalysisNumbers(
             content_type=analysis.content_type, confidence=float(analysis.confidence), faces=len(analysis.faces),
             noise_level=float(analysis.noise_level), jpeg_artifacts=float(analysis.jpeg_artifacts),
@@ -410,45 +360,50 @@ class IntelligentEnhancer:
         candidates = ("RealESRGAN_x4plus", "RealESRGAN_x4plus_anime_6B", FAST_PHOTO_MODEL, FAST_FALLBACK_MODEL,
                       "RealESRGAN_x2plus")
         machine = self.machine_facts(tuple(m for m in candidates if self.calibrator is not None))
-
-        from utils.gpu import resolve_device
-
         device = resolve_device(self.device_name)
-        reserve = self.config.gpu_memory_reserve if self.config is not None else 0.1
 
         def tile_for(model: str) -> tuple[int, float]:
-            import torch
-
-            dtype = torch.float16 if device.type == "cuda" else torch.float32
-            from engine.processor import network_scale
-
             spec = CATALOG[model]
-            tile = upscaler.auto_tile(spec.arch, numbers.height, numbers.width, device=device, dtype=dtype,
-                                      free_bytes=int(machine.free_memory_bytes * (1 - reserve)),
-                                      scale=network_scale(spec))
-            side_h, side_w = (tile, tile) if tile else (numbers.height, numbers.width)
-            memory = upscaler.estimate_memory_bytes(spec.arch, side_h, side_w, dtype, scale=network_scale(spec))
-            return int(tile), memory / 2**20
+            probe = EnhanceSettings(model=model)
+            precision = planning.effective_precision(spec, device.type, "auto")
+            choice = planning.choose_tile(spec, numbers.height, numbers.width, device=device, precision=precision,
+                                          batch_size=planning.batch_size_for(device.type, probe), config=self.config)
+            return choice.tile, choice.memory_bytes / 2**20
 
         advice = decide(numbers, machine, requested_scale=scale, tile_for=tile_for)
-        return {
-            "settings": advice.settings,
-            "reasoning": list(advice.reasoning),
-            "analysis": {
-                "content_type": numbers.content_type, "confidence": round(numbers.confidence, 3),
-                "faces": numbers.faces,
-                "face_boxes": [[round(float(v), 1) for v in (f.x0, f.y0, f.x1, f.y1)] for f in analysis.faces],
-                "face_sizes": [round(float(min(f.x1 - f.x0, f.y1 - f.y0)), 1) for f in analysis.faces],
-                "face_detector": analysis.face_detector,
-                "noise_level": round(numbers.noise_level, 3), "noise_sigma": round(float(analysis.noise_sigma), 2),
-                "jpeg_artifacts": round(numbers.jpeg_artifacts, 3), "blur": round(numbers.blur, 3),
-                "resolution": f"{numbers.width}x{numbers.height}", "bit_depth": numbers.bit_depth,
-                "has_alpha": numbers.has_alpha, "optimal_tile": advice.settings["tile"],
-                "estimated_seconds": advice.estimated_seconds, "estimated_memory_mb": advice.estimated_memory_mb,
-                "device": machine.device, "alternatives": list(advice.alternatives),
-                "analysis_ms": round((time.perf_counter() - start) * 1000, 1),
-            },
+        record = {
+            "content_type": numbers.content_type, "confidence": round(numbers.confidence, 3),
+            "faces": numbers.faces,
+            "face_boxes": [[round(float(v), 1) for v in (f.x0, f.y0, f.x1, f.y1)] for f in analysis.faces],
+            "face_sizes": [round(float(min(f.x1 - f.x0, f.y1 - f.y0)), 1) for f in analysis.faces],
+            "face_detector": analysis.face_detector,
+            "noise_level": round(numbers.noise_level, 3), "noise_sigma": round(float(analysis.noise_sigma), 2),
+            "jpeg_artifacts": round(numbers.jpeg_artifacts, 3), "blur": round(numbers.blur, 3),
+            "resolution": f"{numbers.width}x{numbers.height}", "bit_depth": numbers.bit_depth,
+            "has_alpha": numbers.has_alpha, "optimal_tile": advice.analysis["optimal_tile"],
+            "estimated_seconds": advice.estimated_seconds, "estimated_memory_mb": advice.estimated_memory_mb,
+            "device": machine.device, "alternatives": list(advice.alternatives),
+            "analysis_ms": round((time.perf_counter() - start) * 1000, 1),
         }
+        return dataclasses.replace(advice, analysis=record)
+
+    def get_intelligent_settings(self, image, scale: float | None = None) -> dict:
+        """The design's JSON form of :meth:`advise`: ``{"settings": {model, scale, fp32, precision, face_enhance,
+        face_strength, tile, auto_tile, denoise_strength}, "reasoning": [...], "analysis": {...}}``."""
+        return design_dict(self.advise(image, scale))
+
+
+def design_dict(advice: Advice) -> dict:
+    """An :class:`Advice` in the design document's JSON shape (its key names live only here)."""
+    s = advice.settings
+    return {
+        "settings": {"model": s.model, "scale": s.outscale, "fp32": s.precision == "fp32",
+                     "precision": s.precision, "face_enhance": s.face_enhance, "face_strength": s.face_strength,
+                     "tile": int(advice.analysis.get("optimal_tile", 0)), "auto_tile": s.tile == "auto",
+                     "denoise_strength": s.denoise_strength},
+        "reasoning": list(advice.reasons),
+        "analysis": dict(advice.analysis),
+    }
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -465,16 +420,7 @@ def _pixels(image) -> np.ndarray:
     """Accept a path, PIL image or array; return HxWxC uint8/uint16 pixels."""
     if isinstance(image, np.ndarray) and image.ndim == 3:
         return image
-    from engine.processor import load_input
+    from engine.inference.pipeline import load_input
 
     return load_input(image).pixels
 
-
-def _to_uint8(pixels: np.ndarray) -> np.ndarray:
-    if pixels.dtype == np.uint16:
-        return (pixels >> 8).astype(np.uint8)
-    return pixels.astype(np.uint8, copy=False)
-
-
-def advice_as_json(advice: dict) -> str:
-    return json.dumps(advice, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))

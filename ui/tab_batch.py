@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Sequence
 
 import gradio as gr
 
-from engine.processor import BatchItem, process_batch
+from engine.processor import BatchInput, BatchItem, BatchJob, BatchServices, run_batch
 from ui import form as form_mod
 from ui.errors import friendly_errors, user_message
 from ui.jobs import CancelToken, device_slot
@@ -34,14 +34,23 @@ class BatchOutcome:
     summary: str
 
 
-def run_batch(services, uploads: Sequence[tuple[Path, str]], settings: Mapping[str, object] | None, *,
-              progress: Callable[[int, int, str, float], None] | None = None, cancel=None) -> BatchOutcome:
+def batch_job(settings: Mapping[str, object], auto: bool, folder: Path) -> BatchJob:
+    """The job for the form's settings: with ``auto`` the advisor chooses per image, and the values the user
+    changed on the form still win."""
+    engine_settings = form_mod.to_enhance_settings(settings)
+    explicit = form_mod.explicit_settings(settings) if auto else engine_settings.as_dict()
+    return BatchJob(settings=engine_settings, explicit=explicit, auto=auto, output_dir=folder)
+
+
+def enhance_uploads(services, uploads: Sequence[tuple[Path, str]], settings: Mapping[str, object], auto: bool, *,
+                    progress: Callable[[int, int, str, float], None] | None = None, cancel=None) -> BatchOutcome:
     """Enhance uploaded images and zip archives.
 
     Args:
         services: the app's services.
         uploads: (local path, name the user gave it) pairs; ``.zip`` files are unpacked (images only).
-        settings: a settings dict for every image, or None to let the advisor choose per image.
+        settings: the form's settings dict.
+        auto: let the advisor choose per image (the values changed on the form still win).
         progress: ``(index, total, name, fraction of this image)``.
         cancel: a ``threading.Event`` that stops the batch.
     """
@@ -90,22 +99,13 @@ def run_batch(services, uploads: Sequence[tuple[Path, str]], settings: Mapping[s
         if len(inputs) > MAX_BATCH_FILES:
             raise gr.Error(f"{len(inputs)} images is more than the {MAX_BATCH_FILES} a batch may hold; split it.")
         folder = new_output_dir(config, "batch")
-        items: list[BatchItem] = []
+        items: tuple[BatchItem, ...] = ()
         if inputs:
-            engine_settings = form_mod.to_enhance_settings(settings) if settings is not None else "auto"
-            total = len(inputs)
-            for index, path in enumerate(inputs):  # one device slot per image, so other users get turns
-                def one(_i, _n, name, fraction, index=index):
-                    if progress is not None:
-                        progress(index, total, name, fraction)
-
-                with device_slot(services):
-                    report = process_batch([path], engine_settings, one, model_manager=services.model_manager,
-                                           output_dir=folder, config=config, cancel=cancel,
-                                           advisor=services.advisor)
-                items.extend(report.items)
-                if progress is not None:
-                    progress(index + 1, total, path.name, 0.0)
+            job = batch_job(settings, auto, folder)
+            engine_services = BatchServices(services.model_manager, config, services.advisor,
+                                            slot=lambda: device_slot(services))  # other users get turns
+            items = run_batch([BatchInput(p, Path(p.name)) for p in inputs], job, engine_services,
+                              progress=progress, cancel=cancel).items
     outputs = tuple((Path(i.output), f"{i.input.name} → {Path(i.output).name}")
                     for i in items if i.ok and i.output is not None)
     failures.extend((i.input.name, _short(i.error)) for i in items if not i.ok)
@@ -168,8 +168,8 @@ def listen(tab: BatchTab, services, form: form_mod.SettingsForm) -> None:
                                                  f"({fraction:.0%})")
 
         with friendly_errors("batch"):
-            settings = None if auto else form_mod.widget_values_to_settings(values)
-            outcome = run_batch(services, uploads, settings, progress=report, cancel=event)
+            settings = form_mod.widget_values_to_settings(values)
+            outcome = enhance_uploads(services, uploads, settings, bool(auto), progress=report, cancel=event)
         gallery = [(str(p), caption) for p, caption in outcome.outputs]
         download = (gr.update(value=str(outcome.archive), visible=True) if outcome.archive
                     else gr.update(value=None, visible=False))

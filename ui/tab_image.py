@@ -17,6 +17,7 @@ import gradio as gr
 import numpy as np
 
 from engine.processor import EnhanceResult, enhance_image_direct, save_result
+from engine.settings import Advice
 from ui import form as form_mod
 from ui.errors import friendly_errors
 from ui.jobs import CancelToken, device_slot, gradio_progress
@@ -50,8 +51,8 @@ def analyze_file(services, path: str | Path, scale: float | None = None) -> dict
         InputTooLargeError / UnsupportedFormatError / InvalidInputError: the upload is refused.
     """
     check_image_upload(path, services.config)
-    advice = services.advisor.get_intelligent_settings(str(path), scale=scale)
-    return json.loads(json.dumps(advice, default=str))  # JSON-safe (numpy numbers, tuples)
+    advice = services.advisor.advise(str(path), scale=scale)
+    return json.loads(json.dumps(advice.as_dict(), default=str))  # JSON-safe (numpy numbers, tuples)
 
 
 def advice_markdown(advice: Mapping) -> str:
@@ -62,7 +63,7 @@ def advice_markdown(advice: Mapping) -> str:
     lines = [f"**What the app sees:** {content} ({a.get('resolution', '?')}, confidence "
              f"{float(a.get('confidence', 0)):.0%}), {a.get('faces', 0)} face(s), noise "
              f"{float(a.get('noise_level', 0)):.2f}, JPEG artefacts {float(a.get('jpeg_artifacts', 0)):.2f}.",
-             f"**Recommended:** model `{s.get('model', 'auto')}`, ×{s.get('scale', '?')}"
+             f"**Recommended:** model `{s.get('model', 'auto')}`, ×{s.get('outscale') or '?'}"
              + (", restore faces" if s.get("face_enhance") else "")
              + (f", denoise {float(s['denoise_strength']):.2f}" if s.get("denoise_strength") is not None else "")]
     if a.get("estimated_seconds") is not None:
@@ -189,7 +190,7 @@ def api_settings(raw: object) -> dict:
     """The /enhance API's ``settings`` argument (dict or JSON text) → the settings it names, validated.
 
     Only the keys given are returned, so everything else takes the engine's defaults (for example the model's
-    native scale when ``outscale`` is left out). ``scale`` is accepted for ``outscale``.
+    native scale when ``outscale`` is left out).
 
     Raises:
         InvalidSettingsError: not a JSON object, or a value of the wrong type or range.
@@ -207,8 +208,6 @@ def api_settings(raw: object) -> dict:
     if not isinstance(raw, Mapping):
         raise InvalidSettingsError("settings must be a JSON object such as {\"model\": \"auto\", \"outscale\": 2}.")
     values = dict(raw)
-    if "scale" in values and "outscale" not in values:
-        values["outscale"] = values.pop("scale")
     validated, _warnings = validate_settings(values)
     return {key: validated[key] for key in values if key in validated}
 
@@ -297,7 +296,7 @@ def listen(tab: ImageTab, services) -> None:
             raise gr.Error("Upload an image first; the recommendation comes from its analysis.")
         with friendly_errors("apply recommendations"):
             current = form_mod.widget_values_to_settings(values)
-            updated = form_mod.settings_from_recommendation(advice.get("settings", {}), current)
+            updated = form_mod.settings_from_recommendation(Advice.from_dict(advice), current)
         gr.Info("The recommended settings are in the form; press Enhance.")
         return form_mod.settings_to_widget_values(updated)
 
