@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageCms
 
 from engine.errors import CancelledError, InputTooLargeError, InvalidInputError, InvalidSettingsError
-from engine.processor import (EnhanceSettings, bleed_transparent_colours, enhance_image_direct, plan_output_size,
+from engine.processor import (BatchJob, EnhanceSettings, bleed_transparent_colours, enhance_image_direct, plan_output_size,
                               process_batch, route_model, save_result)
 from utils.image_io import load_image
 
@@ -52,18 +52,20 @@ def test_output_size_planning():
 
 
 def test_settings_are_validated_with_clear_messages():
-    with pytest.raises(InvalidSettingsError, match="between 1 and 8"):
+    with pytest.raises(InvalidSettingsError, match="'outscale' must be a number from 1 to 8"):
         EnhanceSettings(outscale=9)
-    with pytest.raises(InvalidSettingsError, match="Unknown model"):
+    with pytest.raises(InvalidSettingsError, match="'model' must be one of 'auto', 'RealESRGAN_x4plus'"):
         EnhanceSettings(model="nope")
-    with pytest.raises(InvalidSettingsError, match="Face strength"):
+    with pytest.raises(InvalidSettingsError, match="'face_strength'"):
         EnhanceSettings(face_strength=1.5)
     with pytest.raises(InvalidSettingsError, match="only one"):
         EnhanceSettings(target_width=10, max_side=10)
     with pytest.raises(InvalidSettingsError, match="cuda:N"):
         EnhanceSettings(device="gpu")
-    assert EnhanceSettings.from_mapping({"scale": 2, "tile": "128", "junk": 1}).outscale == 2
-    assert EnhanceSettings.from_mapping({"tile": "128"}).tile == 128
+    assert EnhanceSettings.from_mapping({"outscale": "2", "tile": "128", "junk": 1}, coerce=True).outscale == 2
+    assert EnhanceSettings.from_mapping({"tile": 128.0}, coerce=True).tile == 128
+    with pytest.raises(InvalidSettingsError, match="'tile'"):
+        EnhanceSettings.from_mapping({"tile": "128"})  # text is read only where asked (forms, flags)
 
 
 def test_auto_routes_native_scale():
@@ -82,8 +84,8 @@ def test_auto_overlap_follows_the_receptive_field():
     rrdb, compact = CATALOG["RealESRGAN_x4plus"], CATALOG["realesr-animevideov3"]
     assert overlap_for(rrdb, 256) == 64 and overlap_for(rrdb, 128) == 32 and overlap_for(rrdb, 32) == 16
     assert overlap_for(compact, 256) == 32 and overlap_for(compact, 64) == 8
-    assert EnhanceSettings.from_mapping({"tile_overlap": "24"}).tile_overlap == 24
-    with pytest.raises(InvalidSettingsError, match="overlap"):
+    assert EnhanceSettings.from_mapping({"tile_overlap": "24"}, coerce=True).tile_overlap == 24
+    with pytest.raises(InvalidSettingsError, match="'tile_overlap'"):
         EnhanceSettings(tile_overlap=-1)
 
 
@@ -235,7 +237,7 @@ def _inject(manager, name: str, precision: str, **fault):
 
 
 def test_bf16_is_kept_only_where_it_stays_faithful(manager):
-    from engine import processor
+    from engine.inference import precision_check as processor
 
     image = crop(DATA / "upscaler" / "ost_009_crop192.png", 16)
     assert processor.bf16_psnr(manager, FAST) >= processor.BF16_MIN_PSNR
@@ -250,7 +252,7 @@ def test_bf16_is_kept_only_where_it_stays_faithful(manager):
 
 
 def test_bad_half_precision_output_is_redone_in_fp32(manager):
-    from engine import processor
+    from engine.inference import precision_check as processor
 
     image = crop(DATA / "upscaler" / "ost_009_crop192.png", 16)
     assert processor.bf16_psnr(manager, FAST, 0.5) >= processor.BF16_MIN_PSNR  # measured on the sound network
@@ -319,14 +321,15 @@ def test_batch_continues_past_a_corrupt_file_and_mirrors_folders(manager, tmp_pa
     (src / ".DS_Store").write_bytes(b"x")
     (src / "notes.txt").write_text("not an image")
     seen = []
-    report = process_batch([src], fast(), lambda i, n, name, f: seen.append((i, n)), model_manager=manager,
-                           output_dir=tmp_path / "out", recursive=True)
+    job = BatchJob(settings=fast(), output_dir=tmp_path / "out")
+    report = process_batch([src], job, lambda i, n, name, f: seen.append((i, n)), model_manager=manager,
+                           recursive=True)
     assert report.summary() == "2 successful, 1 failed"
     assert report.failures[0].input.name == "broken.png" and report.failures[0].error
     assert (tmp_path / "out" / "a.png").is_file() and (tmp_path / "out" / "sub" / "b.jpg").is_file()
     assert seen[-1] == (3, 3)
-    again = process_batch([src], fast(), model_manager=manager, output_dir=tmp_path / "out", recursive=True,
-                          skip_existing=True)
+    again = process_batch([src], BatchJob(settings=fast(), output_dir=tmp_path / "out", skip_existing=True),
+                          model_manager=manager, recursive=True)
     assert again.skipped == 2 and again.summary() == "0 successful, 1 failed, 2 skipped (output exists)"
 
 
@@ -336,7 +339,7 @@ def test_output_folder_equal_to_input_folder_never_overwrites_originals(manager,
     original = src / "a.png"
     Image.fromarray(crop(DATA / "upscaler" / "ost_009_crop192.png", 12)).save(original)
     before = original.read_bytes()
-    report = process_batch([src], fast(), model_manager=manager, output_dir=src)
+    report = process_batch([src], BatchJob(settings=fast(), output_dir=src), model_manager=manager)
     assert report.summary() == "1 successful, 0 failed"
     assert original.read_bytes() == before
     assert Image.open(src / "a_enhanced.png").size == (48, 48)
