@@ -404,7 +404,7 @@ def test_missing_model_weights_is_503_without_server_paths(client, api_env):
 # ------------------------------------------------------------------------------------------------ concurrency
 def test_one_inference_at_a_time_and_overflow_gets_429(api_env, monkeypatch):
     """Concurrency 1, a line of 2: of 7 simultaneous requests 3 run (one at a time) and 4 get 429."""
-    from engine import processor
+    from engine.inference import pipeline as processor
     from engine.model_manager import ModelManager
 
     config = api_env["config"].replace(max_queue_size=2)
@@ -415,7 +415,7 @@ def test_one_inference_at_a_time_and_overflow_gets_429(api_env, monkeypatch):
     gate = threading.Event()
     lock = threading.Lock()
     state = {"active": 0, "peak": 0, "calls": 0}
-    real = processor.enhance_image_direct
+    real = processor.enhance_image
 
     def counting_enhance(*args, **kwargs):
         with lock:
@@ -429,7 +429,7 @@ def test_one_inference_at_a_time_and_overflow_gets_429(api_env, monkeypatch):
             with lock:
                 state["active"] -= 1
 
-    monkeypatch.setattr(processor, "enhance_image_direct", counting_enhance)
+    monkeypatch.setattr(processor, "enhance_image", counting_enhance)
     results: list[httpx.Response] = []
     with serve(services) as url:
         def send():
@@ -542,12 +542,12 @@ def test_model_defaults_to_the_advisors_choice(client):
                                              (MemoryError(), 503)])
 def test_unexpected_failures_are_scrubbed(client, monkeypatch, failure, status):
     """A failure inside the pipeline: 500 (or 503 for memory) with no traceback, exception text or server path."""
-    from engine import processor
+    from engine.inference import pipeline
 
     def failing_enhance(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr(processor, "enhance_image_direct", failing_enhance)
+    monkeypatch.setattr(pipeline, "enhance_image", failing_enhance)
     response = client.post("/api/v1/enhance", files=_files(_png(16, 16)), data={"model": FAST_MODEL})
     _assert_error(response, status, "inference")
     assert "/srv" not in response.text and "boom" not in response.text and "Traceback" not in response.text

@@ -176,7 +176,7 @@ def test_api_settings_only_keep_what_was_given():
     from ui.tab_image import api_settings
 
     assert api_settings(None) == {} and api_settings({}) == {}
-    assert api_settings('{"model": "realesr-animevideov3-x2", "scale": 2}') == {
+    assert api_settings('{"model": "realesr-animevideov3-x2", "outscale": 2}') == {
         "model": "realesr-animevideov3-x2", "outscale": 2.0}
     with pytest.raises(InvalidSettingsError):
         api_settings("[1, 2]")
@@ -188,11 +188,15 @@ def test_recommendation_is_applied_to_the_form():
     from engine.settings_manager import DEFAULT_SETTINGS
     from ui.form import settings_from_recommendation
 
-    advised = {"model": "RealESRGAN_x4plus_anime_6B", "scale": 2, "face_enhance": False, "face_strength": 0.5,
-               "denoise_strength": 0.3, "precision": "fp32", "tile": 0, "auto_tile": True}
-    updated = settings_from_recommendation(advised, dict(DEFAULT_SETTINGS))
+    from engine.settings import Advice, EnhanceSettings
+
+    advised = Advice(settings=EnhanceSettings(model="RealESRGAN_x4plus_anime_6B", outscale=2, denoise_strength=0.3,
+                                              precision="fp32"), reasons=("anime",))
+    current = dict(DEFAULT_SETTINGS) | {"tile": 256, "quality": 70, "face_strength": 0.4}
+    updated = settings_from_recommendation(advised, current)
     assert (updated["model"], updated["outscale"], updated["precision"], updated["tile"]) == (
         "RealESRGAN_x4plus_anime_6B", 2.0, "fp32", "auto")
+    assert (updated["quality"], updated["face_strength"]) == (70, 0.4)  # the user's other settings stay
 
 
 # ------------------------------------------------------------------------------------------------ presets
@@ -247,7 +251,7 @@ def test_error_messages_hide_paths_and_tracebacks():
 
 # ------------------------------------------------------------------------------------------------ batch
 def test_batch_reports_successes_failures_and_zips_the_results(services, tmp_path, small_png):
-    from ui.tab_batch import run_batch
+    from ui.tab_batch import enhance_uploads
     from ui.form import settings_to_widget_values, widget_values_to_settings
 
     archive = tmp_path / "more.zip"
@@ -259,8 +263,8 @@ def test_batch_reports_successes_failures_and_zips_the_results(services, tmp_pat
     settings = widget_values_to_settings(settings_to_widget_values({"model": "realesr-animevideov3-x2",
                                                                     "outscale": 2.0}))
     seen = []
-    outcome = run_batch(services, [(small_png, "small.png"), (archive, "more.zip"), (bomb, "bomb.png")], settings,
-                        progress=lambda i, n, name, f: seen.append((i, n)))
+    outcome = enhance_uploads(services, [(small_png, "small.png"), (archive, "more.zip"), (bomb, "bomb.png")],
+                              settings, False, progress=lambda i, n, name, f: seen.append((i, n)))
     assert outcome.summary.startswith("**2 successful, 2 failed**")
     reasons = dict(outcome.failures)
     assert "too large" in reasons["bomb.png"] and "not an image" in reasons["more.zip"]

@@ -22,8 +22,9 @@ def test_batched_frames_match_single_images(model_manager_session):
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (20, 24, 3), dtype=np.uint8) for _ in range(3)]
     settings = EnhanceSettings(model="realesr-animevideov3", outscale=2, tile=0, device="cpu", precision="fp32")
-    warnings: list[str] = []
-    batched = make_frame_enhancer(model_manager_session, settings, warnings=warnings)(frames)
+    enhancer = make_frame_enhancer(model_manager_session, settings)
+    batched = enhancer(frames)
+    assert enhancer.warnings == [] and enhancer.settings.model == settings.model
     for frame, out in zip(frames, batched):
         single = enhance_image_direct(frame, settings.replace(quality_metrics=False), model_manager_session).pixels
         assert out.shape == (40, 48, 3)
