@@ -207,14 +207,14 @@ def _cli(tmp_path: Path, weights_dir: Path, *args: str) -> subprocess.CompletedP
 
 
 def test_enhance_auto_with_scale_2_gives_x2_and_keeps_tile_and_precision(tmp_path, model_manager_session):
-    photo = np.asarray(Image.open(DATA / "advisor" / "00003.png").convert("RGB"))[:24, :32]
+    photo = np.asarray(Image.open(DATA / "advisor" / "00003.png").convert("RGB"))[:40, :48]
     Image.fromarray(photo).save(tmp_path / "photo.png")
     done = _cli(tmp_path, model_manager_session.weights_dir, "enhance", str(tmp_path / "photo.png"), "-o",
                 str(tmp_path / "out.png"), "--auto", "--scale", "2", "--tile", "16", "--precision", "fp32", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(done.stdout.strip().splitlines()[-1])
     assert record["ok"] and record["advisor"]
-    assert Image.open(tmp_path / "out.png").size == (64, 48)
+    assert Image.open(tmp_path / "out.png").size == (96, 80)
     assert record["scale"] == 2.0 and record["tile"] == 16 and record["precision"] == "fp32"
 
 
