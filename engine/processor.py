@@ -846,7 +846,8 @@ def make_frame_enhancer(model_manager, settings: EnhanceSettings, config=None,
 
     Frames go through the same engine as images (models, tiling, precision, OOM handling); the frames of one batch
     share forward calls. With face enhancement each frame also goes through the face path (skipped on anime with
-    a warning). Warnings are appended to ``warnings`` once each. The callable keeps no per-call state.
+    a warning). Warnings are appended to ``warnings`` once each. The callable keeps no per-call state. It carries
+    the frame settings (an ``engine.video.DescribedFrameEnhancer``), which key a video's resume.
     """
     frame_settings = settings.replace(quality_metrics=False, keep_metadata=False, output_format="png")
     notes: list[str] = warnings if warnings is not None else []
@@ -876,4 +877,6 @@ def make_frame_enhancer(model_manager, settings: EnhanceSettings, config=None,
         add(run_warnings)
         return [_from_float(resize_float(out, out_w, out_h), np.uint8) for out in run.image]
 
-    return enhance
+    from engine.video import DescribedFrameEnhancer
+
+    return DescribedFrameEnhancer(enhance, frame_settings.as_dict())
