@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--fps", default=None, help="output frame rate, e.g. 24000/1001 (default: same)")
     video.add_argument("--face-enhance", action="store_true")
     video.add_argument("--batch-frames", type=int, default=4)
+    video.add_argument("--segment-frames", type=int, default=None,
+                       help="frames per resumable segment (default 240); --resume continues after the last one")
     video.add_argument("--tile", default="auto")
     video.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     video.add_argument("--device", default=None)
@@ -292,22 +294,33 @@ def cmd_analyze(args, config) -> int:
     return EXIT_OK
 
 
-def cmd_video(args, config) -> int:
+def video_settings_from_args(args):
+    """The ``video`` command's (EnhanceSettings, VideoSettings) from its parsed arguments."""
     from fractions import Fraction
 
-    from tqdm import tqdm
-
-    from engine.model_manager import ModelManager
-    from engine.processor import EnhanceSettings, make_frame_enhancer
-    from engine.video import VideoLimits, VideoSettings, upscale_video
+    from engine.processor import EnhanceSettings
+    from engine.video import VideoSettings
 
     settings = EnhanceSettings(model=args.model, outscale=args.scale, face_enhance=args.face_enhance,
                                tile=args.tile if args.tile == "auto" else int(args.tile), precision=args.precision,
                                device=args.device or "auto", batch_size=max(1, args.batch_frames))
-    manager = ModelManager(config)
-    enhancer = make_frame_enhancer(manager, settings, config)
+    segments = {"segment_frames": args.segment_frames} if args.segment_frames is not None else {}
     video_settings = VideoSettings(codec=args.codec, crf=args.crf, preset=args.preset,
-                                   fps=Fraction(args.fps) if args.fps else None, batch_frames=args.batch_frames)
+                                   fps=Fraction(args.fps) if args.fps else None, batch_frames=args.batch_frames,
+                                   **segments)
+    return settings, video_settings
+
+
+def cmd_video(args, config) -> int:
+    from tqdm import tqdm
+
+    from engine.model_manager import ModelManager
+    from engine.processor import make_frame_enhancer
+    from engine.video import VideoLimits, upscale_video
+
+    settings, video_settings = video_settings_from_args(args)
+    manager = ModelManager(config)
+    enhancer = make_frame_enhancer(manager, settings, config)  # carries the settings that key --resume
     limits = VideoLimits.from_config(config)
     with tqdm(unit="frame", disable=args.json or None) as bar:
         def progress(p, bar=bar):
@@ -319,7 +332,7 @@ def cmd_video(args, config) -> int:
                                resume=args.resume)
     record = {"input": args.input, "output": str(result.output), "frames": result.frames,
               "seconds": round(result.seconds, 2), "fps": round(result.fps, 3), "model": args.model,
-              "warnings": list(result.warnings)}
+              "resumed_frames": result.resumed_frames, "warnings": list(result.warnings)}
     if args.json:
         _print_json(record)
     else:
