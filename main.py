@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--preset", default="medium")
     video.add_argument("--fps", default=None, help="output frame rate, e.g. 24000/1001 (default: same)")
     video.add_argument("--batch-frames", type=int, default=4)
+    video.add_argument("--segment-frames", type=int, default=None,
+                       help="frames per resumable segment (default 240); --resume continues after the last one")
     video.add_argument("--resume", action="store_true", help="continue an interrupted run")
     video.add_argument("--json", action="store_true")
 
@@ -229,23 +231,34 @@ def cmd_analyze(args, config) -> int:
     return EXIT_OK
 
 
-def cmd_video(args, config) -> int:
+def video_settings_from_args(args):
+    """The ``video`` command's (EnhanceSettings, VideoSettings) from its parsed arguments."""
     from fractions import Fraction
 
-    from tqdm import tqdm
-
-    from engine.model_manager import ModelManager
-    from engine.processor import EnhanceSettings, make_frame_enhancer
-    from engine.video import VideoLimits, VideoSettings, upscale_video
+    from engine.processor import EnhanceSettings
+    from engine.video import VideoSettings
 
     from engine.settings import explicit_from_cli
 
     settings = EnhanceSettings.from_mapping(explicit_from_cli(args, VIDEO_DEFAULTS)
                                             | {"batch_size": max(1, min(64, args.batch_frames))})
-    manager = ModelManager(config)
-    enhancer = make_frame_enhancer(manager, settings, config)
+    segments = {"segment_frames": args.segment_frames} if args.segment_frames is not None else {}
     video_settings = VideoSettings(codec=args.codec, crf=args.crf, preset=args.preset,
-                                   fps=Fraction(args.fps) if args.fps else None, batch_frames=args.batch_frames)
+                                   fps=Fraction(args.fps) if args.fps else None, batch_frames=args.batch_frames,
+                                   **segments)
+    return settings, video_settings
+
+
+def cmd_video(args, config) -> int:
+    from tqdm import tqdm
+
+    from engine.model_manager import ModelManager
+    from engine.processor import make_frame_enhancer
+    from engine.video import VideoLimits, upscale_video
+
+    settings, video_settings = video_settings_from_args(args)
+    manager = ModelManager(config)
+    enhancer = make_frame_enhancer(manager, settings, config)  # carries the settings that key --resume
     limits = VideoLimits.from_config(config)
     with tqdm(unit="frame", disable=args.json or None) as bar:
         def progress(p, bar=bar):
@@ -257,7 +270,7 @@ def cmd_video(args, config) -> int:
                                resume=args.resume)
     record = {"input": args.input, "output": str(result.output), "frames": result.frames,
               "seconds": round(result.seconds, 2), "fps": round(result.fps, 3), "model": settings.model,
-              "warnings": list(result.warnings)}
+              "resumed_frames": result.resumed_frames, "warnings": list(result.warnings)}
     if args.json:
         _print_json(record)
     else:

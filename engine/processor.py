@@ -66,6 +66,10 @@ def process_batch(inputs: Sequence[str | Path], job: BatchJob, progress: BatchPr
     return run_batch(collect_inputs(inputs, recursive), job, services, progress=progress, cancel=cancel)
 
 
-def make_frame_enhancer(model_manager, settings: EnhanceSettings, config=None) -> FrameEnhancer:
-    """A callable for :func:`engine.video.upscale_video` running frames through the same engine as images."""
-    return FrameEnhancer(model_manager, settings, config)
+def make_frame_enhancer(model_manager, settings: EnhanceSettings, config=None) -> "DescribedFrameEnhancer":
+    """A callable for :func:`engine.video.upscale_video` running frames through the same engine as images. It
+    carries the settings that decide its pixels, so a resumed video never joins frames of other settings."""
+    from engine.video import DescribedFrameEnhancer
+
+    frames = FrameEnhancer(model_manager, settings, config)
+    return DescribedFrameEnhancer(frames, frames.settings.as_dict())

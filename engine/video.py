@@ -8,6 +8,11 @@ atomically after every finished segment, so ``upscale_video(..., resume=True)`` 
 ``kill -9`` from the last finished segment. Segment boundaries are frame-exact: a resumed run decodes from the
 start and drops the frames already done by count (``-ss`` seeking is not frame-exact). The last step joins the
 segments (stream copy) and copies the source's audio and subtitle streams untouched, with its rotation.
+
+A resume continues only the same job: the manifest records the input's identity, every encoding setting and the
+enhancer's own settings (a :class:`DescribedFrameEnhancer` carries them: model, scale, denoise, faces, precision,
+tiles, ...). When any of them differ, the earlier segments are deleted, the job starts over, and the result says
+so in a warning: frames made two ways are never joined.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Literal, get_args
+from typing import Callable, Literal, Mapping, get_args
 
 import filelock
 import numpy as np
@@ -40,6 +45,27 @@ logger = logging.getLogger(__name__)
 FrameEnhancer = Callable[[list[np.ndarray]], list[np.ndarray]]
 """Takes a batch of HxWx3 uint8 RGB frames, returns as many upscaled frames, all of one output size."""
 
+
+@dataclass(frozen=True)
+class DescribedFrameEnhancer:
+    """A :data:`FrameEnhancer` that carries every setting that decides its pixels.
+
+    :func:`upscale_video` keys resumable work on ``settings``, so a resumed video never joins frames made by
+    another model, scale, precision, tiling or face setting. :func:`engine.processor.make_frame_enhancer` returns
+    one (``settings`` is its ``EnhanceSettings.as_dict()``).
+
+    Attributes:
+        enhance: the frame enhancer itself.
+        settings: JSON-able values (str, int, float, bool, None, fractions, nested mappings) naming everything that
+            changes the enhancer's output.
+    """
+
+    enhance: FrameEnhancer
+    settings: Mapping[str, object]
+
+    def __call__(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        return self.enhance(frames)
+
 Stage = Literal["probe", "resume", "upscale", "mux", "done"]
 Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"]
 PixFmt = Literal["yuv420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv444p10le"]
@@ -49,7 +75,7 @@ STEPS: tuple[Stage, ...] = ("probe", "resume", "upscale", "mux", "done")
 
 _CRF_RANGE = {"h264": (0, 51), "h265": (0, 51), "vp9": (0, 63)}
 _CONTAINER_CODECS = {"webm": {"vp9"}}
-_MANIFEST_VERSION = 1
+_MANIFEST_VERSION = 2  # 2: the manifest records the job it belongs to
 _PLAYLIST_MARKERS = (b"#EXTM3U", b"ffconcat", b"<?xml", b"<MPD", b"[playlist]")
 _QUEUE_POLL_S = 0.1
 
@@ -304,26 +330,70 @@ def output_muxer(output: Path, codec: str) -> str:
     return muxer
 
 
-def job_key(info: VideoInfo, settings: VideoSettings, output: Path, extra: str = "") -> str:
-    """SHA-256 naming a job: input identity (path, size, mtime), settings, output suffix and ``extra`` (the
-    caller's model/precision description). Changing any of them starts a fresh work folder."""
+def job_description(info: VideoInfo, settings: VideoSettings, output: Path,
+                    enhancer_settings: Mapping[str, object] | None = None, job_id: str = "") -> dict:
+    """Everything that decides a job's frames, as canonical JSON values: the input's identity (path, size,
+    mtime), every :class:`VideoSettings` field, the output's suffix, the enhancer's settings (see
+    :class:`DescribedFrameEnhancer`) and the caller's ``job_id``. Pure apart from one ``stat`` of the input."""
     stat = os.stat(info.path)
-    payload = {"v": _MANIFEST_VERSION, "input": os.path.abspath(info.path), "size": stat.st_size,
-               "mtime_ns": stat.st_mtime_ns, "settings": {k: str(v) for k, v in asdict(settings).items()},
-               "suffix": output.suffix.lower(), "extra": extra}
+    return {"input": {"path": os.path.abspath(info.path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+            "output": output.suffix.lower(), "video": _canonical(asdict(settings)),
+            "enhancer": _canonical(dict(enhancer_settings or {})), "job_id": job_id}
+
+
+def job_key(description: Mapping[str, object]) -> str:
+    """SHA-256 of a :func:`job_description` (and the manifest version): equal only for the same job."""
+    payload = {"v": _MANIFEST_VERSION, "job": _canonical(description)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def default_work_dir(output: Path, key: str) -> Path:
-    """The work folder beside ``output`` for job ``key`` (hidden, named from the output and the key)."""
-    return output.parent / f".{output.name}.{key[:16]}.work"
+def _canonical(value: object) -> object:
+    """A JSON value that is equal for equal settings: 2 and 2.0 are one number, a Fraction its exact text."""
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, Fraction):
+        return int(value) if value.denominator == 1 else str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    return str(value)
+
+
+def settings_changes(earlier: Mapping[str, object], now: Mapping[str, object], limit: int = 4) -> str:
+    """What differs between two :func:`job_description` values, for the user ("model a → b, crf 18 → 23")."""
+    changes: list[str] = []
+    if earlier.get("input") != now.get("input"):
+        changes.append("the input file changed")
+    if earlier.get("output") != now.get("output"):
+        changes.append(f"output type {earlier.get('output')} → {now.get('output')}")
+    for section in ("enhancer", "video"):
+        old, new = earlier.get(section), now.get(section)
+        old, new = (old if isinstance(old, Mapping) else {}), (new if isinstance(new, Mapping) else {})
+        for name in [*new, *(k for k in old if k not in new)]:
+            if old.get(name, "unset") != new.get(name, "unset"):
+                changes.append(f"{name} {old.get(name, 'unset')} → {new.get(name, 'unset')}")
+    if earlier.get("job_id") != now.get("job_id"):
+        changes.append(f"job id {earlier.get('job_id')!r} → {now.get('job_id')!r}")
+    shown = ", ".join(changes[:limit]) + (f" and {len(changes) - limit} more" if len(changes) > limit else "")
+    return shown or "unrecorded"
+
+
+def default_work_dir(output: Path) -> Path:
+    """The work folder beside ``output`` (hidden, named from the output): one per output file, so a job for the
+    same output with other settings finds the earlier run's segments, says so, and replaces them."""
+    return output.parent / f".{output.name}.work"
 
 
 @dataclass
 class _Manifest:
     key: str
-    segment_frames: int
-    segments: list[dict] = field(default_factory=list)  # {"file": name, "frames": n}
+    job: dict  # the job_description the key hashes, kept to say what changed when a resume does not match
+    segments: list[dict] = field(default_factory=list)  # {"file": name, "frames": n, "bytes": size}
     width: int = 0
     height: int = 0
 
@@ -332,26 +402,38 @@ class _Manifest:
         return sum(s["frames"] for s in self.segments)
 
     def save(self, work_dir: Path) -> None:
-        data = json.dumps({"version": _MANIFEST_VERSION, "key": self.key, "segment_frames": self.segment_frames,
-                           "width": self.width, "height": self.height, "segments": self.segments}, indent=1)
+        data = json.dumps({"version": _MANIFEST_VERSION, "key": self.key, "job": self.job, "width": self.width,
+                           "height": self.height, "segments": self.segments}, indent=1)
         write_atomic(work_dir / "manifest.json", data.encode("utf-8"))
 
     @classmethod
-    def load(cls, work_dir: Path, key: str, segment_frames: int) -> "_Manifest | None":
-        """The manifest in ``work_dir`` when it belongs to this job and its segments are on disk, else None."""
+    def for_resume(cls, work_dir: Path, key: str, job: dict) -> tuple["_Manifest | None", str | None]:
+        """The earlier run's manifest in ``work_dir`` when it belongs to this job and its segments are intact.
+
+        Returns:
+            (manifest or None, None or a sentence for the user saying why earlier work was not used).
+        """
         try:
             data = json.loads((work_dir / "manifest.json").read_text())
+        except FileNotFoundError:
+            if any(work_dir.glob("seg_*.mp4")):
+                return None, "The earlier run's segments had no record of how they were made; started over."
+            return None, None
         except (OSError, ValueError):
-            return None
-        if data.get("version") != _MANIFEST_VERSION or data.get("key") != key \
-                or data.get("segment_frames") != segment_frames:
-            return None
+            return None, "The earlier run's record could not be read; started over."
+        if not isinstance(data, dict) or data.get("version") != _MANIFEST_VERSION:
+            return None, "The earlier run was made by another version of this app; started over."
+        if data.get("key") != key:
+            earlier = data.get("job") if isinstance(data.get("job"), dict) else {}
+            if earlier.get("input") != job.get("input"):
+                return None, "The input file changed since the earlier run; started over."
+            return None, f"The earlier run used other settings ({settings_changes(earlier, job)}); started over."
         segments = list(data.get("segments", []))
         for seg in segments:
             file = work_dir / str(seg.get("file", ""))
             if not file.is_file() or file.stat().st_size != seg.get("bytes"):
-                return None
-        return cls(key, segment_frames, segments, int(data.get("width", 0)), int(data.get("height", 0)))
+                return None, "Some of the earlier run's segments are missing or damaged; started over."
+        return cls(key, job, segments, int(data.get("width", 0)), int(data.get("height", 0))), None
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -581,23 +663,28 @@ def upscale_video(input: str | os.PathLike[str], output: str | os.PathLike[str],
         input: the source video.
         output: the file to write (.mp4, .m4v, .mov, .mkv or .webm); written under a temporary name and moved
             into place at the end, so it never exists half-written.
-        enhancer: batch of HxWx3 uint8 RGB frames → as many upscaled HxWx3 uint8 RGB frames of one size.
+        enhancer: batch of HxWx3 uint8 RGB frames → as many upscaled HxWx3 uint8 RGB frames of one size; a
+            :class:`DescribedFrameEnhancer` (what :func:`engine.processor.make_frame_enhancer` returns) also
+            names its settings, which key the resume.
         settings: encoding and batching settings.
         limits: bounds the input must be within.
         progress: called from the calling thread with a :class:`VideoProgress` after each batch.
         cancel: set it to stop; ffmpeg children are killed, partial output and the work folder are removed and
             :class:`CancelledError` is raised.
         resume: continue from the finished segments of an earlier interrupted run of the same job (same input,
-            settings, output name and ``job_id``); otherwise any earlier work is discarded.
+            video settings, enhancer settings, output and ``job_id``). Earlier work of another job for this output
+            is deleted and a warning says what differed; without ``resume`` earlier work is discarded silently.
         work_dir: where segments and the manifest live; default a hidden folder beside ``output``.
         ffmpeg: tools to use, or an ffmpeg path; None finds them (see :func:`engine.ffmpeg.find_tools`).
-        job_id: describes the enhancer (model, tile, precision) so a resume never mixes two models' frames.
+        job_id: describes an enhancer that is not a :class:`DescribedFrameEnhancer` (its model, weights, ...);
+            added to the resume key. ``resume`` needs one or the other.
 
     Returns:
         A :class:`VideoResult`; the work folder is removed.
 
     Raises:
-        InvalidSettingsError: output suffix/codec mismatch.
+        InvalidSettingsError: output suffix/codec mismatch, or ``resume`` with an enhancer that does not
+            describe itself and no ``job_id``.
         VideoError: probing, decoding, the enhancer's output shape, encoding or muxing failed, the ffmpeg build
             lacks the encoder, or another process is working on the same job.
         InputTooLargeError: the input is over ``limits``.
@@ -605,6 +692,11 @@ def upscale_video(input: str | os.PathLike[str], output: str | os.PathLike[str],
     """
     started = time.monotonic()
     input_path, output_path = Path(input), Path(output)
+    enhancer_settings = enhancer.settings if isinstance(enhancer, DescribedFrameEnhancer) else None
+    if resume and enhancer_settings is None and not job_id:
+        raise InvalidSettingsError("Resuming needs to know how the earlier frames were made: pass the enhancer from "
+                                   "engine.processor.make_frame_enhancer (a DescribedFrameEnhancer), or a job_id "
+                                   "that names your enhancer's model and settings.")
     if output_path.exists() and input_path.exists() and output_path.resolve() == input_path.resolve():
         raise VideoError(f"The output {output_path.name} is the input file itself; choose another output name "
                          "so the original is kept.")
@@ -633,8 +725,9 @@ def upscale_video(input: str | os.PathLike[str], output: str | os.PathLike[str],
         warnings.append(f"This ffmpeg ({tools.version}) cannot store the {info.rotation}° rotation in {muxer}; "
                         "the output plays unrotated. Use .mp4 output or ffmpeg 6.1 or newer.")
 
-    key = job_key(info, settings, output_path, job_id)
-    work = Path(work_dir) if work_dir is not None else default_work_dir(output_path, key)
+    description = job_description(info, settings, output_path, enhancer_settings, job_id)
+    key = job_key(description)
+    work = Path(work_dir) if work_dir is not None else default_work_dir(output_path)
     work.mkdir(parents=True, exist_ok=True)
     lock = filelock.FileLock(str(work / "lock"))
     try:
@@ -645,12 +738,12 @@ def upscale_video(input: str | os.PathLike[str], output: str | os.PathLike[str],
     job = _Job(cancel)
     partial = output_path.parent / f".{output_path.name}.part"
     try:
-        manifest = _Manifest.load(work, key, settings.segment_frames) if resume else None
-        if resume and manifest is None and any(work.glob("seg_*.mp4")):
-            warnings.append("The earlier run's segments did not match this job; started from the beginning.")
+        manifest, note = _Manifest.for_resume(work, key, description) if resume else (None, None)
+        if note:
+            warnings.append(note)
         if manifest is None:
-            manifest = _Manifest(key, settings.segment_frames)
-        _clear_unlisted(work, manifest)
+            manifest = _Manifest(key, description)
+        _clear_unlisted(work, manifest)  # an earlier job's segments are deleted here, never joined
         skip = manifest.frames_done
         if skip:
             logger.info("Resuming %s from frame %d (%d segments done)", input_path.name, skip,

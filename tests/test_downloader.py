@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import re
@@ -219,9 +220,21 @@ def test_404_raises_without_retrying(server: Server, tmp_path: Path) -> None:
 
 
 def test_sigkill_mid_stream_leaves_no_final_file_and_rerun_resumes(server: Server, tmp_path: Path) -> None:
-    slow = threading.Event()
-    slow.set()
-    server.handle = lambda h, n: send_payload(h, delay=0.02 if slow.is_set() else 0.0)
+    sent = 6 * 4096
+    killed = threading.Event()
+
+    def handle(h: BaseHTTPRequestHandler, n: int) -> None:
+        if n > 1:
+            send_payload(h)
+            return
+        h.send_response(200)  # the first client gets part of the file, then nothing until it has been killed
+        h.send_header("Content-Length", str(len(PAYLOAD)))
+        h.end_headers()
+        h.wfile.write(PAYLOAD[:sent])
+        h.wfile.flush()
+        killed.wait(timeout=300)
+
+    server.handle = handle
     dest = tmp_path / "model.pth"
     part = dest.with_name("model.pth.part")
     code = (
@@ -231,18 +244,18 @@ def test_sigkill_mid_stream_leaves_no_final_file_and_rerun_resumes(server: Serve
     proc = subprocess.Popen([sys.executable, "-c", code, server.url, str(dest), PAYLOAD_SHA], cwd=REPO_ROOT,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     try:
-        deadline = time.monotonic() + 10
-        while not (part.exists() and part.stat().st_size >= 5 * 4096):
+        deadline = time.monotonic() + 120  # a bound for a hung child only
+        while not (part.exists() and part.stat().st_size >= 2 * 4096):  # on disk (the rest may be buffered)
             assert proc.poll() is None and time.monotonic() < deadline, "download did not start streaming"
             time.sleep(0.01)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
+        killed.set()
     received = part.stat().st_size
     assert proc.returncode == -signal.SIGKILL and not dest.exists()
-    assert 0 < received < len(PAYLOAD)
+    assert 0 < received <= sent
 
-    slow.clear()
     download_file(server.url, dest, sha256=PAYLOAD_SHA)
     assert dest.read_bytes() == PAYLOAD and not part.exists()
     assert server.requests[-1]["range"] == f"bytes={received}-"
@@ -269,12 +282,12 @@ def test_stalled_stream_times_out_and_resumes(server: Server, tmp_path: Path) ->
     assert [r["range"] for r in server.requests] == [None, f"bytes={half}-"]
 
 
-def test_unresolvable_host_fails_at_once_without_retries(tmp_path):
-    """Offline (no DNS), a download fails fast with a clear message instead of backing off for a minute."""
-    import time as _time
-
-    start = _time.perf_counter()
-    with pytest.raises(DownloadError, match="no network or DNS"):
-        download_file("http://nonexistent.invalid/w.pth", tmp_path / "w.pth", sha256=None, retries=4, backoff=5.0)
-    assert _time.perf_counter() - start < 4.0  # one backoff step alone would be 5 s
+def test_unresolvable_host_fails_at_once_without_retries(tmp_path, caplog):
+    """Offline (no DNS), a download fails at the first attempt with a clear message instead of backing off for a
+    minute. (Counted in attempts, not seconds: how long the resolver takes to say no depends on the machine.)"""
+    with caplog.at_level(logging.WARNING, logger="engine.downloader"):
+        with pytest.raises(DownloadError, match="no network or DNS"):
+            download_file("http://nonexistent.invalid/w.pth", tmp_path / "w.pth", sha256=None, retries=4,
+                          backoff=0.01)
+    assert [r.message for r in caplog.records if "retrying" in r.message] == []
     assert not (tmp_path / "w.pth").exists()

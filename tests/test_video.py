@@ -19,7 +19,8 @@ import pytest
 
 from engine import ffmpeg as ff
 from engine.errors import CancelledError, InputTooLargeError, InvalidSettingsError, VideoError
-from engine.video import (VideoLimits, VideoProgress, VideoSettings, probe_video, upscale_video)
+from engine.video import (DescribedFrameEnhancer, VideoLimits, VideoProgress, VideoSettings, default_work_dir, job_key,
+                          probe_video, settings_changes, upscale_video)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "tests" / "data" / "video" / "onepiece_demo_24f_160x120.mp4"
@@ -351,7 +352,7 @@ from engine import ffmpeg as ff
 from engine.video import VideoSettings, upscale_video
 upscale_video({src!r}, {out!r}, make_enhancer(Path({weights!r}), block_after=20),
               VideoSettings(batch_frames=2, segment_frames=8, preset="ultrafast"), limits=LIMITS,
-              ffmpeg=ff.find_tools({ffmpeg!r}))
+              ffmpeg=ff.find_tools({ffmpeg!r}), job_id="srvgg-x2")
 """
 
 
@@ -361,10 +362,10 @@ def test_resume_after_sigkill_matches_a_clean_run(tools, weights, enhancer, synt
     child = subprocess.Popen([sys.executable, "-c", CHILD.format(root=str(ROOT), src=str(synthetic), out=str(out),
                                                                  weights=str(weights), ffmpeg=tools.ffmpeg)])
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300  # a bound for a hung child only (it imports torch first)
         manifest = None
         while time.monotonic() < deadline and child.poll() is None:
-            found = list(tmp_path.glob(".resumed.mp4.*.work/manifest.json"))
+            found = list(tmp_path.glob(".resumed.mp4.work/manifest.json"))
             if found and found[0].read_text().count('"file"') >= 2:  # two segments (16 frames) finished
                 manifest = found[0]
                 break
@@ -379,7 +380,7 @@ def test_resume_after_sigkill_matches_a_clean_run(tools, weights, enhancer, synt
 
     events: list[VideoProgress] = []
     result = upscale_video(synthetic, out, enhancer, settings, limits=LIMITS, resume=True,
-                           progress=events.append, ffmpeg=tools)
+                           progress=events.append, ffmpeg=tools, job_id="srvgg-x2")
     assert result.resumed_frames == 16 and result.frames == 40
     assert "resume" in [e.stage for e in events]
     assert min(e.frames_done for e in events if e.stage == "upscale") > 16  # the first 16 were not redone
@@ -397,5 +398,112 @@ def test_without_resume_earlier_work_is_discarded(tools, synthetic, tmp_path):
     out = tmp_path / "o.mp4"
     settings = VideoSettings(batch_frames=4, segment_frames=8, preset="ultrafast")
     first = upscale_video(synthetic, out, lambda b: b, settings, limits=LIMITS, ffmpeg=tools)
-    second = upscale_video(synthetic, out, lambda b: b, settings, limits=LIMITS, ffmpeg=tools, resume=True)
+    second = upscale_video(synthetic, out, lambda b: b, settings, limits=LIMITS, ffmpeg=tools, resume=True,
+                           job_id="identity")
     assert first.frames == second.frames == 40 and second.resumed_frames == 0  # the work folder was cleaned up
+
+
+# ---------------------------------------------------------------------------------------------- resume keys
+class Interrupted(Exception):
+    """Stands in for a crash: raised from the progress callback once a segment is on disk."""
+
+
+def interrupt_after_first_segment(output: Path):
+    """A progress callback that waits until the work folder's manifest lists a finished segment, then raises
+    :class:`Interrupted`, leaving the work folder behind as a crash would."""
+    manifest = default_work_dir(output) / "manifest.json"
+
+    def progress(p: VideoProgress) -> None:
+        if p.stage != "upscale" or p.frames_done < 10:
+            return
+        deadline = time.monotonic() + 120  # only a bound for a broken pipeline; normally a fraction of a second
+        while not (manifest.is_file() and '"file"' in manifest.read_text()):
+            assert time.monotonic() < deadline, "no segment was finished"
+            time.sleep(0.02)
+        raise Interrupted()
+
+    return progress
+
+
+def painter(value: int, size: tuple[int, int] = (96, 128), **settings) -> DescribedFrameEnhancer:
+    """An enhancer that paints every frame one grey ``value`` at ``size`` (H, W), described by ``settings``."""
+    return DescribedFrameEnhancer(lambda frames: [np.full((*size, 3), value, np.uint8) for _ in frames],
+                                  {"model": "A", "outscale": 2, "face_enhance": False} | settings)
+
+
+SEGMENTED = VideoSettings(batch_frames=2, segment_frames=8, preset="ultrafast")
+
+
+def interrupted_run(tools: ff.FfmpegTools, synthetic: Path, out: Path, enhancer, settings=SEGMENTED) -> None:
+    with pytest.raises(Interrupted):
+        upscale_video(synthetic, out, enhancer, settings, limits=LIMITS, ffmpeg=tools,
+                      progress=interrupt_after_first_segment(out))
+    assert not out.exists() and list(default_work_dir(out).glob("seg_*.mp4"))  # what a crash leaves
+
+
+def test_resume_with_the_same_settings_keeps_the_earlier_segments(tools, synthetic, tmp_path):
+    out = tmp_path / "o.mp4"
+    interrupted_run(tools, synthetic, out, painter(200))
+    # Same description, other pixels: the frames that come back as 200 can only be the earlier segments.
+    result = upscale_video(synthetic, out, painter(100), SEGMENTED, limits=LIMITS, ffmpeg=tools, resume=True)
+    assert result.resumed_frames >= 8 and result.resumed_frames % 8 == 0 and result.frames == 40
+    assert not any("started over" in w for w in result.warnings)
+    grey = decode_all(tools, out, 128, 96).mean(axis=(1, 2, 3))
+    assert np.abs(grey[:result.resumed_frames] - 200).max() < 3
+    assert np.abs(grey[result.resumed_frames:] - 100).max() < 3
+
+
+@pytest.mark.parametrize("change, enhancer, settings, size, said", [
+    ("model", painter(50, model="B"), SEGMENTED, (96, 128), "model A → B"),
+    ("scale", painter(50, (144, 192), outscale=3), SEGMENTED, (144, 192), "outscale 2 → 3"),
+    ("faces", painter(50, face_enhance=True), SEGMENTED, (96, 128), "face_enhance False → True"),
+    ("crf", painter(50), VideoSettings(batch_frames=2, segment_frames=8, preset="ultrafast", crf=23), (96, 128),
+     "crf 18 → 23"),
+], ids=["model", "scale", "faces", "crf"])
+def test_resume_with_other_settings_starts_over_and_says_so(tools, synthetic, tmp_path, change, enhancer, settings,
+                                                            size, said):
+    out = tmp_path / "o.mp4"
+    interrupted_run(tools, synthetic, out, painter(200))
+    result = upscale_video(synthetic, out, enhancer, settings, limits=LIMITS, ffmpeg=tools, resume=True)
+    assert result.resumed_frames == 0 and result.frames == 40
+    assert [w for w in result.warnings if "started over" in w] == [
+        f"The earlier run used other settings ({said}); started over."]
+    grey = decode_all(tools, out, size[1], size[0]).mean(axis=(1, 2, 3))
+    assert len(grey) == 40 and np.abs(grey - 50).max() < 3  # not one frame of the earlier run's segments
+    assert not default_work_dir(out).exists()
+
+
+def test_resume_after_the_input_changed_starts_over(tools, synthetic, tmp_path):
+    src = tmp_path / "in.mp4"
+    shutil.copy(synthetic, src)
+    out = tmp_path / "o.mp4"
+    interrupted_run(tools, src, out, painter(200))
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))  # edited since
+    result = upscale_video(src, out, painter(50), SEGMENTED, limits=LIMITS, ffmpeg=tools, resume=True)
+    assert result.resumed_frames == 0
+    assert "The input file changed since the earlier run; started over." in result.warnings
+    assert np.abs(decode_all(tools, out, 128, 96).mean(axis=(1, 2, 3)) - 50).max() < 3
+
+
+def test_resume_needs_an_enhancer_that_says_how_it_made_its_frames(tools, synthetic, tmp_path):
+    with pytest.raises(InvalidSettingsError, match="job_id"):
+        upscale_video(synthetic, tmp_path / "o.mp4", lambda b: b, SEGMENTED, limits=LIMITS, ffmpeg=tools,
+                      resume=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_job_key_treats_equal_numbers_alike_and_any_change_as_another_job():
+    base = {"input": {"path": "/v.mp4", "size": 1, "mtime_ns": 2}, "output": ".mp4",
+            "video": {"crf": 18, "fps": None}, "enhancer": {"model": "A", "outscale": 2.0, "tile": "auto"},
+            "job_id": ""}
+    assert job_key(base) == job_key(base | {"enhancer": {"model": "A", "outscale": 2, "tile": "auto"}})
+    assert job_key(base) == job_key(base | {"video": {"crf": 18, "fps": None}})
+    others = [base | {"enhancer": {"model": "B", "outscale": 2.0, "tile": "auto"}},
+              base | {"enhancer": {"model": "A", "outscale": 2.5, "tile": "auto"}},
+              base | {"enhancer": {"model": "A", "outscale": 2.0, "tile": 256}},
+              base | {"video": {"crf": 18, "fps": Fraction(24000, 1001)}},
+              base | {"input": {"path": "/v.mp4", "size": 1, "mtime_ns": 3}}, base | {"job_id": "x"}]
+    assert len({job_key(base)} | {job_key(o) for o in others}) == 1 + len(others)
+    assert settings_changes(base, others[0]) == "model A → B"
+    assert settings_changes(base, others[3]) == f"fps None → {Fraction(24000, 1001)}"
+    assert settings_changes(base, others[4]) == "the input file changed"

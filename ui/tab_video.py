@@ -67,8 +67,7 @@ def upscale_file(services, path: str | Path, *, name: str, model: str, scale: fl
     output = new_output_dir(config, "video") / f"{Path(name).stem or 'video'}_upscaled{suffix}"
     with device_slot(services):
         return upscale_video(path, output, enhancer, video_settings, limits=VideoLimits.from_config(config),
-                             progress=progress, cancel=cancel,
-                             job_id=f"{model}:{scale}:{face_enhance}")
+                             progress=progress, cancel=cancel)
 
 
 @dataclass

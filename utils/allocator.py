@@ -115,9 +115,15 @@ def mark_busy() -> None:
     _state["dirty"] = True
 
 
+def _release_due(dirty: bool, last_use: float, now: float, idle_s: float) -> bool:
+    """Whether the idle thread gives memory back now: inference ran since the last release (``dirty``) and none
+    has run for ``idle_s`` seconds. Pure."""
+    return dirty and now - last_use >= idle_s
+
+
 def _release_when_idle(idle_s: float) -> None:
     while True:
         time.sleep(max(0.05, idle_s / 2))
-        if _state["dirty"] and time.monotonic() - _state["last_use"] >= idle_s:
+        if _release_due(bool(_state["dirty"]), float(_state["last_use"]), time.monotonic(), idle_s):
             _state["dirty"] = False
             release_freed_memory()
