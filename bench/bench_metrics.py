@@ -61,11 +61,11 @@ def _enhance_fn():
     net = RRDBNet(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=23, num_grow_ch=32, scale=4).eval()
 
     if importlib.util.find_spec("engine.upscaler") is not None:
-        from engine.upscaler import upscale_image
+        from engine.upscaler import TileOptions, upscale_image
 
         def run(image: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
-                out = upscale_image(net, image.astype(np.float32) / 255.0, scale=4, tile=0)
+                out = upscale_image(net, image.astype(np.float32) / 255.0, TileOptions(scale=4, tile=0))
             return (np.clip(out, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
         return "engine.upscaler.upscale_image + RRDBNet(23 blocks, x4, random weights)", run

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.upscaler import prepare_for_inference, upscale_image_ex  # noqa: E402
+from engine.upscaler import TileOptions, prepare_for_inference, upscale_image_ex  # noqa: E402
 from engine.catalog import CATALOG  # noqa: E402
 from engine.processor import cpu_cache_tile, overlap_for  # noqa: E402
 from utils.allocator import reuse_freed_memory, reusing_freed_memory  # noqa: E402
@@ -183,15 +183,16 @@ def main() -> None:
             base, ref = official_runs[model, size, 0]
             row(model, size, "official tile=0 pre_pad=10 (defaults)", base, 0, "weights: real" if real else
                 "weights: random")
-            t, (out, _) = _timed(lambda: upscale_image_ex(fp32, rgb, scale=4), repeats)
+            t, (out, _) = _timed(lambda: upscale_image_ex(fp32, rgb, TileOptions(scale=4)), repeats)
             row(model, size, "ours fp32 tile=0", t, base, f"PSNR vs official {psnr(out, ref):.1f} dB")
-            t, (out16, _) = _timed(lambda: upscale_image_ex(bf16, rgb, scale=4, dtype=torch.bfloat16), repeats)
+            t, (out16, _) = _timed(lambda: upscale_image_ex(bf16, rgb, TileOptions(scale=4, dtype=torch.bfloat16)),
+                                   repeats)
             row(model, size, "ours bf16 tile=0", t, base, f"PSNR vs fp32 {psnr(out16, out):.1f} dB")
             cache_tile = cpu_cache_tile(CATALOG[model], size, size, 0, memory_reused=reusing_freed_memory())
             if cache_tile:  # what `enhance --tile auto` (the default) runs on a CPU
                 overlap = overlap_for(CATALOG[model], cache_tile)
-                t, (tout, st) = _timed(lambda: upscale_image_ex(fp32, rgb, scale=4, tile=cache_tile,
-                                                                overlap=overlap, batch_size=1), repeats)
+                t, (tout, st) = _timed(lambda: upscale_image_ex(fp32, rgb, TileOptions(
+                    scale=4, tile=cache_tile, overlap=overlap, batch_size=1)), repeats)
                 err = np.abs(tout - out)
                 row(model, size, f"ours fp32 auto (tile={cache_tile} ov={overlap})", t, base,
                     f"err vs untiled mean {err.mean():.5f} max {err.max():.3f}, compute x{st.compute_ratio:.2f}")
@@ -204,8 +205,8 @@ def main() -> None:
                 # overlap 20 reads as much context as tile_pad 10 (equal compute); more overlap, fewer seams.
                 # batch_size=1: what the engine uses on a CPU (one tile stays in cache).
                 for overlap in args.overlaps:
-                    t, (tout, st) = _timed(lambda: upscale_image_ex(fp32, rgb, scale=4, tile=tile,
-                                                                    overlap=overlap, batch_size=1), repeats)
+                    t, (tout, st) = _timed(lambda: upscale_image_ex(fp32, rgb, TileOptions(
+                        scale=4, tile=tile, overlap=overlap, batch_size=1)), repeats)
                     ours = np.abs(tout - out)
                     row(model, size, f"ours fp32 tile={tile} overlap={overlap}", t, tb,
                         f"err mean {ours.mean():.5f} ({err.mean() / ours.mean():.1f}x less) max {ours.max():.3f} "

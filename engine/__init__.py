@@ -17,7 +17,7 @@ _EXPORTS = {
     "EnhanceSettings": "engine.processor", "EnhanceResult": "engine.processor",
     "enhance_image_direct": "engine.processor", "process_batch": "engine.processor", "save_result": "engine.processor",
     "BatchReport": "engine.processor", "make_frame_enhancer": "engine.processor",
-    "upscale_image": "engine.upscaler",
+    "upscale_image": "engine.upscaler", "TileOptions": "engine.upscaler",
     # faces, advice, video, settings
     "FaceSettings": "engine.face_enhancer", "enhance_faces": "engine.face_enhancer",
     "IntelligentEnhancer": "engine.intelligent_enhancer",

@@ -18,12 +18,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from filelock import FileLock
 
-from engine.errors import ChecksumMismatchError, DownloadError
+from engine.errors import ChecksumMismatchError, DownloadError, InvalidSettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,38 @@ USER_AGENT = "realesrgan-ultimate-downloader/1.0"
 Progress = Callable[[int, "int | None"], None]
 _CHUNK = 1 << 16
 _RETRYABLE_4XX = frozenset({408, 425, 429})
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+
+@dataclass(frozen=True)
+class DownloadPolicy:
+    """How patiently one download is attempted.
+
+    Attributes:
+        timeout: Socket timeout in seconds for connecting and for each read (> 0).
+        retries: Further attempts after a transient failure (5xx, timeout, reset, truncated body), >= 0.
+            An attempt that received bytes resets the count, since the next one resumes from there.
+        backoff: First wait in seconds between attempts (>= 0); doubles after each failure.
+
+    Raises:
+        InvalidSettingsError: (a ``ValueError``) a value out of range; the message names the field.
+    """
+
+    timeout: float = 60.0
+    retries: int = 4
+    backoff: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, ok, wanted in (
+            ("timeout", _is_number(self.timeout) and self.timeout > 0, "a number of seconds > 0 (default 60)"),
+            ("retries", type(self.retries) is int and self.retries >= 0, "a whole number >= 0 (default 4)"),
+            ("backoff", _is_number(self.backoff) and self.backoff >= 0, "a number of seconds >= 0 (default 1)"),
+        ):
+            if not ok:
+                raise InvalidSettingsError(f"DownloadPolicy.{name} must be {wanted}, got {getattr(self, name)!r}.")
 
 
 class _Transient(Exception):
@@ -61,9 +94,7 @@ def download_file(
     expected_size: int | None = None,
     name: str | None = None,
     progress: Progress | None = None,
-    timeout: float = 60.0,
-    retries: int = 4,
-    backoff: float = 1.0,
+    policy: DownloadPolicy = DownloadPolicy(),
 ) -> Path:
     """Download ``url`` to ``dest``, verify it, and return ``dest``.
 
@@ -74,16 +105,14 @@ def download_file(
         expected_size: Exact size in bytes, checked before the hash when given.
         name: Name used in messages (defaults to the file name).
         progress: Called as ``progress(bytes_done, total_or_None)`` while bytes arrive.
-        timeout: Socket timeout in seconds for connecting and for each read.
-        retries: Further attempts after a transient failure (5xx, timeout, reset, truncated body).
-            An attempt that received bytes resets the count, since the next one resumes from there.
-        backoff: First wait in seconds between attempts; doubles after each failure.
+        policy: Timeout, retries and backoff between attempts (see :class:`DownloadPolicy`).
 
     Returns:
         ``dest``, holding the verified file.
 
     Raises:
-        DownloadError: HTTP 4xx, a non-HTTP URL, a wrong size, or transient failures beyond ``retries``.
+        DownloadError: HTTP 4xx, a non-HTTP URL, a wrong size, or transient failures beyond
+            ``policy.retries``.
         ChecksumMismatchError: The downloaded bytes do not have ``sha256``; the partial file is deleted.
     """
     dest = Path(dest)
@@ -103,7 +132,7 @@ def download_file(
         while True:
             had = part.stat().st_size if part.exists() else 0
             try:
-                actual = _attempt(url, part, expected_size, progress, timeout)
+                actual = _attempt(url, part, expected_size, progress, policy.timeout)
                 break
             except _Restart as exc:
                 logger.warning("Cannot resume %s (%s); starting again from zero", name, exc)
@@ -111,12 +140,12 @@ def download_file(
             except _Transient as exc:
                 now = part.stat().st_size if part.exists() else 0
                 failures = 0 if now > had else failures + 1
-                if failures > retries:
+                if failures > policy.retries:
                     raise DownloadError(
-                        f"Download of {name} from {url} failed after {retries + 1} attempts: {exc}. "
+                        f"Download of {name} from {url} failed after {policy.retries + 1} attempts: {exc}. "
                         f"Check your connection or mirror, or place the file by hand at {dest}."
                     ) from exc
-                delay = backoff * 2 ** max(failures - 1, 0)
+                delay = policy.backoff * 2 ** max(failures - 1, 0)
                 logger.warning("Download of %s interrupted (%s); retrying in %.2fs", name, exc, delay)
                 time.sleep(delay)
         _verify_and_publish(part, dest, name, sha256, expected_size, actual)

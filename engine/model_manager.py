@@ -232,7 +232,7 @@ class ModelManager:
             ModelNotAvailableError: the model has no download URL.
             DownloadError / ChecksumMismatchError: every URL failed; the message says how to get the file.
         """
-        from engine.downloader import download_file
+        from engine.downloader import DownloadPolicy, download_file
 
         spec = self.spec(name)
         if spec.url is None:
@@ -242,11 +242,11 @@ class ModelManager:
         urls = [self.config.mirror_url.rstrip("/") + "/" + spec.filename] if self.config.mirror_url else []
         urls.append(spec.url)
         errors = []
+        policy = DownloadPolicy(timeout=self.config.download_timeout, retries=self.config.download_retries)
         for url in urls:
             try:
                 download_file(url, dest, sha256=spec.sha256 if self.config.verify_checksums else None,
-                              expected_size=spec.size_bytes, name=spec.name, progress=progress,
-                              timeout=self.config.download_timeout, retries=self.config.download_retries)
+                              expected_size=spec.size_bytes, name=spec.name, progress=progress, policy=policy)
                 self._verified.pop(dest, None)
                 return dest
             except ChecksumMismatchError:

@@ -5,6 +5,9 @@ two threads may run :func:`upscale_image` on the same (eval-mode) network at onc
 
 How a large image is processed
 ------------------------------
+``pad_multiple``, ``tile``, ``overlap``, ``batch_size`` and ``min_tile`` below are fields of :class:`TileOptions`,
+the one object that carries a run's options.
+
 1. The HxWx3 image is padded at the bottom/right (reflection; replication for tiny images) to a multiple of
    ``pad_multiple`` (RRDBNet x2 unshuffles 2x2 blocks, x1 4x4 blocks).
 2. :func:`plan_tiles` covers it with tiles that all have the same shape (so they can be batched): the number of
@@ -33,6 +36,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import operator
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -48,8 +52,9 @@ from utils.gpu import is_out_of_memory
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ACTIVATION_BYTES_PER_PIXEL", "bytes_per_pixel", "estimate_memory_bytes", "TileBox", "TilePlan", "UpscaleStats", "RunBatch", "plan_tiles", "blend_window",
-    "upscale_image", "upscale_image_ex", "upscale_images_ex", "output_is_bad", "auto_tile", "available_bytes", "prepare_for_inference", "default_run_batch",
+    "ACTIVATION_BYTES_PER_PIXEL", "bytes_per_pixel", "estimate_memory_bytes", "TileBox", "TilePlan", "TileOptions",
+    "UpscaleStats", "RunBatch", "plan_tiles", "blend_window", "upscale_image", "upscale_image_ex", "upscale_images_ex",
+    "output_is_bad", "auto_tile", "available_bytes", "prepare_for_inference", "default_run_batch",
 ]
 
 ProgressCallback = Callable[[int, int], None]
@@ -206,6 +211,71 @@ def blend_window(tile_h: int, tile_w: int, overlap: int | Sequence[int], scale: 
 # ------------------------------------------------------------------------------------------------ inference
 
 
+_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _whole_number(name: str, value: object, minimum: int, meaning: str) -> int:
+    """``value`` as an int >= ``minimum``, or an :class:`InvalidSettingsError` that says what to give."""
+    try:
+        number = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        number = None
+    if number is None or number < minimum:
+        raise InvalidSettingsError(f"TileOptions.{name} ({meaning}) must be a whole number >= {minimum}, got "
+                                   f"{value!r}; pass an int of at least {minimum}.")
+    return number
+
+
+@dataclass(frozen=True)
+class TileOptions:
+    """How one network runs over an image: its scale, the tiling, and where and in what dtype it runs.
+
+    Validated on construction; every function of this module that runs the network takes one of these.
+
+    Attributes:
+        scale: the network's output/input size ratio (>= 1).
+        tile: largest tile side in input pixels (the stride, as RealESRGANer's ``tile``); 0 runs the whole
+            image in one pass.
+        overlap: least overlap between neighbouring tiles in input pixels (blended, see :func:`blend_window`);
+            clamped to the tile.
+        batch_size: tiles per forward pass (>= 1).
+        device: where the network runs (a name such as ``"cuda:0"`` is read as a :class:`torch.device`).
+        dtype: the network's parameter dtype: float32, float16 or bfloat16.
+        pad_multiple: the network needs input sizes divisible by this (RRDBNet x2: 2, x1: 4).
+        min_tile: smallest tile the out-of-memory fallback tries (>= 8).
+
+    Raises:
+        InvalidSettingsError: (a ``ValueError``) a value out of range; the message names the field.
+    """
+
+    scale: int
+    tile: int = 0
+    overlap: int = 16
+    batch_size: int = 4
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    pad_multiple: int = 1
+    min_tile: int = 32
+
+    def __post_init__(self) -> None:
+        for name, minimum, meaning in (("scale", 1, "output/input size ratio"),
+                                       ("tile", 0, "tile side in input pixels, 0 for no tiling"),
+                                       ("overlap", 0, "overlap between tiles in input pixels"),
+                                       ("batch_size", 1, "tiles per forward pass"),
+                                       ("pad_multiple", 1, "input size multiple the network needs"),
+                                       ("min_tile", 8, "smallest tile of the out-of-memory fallback")):
+            object.__setattr__(self, name, _whole_number(name, getattr(self, name), minimum, meaning))
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as error:
+            raise InvalidSettingsError(f"TileOptions.device {self.device!r} is no device ({error}); use \"cpu\", "
+                                       f"\"cuda\", \"cuda:N\" or \"mps\".") from None
+        object.__setattr__(self, "device", device)
+        if self.dtype not in _COMPUTE_DTYPES:
+            raise InvalidSettingsError(f"TileOptions.dtype must be torch.float32, torch.float16 or torch.bfloat16, "
+                                       f"got {self.dtype!r}; use the dtype the network was prepared in.")
+
+
 @dataclass(frozen=True)
 class UpscaleStats:
     """What one :func:`upscale_image_ex` call did. ``tile_used`` is 0 when the whole image ran at once."""
@@ -233,13 +303,16 @@ def _pad_to_multiple(tensor: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(tensor, (0, pad_w, 0, pad_h), mode=mode)
 
 
-def _run_plan(net: nn.Module, source: torch.Tensor, plan: TilePlan, scale: int, batch_size: int,
-              device: torch.device, dtype: torch.dtype, run_batch: RunBatch,
+def _run_plan(net: nn.Module, source: torch.Tensor, plan: TilePlan, options: TileOptions, run_batch: RunBatch,
               progress: ProgressCallback | None) -> tuple[torch.Tensor, int]:
     """Run every tile of ``plan`` on every image of the NxCxHxW ``source``, several tiles per forward call.
 
+    ``options`` gives the scale, the tiles per call, the device and the dtype (its tile and overlap are already
+    in ``plan``).
+
     Returns the blended Nx3x(H*s)x(W*s) float32 CPU tensor and the number of forward calls.
     """
+    scale, batch_size = options.scale, options.batch_size
     count = source.shape[0]
     out_h, out_w = plan.height * scale, plan.width * scale
     single = len(plan) == 1
@@ -257,7 +330,7 @@ def _run_plan(net: nn.Module, source: torch.Tensor, plan: TilePlan, scale: int, 
         chunk = jobs[first:first + batch_size]
         boxes = [plan.boxes[i] for _, i in chunk]
         batch = torch.cat([source[n:n + 1, :, b.y:b.y + b.h, b.x:b.x + b.w] for (n, _), b in zip(chunk, boxes)])
-        batch = batch.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+        batch = batch.to(device=options.device, dtype=options.dtype).contiguous(memory_format=memory_format)
         output = run_batch(net, batch)
         output = output.to(device="cpu", dtype=torch.float32)
         batches += 1
@@ -274,32 +347,37 @@ def _run_plan(net: nn.Module, source: torch.Tensor, plan: TilePlan, scale: int, 
     return accum, batches
 
 
-def upscale_image_ex(net: nn.Module, image: np.ndarray, *, scale: int, tile: int = 0, overlap: int = 16,
-                     batch_size: int = 4, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                     pad_multiple: int = 1, progress: ProgressCallback | None = None, min_tile: int = 32,
+def upscale_image_ex(net: nn.Module, image: np.ndarray, options: TileOptions, *,
+                     progress: ProgressCallback | None = None,
                      run_batch: RunBatch = default_run_batch) -> tuple[np.ndarray, UpscaleStats]:
     """Upscale one image, tiling if asked, halving the tile on out-of-memory; see :func:`upscale_image`.
 
     Args:
+        net: eval-mode network on ``options.device`` in ``options.dtype``; not modified.
+        image: HxWx3 float32 RGB in [0, 1], on the CPU.
+        options: scale, tiling, device and dtype (see :class:`TileOptions`).
+        progress: called as ``progress(tiles_done, tiles_total)`` after each batch.
         run_batch: the forward pass (default ``net(batch)``); a hook for tests and callers, see :data:`RunBatch`.
 
     Returns:
         ``(output, stats)``: the (H*scale)x(W*scale)x3 float32 RGB image in [0, 1] and an :class:`UpscaleStats`.
     """
-    outputs, stats = upscale_images_ex(net, [image], scale=scale, tile=tile, overlap=overlap, batch_size=batch_size,
-                                       device=device, dtype=dtype, pad_multiple=pad_multiple, progress=progress,
-                                       min_tile=min_tile, run_batch=run_batch)
+    outputs, stats = upscale_images_ex(net, [image], options, progress=progress, run_batch=run_batch)
     return outputs[0], stats
 
 
-def upscale_images_ex(net: nn.Module, images: Sequence[np.ndarray], *, scale: int, tile: int = 0, overlap: int = 16,
-                      batch_size: int = 4, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                      pad_multiple: int = 1, progress: ProgressCallback | None = None, min_tile: int = 32,
+def upscale_images_ex(net: nn.Module, images: Sequence[np.ndarray], options: TileOptions, *,
+                      progress: ProgressCallback | None = None,
                       run_batch: RunBatch = default_run_batch) -> tuple[list[np.ndarray], UpscaleStats]:
     """Upscale several images of one size together (video frames): their tiles share forward calls.
 
-    Same arguments and guarantees as :func:`upscale_image`; each output equals what :func:`upscale_image` gives
-    for that image alone (up to the summation order of batched convolutions).
+    Same arguments and guarantees as :func:`upscale_image_ex`, with ``images`` a sequence of HxWx3 float32 RGB
+    images in [0, 1] of one size; each output equals what :func:`upscale_image` gives for that image alone (up
+    to the summation order of batched convolutions).
+
+    Returns:
+        ``(outputs, stats)``: one (H*scale)x(W*scale)x3 float32 RGB image in [0, 1] per input, in order, and one
+        :class:`UpscaleStats` for the whole call.
     """
     if not images:
         raise InvalidInputError("No images to upscale.")
@@ -309,23 +387,22 @@ def upscale_images_ex(net: nn.Module, images: Sequence[np.ndarray], *, scale: in
             raise InvalidInputError(f"Expected HxWx3 RGB images, got shape {image.shape}.")
         if image.shape != first_shape:
             raise InvalidInputError(f"Images upscaled together must share one size: {first_shape} vs {image.shape}.")
-    if scale < 1 or batch_size < 1 or pad_multiple < 1 or min_tile < 8:
-        raise InvalidSettingsError(f"scale ({scale}), batch_size ({batch_size}) and pad_multiple ({pad_multiple}) "
-                                   f"must be >= 1 and min_tile ({min_tile}) >= 8.")
-    device = torch.device(device)
+    if not isinstance(options, TileOptions):
+        raise InvalidSettingsError(f"options must be a TileOptions, got {type(options).__name__}; build one with "
+                                   f"TileOptions(scale=..., tile=..., ...).")
+    device, scale, min_tile = options.device, options.scale, options.min_tile
     height, width = first_shape[:2]
     start = time.perf_counter()
     source = torch.from_numpy(np.ascontiguousarray(np.stack(images), dtype=np.float32)).permute(0, 3, 1, 2)
-    source = _pad_to_multiple(source, pad_multiple)
+    source = _pad_to_multiple(source, options.pad_multiple)
     padded_h, padded_w = source.shape[2:]
-    current = tile if 0 < tile < max(padded_h, padded_w) else 0
+    current = options.tile if 0 < options.tile < max(padded_h, padded_w) else 0
     retries = 0
     while True:
-        plan = plan_tiles(padded_h, padded_w, current, min(overlap, current), pad_multiple)
+        plan = plan_tiles(padded_h, padded_w, current, min(options.overlap, current), options.pad_multiple)
         try:
             with torch.inference_mode():
-                blended, batches = _run_plan(net, source, plan, scale, batch_size, device, dtype, run_batch,
-                                             progress)
+                blended, batches = _run_plan(net, source, plan, options, run_batch, progress)
             break
         except (torch.OutOfMemoryError, RuntimeError) as error:
             if not is_out_of_memory(error):
@@ -347,35 +424,27 @@ def upscale_images_ex(net: nn.Module, images: Sequence[np.ndarray], *, scale: in
     return outputs, stats
 
 
-def upscale_image(net: nn.Module, image: np.ndarray, *, scale: int, tile: int = 0, overlap: int = 16,
-                  batch_size: int = 4, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  pad_multiple: int = 1, progress: ProgressCallback | None = None, min_tile: int = 32) -> np.ndarray:
+def upscale_image(net: nn.Module, image: np.ndarray, options: TileOptions, *,
+                  progress: ProgressCallback | None = None) -> np.ndarray:
     """Run a super-resolution network over an image, in batched overlapping tiles.
 
     Args:
-        net: eval-mode network on ``device`` in ``dtype`` (see :func:`prepare_for_inference`); not modified.
+        net: eval-mode network on ``options.device`` in ``options.dtype`` (see :func:`prepare_for_inference`);
+            not modified.
         image: HxWx3 float32 RGB in [0, 1], on the CPU (only tiles move to the device).
-        scale: the network's output/input size ratio.
-        tile: largest tile side in input pixels; 0 runs the whole image in one pass.
-        overlap: least overlap between neighbouring tiles in input pixels (blended, see :func:`blend_window`).
-        batch_size: tiles per forward pass.
-        device: where the network runs.
-        dtype: the network's parameter dtype (float32, float16 or bfloat16).
-        pad_multiple: the network needs input sizes divisible by this (RRDBNet x2: 2, x1: 4).
+        options: the network's scale, the tiling (tile, overlap, tiles per batch, the out-of-memory fallback's
+            smallest tile), device, dtype and pad multiple; see :class:`TileOptions`.
         progress: called as ``progress(tiles_done, tiles_total)`` after each batch.
-        min_tile: smallest tile the out-of-memory fallback tries.
 
     Returns:
         (H*scale)x(W*scale)x3 float32 RGB in [0, 1].
 
     Raises:
         InvalidInputError: the image is not HxWx3.
-        InvalidSettingsError: a setting is out of range.
-        OutOfMemoryError: even ``min_tile`` tiles did not fit.
+        InvalidSettingsError: ``options`` is not a :class:`TileOptions`.
+        OutOfMemoryError: even ``options.min_tile`` tiles did not fit.
     """
-    output, _ = upscale_image_ex(net, image, scale=scale, tile=tile, overlap=overlap, batch_size=batch_size,
-                                 device=device, dtype=dtype, pad_multiple=pad_multiple, progress=progress,
-                                 min_tile=min_tile)
+    output, _ = upscale_image_ex(net, image, options, progress=progress)
     return output
 
 
@@ -434,16 +503,14 @@ def estimate_memory_bytes(model: str | nn.Module, height: int, width: int, dtype
     return int(bytes_per_pixel(model, dtype, scale) * height * width * batch_size)
 
 
-def auto_tile(model: str | nn.Module, height: int, width: int, *, free_bytes: int | None = None,
-              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, scale: int = 4,
-              batch_size: int = 1, safety: float = 0.5) -> int:
-    """Largest tile (a multiple of 8) whose activations fit in memory; 0 when the whole image fits.
+def auto_tile(model: str | nn.Module, height: int, width: int, *, free_bytes: int,
+              dtype: torch.dtype = torch.float32, scale: int = 4, batch_size: int = 1, safety: float = 0.5) -> int:
+    """Largest tile (a multiple of 8) whose activations fit in memory; 0 when the whole image fits. Pure.
 
     Args:
         model: architecture name (``ModelSpec.arch``) or the network itself.
         height, width: input image size.
-        free_bytes: memory available; queried from ``device`` when None.
-        device: used only to query free memory.
+        free_bytes: memory available, e.g. ``available_bytes(device)``.
         dtype: compute dtype (2-byte types halve the estimate).
         scale: the network's scale (see :func:`bytes_per_pixel`).
         batch_size: tiles per forward pass.
@@ -453,7 +520,7 @@ def auto_tile(model: str | nn.Module, height: int, width: int, *, free_bytes: in
         0, or a tile side >= 8 (8 when even that does not fit: the OOM fallback then reports the problem).
     """
     per_pixel = bytes_per_pixel(model, dtype, scale)
-    budget = (available_bytes(device) if free_bytes is None else free_bytes) * safety
+    budget = free_bytes * safety
     if height * width * per_pixel <= budget:
         return 0
     side = int(math.sqrt(budget / (per_pixel * batch_size)))
@@ -475,7 +542,7 @@ def prepare_for_inference(net: nn.Module, device: str | torch.device = "cpu",
         dtype: float32, float16 (CUDA) or bfloat16.
 
     Returns:
-        A new module; pass it with the same ``dtype`` to :func:`upscale_image`.
+        A new module; pass it to :func:`upscale_image` with the same ``dtype`` in its :class:`TileOptions`.
     """
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise InvalidSettingsError(f"dtype must be float32, float16 or bfloat16, got {dtype}.")

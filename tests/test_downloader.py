@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from engine.downloader import download_file, sha256_file
+from engine.downloader import DownloadPolicy, download_file, sha256_file
 from engine.errors import ChecksumMismatchError, DownloadError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_resumes_after_cut_connection(server: Server, tmp_path: Path) -> None:
     half = len(PAYLOAD) // 2
     server.handle = lambda h, n: send_payload(h, cut_at=half if n == 1 else None)
     dest = tmp_path / "model.pth"
-    download_file(server.url, dest, sha256=PAYLOAD_SHA, backoff=0.01)
+    download_file(server.url, dest, sha256=PAYLOAD_SHA, policy=DownloadPolicy(backoff=0.01))
     assert dest.read_bytes() == PAYLOAD
     assert [r["range"] for r in server.requests] == [None, f"bytes={half}-"]
 
@@ -159,14 +159,15 @@ def test_retries_503_then_succeeds(server: Server, tmp_path: Path) -> None:
 
     server.handle = handle
     dest = tmp_path / "model.pth"
-    download_file(server.url, dest, sha256=PAYLOAD_SHA, backoff=0.01)
+    download_file(server.url, dest, sha256=PAYLOAD_SHA, policy=DownloadPolicy(backoff=0.01))
     assert dest.read_bytes() == PAYLOAD and len(server.requests) == 4
 
 
 def test_gives_up_after_retries(server: Server, tmp_path: Path) -> None:
     server.handle = lambda h, n: h.send_error(503, "Busy")
     with pytest.raises(DownloadError, match="after 3 attempts"):
-        download_file(server.url, tmp_path / "model.pth", sha256=PAYLOAD_SHA, retries=2, backoff=0.01)
+        download_file(server.url, tmp_path / "model.pth", sha256=PAYLOAD_SHA,
+                      policy=DownloadPolicy(retries=2, backoff=0.01))
     assert len(server.requests) == 3 and not (tmp_path / "model.pth").exists()
 
 
@@ -213,7 +214,7 @@ def test_416_restarts_from_zero(server: Server, tmp_path: Path) -> None:
 def test_404_raises_without_retrying(server: Server, tmp_path: Path) -> None:
     server.handle = lambda h, n: h.send_error(404, "Not Found")
     with pytest.raises(DownloadError, match="404") as info:
-        download_file(server.url, tmp_path / "model.pth", sha256=PAYLOAD_SHA, backoff=0.01)
+        download_file(server.url, tmp_path / "model.pth", sha256=PAYLOAD_SHA, policy=DownloadPolicy(backoff=0.01))
     assert server.url in str(info.value) and "by hand" in str(info.value)
     assert not isinstance(info.value, ChecksumMismatchError)
     assert len(server.requests) == 1
@@ -277,7 +278,7 @@ def test_stalled_stream_times_out_and_resumes(server: Server, tmp_path: Path) ->
 
     server.handle = handle
     dest = tmp_path / "model.pth"
-    download_file(server.url, dest, sha256=PAYLOAD_SHA, timeout=0.2, backoff=0.01)
+    download_file(server.url, dest, sha256=PAYLOAD_SHA, policy=DownloadPolicy(timeout=0.2, backoff=0.01))
     assert dest.read_bytes() == PAYLOAD
     assert [r["range"] for r in server.requests] == [None, f"bytes={half}-"]
 
@@ -287,7 +288,15 @@ def test_unresolvable_host_fails_at_once_without_retries(tmp_path, caplog):
     minute. (Counted in attempts, not seconds: how long the resolver takes to say no depends on the machine.)"""
     with caplog.at_level(logging.WARNING, logger="engine.downloader"):
         with pytest.raises(DownloadError, match="no network or DNS"):
-            download_file("http://nonexistent.invalid/w.pth", tmp_path / "w.pth", sha256=None, retries=4,
-                          backoff=0.01)
+            download_file("http://nonexistent.invalid/w.pth", tmp_path / "w.pth", sha256=None,
+                          policy=DownloadPolicy(retries=4, backoff=0.01))
     assert [r.message for r in caplog.records if "retrying" in r.message] == []
     assert not (tmp_path / "w.pth").exists()
+
+
+def test_download_policy_is_validated_on_construction():
+    assert DownloadPolicy() == DownloadPolicy(timeout=60.0, retries=4, backoff=1.0)
+    for field, value in (("timeout", 0), ("timeout", float("nan")), ("retries", -1), ("retries", 2.0),
+                         ("retries", True), ("backoff", -0.5), ("backoff", "1")):
+        with pytest.raises(ValueError, match=f"DownloadPolicy.{field} must be"):
+            DownloadPolicy(**{field: value})

@@ -172,6 +172,23 @@ def test_form_round_trip_and_validation():
         widget_values_to_settings(bad)
 
 
+def test_video_tab_widget_values_become_the_settings_objects():
+    pytest.importorskip("engine.video")
+    from engine.settings import EnhanceSettings
+    from engine.video import VideoSettings
+    from ui.tab_video import SETTINGS_KEYS, VideoTab, settings_from_widgets
+
+    values = {"model": "realesr-animevideov3", "outscale": 2, "face_enhance": False, "codec": "vp9",
+              "crf": 30.0, "preset": "fast", "batch_frames": 8.0}  # JSON numbers as the sliders send them
+    settings, video = settings_from_widgets([values[key] for key in SETTINGS_KEYS])
+    assert settings == EnhanceSettings(model="realesr-animevideov3", outscale=2.0, face_enhance=False)
+    assert video == VideoSettings(codec="vp9", crf=30, preset="fast", batch_frames=8)
+    assert VideoTab(**{key: key for key in SETTINGS_KEYS}).settings_widgets == list(SETTINGS_KEYS)
+    for key, bad in (("outscale", 20), ("crf", 99), ("batch_frames", 2.5), ("model", "no-such-model")):
+        with pytest.raises(InvalidSettingsError, match=key):
+            settings_from_widgets([bad if k == key else values[k] for k in SETTINGS_KEYS])
+
+
 def test_api_settings_only_keep_what_was_given():
     from ui.tab_image import api_settings
 

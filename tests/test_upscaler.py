@@ -13,7 +13,8 @@ import torch
 
 from engine.errors import InvalidInputError, InvalidSettingsError, OutOfMemoryError
 from engine.upscaler import (
-    auto_tile, blend_window, output_is_bad, plan_tiles, prepare_for_inference, upscale_image, upscale_image_ex,
+    TileOptions, auto_tile, blend_window, output_is_bad, plan_tiles, prepare_for_inference, upscale_image,
+    upscale_image_ex,
 )
 
 DATA = Path(__file__).parent / "data" / "upscaler"
@@ -144,7 +145,7 @@ def test_blend_windows_partition_unity_and_keep_borders():
 def test_untiled_matches_official_realesrganer(archs, photo, tmp_path):
     for net in (_rrdb(archs), _srvgg(archs)):
         rgb = photo[:40, :48]
-        ours = upscale_image(prepare_for_inference(net), rgb, scale=4)
+        ours = upscale_image(prepare_for_inference(net), rgb, TileOptions(scale=4))
         official = _official(net, rgb, tmp_path, tile=0)
         assert ours.shape == (160, 192, 3) and ours.dtype == np.float32
         diff = np.abs(np.round(ours * 255) - np.round(official * 255))
@@ -154,7 +155,7 @@ def test_untiled_matches_official_realesrganer(archs, photo, tmp_path):
 def test_x2_model_pads_to_even_sizes_and_matches_official(archs, photo, tmp_path):
     net = _rrdb(archs, scale=2)
     rgb = photo[:23, :31]  # odd sizes: reflection-padded to even, cropped back
-    ours = upscale_image(net, rgb, scale=2, pad_multiple=2)
+    ours = upscale_image(net, rgb, TileOptions(scale=2, pad_multiple=2))
     official = _official(net, rgb, tmp_path, tile=0, scale=2)
     assert ours.shape == (46, 62, 3)
     assert np.abs(np.round(ours * 255) - np.round(official * 255)).max() <= 1
@@ -164,7 +165,7 @@ def test_x2_model_pads_to_even_sizes_and_matches_official(archs, photo, tmp_path
 def test_tiny_images(archs, shape, scale, multiple):
     net = _rrdb(archs, scale=scale)
     image = np.full((*shape, 3), 0.5, dtype=np.float32)
-    out = upscale_image(net, image, scale=scale, pad_multiple=multiple, tile=32)
+    out = upscale_image(net, image, TileOptions(scale=scale, pad_multiple=multiple, tile=32))
     assert out.shape == (shape[0] * scale, shape[1] * scale, 3)
     assert np.all(np.isfinite(out)) and out.min() >= 0 and out.max() <= 1
 
@@ -174,7 +175,7 @@ def test_tiled_output_without_overlap_effects_equals_untiled_net(archs, photo):
     torch.manual_seed(1)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 48, 3, padding=1), torch.nn.PixelShuffle(4)).eval()
     rgb = photo[:70, :90]
-    tiled, stats = upscale_image_ex(net, rgb, scale=4, tile=32, overlap=8, batch_size=3)
+    tiled, stats = upscale_image_ex(net, rgb, TileOptions(scale=4, tile=32, overlap=8, batch_size=3))
     assert stats.tiles > 4 and stats.batches == -(-stats.tiles // 3)
     np.testing.assert_allclose(tiled, _untiled(net, rgb), atol=1e-5)
 
@@ -183,7 +184,7 @@ def test_seam_error_three_times_below_official_at_bounded_compute(archs, photo, 
     net = _srvgg(archs)
     untiled = _untiled(net, photo)
     tile, overlap = 112, 28
-    ours, stats = upscale_image_ex(net, photo, scale=4, tile=tile, overlap=overlap)
+    ours, stats = upscale_image_ex(net, photo, TileOptions(scale=4, tile=tile, overlap=overlap))
     official = _official(net, photo, tmp_path, tile=tile)
     assert stats.tiles == 4 and stats.compute_ratio <= 1.35
     ours_err, official_err = np.abs(ours - untiled), np.abs(official - untiled)
@@ -194,7 +195,7 @@ def test_seam_error_three_times_below_official_at_bounded_compute(archs, photo, 
 
 def test_progress_reports_every_batch(archs, photo):
     calls: list[tuple[int, int]] = []
-    upscale_image(_srvgg(archs), photo[:64, :64], scale=4, tile=32, overlap=4, batch_size=2,
+    upscale_image(_srvgg(archs), photo[:64, :64], TileOptions(scale=4, tile=32, overlap=4, batch_size=2),
                   progress=lambda done, total: calls.append((done, total)))
     assert calls == [(2, 4), (4, 4)]  # 64 px at stride 32: 2×2 tiles, two per batch
 
@@ -202,12 +203,12 @@ def test_progress_reports_every_batch(archs, photo):
 def test_two_threads_share_one_net(archs, photo):
     net = prepare_for_inference(_srvgg(archs))
     images = [photo[:48, :64], photo[100:164, 50:98]]
-    expected = [upscale_image(net, im, scale=4, tile=32, overlap=8) for im in images]
+    expected = [upscale_image(net, im, TileOptions(scale=4, tile=32, overlap=8)) for im in images]
     results: dict[int, np.ndarray] = {}
 
     def work(index: int) -> None:
         for _ in range(3):
-            results[index] = upscale_image(net, images[index], scale=4, tile=32, overlap=8)
+            results[index] = upscale_image(net, images[index], TileOptions(scale=4, tile=32, overlap=8))
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
     for thread in threads:
@@ -221,9 +222,27 @@ def test_two_threads_share_one_net(archs, photo):
 def test_bad_input_rejected(archs):
     net = _srvgg(archs)
     with pytest.raises(InvalidInputError):
-        upscale_image(net, np.zeros((8, 8), np.float32), scale=4)
+        upscale_image(net, np.zeros((8, 8), np.float32), TileOptions(scale=4))
     with pytest.raises(InvalidSettingsError):
-        upscale_image(net, np.zeros((8, 8, 3), np.float32), scale=4, batch_size=0)
+        upscale_image(net, np.zeros((8, 8, 3), np.float32), TileOptions(scale=4, batch_size=0))
+    with pytest.raises(InvalidSettingsError, match="TileOptions"):
+        upscale_image(net, np.zeros((8, 8, 3), np.float32), {"scale": 4})
+
+
+def test_tile_options_are_validated_on_construction():
+    options = TileOptions(scale=np.int64(4), tile=64, overlap=96, device="cpu")
+    assert options.device == torch.device("cpu") and type(options.scale) is int
+    assert options.overlap == 96  # larger than the tile is allowed: the run clamps it to the tile
+    for field, value in (("scale", 0), ("tile", -1), ("overlap", -8), ("batch_size", 0), ("pad_multiple", 0),
+                         ("min_tile", 4), ("tile", 32.0), ("batch_size", True)):
+        with pytest.raises(ValueError, match=f"TileOptions.{field} .* must be a whole number"):
+            TileOptions(**{"scale": 4, field: value})
+    with pytest.raises(InvalidSettingsError, match="TileOptions.device"):
+        TileOptions(scale=4, device="gpu")
+    with pytest.raises(InvalidSettingsError, match="TileOptions.dtype"):
+        TileOptions(scale=4, dtype=torch.int8)
+    with pytest.raises(AttributeError):
+        options.tile = 0  # frozen
 
 
 # ------------------------------------------------------------------------------------------ out of memory
@@ -244,9 +263,9 @@ def test_oom_halves_tile_and_matches_clean_run_at_that_tile(archs, photo):
     net = _srvgg(archs)
     rgb = photo[:128, :128]
     seen: list[int] = []
-    out, stats = upscale_image_ex(net, rgb, scale=4, tile=0, overlap=8, run_batch=_oom_above(40, seen))
+    out, stats = upscale_image_ex(net, rgb, TileOptions(scale=4, tile=0, overlap=8), run_batch=_oom_above(40, seen))
     assert stats.retries == 2 and stats.tile_used == 32  # whole image (128) -> 64 -> 32
-    clean, clean_stats = upscale_image_ex(net, rgb, scale=4, tile=32, overlap=8)
+    clean, clean_stats = upscale_image_ex(net, rgb, TileOptions(scale=4, tile=32, overlap=8))
     assert clean_stats.tiles == stats.tiles
     np.testing.assert_array_equal(out, clean)
 
@@ -254,11 +273,11 @@ def test_oom_halves_tile_and_matches_clean_run_at_that_tile(archs, photo):
 def test_oom_runtime_error_message_is_recognised_and_gives_up_at_min_tile(archs, photo):
     net = _srvgg(archs)
     with pytest.raises(OutOfMemoryError, match="smaller tile"):
-        upscale_image_ex(net, photo[:96, :96], scale=4, tile=64, overlap=4, min_tile=32,
+        upscale_image_ex(net, photo[:96, :96], TileOptions(scale=4, tile=64, overlap=4, min_tile=32),
                          run_batch=_oom_above(8, [], "DefaultCPUAllocator: not enough memory: you tried... out of "
                                                      "memory"))
     with pytest.raises(RuntimeError, match="unrelated"):  # other errors are not swallowed
-        upscale_image_ex(net, photo[:32, :32], scale=4, run_batch=_oom_above(0, [], "unrelated failure"))
+        upscale_image_ex(net, photo[:32, :32], TileOptions(scale=4), run_batch=_oom_above(0, [], "unrelated failure"))
 
 
 # --------------------------------------------------------------------------------------- helpers & prep
@@ -292,8 +311,8 @@ def test_prepare_for_inference_returns_a_new_faithful_module(archs, photo):
     assert fp32 is not net and next(bf16.parameters()).dtype == torch.bfloat16
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # original untouched
     ref = _untiled(net, rgb)
-    np.testing.assert_allclose(upscale_image(fp32, rgb, scale=4), ref, atol=1e-5)
-    low = upscale_image(bf16, rgb, scale=4, dtype=torch.bfloat16)
+    np.testing.assert_allclose(upscale_image(fp32, rgb, TileOptions(scale=4)), ref, atol=1e-5)
+    low = upscale_image(bf16, rgb, TileOptions(scale=4, dtype=torch.bfloat16))
     assert 10 * np.log10(1.0 / np.mean((low - ref) ** 2)) > 35
     with pytest.raises(InvalidSettingsError):
         prepare_for_inference(net, "cpu", torch.int8)

@@ -10,20 +10,32 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import gradio as gr
 
 from engine.catalog import CATALOG, SR_MODELS
+from engine.settings import EnhanceSettings
 from ui.errors import friendly_errors
 from ui.jobs import CancelToken, device_slot
 from ui.uploads import VIDEO_SUFFIXES, human_bytes, new_output_dir, upload_name, upload_path
+
+if TYPE_CHECKING:
+    from engine.video import VideoSettings
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_VIDEO_MODEL = "realesr-animevideov3"
 CODEC_CHOICES = (("H.264 (plays everywhere)", "h264"), ("H.265 (smaller files)", "h265"), ("VP9 (WebM)", "vp9"))
 PRESET_CHOICES = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+
+#: The settings the tab's widgets edit, by the field each sets: these of :class:`~engine.settings.EnhanceSettings`
+#: (the one settings model) ...
+ENHANCE_KEYS: tuple[str, ...] = ("model", "outscale", "face_enhance")
+#: ... and these of :class:`~engine.video.VideoSettings`.
+VIDEO_KEYS: tuple[str, ...] = ("codec", "crf", "preset", "batch_frames")
+#: The order of the settings widgets in the Run handler's inputs (:attr:`VideoTab.settings_widgets`).
+SETTINGS_KEYS: tuple[str, ...] = ENHANCE_KEYS + VIDEO_KEYS
 
 
 def video_unavailable_reason(config) -> str | None:
@@ -52,18 +64,53 @@ def describe_video(services, path: str | Path) -> str:
             f"{audio}, {human_bytes(info.size_bytes)}.")
 
 
-def upscale_file(services, path: str | Path, *, name: str, model: str, scale: float, codec: str, crf: int,
-                 preset: str, face_enhance: bool, batch_frames: int,
-                 progress: Callable[[object], None] | None = None, cancel=None):
-    """Upscale one uploaded video into a fresh job folder. Returns the engine's ``VideoResult``."""
-    from engine.processor import EnhanceSettings, make_frame_enhancer
-    from engine.video import VideoLimits, VideoSettings, upscale_video
+def _whole_number(value: object) -> object:
+    """A slider's 18.0 as 18; anything else unchanged (the settings object refuses what is wrong)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def settings_from_widgets(values: Sequence[object]) -> tuple[EnhanceSettings, VideoSettings]:
+    """The tab's widget values, in :data:`SETTINGS_KEYS` order, as the engine's settings. Pure.
+
+    Returns:
+        ``(settings, video_settings)``: the enhancement (built through the one settings model, every other
+        setting at its default) and the encoding.
+
+    Raises:
+        InvalidSettingsError: a value out of range (the message names the setting).
+    """
+    from engine.video import VideoSettings
+
+    if len(values) != len(SETTINGS_KEYS):
+        raise ValueError(f"expected {len(SETTINGS_KEYS)} values ({', '.join(SETTINGS_KEYS)}), got {len(values)}")
+    named = dict(zip(SETTINGS_KEYS, values))
+    settings = EnhanceSettings.from_mapping({key: named[key] for key in ENHANCE_KEYS}, coerce=True)
+    video_settings = VideoSettings(**{key: _whole_number(named[key]) for key in VIDEO_KEYS})
+    return settings, video_settings
+
+
+def upscale_file(services, path: str | Path, settings: EnhanceSettings, video_settings: VideoSettings, *,
+                 name: str, progress: Callable[[object], None] | None = None, cancel=None):
+    """Upscale one uploaded video into a fresh job folder.
+
+    Args:
+        services: the app's services (config, model manager, device limiter).
+        path: the uploaded video.
+        settings: how each frame is enhanced (model, scale, faces, ...).
+        video_settings: how the result is encoded (codec, quality, speed, frames per batch).
+        name: the upload's original file name (the output is named after it).
+        progress: called with the engine's video progress while frames are processed.
+        cancel: an event; setting it stops the job and removes the partial output.
+
+    Returns:
+        The engine's ``VideoResult``.
+    """
+    from engine.processor import make_frame_enhancer
+    from engine.video import VideoLimits, upscale_video
 
     config = services.config
-    settings = EnhanceSettings(model=model, outscale=float(scale), face_enhance=bool(face_enhance))
-    video_settings = VideoSettings(codec=codec, crf=int(crf), preset=preset, batch_frames=int(batch_frames))
     enhancer = make_frame_enhancer(services.model_manager, settings, config)
-    suffix = ".webm" if codec == "vp9" else ".mp4"
+    suffix = ".webm" if video_settings.codec == "vp9" else ".mp4"
     output = new_output_dir(config, "video") / f"{Path(name).stem or 'video'}_upscaled{suffix}"
     with device_slot(services):
         return upscale_video(path, output, enhancer, video_settings, limits=VideoLimits.from_config(config),
@@ -75,7 +122,7 @@ class VideoTab:
     video: gr.Video | None = None
     info: gr.Markdown | None = None
     model: gr.Dropdown | None = None
-    scale: gr.Slider | None = None
+    outscale: gr.Slider | None = None
     codec: gr.Dropdown | None = None
     crf: gr.Slider | None = None
     preset: gr.Dropdown | None = None
@@ -88,6 +135,11 @@ class VideoTab:
     download: gr.DownloadButton | None = None
     token: gr.State | None = None
     unavailable: str | None = None
+
+    @property
+    def settings_widgets(self) -> list[gr.components.Component]:
+        """The widgets of the settings, in :data:`SETTINGS_KEYS` order."""
+        return [getattr(self, key) for key in SETTINGS_KEYS]
 
 
 def render(services) -> VideoTab:
@@ -139,11 +191,12 @@ def listen(tab: VideoTab, services) -> None:
     tab.video.upload(on_upload, inputs=[tab.video], outputs=[tab.info], preprocess=False,
                      api_visibility="private", concurrency_id="analyze", concurrency_limit=2)
 
-    def on_run(payload, token: CancelToken, model, scale, codec, crf, preset, face_enhance, batch_frames,
-               progress=gr.Progress()):
+    def on_run(payload, token: CancelToken, *values, progress=gr.Progress()):
         path = upload_path(payload)
         if path is None:
             raise gr.Error("Upload a video first.", title="No video")
+        with friendly_errors("video"):
+            settings, video_settings = settings_from_widgets(values)
         event = token.start()
 
         def report(p) -> None:
@@ -155,9 +208,7 @@ def listen(tab: VideoTab, services) -> None:
                 progress(None, desc=str(p.stage))
 
         with friendly_errors("video"):
-            outcome = upscale_file(services, path, name=upload_name(payload, "video.mp4"), model=model,
-                                   scale=float(scale), codec=codec, crf=int(crf), preset=preset,
-                                   face_enhance=bool(face_enhance), batch_frames=int(batch_frames),
+            outcome = upscale_file(services, path, settings, video_settings, name=upload_name(payload, "video.mp4"),
                                    progress=report, cancel=event)
         text = (f"**Done:** {outcome.frames} frames at {outcome.width}×{outcome.height} in {outcome.seconds:.1f} s "
                 f"({outcome.fps:.2f} fps).")
@@ -168,8 +219,7 @@ def listen(tab: VideoTab, services) -> None:
         return str(outcome.output), text, gr.update(value=str(outcome.output), visible=True)
 
     run_event = tab.run.click(
-        on_run, inputs=[tab.video, tab.token, tab.model, tab.scale, tab.codec, tab.crf, tab.preset,
-                        tab.face_enhance, tab.batch_frames],
+        on_run, inputs=[tab.video, tab.token, *tab.settings_widgets],
         outputs=[tab.result, tab.summary, tab.download], preprocess=False, api_visibility="private",
         concurrency_id="device", show_progress_on=[tab.summary])
 

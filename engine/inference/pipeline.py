@@ -193,9 +193,9 @@ def upscale_rgb(job: Job, images: list[np.ndarray], stage: tuple[float, float]) 
         allocator.mark_busy()
         try:
             outs, stats = upscaler.upscale_images_ex(
-                loaded.net, images, scale=spec.network_scale, tile=int(tile),
-                overlap=planning.tile_overlap(spec, int(tile), settings), batch_size=batch_size, device=device,
-                dtype=loaded.dtype, pad_multiple=spec.pad_multiple,
+                loaded.net, images, upscaler.TileOptions(
+                    scale=spec.network_scale, tile=int(tile), overlap=planning.tile_overlap(spec, int(tile), settings),
+                    batch_size=batch_size, device=device, dtype=loaded.dtype, pad_multiple=spec.pad_multiple),
                 progress=lambda done, total: tile_progress(done, total, f"Upscaling with {job.model_name}: "
                                                                         f"tile {done}/{total}"))
         except OutOfMemoryError:

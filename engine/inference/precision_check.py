@@ -32,9 +32,9 @@ def bf16_psnr(model_manager, model_name: str, denoise_strength: float | None = N
         outputs = []
         for precision in ("fp32", "bf16"):
             loaded = model_manager.load_model(model_name, "cpu", precision, denoise_strength=denoise_strength)
-            out, _ = upscaler.upscale_image_ex(loaded.net, probe, scale=loaded.spec.network_scale, tile=0,
-                                               batch_size=1, dtype=loaded.dtype,
-                                               pad_multiple=loaded.spec.pad_multiple)
+            out, _ = upscaler.upscale_image_ex(loaded.net, probe, upscaler.TileOptions(
+                scale=loaded.spec.network_scale, tile=0, batch_size=1, dtype=loaded.dtype,
+                pad_multiple=loaded.spec.pad_multiple))
             outputs.append(out)
         mse = float(np.mean((outputs[0] - outputs[1]) ** 2))
         psnr = 100.0 if mse == 0 else float(10 * np.log10(1.0 / mse))
