@@ -19,7 +19,7 @@ import numpy as np
 
 from engine.catalog import CATALOG, DEFAULT_FACE_MODEL, SR_MODELS, ModelSpec
 from engine.errors import (CancelledError, EngineError, InputTooLargeError, InvalidInputError, InvalidSettingsError,
-                           OutOfMemoryError, UnsupportedFormatError)
+                           OutOfMemoryError)
 
 logger = logging.getLogger(__name__)
 
@@ -343,21 +343,9 @@ def _from_float(image: np.ndarray, dtype) -> np.ndarray:
     return np.clip(np.round(image * top), 0, top).astype(dtype)
 
 
-def _convert_validation_error(exc: ValueError) -> EngineError:
-    from utils import validation
-
-    if isinstance(exc, validation.InvalidSetting):
-        return InvalidSettingsError(str(exc))
-    if isinstance(exc, validation.TooLarge):
-        return InputTooLargeError(str(exc))
-    if isinstance(exc, validation.UnsupportedFormat):
-        return UnsupportedFormatError(str(exc))
-    return InvalidInputError(str(exc))
-
-
 def load_input(image, config=None):
-    """Decode a path / bytes / PIL image / array into a LoadedImage, with engine errors for bad input."""
-    from utils import validation
+    """Decode a path / bytes / PIL image / array into a LoadedImage; bad input raises the domain errors of
+    :func:`utils.image_io.load_image` (InvalidInputError, UnsupportedFormatError, InputTooLargeError)."""
     from utils.image_io import load_image
 
     max_pixels = config.max_input_pixels if config is not None else None
@@ -365,8 +353,6 @@ def load_input(image, config=None):
         return load_image(image, max_pixels=max_pixels)
     except FileNotFoundError as exc:
         raise InvalidInputError(f"File not found: {getattr(exc, 'filename', None) or image}.") from exc
-    except validation.ValidationError as exc:
-        raise _convert_validation_error(exc) from exc
 
 
 class _Cancellable:
