@@ -486,6 +486,15 @@ def test_health_reports_device_models_and_queue(client):
     assert body["queue"]["concurrency"] == 1
 
 
+def test_health_reports_a_broken_device_setting_in_words_not_class_names(api_env):
+    services = _services(api_env["config"].replace(device="cuda:99"), api_env["manager"])
+    with serve(services) as url, httpx.Client(base_url=url, timeout=60) as c:
+        r = c.get("/api/v1/health")
+    assert r.status_code == 200
+    device = r.json()["device"]
+    assert device.startswith("unavailable: ") and "cuda:99" in device and "Error" not in device
+
+
 def test_models_lists_the_catalog_with_availability_and_no_paths(client):
     r = client.get("/api/v1/models")
     assert r.status_code == 200

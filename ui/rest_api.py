@@ -467,7 +467,9 @@ def create_api_router(services: "Services") -> APIRouter:
         try:
             device = str(resolve_device(config.device))
         except Exception as exc:  # a broken device setting is reported, not raised, by a health check
-            device = f"unavailable ({type(exc).__name__})"
+            if not is_expected(exc):
+                logger.error("health: device %r could not be resolved", config.device, exc_info=exc)
+            device = f"unavailable: {user_message(exc)}"
         return {"status": "ok", "device": device, "loaded_models": services.model_manager.loaded_models(),
                 "queue": services.limiter.stats().as_dict()}
 
