@@ -13,7 +13,8 @@ How a failure reaches a person is decided in one place:
   server paths removed, or one generic line that names no class for unexpected errors (whose details only the
   log gets; logging them is the caller's job).
 
-Pure and cheap to import: nothing here imports ``torch``, ``gradio`` or the engine.
+Cheap to import and free of side effects: nothing here imports ``gradio`` or the engine, and ``torch`` is only
+consulted (through :func:`utils.gpu.is_out_of_memory`) to recognise an out-of-memory ``RuntimeError``.
 """
 
 from __future__ import annotations
