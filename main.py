@@ -1,8 +1,8 @@
 """Real-ESRGAN Ultimate entry point.
 
 ``python main.py`` launches the web UI; subcommands ``enhance``, ``analyze``, ``video`` and ``models`` run the
-same engine from the command line. This module only parses arguments, wires objects together and turns engine
-errors into messages and exit codes.
+same engine from the command line. This module only parses arguments and wires objects together; messages and
+exit codes for errors come from the one error table (:mod:`utils.errors`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import logging
 import sys
 from pathlib import Path
 
-logger = logging.getLogger("realesrgan_ultimate")
+from utils.errors import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_USAGE, error_kind, is_expected, user_message
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+logger = logging.getLogger("realesrgan_ultimate")
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -120,7 +120,7 @@ def cmd_models(args, config) -> int:
                     _out(f"{name}: {manager.download(name, progress)}")
                 except Exception as exc:  # reported per model; the loop goes on
                     failed += 1
-                    _err(f"{name}: {_message(exc)}")
+                    _err(f"{name}: {user_message(exc)}")
         return EXIT_FAILED if failed else EXIT_OK
     if args.models_command == "verify":
         bad = 0
@@ -294,14 +294,6 @@ def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
 
 
-def _message(exc: BaseException) -> str:
-    from engine.errors import EngineError
-
-    if isinstance(exc, (EngineError, ValueError, FileNotFoundError, PermissionError)):
-        return str(exc)
-    return f"unexpected error ({type(exc).__name__}); see the log for details"
-
-
 def load_config(args):
     from config import Config
 
@@ -337,19 +329,13 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args, config)
     except KeyboardInterrupt:
         _err("Interrupted.")
-        return 130
+        return EXIT_CANCELLED
     except Exception as exc:
         logger.debug("command failed", exc_info=True)
-        if not _is_expected(exc):
+        if not is_expected(exc):
             logger.exception("unexpected error")
-        _err(f"Error: {_message(exc)}")
-        return EXIT_FAILED
-
-
-def _is_expected(exc: BaseException) -> bool:
-    from engine.errors import EngineError
-
-    return isinstance(exc, (EngineError, ValueError, FileNotFoundError))
+        _err(f"Error: {user_message(exc)}")
+        return error_kind(exc).exit_code
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from engine.errors import EngineError
+from engine.errors import QueueFullError
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +36,6 @@ DEFAULT_JOB_SECONDS = 10.0
 _EWMA_WEIGHT = 0.3  # weight of the newest job in the running average of job durations
 
 PositionCallback = Callable[[int], None]
-
-
-class QueueFullError(EngineError):
-    """Every slot is busy and the wait line is full; ``retry_after`` is a whole number of seconds to wait."""
-
-    stage = "inference"
-
-    def __init__(self, message: str, retry_after: int):
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal, Mapping, TypedDict
 
-from engine.errors import EngineError, InvalidSettingsError
+from engine.errors import BuiltinPresetError, InvalidSettingsError, PresetNotFoundError, SettingsStorageError
 from engine.settings import (AlphaMode, EnhanceSettings, FieldSpec, OutputFormat, Precision, stored_defaults,
                              stored_fields)
 from utils.atomic import fsync_dir, write_atomic
@@ -67,32 +67,6 @@ MAX_PRESET_NAME_LENGTH = 64
 MAX_PRESETS = 1000
 MAX_IMPORT_BYTES = 2 * 1024 * 1024
 LOCK_TIMEOUT_S = 15.0
-
-
-# ---------------------------------------------------------------------------------------------------- errors
-class PresetNotFoundError(EngineError, KeyError):
-    """No preset (built-in or user) has this name."""
-
-    stage = "validation"
-
-    def __init__(self, name: str, available: list[str]):
-        self.name = name
-        super().__init__(
-            f"No preset named {name!r}. Available presets: {', '.join(available) or 'none'}."
-        )
-
-    def __str__(self) -> str:  # KeyError would print the repr of the message
-        return str(self.args[0])
-
-
-class BuiltinPresetError(InvalidSettingsError):
-    """A built-in preset cannot be deleted or overwritten."""
-
-
-class SettingsStorageError(EngineError):
-    """The settings folder could not be read, written or locked; the message says which file and why."""
-
-    stage = "settings"
 
 
 # ---------------------------------------------------------------------------------------------------- schema

@@ -23,7 +23,7 @@ from utils.image_io import (
     save_image,
     to_8bit,
 )
-from utils.validation import CorruptImage, InvalidSetting, TooLarge, UnsupportedFormat, ValidationError
+from utils.errors import InputTooLargeError, InvalidInputError, InvalidSettingsError, UnsupportedFormatError
 
 DATA = Path(__file__).parent / "data" / "images"
 TREE_16BIT = DATA / "tree_alpha_16bit_crop.png"  # 48x40 RGBA, 16 bits, soft alpha edges
@@ -171,7 +171,7 @@ def test_lossy_quality_changes_size_and_is_validated():
     pixels = _rng_pixels((32, 32, 3), np.uint8)
     assert len(encode_image(pixels, "jpg", quality=30).data) < len(encode_image(pixels, "jpg", quality=95).data)
     for bad in (0, 101, 9.5, True):
-        with pytest.raises(InvalidSetting, match="quality"):
+        with pytest.raises(InvalidSettingsError, match="quality"):
             encode_image(pixels, "jpg", quality=bad)
 
 
@@ -270,7 +270,7 @@ def test_one_bit_la_and_cmyk_are_converted():
 def test_float_tiff_is_refused_with_advice():
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((3, 3), np.float32)).save(buffer, "TIFF")
-    with pytest.raises(UnsupportedFormat, match="8- or 16-bit"):
+    with pytest.raises(UnsupportedFormatError, match="8- or 16-bit"):
         load_image(buffer.getvalue())
 
 
@@ -302,7 +302,7 @@ def test_numpy_inputs():
     np.full((3, 4), np.nan, np.float64),
 ])
 def test_bad_numpy_inputs_are_refused(bad):
-    with pytest.raises(ValidationError):
+    with pytest.raises(InvalidInputError):
         load_image(bad)
 
 
@@ -318,7 +318,7 @@ def test_max_pixels_on_every_source_kind():
     pixels = np.zeros((10, 10, 3), np.uint8)
     for source in (pixels, Image.fromarray(pixels), encode_image(pixels, "png").data):
         assert load_image(source, max_pixels=100).width == 10
-        with pytest.raises(TooLarge, match="10×10"):
+        with pytest.raises(InputTooLargeError, match="10×10"):
             load_image(source, max_pixels=99)
 
 
@@ -326,7 +326,7 @@ def test_huge_png_header_refused_by_loader():
     ihdr = struct.pack(">IIBBBBB", 50000, 50000, 8, 6, 0, 0, 0)
     data = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(
         ">I", zlib.crc32(b"IHDR" + ihdr))
-    with pytest.raises(TooLarge, match="50000×50000 = 2500 MP"):
+    with pytest.raises(InputTooLargeError, match="50000×50000 = 2500 MP"):
         load_image(data, max_pixels=40_000_000)
 
 
@@ -334,25 +334,27 @@ def test_huge_png_header_refused_by_loader():
 @pytest.mark.parametrize("fmt", ["png", "jpg", "tiff"])
 def test_truncated_file_is_corrupt(fmt):
     data = encode_image(_rng_pixels((64, 64, 3), np.uint8), fmt, quality=90).data
-    with pytest.raises(CorruptImage, match="could not be decoded; it may be damaged or not an image"):
+    with pytest.raises(InvalidInputError, match="could not be decoded; it may be damaged or not an image") as info:
         load_image(data[: len(data) // 2])
+    assert type(info.value) is InvalidInputError
 
 
 def test_truncated_16bit_png_is_corrupt():
     data = TREE_16BIT.read_bytes()
-    with pytest.raises(CorruptImage):
+    with pytest.raises(InvalidInputError) as info:
         load_image(data[: len(data) // 2])
+    assert type(info.value) is InvalidInputError  # damaged, not "unsupported" or "too large"
 
 
 def test_gif_is_unsupported(tmp_path):
     path = tmp_path / "anim.png"
     Image.new("P", (4, 4)).save(path, "GIF")
-    with pytest.raises(UnsupportedFormat, match="GIF"):
+    with pytest.raises(UnsupportedFormatError, match="GIF"):
         load_image(path)
 
 
 def test_missing_file_and_wrong_type():
-    with pytest.raises(ValidationError, match="not found"):
+    with pytest.raises(InvalidInputError, match="not found"):
         load_image("/nonexistent/dir/x.png")
     with pytest.raises(TypeError):
         load_image(12345)  # type: ignore[arg-type]
@@ -391,9 +393,9 @@ def test_replace_failure_cleans_up(tmp_path):
 def test_encoding_error_never_touches_the_file(tmp_path):
     target = tmp_path / "keep.png"
     target.write_bytes(b"old")
-    with pytest.raises(ValidationError):
+    with pytest.raises(InvalidInputError):
         save_image(np.zeros((4, 4, 7), np.uint8), target)
-    with pytest.raises(InvalidSetting, match="output format"):
+    with pytest.raises(InvalidSettingsError, match="output format"):
         save_image(np.zeros((4, 4, 3), np.uint8), tmp_path / "x.gif")
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.png"]
 
@@ -427,7 +429,7 @@ def test_choose_output_format(requested, input_format, has_alpha, bit_depth, exp
 
 
 def test_choose_output_format_refuses_unknown():
-    with pytest.raises(InvalidSetting, match="png, jpg, webp, tiff"):
+    with pytest.raises(InvalidSettingsError, match="png, jpg, webp, tiff"):
         choose_output_format("gif", "PNG", False, 8)
 
 

@@ -486,6 +486,15 @@ def test_health_reports_device_models_and_queue(client):
     assert body["queue"]["concurrency"] == 1
 
 
+def test_health_reports_a_broken_device_setting_in_words_not_class_names(api_env):
+    services = _services(api_env["config"].replace(device="cuda:99"), api_env["manager"])
+    with serve(services) as url, httpx.Client(base_url=url, timeout=60) as c:
+        r = c.get("/api/v1/health")
+    assert r.status_code == 200
+    device = r.json()["device"]
+    assert device.startswith("unavailable: ") and "cuda:99" in device and "Error" not in device
+
+
 def test_models_lists_the_catalog_with_availability_and_no_paths(client):
     r = client.get("/api/v1/models")
     assert r.status_code == 200
@@ -506,27 +515,11 @@ def test_openapi_docs_list_the_routes(client):
 
 # ------------------------------------------------------------------------------------------------ pure parts
 def test_scrub_paths_keeps_urls_and_hides_paths():
-    from ui.errors import scrub_paths
+    from utils.errors import scrub_paths
 
     text = scrub_paths("not in /home/u/.cache/w/x.pth; get https://github.com/a/b.pth or C:\\Users\\me\\w.pth")
     assert "/home/u" not in text and "Users" not in text
     assert "https://github.com/a/b.pth" in text and "x.pth" in text
-
-
-def test_error_status_mapping():
-    from engine import errors
-    from engine.concurrency import QueueFullError
-    from ui.rest_api import error_status
-
-    assert error_status(errors.UnsupportedFormatError("x")) == (415, "validation")
-    assert error_status(errors.InputTooLargeError("x")) == (413, "validation")
-    assert error_status(errors.InvalidSettingsError("x")) == (422, "validation")
-    assert error_status(errors.InvalidInputError("x")) == (422, "decode")
-    assert error_status(errors.NoFaceFoundError("x")) == (422, "faces")
-    assert error_status(errors.DownloadError("x")) == (503, "model")
-    assert error_status(errors.OutOfMemoryError("x")) == (503, "inference")
-    assert error_status(errors.FaceEnhancementError("x")) == (500, "faces")
-    assert error_status(QueueFullError("x", retry_after=3)) == (429, "inference")
 
 
 def test_model_defaults_to_the_advisors_choice(client):
@@ -539,15 +532,26 @@ def test_model_defaults_to_the_advisors_choice(client):
 
 
 @pytest.mark.parametrize("failure, status", [(RuntimeError("boom in /srv/secret/app/engine.py"), 500),
+                                             (KeyError("/srv/secret/config.json"), 500),
                                              (MemoryError(), 503)])
-def test_unexpected_failures_are_scrubbed(client, monkeypatch, failure, status):
-    """A failure inside the pipeline: 500 (or 503 for memory) with no traceback, exception text or server path."""
+def test_unexpected_failures_are_scrubbed(client, monkeypatch, caplog, failure, status):
+    """A failure inside the pipeline: 500 (or 503 for memory) with no traceback, exception class, exception text
+    or server path; an unexpected one is logged in full under the request id the answer carries."""
     from engine.inference import pipeline
+    from utils.errors import user_message
 
     def failing_enhance(*args, **kwargs):
         raise failure
 
     monkeypatch.setattr(pipeline, "enhance_image", failing_enhance)
-    response = client.post("/api/v1/enhance", files=_files(_png(16, 16)), data={"model": FAST_MODEL})
-    _assert_error(response, status, "inference")
+    with caplog.at_level("ERROR", logger="ui.rest_api"):
+        response = client.post("/api/v1/enhance", files=_files(_png(16, 16)), data={"model": FAST_MODEL})
+    body = _assert_error(response, status, "inference")
     assert "/srv" not in response.text and "boom" not in response.text and "Traceback" not in response.text
+    assert "secret" not in response.text
+    assert type(failure).__name__ not in response.text and "Error" not in body["error"]
+    assert body["error"] == user_message(failure)  # the same line the CLI and the UI show
+    if status == 500:
+        request_id = response.headers["X-Request-ID"]
+        logged = [r for r in caplog.records if request_id in r.getMessage()]
+        assert logged and logged[0].exc_info and logged[0].exc_info[1] is failure

@@ -1,4 +1,4 @@
-"""Tests for utils.validation: header sniffing and limits, settings ranges, file names, video files."""
+"""Tests for utils.validation: header sniffing and limits, file names, video files."""
 
 from __future__ import annotations
 
@@ -8,23 +8,16 @@ import tracemalloc
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
+from utils.errors import EngineError, InputTooLargeError, InvalidInputError, UnsupportedFormatError
 from utils.validation import (
     ALLOWED_IMAGE_FORMATS,
-    CorruptImage,
     ImageHeader,
-    InvalidSetting,
-    TooLarge,
-    UnsupportedFormat,
-    ValidationError,
     check_image_header,
     format_megapixels,
     sanitize_filename,
-    validate_outscale,
-    validate_tile,
     validate_video_file,
 )
 
@@ -49,10 +42,11 @@ def _encode(fmt: str, size=(6, 4), mode="RGB") -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------- exception tree
-def test_exceptions_are_value_errors_with_one_base():
-    for cls in (UnsupportedFormat, TooLarge, CorruptImage, InvalidSetting):
-        assert issubclass(cls, ValidationError)
-    assert issubclass(ValidationError, ValueError)
+def test_refusals_are_the_domain_exceptions_and_value_errors():
+    """validation raises the app's own exceptions (no tree of its own to translate), still ValueErrors."""
+    for cls in (UnsupportedFormatError, InputTooLargeError):
+        assert issubclass(cls, InvalidInputError)
+    assert issubclass(InvalidInputError, EngineError) and issubclass(InvalidInputError, ValueError)
 
 
 # -------------------------------------------------------------------------------------------------- image headers
@@ -81,7 +75,7 @@ def test_huge_png_header_is_refused_without_allocating(with_iend):
     data = _png_header_only(50000, 50000, with_iend=with_iend)
     tracemalloc.start()
     try:
-        with pytest.raises(TooLarge) as info:
+        with pytest.raises(InputTooLargeError) as info:
             check_image_header(data, max_pixels=40_000_000)
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -97,14 +91,14 @@ def test_huge_header_of_other_format_names_its_size():
     # A BMP header claiming 30000x30000 (only 54 bytes): over PIL's own bomb limit, still reported with its size.
     bmp = struct.pack("<2sIHHI", b"BM", 54, 0, 0, 54) + struct.pack("<IiiHHIIiiII", 40, 30000, 30000, 1, 24, 0,
                                                                       0, 2835, 2835, 0, 0)
-    with pytest.raises(TooLarge, match="30000×30000 = 900 MP"):
+    with pytest.raises(InputTooLargeError, match="30000×30000 = 900 MP"):
         check_image_header(bmp, max_pixels=40_000_000)
 
 
 def test_pixels_at_limit_pass_and_one_over_fails():
     data = _encode("PNG", size=(10, 10))
     assert check_image_header(data, max_pixels=100).pixels == 100
-    with pytest.raises(TooLarge):
+    with pytest.raises(InputTooLargeError):
         check_image_header(data, max_pixels=99)
 
 
@@ -112,7 +106,7 @@ def test_bytes_limit(tmp_path):
     data = _encode("PNG")
     path = tmp_path / "a.png"
     path.write_bytes(data)
-    with pytest.raises(TooLarge, match="REALESRGAN_MAX_UPLOAD_MB"):
+    with pytest.raises(InputTooLargeError, match="REALESRGAN_MAX_UPLOAD_MB"):
         check_image_header(path, max_pixels=100, max_bytes=len(data) - 1)
     assert check_image_header(path, max_pixels=100, max_bytes=len(data)).format == "PNG"
 
@@ -124,7 +118,7 @@ def test_bytes_limit(tmp_path):
     (b"just some text, not an image at all", None),
 ])
 def test_not_allowed_formats_are_refused_naming_the_allowed_ones(payload, named):
-    with pytest.raises(UnsupportedFormat) as info:
+    with pytest.raises(UnsupportedFormatError) as info:
         check_image_header(payload, max_pixels=10**6)
     message = str(info.value)
     assert "PNG, JPEG, WebP, TIFF or BMP" in message
@@ -135,21 +129,23 @@ def test_not_allowed_formats_are_refused_naming_the_allowed_ones(payload, named)
 def test_gif_with_image_extension_is_still_refused(tmp_path):
     path = tmp_path / "photo.png"
     path.write_bytes(_encode("GIF"))
-    with pytest.raises(UnsupportedFormat, match="GIF"):
+    with pytest.raises(UnsupportedFormatError, match="GIF"):
         check_image_header(path, max_pixels=10**6)
 
 
 def test_corrupt_and_empty_files():
-    with pytest.raises(CorruptImage, match="could not be decoded; it may be damaged or not an image"):
+    with pytest.raises(InvalidInputError, match="could not be decoded; it may be damaged or not an image") as info:
         check_image_header(_encode("PNG")[:20], max_pixels=100)  # cut inside the IHDR
-    with pytest.raises(CorruptImage, match="empty"):
+    assert type(info.value) is InvalidInputError  # damaged, not "unsupported"
+    with pytest.raises(InvalidInputError, match="empty") as info:
         check_image_header(b"", max_pixels=100)
+    assert type(info.value) is InvalidInputError
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(ValidationError, match="not found"):
+    with pytest.raises(InvalidInputError, match="not found"):
         check_image_header(tmp_path / "nope.png", max_pixels=100)
-    with pytest.raises(ValidationError, match="not a regular file"):
+    with pytest.raises(InvalidInputError, match="Not a regular file"):
         check_image_header(tmp_path, max_pixels=100)
 
 
@@ -170,31 +166,6 @@ def test_format_megapixels():
     assert format_megapixels(12_345_678) == "12.3 MP"
     assert format_megapixels(40_000_000) == "40 MP"
     assert format_megapixels(40_000) == "0.04 MP"
-
-
-# --------------------------------------------------------------------------------------------------- settings
-@pytest.mark.parametrize("value, expected", [(1, 1.0), (8, 8.0), (2.5, 2.5), ("4", 4.0), (np.float32(3), 3.0)])
-def test_outscale_accepts(value, expected):
-    assert validate_outscale(value) == expected
-    assert isinstance(validate_outscale(value), float)
-
-
-@pytest.mark.parametrize("value", [0.99, 8.01, 0, -2, float("nan"), float("inf"), "four", None, True, [2]])
-def test_outscale_refuses(value):
-    with pytest.raises(InvalidSetting, match="outscale must be a number from 1 to 8"):
-        validate_outscale(value)
-
-
-@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("AUTO ", "auto"), (0, 0), (32, 32), (4096, 4096),
-                                             ("256", 256), (512.0, 512)])
-def test_tile_accepts(value, expected):
-    assert validate_tile(value) == expected
-
-
-@pytest.mark.parametrize("value", [31, 4097, -1, 1, 100.5, "big", None, False, float("nan")])
-def test_tile_refuses(value):
-    with pytest.raises(InvalidSetting, match="tile must be 'auto', 0"):
-        validate_tile(value)
 
 
 # ------------------------------------------------------------------------------------------------------ file names
@@ -235,7 +206,7 @@ def test_sanitize_filename_result_is_always_a_single_safe_name():
 
 
 def test_sanitize_filename_refuses_non_text():
-    with pytest.raises(ValidationError):
+    with pytest.raises(InvalidInputError):
         sanitize_filename(None)  # type: ignore[arg-type]
 
 
@@ -244,13 +215,13 @@ def test_validate_video_file(tmp_path):
     video = tmp_path / "clip.mp4"
     video.write_bytes(b"\x00" * 2048)
     assert validate_video_file(video, max_bytes=2048) == video
-    with pytest.raises(TooLarge, match="REALESRGAN_MAX_VIDEO_MB"):
+    with pytest.raises(InputTooLargeError, match="REALESRGAN_MAX_VIDEO_MB"):
         validate_video_file(video, max_bytes=2047)
-    with pytest.raises(ValidationError, match="not found"):
+    with pytest.raises(InvalidInputError, match="not found"):
         validate_video_file(tmp_path / "missing.mp4", max_bytes=10)
-    with pytest.raises(ValidationError, match="not a regular file"):
+    with pytest.raises(InvalidInputError, match="Not a regular file"):
         validate_video_file(tmp_path, max_bytes=10)
     empty = tmp_path / "empty.mp4"
     empty.touch()
-    with pytest.raises(ValidationError, match="empty"):
+    with pytest.raises(InvalidInputError, match="empty"):
         validate_video_file(empty, max_bytes=10)

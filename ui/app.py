@@ -16,10 +16,10 @@ import gradio as gr
 
 from ui import tab_batch, tab_image, tab_presets, tab_system, tab_video
 from ui import form as form_mod
+from utils.errors import EXIT_OK, EXIT_USAGE
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_USAGE = 0, 2
 TITLE = "Real-ESRGAN Ultimate"
 
 CSS = """

@@ -10,8 +10,6 @@ import logging
 import threading
 from typing import Callable, Iterator
 
-from engine.errors import EngineError
-
 logger = logging.getLogger(__name__)
 
 
@@ -37,19 +35,13 @@ class CancelToken:
         return CancelToken()
 
 
-class QueueBusyError(EngineError):
-    """The server's wait line is full (message says when to retry)."""
-
-
 @contextlib.contextmanager
 def device_slot(services, notify: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold one of the device's inference slots (shared with the REST API) for the block.
 
     Raises:
-        QueueBusyError: the shared wait line is full.
+        QueueFullError: the shared wait line is full (the message says when to retry).
     """
-    from engine.concurrency import QueueFullError
-
     limiter = getattr(services, "limiter", None)
     if limiter is None:
         yield
@@ -59,11 +51,8 @@ def device_slot(services, notify: Callable[[str], None] | None = None) -> Iterat
         if notify is not None:
             notify(f"Waiting for the processor: number {position} in line")
 
-    try:
-        with limiter.slot(on_position=on_position):
-            yield
-    except QueueFullError as exc:
-        raise QueueBusyError(str(exc)) from None
+    with limiter.slot(on_position=on_position):
+        yield
 
 
 def gradio_progress(progress, offset: float = 0.0, span: float = 1.0) -> Callable[[float, str], None]:

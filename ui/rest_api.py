@@ -8,8 +8,9 @@ Mounted on the same FastAPI app as the web UI with :func:`install_api`. The cont
 * Every error → ``{"error": <message for a person>, "stage": validation|decode|model|inference|faces|metrics|
   encode}`` with 401 (API key), 413 (bytes or pixels over the limit), 415 (not JPEG/PNG/WebP), 422 (bad
   parameter, undecodable image, no face found when ``face_enhance`` was asked), 429 (queue full, with
-  ``Retry-After``), 503 (model unavailable, out of memory), 500 (anything else). Bodies never hold a traceback or
-  a server path.
+  ``Retry-After``), 503 (model unavailable, out of memory), 500 (anything else). Status, stage and message of an
+  engine error come from the one error table (:mod:`utils.errors`). Bodies never hold a traceback, an exception
+  class or a server path; an unexpected error is logged with a request id, also sent as ``X-Request-ID``.
 * ``GET /api/v1/health`` and ``GET /api/v1/models``.
 
 Nothing is written to disk: uploads are parsed into memory (the multipart parser never spools to a temp file)
@@ -26,6 +27,7 @@ import inspect
 import logging
 import math
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Mapping, Union
 
@@ -42,11 +44,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import processor
 from engine.settings import FIELDS, EnhanceSettings, FieldSpec
-from engine.concurrency import QueueFullError
-from engine.errors import (EngineError, InputTooLargeError, InvalidInputError, InvalidSettingsError,
-                           ModelNotAvailableError, NoFaceFoundError, OutOfMemoryError, UnsafeEnvironmentError,
-                           UnsupportedFormatError)
-from ui.errors import scrub_paths
+from engine.errors import NoFaceFoundError, QueueFullError, UnsupportedFormatError
+from utils.errors import Stage, error_kind, is_expected, scrub_paths, user_message
 
 if TYPE_CHECKING:
     from ui.services import Services
@@ -58,7 +57,6 @@ API_KEY_HEADER = "X-API-Key"
 #: Upload formats the API accepts (PIL format names, as :func:`utils.validation.check_image_header` reports them).
 ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
 
-Stage = Literal["validation", "decode", "model", "inference", "faces", "metrics", "encode"]
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -84,46 +82,21 @@ def _too_large_message(limit: int) -> str:
             "(the server's REALESRGAN_MAX_UPLOAD_MB sets the limit).")
 
 
-def error_status(exc: BaseException) -> tuple[int, Stage]:
-    """HTTP status and stage for an exception from the pipeline. Pure (by type)."""
-    if isinstance(exc, QueueFullError):
-        return 429, "inference"
-    if isinstance(exc, UnsupportedFormatError):
-        return 415, "validation"
-    if isinstance(exc, InputTooLargeError):
-        return 413, "validation"
-    if isinstance(exc, InvalidSettingsError):
-        return 422, "validation"
-    if isinstance(exc, NoFaceFoundError):
-        return 422, "faces"
-    if isinstance(exc, InvalidInputError):
-        return 422, "decode"
-    if isinstance(exc, (ModelNotAvailableError, UnsafeEnvironmentError)):
-        return 503, "model"
-    if isinstance(exc, OutOfMemoryError):
-        return 503, "inference"
-    stage = getattr(exc, "stage", "inference")
-    return 500, stage if stage in _STAGES else "inference"
+def api_error(exc: BaseException, stage_if_unexpected: Stage = "inference") -> ApiError:
+    """The answer for ``exc``: status, stage and message from the error table (:mod:`utils.errors`).
 
-
-_STAGES = frozenset({"validation", "decode", "model", "inference", "faces", "metrics", "encode"})
-
-
-def _api_error_from(exc: BaseException, default_stage: Stage = "inference") -> ApiError:
+    An unexpected exception (no row in the table) becomes a 500 at ``stage_if_unexpected`` with the generic
+    message; its details are logged under a request id that the answer carries in ``X-Request-ID``.
+    """
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, EngineError):
-        status, stage = error_status(exc)
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFullError) else None
-        return ApiError(status, scrub_paths(str(exc)), stage, headers)
-    from utils.gpu import is_out_of_memory
-
-    if is_out_of_memory(exc):
-        return ApiError(503, "The server ran out of memory for this image; try a smaller image or scale, or "
-                             "try again later.", "inference")
-    logger.error("API request failed at %s", default_stage, exc_info=exc)
-    return ApiError(500, f"Internal error while processing the image ({type(exc).__name__}); the details are in "
-                         "the server log.", default_stage)
+    if not is_expected(exc):
+        request_id = uuid.uuid4().hex[:12]
+        logger.error("API request %s failed at %s", request_id, stage_if_unexpected, exc_info=exc)
+        return ApiError(500, user_message(exc), stage_if_unexpected, {"X-Request-ID": request_id})
+    kind = error_kind(exc)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFullError) else None
+    return ApiError(kind.status, user_message(exc), kind.stage, headers)
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -197,6 +170,8 @@ def _route_class(spool_bytes: int) -> type[APIRoute]:
                     if exc.status_code == 400:  # FastAPI's "There was an error parsing the body"
                         return error_response(ApiError(422, f"{message}.", "validation"))
                     return error_response(ApiError(exc.status_code, message, "validation", exc.headers))
+                except Exception as exc:  # engine errors by the table; anything else is logged, answered 500
+                    return error_response(api_error(exc))
 
             return route
 
@@ -321,22 +296,15 @@ def check_upload(data: bytes, config) -> None:
     """Refuse an upload from its header alone: wrong type (415), too many bytes or pixels (413), unreadable (422).
 
     Raises:
-        ApiError: the refusal.
+        UnsupportedFormatError: not JPEG, PNG or WebP (judged from the content).
+        InputTooLargeError: over the byte or pixel limit.
+        InvalidInputError: empty or damaged.
     """
-    from utils import validation
+    from utils.validation import check_image_header
 
-    try:
-        header = validation.check_image_header(data, max_pixels=config.max_input_pixels,
-                                               max_bytes=config.max_upload_bytes)
-    except validation.UnsupportedFormat as exc:
-        raise ApiError(415, f"Unsupported file type: {exc}.", "validation") from None
-    except validation.TooLarge as exc:
-        raise ApiError(413, f"The image is too large: {exc}.", "validation") from None
-    except validation.ValidationError as exc:
-        raise ApiError(422, f"The image could not be read: {scrub_paths(str(exc))}.", "decode") from None
+    header = check_image_header(data, max_pixels=config.max_input_pixels, max_bytes=config.max_upload_bytes)
     if header.format not in ACCEPTED_FORMATS:
-        raise ApiError(415, f"{header.format} files are not accepted by the API; send JPEG, PNG or WebP.",
-                       "validation")
+        raise UnsupportedFormatError(f"{header.format} files are not accepted by the API; send JPEG, PNG or WebP.")
 
 
 def _json_safe(value: Any) -> Any:
@@ -376,28 +344,28 @@ def run_enhance_job(services: "Services", data: bytes, explicit: Mapping[str, An
     engine_services = processor.BatchServices(services.model_manager, config, services.advisor)
     item = processor.run_batch([processor.BatchInput(data, Path("upload"))], job, engine_services).items[0]
     if not item.ok:
-        raise _api_error_from(item.exception or RuntimeError(item.error)) from None
+        raise api_error(item.exception or RuntimeError(item.error)) from None
     result = item.result
     settings = result.settings
 
     if settings.face_enhance and result.faces_detected == 0:
         why = "; ".join(result.warnings)
-        raise ApiError(422, "No face was found in the image, and face_enhance=true requires at least one face "
-                            "(send face_enhance=false to upscale it without face restoration)"
-                       + (f". {scrub_paths(why)}" if why else "."), "faces")
+        raise api_error(NoFaceFoundError(
+            "No face was found in the image, and face_enhance=true requires at least one face (send "
+            "face_enhance=false to upscale it without face restoration)" + (f". {why}" if why else ".")))
 
     try:
         encoded = encode_image(result.pixels, processor.output_format_for(result), quality=settings.quality,
                                icc_profile=result.icc_profile, exif=result.exif)
     except Exception as exc:  # encoder failures are ours, not the client's
-        raise _api_error_from(exc, "encode") from None
+        raise api_error(exc, "encode") from None
 
     try:
         metrics = dict(result.metrics)
         metrics.update(file_metrics(result.input_size, result.size, len(data), len(encoded.data)))
         metrics = _json_safe(metrics)
     except Exception as exc:  # a metric that cannot be computed must not look like a bad image
-        raise _api_error_from(exc, "metrics") from None
+        raise api_error(exc, "metrics") from None
 
     warnings = [scrub_paths(w) for w in (*result.warnings, *encoded.warnings)]
     return {
@@ -445,14 +413,8 @@ def create_api_router(services: "Services") -> APIRouter:
         if explicit.get("face_enhance") and not config.enable_face_enhancement:
             raise ApiError(422, "Face enhancement is turned off on this server; send face_enhance=false.",
                            "validation")
-        try:
-            EnhanceSettings.from_mapping(explicit)  # a bad combination is the client's fault: 422 before queueing
-        except InvalidSettingsError as exc:
-            raise ApiError(422, scrub_paths(str(exc)), "validation") from None
-        try:
-            ticket = services.limiter.try_acquire()
-        except QueueFullError as exc:
-            raise _api_error_from(exc) from None
+        EnhanceSettings.from_mapping(explicit)  # a bad combination is the client's fault: 422 before queueing
+        ticket = services.limiter.try_acquire()  # QueueFullError: 429 with Retry-After
 
         def job() -> dict:
             try:
@@ -491,7 +453,9 @@ def create_api_router(services: "Services") -> APIRouter:
         try:
             device = str(resolve_device(config.device))
         except Exception as exc:  # a broken device setting is reported, not raised, by a health check
-            device = f"unavailable ({type(exc).__name__})"
+            if not is_expected(exc):
+                logger.error("health: device %r could not be resolved", config.device, exc_info=exc)
+            device = f"unavailable: {user_message(exc)}"
         return {"status": "ok", "device": device, "loaded_models": services.model_manager.loaded_models(),
                 "queue": services.limiter.stats().as_dict()}
 

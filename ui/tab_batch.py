@@ -15,10 +15,11 @@ import gradio as gr
 
 from engine.processor import BatchInput, BatchItem, BatchJob, BatchServices, run_batch
 from ui import form as form_mod
-from ui.errors import friendly_errors, user_message
+from ui.errors import friendly_errors
 from ui.jobs import CancelToken, device_slot
 from ui.uploads import (check_image_upload, extract_images, new_output_dir, temp_job_dir, upload_name, upload_path,
                         write_zip)
+from utils.errors import user_message
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def enhance_uploads(services, uploads: Sequence[tuple[Path, str]], settings: Map
 
 
 def _short(error: str | None) -> str:
-    from ui.errors import scrub_paths
+    from utils.errors import scrub_paths
 
     return scrub_paths(error or "unknown error")
 

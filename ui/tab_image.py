@@ -105,7 +105,7 @@ def enhance_file(services, path: str | Path, settings: Mapping[str, object], *, 
     ext = {"jpeg": "jpg"}.get(fmt, fmt)
     saved, metrics, notes = save_result(result, folder / f"{stem}_enhanced.{ext}",
                                         original_bytes=path.stat().st_size)
-    from ui.errors import scrub_paths
+    from utils.errors import scrub_paths
 
     full_report = result.report() | {"metrics": metrics, "output_name": saved.name,
                                      "warnings": [scrub_paths(w) for w in (*result.warnings, *notes)]}

@@ -213,7 +213,7 @@ def listen(tab: VideoTab, services) -> None:
         text = (f"**Done:** {outcome.frames} frames at {outcome.width}×{outcome.height} in {outcome.seconds:.1f} s "
                 f"({outcome.fps:.2f} fps).")
         if outcome.warnings:
-            from ui.errors import scrub_paths
+            from utils.errors import scrub_paths
 
             text += "\n\n" + "\n".join(f"- {scrub_paths(w)}" for w in outcome.warnings)
         return str(outcome.output), text, gr.update(value=str(outcome.output), visible=True)

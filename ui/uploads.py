@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from engine.errors import InputTooLargeError, InvalidInputError, UnsupportedFormatError
+from engine.errors import InputTooLargeError, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -69,25 +69,12 @@ def check_image_upload(path: str | Path, config) -> "object":
         UnsupportedFormatError: not PNG, JPEG, WebP, TIFF or BMP (judged from the content).
         InvalidInputError: empty, damaged or unreadable.
     """
-    from utils import validation
+    from utils.validation import check_image_header
 
     try:
-        return validation.check_image_header(Path(path), max_pixels=config.max_input_pixels,
-                                             max_bytes=config.max_upload_bytes)
-    except validation.TooLarge as exc:
-        raise InputTooLargeError(_sentence(f"This image is too large: {exc}")) from None
-    except validation.UnsupportedFormat as exc:
-        raise UnsupportedFormatError(_sentence(str(exc))) from None
-    except validation.ValidationError as exc:
-        raise InvalidInputError(_sentence(f"This file can't be used: {exc}")) from None
+        return check_image_header(Path(path), max_pixels=config.max_input_pixels, max_bytes=config.max_upload_bytes)
     except OSError as exc:
         raise InvalidInputError("The uploaded file could not be read; please upload it again.") from exc
-
-
-def _sentence(text: str) -> str:
-    text = text.strip()
-    text = text[:1].upper() + text[1:]
-    return text if text.endswith((".", "!", "?")) else text + "."
 
 
 # ------------------------------------------------------------------------------------------------ job folders

@@ -7,6 +7,8 @@ import platform
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from utils.errors import InvalidSettingsError
+
 logger = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -27,7 +29,8 @@ def resolve_device(requested: str = "auto"):
     ``cuda:N`` really means GPU N (0 is a valid index, never "unset").
 
     Raises:
-        ValueError: the device is malformed or not present on this machine, saying which devices are.
+        InvalidSettingsError: the device is malformed or not present on this machine, saying which devices are
+            (a ``ValueError``).
     """
     import torch
 
@@ -42,19 +45,21 @@ def resolve_device(requested: str = "auto"):
         return torch.device("cpu")
     if requested == "mps":
         if not _mps_available():
-            raise ValueError("Device 'mps' was requested but Apple Metal is not available; use 'cpu' or 'auto'.")
+            raise InvalidSettingsError("Device 'mps' was requested but Apple Metal is not available; "
+                                       "use 'cpu' or 'auto'.")
         return torch.device("mps")
     if requested == "cuda" or requested.startswith("cuda:"):
         index_text = requested.partition(":")[2] or "0"
         if not index_text.isdigit():
-            raise ValueError(f"Malformed device {requested!r}: use cuda or cuda:N with N a GPU index.")
+            raise InvalidSettingsError(f"Malformed device {requested!r}: use cuda or cuda:N with N a GPU index.")
         index = int(index_text)
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if index >= count:
             have = ", ".join(f"cuda:{i}" for i in range(count)) or "no CUDA GPU"
-            raise ValueError(f"Device {requested!r} was requested but this machine has {have}; use 'cpu' or 'auto'.")
+            raise InvalidSettingsError(f"Device {requested!r} was requested but this machine has {have}; "
+                                       "use 'cpu' or 'auto'.")
         return torch.device("cuda", index)
-    raise ValueError(f"Unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps.")
+    raise InvalidSettingsError(f"Unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps.")
 
 
 def default_precision(device) -> Precision:

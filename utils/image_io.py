@@ -14,7 +14,7 @@ Metadata: the ICC profile is kept by every writer. EXIF is kept by every writer 
 DateTime..., the Exif and GPS folders). A TIFF whose EXIF has sub-folders is written uncompressed, because PIL's
 compressing TIFF writer cannot store them.
 
-Nothing here imports ``engine`` or ``ui``; failures raise the :mod:`utils.validation` exceptions.
+Nothing here imports ``engine`` or ``ui``; failures raise the domain exceptions of :mod:`utils.errors`.
 """
 
 from __future__ import annotations
@@ -33,18 +33,8 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
 from utils.atomic import write_atomic
-
-from utils.validation import (
-    ALLOWED_IMAGE_FORMATS,
-    CorruptImage,
-    InvalidSetting,
-    TooLarge,
-    UnsupportedFormat,
-    ValidationError,
-    png_ihdr,
-    pixel_limit_message,
-    probe_image,
-)
+from utils.errors import InputTooLargeError, InvalidInputError, InvalidSettingsError, UnsupportedFormatError
+from utils.validation import ALLOWED_IMAGE_FORMATS, pixel_limit_message, png_ihdr, probe_image
 
 logger = logging.getLogger(__name__)
 
@@ -205,10 +195,10 @@ def load_image(source: ImageInput, *, max_pixels: int | None = None) -> LoadedIm
         The decoded image.
 
     Raises:
-        TooLarge: over ``max_pixels``, or over PIL's decompression-bomb limit.
-        UnsupportedFormat: not PNG/JPEG/WebP/TIFF/BMP, or a pixel type we do not handle.
-        CorruptImage: the file could not be decoded.
-        ValidationError: missing file, or an array of the wrong shape, dtype or range.
+        InputTooLargeError: over ``max_pixels``, or over PIL's decompression-bomb limit.
+        UnsupportedFormatError: not PNG/JPEG/WebP/TIFF/BMP, or a pixel type we do not handle.
+        InvalidInputError: the file could not be decoded, a missing file, or an array of the wrong shape, dtype
+            or range.
     """
     if isinstance(source, np.ndarray):
         return _from_array(source, max_pixels)
@@ -225,14 +215,14 @@ def load_image(source: ImageInput, *, max_pixels: int | None = None) -> LoadedIm
                 return _from_cv2(data, im, header.format, name)
             return _from_pil(im, header.format, name)
     except Image.DecompressionBombError:
-        raise TooLarge(f"the image is {header.width}×{header.height}, over the decoder's safety limit of "
-                       f"{2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels — downscale it first",
-                       actual=header.pixels, limit=2 * (Image.MAX_IMAGE_PIXELS or 0)) from None
-    except ValidationError:
+        raise InputTooLargeError(f"The image is too large: {header.width}×{header.height}, over the decoder's "
+                                 f"safety limit of {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels. Downscale it "
+                                 "first.", actual=header.pixels, limit=2 * (Image.MAX_IMAGE_PIXELS or 0)) from None
+    except InvalidInputError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error) as exc:
-        raise CorruptImage(f"the {header.format} image could not be decoded; it may be damaged or not an image "
-                           f"({exc})") from None
+        raise InvalidInputError(f"The {header.format} image could not be decoded; it may be damaged or not an "
+                                f"image ({exc}).") from None
 
 
 def _read_source(source: object) -> tuple[bytes, str | None]:
@@ -241,9 +231,9 @@ def _read_source(source: object) -> tuple[bytes, str | None]:
         try:
             return path.read_bytes(), path.name
         except FileNotFoundError:
-            raise ValidationError(f"file not found: {path}") from None
+            raise InvalidInputError(f"File not found: {path}.") from None
         except IsADirectoryError:
-            raise ValidationError(f"not a regular file: {path}") from None
+            raise InvalidInputError(f"Not a regular file: {path}.") from None
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source), None
     if hasattr(source, "read"):
@@ -255,7 +245,8 @@ def _read_source(source: object) -> tuple[bytes, str | None]:
 
 def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
     if max_pixels is not None and width * height > max_pixels:
-        raise TooLarge(pixel_limit_message(width, height, max_pixels), actual=width * height, limit=max_pixels)
+        raise InputTooLargeError(pixel_limit_message(width, height, max_pixels), actual=width * height,
+                                 limit=max_pixels)
 
 
 def _declared_bit_depth(im: Image.Image, data: bytes) -> int:
@@ -313,11 +304,11 @@ def _to_standard_mode(im: Image.Image, icc: bytes | None) -> tuple[Image.Image, 
         try:
             return im.convert("RGB"), None
         except ValueError:
-            raise UnsupportedFormat(f"{mode} images are not supported; convert it to RGB first") from None
+            raise UnsupportedFormatError(f"{mode} images are not supported; convert it to RGB first.") from None
     if mode == "I" and _fits_16bit(im):
         return Image.fromarray(np.asarray(im).astype(np.uint16)), icc
-    raise UnsupportedFormat(f"{mode} ({'float' if mode == 'F' else '32-bit'}) images are not supported; "
-                            "convert it to 8- or 16-bit PNG or TIFF first")
+    raise UnsupportedFormatError(f"{mode} ({'float' if mode == 'F' else '32-bit'}) images are not supported; "
+                                 "convert it to 8- or 16-bit PNG or TIFF first.")
 
 
 def _fits_16bit(im: Image.Image) -> bool:
@@ -332,9 +323,9 @@ def _from_cv2(data: bytes, im: Image.Image, fmt: str, name: str | None) -> Loade
     """16-bit colour PNG/TIFF, which PIL would cut to 8 bits: decode with OpenCV, keep PIL's metadata."""
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if decoded is None:
-        raise CorruptImage(f"the 16-bit {fmt} image could not be decoded; it may be damaged or not an image")
+        raise InvalidInputError(f"The 16-bit {fmt} image could not be decoded; it may be damaged or not an image.")
     if decoded.dtype != np.uint16:
-        raise UnsupportedFormat(f"{decoded.dtype} {fmt} images are not supported; convert it to 8- or 16-bit")
+        raise UnsupportedFormatError(f"{decoded.dtype} {fmt} images are not supported; convert it to 8- or 16-bit.")
     if decoded.ndim == 2:
         decoded = decoded[..., None]
     channels = decoded.shape[2]
@@ -445,30 +436,30 @@ def as_pixels(array: np.ndarray) -> np.ndarray:
     """Validate and normalise an array to ``HxWxC`` ``uint8``/``uint16`` (see :func:`load_image` for the rules).
 
     Raises:
-        ValidationError: wrong shape, empty, unsupported dtype, or a float array outside [0, 1] or with NaN.
+        InvalidInputError: wrong shape, empty, unsupported dtype, or a float array outside [0, 1] or with NaN.
     """
     if not isinstance(array, np.ndarray):
-        raise ValidationError(f"expected a numpy array, got {type(array).__name__}")
+        raise InvalidInputError(f"Expected a numpy array, got {type(array).__name__}.")
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or array.shape[2] not in _MODE_BY_CHANNELS:
-        raise ValidationError(f"an image array must be HxW or HxWxC with C in 1..4, got shape {array.shape}")
+        raise InvalidInputError(f"An image array must be HxW or HxWxC with C in 1..4, got shape {array.shape}.")
     if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValidationError(f"the image array is empty (shape {array.shape})")
+        raise InvalidInputError(f"The image array is empty (shape {array.shape}).")
     if array.dtype == np.bool_:
         return np.where(array, np.uint8(255), np.uint8(0))
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
-            raise ValidationError("the float image array contains NaN or infinity")
+            raise InvalidInputError("The float image array contains NaN or infinity.")
         low, high = float(array.min()), float(array.max())
         if low < 0.0 or high > 1.0:
-            raise ValidationError(f"float image arrays must lie in [0, 1], got values from {low:g} to {high:g}; "
-                                  "scale it, or pass uint8 (0..255) or uint16 (0..65535)")
+            raise InvalidInputError(f"Float image arrays must lie in [0, 1], got values from {low:g} to {high:g}; "
+                                    "scale it, or pass uint8 (0..255) or uint16 (0..65535).")
         return np.rint(array * 255.0).astype(np.uint8)
     if array.dtype.newbyteorder("=") == np.dtype(np.uint16) and array.dtype != np.uint16:
         array = array.astype(np.uint16)  # big-endian uint16 → native
     if array.dtype not in (np.uint8, np.uint16):
-        raise ValidationError(f"image arrays must be uint8, uint16 or float in [0, 1], got {array.dtype}")
+        raise InvalidInputError(f"Image arrays must be uint8, uint16 or float in [0, 1], got {array.dtype}.")
     return np.ascontiguousarray(array)
 
 
@@ -477,11 +468,12 @@ def normalize_format(name: str) -> ImageFormat:
     """``"JPEG"``/``".jpg"``/``"jpeg"`` → ``"jpg"``, ``"tif"`` → ``"tiff"``... for any writable format.
 
     Raises:
-        InvalidSetting: not one of png, jpg, webp, tiff.
+        InvalidSettingsError: not one of png, jpg, webp, tiff.
     """
     key = str(name).strip().lower().lstrip(".")
     if key not in _FORMAT_NAMES:
-        raise InvalidSetting(f"output format must be one of {', '.join(get_args(ImageFormat))}, got {name!r}")
+        raise InvalidSettingsError(f"The output format must be one of {', '.join(get_args(ImageFormat))}, "
+                                   f"got {name!r}.")
     return _FORMAT_NAMES[key]
 
 
@@ -492,7 +484,7 @@ def choose_output_format(requested: str, input_format: str | None, has_alpha: bo
     (PNG, TIFF, BMP, arrays, alpha) → png, which is lossless and holds alpha and 16 bits.
 
     Raises:
-        InvalidSetting: ``requested`` is not auto, png, jpg/jpeg, webp or tiff/tif.
+        InvalidSettingsError: ``requested`` is not auto, png, jpg/jpeg, webp or tiff/tif.
     """
     if str(requested).strip().lower() != "auto":
         return normalize_format(requested)
@@ -542,12 +534,12 @@ def encode_image(pixels: np.ndarray, format: str, *, quality: int = 95, icc_prof
         The bytes and what had to change (alpha flattened onto white for JPEG, 16 → 8 bits, metadata dropped).
 
     Raises:
-        InvalidSetting: unknown format or quality out of range.
-        ValidationError: pixels of the wrong shape or dtype.
+        InvalidSettingsError: unknown format or quality out of range.
+        InvalidInputError: pixels of the wrong shape or dtype.
     """
     fmt = normalize_format(format)
     if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= quality <= 100:
-        raise InvalidSetting(f"quality must be a whole number from 1 to 100, got {quality!r}")
+        raise InvalidSettingsError(f"The quality must be a whole number from 1 to 100, got {quality!r}.")
     arr = as_pixels(pixels)
 
     reduced = arr.dtype == np.uint16 and (fmt in ("jpg", "webp") or not keep_16bit)
@@ -616,7 +608,7 @@ def _encode_png16(arr: np.ndarray) -> bytes:
     bgr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR if arr.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
     ok, buffer = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 6])
     if not ok:
-        raise ValidationError(f"OpenCV could not encode a {bgr.shape} 16-bit image as PNG")
+        raise RuntimeError(f"OpenCV could not encode a {bgr.shape} 16-bit image as PNG")
     return buffer.tobytes()
 
 
@@ -670,8 +662,8 @@ def save_image(pixels: np.ndarray, path: str | os.PathLike, *, format: str | Non
         The path, the number of bytes written and the flags of :class:`EncodedImage`.
 
     Raises:
-        InvalidSetting: unknown format (or extension) or quality out of range.
-        ValidationError: pixels of the wrong shape or dtype.
+        InvalidSettingsError: unknown format (or extension) or quality out of range.
+        InvalidInputError: pixels of the wrong shape or dtype.
         OSError: the folder is missing or not writable, the disk is full...
     """
     target = Path(path)

@@ -1,44 +1,37 @@
 """Input validation: image headers, numeric settings, file names and video files.
 
 Everything here is pure or reads only what it must (an image *header*, a file's size), so it is cheap enough to
-run on every request before any pixel is decoded. Failures raise :class:`ValidationError` subclasses, plain
-``ValueError`` s whose messages say what to do; the engine maps them to its own exceptions
-(``UnsupportedFormat`` → ``UnsupportedFormatError``, ``TooLarge`` → ``InputTooLargeError``, ``CorruptImage`` →
-``InvalidInputError``, ``InvalidSetting`` → ``InvalidSettingsError``). This module imports neither ``engine`` nor
-``ui``.
+run on every request before any pixel is decoded. Failures raise the app's domain exceptions from
+:mod:`utils.errors` (``UnsupportedFormatError``, ``InputTooLargeError``, ``InvalidInputError``), all
+``ValueError`` s whose messages say what to do, so callers let them through unchanged. This module imports neither
+``engine`` nor ``ui``.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import os
 import re
 import struct
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal, Union
+from typing import IO, Union
 
 from PIL import Image
 
+from utils.errors import InputTooLargeError, InvalidInputError, UnsupportedFormatError
+
 __all__ = [
     "ALLOWED_IMAGE_FORMATS",
-    "CorruptImage",
     "ImageHeader",
     "ImageSource",
-    "InvalidSetting",
-    "TooLarge",
-    "UnsupportedFormat",
-    "ValidationError",
     "check_image_header",
     "format_megapixels",
     "pixel_limit_message",
     "png_ihdr",
     "probe_image",
     "sanitize_filename",
-    "validate_outscale",
-    "validate_tile",
     "validate_video_file",
 ]
 
@@ -51,43 +44,10 @@ _ALLOWED_HUMAN = "PNG, JPEG, WebP, TIFF or BMP"
 #: PIL formats that are another face of an allowed one (cameras write JPEGs that PIL opens as MPO).
 _FORMAT_ALIASES = {"MPO": "JPEG"}
 
-OUTSCALE_MIN, OUTSCALE_MAX = 1.0, 8.0
-TILE_MIN, TILE_MAX = 32, 4096
 FILENAME_MAX_CHARS = 200
 _FILENAME_MAX_BYTES = 255  # common file-system limit on one name, in UTF-8 bytes
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes]]
-
-
-# ----------------------------------------------------------------------------------------------------- exceptions
-class ValidationError(ValueError):
-    """An input or setting was refused; the message says what was wrong and how to fix it."""
-
-
-class InvalidSetting(ValidationError):
-    """A numeric or named setting (outscale, tile, quality, output format) is out of range."""
-
-
-class UnsupportedFormat(ValidationError):
-    """The content is not one of :data:`ALLOWED_IMAGE_FORMATS` (whatever its extension says)."""
-
-
-class TooLarge(ValidationError):
-    """The input is over a configured limit (bytes or pixels).
-
-    Attributes:
-        actual: the measured amount (bytes or pixels).
-        limit: the configured limit, in the same unit.
-    """
-
-    def __init__(self, message: str, *, actual: float | None = None, limit: float | None = None):
-        super().__init__(message)
-        self.actual = actual
-        self.limit = limit
-
-
-class CorruptImage(ValidationError):
-    """The file claims to be an allowed image format but could not be decoded (damaged, truncated, empty)."""
 
 
 # --------------------------------------------------------------------------------------------------- image header
@@ -133,8 +93,8 @@ def _format_megabytes(n_bytes: float) -> str:
 
 def pixel_limit_message(width: int, height: int, max_pixels: int) -> str:
     """The message for an image over ``max_pixels``; shared with the loader."""
-    return (f"the image is {width}×{height} = {format_megapixels(width * height)}; the limit is "
-            f"{format_megapixels(max_pixels)} — downscale it first or raise REALESRGAN_MAX_INPUT_PIXELS")
+    return (f"The image is too large: {width}×{height} = {format_megapixels(width * height)}; the limit is "
+            f"{format_megapixels(max_pixels)}. Downscale it first, or raise REALESRGAN_MAX_INPUT_PIXELS.")
 
 
 def check_image_header(source: ImageSource, *, max_pixels: int, max_bytes: int | None = None) -> ImageHeader:
@@ -154,10 +114,10 @@ def check_image_header(source: ImageSource, *, max_pixels: int, max_bytes: int |
         The header of the first frame.
 
     Raises:
-        TooLarge: the file or the image is over a limit.
-        UnsupportedFormat: the content is not PNG, JPEG, WebP, TIFF or BMP.
-        CorruptImage: the file is empty, or its header claims an allowed format but cannot be parsed.
-        ValidationError: the path does not exist or is not a file.
+        InputTooLargeError: the file or the image is over a limit.
+        UnsupportedFormatError: the content is not PNG, JPEG, WebP, TIFF or BMP.
+        InvalidInputError: the file is empty, its header claims an allowed format but cannot be parsed, or the
+            path does not exist or is not a file.
     """
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
@@ -192,17 +152,17 @@ def _file_size(path: Path) -> int:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise ValidationError(f"file not found: {path}") from None
+        raise InvalidInputError(f"File not found: {path}.") from None
     if not path.is_file():
-        raise ValidationError(f"not a regular file: {path}")
+        raise InvalidInputError(f"Not a regular file: {path}.")
     return st.st_size
 
 
 def _check_bytes(size: int, max_bytes: int | None) -> None:
     if max_bytes is not None and size > max_bytes:
-        raise TooLarge(f"the file is {_format_megabytes(size)}; the limit is {_format_megabytes(max_bytes)} — "
-                       "compress or downscale it first, or raise REALESRGAN_MAX_UPLOAD_MB",
-                       actual=size, limit=max_bytes)
+        raise InputTooLargeError(f"The file is too large: {_format_megabytes(size)}; the limit is "
+                                 f"{_format_megabytes(max_bytes)}. Compress or downscale it first, or raise "
+                                 "REALESRGAN_MAX_UPLOAD_MB.", actual=size, limit=max_bytes)
 
 
 class _Window(io.RawIOBase):
@@ -253,24 +213,25 @@ def png_ihdr(prefix: bytes) -> tuple[int, int, int, int] | None:
 
 def _probe_stream(fp: IO[bytes], size: int, max_pixels: int | None) -> ImageHeader:
     if size == 0:
-        raise CorruptImage("the file is empty (0 bytes); upload the image again")
+        raise InvalidInputError("The file is empty (0 bytes); upload the image again.")
     prefix = fp.read(32)
     fp.seek(0)
 
     # PNG: the size is at a fixed place; check it before PIL, which needs more of the file than the IHDR.
     ihdr = png_ihdr(prefix)
     if ihdr is not None and max_pixels is not None and ihdr[0] * ihdr[1] > max_pixels:
-        raise TooLarge(pixel_limit_message(ihdr[0], ihdr[1], max_pixels),
-                       actual=ihdr[0] * ihdr[1], limit=max_pixels)
+        raise InputTooLargeError(pixel_limit_message(ihdr[0], ihdr[1], max_pixels),
+                                 actual=ihdr[0] * ihdr[1], limit=max_pixels)
 
     im = _open_header(fp, prefix)
     width, height = im.size
     fmt = _FORMAT_ALIASES.get(im.format or "", im.format or "")
     if width < 1 or height < 1:
-        raise CorruptImage(f"the {fmt} header says {width}×{height} pixels; the image could not be decoded; "
-                           "it may be damaged or not an image")
+        raise InvalidInputError(f"The {fmt} header says {width}×{height} pixels; the image could not be decoded; "
+                                "it may be damaged or not an image.")
     if max_pixels is not None and width * height > max_pixels:
-        raise TooLarge(pixel_limit_message(width, height, max_pixels), actual=width * height, limit=max_pixels)
+        raise InputTooLargeError(pixel_limit_message(width, height, max_pixels), actual=width * height,
+                                 limit=max_pixels)
     try:
         n_frames = int(getattr(im, "n_frames", 1))
     except Exception:  # a broken frame index: the first frame may still decode; the loader will tell
@@ -296,17 +257,17 @@ def _open_header(fp: IO[bytes], prefix: bytes) -> Image.ImageFile.ImageFile:
         try:
             return factory(fp, None)
         except (SyntaxError, IndexError, TypeError, struct.error, EOFError, OSError, ValueError) as exc:
-            raise CorruptImage(f"the {fmt} image could not be decoded; it may be damaged or not an image "
-                               f"({exc})") from None
-    raise UnsupportedFormat(_unsupported_message(prefix))
+            raise InvalidInputError(f"The {fmt} image could not be decoded; it may be damaged or not an image "
+                                    f"({exc}).") from None
+    raise UnsupportedFormatError(_unsupported_message(prefix))
 
 
 def _unsupported_message(prefix: bytes) -> str:
     what = _name_other_format(prefix)
     if what:
-        return f"{what} files are not supported; use {_ALLOWED_HUMAN} (the type is detected from the content)"
-    return (f"the file is not a supported image; use {_ALLOWED_HUMAN} "
-            "(the type is detected from the content, not the extension)")
+        return f"{what} files are not supported; use {_ALLOWED_HUMAN} (the type is detected from the content)."
+    return (f"The file is not a supported image; use {_ALLOWED_HUMAN} "
+            "(the type is detected from the content, not the extension).")
 
 
 def _name_other_format(prefix: bytes) -> str | None:
@@ -323,54 +284,6 @@ def _name_other_format(prefix: bytes) -> str | None:
         except Exception:  # a plugin's sniffer choking on odd bytes just means "not this format"
             continue
     return None
-
-
-# ------------------------------------------------------------------------------------------------ numeric settings
-def _as_number(x: object, name: str, hint: str) -> float:
-    if isinstance(x, bool):
-        raise InvalidSetting(f"{name} must be {hint}, got {x!r}")
-    if isinstance(x, str):
-        try:
-            x = float(x.strip())
-        except ValueError:
-            raise InvalidSetting(f"{name} must be {hint}, got {x!r}") from None
-    if not isinstance(x, (int, float)) and not hasattr(x, "__float__"):
-        raise InvalidSetting(f"{name} must be {hint}, got {type(x).__name__}")
-    value = float(x)  # type: ignore[arg-type]
-    if not math.isfinite(value):
-        raise InvalidSetting(f"{name} must be {hint}, got {x!r}")
-    return value
-
-
-def validate_outscale(x: object) -> float:
-    """The final upscale factor, 1 to 8 inclusive (fractions allowed, e.g. 2.5).
-
-    Raises:
-        InvalidSetting: not a number, or out of range.
-    """
-    hint = f"a number from {OUTSCALE_MIN:g} to {OUTSCALE_MAX:g} (for example 2 or 4)"
-    value = _as_number(x, "outscale", hint)
-    if not OUTSCALE_MIN <= value <= OUTSCALE_MAX:
-        raise InvalidSetting(f"outscale must be {hint}, got {value:g}")
-    return value
-
-
-def validate_tile(x: object) -> int | Literal["auto"]:
-    """A tile size: ``"auto"`` (sized from free memory), 0 (no tiling) or 32 to 4096 pixels.
-
-    Raises:
-        InvalidSetting: anything else.
-    """
-    hint = f"'auto', 0 (no tiling) or a whole number from {TILE_MIN} to {TILE_MAX}"
-    if isinstance(x, str) and x.strip().lower() == "auto":
-        return "auto"
-    value = _as_number(x, "tile", hint)
-    if value != int(value):
-        raise InvalidSetting(f"tile must be {hint}, got {value:g}")
-    tile = int(value)
-    if tile != 0 and not TILE_MIN <= tile <= TILE_MAX:
-        raise InvalidSetting(f"tile must be {hint}, got {tile}")
-    return tile
 
 
 # ------------------------------------------------------------------------------------------------------ file names
@@ -398,7 +311,7 @@ def sanitize_filename(name: str, *, default: str = "image") -> str:
         A non-empty name with no directory part.
     """
     if not isinstance(name, str):
-        raise ValidationError(f"a file name must be text, got {type(name).__name__}")
+        raise InvalidInputError(f"A file name must be text, got {type(name).__name__}.")
     text = unicodedata.normalize("NFC", name)
     text = "".join(ch for ch in text if unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"))
     text = re.split(r"[/\\]", text)[-1]
@@ -432,20 +345,21 @@ def validate_video_file(path: str | os.PathLike, max_bytes: int) -> Path:
         The path as a :class:`~pathlib.Path`.
 
     Raises:
-        ValidationError: missing, a directory, or empty.
-        TooLarge: over ``max_bytes``.
+        InvalidInputError: missing, a directory, empty or unreadable.
+        InputTooLargeError: over ``max_bytes``.
     """
     p = Path(path)
     if not p.exists():
-        raise ValidationError(f"video file not found: {p}")
+        raise InvalidInputError(f"Video file not found: {p}.")
     if not p.is_file():
-        raise ValidationError(f"not a regular file: {p}; choose a video file")
+        raise InvalidInputError(f"Not a regular file: {p}; choose a video file.")
     size = p.stat().st_size
     if size == 0:
-        raise ValidationError(f"the video file {p.name} is empty (0 bytes); upload it again")
+        raise InvalidInputError(f"The video file {p.name} is empty (0 bytes); upload it again.")
     if size > max_bytes:
-        raise TooLarge(f"the video is {_format_megabytes(size)}; the limit is {_format_megabytes(max_bytes)} — "
-                       "trim or compress it first, or raise REALESRGAN_MAX_VIDEO_MB", actual=size, limit=max_bytes)
+        raise InputTooLargeError(f"The video is too large: {_format_megabytes(size)}; the limit is "
+                                 f"{_format_megabytes(max_bytes)}. Trim or compress it first, or raise "
+                                 "REALESRGAN_MAX_VIDEO_MB.", actual=size, limit=max_bytes)
     if not os.access(p, os.R_OK):
-        raise ValidationError(f"the video file {p} is not readable; check its permissions")
+        raise InvalidInputError(f"The video file {p} is not readable; check its permissions.")
     return p

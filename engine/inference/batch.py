@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from engine.errors import CancelledError, EngineError, InvalidInputError
+from engine.errors import CancelledError, InvalidSettingsError
 from engine.inference.result import IMAGE_EXTENSIONS, EnhanceResult, save_result
 from engine.settings import EnhanceSettings, merge
+from utils.errors import is_expected, user_message
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def _target(item: BatchInput, job: BatchJob, settings: EnhanceSettings, loaded) 
     if job.output_file is not None:
         fmt = _FORMAT_BY_SUFFIX.get(job.output_file.suffix.lower())
         if fmt is None:
-            raise InvalidInputError(f"Unknown output extension {job.output_file.suffix!r}: use .png, .jpg, .webp "
+            raise InvalidSettingsError(f"Unknown output extension {job.output_file.suffix!r}: use .png, .jpg, .webp "
                                     "or .tiff.")
         return _own_path(item, job.output_file), fmt
     fmt = choose_output_format(settings.output_format, loaded.format, loaded.has_alpha, loaded.bit_depth)
@@ -199,18 +200,12 @@ def run_item(item: BatchInput, job: BatchJob, services: BatchServices, *,
         return BatchItem(label, saved, ok=True, report=report, reasons=reasons)
     except CancelledError:
         raise
-    except (EngineError, OSError, ValueError, MemoryError) as exc:
-        logger.warning("batch: %s failed: %s", name, exc)
-        return BatchItem(label, None, ok=False, error=_message(exc), exception=exc)
     except Exception as exc:  # one bad image must not stop the batch; the reason is kept
-        logger.exception("batch: unexpected failure on %s", name)
-        return BatchItem(label, None, ok=False, error=_message(exc), exception=exc)
-
-
-def _message(exc: BaseException) -> str:
-    if isinstance(exc, (EngineError, ValueError, OSError)):
-        return str(exc)
-    return f"unexpected error ({type(exc).__name__}); see the log for details"
+        if is_expected(exc):
+            logger.warning("batch: %s failed: %s", name, exc)
+        else:
+            logger.exception("batch: unexpected failure on %s", name)
+        return BatchItem(label, None, ok=False, error=user_message(exc), exception=exc)
 
 
 def run_batch(items: Sequence[BatchInput], job: BatchJob, services: BatchServices, *,

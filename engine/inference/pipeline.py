@@ -123,33 +123,19 @@ def bleed_transparent_colours(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 
 
 def load_input(image, config=None):
-    """Decode a path / bytes / PIL image / array into a LoadedImage (one already decoded passes through), with
-    engine errors for bad input."""
-    from utils import validation
+    """Decode a path / bytes / PIL image / array into a LoadedImage (one already decoded passes through).
+
+    Raises:
+        InvalidInputError, UnsupportedFormatError, InputTooLargeError: the input can't be used (utils raise them).
+    """
     from utils.image_io import LoadedImage, load_image
 
     if isinstance(image, LoadedImage):
         return image
-    max_pixels = config.max_input_pixels if config is not None else None
     try:
-        return load_image(image, max_pixels=max_pixels)
+        return load_image(image, max_pixels=config.max_input_pixels if config is not None else None)
     except FileNotFoundError as exc:
         raise InvalidInputError(f"File not found: {getattr(exc, 'filename', None) or image}.") from exc
-    except validation.ValidationError as exc:
-        raise _domain_error(exc) from exc
-
-
-def _domain_error(exc: ValueError):
-    from engine.errors import UnsupportedFormatError
-    from utils import validation
-
-    if isinstance(exc, validation.InvalidSetting):
-        return InvalidSettingsError(str(exc))
-    if isinstance(exc, validation.TooLarge):
-        return InputTooLargeError(str(exc))
-    if isinstance(exc, validation.UnsupportedFormat):
-        return UnsupportedFormatError(str(exc))
-    return InvalidInputError(str(exc))
 
 
 def resolve_device(job_settings: EnhanceSettings, config):
