@@ -13,23 +13,4 @@ from utils.errors import (BuiltinPresetError, CancelledError, ChecksumMismatchEr
                           QueueFullError, SettingsStorageError, UnsafeEnvironmentError, UnsupportedFormatError,
                           VideoError)
 
-__all__ = [
-    "BuiltinPresetError",
-    "CancelledError",
-    "ChecksumMismatchError",
-    "DownloadError",
-    "EngineError",
-    "FaceEnhancementError",
-    "InputTooLargeError",
-    "InvalidInputError",
-    "InvalidSettingsError",
-    "ModelNotAvailableError",
-    "NoFaceFoundError",
-    "OutOfMemoryError",
-    "PresetNotFoundError",
-    "QueueFullError",
-    "SettingsStorageError",
-    "UnsafeEnvironmentError",
-    "UnsupportedFormatError",
-    "VideoError",
-]
+__all__ = sorted(name for name in dir() if name.endswith("Error"))
