@@ -254,7 +254,7 @@ def cmd_video(args, config) -> int:
 
     from engine.model_manager import ModelManager
     from engine.processor import make_frame_enhancer
-    from engine.video import VideoLimits, upscale_video
+    from engine.video import VideoLimits, VideoRunOptions, upscale_video
 
     settings, video_settings = video_settings_from_args(args)
     manager = ModelManager(config)
@@ -266,8 +266,8 @@ def cmd_video(args, config) -> int:
             bar.n = p.frames_done
             bar.set_postfix_str(f"{p.fps:.2f} fps, ETA {p.eta_seconds or 0:.0f} s")
             bar.refresh()
-        result = upscale_video(args.input, args.output, enhancer, video_settings, limits=limits, progress=progress,
-                               resume=args.resume)
+        result = upscale_video(args.input, args.output, enhancer, video_settings, limits=limits,
+                               options=VideoRunOptions(resume=args.resume), progress=progress)
     record = {"input": args.input, "output": str(result.output), "frames": result.frames,
               "seconds": round(result.seconds, 2), "fps": round(result.fps, 3), "model": settings.model,
               "resumed_frames": result.resumed_frames, "warnings": list(result.warnings)}

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine import ffmpeg as ff  # noqa: E402
-from engine.video import VideoLimits, VideoSettings, probe_video, upscale_video  # noqa: E402
+from engine.video import VideoLimits, VideoRunOptions, VideoSettings, probe_video, upscale_video  # noqa: E402
 
 logger = logging.getLogger("bench_video")
 DEFAULT_INPUT = ROOT / "tests" / "data" / "video" / "onepiece_demo_24f_160x120.mp4"
@@ -128,7 +128,8 @@ def main() -> None:
         enhancer([np.zeros((info.height, info.width, 3), np.uint8)])  # load + warm-up, as for the official loop
         t0 = time.perf_counter()
         result = upscale_video(clip, Path(tmp) / "engine.mp4", enhancer, settings,
-                               limits=VideoLimits(2**34, 1e6, 10**7, 10**9), ffmpeg=tools)
+                               limits=VideoLimits(2**34, 1e6, 10**7, 10**9),
+                               options=VideoRunOptions(ffmpeg=tools))
         t_engine = time.perf_counter() - t0
 
     fps_official, fps_engine = n_official / t_official, result.frames / t_engine

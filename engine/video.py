@@ -4,10 +4,11 @@ Decoding, inference and encoding overlap: a reader thread pipes raw frames out o
 queue, the calling thread hands batches to the injected :data:`FrameEnhancer`, and a writer thread pipes the
 results into a second ffmpeg through another bounded queue. Output is written in segments of
 ``segment_frames`` frames, each its own file in a work folder beside the output with a manifest rewritten
-atomically after every finished segment, so ``upscale_video(..., resume=True)`` continues after a crash or a
-``kill -9`` from the last finished segment. Segment boundaries are frame-exact: a resumed run decodes from the
-start and drops the frames already done by count (``-ss`` seeking is not frame-exact). The last step joins the
-segments (stream copy) and copies the source's audio and subtitle streams untouched, with its rotation.
+atomically after every finished segment, so ``upscale_video(..., options=VideoRunOptions(resume=True))``
+continues after a crash or a ``kill -9`` from the last finished segment. Segment boundaries are frame-exact: a
+resumed run decodes from the start and drops the frames already done by count (``-ss`` seeking is not
+frame-exact). The last step joins the segments (stream copy) and copies the source's audio and subtitle streams
+untouched, with its rotation.
 
 A resume continues only the same job: the manifest records the input's identity, every encoding setting and the
 enhancer's own settings (a :class:`DescribedFrameEnhancer` carries them: model, scale, denoise, faces, precision,
@@ -194,6 +195,44 @@ class VideoResult:
 
 
 ProgressCallback = Callable[[VideoProgress], None]
+
+
+@dataclass(frozen=True)
+class VideoRunOptions:
+    """How one :func:`upscale_video` call runs, apart from what it encodes (that is :class:`VideoSettings`).
+
+    Attributes:
+        resume: continue from the finished segments of an earlier interrupted run of the same job (same input,
+            video settings, enhancer settings, output and ``job_id``). Earlier work of another job for this
+            output is deleted and a warning says what differed; without ``resume`` earlier work is discarded
+            silently.
+        work_dir: where segments and the manifest live (a str is turned into a Path); None means a hidden folder
+            beside the output (see :func:`default_work_dir`).
+        ffmpeg: tools to use, or an ffmpeg path; None finds them (see :func:`engine.ffmpeg.find_tools`).
+        job_id: describes an enhancer that is not a :class:`DescribedFrameEnhancer` (its model, weights, ...);
+            added to the resume key. ``resume`` needs one or the other.
+
+    Raises:
+        InvalidSettingsError: a field of the wrong type.
+    """
+
+    resume: bool = False
+    work_dir: Path | None = None
+    ffmpeg: FfmpegTools | str | os.PathLike[str] | None = None
+    job_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.resume, bool):
+            raise InvalidSettingsError(f"resume must be True or False, got {self.resume!r}")
+        if self.work_dir is not None:
+            if not isinstance(self.work_dir, (str, os.PathLike)):
+                raise InvalidSettingsError(f"work_dir must be a path or None, got {self.work_dir!r}")
+            object.__setattr__(self, "work_dir", Path(self.work_dir))
+        if self.ffmpeg is not None and not isinstance(self.ffmpeg, (FfmpegTools, str, os.PathLike)):
+            raise InvalidSettingsError("ffmpeg must be FfmpegTools (engine.ffmpeg.find_tools), an ffmpeg path "
+                                       f"or None, got {self.ffmpeg!r}")
+        if not isinstance(self.job_id, str):
+            raise InvalidSettingsError(f"job_id must be a string, got {self.job_id!r}")
 
 
 # ---------------------------------------------------------------------------------------------- probe
@@ -650,10 +689,8 @@ def _wait(job: _Job, proc: subprocess.Popen, what: str, log: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- public entry
 def upscale_video(input: str | os.PathLike[str], output: str | os.PathLike[str], enhancer: FrameEnhancer,
-                  settings: VideoSettings, *, limits: VideoLimits, progress: ProgressCallback | None = None,
-                  cancel: threading.Event | None = None, resume: bool = False,
-                  work_dir: str | os.PathLike[str] | None = None, ffmpeg: FfmpegTools | str | None = None,
-                  job_id: str = "") -> VideoResult:
+                  settings: VideoSettings, *, limits: VideoLimits, options: VideoRunOptions = VideoRunOptions(),
+                  progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> VideoResult:
     """Upscale every frame of a video with ``enhancer`` and write ``output`` with the source's audio/subtitles.
 
     Steps (reported as :attr:`VideoProgress.stage`): ``probe`` → ``resume`` (skipping finished segments) →
@@ -668,23 +705,17 @@ def upscale_video(input: str | os.PathLike[str], output: str | os.PathLike[str],
             names its settings, which key the resume.
         settings: encoding and batching settings.
         limits: bounds the input must be within.
+        options: resume, work folder, ffmpeg tools and job id (see :class:`VideoRunOptions`).
         progress: called from the calling thread with a :class:`VideoProgress` after each batch.
         cancel: set it to stop; ffmpeg children are killed, partial output and the work folder are removed and
             :class:`CancelledError` is raised.
-        resume: continue from the finished segments of an earlier interrupted run of the same job (same input,
-            video settings, enhancer settings, output and ``job_id``). Earlier work of another job for this output
-            is deleted and a warning says what differed; without ``resume`` earlier work is discarded silently.
-        work_dir: where segments and the manifest live; default a hidden folder beside ``output``.
-        ffmpeg: tools to use, or an ffmpeg path; None finds them (see :func:`engine.ffmpeg.find_tools`).
-        job_id: describes an enhancer that is not a :class:`DescribedFrameEnhancer` (its model, weights, ...);
-            added to the resume key. ``resume`` needs one or the other.
 
     Returns:
         A :class:`VideoResult`; the work folder is removed.
 
     Raises:
-        InvalidSettingsError: output suffix/codec mismatch, or ``resume`` with an enhancer that does not
-            describe itself and no ``job_id``.
+        InvalidSettingsError: output suffix/codec mismatch, or ``options.resume`` with an enhancer that does not
+            describe itself and no ``options.job_id``.
         VideoError: probing, decoding, the enhancer's output shape, encoding or muxing failed, the ffmpeg build
             lacks the encoder, or another process is working on the same job.
         InputTooLargeError: the input is over ``limits``.
@@ -693,7 +724,7 @@ def upscale_video(input: str | os.PathLike[str], output: str | os.PathLike[str],
     started = time.monotonic()
     input_path, output_path = Path(input), Path(output)
     enhancer_settings = enhancer.settings if isinstance(enhancer, DescribedFrameEnhancer) else None
-    if resume and enhancer_settings is None and not job_id:
+    if options.resume and enhancer_settings is None and not options.job_id:
         raise InvalidSettingsError("Resuming needs to know how the earlier frames were made: pass the enhancer from "
                                    "engine.processor.make_frame_enhancer (a DescribedFrameEnhancer), or a job_id "
                                    "that names your enhancer's model and settings.")
@@ -701,7 +732,7 @@ def upscale_video(input: str | os.PathLike[str], output: str | os.PathLike[str],
         raise VideoError(f"The output {output_path.name} is the input file itself; choose another output name "
                          "so the original is kept.")
     muxer = output_muxer(output_path, settings.codec)
-    tools = ffmpeg if isinstance(ffmpeg, FfmpegTools) else ff.find_tools(ffmpeg)
+    tools = options.ffmpeg if isinstance(options.ffmpeg, FfmpegTools) else ff.find_tools(options.ffmpeg)
     ff.require_encoder(ff.list_encoders(tools.ffmpeg), settings.codec, tools.ffmpeg)
     if input_path.resolve() == output_path.resolve():
         raise InvalidSettingsError("The output path must differ from the input path.")
@@ -725,9 +756,9 @@ def upscale_video(input: str | os.PathLike[str], output: str | os.PathLike[str],
         warnings.append(f"This ffmpeg ({tools.version}) cannot store the {info.rotation}° rotation in {muxer}; "
                         "the output plays unrotated. Use .mp4 output or ffmpeg 6.1 or newer.")
 
-    description = job_description(info, settings, output_path, enhancer_settings, job_id)
+    description = job_description(info, settings, output_path, enhancer_settings, options.job_id)
     key = job_key(description)
-    work = Path(work_dir) if work_dir is not None else default_work_dir(output_path)
+    work = options.work_dir if options.work_dir is not None else default_work_dir(output_path)
     work.mkdir(parents=True, exist_ok=True)
     lock = filelock.FileLock(str(work / "lock"))
     try:
@@ -738,7 +769,7 @@ def upscale_video(input: str | os.PathLike[str], output: str | os.PathLike[str],
     job = _Job(cancel)
     partial = output_path.parent / f".{output_path.name}.part"
     try:
-        manifest, note = _Manifest.for_resume(work, key, description) if resume else (None, None)
+        manifest, note = _Manifest.for_resume(work, key, description) if options.resume else (None, None)
         if note:
             warnings.append(note)
         if manifest is None:
@@ -750,8 +781,8 @@ def upscale_video(input: str | os.PathLike[str], output: str | os.PathLike[str],
                         len(manifest.segments))
             report(skip, total, 0.0, "resume")
 
-        frames_this_run, upscale_seconds = _run_segments(job, tools, info, settings, out_fps, work, manifest,
-                                                         skip, total, report, enhancer)
+        run = _SegmentRun(job, _EncodePlan(tools, work, out_fps, settings), info, manifest, enhancer)
+        frames_this_run, upscale_seconds = _run_segments(run, skip, total, report)
         frames = manifest.frames_done
         if settings.fps is None and frames != info.frames:
             warnings.append(f"Decoded {frames} frames where the container states {info.frames}.")
@@ -799,10 +830,24 @@ def _clear_unlisted(work: Path, manifest: _Manifest) -> None:
         (work / "manifest.json").unlink(missing_ok=True)
 
 
-def _run_segments(job: _Job, tools: FfmpegTools, info: VideoInfo, settings: VideoSettings, out_fps: Fraction,
-                  work: Path, manifest: _Manifest, skip: int, total: int,
-                  report: Callable[[int, int, float, Stage], None], enhancer: FrameEnhancer) -> tuple[int, float]:
+@dataclass(frozen=True)
+class _SegmentRun:
+    """What the segment loop of one :func:`upscale_video` call works with. The job and the manifest are live
+    (threads, child processes, finished segments); this object only bundles them, it is never shared between
+    calls."""
+
+    job: _Job
+    plan: _EncodePlan  # ffmpeg tools, work folder, output frame rate, video settings
+    info: VideoInfo
+    manifest: _Manifest
+    enhancer: FrameEnhancer
+
+
+def _run_segments(run: _SegmentRun, skip: int, total: int,
+                  report: Callable[[int, int, float, Stage], None]) -> tuple[int, float]:
     """Decode → enhance → encode from frame ``skip`` on. Returns (frames enhanced, seconds spent)."""
+    job, plan, info, manifest, enhancer = run.job, run.plan, run.info, run.manifest, run.enhancer
+    tools, work, settings = plan.tools, plan.work_dir, plan.settings
     depth = 2 * settings.batch_frames
     decoded: queue.Queue = queue.Queue(maxsize=depth)
     enhanced: queue.Queue = queue.Queue(maxsize=depth)
@@ -810,7 +855,6 @@ def _run_segments(job: _Job, tools: FfmpegTools, info: VideoInfo, settings: Vide
     decoder = job.spawn(ff.decode_argv(tools.ffmpeg, info.path, info.format_name, fps=settings.fps,
                                        has_fps_mode=tools.has_fps_mode),
                         decode_log, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
-    plan = _EncodePlan(tools, work, out_fps, settings)
     writer_failure: list[BaseException] = []
     reader = threading.Thread(target=_reader, args=(job, decoder, (info.height, info.width, 3), skip, decoded),
                               name="video-decode", daemon=True)

@@ -19,8 +19,8 @@ import pytest
 
 from engine import ffmpeg as ff
 from engine.errors import CancelledError, InputTooLargeError, InvalidSettingsError, VideoError
-from engine.video import (DescribedFrameEnhancer, VideoLimits, VideoProgress, VideoSettings, default_work_dir, job_key,
-                          probe_video, settings_changes, upscale_video)
+from engine.video import (DescribedFrameEnhancer, VideoLimits, VideoProgress, VideoRunOptions, VideoSettings,
+                          default_work_dir, job_key, probe_video, settings_changes, upscale_video)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "tests" / "data" / "video" / "onepiece_demo_24f_160x120.mp4"
@@ -190,7 +190,8 @@ def test_playlists_and_concat_lists_are_refused(tools, tmp_path, name, text):
     with pytest.raises(VideoError, match="playlist"):
         probe_video(path, LIMITS, tools)
     with pytest.raises(VideoError, match="playlist"):
-        upscale_video(path, tmp_path / "out.mp4", lambda b: b, VideoSettings(), limits=LIMITS, ffmpeg=tools)
+        upscale_video(path, tmp_path / "out.mp4", lambda b: b, VideoSettings(), limits=LIMITS,
+                      options=VideoRunOptions(ffmpeg=tools))
 
 
 def test_formats_off_the_allow_list_are_refused(tools, tmp_path):
@@ -219,9 +220,10 @@ def test_settings_accept_float_fps_as_fraction():
 def test_container_must_fit_the_codec(tools, tmp_path):
     with pytest.raises(InvalidSettingsError, match="vp9"):
         upscale_video(DEMO, tmp_path / "o.webm", lambda b: b, VideoSettings(codec="h264"), limits=LIMITS,
-                      ffmpeg=tools)
+                      options=VideoRunOptions(ffmpeg=tools))
     with pytest.raises(InvalidSettingsError, match="Output must end"):
-        upscale_video(DEMO, tmp_path / "o.gif", lambda b: b, VideoSettings(), limits=LIMITS, ffmpeg=tools)
+        upscale_video(DEMO, tmp_path / "o.gif", lambda b: b, VideoSettings(), limits=LIMITS,
+                      options=VideoRunOptions(ffmpeg=tools))
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -229,7 +231,7 @@ def test_demo_clip_x2_keeps_frames_rate_and_audio(tools, enhancer, tmp_path):
     out = tmp_path / "demo_x2.mp4"
     events: list[VideoProgress] = []
     result = upscale_video(DEMO, out, enhancer, VideoSettings(batch_frames=4, segment_frames=10, crf=16),
-                           limits=LIMITS, progress=events.append, ffmpeg=tools)
+                           limits=LIMITS, options=VideoRunOptions(ffmpeg=tools), progress=events.append)
     src, dst = probe_video(DEMO, LIMITS, tools), probe_video(out, LIMITS, tools)
     assert result.frames == dst.frames == src.frames == 24
     assert (dst.width, dst.height) == (result.width, result.height) == (320, 240)
@@ -253,7 +255,8 @@ def test_demo_clip_x2_keeps_frames_rate_and_audio(tools, enhancer, tmp_path):
 def test_synthetic_clip_without_audio_to_webm_vp9(tools, enhancer, synthetic, tmp_path):
     out = tmp_path / "syn.webm"
     result = upscale_video(synthetic, out, enhancer, VideoSettings(codec="vp9", crf=30, preset="ultrafast",
-                                                                   segment_frames=16), limits=LIMITS, ffmpeg=tools)
+                                                                   segment_frames=16),
+                           limits=LIMITS, options=VideoRunOptions(ffmpeg=tools))
     info = probe_video(out, LIMITS, tools)
     assert result.frames == info.frames == 40 and (info.width, info.height) == (128, 96)
     assert info.codec == "vp9" and info.audio_streams == () and info.fps == Fraction(25)
@@ -269,7 +272,7 @@ def test_chosen_frame_rate_keeps_duration(tools, synthetic, tmp_path):
     out = tmp_path / "syn12.mp4"
     half = lambda frames: [f[::2, ::2].copy() for f in frames]  # noqa: E731 - any size change works here
     result = upscale_video(synthetic, out, half, VideoSettings(fps=Fraction(25, 2), preset="ultrafast"),
-                           limits=LIMITS, ffmpeg=tools)
+                           limits=LIMITS, options=VideoRunOptions(ffmpeg=tools))
     info = probe_video(out, LIMITS, tools)
     assert info.fps == Fraction(25, 2) and result.frames == info.frames == 20 and info.width == 32
 
@@ -291,7 +294,7 @@ def test_rotation_audio_and_subtitles_are_kept(tools, enhancer, tmp_path, system
     _ffmpeg(tools, "-display_rotation", "90", "-i", str(plain), "-map", "0", "-c", "copy", str(src))
     out = tmp_path / "out.mkv"
     result = upscale_video(src, out, enhancer, VideoSettings(preset="ultrafast", segment_frames=5),
-                           limits=LIMITS, ffmpeg=use)
+                           limits=LIMITS, options=VideoRunOptions(ffmpeg=use))
     info = probe_video(out, LIMITS, tools)
     assert (info.width, info.height) == (128, 96) and info.frames == 12
     if use.has_display_rotation:
@@ -301,7 +304,8 @@ def test_rotation_audio_and_subtitles_are_kept(tools, enhancer, tmp_path, system
     assert [s.codec for s in info.audio_streams] == ["aac"]
     assert [s.codec for s in info.subtitle_streams] == ["subrip"]
     mp4 = tmp_path / "out.mp4"  # MP4 cannot hold SubRip: dropped, with a warning
-    result = upscale_video(src, mp4, enhancer, VideoSettings(preset="ultrafast"), limits=LIMITS, ffmpeg=use)
+    result = upscale_video(src, mp4, enhancer, VideoSettings(preset="ultrafast"), limits=LIMITS,
+                           options=VideoRunOptions(ffmpeg=use))
     assert any("subrip" in w for w in result.warnings)
     info = probe_video(mp4, LIMITS, tools)
     assert info.rotation == 90 and info.subtitle_streams == () and len(info.audio_streams) == 1
@@ -310,10 +314,10 @@ def test_rotation_audio_and_subtitles_are_kept(tools, enhancer, tmp_path, system
 def test_enhancer_returning_wrong_frames_is_a_video_error(tools, synthetic, tmp_path):
     with pytest.raises(VideoError, match="returned 1 frames for a batch of 4"):
         upscale_video(synthetic, tmp_path / "o.mp4", lambda b: b[:1], VideoSettings(), limits=LIMITS,
-                      ffmpeg=tools)
+                      options=VideoRunOptions(ffmpeg=tools))
     with pytest.raises(VideoError, match="uint8"):
         upscale_video(synthetic, tmp_path / "o.mp4", lambda b: [f.astype(np.float32) for f in b],
-                      VideoSettings(), limits=LIMITS, ffmpeg=tools)
+                      VideoSettings(), limits=LIMITS, options=VideoRunOptions(ffmpeg=tools))
     assert not (tmp_path / "o.mp4").exists()
 
 
@@ -337,7 +341,7 @@ def test_cancel_kills_ffmpeg_and_removes_partial_output(tools, enhancer, synthet
 
     with pytest.raises(CancelledError):
         upscale_video(synthetic, out, enhancer, VideoSettings(batch_frames=2, segment_frames=4), limits=LIMITS,
-                      progress=progress, cancel=cancel, ffmpeg=tools)
+                      options=VideoRunOptions(ffmpeg=tools), progress=progress, cancel=cancel)
     assert seen and seen[-1] < 40
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no output, no .part, no work folder
     assert _ffmpeg_children() == []
@@ -349,10 +353,10 @@ sys.path.insert(0, {root!r})
 from pathlib import Path
 from tests.test_video import LIMITS, make_enhancer
 from engine import ffmpeg as ff
-from engine.video import VideoSettings, upscale_video
+from engine.video import VideoRunOptions, VideoSettings, upscale_video
 upscale_video({src!r}, {out!r}, make_enhancer(Path({weights!r}), block_after=20),
               VideoSettings(batch_frames=2, segment_frames=8, preset="ultrafast"), limits=LIMITS,
-              ffmpeg=ff.find_tools({ffmpeg!r}), job_id="srvgg-x2")
+              options=VideoRunOptions(ffmpeg=ff.find_tools({ffmpeg!r}), job_id="srvgg-x2"))
 """
 
 
@@ -379,14 +383,15 @@ def test_resume_after_sigkill_matches_a_clean_run(tools, weights, enhancer, synt
     assert not out.exists()
 
     events: list[VideoProgress] = []
-    result = upscale_video(synthetic, out, enhancer, settings, limits=LIMITS, resume=True,
-                           progress=events.append, ffmpeg=tools, job_id="srvgg-x2")
+    result = upscale_video(synthetic, out, enhancer, settings, limits=LIMITS,
+                           options=VideoRunOptions(resume=True, ffmpeg=tools, job_id="srvgg-x2"),
+                           progress=events.append)
     assert result.resumed_frames == 16 and result.frames == 40
     assert "resume" in [e.stage for e in events]
     assert min(e.frames_done for e in events if e.stage == "upscale") > 16  # the first 16 were not redone
 
     clean = tmp_path / "clean.mp4"
-    upscale_video(synthetic, clean, enhancer, settings, limits=LIMITS, ffmpeg=tools)
+    upscale_video(synthetic, clean, enhancer, settings, limits=LIMITS, options=VideoRunOptions(ffmpeg=tools))
     a, b = probe_video(out, LIMITS, tools), probe_video(clean, LIMITS, tools)
     assert a.frames == b.frames == 40 and a.fps == b.fps
     frames_a, frames_b = decode_all(tools, out, 128, 96), decode_all(tools, clean, 128, 96)
@@ -397,9 +402,9 @@ def test_resume_after_sigkill_matches_a_clean_run(tools, weights, enhancer, synt
 def test_without_resume_earlier_work_is_discarded(tools, synthetic, tmp_path):
     out = tmp_path / "o.mp4"
     settings = VideoSettings(batch_frames=4, segment_frames=8, preset="ultrafast")
-    first = upscale_video(synthetic, out, lambda b: b, settings, limits=LIMITS, ffmpeg=tools)
-    second = upscale_video(synthetic, out, lambda b: b, settings, limits=LIMITS, ffmpeg=tools, resume=True,
-                           job_id="identity")
+    first = upscale_video(synthetic, out, lambda b: b, settings, limits=LIMITS, options=VideoRunOptions(ffmpeg=tools))
+    second = upscale_video(synthetic, out, lambda b: b, settings, limits=LIMITS,
+                           options=VideoRunOptions(resume=True, ffmpeg=tools, job_id="identity"))
     assert first.frames == second.frames == 40 and second.resumed_frames == 0  # the work folder was cleaned up
 
 
@@ -436,7 +441,7 @@ SEGMENTED = VideoSettings(batch_frames=2, segment_frames=8, preset="ultrafast")
 
 def interrupted_run(tools: ff.FfmpegTools, synthetic: Path, out: Path, enhancer, settings=SEGMENTED) -> None:
     with pytest.raises(Interrupted):
-        upscale_video(synthetic, out, enhancer, settings, limits=LIMITS, ffmpeg=tools,
+        upscale_video(synthetic, out, enhancer, settings, limits=LIMITS, options=VideoRunOptions(ffmpeg=tools),
                       progress=interrupt_after_first_segment(out))
     assert not out.exists() and list(default_work_dir(out).glob("seg_*.mp4"))  # what a crash leaves
 
@@ -445,7 +450,8 @@ def test_resume_with_the_same_settings_keeps_the_earlier_segments(tools, synthet
     out = tmp_path / "o.mp4"
     interrupted_run(tools, synthetic, out, painter(200))
     # Same description, other pixels: the frames that come back as 200 can only be the earlier segments.
-    result = upscale_video(synthetic, out, painter(100), SEGMENTED, limits=LIMITS, ffmpeg=tools, resume=True)
+    result = upscale_video(synthetic, out, painter(100), SEGMENTED, limits=LIMITS,
+                           options=VideoRunOptions(resume=True, ffmpeg=tools))
     assert result.resumed_frames >= 8 and result.resumed_frames % 8 == 0 and result.frames == 40
     assert not any("started over" in w for w in result.warnings)
     grey = decode_all(tools, out, 128, 96).mean(axis=(1, 2, 3))
@@ -464,7 +470,8 @@ def test_resume_with_other_settings_starts_over_and_says_so(tools, synthetic, tm
                                                             size, said):
     out = tmp_path / "o.mp4"
     interrupted_run(tools, synthetic, out, painter(200))
-    result = upscale_video(synthetic, out, enhancer, settings, limits=LIMITS, ffmpeg=tools, resume=True)
+    result = upscale_video(synthetic, out, enhancer, settings, limits=LIMITS,
+                           options=VideoRunOptions(resume=True, ffmpeg=tools))
     assert result.resumed_frames == 0 and result.frames == 40
     assert [w for w in result.warnings if "started over" in w] == [
         f"The earlier run used other settings ({said}); started over."]
@@ -479,7 +486,8 @@ def test_resume_after_the_input_changed_starts_over(tools, synthetic, tmp_path):
     out = tmp_path / "o.mp4"
     interrupted_run(tools, src, out, painter(200))
     os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))  # edited since
-    result = upscale_video(src, out, painter(50), SEGMENTED, limits=LIMITS, ffmpeg=tools, resume=True)
+    result = upscale_video(src, out, painter(50), SEGMENTED, limits=LIMITS,
+                           options=VideoRunOptions(resume=True, ffmpeg=tools))
     assert result.resumed_frames == 0
     assert "The input file changed since the earlier run; started over." in result.warnings
     assert np.abs(decode_all(tools, out, 128, 96).mean(axis=(1, 2, 3)) - 50).max() < 3
@@ -487,8 +495,8 @@ def test_resume_after_the_input_changed_starts_over(tools, synthetic, tmp_path):
 
 def test_resume_needs_an_enhancer_that_says_how_it_made_its_frames(tools, synthetic, tmp_path):
     with pytest.raises(InvalidSettingsError, match="job_id"):
-        upscale_video(synthetic, tmp_path / "o.mp4", lambda b: b, SEGMENTED, limits=LIMITS, ffmpeg=tools,
-                      resume=True)
+        upscale_video(synthetic, tmp_path / "o.mp4", lambda b: b, SEGMENTED, limits=LIMITS,
+                      options=VideoRunOptions(resume=True, ffmpeg=tools))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from engine.processor import EnhanceSettings, enhance_image_direct, make_frame_enhancer
-from engine.video import VideoLimits, VideoSettings, default_work_dir, probe_video, upscale_video
+from engine.video import (VideoLimits, VideoRunOptions, VideoSettings, default_work_dir, probe_video,
+                          upscale_video)
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIP = Path(__file__).resolve().parent / "data" / "video" / "onepiece_demo_24f_160x120.mp4"
@@ -142,7 +143,8 @@ def test_resume_joins_only_segments_made_with_the_same_settings(model_manager_se
 
     enhancer = make_frame_enhancer(model_manager_session, _settings(model, scale))
     events = []
-    result = upscale_video(small_clip, out, enhancer, SEGMENTED, limits=LIMITS, resume=True, progress=events.append)
+    result = upscale_video(small_clip, out, enhancer, SEGMENTED, limits=LIMITS, options=VideoRunOptions(resume=True),
+                           progress=events.append)
     clean = tmp_path / "clean.mp4"
     upscale_video(small_clip, clean, make_frame_enhancer(model_manager_session, _settings(model, scale)), SEGMENTED,
                   limits=LIMITS)
