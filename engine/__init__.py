@@ -21,7 +21,8 @@ _EXPORTS = {
     # faces, advice, video, settings
     "FaceSettings": "engine.face_enhancer", "enhance_faces": "engine.face_enhancer",
     "IntelligentEnhancer": "engine.intelligent_enhancer",
-    "VideoSettings": "engine.video", "VideoLimits": "engine.video", "upscale_video": "engine.video",
+    "VideoSettings": "engine.video", "VideoLimits": "engine.video", "VideoRunOptions": "engine.video",
+    "upscale_video": "engine.video",
     "DescribedFrameEnhancer": "engine.video",
     "probe_video": "engine.video",
     "SettingsManager": "engine.settings_manager", "DeviceLimiter": "engine.concurrency",
