@@ -274,13 +274,15 @@ class ThroughputCalibrator:
     def _measure(self, model: str, device) -> float:
         import torch
 
-        from engine.model_manager import build_network
+        from engine.models.loader import build_network, reference_network
         from engine.upscaler import prepare_for_inference
 
         spec = CATALOG[model]
         torch.manual_seed(0)
         dtype = torch.float16 if getattr(device, "type", str(device)).startswith("cuda") else torch.float32
-        net = prepare_for_inference(build_network(spec).eval(), device, dtype)  # as the engine runs it
+        weights = reference_network(spec.arch, spec.arch_params).state_dict()  # random: only the time counts
+        net = build_network(spec.arch, weights, spec.arch_params).module
+        net = prepare_for_inference(net, device, dtype)  # as the engine runs it
         x = torch.rand(1, 3, self.size, self.size, device=device, dtype=dtype)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
@@ -350,12 +352,11 @@ class IntelligentEnhancer:
     def _detect(self, pixels: np.ndarray):
         from engine.face_detect import detect_faces
 
-        weights = None
+        retinaface = None
         if self.model_manager is not None:
-            status = self.model_manager.status("detection_Resnet50_Final")
-            weights = Path(status.path) if status.available and status.path else None
+            retinaface = self.model_manager.local_network("detection_Resnet50_Final")
         rgb = pixels[:, :, :3] if pixels.shape[2] >= 3 else np.repeat(pixels[:, :, :1], 3, axis=2)
-        return detect_faces(_to_uint8(rgb), retinaface_weights=weights)
+        return detect_faces(_to_uint8(rgb), retinaface=retinaface)
 
     def machine_facts(self, models: tuple[str, ...] = ()) -> MachineFacts:
         from utils.gpu import free_memory_bytes, resolve_device
@@ -397,11 +398,10 @@ class IntelligentEnhancer:
 
         start = time.perf_counter()
         pixels = _pixels(image)
-        weights = None
+        retinaface = None
         if self.model_manager is not None:
-            status = self.model_manager.status("detection_Resnet50_Final")
-            weights = Path(status.path) if status.available and status.path else None
-        analysis = analyze(pixels, detect_faces_too=True, retinaface_weights=weights)
+            retinaface = self.model_manager.local_network("detection_Resnet50_Final")
+        analysis = analyze(pixels, detect_faces_too=True, retinaface=retinaface)
         numbers = AnalysisNumbers(
             content_type=analysis.content_type, confidence=float(analysis.confidence), faces=len(analysis.faces),
             noise_level=float(analysis.noise_level), jpeg_artifacts=float(analysis.jpeg_artifacts),
