@@ -3,7 +3,8 @@
 Weight sources, in order: the weights dir (the official file placed by hand or downloaded earlier, verified; or
 the converted bundled weights), a mirror base URL from config, the official URL, and the bundled ncnn export that
 a registry package ships (converted once into the weights dir). Every network of the app (super-resolution and
-face models, RetinaFace, ParseNet) is loaded here, through :mod:`engine.models.loader`, and cached by (model, device, precision, denoise strength) with one lock per key;
+face models, RetinaFace, ParseNet, the LPIPS and ArcFace metric networks) is loaded here, through
+:mod:`engine.models.loader`, and cached by (model, device, precision, denoise strength) with one lock per key;
 cached networks are never mutated, so requests can share them.
 """
 
@@ -273,7 +274,8 @@ class ModelManager:
                         progress: ProgressFn | None = None) -> tuple[dict, Source]:
         """The weights of ``name``; for a model with a denoise twin, interpolated by ``denoise_strength``.
 
-        Denoise strength d blends the two official networks: d * strong-denoise + (1 - d) * weak-denoise.
+        Denoise strength d blends the two official networks: d * strong-denoise + (1 - d) * weak-denoise. A model
+        built on a trunk (``ModelSpec.trunk``) gets the trunk's weights too, in the same dict.
         """
         spec = self.spec(name)
         path, source = self.weights_path(name, allow_download=allow_download, progress=progress)
@@ -287,6 +289,9 @@ class ModelManager:
             twin, _ = self.load_state_dict(spec.denoise_pair, allow_download=allow_download, progress=progress)
             d = float(denoise_strength)
             state = {k: d * v + (1.0 - d) * twin[k] for k, v in state.items()}
+        if spec.trunk is not None:
+            trunk, _ = self.load_state_dict(spec.trunk, allow_download=allow_download, progress=progress)
+            state = trunk | state
         return state, source
 
     def _lock_for(self, key: tuple) -> threading.Lock:
@@ -340,8 +345,9 @@ class ModelManager:
             return loaded
 
     def local_network(self, name: str, device: str | object = "cpu", precision: Precision = "fp32") -> object | None:
-        """The network of an optional helper model (RetinaFace, ParseNet) when its weights are already on this
-        machine; None when they are not (or the catalog has no such model). Never downloads anything.
+        """The network of an optional helper model (RetinaFace, ParseNet, a metric network) when its weights, and
+        its trunk's, are already on this machine; None when they are not (or the catalog has no such model).
+        Never downloads anything.
 
         Cached like :meth:`load_model`, so the network is built once per (device, precision).
 
@@ -351,10 +357,12 @@ class ModelManager:
         """
         if name not in self.catalog:
             return None
-        try:
-            self.weights_path(name, allow_download=False)
-        except ModelNotAvailableError:
-            return None
+        spec = self.spec(name)
+        for needed in (name, spec.trunk) if spec.trunk else (name,):
+            try:
+                self.weights_path(needed, allow_download=False)
+            except ModelNotAvailableError:
+                return None
         return self.load_model(name, device, precision, allow_download=False).net
 
     @contextlib.contextmanager

@@ -640,16 +640,23 @@ def _enhance_faces(rgb_in, upscaled_rgb, settings, model_manager, config, run: _
 def _metrics(original: np.ndarray, enhanced: np.ndarray, loaded_image, settings: EnhanceSettings,
              model_manager, face_pairs: Sequence = ()) -> dict:
     """File and quality metrics; LPIPS and identity only with weights already on this machine (never fetched
-    here: ``models download lpips-alexnet arcface-ir-se50`` gets them)."""
+    here: ``models download lpips-alexnet arcface-ir-se50`` gets them), their networks from the model manager."""
     from engine.catalog import IDENTITY_MODEL, LPIPS_MODELS
+    from engine.errors import ModelNotAvailableError
     from utils.metrics import calculate_image_metrics
+
+    def network(name: str):
+        try:
+            return model_manager.local_network(name)
+        except ModelNotAvailableError as exc:  # damaged weights: the metric is reported as not computed
+            logger.warning("metric network %s unusable: %s", name, exc)
+            return None
 
     source = loaded_image.source_name
     extra: dict = {}
     if settings.quality_metrics:
-        trunk, linear = (model_manager.local_weights(name) for name in LPIPS_MODELS)
-        extra = dict(lpips_weights=(trunk, linear) if trunk and linear else None,
-                     identity_model_path=model_manager.local_weights(IDENTITY_MODEL) if face_pairs else None,
+        extra = dict(lpips_network=network(LPIPS_MODELS[1]),  # the linear layers, on their AlexNet trunk
+                     identity_network=network(IDENTITY_MODEL) if face_pairs else None,
                      face_pairs=list(face_pairs))
     return calculate_image_metrics(original, enhanced, original_bytes=None, enhanced_bytes=None,
                                    quality=settings.quality_metrics, **extra) | ({"source": source} if source else {})
