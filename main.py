@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         _err(f"Configuration error: {exc}")
         return EXIT_USAGE
-    from engine.model_manager import check_safe_environment
+    from engine.models.loader import check_safe_environment
     from utils.logger import setup_logging
 
     config.ensure_directories()

@@ -79,29 +79,26 @@ def _enhance_fn():
     return "RRDBNet(23 blocks, x4, random weights), plain forward", run_plain
 
 
-def _learned_metric_weights(folder: Path) -> tuple[tuple[Path, Path], Path]:
-    """``((AlexNet trunk, LPIPS linear layers), ArcFace weights)``: the real linear layers from the lpips
-    package, random weights of the real AlexNet and ArcFace IR-SE50 architectures written to ``folder``."""
+def _learned_metric_networks(folder: Path) -> tuple[object, object]:
+    """``(LPIPS network, ArcFace network)`` loaded through the model manager: the real linear layers from the
+    lpips package, random weights of the real AlexNet and ArcFace IR-SE50 architectures written to ``folder``."""
     import torch
     import torchvision
 
     from config import Config
-    from engine.catalog import LPIPS_MODELS
+    from engine.catalog import CATALOG, IDENTITY_MODEL, LPIPS_MODELS
     from engine.model_manager import ModelManager
-    from utils.compat import install_torchvision_shim
-
-    install_torchvision_shim()
-    from facexlib.recognition.arcface_arch import Backbone
+    from engine.models.loader import reference_network
 
     torch.manual_seed(0)
-    trunk, arcface = folder / "alexnet.pth", folder / "arcface.pth"
-    torch.save(torchvision.models.alexnet().state_dict(), trunk)
-    torch.save(Backbone(num_layers=50, drop_ratio=0.6, mode="ir_se").state_dict(), arcface)
-    manager = ModelManager(Config.from_env(env={}, dotenv_path=None, weights_dir=folder))
-    linear = manager.local_weights(LPIPS_MODELS[1])
-    if linear is None:
+    torch.save(torchvision.models.alexnet().state_dict(), folder / CATALOG[LPIPS_MODELS[0]].filename)
+    arcface = CATALOG[IDENTITY_MODEL]
+    torch.save(reference_network(arcface.arch, arcface.arch_params).state_dict(), folder / arcface.filename)
+    manager = ModelManager(Config.from_env(env={}, dotenv_path=None, weights_dir=folder, verify_checksums=False))
+    lpips_network = manager.local_network(LPIPS_MODELS[1])
+    if lpips_network is None:
         raise SystemExit("the lpips package (with its v0.1 linear layers) is not installed")
-    return (trunk, linear), arcface
+    return lpips_network, manager.local_network(IDENTITY_MODEL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     niqe(_input_image(256))  # load basicsr and the NIQE parameters once, outside the timing
     folder = Path(tempfile.mkdtemp(prefix="bench-metrics-"))
     atexit.register(shutil.rmtree, folder, True)
-    lpips_weights, arcface = _learned_metric_weights(folder)
-    lpips_distance(image[:64, :64], image[:64, :64], lpips_weights)  # build the networks outside the timing
+    lpips_network, arcface = _learned_metric_networks(folder)
+    lpips_distance(image[:64, :64], image[:64, :64], lpips_network)  # first run outside the timing
     face = cv2.resize(image, (112, 112), interpolation=cv2.INTER_AREA)
     face_pairs = [(face, face)] * args.faces
 
@@ -154,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     times = []
     for _ in range(max(1, args.repeat)):
         t0 = time.perf_counter()
-        metrics = calculate_image_metrics(image, natural, 100_000, 400_000, lpips_weights=lpips_weights,
-                                          identity_model_path=arcface, face_pairs=face_pairs)
+        metrics = calculate_image_metrics(image, natural, 100_000, 400_000, lpips_network=lpips_network,
+                                          identity_network=arcface, face_pairs=face_pairs)
         times.append(time.perf_counter() - t0)
     metrics_s = min(times)
     print(f"metrics time: {metrics_s:.3f} s (best of {len(times)}; lr_psnr {metrics['lr_psnr']:.2f} dB, "

@@ -68,6 +68,7 @@ class ModelSpec:
     bundled: BundledSource | None = None
     packaged: PackagedFile | None = None
     denoise_pair: str | None = None  # name of the weak-denoise twin used for denoise-strength interpolation
+    trunk: str | None = None  # name of a model whose weights this network is built on too (LPIPS: AlexNet)
 
     @property
     def official(self) -> bool:
@@ -260,7 +261,7 @@ _MODELS: tuple[ModelSpec, ...] = (
         sha256="df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0",
         license="BSD-2-Clause", supports_half=False,
         description="LPIPS v0.1 linear layers on AlexNet (calibrated on human judgements).",
-        packaged=PackagedFile(package="lpips", path="weights/v0.1/alex.pth"),
+        packaged=PackagedFile(package="lpips", path="weights/v0.1/alex.pth"), trunk="lpips-alexnet",
     ),
     ModelSpec(
         name="arcface-ir-se50", kind="metric", arch="ArcFaceIRSE50",

@@ -1,14 +1,16 @@
-"""Offline face detection: facexlib RetinaFace when its weights are on disk, else scikit-image's LBP cascade.
+"""Offline face detection: facexlib RetinaFace when the caller has its network, else scikit-image's LBP cascade.
 
-The RetinaFace weights cannot be fetched here, so the fallback is what normally runs: the frontal-face LBP cascade
-that scikit-image ships in its data folder (OpenCV 5 no longer has ``CascadeClassifier``). It runs on a grayscale
-copy downscaled to at most :data:`CASCADE_WORKING_SIDE` pixels, its raw windows are clustered by IoU and a face is
+The RetinaFace network comes loaded from the model manager (``ModelManager.local_network``), built once per
+process and device. Its weights cannot be fetched here, so the fallback is what normally runs: the frontal-face LBP
+cascade that scikit-image ships in its data folder (OpenCV 5 no longer has ``CascadeClassifier``). It runs on a
+grayscale copy downscaled to at most :data:`CASCADE_WORKING_SIDE` pixels, its raw windows are clustered by IoU and a face is
 kept only when at least :data:`CASCADE_MIN_NEIGHBOURS` windows agree on it. Measured on ``tests/data/advisor``
 (see ``tests/test_face_detect.py``): every face photo gets at least one face, no anime frame or landscape gets one;
 counts in group photos may miss turned or small faces.
 
 Thread safety: nothing mutable is shared. Each thread builds and keeps its own cascade (``threading.local``);
-RetinaFace networks are built per call.
+the RetinaFace network is shared and only read: this module runs its ``forward`` and decodes the boxes itself,
+because facexlib's ``RetinaFace.detect_faces`` keeps per-image values on the module.
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 
-from engine.errors import InvalidInputError, ModelNotAvailableError
+from engine.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,7 @@ def estimate_landmarks(box: FaceBox | tuple[float, float, float, float]) -> Land
 def detect_faces(
     image: np.ndarray,
     *,
-    retinaface_weights: Path | None = None,
-    device: str = "cpu",
+    retinaface=None,
     max_faces: int | None = None,
     min_size: int = 16,
 ) -> FaceDetection:
@@ -111,9 +111,8 @@ def detect_faces(
 
     Args:
         image: HxWx3 uint8 RGB (HxW gray, HxWx4 RGBA and uint16 are accepted and converted).
-        retinaface_weights: path to facexlib's ``detection_Resnet50_Final.pth``; used when the file exists,
-            otherwise the LBP cascade runs.
-        device: torch device for RetinaFace ("cpu", "cuda", "cuda:1").
+        retinaface: facexlib's RetinaFace network, loaded (``ModelManager.local_network``), in float32 on the
+            device it should run on; None runs the LBP cascade.
         max_faces: keep at most this many faces (largest score first); None keeps all.
         min_size: drop faces whose shorter box side is below this many input pixels.
 
@@ -122,17 +121,14 @@ def detect_faces(
 
     Raises:
         InvalidInputError: the image is empty or not 2-D/3-D.
-        ModelNotAvailableError: the RetinaFace weights exist but cannot be loaded.
     """
     rgb = _as_rgb8(image)
     if max_faces is not None and max_faces < 0:
         raise ValueError(f"max_faces must be >= 0 or None, got {max_faces}.")
-    if retinaface_weights is not None and Path(retinaface_weights).is_file():
-        faces = _detect_retinaface(rgb, Path(retinaface_weights), device)
+    if retinaface is not None:
+        faces = _detect_retinaface(rgb, retinaface)
         detector = "retinaface"
     else:
-        if retinaface_weights is not None:
-            logger.info("RetinaFace weights not found at %s; using the LBP cascade.", retinaface_weights)
         faces = _detect_cascade(rgb)
         detector = "lbp-cascade"
     faces = [f for f in faces if min(f.width, f.height) >= min_size]
@@ -244,46 +240,35 @@ def _detect_cascade(rgb: np.ndarray) -> list[FaceBox]:
     return faces
 
 
-def load_retinaface(weights: Path, device: str):
-    """Build facexlib's RetinaFace-ResNet50 and load ``weights`` (weights_only, 'module.' prefixes stripped)."""
+#: RetinaFace's input mean (BGR, 0..255), confidence threshold and NMS IoU, as facexlib's ``detect_faces``.
+_RETINAFACE_MEAN_BGR = (104.0, 117.0, 123.0)
+RETINAFACE_CONFIDENCE = 0.8
+RETINAFACE_NMS_IOU = 0.4
+
+
+def _detect_retinaface(rgb: np.ndarray, model) -> list[FaceBox]:
+    """facexlib's ``RetinaFace.detect_faces`` (at the original size), with every per-image value kept local."""
     import torch
+    from facexlib.detection.retinaface_utils import PriorBox, decode, decode_landm, py_cpu_nms
 
-    from utils.compat import install_torchvision_shim
-
-    install_torchvision_shim()
-    from facexlib.detection.retinaface import RetinaFace
-
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, not a state dict, unsafe pickle
-        raise ModelNotAvailableError(
-            f"Could not load RetinaFace weights from {weights}: {exc}. Delete the file and download it again."
-        ) from exc
-    for key in ("params_ema", "params", "state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    state = {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
-    model = RetinaFace(network_name="resnet50", half=False, device=torch.device(device))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelNotAvailableError(
-            f"{weights} is not a RetinaFace-ResNet50 state dict ({exc}). Use facexlib's detection_Resnet50_Final.pth."
-        ) from exc
-    return model.eval().to(device)
-
-
-def _detect_retinaface(rgb: np.ndarray, weights: Path, device: str) -> list[FaceBox]:
-    import torch
-
-    model = load_retinaface(weights, device)
-    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-    with torch.no_grad():
-        dets = model.detect_faces(bgr, conf_threshold=0.8)
-    faces = []
     h, w = rgb.shape[:2]
-    for det in np.asarray(dets).reshape(-1, 15):
+    device = next(model.parameters()).device
+    bgr = torch.from_numpy(np.ascontiguousarray(rgb[:, :, ::-1].transpose(2, 0, 1), dtype=np.float32))
+    mean = torch.tensor(_RETINAFACE_MEAN_BGR, dtype=torch.float32).view(3, 1, 1)
+    with torch.inference_mode():
+        loc, conf, marks = model((bgr - mean)[None].to(device))
+        priors = PriorBox(model.cfg, image_size=(h, w)).forward().to(device)
+        variance = model.cfg["variance"]
+        boxes = (decode(loc[0], priors, variance) * torch.tensor([w, h] * 2, device=device)).cpu().numpy()
+        marks = (decode_landm(marks[0], priors, variance) * torch.tensor([w, h] * 5, device=device)).cpu().numpy()
+        scores = conf[0, :, 1].float().cpu().numpy()
+    keep = np.where(scores > RETINAFACE_CONFIDENCE)[0]
+    keep = keep[np.argsort(scores[keep])[::-1]]
+    dets = np.hstack((boxes[keep], scores[keep, None])).astype(np.float32, copy=False)
+    kept = py_cpu_nms(dets, RETINAFACE_NMS_IOU)
+    dets = np.concatenate((dets[kept], marks[keep][kept]), axis=1)
+    faces = []
+    for det in dets.reshape(-1, 15):
         x0, y0, x1, y1 = (float(v) for v in det[:4])
         x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
         if x1 <= x0 or y1 <= y0:

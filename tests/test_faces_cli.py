@@ -50,10 +50,10 @@ def test_without_gfpgan_weights_faces_are_counted_and_the_warning_says_how(tmp_p
 
 def test_with_gfpgan_weights_every_detected_face_is_restored(tmp_path, weights_dir):
     from engine.catalog import CATALOG
-    from engine.model_manager import build_network
+    from engine.models.loader import reference_network
 
     torch.manual_seed(0)
-    net = build_network(CATALOG["GFPGANv1.4"])
+    net = reference_network(CATALOG["GFPGANv1.4"].arch, CATALOG["GFPGANv1.4"].arch_params)
     torch.save({"params_ema": net.state_dict()}, weights_dir / CATALOG["GFPGANv1.4"].filename)
     out = tmp_path / "restored.png"
     record = _enhance(tmp_path, weights_dir, out, "--save-face-crops", REALESRGAN_VERIFY_CHECKSUMS="false")
@@ -74,15 +74,16 @@ def test_identity_and_lpips_metrics_when_their_weights_are_present(tmp_path, wei
     import torchvision
 
     from engine.catalog import CATALOG
-    from engine.model_manager import build_network
+    from engine.models.loader import reference_network
     from utils.compat import install_torchvision_shim
 
     install_torchvision_shim()
     from facexlib.recognition.arcface_arch import Backbone
 
     torch.manual_seed(0)
-    torch.save({"params_ema": build_network(CATALOG["GFPGANv1.4"]).state_dict()},
-               weights_dir / CATALOG["GFPGANv1.4"].filename)
+    gfpgan = CATALOG["GFPGANv1.4"]
+    torch.save({"params_ema": reference_network(gfpgan.arch, gfpgan.arch_params).state_dict()},
+               weights_dir / gfpgan.filename)
     torch.save(Backbone(num_layers=50, drop_ratio=0.6, mode="ir_se").state_dict(),
                weights_dir / CATALOG["arcface-ir-se50"].filename)
     torch.save(torchvision.models.alexnet().state_dict(), weights_dir / CATALOG["lpips-alexnet"].filename)

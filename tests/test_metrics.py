@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import DATA, ROOT
+from tests.conftest import DATA, ROOT, unverified_manager
 from utils.metrics import (PSNR_CAP_DB, calculate_image_metrics, file_metrics, format_bytes, get_image_info,
                            lpips_distance, lr_consistency, niqe, quality_metrics)
 
@@ -171,14 +171,16 @@ def test_quality_metrics_blur_upscale_vs_sharp_output(photo):
     _dumps(m)
 
 
-def test_lpips_and_identity_are_none_with_reasons_when_weights_absent(photo, tmp_path):
+def test_lpips_and_identity_are_none_with_reasons_when_networks_absent_or_unusable(photo):
+    import torch
+
     face = photo[64:192, 64:192]
+    # Real modules that do not fit: a per-pixel similarity is no distance, a 1-channel conv takes no RGB face.
     m = quality_metrics(photo, _nearest_2x(photo), face_pairs=[(face, _nearest_2x(face))],
-                        lpips_weights=(tmp_path / "alexnet.pth", tmp_path / "lin.pth"),
-                        identity_model_path=tmp_path / "absent.pth")
+                        lpips_network=torch.nn.CosineSimilarity(), identity_network=torch.nn.Conv2d(1, 4, 3))
     assert m["lpips"] is None and m["identity_similarity"] is None and m["identity_similarity_per_face"] is None
     assert any("LPIPS not computed" in w and "could not be used" in w for w in m["warnings"])
-    assert any("weights file is missing" in w for w in m["warnings"])
+    assert any("identity similarity not computed" in w and "could not be used" in w for w in m["warnings"])
     m = quality_metrics(photo, _nearest_2x(photo), face_pairs=[(face, face)])
     assert any("LPIPS not computed" in w and "models download lpips-alexnet" in w for w in m["warnings"])
     assert any("ArcFace" in w and "models download arcface-ir-se50" in w for w in m["warnings"])
@@ -212,85 +214,85 @@ def test_quality_metrics_reject_float_images():
 
 # ------------------------------------------------------------------------------------------------------- LPIPS
 @pytest.fixture(scope="module")
-def lpips_weights(tmp_path_factory) -> tuple:
-    """The real LPIPS v0.1 linear layers (the file the lpips package ships, checked against the catalog's
-    SHA-256) and an AlexNet trunk of torchvision's real architecture with random weights the test makes (the
-    ImageNet weights can't be downloaded offline)."""
+def metric_weights(tmp_path_factory) -> Path:
+    """A weights dir with an AlexNet trunk and an ArcFace IR-SE50 of the real architectures with random weights the
+    test makes (the ImageNet and ArcFace weights can't be downloaded offline). The LPIPS linear layers are the real
+    file the lpips package ships, checked against the catalog's SHA-256."""
     torch = pytest.importorskip("torch")
-    import importlib.util
-
     import torchvision
 
     from engine.catalog import CATALOG
     from engine.downloader import sha256_file
+    from engine.models.loader import reference_network
 
-    spec = CATALOG["lpips-alex-v0.1"]
-    package = importlib.util.find_spec(spec.packaged.package)
-    linear = Path(list(package.submodule_search_locations)[0]) / spec.packaged.path
-    assert sha256_file(linear) == spec.sha256
+    folder = tmp_path_factory.mktemp("metric-weights")
+    linear = CATALOG["lpips-alex-v0.1"]
+    assert sha256_file(unverified_manager(folder).local_weights(linear.name)) == linear.sha256
     torch.manual_seed(0)
-    trunk = tmp_path_factory.mktemp("lpips") / "alexnet.pth"
-    torch.save(torchvision.models.alexnet().state_dict(), trunk)
-    return trunk, linear
+    torch.save(torchvision.models.alexnet().state_dict(), folder / CATALOG["lpips-alexnet"].filename)
+    arcface = CATALOG["arcface-ir-se50"]
+    torch.save(reference_network(arcface.arch, arcface.arch_params).state_dict(), folder / arcface.filename)
+    return folder
 
 
-def test_lpips_loads_the_trunk_into_the_right_layers(lpips_weights):
+@pytest.fixture(scope="module")
+def lpips_network(metric_weights):
+    """The LPIPS network, loaded through the real model manager from the trunk and the linear layers."""
+    network = unverified_manager(metric_weights).local_network("lpips-alex-v0.1")
+    assert network is not None
+    return network
+
+
+def test_lpips_loads_the_trunk_into_the_right_layers(metric_weights, lpips_network):
     import torch
 
-    from utils.metrics import _lpips_net
+    from engine.catalog import CATALOG
 
-    trunk = torch.load(lpips_weights[0], weights_only=True)
-    net = _lpips_net(str(lpips_weights[0]), str(lpips_weights[1]))
-    convs = [m for m in net.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    trunk = torch.load(metric_weights / CATALOG["lpips-alexnet"].filename, weights_only=True)
+    convs = [m for m in lpips_network.net.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [tuple(c.weight.shape) for c in convs] == [tuple(trunk[f"features.{i}.weight"].shape)
                                                       for i in (0, 3, 6, 8, 10)]
     assert all(torch.equal(c.weight, trunk[f"features.{i}.weight"]) for c, i in zip(convs, (0, 3, 6, 8, 10)))
-    linear = torch.load(lpips_weights[1], map_location="cpu", weights_only=True)
-    assert torch.equal(net.lin0.model[-1].weight, linear["lin0.model.1.weight"])
+    linear_path = unverified_manager(metric_weights).local_weights("lpips-alex-v0.1")
+    linear = torch.load(linear_path, map_location="cpu", weights_only=True)
+    assert torch.equal(lpips_network.lin0.model[-1].weight, linear["lin0.model.1.weight"])
 
 
-def test_lpips_is_zero_for_identical_images_and_grows_with_blur(photo, lpips_weights):
-    assert lpips_distance(photo, photo, lpips_weights) == pytest.approx(0.0, abs=1e-6)
+def test_lpips_is_zero_for_identical_images_and_grows_with_blur(photo, lpips_network):
+    assert lpips_distance(photo, photo, lpips_network) == pytest.approx(0.0, abs=1e-6)
     light = cv2.GaussianBlur(photo, (0, 0), 1.0)
     heavy = cv2.GaussianBlur(photo, (0, 0), 4.0)
-    d_light, d_heavy = lpips_distance(photo, light, lpips_weights), lpips_distance(photo, heavy, lpips_weights)
+    d_light, d_heavy = lpips_distance(photo, light, lpips_network), lpips_distance(photo, heavy, lpips_network)
     assert 0.0 < d_light < d_heavy
     sixteen = photo.astype(np.uint16) * 257  # the range comes from the dtype: same picture, same distance
-    assert lpips_distance(sixteen, light, lpips_weights) == pytest.approx(d_light, rel=1e-4)
+    assert lpips_distance(sixteen, light, lpips_network) == pytest.approx(d_light, rel=1e-4)
     with pytest.raises(ValueError, match="one size"):
-        lpips_distance(photo, photo[:128], lpips_weights)
+        lpips_distance(photo, photo[:128], lpips_network)
     with pytest.raises(ValueError, match="at least 32"):
-        lpips_distance(photo[:20, :20], photo[:20, :20], lpips_weights)
+        lpips_distance(photo[:20, :20], photo[:20, :20], lpips_network)
 
 
-def test_quality_metrics_report_lpips_in_input_space(photo, lpips_weights):
-    exact = quality_metrics(photo, _nearest_2x(photo), lpips_weights=lpips_weights)
+def test_quality_metrics_report_lpips_in_input_space(photo, lpips_network):
+    exact = quality_metrics(photo, _nearest_2x(photo), lpips_network=lpips_network)
     assert exact["lpips"] == pytest.approx(0.0, abs=1e-6)  # a 2x nearest upscale shrinks back to the input
-    blurred = quality_metrics(photo, cv2.GaussianBlur(_nearest_2x(photo), (0, 0), 6.0), lpips_weights=lpips_weights)
+    blurred = quality_metrics(photo, cv2.GaussianBlur(_nearest_2x(photo), (0, 0), 6.0), lpips_network=lpips_network)
     assert blurred["lpips"] > 0.0
     assert not any("LPIPS" in w for w in blurred["warnings"])
-    tiny = quality_metrics(photo[:16, :16], _nearest_2x(photo[:16, :16]), lpips_weights=lpips_weights)
+    tiny = quality_metrics(photo[:16, :16], _nearest_2x(photo[:16, :16]), lpips_network=lpips_network)
     assert tiny["lpips"] is None and any("smaller than 32x32" in w for w in tiny["warnings"])
     _dumps(blurred)
 
 
 # ---------------------------------------------------------------------------------------------------- identity
-def test_identity_similarity_with_arcface_weights(photo, tmp_path):
-    """The real facexlib ArcFace architecture, random weights saved as a plain state dict: identical faces give
-    similarity 1, and the value is a finite number in [-1, 1] with a warning when low."""
-    torch = pytest.importorskip("torch")
-    from utils.compat import install_torchvision_shim
-
-    install_torchvision_shim()
-    from facexlib.recognition.arcface_arch import Backbone
-
-    torch.manual_seed(0)
-    path = tmp_path / "arcface.pth"
-    torch.save(Backbone(num_layers=50, drop_ratio=0.6, mode="ir_se").state_dict(), path)
+def test_identity_similarity_with_arcface_weights(photo, metric_weights):
+    """The real facexlib ArcFace architecture, random weights saved as a plain state dict and loaded through the
+    model manager: identical faces give similarity 1, and the value is a finite number in [-1, 1] with a warning
+    when low."""
+    network = unverified_manager(metric_weights).local_network("arcface-ir-se50")
     face = photo[40:200, 60:200]
     noise = np.random.default_rng(1).integers(0, 256, face.shape, dtype=np.uint8)
     m = quality_metrics(photo, _nearest_2x(photo), face_pairs=[(face, face), (face, noise)],
-                        identity_model_path=path)
+                        identity_network=network)
     same, other = m["identity_similarity_per_face"]
     assert same == pytest.approx(1.0, abs=1e-3)
     assert -1.0 <= other < 0.99

@@ -18,22 +18,24 @@ import torch
 
 from engine.catalog import ModelSpec
 from engine.errors import ModelNotAvailableError, UnsafeEnvironmentError
-from engine.model_manager import ModelManager, build_network, safe_load_state_dict, unwrap_state_dict
+from engine.model_manager import ModelManager
+from engine.models.loader import read_state_dict, reference_network, unwrap_state_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_TINY_SRVGG = MappingProxyType(dict(num_in_ch=3, num_out_ch=3, num_feat=4, num_conv=1, upscale=2, act_type="prelu"))
+
+
 def _tiny_spec(name: str, url: str | None, sha: str | None, size: int | None, pair: str | None = None) -> ModelSpec:
-    return ModelSpec(name=name, kind="sr", arch="SRVGGNetCompact",
-                     arch_params=MappingProxyType(dict(num_in_ch=3, num_out_ch=3, num_feat=4, num_conv=1, upscale=2,
-                                                       act_type="prelu")),
-                     scale=2, url=url, filename=f"{name}.pth", sha256=sha, size_bytes=size, license="test",
-                     macs_per_pixel=1, denoise_pair=pair)
+    return ModelSpec(name=name, kind="sr", arch="SRVGGNetCompact", arch_params=_TINY_SRVGG, scale=2, url=url,
+                     filename=f"{name}.pth", sha256=sha, size_bytes=size, license="test", macs_per_pixel=1,
+                     denoise_pair=pair)
 
 
 def _weights_bytes(seed: int) -> bytes:
     torch.manual_seed(seed)
-    net = build_network(_tiny_spec("t", None, None, None))
+    net = reference_network("SRVGGNetCompact", _TINY_SRVGG)
     buf = io.BytesIO()
     torch.save({"params_ema": net.state_dict()}, buf)
     return buf.getvalue()
@@ -206,7 +208,7 @@ def test_a_pickle_that_runs_code_fails_to_load_and_runs_nothing(tmp_path):
     torch.save({"params_ema": _Evil(marker)}, zipped)
     for path in (legacy, zipped):
         with pytest.raises(ModelNotAvailableError, match="damaged or not a plain weights file"):
-            safe_load_state_dict(path)
+            read_state_dict(path)
     assert not marker.exists()
 
 
@@ -215,7 +217,7 @@ def test_unsafe_torch_environment_is_refused(tmp_path, monkeypatch):
     torch.save({"params": {"a": torch.zeros(1)}}, path)
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     with pytest.raises(UnsafeEnvironmentError, match="unset TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
-        safe_load_state_dict(path)
+        read_state_dict(path)
     done = subprocess.run([sys.executable, str(ROOT / "main.py"), "models", "list"], capture_output=True,
                           text=True, timeout=300, env={**_clean_env(tmp_path), "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
     assert done.returncode != 0 and "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" in done.stderr

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from engine.catalog import CATALOG, ModelSpec
 from engine.errors import ChecksumMismatchError, ModelNotAvailableError
+from engine.models.loader import build_network, reference_network
 from engine.ncnn_convert import (
-    build_arch,
     bundled_files,
     convert_ncnn,
     convert_ncnn_data,
@@ -66,9 +66,8 @@ def one_torch_thread():
 
 
 def _run_torch(spec: ModelSpec, state_dict: dict[str, torch.Tensor], image: np.ndarray) -> np.ndarray:
-    model = build_arch(spec.arch, spec.arch_params, device="meta")  # skip random init: weights come next
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    model.eval()
+    """The converted weights in the network the app runs (built by the model loader, spandrel)."""
+    model = build_network(spec.arch, state_dict, spec.arch_params).module
     with torch.inference_mode():
         out = model(torch.from_numpy(image)[None])
         if spec.bundled.post_resize != 1.0:
@@ -159,7 +158,7 @@ def _tiny_bin(state_dict: dict[str, torch.Tensor], fp16: bool) -> bytes:
 @pytest.fixture()
 def tiny_state_dict() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    return {k: torch.randn_like(v) for k, v in build_arch("SRVGGNetCompact", _TINY_SRVGG).state_dict().items()}
+    return {k: torch.randn_like(v) for k, v in reference_network("SRVGGNetCompact", _TINY_SRVGG).state_dict().items()}
 
 
 @pytest.mark.parametrize("fp16", [False, True])

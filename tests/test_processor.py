@@ -113,20 +113,22 @@ def test_transparent_pixels_take_the_nearest_visible_colour():
 
 # ------------------------------------------------------------------------------------------------ with real weights
 def test_parity_with_official_realesrganer_untiled(manager, tmp_path):
+    """Our engine runs the spandrel-built network; RealESRGANer the basicsr/realesrgan one, on the same file."""
     from utils.compat import install_torchvision_shim
 
     install_torchvision_shim()
     from realesrgan import RealESRGANer
 
-    from engine.model_manager import build_network
+    from engine.models.loader import reference_network
 
     image = crop(DATA / "upscaler" / "ost_009_crop192.png", 32)
     for name in ("RealESRGAN_x4plus", FAST):
         ours = enhance_image_direct(image, EnhanceSettings(model=name, tile=0, precision="fp32", device="cpu",
                                                            quality_metrics=False), manager)
         weights, _ = manager.weights_path(name)
-        official = RealESRGANer(scale=4, model_path=str(weights), model=build_network(manager.spec(name)), tile=0,
-                                pre_pad=0, half=False, device=torch.device("cpu"))
+        spec = manager.spec(name)
+        official = RealESRGANer(scale=4, model_path=str(weights), model=reference_network(spec.arch, spec.arch_params),
+                                tile=0, pre_pad=0, half=False, device=torch.device("cpu"))
         reference, _ = official.enhance(image[:, :, ::-1].copy(), outscale=4)  # BGR in, BGR out
         diff = np.abs(ours.pixels.astype(int) - reference[:, :, ::-1].astype(int))
         assert ours.pixels.shape == (128, 128, 3)

@@ -11,7 +11,7 @@ An upscaler has no ground truth, so quality is judged three ways:
   ``niqe_output`` compare like with like.
 * **LPIPS** (:func:`lpips_distance`): the perceptual distance (Zhang et al. 2018, AlexNet v0.1, the ``lpips``
   package's network) between the input and the output brought back to the input size, the perceptual twin of
-  LR-consistency PSNR/SSIM (lower is more faithful). Needs the AlexNet trunk and the LPIPS linear layers.
+  LR-consistency PSNR/SSIM (lower is more faithful). Needs the LPIPS network (AlexNet trunk and linear layers).
 * **Identity similarity**: cosine similarity of ArcFace (facexlib IR-SE50) embeddings of each face cut from
   the input and from the output at the same aligned position (1 = same person); a warning below
   :data:`IDENTITY_WARN_THRESHOLD`.
@@ -34,8 +34,9 @@ Conventions shared by every function here:
   (``json.dumps(..., allow_nan=False)`` works). A metric that cannot be computed is ``None`` and its reason is
   in ``"warnings"`` — never a made-up number.
 
-Nothing here imports ``engine`` or ``ui``: the callers pass verified weight paths. basicsr (NIQE), lpips and
-facexlib (identity) load lazily on first use; the networks are cached per weights file and never mutated.
+Nothing here imports ``engine`` or ``ui`` or loads weights: the caller passes the LPIPS and ArcFace networks
+already built (the engine loads them through its model manager) and they are only read. basicsr (NIQE) loads
+lazily on first use.
 """
 
 from __future__ import annotations
@@ -357,31 +358,11 @@ def niqe(image: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------ LPIPS
-@functools.lru_cache(maxsize=2)
-def _lpips_net(trunk_path: str, linear_path: str) -> Any:
-    """The ``lpips`` package's LPIPS(AlexNet, v0.1) with the trunk and linear-layer weights at the given paths,
-    on CPU in eval mode; cached, never mutated. Both files are plain state dicts loaded with ``weights_only``."""
-    import warnings
-
-    import torch
-
-    with warnings.catch_warnings():  # lpips 0.1.4 asks torchvision for AlexNet with the old `pretrained` flag
-        warnings.simplefilter("ignore")
-        import lpips
-
-        net = lpips.LPIPS(net="alex", version="0.1", pretrained=False, pnet_rand=True, verbose=False)
-    trunk = torch.load(trunk_path, map_location="cpu", weights_only=True)
-    state = {}
-    for slice_name, module in net.net.named_children():  # torchvision's features.N -> lpips' net.sliceK.N
-        for key in module.state_dict():
-            state[f"net.{slice_name}.{key}"] = trunk[f"features.{key}"]
-    linear = torch.load(linear_path, map_location="cpu", weights_only=True)
-    state.update({k: v for k, v in linear.items() if k.startswith("lin")})
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(("scaling_layer.", "lins."))]  # lins: aliases of lin0-4
-    if missing or unexpected:
-        raise ValueError(f"the LPIPS weights do not fit the network (missing {missing}, unexpected {unexpected})")
-    return net.eval().requires_grad_(False)
+def _on_network_device(network: Any, tensor: Any) -> Any:
+    """``tensor`` moved to the device of ``network``'s parameters (a plain callable gets it as is, on the CPU)."""
+    parameters = getattr(network, "parameters", None)
+    first = next(iter(parameters()), None) if callable(parameters) else None
+    return tensor if first is None else tensor.to(first.device)
 
 
 def _lpips_input(image255: np.ndarray) -> Any:
@@ -392,22 +373,23 @@ def _lpips_input(image255: np.ndarray) -> Any:
     return torch.from_numpy(np.ascontiguousarray((rgb / 127.5 - 1.0).transpose(2, 0, 1)[None], dtype=np.float32))
 
 
-def lpips_distance(a: np.ndarray, b: np.ndarray, weights: tuple[str | os.PathLike, str | os.PathLike]) -> float:
+def lpips_distance(a: np.ndarray, b: np.ndarray, network: Any) -> float:
     """LPIPS distance of two images of the same size (0 for identical images; larger is more different).
 
     Args:
         a, b: ``HxW[xC]`` uint8/uint16, the same height and width, at least :data:`LPIPS_MIN_SIDE` a side;
             compared on a centre crop of at most :data:`LPIPS_MAX_SIDE` a side.
-        weights: ``(AlexNet trunk, LPIPS v0.1 linear layers)`` paths, already verified by the caller (the
-            catalog's ``lpips-alexnet`` and ``lpips-alex-v0.1``).
+        network: the LPIPS network (the ``lpips`` package's ``LPIPS``, AlexNet v0.1, float32, loaded by the
+            caller), or any callable taking two ``1x3xHxW float32`` tensors in [-1, 1] and returning their
+            distance as a one-element tensor. Only read.
 
     Raises:
-        TypeError, ValueError: not images, different sizes, too small, or weights that do not fit.
+        TypeError, ValueError: not images, different sizes, or too small.
     """
-    return _lpips_float(_to_float255(_check_image(a, "a")), _to_float255(_check_image(b, "b")), weights)
+    return _lpips_float(_to_float255(_check_image(a, "a")), _to_float255(_check_image(b, "b")), network)
 
 
-def _lpips_float(fa: np.ndarray, fb: np.ndarray, weights: tuple[str | os.PathLike, str | os.PathLike]) -> float:
+def _lpips_float(fa: np.ndarray, fb: np.ndarray, network: Any) -> float:
     """:func:`lpips_distance` of two float ``HxWxC`` images on 0..255."""
     import torch
 
@@ -418,31 +400,12 @@ def _lpips_float(fa: np.ndarray, fb: np.ndarray, weights: tuple[str | os.PathLik
         raise ValueError(f"LPIPS needs at least {LPIPS_MIN_SIDE}x{LPIPS_MIN_SIDE} pixels, the image is "
                          f"{fa.shape[1]}x{fa.shape[0]}")
     fa, fb = _match_channels(_centre_crop(fa, LPIPS_MAX_SIDE), _centre_crop(fb, LPIPS_MAX_SIDE))
-    net = _lpips_net(os.path.abspath(weights[0]), os.path.abspath(weights[1]))
     with torch.inference_mode():
-        return float(net(_lpips_input(fa), _lpips_input(fb)).item())
+        x, y = (_on_network_device(network, _lpips_input(f)) for f in (fa, fb))
+        return float(network(x, y).item())
 
 
 # --------------------------------------------------------------------------------------------------- identity
-@functools.lru_cache(maxsize=2)
-def _arcface(path: str) -> Any:
-    """facexlib's ArcFace (IR-SE50) with the weights at ``path``, on CPU, in eval mode; cached, never mutated."""
-    import torch
-
-    from utils.compat import install_torchvision_shim
-
-    install_torchvision_shim()
-    from facexlib.recognition.arcface_arch import Backbone
-
-    model = Backbone(num_layers=50, drop_ratio=0.6, mode="ir_se")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("params_ema", "params", "state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
 def _face_embedding_input(face: np.ndarray) -> np.ndarray:
     """A face crop ``HxW[xC]`` uint8/uint16 → ``3x112x112`` float32 RGB in [-1, 1] (ArcFace's input)."""
     img = _to_float255(_check_image(face, "face"))
@@ -452,22 +415,21 @@ def _face_embedding_input(face: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((img / 127.5 - 1.0).transpose(2, 0, 1), dtype=np.float32)
 
 
-def _identity_similarities(face_pairs: Sequence[tuple[np.ndarray, np.ndarray]], model_path: str) -> list[float]:
+def _identity_similarities(face_pairs: Sequence[tuple[np.ndarray, np.ndarray]], network: Any) -> list[float]:
     """Cosine similarity of ArcFace embeddings for each (input face, output face) pair."""
     import torch
 
-    model = _arcface(os.path.abspath(model_path))
     batch = np.stack([_face_embedding_input(f) for pair in face_pairs for f in pair])
     with torch.inference_mode():
-        emb = torch.nn.functional.normalize(model(torch.from_numpy(batch)).float(), dim=1)
+        emb = torch.nn.functional.normalize(network(_on_network_device(network, torch.from_numpy(batch))).float(),
+                                            dim=1)
     return [min(1.0, max(-1.0, float((emb[2 * i] * emb[2 * i + 1]).sum()))) for i in range(len(face_pairs))]
 
 
 # ----------------------------------------------------------------------------------------------------- combined
 def quality_metrics(original: np.ndarray, enhanced: np.ndarray, *,
                     face_pairs: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
-                    lpips_weights: tuple[str | os.PathLike, str | os.PathLike] | None = None,
-                    identity_model_path: str | os.PathLike | None = None) -> dict[str, Any]:
+                    lpips_network: Any = None, identity_network: Any = None) -> dict[str, Any]:
     """LR consistency, NIQE of input and output, LPIPS and identity similarity, JSON-safe.
 
     Args:
@@ -475,10 +437,10 @@ def quality_metrics(original: np.ndarray, enhanced: np.ndarray, *,
         enhanced: the output, ``H'xW'[xC]`` uint8/uint16.
         face_pairs: ``(input face crop, output face crop)`` pairs, each ``HxW[xC]`` uint8/uint16 RGB, for the
             identity similarity; None or empty when no faces were enhanced.
-        lpips_weights: ``(AlexNet trunk, LPIPS linear layers)`` paths, already verified by the caller; None
-            → ``lpips`` None with the reason.
-        identity_model_path: facexlib ArcFace IR-SE50 weights (``recognition_arcface_ir_se50.pth``, already
-            verified by the caller); None or a missing file → ``identity_similarity`` None with the reason.
+        lpips_network: the LPIPS network (see :func:`lpips_distance`); None → ``lpips`` None with the reason.
+        identity_network: facexlib's ArcFace IR-SE50 network (float32, loaded by the caller), or any callable
+            taking ``Nx3x112x112 float32`` RGB faces in [-1, 1] and returning ``NxD`` embeddings; only read.
+            None → ``identity_similarity`` None with the reason.
 
     Returns:
         ``lr_psnr`` (dB, capped at 100), ``lr_ssim``, ``niqe_input`` (bicubic-upscaled input), ``niqe_output``,
@@ -515,15 +477,15 @@ def quality_metrics(original: np.ndarray, enhanced: np.ndarray, *,
             warnings.append("NIQE undefined for a featureless (flat) image")
 
     lpips: float | None = None
-    if lpips_weights is None:
-        warnings.append("LPIPS not computed: its weights are not on this machine (get them with: python main.py "
-                        "models download lpips-alexnet)")
+    if lpips_network is None:
+        warnings.append("LPIPS not computed: no usable LPIPS weights on this machine (get them with: python "
+                        "main.py models download lpips-alexnet)")
     elif min(oh, ow) < LPIPS_MIN_SIDE:
         warnings.append(f"LPIPS not computed: the input ({ow}x{oh}) is smaller than "
                         f"{LPIPS_MIN_SIDE}x{LPIPS_MIN_SIDE} pixels")
     else:
         try:
-            lpips = _finite_or_none(_lpips_float(orig, back, lpips_weights))
+            lpips = _finite_or_none(_lpips_float(orig, back, lpips_network))
         except (ImportError, OSError, RuntimeError, ValueError, KeyError) as exc:
             logger.warning("LPIPS failed: %s", exc)
             warnings.append(f"LPIPS not computed: its network could not be used ({str(exc)[:120]})")
@@ -532,14 +494,12 @@ def quality_metrics(original: np.ndarray, enhanced: np.ndarray, *,
     per_face: list[float] | None = None
     if not face_pairs:
         warnings.append("identity similarity not computed: no face pairs were given")
-    elif identity_model_path is None:
-        warnings.append("identity similarity not computed: the face-recognition (ArcFace) weights are not on "
-                        "this machine (get them with: python main.py models download arcface-ir-se50)")
-    elif not os.path.isfile(identity_model_path):
-        warnings.append("identity similarity not computed: the face-recognition weights file is missing")
+    elif identity_network is None:
+        warnings.append("identity similarity not computed: no usable face-recognition (ArcFace) weights on this "
+                        "machine (get them with: python main.py models download arcface-ir-se50)")
     else:
         try:
-            sims = _identity_similarities(face_pairs, os.fspath(identity_model_path))
+            sims = _identity_similarities(face_pairs, identity_network)
         except (ImportError, OSError, RuntimeError, ValueError, KeyError) as exc:
             logger.warning("identity similarity failed: %s", exc)
             warnings.append(f"identity similarity not computed: the ArcFace network could not be used "
@@ -576,7 +536,7 @@ def calculate_image_metrics(original: np.ndarray, enhanced: np.ndarray, original
         original_bytes: encoded size of the input file, if known.
         enhanced_bytes: encoded size of the output file, if known.
         quality: also compute :func:`quality_metrics` (on by default; it costs a few percent of an enhance).
-        **quality_kwargs: ``face_pairs``, ``lpips_weights``, ``identity_model_path`` for :func:`quality_metrics`.
+        **quality_kwargs: ``face_pairs``, ``lpips_network``, ``identity_network`` for :func:`quality_metrics`.
 
     Returns:
         The keys of :func:`file_metrics`, plus those of :func:`quality_metrics` when ``quality`` (else just

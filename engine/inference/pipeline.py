@@ -269,15 +269,22 @@ def restore_faces(job: Job, rgb_in: np.ndarray, upscaled_rgb: np.ndarray, run: R
 def measure(job: Job, original: np.ndarray, enhanced: np.ndarray, source: str | None, face_pairs: Sequence = ()
             ) -> dict:
     """File and quality metrics; LPIPS and identity only with weights already on this machine (never fetched
-    here: ``models download lpips-alexnet arcface-ir-se50`` gets them)."""
+    here: ``models download lpips-alexnet arcface-ir-se50`` gets them), their networks from the model manager."""
     from engine.catalog import IDENTITY_MODEL, LPIPS_MODELS
+    from engine.errors import ModelNotAvailableError
     from utils.metrics import calculate_image_metrics
 
-    manager, extra = job.model_manager, {}
+    def network(name: str):
+        try:
+            return job.model_manager.local_network(name)
+        except ModelNotAvailableError as exc:  # damaged weights: the metric is reported as not computed
+            logger.warning("metric network %s unusable: %s", name, exc)
+            return None
+
+    extra = {}
     if job.settings.quality_metrics:
-        trunk, linear = (manager.local_weights(name) for name in LPIPS_MODELS)
-        extra = dict(lpips_weights=(trunk, linear) if trunk and linear else None,
-                     identity_model_path=manager.local_weights(IDENTITY_MODEL) if face_pairs else None,
+        extra = dict(lpips_network=network(LPIPS_MODELS[1]),  # the linear layers, on their AlexNet trunk
+                     identity_network=network(IDENTITY_MODEL) if face_pairs else None,
                      face_pairs=list(face_pairs))
     return calculate_image_metrics(original, enhanced, original_bytes=None, enhanced_bytes=None,
                                    quality=job.settings.quality_metrics, **extra) | ({"source": source} if source else {})

@@ -1,0 +1,233 @@
+"""The model loader (engine.models.loader) through the real model manager: spandrel builds what it knows and gives
+the official implementation's output, the catalog's declaration is checked, unsafe files and environments are
+refused, and the helper networks (RetinaFace, ParseNet) are built once per process, not per image.
+
+Every network is a real architecture with random weights the test makes; nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.catalog import CATALOG, ModelSpec
+from engine.errors import ModelNotAvailableError, UnsafeEnvironmentError
+from engine.model_manager import ModelManager
+from engine.models import loader
+from engine.models.loader import (OWN_BUILDERS, SPANDREL_ARCHITECTURES, build_network, read_state_dict,
+                                  reference_network)
+from tests.conftest import unverified_manager
+
+FACES = Path(__file__).resolve().parent / "data" / "faces"
+
+_RRDB_X4 = MappingProxyType(dict(num_in_ch=3, num_out_ch=3, num_feat=8, num_block=1, num_grow_ch=32, scale=4))
+_RRDB_X2 = MappingProxyType({**_RRDB_X4, "num_block": 2, "scale": 2})  # pixel-unshuffled input, as x2plus
+_SRVGG_X4 = MappingProxyType(dict(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=4, act_type="prelu"))
+_TINY = {"rrdb-x4": ("RRDBNet", _RRDB_X4, 4), "rrdb-x2": ("RRDBNet", _RRDB_X2, 2),
+         "srvgg-x4": ("SRVGGNetCompact", _SRVGG_X4, 4)}
+
+
+def _tiny_spec(name: str, arch: str, params, scale: int, filename: str | None = None) -> ModelSpec:
+    return ModelSpec(name=name, kind="sr", arch=arch, arch_params=params, scale=scale, url=None,
+                     filename=filename or f"{name}.pth", sha256=None, size_bytes=None, license="test")
+
+
+def _manager(tmp_path: Path, *specs: ModelSpec) -> ModelManager:
+    from config import Config
+
+    config = Config.from_env(env={}, dotenv_path=None, weights_dir=tmp_path, download_retries=0)
+    return ModelManager(config, {spec.name: spec for spec in specs})
+
+
+def _reference(arch: str, params, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return reference_network(arch, params).eval()
+
+
+# ------------------------------------------------------------------------------------------------ pure facts
+def test_every_catalog_architecture_has_a_loader():
+    known = set(SPANDREL_ARCHITECTURES) | set(OWN_BUILDERS)
+    unbuilt = {spec.arch for spec in CATALOG.values()} - known
+    assert unbuilt == {"AlexNet"}  # the LPIPS trunk: built together with the linear layers that name it
+    assert any(CATALOG[spec.trunk].arch == "AlexNet" for spec in CATALOG.values() if spec.trunk)
+    assert not set(SPANDREL_ARCHITECTURES) & set(OWN_BUILDERS)  # our own builders only where spandrel has none
+
+
+# ------------------------------------------------------------------------------ spandrel = the reference code
+@pytest.mark.parametrize("tiny", sorted(_TINY))
+def test_spandrel_network_gives_the_official_networks_output(tiny):
+    arch, params, scale = _TINY[tiny]
+    official = _reference(arch, params)
+    built = build_network(arch, official.state_dict(), params)
+    assert type(built.module).__module__.startswith("spandrel.")
+    assert built.architecture == SPANDREL_ARCHITECTURES[arch] and built.scale == scale
+    assert (built.input_channels, built.output_channels) == (3, 3)
+    x = torch.rand(1, 3, 12, 16)
+    with torch.inference_mode():
+        ours, theirs = built.module(x), official(x)
+    assert ours.shape == theirs.shape == (1, 3, 12 * scale, 16 * scale)
+    assert (ours - theirs).abs().max().item() <= 1 / 255
+
+
+def test_spandrel_gfpgan_reads_its_width_from_the_weights():
+    """spandrel builds GFPGAN at the official width only; the loader reads the width from the tensor shapes, so a
+    quarter-width network (the tests' fast stand-in) loads and equals gfpgan's own implementation."""
+    params = {**CATALOG["GFPGANv1.4"].arch_params, "narrow": 0.25}
+    official = _reference("GFPGANv1Clean", params)
+    built = build_network("GFPGANv1Clean", official.state_dict(), params)
+    assert type(built.module).__module__.startswith("spandrel.") and built.architecture == "GFPGAN"
+    x = torch.rand(1, 3, 512, 512) * 2 - 1
+    with torch.inference_mode():
+        ours = built.module(x, return_rgb=False, randomize_noise=False)[0]
+        theirs = official(x, return_rgb=False, randomize_noise=False)[0]
+    assert (ours - theirs).abs().max().item() <= 1 / 255
+
+
+# --------------------------------------------------------------------------------- weights files, the manager
+@pytest.mark.parametrize("tiny", sorted(_TINY))
+@pytest.mark.parametrize("wrap", ["plain", "params_ema", "params", "dataparallel"])
+def test_weights_files_load_through_the_manager_with_the_right_scale(tmp_path, tiny, wrap):
+    arch, params, scale = _TINY[tiny]
+    state = _reference(arch, params).state_dict()
+    payload = {"plain": state, "params_ema": {"params_ema": state, "params": {}},
+               "params": {"params": state}, "dataparallel": {f"module.{k}": v for k, v in state.items()}}[wrap]
+    spec = _tiny_spec(tiny, arch, params, scale)
+    torch.save(payload, tmp_path / spec.filename)
+    loaded = _manager(tmp_path, spec).load_model(tiny, "cpu", "fp32")
+    assert loaded.architecture == SPANDREL_ARCHITECTURES[arch]
+    with torch.inference_mode():
+        assert loaded.net(torch.rand(1, 3, 6, 10)).shape == (1, 3, 6 * scale, 10 * scale)
+
+
+def test_legacy_pickle_and_safetensors_files_load(tmp_path):
+    from safetensors.torch import save_file
+
+    state = _reference("SRVGGNetCompact", _SRVGG_X4).state_dict()
+    legacy = tmp_path / "legacy.pth"  # torch's pre-zip format: loaded without memory mapping
+    torch.save({"params_ema": state}, legacy, _use_new_zipfile_serialization=False)
+    safetensors = tmp_path / "net.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, safetensors)
+    for path in (legacy, safetensors):
+        assert all(torch.equal(read_state_dict(path)[k], v) for k, v in state.items())
+    spec = _tiny_spec("st", "SRVGGNetCompact", _SRVGG_X4, 4, filename="net.safetensors")
+    assert _manager(tmp_path, spec).load_model("st", "cpu", "fp32").architecture == "Compact"
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_weights_file_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    spec = _tiny_spec("evil", "SRVGGNetCompact", _SRVGG_X4, 4)
+    torch.save({"params_ema": {"body.0.weight": _RunsCode(marker)}}, tmp_path / spec.filename)
+    with pytest.raises(ModelNotAvailableError, match="damaged or not a plain weights file"):
+        _manager(tmp_path, spec).load_model("evil", "cpu", "fp32")
+    (tmp_path / "legacy.pth").write_bytes(pickle.dumps({"params": _RunsCode(marker)}))
+    with pytest.raises(ModelNotAvailableError):
+        read_state_dict(tmp_path / "legacy.pth")
+    assert not marker.exists()
+
+
+def test_weights_that_are_not_the_declared_network_are_refused(tmp_path):
+    compact = _tiny_spec("compact", "SRVGGNetCompact", _SRVGG_X4, 4)
+    torch.save(_reference("SRVGGNetCompact", _SRVGG_X4).state_dict(), tmp_path / compact.filename)
+    as_rrdb = dataclasses.replace(compact, name="as-rrdb", arch="RRDBNet", arch_params=_RRDB_X4)
+    as_x2 = dataclasses.replace(compact, name="as-x2", arch_params=MappingProxyType({**_SRVGG_X4, "upscale": 2}))
+    manager = _manager(tmp_path, compact, as_rrdb, as_x2)
+    with pytest.raises(ModelNotAvailableError, match="Compact network, not the RRDBNet"):
+        manager.load_model("as-rrdb", "cpu", "fp32")
+    with pytest.raises(ModelNotAvailableError, match="x4 SRVGGNetCompact network, the catalog declares x2"):
+        manager.load_model("as-x2", "cpu", "fp32")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "unknown.pth")
+    unknown = _tiny_spec("unknown", "RRDBNet", _RRDB_X4, 4)
+    with pytest.raises(ModelNotAvailableError, match="not a network spandrel knows"):
+        _manager(tmp_path, unknown).load_model("unknown", "cpu", "fp32")
+
+
+# ----------------------------------------------------------------------------- helper networks: once, safely
+def _counting(monkeypatch, arch: str) -> list[int]:
+    """Count the constructions of an own-builder architecture (the real builder still runs)."""
+    built = []
+    original = OWN_BUILDERS[arch]
+
+    def build(params, state_dict):
+        built.append(1)
+        return original(params, state_dict)
+
+    monkeypatch.setitem(loader.OWN_BUILDERS, arch, build)
+    return built
+
+
+def _image(name: str) -> np.ndarray:
+    return np.asarray(Image.open(FACES / name).convert("RGB"))
+
+
+def _bicubic_x2(image: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(image, (image.shape[1] * 2, image.shape[0] * 2), interpolation=cv2.INTER_CUBIC)
+
+
+def test_retinaface_is_built_once_for_many_images_and_both_callers(helper_weights_dir, monkeypatch):
+    from engine.face_enhancer import FaceSettings, enhance_faces
+    from engine.intelligent_enhancer import IntelligentEnhancer
+
+    built = _counting(monkeypatch, "RetinaFace")
+    manager = unverified_manager(helper_weights_dir)
+    advisor = IntelligentEnhancer(model_manager=manager, calibrate=False)
+    for name in ("blake_lively_245.png", "00017_gray_250.png"):
+        image = _image(name)
+        result = enhance_faces(image, _bicubic_x2(image), settings=FaceSettings(strength=0.0), model_manager=manager)
+        assert result.detector == "retinaface"
+        advisor.detect_faces(image)
+    assert built == [1]
+    assert manager.loaded_models() == ["detection_Resnet50_Final@cpu/fp32"]
+
+
+def test_parsenet_is_built_once_for_many_images(helper_weights_dir, tmp_path, monkeypatch):
+    """No RetinaFace here (the cascade finds the faces), a quarter-width GFPGAN restores them, ParseNet masks
+    every face of both images: one construction."""
+    from engine.face_enhancer import FaceSettings, enhance_faces
+
+    parsenet = CATALOG["parsing_parsenet"].filename
+    (tmp_path / parsenet).symlink_to(helper_weights_dir / parsenet)
+    face_model = _reference("GFPGANv1Clean", {**CATALOG["GFPGANv1.4"].arch_params, "narrow": 0.25})
+    torch.save({"params_ema": face_model.state_dict()}, tmp_path / CATALOG["GFPGANv1.4"].filename)
+    built = _counting(monkeypatch, "ParseNet")
+    manager = unverified_manager(tmp_path)
+    restored = 0
+    for name in ("blake_lively_245.png", "00017_gray_250.png"):
+        image = _image(name)
+        result = enhance_faces(image, _bicubic_x2(image), settings=FaceSettings(strength=1.0, max_faces=1),
+                               model_manager=manager)
+        assert result.detector == "lbp-cascade" and not any("ParseNet" in w for w in result.warnings)
+        restored += result.faces_restored
+    assert restored == 2 and built == [1]
+
+
+def test_the_safe_environment_check_applies_to_retinaface(helper_weights_dir, monkeypatch):
+    from engine.face_enhancer import FaceSettings, enhance_faces
+    from engine.intelligent_enhancer import IntelligentEnhancer
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    manager = unverified_manager(helper_weights_dir)
+    image = _image("blake_lively_245.png")
+    with pytest.raises(UnsafeEnvironmentError, match="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+        manager.local_network("detection_Resnet50_Final")
+    with pytest.raises(UnsafeEnvironmentError):
+        enhance_faces(image, _bicubic_x2(image), settings=FaceSettings(), model_manager=manager)
+    with pytest.raises(UnsafeEnvironmentError):
+        IntelligentEnhancer(model_manager=manager, calibrate=False).detect_faces(image)
+    assert manager.loaded_models() == []
