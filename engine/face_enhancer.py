@@ -428,10 +428,26 @@ class _FaceModel:
 
 
 # ----------------------------------------------------------------------------------------------------- public
+@dataclass(frozen=True)
+class FaceRun:
+    """Where and how the face model runs.
+
+    Attributes:
+        device: "cpu", "cuda", "cuda:N", "mps", "auto" or a ``torch.device``.
+        precision: "fp32", "fp16", "bf16" or "auto" (fp16 falls back to fp32 on CPU).
+        allow_cpu_fallback: on a GPU out-of-memory error, finish the faces on the CPU.
+        allow_download: let the model manager download missing face weights (off: a missing model is reported).
+    """
+
+    device: object = "cpu"
+    precision: str = "fp32"
+    allow_cpu_fallback: bool = True
+    allow_download: bool = False
+
+
 def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upscaler: Upscaler | None = None, *,
-                  settings: FaceSettings, model_manager: ModelManager, device="cpu", precision: str = "fp32",
-                  content_type: str | None = None, allow_cpu_fallback: bool = True, allow_download: bool = False,
-                  progress: Callable[[int, int], None] | None = None) -> FaceResult:
+                  settings: FaceSettings, model_manager: ModelManager, run: FaceRun = FaceRun(),
+                  content_type: str | None = None, progress: Callable[[int, int], None] | None = None) -> FaceResult:
     """Restore the faces of ``image`` onto its upscale.
 
     Args:
@@ -443,11 +459,8 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
             Lanczos to the same size).
         settings: the face settings (model, strength, limits, crop export).
         model_manager: where the face model (and optional RetinaFace/ParseNet weights) come from.
-        device: "cpu", "cuda", "cuda:N", "mps", "auto" or a ``torch.device``.
-        precision: "fp32", "fp16", "bf16" or "auto" (fp16 falls back to fp32 on CPU).
+        run: device, precision, CPU fallback and downloads (:class:`FaceRun`).
         content_type: the advisor's content class; "anime" skips faces unless ``settings.force_on_anime``.
-        allow_cpu_fallback: on a GPU out-of-memory error, finish the faces on the CPU.
-        allow_download: let the model manager download missing face weights (off: a missing model is reported).
         progress: called as ``progress(done, total)`` after each face.
 
     Returns:
@@ -491,7 +504,7 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
 
     from utils.gpu import resolve_device
 
-    torch_device = device if isinstance(device, torch.device) else resolve_device(str(device))
+    torch_device = run.device if isinstance(run.device, torch.device) else resolve_device(str(run.device))
     h, w = image_hwc.shape[:2]
     out_h, out_w = bg.shape[:2]
     rgb = _to_rgb(image_hwc)
@@ -515,8 +528,8 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
     if not usable:
         return finish(bg.copy(), detected, 0, detector, warnings)
 
-    model = _FaceModel(model_manager, settings.model, allow_cpu_fallback, allow_download)
-    loaded = model.load(torch_device, precision)
+    model = _FaceModel(model_manager, settings.model, run.allow_cpu_fallback, run.allow_download)
+    loaded = model.load(torch_device, run.precision)
     if loaded.value is None:
         warnings.append(f"{len(usable)} face(s) were not restored because {loaded.why}; the faces are the plain "
                         f"upscale. To restore faces, {download_hint(settings.model)}.")

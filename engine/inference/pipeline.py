@@ -258,8 +258,9 @@ def restore_faces(job: Job, rgb_in: np.ndarray, upscaled_rgb: np.ndarray, run: R
         force_on_anime=settings.force_face_enhance)
     result = face_enhancer.enhance_faces(
         from_float(rgb_in, np.uint8), from_float(upscaled_rgb, np.uint8), settings=face_settings,
-        model_manager=job.model_manager, device=run.device, precision=run.precision, content_type=content_type,
-        allow_cpu_fallback=job.config.allow_cpu_fallback, allow_download=True)
+        model_manager=job.model_manager, content_type=content_type,
+        run=face_enhancer.FaceRun(device=run.device, precision=run.precision,
+                                  allow_cpu_fallback=job.config.allow_cpu_fallback, allow_download=True))
     # Keep full precision when nothing was pasted.
     image = upscaled_rgb if result.faces_restored == 0 else as_float(np.ascontiguousarray(result.image[:, :, :3]))
     return FaceOutcome(image, result.faces_detected, result.faces_restored, result.detector, tuple(result.crops),
