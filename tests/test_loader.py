@@ -24,6 +24,7 @@ from engine.models import loader
 from engine.models.loader import (OWN_BUILDERS, SPANDREL_ARCHITECTURES, build_network, read_state_dict,
                                   reference_network)
 from tests.conftest import unverified_manager
+from tests.test_model_manager import _Evil
 
 FACES = Path(__file__).resolve().parent / "data" / "faces"
 
@@ -120,21 +121,13 @@ def test_legacy_pickle_and_safetensors_files_load(tmp_path):
     assert _manager(tmp_path, spec).load_model("st", "cpu", "fp32").architecture == "Compact"
 
 
-class _RunsCode:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_a_weights_file_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     spec = _tiny_spec("evil", "SRVGGNetCompact", _SRVGG_X4, 4)
-    torch.save({"params_ema": {"body.0.weight": _RunsCode(marker)}}, tmp_path / spec.filename)
+    torch.save({"params_ema": {"body.0.weight": _Evil(marker)}}, tmp_path / spec.filename)
     with pytest.raises(ModelNotAvailableError, match="damaged or not a plain weights file"):
         _manager(tmp_path, spec).load_model("evil", "cpu", "fp32")
-    (tmp_path / "legacy.pth").write_bytes(pickle.dumps({"params": _RunsCode(marker)}))
+    (tmp_path / "legacy.pth").write_bytes(pickle.dumps({"params": _Evil(marker)}))
     with pytest.raises(ModelNotAvailableError):
         read_state_dict(tmp_path / "legacy.pth")
     assert not marker.exists()
