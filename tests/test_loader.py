@@ -184,7 +184,7 @@ def test_retinaface_is_built_once_for_many_images_and_both_callers(helper_weight
         image = _image(name)
         result = enhance_faces(image, _bicubic_x2(image), settings=FaceSettings(strength=0.0), model_manager=manager)
         assert result.detector == "retinaface"
-        advisor.detect_faces(image)
+        assert advisor.advise(image).analysis["face_detector"] == "retinaface"
     assert built == [1]
     assert manager.loaded_models() == ["detection_Resnet50_Final@cpu/fp32"]
 
@@ -222,5 +222,5 @@ def test_the_safe_environment_check_applies_to_retinaface(helper_weights_dir, mo
     with pytest.raises(UnsafeEnvironmentError):
         enhance_faces(image, _bicubic_x2(image), settings=FaceSettings(), model_manager=manager)
     with pytest.raises(UnsafeEnvironmentError):
-        IntelligentEnhancer(model_manager=manager, calibrate=False).detect_faces(image)
+        IntelligentEnhancer(model_manager=manager, calibrate=False).advise(image)
     assert manager.loaded_models() == []
