@@ -366,10 +366,10 @@ class IntelligentEnhancer:
 
         def tile_for(model: str) -> tuple[int, float]:
             spec = CATALOG[model]
-            probe = EnhanceSettings(model=model)
             precision = planning.effective_precision(spec, device.type, "auto")
+            batch_size = planning.batch_size_for(device.type, EnhanceSettings())
             choice = planning.choose_tile(spec, numbers.height, numbers.width, device=device, precision=precision,
-                                          batch_size=planning.batch_size_for(device.type, probe), config=self.config)
+                                          batch_size=batch_size, config=self.config)
             return choice.tile, choice.memory_bytes / 2**20
 
         advice = decide(numbers, machine, requested_scale=scale, tile_for=tile_for)

@@ -20,8 +20,9 @@ from typing import Callable, Iterator, Literal, Mapping
 from config import Config
 from engine.catalog import CATALOG, ModelSpec, get_spec
 from engine.errors import ChecksumMismatchError, DownloadError, ModelNotAvailableError
+from engine.inference.planning import effective_precision
 from engine.models import loader
-from utils.gpu import Precision, default_precision, resolve_device, torch_dtype
+from utils.gpu import Precision, resolve_device, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -314,10 +315,7 @@ class ModelManager:
 
         spec = self.spec(name)
         torch_device = device if isinstance(device, torch.device) else resolve_device(str(device))
-        if precision == "auto":
-            precision = default_precision(torch_device)
-        if precision == "fp16" and (torch_device.type == "cpu" or not spec.supports_half):
-            precision = "fp32"
+        precision = effective_precision(spec, torch_device.type, precision)
         if denoise_strength is not None and spec.denoise_pair is None:
             denoise_strength = None
         if denoise_strength is not None:

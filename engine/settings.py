@@ -264,25 +264,6 @@ class EnhanceSettings:
             data = {k: FIELDS[k].coerce(k, v) for k, v in data.items()}
         return cls(**data)
 
-    @classmethod
-    def from_stored(cls, values: Mapping[str, object]) -> tuple["EnhanceSettings", list[str]]:
-        """Build from a stored preset, keeping what is valid: a refused value falls back to its default with a
-        warning naming the setting (an old preset file still loads)."""
-        data, warnings = {}, []
-        for name, value in values.items():
-            if name not in FIELDS:
-                continue
-            try:
-                data[name] = FIELDS[name].validate(name, value)
-            except InvalidSettingsError as exc:
-                warnings.append(f"{exc} The default ({DEFAULTS[name]!r}) is used instead.")
-        try:
-            return cls(**data), warnings
-        except InvalidSettingsError as exc:  # an inconsistent combination: the size targets fall back
-            for name in ("target_width", "target_height", "max_side"):
-                data.pop(name, None)
-            return cls(**data), warnings + [f"{exc} The size targets were dropped."]
-
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 

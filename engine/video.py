@@ -67,6 +67,11 @@ class DescribedFrameEnhancer:
     def __call__(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         return self.enhance(frames)
 
+    @property
+    def warnings(self) -> list[str]:
+        """The enhancer's own notes about the frames (e.g. a fallback model or precision), once each."""
+        return list(getattr(self.enhance, "warnings", ()))
+
 Stage = Literal["probe", "resume", "upscale", "mux", "done"]
 Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"]
 PixFmt = Literal["yuv420p", "yuv422p", "yuv444p", "yuv420p10le", "yuv444p10le"]
@@ -786,6 +791,7 @@ def upscale_video(input: str | os.PathLike[str], output: str | os.PathLike[str],
         frames = manifest.frames_done
         if settings.fps is None and frames != info.frames:
             warnings.append(f"Decoded {frames} frames where the container states {info.frames}.")
+        warnings += getattr(enhancer, "warnings", ())  # what the engine said about the frames (once each)
 
         report(frames, frames, frames_this_run / upscale_seconds if upscale_seconds else 0.0, "mux")
         list_file = work / "segments.ffconcat"

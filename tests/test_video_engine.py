@@ -202,3 +202,20 @@ def test_cli_video_resume_with_another_model_starts_over(model_manager_session, 
     record = cli("realesr-animevideov3")  # the same command line: the same key in another process
     assert record["resumed_frames"] >= 8 and record["frames"] == 24
     assert not any("started over" in w for w in record["warnings"])
+
+
+def test_the_frame_enhancer_keeps_its_notes_once_for_the_video(model_manager_session):
+    """What the engine says about the frames (here: bf16 refused as unfaithful) is kept once for the video."""
+    from engine.inference import precision_check
+
+    settings = EnhanceSettings(model="realesr-animevideov3", outscale=2, tile=0, device="cpu", precision="bf16")
+    enhancer = make_frame_enhancer(model_manager_session, settings)
+    frames = [np.zeros((12, 16, 3), dtype=np.uint8)] * 2
+    precision_check._bf16_verdicts[("realesr-animevideov3", 0.5)] = 31.0
+    try:
+        enhancer(frames)
+        enhancer(frames)
+    finally:
+        precision_check._bf16_verdicts.pop(("realesr-animevideov3", 0.5))
+    notes = [w for w in enhancer.warnings if "not faithful enough" in w]
+    assert len(notes) == 1

@@ -138,11 +138,12 @@ def load_input(image, config=None):
         raise InvalidInputError(f"File not found: {getattr(exc, 'filename', None) or image}.") from exc
 
 
-def resolve_device(job_settings: EnhanceSettings, config):
-    from utils.gpu import resolve_device as resolve
+def job_device(settings: EnhanceSettings, config):
+    """The torch device the settings ask for (``auto``: the configured one)."""
+    from utils.gpu import resolve_device
 
     try:
-        return resolve(job_settings.device if job_settings.device != "auto" else config.device)
+        return resolve_device(settings.device if settings.device != "auto" else config.device)
     except ValueError as exc:
         raise InvalidSettingsError(str(exc)) from None
 
@@ -158,7 +159,7 @@ def upscale_rgb(job: Job, images: list[np.ndarray], stage: tuple[float, float]) 
     settings, warnings = job.settings, []
     if job.config.cpu_memory_reuse:
         allocator.reuse_freed_memory()  # no mmap + page faults per layer (see utils.allocator)
-    device = resolve_device(settings, job.config)
+    device = job_device(settings, job.config)
     precision = settings.precision
     if precision == "bf16" and device.type == "cpu":
         psnr = bf16_psnr(job.model_manager, job.model_name, settings.denoise_strength)

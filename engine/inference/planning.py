@@ -48,9 +48,9 @@ def route_model(requested: str, outscale: float | None, available: Callable[[str
 
 def effective_precision(spec: ModelSpec, device_type: str, requested: str) -> str:
     """The precision a model really runs in: auto → fp16 on CUDA, else fp32; fp16 only where it works. Pure."""
-    precision = requested
-    if precision == "auto":
-        precision = "fp16" if device_type == "cuda" else "fp32"
+    from utils.gpu import default_precision
+
+    precision = default_precision(device_type) if requested == "auto" else requested
     if precision == "fp16" and (device_type == "cpu" or not spec.supports_half):
         precision = "fp32"
     return precision
