@@ -14,8 +14,7 @@ from typing import Mapping, Sequence
 import gradio as gr
 
 from engine.catalog import CATALOG
-from engine.settings import (Advice, EnhanceSettings, FieldSpec, changed_fields, merge, stored_defaults,
-                             stored_fields)
+from engine.settings import Advice, EnhanceSettings, FieldSpec, changed_fields, merge, stored_fields
 from engine.settings_manager import validate_settings
 
 #: The settings keys the form edits, in the order of :attr:`SettingsForm.components` (the stored settings).
@@ -86,12 +85,6 @@ class SettingsForm:
     """The rendered widgets, one per key of :data:`FORM_KEYS`."""
 
     widgets: dict[str, gr.components.Component]
-
-    def __getattr__(self, name: str) -> gr.components.Component:
-        try:
-            return self.__dict__["widgets"][name]
-        except KeyError:
-            raise AttributeError(name) from None
 
     @property
     def components(self) -> list[gr.components.Component]:
@@ -176,6 +169,5 @@ def settings_from_recommendation(advice: Advice, current: Mapping[str, object]) 
     """The form's settings after "Apply recommendations": the advisor's choices, the user's other settings kept."""
     kept = {k: v for k, v in current.items() if k not in advice.decided}
     applied = merge(advice, kept).as_dict()
-    updated = dict(current) | {k: applied[k] for k in stored_defaults() if k in applied}
-    settings, _ = validate_settings(updated)
+    settings, _ = validate_settings(dict(current) | {k: applied[k] for k in advice.decided})
     return settings
