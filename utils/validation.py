@@ -27,6 +27,7 @@ __all__ = [
     "ImageHeader",
     "ImageSource",
     "check_image_header",
+    "check_png_chunks",
     "format_megapixels",
     "pixel_limit_message",
     "png_ihdr",
@@ -211,6 +212,58 @@ def png_ihdr(prefix: bytes) -> tuple[int, int, int, int] | None:
     return width, height, bit_depth, colour_type
 
 
+_PNG_MAX_CHUNK = 2**31 - 1  # the PNG specification's largest chunk length
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel by colour type
+
+
+def png_raw_bytes(width: int, height: int, bit_depth: int, colour_type: int) -> int:
+    """Bytes of a PNG's filtered, uncompressed image data (one filter byte per row), as its IHDR declares it."""
+    bits_per_row = width * _PNG_CHANNELS.get(colour_type, 4) * bit_depth
+    return height * (1 + (bits_per_row + 7) // 8)
+
+
+def check_png_chunks(fp: IO[bytes], size: int, ihdr: tuple[int, int, int, int]) -> None:
+    """Walk a PNG's chunk headers (no data is read) and refuse a file whose chunks lie about their lengths.
+
+    A decoder trusts a chunk's length to size its buffers, so a 3 KB file whose IDAT claims 4 GB makes libpng
+    allocate 4 GB before it finds out. Refused here: a chunk longer than the PNG maximum or than what is left of
+    the file, and compressed image data (IDAT) much larger than the pixels the header declares (deflate never
+    needs more than a few bytes per 64 KB over the raw size).
+
+    Args:
+        fp: the file, positioned anywhere (it is read from offset 8).
+        size: the file's size in bytes.
+        ihdr: ``(width, height, bit_depth, colour_type)`` from :func:`png_ihdr`.
+
+    Raises:
+        InvalidInputError: a chunk length that cannot be true.
+    """
+    raw = png_raw_bytes(*ihdr)
+    idat_budget = raw + raw // 100 + 65536
+    idat_total = 0
+    offset = 8
+    fp.seek(offset)
+    while offset + 8 <= size:
+        head = fp.read(8)
+        if len(head) < 8:
+            break
+        length, kind = struct.unpack(">I4s", head)
+        if length > _PNG_MAX_CHUNK or offset + 12 + length > size:
+            raise InvalidInputError(
+                f"The PNG file is damaged: a {kind.decode('latin-1')!r} chunk claims {_format_megabytes(length)}, "
+                f"more than the whole file ({_format_megabytes(size)}). Re-export the image and upload it again.")
+        if kind == b"IDAT":
+            idat_total += length
+            if idat_total > idat_budget:
+                raise InvalidInputError(
+                    f"The PNG file is damaged: it holds {_format_megabytes(idat_total)} of compressed pixels, more "
+                    f"than its {ihdr[0]}×{ihdr[1]} pixels can need. Re-export the image and upload it again.")
+        if kind == b"IEND":
+            break
+        offset += 12 + length
+        fp.seek(offset)
+
+
 def _probe_stream(fp: IO[bytes], size: int, max_pixels: int | None) -> ImageHeader:
     if size == 0:
         raise InvalidInputError("The file is empty (0 bytes); upload the image again.")
@@ -223,6 +276,9 @@ def _probe_stream(fp: IO[bytes], size: int, max_pixels: int | None) -> ImageHead
         raise InputTooLargeError(pixel_limit_message(ihdr[0], ihdr[1], max_pixels),
                                  actual=ihdr[0] * ihdr[1], limit=max_pixels)
 
+    if ihdr is not None:
+        check_png_chunks(fp, size, ihdr)
+        fp.seek(0)
     im = _open_header(fp, prefix)
     width, height = im.size
     fmt = _FORMAT_ALIASES.get(im.format or "", im.format or "")
