@@ -250,14 +250,16 @@ def check_png_chunks(fp: IO[bytes], size: int, ihdr: tuple[int, int, int, int]) 
         length, kind = struct.unpack(">I4s", head)
         if length > _PNG_MAX_CHUNK or offset + 12 + length > size:
             raise InvalidInputError(
-                f"The PNG file is damaged: a {kind.decode('latin-1')!r} chunk claims {_format_megabytes(length)}, "
-                f"more than the whole file ({_format_megabytes(size)}). Re-export the image and upload it again.")
+                f"The PNG image could not be decoded; it may be damaged or not an image (a "
+                f"{kind.decode('latin-1')!r} chunk claims {_format_megabytes(length)}, more than the whole file of "
+                f"{_format_megabytes(size)}). Re-export the image and upload it again.")
         if kind == b"IDAT":
             idat_total += length
             if idat_total > idat_budget:
                 raise InvalidInputError(
-                    f"The PNG file is damaged: it holds {_format_megabytes(idat_total)} of compressed pixels, more "
-                    f"than its {ihdr[0]}×{ihdr[1]} pixels can need. Re-export the image and upload it again.")
+                    f"The PNG image could not be decoded; it may be damaged or not an image (it holds "
+                    f"{_format_megabytes(idat_total)} of compressed pixels, more than its {ihdr[0]}×{ihdr[1]} "
+                    "pixels can need). Re-export the image and upload it again.")
         if kind == b"IEND":
             break
         offset += 12 + length
