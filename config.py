@@ -60,6 +60,13 @@ class Config:
     max_queue_size: int = 16
     api_key: str | None = None
     warm_models: tuple[str, ...] = ()
+    job_time_limit_seconds: float = 600.0  # a job running longer is stopped at its next tile
+    rate_limit_per_minute: int = 60  # work requests per client address and minute; 0 = no limit
+
+    # Retention (per-job result folders under output_dir/web, Gradio's cache under temp_dir)
+    retention_hours: float = 24.0
+    retention_max_mb: float = 2048.0
+    min_free_disk_mb: float = 1024.0  # new work is refused when the output disk has less free space
 
     # Features
     enable_face_enhancement: bool = True
@@ -99,9 +106,13 @@ class Config:
                      "max_video_frames", "max_faces"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_upload_mb", "max_video_mb", "max_video_seconds", "download_timeout"):
+        for name in ("max_upload_mb", "max_video_mb", "max_video_seconds", "download_timeout",
+                     "job_time_limit_seconds", "retention_hours", "retention_max_mb"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("rate_limit_per_minute", "min_free_disk_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         _check_device(self.device)
 
     # ------------------------------------------------------------------ construction

@@ -27,13 +27,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from engine.errors import QueueFullError
+from engine.errors import CancelledError, QueueFullError
 
 logger = logging.getLogger(__name__)
 
 #: Seconds one job is assumed to take before any has finished (used only for Retry-After estimates).
 DEFAULT_JOB_SECONDS = 10.0
 _EWMA_WEIGHT = 0.3  # weight of the newest job in the running average of job durations
+_DRAIN_WINDOW = 20  # completions the drain rate is measured over
 
 PositionCallback = Callable[[int], None]
 
@@ -47,10 +48,12 @@ class LimiterStats:
     concurrency: int
     max_queue: int
     average_job_seconds: float
+    seconds_per_completion: float
 
     def as_dict(self) -> dict:
         return {"running": self.running, "waiting": self.waiting, "concurrency": self.concurrency,
-                "max_queue": self.max_queue, "average_job_seconds": round(self.average_job_seconds, 3)}
+                "max_queue": self.max_queue, "average_job_seconds": round(self.average_job_seconds, 3),
+                "seconds_per_completion": round(self.seconds_per_completion, 3)}
 
 
 class Ticket:
@@ -77,7 +80,7 @@ class Ticket:
         return self._limiter.position(self)
 
     def wait(self, timeout: float | None = None, on_position: PositionCallback | None = None,
-             poll_seconds: float = 0.5) -> None:
+             poll_seconds: float = 0.5, cancel: threading.Event | None = None) -> None:
         """Block until the ticket holds a slot.
 
         Args:
@@ -85,13 +88,17 @@ class Ticket:
             on_position: called with the line position (1 = next) whenever it changes while waiting, for
                 "you are number 3 in the queue" messages.
             poll_seconds: how often the position is re-read for ``on_position``.
+            cancel: an event that, once set, makes the ticket leave the line (a client that went away).
 
         Raises:
             TimeoutError: the slot did not come within ``timeout``; the ticket has left the line.
+            CancelledError: ``cancel`` was set while waiting; the ticket has left the line.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         last = None
         while not self._ready.is_set():
+            if cancel is not None and cancel.is_set() and self._limiter._leave_if_waiting(self):
+                raise CancelledError("The request was cancelled while it waited for a free slot.")
             if on_position is not None:
                 pos = self.position
                 if pos != last and pos > 0:
@@ -102,7 +109,7 @@ class Ticket:
                 if self._limiter._leave_if_waiting(self):
                     raise TimeoutError(f"waited {timeout:g} s for a free slot")
                 return  # the slot came at the last moment: keep it
-            step = poll_seconds if on_position is not None else remaining
+            step = poll_seconds if on_position is not None or cancel is not None else remaining
             if remaining is not None and step is not None:
                 step = min(step, remaining)
             self._ready.wait(step)
@@ -122,10 +129,13 @@ class Ticket:
 class DeviceLimiter:
     """At most ``concurrency`` jobs run at once; up to ``max_queue`` more wait in FIFO order; beyond, refusal.
 
-    Thread-safe. The average job time (a moving average of finished jobs) feeds the Retry-After estimate.
+    Thread-safe. Retry-After comes from the measured drain rate: for each of the last few completions, the busy
+    time since the previous completion (or since the job started, if the device was idle in between), so idle
+    hours don't slow the estimate and parallel slots speed it up. ``clock`` is injectable for tests.
     """
 
-    def __init__(self, concurrency: int = 1, max_queue: int = 16, default_job_seconds: float = DEFAULT_JOB_SECONDS):
+    def __init__(self, concurrency: int = 1, max_queue: int = 16, default_job_seconds: float = DEFAULT_JOB_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
         if isinstance(concurrency, bool) or int(concurrency) < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency!r}")
         if isinstance(max_queue, bool) or int(max_queue) < 0:
@@ -138,6 +148,10 @@ class DeviceLimiter:
         self._average = float(default_job_seconds)
         self._finished = 0
         self._numbers = itertools.count(1)
+        self._clock = clock
+        self._default_job_seconds = float(default_job_seconds)
+        self._drain: deque[float] = deque(maxlen=_DRAIN_WINDOW)  # busy seconds per completion, newest last
+        self._last_finish = float("-inf")
 
     # ------------------------------------------------------------------ state
     @property
@@ -151,7 +165,8 @@ class DeviceLimiter:
     def stats(self) -> LimiterStats:
         with self._lock:
             return LimiterStats(running=self._running, waiting=len(self._queue), concurrency=self.concurrency,
-                                max_queue=self.max_queue, average_job_seconds=self._average)
+                                max_queue=self.max_queue, average_job_seconds=self._average,
+                                seconds_per_completion=self._seconds_per_completion())
 
     def position(self, ticket: Ticket | None = None) -> int:
         """Line position of ``ticket`` (0 = running or gone, 1 = next); with no ticket, where a newcomer would
@@ -171,10 +186,15 @@ class DeviceLimiter:
         with self._lock:
             return self._retry_after_locked()
 
+    def _seconds_per_completion(self) -> float:
+        if self._drain:
+            return sum(self._drain) / len(self._drain)
+        return self._default_job_seconds / self.concurrency
+
     def _retry_after_locked(self) -> int:
-        # Everyone ahead (running + waiting) must get through ``concurrency`` slots before a place frees up.
+        # The line ahead (running + waiting) drains at the measured rate; by then a newcomer gets a place.
         ahead = self._running + len(self._queue)
-        return max(1, math.ceil(self._average * max(ahead, 1) / self.concurrency))
+        return max(1, math.ceil(self._seconds_per_completion() * max(ahead, 1)))
 
     # ------------------------------------------------------------------ joining and leaving
     def try_acquire(self) -> Ticket:
@@ -214,7 +234,7 @@ class DeviceLimiter:
     # ------------------------------------------------------------------ internals (lock held)
     def _grant(self, ticket: Ticket) -> None:
         self._running += 1
-        ticket._started_at = time.monotonic()
+        ticket._started_at = self._clock()
         ticket._ready.set()
 
     def _leave_if_waiting(self, ticket: Ticket) -> bool:
@@ -235,14 +255,17 @@ class DeviceLimiter:
             if ticket._ready.is_set():
                 self._running -= 1
                 if ticket._started_at is not None:
-                    self._record(time.monotonic() - ticket._started_at)
+                    self._record(ticket._started_at, self._clock())
             else:
                 with contextlib.suppress(ValueError):
                     self._queue.remove(ticket)
             while self._running < self.concurrency and self._queue:
                 self._grant(self._queue.popleft())
 
-    def _record(self, seconds: float) -> None:
+    def _record(self, started: float, finished: float) -> None:
+        self._drain.append(max(0.0, finished - max(started, self._last_finish)))
+        self._last_finish = finished
+        seconds = finished - started
         self._finished += 1
         if self._finished == 1:
             self._average = seconds

@@ -33,13 +33,15 @@ def app_config(root: Path, weights_dir: Path, **changes):
 
 
 @contextlib.contextmanager
-def serve_app(root: Path, weights_dir: Path):
-    """Run the whole app (UI and REST API) on a free local port; yields (url, services), then stops it."""
+def serve_app(root: Path, weights_dir: Path, **changes):
+    """Run the whole app (UI and REST API) on a free local port; yields (url, services), then stops it.
+
+    ``changes`` are Config fields that differ from :func:`app_config`'s (an API key, a rate limit...)."""
     from ui.app import start
     from ui.services import create_services
 
     saved_env = os.environ.get("GRADIO_TEMP_DIR")  # start() points Gradio's uploads into the app's temp dir
-    services = create_services(app_config(root, weights_dir))
+    services = create_services(app_config(root, weights_dir, **changes))
     demo, _app, url = start(services, prevent_thread_lock=True)
     try:
         yield url, services

@@ -119,11 +119,22 @@ def test_zero_queue_refuses_when_busy():
     limiter.try_acquire().release()
 
 
+class _Clock:
+    """A clock the test moves by hand (no real time passes)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_retry_after_follows_the_measured_job_time():
-    limiter = DeviceLimiter(concurrency=1, max_queue=1, default_job_seconds=100.0)
+    clock = _Clock()
+    limiter = DeviceLimiter(concurrency=1, max_queue=1, default_job_seconds=100.0, clock=clock)
     assert limiter.retry_after() >= 100
     with limiter.slot():
-        time.sleep(0.05)
+        clock.now += 0.05
     # One finished job replaces the default: the estimate is now about that job's length.
     assert limiter.stats().average_job_seconds < 5
     assert limiter.retry_after() == 1

@@ -104,9 +104,13 @@ def launch_kwargs(config) -> dict:
     max_mb = config.max_upload_mb
     if config.enable_video:
         max_mb = max(max_mb, config.max_video_mb)  # video uploads are checked against their own limit later
+    from ui.access import gradio_auth
+
+    auth = gradio_auth(config)
     return dict(
-        server_name=config.host, server_port=config.port, share=config.share, auth=config.auth_pair,
-        auth_message="Sign in to use Real-ESRGAN Ultimate." if config.auth_pair else None,
+        server_name=config.host, server_port=config.port, share=config.share, auth=auth,
+        auth_message=None if auth is None else "Sign in to use Real-ESRGAN Ultimate."
+        + ("" if config.auth_pair else " The password is the server's API key."),
         max_file_size=f"{max_mb:g}mb",
         allowed_paths=[str(Path(config.output_dir).resolve()), str(Path(config.temp_dir).resolve())],
         blocked_paths=[str(Path(p).resolve()) for p in (config.weights_dir, config.config_dir, config.log_dir)],
@@ -125,6 +129,7 @@ def start(services, *, prevent_thread_lock: bool = True, **overrides):
     kwargs = launch_kwargs(config) | overrides
     app, local_url, share_url = demo.launch(prevent_thread_lock=prevent_thread_lock, **kwargs)
     install_rest_api(app, services)
+    install_access_gate(app, config)
     logger.info("web UI at %s%s", local_url, f" (public link {share_url})" if share_url else "")
     return demo, app, local_url
 
@@ -141,6 +146,15 @@ def install_rest_api(app, services) -> bool:
     app.middleware_stack = None
     rest_api.install_api(app, services)
     return True
+
+
+def install_access_gate(app, config) -> None:
+    """Put :class:`ui.access.AccessGate` (auth for every route that runs work or serves files, per-client rate
+    limits) in front of the whole app, outermost."""
+    from ui.access import AccessGate
+
+    app.middleware_stack = None  # rebuilt on the next request
+    app.add_middleware(AccessGate, gradio_app=app, config=config)
 
 
 def launch(config) -> int:

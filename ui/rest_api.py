@@ -22,10 +22,10 @@ device's :class:`~engine.concurrency.DeviceLimiter`.
 from __future__ import annotations
 
 import base64
-import hmac
 import inspect
 import logging
 import math
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -39,13 +39,15 @@ from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 from starlette.datastructures import FormData, Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import processor
+from ui.access import API_KEY_HEADER, key_matches
 from engine.settings import FIELDS, EnhanceSettings, FieldSpec
 from engine.errors import NoFaceFoundError, QueueFullError, UnsupportedFormatError
-from utils.errors import Stage, error_kind, is_expected, scrub_paths, user_message
+from utils.errors import JobTimeLimitError, Stage, error_kind, is_expected, scrub_paths, user_message
 
 if TYPE_CHECKING:
     from ui.services import Services
@@ -53,7 +55,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
-API_KEY_HEADER = "X-API-Key"
 #: Upload formats the API accepts (PIL format names, as :func:`utils.validation.check_image_header` reports them).
 ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
 
@@ -104,6 +105,19 @@ def error_response(error: ApiError) -> JSONResponse:
                         headers=error.headers or None)
 
 
+def http_api_error(exc: StarletteHTTPException) -> ApiError:
+    """The ``{"error", "stage"}`` answer for an HTTP exception of FastAPI or Starlette (unknown route, wrong
+    method, a body that does not parse). A parse failure wrapping our own :class:`ApiError` (too many fields, no
+    boundary, a part over the size limit) answers with that error."""
+    if isinstance(exc.__cause__, ApiError):
+        return exc.__cause__
+    message = exc.detail if isinstance(exc.detail, str) and exc.detail else "Invalid request."
+    message = message if message.endswith(".") else message + "."
+    if exc.status_code == 400:  # "There was an error parsing the body": the client's body, not our failure
+        return ApiError(422, message, "validation")
+    return ApiError(exc.status_code, message, "validation", exc.headers)
+
+
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -144,7 +158,8 @@ class _InMemoryFormRequest(Request):
         try:
             form = await parser.parse()
         except MultiPartException as exc:
-            raise ApiError(422, f"The multipart body could not be parsed: {exc.message}.", "validation") from None
+            raise ApiError(422, f"The multipart body could not be parsed: {exc.message.rstrip('.')}.",
+                           "validation") from None
         self._memory_form = form
         return form
 
@@ -165,11 +180,8 @@ def _route_class(spool_bytes: int) -> type[APIRoute]:
                     return error_response(exc)
                 except RequestValidationError as exc:
                     return error_response(ApiError(422, _validation_message(exc), "validation"))
-                except HTTPException as exc:
-                    message = exc.detail if isinstance(exc.detail, str) else "Invalid request."
-                    if exc.status_code == 400:  # FastAPI's "There was an error parsing the body"
-                        return error_response(ApiError(422, f"{message}.", "validation"))
-                    return error_response(ApiError(exc.status_code, message, "validation", exc.headers))
+                except StarletteHTTPException as exc:  # FastAPI's subclass and Starlette's own (body parsing)
+                    return error_response(http_api_error(exc))
                 except Exception as exc:  # engine errors by the table; anything else is logged, answered 500
                     return error_response(api_error(exc))
 
@@ -324,7 +336,8 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def run_enhance_job(services: "Services", data: bytes, explicit: Mapping[str, Any]) -> dict:
+def run_enhance_job(services: "Services", data: bytes, explicit: Mapping[str, Any],
+                    cancel: threading.Event | None = None) -> dict:
     """Decode, (advise), enhance, check faces, encode and measure one upload through the batch runner. Blocking;
     runs in a worker thread. Without a ``model`` the advisor chooses, and every field the client sent wins.
 
@@ -342,7 +355,8 @@ def run_enhance_job(services: "Services", data: bytes, explicit: Mapping[str, An
     job = processor.BatchJob(settings=EnhanceSettings.from_mapping(explicit), explicit=dict(explicit),
                              auto="model" not in explicit)
     engine_services = processor.BatchServices(services.model_manager, config, services.advisor)
-    item = processor.run_batch([processor.BatchInput(data, Path("upload"))], job, engine_services).items[0]
+    item = processor.run_batch([processor.BatchInput(data, Path("upload"))], job, engine_services,
+                               cancel=cancel).items[0]
     if not item.ok:
         raise api_error(item.exception or RuntimeError(item.error)) from None
     result = item.result
@@ -387,6 +401,70 @@ def run_enhance_job(services: "Services", data: bytes, explicit: Mapping[str, An
     }
 
 
+def _job_in_slot(services: "Services", ticket, data: bytes, explicit: Mapping[str, Any],
+                 cancel: threading.Event) -> dict:
+    """Wait for the ticket's turn (leaving the line if ``cancel`` is set), run the job, give the slot back."""
+    try:
+        ticket.wait(cancel=cancel)
+        return run_enhance_job(services, data, explicit, cancel=cancel)
+    finally:
+        ticket.release()
+
+
+#: How often a running request checks whether its client is still connected (seconds).
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+async def run_cancellable(request: Request, work: Callable[[threading.Event], Any], time_limit: float,
+                          release: Callable[[], None]) -> Any:
+    """Run ``work(cancel)`` in a worker thread; set ``cancel`` when the client hangs up or ``time_limit`` passes.
+
+    The engine checks ``cancel`` at every tile, so an abandoned or overlong job stops within a tile and its slot
+    is freed (``release`` runs when the worker really ends, never before).
+
+    Raises:
+        ApiError: 503 when the time limit stopped the job.
+    """
+    cancel = threading.Event()
+    timed_out = threading.Event()
+    finished = anyio.Event()
+    outcome: dict[str, Any] = {}
+
+    async def run() -> None:
+        try:
+            outcome["value"] = await anyio.to_thread.run_sync(work, cancel)
+        except BaseException as exc:  # handed to the caller below
+            outcome["error"] = exc
+        finally:
+            release()
+            finished.set()
+
+    async def watch() -> None:
+        deadline = anyio.current_time() + time_limit
+        while not finished.is_set():
+            with anyio.move_on_after(DISCONNECT_POLL_SECONDS):
+                await finished.wait()
+            if finished.is_set():
+                return
+            if anyio.current_time() >= deadline:
+                timed_out.set()
+                cancel.set()
+            elif await request.is_disconnected():
+                logger.info("client went away; cancelling its job")
+                cancel.set()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run)
+        group.start_soon(watch)
+    if "error" in outcome:
+        if timed_out.is_set():
+            raise api_error(JobTimeLimitError(
+                f"The job took longer than this server's limit of {time_limit:g} s and was stopped. Try a smaller "
+                "image or scale, or ask the operator to raise REALESRGAN_JOB_TIME_LIMIT_SECONDS.")) from None
+        raise outcome["error"]
+    return outcome["value"]
+
+
 # ------------------------------------------------------------------------------------------------ the router
 def create_api_router(services: "Services") -> APIRouter:
     """The ``/api/v1`` routes bound to ``services`` (its config, model manager, advisor and limiter)."""
@@ -397,14 +475,13 @@ def create_api_router(services: "Services") -> APIRouter:
                               description="Required when the server sets REALESRGAN_API_KEY.")
 
     def require_key(provided: str | None = Depends(key_header)) -> None:
-        expected = config.api_key
-        if not expected:
+        if not config.api_key:
             return
-        if provided is None or not hmac.compare_digest(provided.encode("utf-8"), expected.encode("utf-8")):
+        if not key_matches(provided, config.api_key):
             raise ApiError(401, f"A valid {API_KEY_HEADER} header is required for this API.", "validation",
                            headers={"WWW-Authenticate": "ApiKey"})
 
-    async def enhance(file: UploadFile = File(..., description="The image: JPEG, PNG or WebP."),
+    async def enhance(request: Request, file: UploadFile = File(..., description="The image: JPEG, PNG or WebP."),
                       **options: Any) -> JSONResponse:
         data = await file.read()
         await file.close()
@@ -414,24 +491,17 @@ def create_api_router(services: "Services") -> APIRouter:
             raise ApiError(422, "Face enhancement is turned off on this server; send face_enhance=false.",
                            "validation")
         EnhanceSettings.from_mapping(explicit)  # a bad combination is the client's fault: 422 before queueing
+        from engine.retention import check_free_space
+
+        check_free_space(config)  # DiskFullError: 507 while the results' disk is nearly full
         ticket = services.limiter.try_acquire()  # QueueFullError: 429 with Retry-After
-
-        def job() -> dict:
-            try:
-                ticket.wait()
-                return run_enhance_job(services, data, explicit)
-            finally:
-                ticket.release()
-
-        try:
-            # Not abandoned on cancellation: the slot is held until the inference really ends.
-            payload = await anyio.to_thread.run_sync(job)
-        finally:
-            ticket.release()
+        payload = await run_cancellable(request, lambda cancel: _job_in_slot(services, ticket, data, explicit,
+                                                                             cancel),
+                                        config.job_time_limit_seconds, ticket.release)
         return JSONResponse({"status": "success", "data": payload})
 
-    file_parameter = inspect.signature(enhance).parameters["file"]
-    enhance.__signature__ = inspect.Signature([file_parameter, *_form_parameters()],  # type: ignore[attr-defined]
+    fixed = [inspect.signature(enhance).parameters[name] for name in ("request", "file")]
+    enhance.__signature__ = inspect.Signature([*fixed, *_form_parameters()],  # type: ignore[attr-defined]
                                               return_annotation=JSONResponse)
     router.post(
         "/enhance", response_model=EnhanceResponse, dependencies=[Depends(require_key)],
@@ -467,9 +537,25 @@ def create_api_router(services: "Services") -> APIRouter:
     return router
 
 
+def _answer_http_errors_under_the_prefix(app: FastAPI) -> None:
+    """Unknown routes and wrong methods under ``/api/v1`` answer ``{"error", "stage"}`` too; other paths (the web
+    UI's) keep the handler they had."""
+    from fastapi.exception_handlers import http_exception_handler
+
+    previous = app.exception_handlers.get(StarletteHTTPException, http_exception_handler)
+
+    async def handler(request: Request, exc: Exception) -> Response:
+        if request.url.path.startswith(API_PREFIX) and isinstance(exc, StarletteHTTPException):
+            return error_response(http_api_error(exc))
+        return await previous(request, exc)
+
+    app.add_exception_handler(StarletteHTTPException, handler)
+
+
 def install_api(app: FastAPI, services: "Services") -> None:
     """Add the ``/api/v1`` routes and the body-size cap for them to ``app`` (call before the app starts)."""
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=services.config.max_upload_bytes, path_prefix=API_PREFIX)
     app.include_router(create_api_router(services))
+    _answer_http_errors_under_the_prefix(app)
     logger.info("REST API at %s (API key %s, body limit %.1f MB)", API_PREFIX,
                 "required" if services.config.api_key else "not required", services.config.max_upload_bytes / 2**20)

@@ -34,6 +34,7 @@ __all__ = [
     "BuiltinPresetError",
     "CancelledError",
     "ChecksumMismatchError",
+    "DiskFullError",
     "DownloadError",
     "EngineError",
     "ErrorKind",
@@ -41,6 +42,7 @@ __all__ = [
     "InputTooLargeError",
     "InvalidInputError",
     "InvalidSettingsError",
+    "JobTimeLimitError",
     "ModelNotAvailableError",
     "NoFaceFoundError",
     "OutOfMemoryError",
@@ -137,6 +139,14 @@ class CancelledError(EngineError):
     """The user cancelled the job; partial outputs have been removed."""
 
 
+class JobTimeLimitError(EngineError):
+    """A job ran past the server's per-job time limit and was stopped at its next tile."""
+
+
+class DiskFullError(EngineError):
+    """The disk holding the results is nearly full, so new work is refused until space is freed."""
+
+
 class QueueFullError(EngineError):
     """Every slot is busy and the wait line is full; ``retry_after`` is a whole number of seconds to wait."""
 
@@ -215,6 +225,8 @@ ERROR_TABLE: Mapping[type[BaseException], ErrorKind] = MappingProxyType({
     VideoError: ErrorKind(500, "decode", "Video problem", EXIT_FAILED),
     CancelledError: ErrorKind(500, "inference", "Cancelled", EXIT_CANCELLED),
     QueueFullError: ErrorKind(429, "inference", "Server busy", EXIT_FAILED),
+    JobTimeLimitError: ErrorKind(503, "inference", "Time limit", EXIT_FAILED),
+    DiskFullError: ErrorKind(507, "validation", "Disk nearly full", EXIT_FAILED),
     PresetNotFoundError: ErrorKind(404, "validation", "Preset not found", EXIT_USAGE),
     SettingsStorageError: ErrorKind(500, "settings", "Settings not saved", EXIT_FAILED),
     MemoryError: ErrorKind(503, "inference", "Out of memory", EXIT_FAILED, message=_OUT_OF_MEMORY),

@@ -1,0 +1,247 @@
+"""A shared server that hostile requests can't take down (issue 16): one regression test per failure seen.
+
+Real servers on 127.0.0.1 (uvicorn for the REST API alone, the whole Gradio app where Gradio's routes matter),
+real clients (httpx, and a raw socket that hangs up), the real engine with the bundled offline weights. Nothing
+here asserts on elapsed time: waits are for a condition, with a generous timeout.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engine.concurrency import DeviceLimiter
+from engine.errors import QueueFullError
+from tests.conftest import serve_app
+from tests.test_rest_api import FAST_MODEL, _assert_error, _files, _png, _services, serve
+
+
+def _wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def rest(tmp_path_factory, shared_weights_dir):
+    """The REST API alone on a loopback port (fast model loaded); yields (url, services)."""
+    from config import Config
+    from engine.model_manager import ModelManager
+
+    root = tmp_path_factory.mktemp("hardening")
+    config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=root / "out",
+                             temp_dir=root / "tmp", config_dir=root / "cfg", log_dir=root / "logs",
+                             download_retries=0, max_upload_mb=4.0, device="cpu", min_free_disk_mb=0)
+    config.ensure_directories()
+    manager = ModelManager(config)
+    manager.load_model(FAST_MODEL, "cpu")
+    services = _services(config, manager)
+    with serve(services) as url:
+        yield url, services
+
+
+# ------------------------------------------------------------------------------------------------ (6) malformed bodies
+@pytest.mark.parametrize("case", ["1500 fields", "1500 files", "no boundary", "2 MB text field"])
+def test_malformed_multipart_answers_the_error_contract(rest, case):
+    url, _services_ = rest
+    with httpx.Client(base_url=url, timeout=60) as c:
+        if case == "1500 fields":
+            r = c.post("/api/v1/enhance", files=_files(_png()), data={f"f{i}": "1" for i in range(1500)})
+        elif case == "1500 files":
+            r = c.post("/api/v1/enhance", files=[("file", ("a.png", b"x", "image/png"))] * 1500)
+        elif case == "no boundary":
+            r = c.post("/api/v1/enhance", content=b"--x\r\n", headers={"content-type": "multipart/form-data"})
+        else:
+            r = c.post("/api/v1/enhance", files=_files(_png()), data={"model": "x" * 2_000_000})
+    body = _assert_error(r, 422, "validation")
+    assert "multipart" in body["error"] and "HTTPException" not in body["error"]
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/api/v1/nothing-here", 404),
+                                                  ("DELETE", "/api/v1/health", 405)])
+def test_unknown_routes_and_methods_under_the_api_answer_the_error_contract(rest, method, path, status):
+    with httpx.Client(base_url=rest[0], timeout=60) as c:
+        _assert_error(c.request(method, path), status, "validation")
+
+
+# ------------------------------------------------------------------------------------------------ (2) abandoned requests
+def _raw_enhance_request(url: str, image: bytes, fields: dict) -> bytes:
+    request = httpx.Request("POST", f"{url}/api/v1/enhance", files=_files(image), data=fields)
+    body = request.read()
+    head = [f"POST /api/v1/enhance HTTP/1.1", f"Host: {request.url.host}:{request.url.port}",
+            f"Content-Type: {request.headers['content-type']}", f"Content-Length: {len(body)}", "", ""]
+    return "\r\n".join(head).encode("latin-1") + body
+
+
+def _spy_on_jobs(monkeypatch) -> list[str]:
+    """Record how each REST job ended (the class name of what it raised, or "finished")."""
+    from ui import rest_api
+
+    outcomes: list[str] = []
+    real = rest_api.run_enhance_job
+
+    def spying(*args, **kwargs):
+        try:
+            result = real(*args, **kwargs)
+        except BaseException as exc:
+            outcomes.append(type(exc).__name__)
+            raise
+        outcomes.append("finished")
+        return result
+
+    monkeypatch.setattr(rest_api, "run_enhance_job", spying)
+    return outcomes
+
+
+# A job of a few hundred tiles: long enough that only a cancellation ends it before the client's hang-up is seen.
+_LONG_JOB = {"model": FAST_MODEL, "tile": "32", "upscale_factor": "2"}
+
+
+def test_a_client_that_hangs_up_frees_its_slot(rest, monkeypatch):
+    url, services = rest
+    outcomes = _spy_on_jobs(monkeypatch)
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(_raw_enhance_request(url, _png(512, 512), _LONG_JOB))
+        _wait_for(lambda: services.limiter.running == 1, what="the job to start")
+    # The socket is closed: the server notices, sets the job's cancel event, the engine stops at its next tile.
+    _wait_for(lambda: services.limiter.running == 0 and outcomes, what="the slot to be freed")
+    assert outcomes == ["CancelledError"]
+    with httpx.Client(base_url=url, timeout=60) as c:  # and the server keeps serving
+        assert c.post("/api/v1/enhance", files=_files(_png(16, 16)), data={"model": FAST_MODEL}).status_code == 200
+
+
+def test_a_waiting_client_that_hangs_up_leaves_the_line(rest, monkeypatch):
+    url, services = rest
+    outcomes = _spy_on_jobs(monkeypatch)
+    holder = services.limiter.try_acquire()  # the device is busy: the request must wait in line
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(_raw_enhance_request(url, _png(16, 16), {"model": FAST_MODEL}))
+            _wait_for(lambda: services.limiter.waiting == 1, what="the request to queue")
+        _wait_for(lambda: services.limiter.waiting == 0, what="the request to leave the line")
+    finally:
+        holder.release()
+    assert outcomes == [] and services.limiter.running == 0  # it never ran
+
+
+def test_a_job_over_the_time_limit_is_stopped_with_503(rest, shared_weights_dir):
+    url, services = rest
+    from tests.test_rest_api import _services as make_services
+
+    config = services.config.replace(job_time_limit_seconds=0.001)
+    limited = make_services(config, services.model_manager)
+    with serve(limited) as limited_url, httpx.Client(base_url=limited_url, timeout=120) as c:
+        r = c.post("/api/v1/enhance", files=_files(_png(512, 512)), data=_LONG_JOB)
+    body = _assert_error(r, 503, "inference")
+    assert "time limit" in body["error"].lower() or "longer than" in body["error"]
+    assert limited.limiter.running == 0
+
+
+# ------------------------------------------------------------------------------------------------ (9) Retry-After
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_retry_after_comes_from_the_measured_drain_rate():
+    """17 jobs ahead draining at one a second → about 17 s (the old estimate said 34 s for a 17.5 s drain)."""
+    clock = _Clock()
+    limiter = DeviceLimiter(concurrency=1, max_queue=16, default_job_seconds=10.0, clock=clock)
+    for _ in range(5):  # five one-second jobs, back to back
+        with limiter.slot():
+            clock.now += 1.0
+    tickets = [limiter.try_acquire() for _ in range(17)]
+    clock.now += 3600  # an idle hour before the refusal does not make the line look slow
+    with pytest.raises(QueueFullError) as info:
+        limiter.try_acquire()
+    assert info.value.retry_after == 17
+    for ticket in tickets:
+        ticket.release()
+
+
+def test_retry_after_counts_parallel_slots():
+    clock = _Clock()
+    limiter = DeviceLimiter(concurrency=2, max_queue=0, clock=clock)
+    for _ in range(4):  # two slots, each finishing a 4 s job every 4 s: one completion every 2 s
+        a, b = limiter.try_acquire(), limiter.try_acquire()
+        clock.now += 4.0
+        a.release()
+        b.release()
+    busy = [limiter.try_acquire(), limiter.try_acquire()]
+    assert 2 <= limiter.retry_after() <= 5  # two running jobs at ~2 s per completion (the first pair counts 4 s)
+    for ticket in busy:
+        ticket.release()
+
+
+# ------------------------------------------------------------------------------------------------ rate limits
+def test_rate_limiter_refuses_over_the_limit_with_the_time_to_the_next_token():
+    from ui.access import RateLimiter
+
+    clock = _Clock()
+    limiter = RateLimiter(per_minute=2, clock=clock)
+    assert limiter.take("a") == 0 and limiter.take("a") == 0
+    assert limiter.take("a") == 30  # one token every 30 s
+    assert limiter.take("b") == 0  # per client
+    clock.now += 30
+    assert limiter.take("a") == 0
+
+
+# ------------------------------------------------------------------------------------------------ (3) one auth
+@pytest.fixture(scope="module")
+def keyed_app(tmp_path_factory, shared_weights_dir):
+    """The whole app (web UI, Gradio API, REST) with an API key and a rate limit of 4 work requests a minute."""
+    with serve_app(tmp_path_factory.mktemp("keyed"), shared_weights_dir, api_key="k3y", rate_limit_per_minute=4,
+                   min_free_disk_mb=0) as served:
+        yield served
+
+
+def _gradio_file(path: str) -> dict:
+    return {"path": path, "meta": {"_type": "gradio.FileData"}}
+
+
+def test_the_api_key_protects_the_gradio_api_uploads_and_files(keyed_app):
+    url, services = keyed_app
+    png = _png(24, 24)
+    key = {"X-API-Key": "k3y"}
+    with httpx.Client(base_url=url, timeout=120) as c:
+        _assert_error(c.post("/gradio_api/upload", files={"files": ("a.png", png, "image/png")}), 401,
+                      "validation")
+        _assert_error(c.post("/gradio_api/call/analyze", json={"data": [_gradio_file("/tmp/x.png")]}), 401,
+                      "validation")
+        _assert_error(c.post("/gradio_api/call/enhance", json={"data": [_gradio_file("/tmp/x.png"), {}]}), 401,
+                      "validation")
+        _assert_error(c.get("/gradio_api/file=" + str(Path(services.config.output_dir) / "x.png")), 401,
+                      "validation")
+        _assert_error(c.get("/api/v1/health"), 401, "validation")
+        assert c.get("/").status_code == 200  # the page shell (the sign-in form) stays open
+
+        uploaded = c.post("/gradio_api/upload", files={"files": ("a.png", png, "image/png")}, headers=key)
+        assert uploaded.status_code == 200, uploaded.text
+        event = c.post("/gradio_api/call/analyze", json={"data": [_gradio_file(uploaded.json()[0])]}, headers=key)
+        assert event.status_code == 200, event.text
+        stream = c.get(f"/gradio_api/call/analyze/{event.json()['event_id']}", headers=key)
+        assert "event: complete" in stream.text and "analysis" in stream.text, stream.text[-500:]
+
+
+def test_work_requests_are_rate_limited_per_client_with_retry_after(keyed_app):
+    url, _services_ = keyed_app
+    key = {"X-API-Key": "k3y"}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        statuses = [c.post("/gradio_api/upload", files={"files": ("a.png", _png(8, 8), "image/png")},
+                           headers=key).status_code for _ in range(6)]
+        assert statuses.count(429) >= 2 and 500 not in statuses, statuses
+        refused = c.post("/gradio_api/upload", files={"files": ("a.png", _png(8, 8), "image/png")}, headers=key)
+        body = _assert_error(refused, 429, "inference")
+        assert int(refused.headers["Retry-After"]) >= 1 and "limit" in body["error"]
+        assert c.get("/api/v1/health", headers=key).status_code == 200  # reading the status is not work
