@@ -245,3 +245,61 @@ def test_work_requests_are_rate_limited_per_client_with_retry_after(keyed_app):
         body = _assert_error(refused, 429, "inference")
         assert int(refused.headers["Retry-After"]) >= 1 and "limit" in body["error"]
         assert c.get("/api/v1/health", headers=key).status_code == 200  # reading the status is not work
+
+
+# ------------------------------------------------------------------------------------------------ (4) retention
+def _job_folder(root: Path, name: str, size: int, age_hours: float, now: float) -> Path:
+    import os
+
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "result.png").write_bytes(b"\0" * size)
+    stamp = now - age_hours * 3600
+    for path in (folder / "result.png", folder):
+        os.utime(path, (stamp, stamp))
+    return folder
+
+
+def test_job_folders_expire_by_age_then_by_size_oldest_first(tmp_path, shared_weights_dir):
+    from engine.retention import job_roots, sweep
+    from tests.conftest import app_config
+
+    config = app_config(tmp_path, shared_weights_dir, retention_hours=24, retention_max_mb=1.0)
+    web, gradio_cache = job_roots(config)
+    now = time.time()
+    expired = _job_folder(web, "image-old", 1000, 30, now)
+    upload = _job_folder(gradio_cache, "abc123", 400_000, 5, now)  # Gradio's cache counts too
+    older = _job_folder(web, "image-older", 400_000, 3, now)
+    newer = _job_folder(web, "image-newer", 400_000, 2, now)
+    running = _job_folder(web, "image-running", 400_000, 0, now)  # in use: never removed
+    report = sweep(config, now=now)
+    assert not expired.exists()  # too old
+    assert not upload.exists() and not older.exists()  # then the least recently used, until under the cap
+    assert newer.exists() and running.exists()
+    assert report.removed == 3 and report.kept_bytes == 800_000 <= 2**20
+
+
+def test_a_new_web_job_sweeps_expired_results(tmp_path, shared_weights_dir):
+    """Results were never cleaned up: starting a job now removes folders past the retention age."""
+    from engine import retention
+    from tests.conftest import app_config
+    from ui.uploads import new_output_dir
+
+    config = app_config(tmp_path, shared_weights_dir, retention_hours=1, min_free_disk_mb=0)
+    retention._last_sweep.clear()
+    old = _job_folder(Path(config.output_dir) / "web", "image-20200101", 10, 48, time.time())
+    fresh = new_output_dir(config, "image")
+    assert fresh.is_dir() and not old.exists()
+
+
+def test_new_work_is_refused_when_the_disk_is_nearly_full(tmp_path, shared_weights_dir):
+    from engine.errors import EngineError
+    from tests.conftest import app_config
+    from ui.uploads import new_output_dir
+    from utils.errors import DiskFullError, error_kind
+
+    config = app_config(tmp_path, shared_weights_dir, min_free_disk_mb=1e12)  # more than any disk has free
+    with pytest.raises(DiskFullError, match="nearly full") as info:
+        new_output_dir(config, "image")
+    assert isinstance(info.value, EngineError) and error_kind(info.value).status == 507
+    assert not (Path(config.output_dir) / "web").exists() or not any((Path(config.output_dir) / "web").iterdir())

@@ -491,9 +491,6 @@ def create_api_router(services: "Services") -> APIRouter:
             raise ApiError(422, "Face enhancement is turned off on this server; send face_enhance=false.",
                            "validation")
         EnhanceSettings.from_mapping(explicit)  # a bad combination is the client's fault: 422 before queueing
-        from engine.retention import check_free_space
-
-        check_free_space(config)  # DiskFullError: 507 while the results' disk is nearly full
         ticket = services.limiter.try_acquire()  # QueueFullError: 429 with Retry-After
         payload = await run_cancellable(request, lambda cancel: _job_in_slot(services, ticket, data, explicit,
                                                                              cancel),

@@ -45,6 +45,15 @@ def system_markdown(services) -> str:
               f"- Results: {human_bytes(dir_size_bytes(cfg.output_dir))}",
               f"- Temporary files: {human_bytes(dir_size_bytes(cfg.temp_dir))}"]
     try:
+        from engine.retention import usage
+
+        held = usage(cfg)
+        lines += [f"- Job folders (web results, uploads): {held['folders']}, {human_bytes(held['bytes'])} of at "
+                  f"most {human_bytes(held['cap_bytes'])}; kept {cfg.retention_hours:g} h",
+                  f"- Free on the results' disk: {human_bytes(held['free_bytes'])}"]
+    except OSError as exc:
+        logger.warning("disk usage could not be read: %s", exc)
+    try:
         stats = services.limiter.stats()
         lines += ["", "### Queue", f"- {stats.running} job(s) running, {stats.waiting} waiting "
                                    f"(at most {stats.concurrency} at once per device, {stats.max_queue} in line)"]
@@ -77,13 +86,25 @@ class SystemTab:
     download: gr.Button
     refresh: gr.Button
     status: gr.Markdown
+    free: gr.Button
+
+
+def free_space(services) -> str:
+    """Run the retention sweep now; the sentence says what it removed."""
+    from engine.retention import sweep
+
+    report = sweep(services.config)
+    return (f"Removed {report.removed} expired or over-cap job folder(s), {human_bytes(report.freed_bytes)}; "
+            f"{report.kept} kept ({human_bytes(report.kept_bytes)}, the newest and any in use).")
 
 
 def render(services) -> SystemTab:
     with gr.Row(equal_height=False):
         with gr.Column(scale=4):
             info = gr.Markdown("Loading…", elem_id="system-info", padding=True)
-            refresh = gr.Button("Refresh", size="sm")
+            with gr.Row():
+                refresh = gr.Button("Refresh", size="sm")
+                free = gr.Button("Free space now", size="sm", elem_id="free-space")
         with gr.Column(scale=6):
             models = gr.Dataframe(headers=MODEL_COLUMNS, value=model_rows(services), interactive=False,
                                   label="Models", wrap=True, elem_id="model-table")
@@ -92,7 +113,7 @@ def render(services) -> SystemTab:
                                      info="Weights come from the official release and are checked (SHA-256).")
                 download = gr.Button("Download", scale=1)
             status = gr.Markdown("", padding=True)
-    return SystemTab(info, models, choice, download, refresh, status)
+    return SystemTab(info, models, choice, download, refresh, status, free)
 
 
 def listen(tab: SystemTab, services, demo: gr.Blocks) -> None:
@@ -104,6 +125,12 @@ def listen(tab: SystemTab, services, demo: gr.Blocks) -> None:
     outputs = [tab.info, tab.models, tab.choice]
     tab.refresh.click(on_refresh, outputs=outputs, api_visibility="private", concurrency_id="system")
     demo.load(on_refresh, outputs=outputs, api_visibility="private", concurrency_id="system")
+
+    def on_free():
+        with friendly_errors("free space"):
+            return free_space(services), system_markdown(services)
+
+    tab.free.click(on_free, outputs=[tab.status, tab.info], api_visibility="private", concurrency_id="system")
 
     def on_download(name, progress=gr.Progress()):
         if not name:

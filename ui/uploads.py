@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
 MAX_ZIP_MEMBERS = 500
-_UI_OUTPUTS = "web"  # sub-folder of output_dir for jobs started from the web UI
 
 
 def upload_path(value: object) -> Path | None:
@@ -79,9 +78,18 @@ def check_image_upload(path: str | Path, config) -> "object":
 
 # ------------------------------------------------------------------------------------------------ job folders
 def new_output_dir(config, kind: str = "image") -> Path:
-    """A fresh folder for one job's results: ``output_dir/web/<kind>-<date>-<time>-<random>``."""
+    """A fresh folder for one job's results: ``output_dir/web/<kind>-<date>-<time>-<random>``.
+
+    Expired and over-cap job folders are swept first (:mod:`engine.retention`).
+
+    Raises:
+        DiskFullError: the results' disk is nearly full even after the sweep.
+    """
+    from engine.retention import WEB_JOBS, check_free_space
+
+    check_free_space(config)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    folder = Path(config.output_dir) / _UI_OUTPUTS / f"{kind}-{stamp}-{uuid.uuid4().hex[:8]}"
+    folder = Path(config.output_dir) / WEB_JOBS / f"{kind}-{stamp}-{uuid.uuid4().hex[:8]}"
     folder.mkdir(parents=True, exist_ok=False)
     return folder
 
