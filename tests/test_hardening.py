@@ -303,3 +303,27 @@ def test_new_work_is_refused_when_the_disk_is_nearly_full(tmp_path, shared_weigh
         new_output_dir(config, "image")
     assert isinstance(info.value, EngineError) and error_kind(info.value).status == 507
     assert not (Path(config.output_dir) / "web").exists() or not any((Path(config.output_dir) / "web").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ (5) damaged weights
+# The converted offline weights: tests/test_errors.py::test_checksum_mismatch_of_a_converted_file_sets_it_aside...
+
+
+def test_a_damaged_official_file_in_the_weights_folder_is_set_aside(tmp_path):
+    from config import Config
+    from engine.model_manager import ModelManager
+
+    config = Config.from_env(env={}, dotenv_path=None, weights_dir=tmp_path, download_retries=0)
+    manager = ModelManager(config)
+    spec = manager.spec("RealESRGAN_x4plus")
+    official = manager.official_path(spec)
+    official.write_bytes(b"not the weights")
+    assert manager.local_weights("RealESRGAN_x4plus") is None
+    assert not official.exists() and len(list(tmp_path.glob(official.name + ".corrupt-*"))) == 1
+
+
+def test_the_checksum_message_says_what_was_done_not_that_a_file_was_deleted():
+    from utils.errors import ChecksumMismatchError
+
+    text = str(ChecksumMismatchError("m", "a" * 64, "b" * 64, "The damaged file was set aside as m.corrupt-1."))
+    assert "set aside as m.corrupt-1" in text and "deleted" not in text

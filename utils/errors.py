@@ -110,11 +110,12 @@ class ChecksumMismatchError(DownloadError):
     folder or in an installed package is left where it is.
     """
 
-    def __init__(self, name: str, expected: str, actual: str):
+    def __init__(self, name: str, expected: str, actual: str, what_happened: str | None = None):
         super().__init__(
             f"Checksum mismatch for {name}: expected sha256 {expected}, got {actual}. The file is damaged or not "
-            "the pinned version, so it was not used. Download it again (or check your mirror); for offline "
-            "weights, delete the converted file from the weights folder or reinstall the package they come from."
+            "the pinned version, so it was not used. " + (what_happened or (
+                "Download it again (or check your mirror); for offline weights, reinstall the package they come "
+                "from."))
         )
         self.name, self.expected, self.actual = name, expected, actual
 
