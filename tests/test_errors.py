@@ -62,7 +62,7 @@ def test_every_domain_exception_maps_to_a_complete_row():
         assert kind.exit_code in (EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED), (cls, kind)
         assert kind.message is None, f"{cls.__name__}: a domain error's own text is what the user reads"
     for cls, kind in ERROR_TABLE.items():
-        assert isinstance(kind, ErrorKind) and (issubclass(cls, EngineError) or cls is MemoryError), cls
+        assert isinstance(kind, ErrorKind) and (issubclass(cls, EngineError) or cls in (MemoryError, RecursionError)), cls
 
 
 @pytest.mark.parametrize("exc, status, stage, title, exit_code", [

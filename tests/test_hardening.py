@@ -327,3 +327,35 @@ def test_the_checksum_message_says_what_was_done_not_that_a_file_was_deleted():
 
     text = str(ChecksumMismatchError("m", "a" * 64, "b" * 64, "The damaged file was set aside as m.corrupt-1."))
     assert "set aside as m.corrupt-1" in text and "deleted" not in text
+
+
+# ------------------------------------------------------------------------------------------------ (7), (8) the open app
+@pytest.fixture(scope="module")
+def open_app(tmp_path_factory, shared_weights_dir):
+    """The whole app without authentication (a LAN setup), on a loopback port."""
+    with serve_app(tmp_path_factory.mktemp("open"), shared_weights_dir, min_free_disk_mb=0) as (url, services):
+        yield url.rstrip("/"), services
+
+
+def test_gradio_errors_name_no_server_path(open_app):
+    url, services = open_app
+    config = services.config
+    for folder, name in ((config.weights_dir, "x.pth"), (config.config_dir, "settings.json"),
+                         (config.log_dir, "realesrgan_app.log")):
+        secret = Path(folder).resolve() / name
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_text("secret")
+        r = httpx.get(f"{url}/gradio_api/file={secret}", timeout=30)
+        assert r.status_code in (403, 404) and "secret" not in r.text
+        assert str(Path(folder).resolve()) not in r.text and str(Path(folder).resolve().parent) not in r.text, r.text
+
+
+def test_deeply_nested_settings_get_a_settings_message_not_an_unexpected_error(open_app):
+    url, _services_ = open_app
+    with httpx.Client(base_url=url, timeout=120) as c:
+        uploaded = c.post("/gradio_api/upload", files={"files": ("a.png", _png(16, 16), "image/png")}).json()[0]
+        nested = '{"a":' * 3000 + "1" + "}" * 3000
+        event = c.post("/gradio_api/call/enhance", json={"data": [_gradio_file(uploaded), nested]})
+        assert event.status_code == 200, event.text
+        stream = c.get(f"/gradio_api/call/enhance/{event.json()['event_id']}").text
+    assert "event: error" in stream and "nested too deeply" in stream and "unexpected" not in stream, stream

@@ -25,6 +25,8 @@ from typing import Callable
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from utils.errors import scrub_paths
+
 API_KEY_HEADER = "X-API-Key"
 API_KEY_USER = "api-key"  # the user name a key-authenticated request has inside Gradio
 
@@ -138,6 +140,8 @@ class AccessGate:
                              f"{self.rate_limiter.per_minute} a minute); try again in {wait} s.",
                              {"Retry-After": str(wait)}, stage="inference")
                 return
+        if scope["type"] == "http" and not path.startswith("/api/"):
+            send = _scrubbing_error_bodies(send)
         await self.app(scope, receive, send)
 
     # ---------------------------------------------------------------- Gradio sessions
@@ -167,6 +171,42 @@ class AccessGate:
         raw = [(k, v) for k, v in scope["headers"] if k.lower() != b"cookie"]
         raw.append((b"cookie", cookie.encode("latin-1")))
         return dict(scope, headers=raw)
+
+
+#: Error bodies larger than this are passed through unchanged (ours and Gradio's are a few hundred bytes).
+_SCRUB_MAX_BYTES = 64 * 1024
+
+
+def _scrubbing_error_bodies(send: Send) -> Send:
+    """Wrap ``send`` so that error answers (4xx/5xx) of Gradio's routes name no server path: Gradio's own
+    messages quote them ("File not allowed: /home/.../weights/x.pth"). Other answers pass through untouched."""
+    state: dict = {}
+
+    async def scrubbing_send(message) -> None:
+        if message["type"] == "http.response.start" and message.get("status", 200) >= 400:
+            state["start"], state["body"] = message, b""
+            return
+        if "start" not in state:
+            await send(message)
+            return
+        if message["type"] == "http.response.body":
+            state["body"] += message.get("body", b"")
+            if message.get("more_body", False) and len(state["body"]) <= _SCRUB_MAX_BYTES:
+                return
+            body = state["body"]
+            if len(body) <= _SCRUB_MAX_BYTES:
+                body = scrub_paths(body.decode("utf-8", "replace")).encode("utf-8")
+            start = state.pop("start")
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            more = message.get("more_body", False)
+            if not more:
+                headers.append((b"content-length", str(len(body)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": more})
+            return
+        await send(message)
+
+    return scrubbing_send
 
 
 def _cookies(headers: Headers) -> dict[str, str]:

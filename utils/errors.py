@@ -184,6 +184,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 
 _OUT_OF_MEMORY = ("Out of memory while processing this image. Try a smaller image, a smaller scale or a smaller "
                   "tile size, or try again later.")
+_TOO_DEEP = ("The request is nested too deeply to be read; send the settings as one flat JSON object such as "
+             "{\"model\": \"auto\", \"outscale\": 2}.")
 _UNEXPECTED = ("Something unexpected went wrong; the details are in the log. Please try again, or try other "
                "settings.")
 
@@ -231,6 +233,8 @@ ERROR_TABLE: Mapping[type[BaseException], ErrorKind] = MappingProxyType({
     PresetNotFoundError: ErrorKind(404, "validation", "Preset not found", EXIT_USAGE),
     SettingsStorageError: ErrorKind(500, "settings", "Settings not saved", EXIT_FAILED),
     MemoryError: ErrorKind(503, "inference", "Out of memory", EXIT_FAILED, message=_OUT_OF_MEMORY),
+    # Only hostile input nests deep enough to exhaust the interpreter's stack (JSON settings thousands deep).
+    RecursionError: ErrorKind(422, "validation", "Check the settings", EXIT_USAGE, message=_TOO_DEEP),
 })
 
 #: The kind of every exception in no row of :data:`ERROR_TABLE` (a bug, or a failure nobody planned for).
