@@ -481,6 +481,9 @@ def create_api_router(services: "Services") -> APIRouter:
             raise ApiError(401, f"A valid {API_KEY_HEADER} header is required for this API.", "validation",
                            headers={"WWW-Authenticate": "ApiKey"})
 
+    # Documented (and checked) only when the server has a key: the OpenAPI document says what this server wants.
+    key_check = [Depends(require_key)] if config.api_key else []
+
     async def enhance(request: Request, file: UploadFile = File(..., description="The image: JPEG, PNG or WebP."),
                       **options: Any) -> JSONResponse:
         data = await file.read()
@@ -501,7 +504,7 @@ def create_api_router(services: "Services") -> APIRouter:
     enhance.__signature__ = inspect.Signature([*fixed, *_form_parameters()],  # type: ignore[attr-defined]
                                               return_annotation=JSONResponse)
     router.post(
-        "/enhance", response_model=EnhanceResponse, dependencies=[Depends(require_key)],
+        "/enhance", response_model=EnhanceResponse, dependencies=key_check,
         responses={code: _ERRORS[code] for code in (413, 415, 422, 429, 503)},
         summary="Enhance an image",
         description=(
@@ -513,7 +516,7 @@ def create_api_router(services: "Services") -> APIRouter:
             "requests wait in a bounded line and beyond it get 429 with Retry-After."),
     )(enhance)
 
-    @router.get("/health", dependencies=[Depends(require_key)], summary="Server status")
+    @router.get("/health", dependencies=key_check, summary="Server status")
     async def health() -> dict:
         from utils.gpu import resolve_device
 
@@ -526,7 +529,7 @@ def create_api_router(services: "Services") -> APIRouter:
         return {"status": "ok", "device": device, "loaded_models": services.model_manager.loaded_models(),
                 "queue": services.limiter.stats().as_dict()}
 
-    @router.get("/models", dependencies=[Depends(require_key)], summary="Model catalog with availability")
+    @router.get("/models", dependencies=key_check, summary="Model catalog with availability")
     async def models() -> dict:
         statuses = await anyio.to_thread.run_sync(services.model_manager.list_models)
         return {"models": [{k: v for k, v in s.as_dict().items() if k != "path"} for s in statuses]}
