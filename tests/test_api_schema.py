@@ -47,7 +47,9 @@ def test_every_answer_is_documented_and_no_server_error(api_schema):
     is sometimes replaced by a real image or a known-broken one, so the engine runs too, not only the refusals.
 
     Any bytes are schema-valid for a ``binary`` field, so Schemathesis's "valid data is accepted" check does not
-    apply to an image upload (a non-image is a 415/422 by design); every other check runs."""
+    apply to an image upload (a non-image is a 415/422 by design); every other check runs, and the server-error
+    check is replaced by one that allows the documented 503 of a catalog model whose weights are not here."""
+    from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import positive_data_acceptance
 
     operations = [result.ok() for result in api_schema.get_all_operations()]
@@ -55,10 +57,15 @@ def test_every_answer_is_documented_and_no_server_error(api_schema):
     images = _images()
     for operation in operations:
         @given(case=operation.as_strategy(), image=st.one_of(st.none(), st.sampled_from(images)))
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+                  derandomize=True)
         def check(case, image):
             if image is not None and isinstance(case.body, dict) and "file" in case.body:
                 case.body["file"] = image
-            case.call_and_validate(excluded_checks=[positive_data_acceptance])
+            response = case.call_and_validate(excluded_checks=[positive_data_acceptance, not_a_server_error])
+            # A 5xx is a server error unless it is the documented 503 for a model whose weights this offline
+            # server does not have.
+            if response.status_code >= 500:
+                assert response.status_code == 503 and response.json()["stage"] == "model", response.text
 
         check()
