@@ -359,3 +359,27 @@ def test_deeply_nested_settings_get_a_settings_message_not_an_unexpected_error(o
         assert event.status_code == 200, event.text
         stream = c.get(f"/gradio_api/call/enhance/{event.json()['event_id']}").text
     assert "event: error" in stream and "nested too deeply" in stream and "unexpected" not in stream, stream
+
+
+# ------------------------------------------------------------------------------------------------ (1) admission
+def test_analysis_is_admitted_like_enhancement(rest, tmp_path):
+    """/analyze decoded outside the job limit (two at once took 8.8 GB): now it needs a slot like a job."""
+    from ui.tab_image import analyze_file
+
+    _url, services = rest
+    image = tmp_path / "a.png"
+    image.write_bytes(_png(32, 32))
+    tickets = [services.limiter.try_acquire()]
+    try:
+        while True:  # every slot busy and the line full
+            try:
+                tickets.append(services.limiter.try_acquire())
+            except QueueFullError:
+                break
+        with pytest.raises(QueueFullError):
+            analyze_file(services, image)
+    finally:
+        for ticket in tickets:
+            ticket.release()
+    assert analyze_file(services, image)["analysis"]  # with a free slot it runs
+    assert services.limiter.running == 0

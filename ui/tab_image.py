@@ -49,9 +49,11 @@ def analyze_file(services, path: str | Path, scale: float | None = None) -> dict
 
     Raises:
         InputTooLargeError / UnsupportedFormatError / InvalidInputError: the upload is refused.
+        QueueFullError: the device's slots and wait line are full.
     """
     check_image_upload(path, services.config)
-    advice = services.advisor.advise(str(path), scale=scale)
+    with device_slot(services):  # decoding and analysing are admitted like enhancement (QueueFullError: busy)
+        advice = services.advisor.advise(str(path), scale=scale)
     return json.loads(json.dumps(advice.as_dict(), default=str))  # JSON-safe (numpy numbers, tuples)
 
 
