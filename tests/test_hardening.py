@@ -233,6 +233,13 @@ def test_the_api_key_protects_the_gradio_api_uploads_and_files(keyed_app):
         stream = c.get(f"/gradio_api/call/analyze/{event.json()['event_id']}", headers=key)
         assert "event: complete" in stream.text and "analysis" in stream.text, stream.text[-500:]
 
+    with httpx.Client(base_url=url, timeout=120) as browser:  # a person signs in with the key as password
+        assert browser.post("/login", data={"username": "me", "password": "wrong"}).status_code == 400
+        assert browser.post("/login", data={"username": "me", "password": "k3y"}).status_code == 200
+        assert browser.get("/config").status_code == 200
+        signed_in = browser.post("/gradio_api/upload", files={"files": ("a.png", png, "image/png")})
+        assert signed_in.status_code == 200, signed_in.text
+
 
 def test_work_requests_are_rate_limited_per_client_with_retry_after(keyed_app):
     url, _services_ = keyed_app
