@@ -390,3 +390,25 @@ def test_analysis_is_admitted_like_enhancement(rest, tmp_path):
             ticket.release()
     assert analyze_file(services, image)["analysis"]  # with a free slot it runs
     assert services.limiter.running == 0
+
+
+def test_uploads_are_refused_with_507_while_the_disk_is_nearly_full(tmp_path, shared_weights_dir):
+    import asyncio
+
+    from fastapi import FastAPI
+
+    from tests.conftest import app_config
+    from ui.access import AccessGate
+
+    app = FastAPI()
+    app.post("/gradio_api/upload")(lambda: {"ok": True})
+    app.add_middleware(AccessGate, gradio_app=None,
+                       config=app_config(tmp_path, shared_weights_dir, min_free_disk_mb=1e12))
+
+    async def post():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.post("/gradio_api/upload"), await c.get("/gradio_api/info")
+
+    refused, reading = asyncio.run(post())
+    body = _assert_error(refused, 507, "validation")
+    assert "nearly full" in body["error"] and reading.status_code != 507

@@ -9,7 +9,9 @@ it. With only an API key configured, the web UI's sign-in takes the key as passw
 
 Work requests (``POST`` to ``/api/v1/enhance``, ``/gradio_api/upload``, ``/gradio_api/call/*``,
 ``/gradio_api/queue/join``...) are also limited per client address by a token bucket; over the limit the answer
-is 429 with a ``Retry-After`` of when the next request will be accepted.
+is 429 with a ``Retry-After`` of when the next request will be accepted; while the results' disk is nearly full
+they are refused with 507 (:func:`engine.retention.check_free_space`, which also sweeps expired job folders and
+Gradio's cache).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import threading
 import time
 from typing import Callable
 
+import anyio
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from utils.errors import scrub_paths
+from engine.retention import check_free_space
+from utils.errors import DiskFullError, scrub_paths, user_message
 
 API_KEY_HEADER = "X-API-Key"
 API_KEY_USER = "api-key"  # the user name a key-authenticated request has inside Gradio
@@ -139,6 +143,11 @@ class AccessGate:
                 await _reply(scope, send, 429, f"Too many requests from this address (the limit is "
                              f"{self.rate_limiter.per_minute} a minute); try again in {wait} s.",
                              {"Retry-After": str(wait)}, stage="inference")
+                return
+            try:  # sweeps expired job folders and Gradio's cache (at most once a minute), refuses a full disk
+                await anyio.to_thread.run_sync(check_free_space, self.config)
+            except DiskFullError as exc:
+                await _reply(scope, send, 507, user_message(exc), {})
                 return
         if scope["type"] == "http" and not path.startswith("/api/"):
             send = _scrubbing_error_bodies(send)
