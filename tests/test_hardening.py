@@ -8,7 +8,6 @@ here asserts on elapsed time: waits are for a condition, with a generous timeout
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -74,7 +73,7 @@ def test_unknown_routes_and_methods_under_the_api_answer_the_error_contract(rest
 def _raw_enhance_request(url: str, image: bytes, fields: dict) -> bytes:
     request = httpx.Request("POST", f"{url}/api/v1/enhance", files=_files(image), data=fields)
     body = request.read()
-    head = [f"POST /api/v1/enhance HTTP/1.1", f"Host: {request.url.host}:{request.url.port}",
+    head = ["POST /api/v1/enhance HTTP/1.1", f"Host: {request.url.host}:{request.url.port}",
             f"Content-Type: {request.headers['content-type']}", f"Content-Length: {len(body)}", "", ""]
     return "\r\n".join(head).encode("latin-1") + body
 
@@ -132,12 +131,10 @@ def test_a_waiting_client_that_hangs_up_leaves_the_line(rest, monkeypatch):
     assert outcomes == [] and services.limiter.running == 0  # it never ran
 
 
-def test_a_job_over_the_time_limit_is_stopped_with_503(rest, shared_weights_dir):
-    url, services = rest
-    from tests.test_rest_api import _services as make_services
-
+def test_a_job_over_the_time_limit_is_stopped_with_503(rest):
+    _url, services = rest
     config = services.config.replace(job_time_limit_seconds=0.001)
-    limited = make_services(config, services.model_manager)
+    limited = _services(config, services.model_manager)
     with serve(limited) as limited_url, httpx.Client(base_url=limited_url, timeout=120) as c:
         r = c.post("/api/v1/enhance", files=_files(_png(512, 512)), data=_LONG_JOB)
     body = _assert_error(r, 503, "inference")
