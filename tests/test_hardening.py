@@ -36,7 +36,7 @@ def rest(tmp_path_factory, shared_weights_dir):
     root = tmp_path_factory.mktemp("hardening")
     config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=root / "out",
                              temp_dir=root / "tmp", config_dir=root / "cfg", log_dir=root / "logs",
-                             download_retries=0, max_upload_mb=4.0, device="cpu", min_free_disk_mb=0)
+                             download_retries=0, max_upload_mb=4.0, device="cpu")
     config.ensure_directories()
     manager = ModelManager(config)
     manager.load_model(FAST_MODEL, "cpu")
