@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Iterator, Literal, Mapping, Protocol
+from typing import Collection, Iterator, Literal, Mapping, Protocol
 
 ModelKind = Literal["sr", "face", "detector", "parser", "metric"]
 ArchName = Literal["RRDBNet", "SRVGGNetCompact", "GFPGANv1Clean", "RestoreFormer", "RetinaFace", "ParseNet",
@@ -360,3 +360,11 @@ def sr_models() -> tuple[str, ...]:
 def model_label(spec: ModelSpec) -> str:
     """How a super-resolution model is named in a list: name, scale and what it is for."""
     return f"{spec.name} (×{spec.scale}) — {spec.description}"
+
+
+def user_alternatives(content: str, available: Collection[str] = ()) -> tuple[ModelSpec, ...]:
+    """The user's own super-resolution models the advisor may offer for ``content`` ("photo", "anime", "text"...):
+    those tagged with that kind, then the general ones; only names in ``available`` when it is given."""
+    users = [s for s in active_catalog().values() if s.user and s.kind == "sr"
+             and (not available or s.name in available)]
+    return tuple([s for s in users if s.tag == content] + [s for s in users if s.tag == "general"])

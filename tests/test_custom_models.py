@@ -22,6 +22,15 @@ import torch
 from engine.errors import ChecksumMismatchError, InvalidInputError, InvalidSettingsError
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_user_catalog_afterwards():
+    """The model managers here make their weights dir's catalog the process's choices; other modules start clean."""
+    from engine.catalog import use_user_catalog
+
+    yield
+    use_user_catalog(None)
+
+
 def _networks() -> dict[str, tuple[torch.nn.Module, str, int]]:
     """name -> (tiny network, spandrel architecture id, scale)."""
     from spandrel.architectures.Compact import Compact
@@ -327,3 +336,21 @@ def _mystery_bytes() -> bytes:
     buffer = io.BytesIO()
     torch.save({"encoder.weight": torch.zeros(2, 2)}, buffer)
     return buffer.getvalue()
+
+
+def test_the_advisor_offers_the_users_models_of_the_images_kind(weights_dir):
+    from engine.intelligent_enhancer import AnalysisNumbers, MachineFacts, decide
+
+    manager = _manager(weights_dir)
+    available = frozenset(s.name for s in manager.list_models() if s.available)
+    machine = MachineFacts(device="cpu", free_memory_bytes=16 * 2**30, available_models=available,
+                           downloadable_models=frozenset(), macs_per_second={})
+    numbers = dict(confidence=0.9, faces=0, noise_level=0.02, jpeg_artifacts=0.05, blur=0.2, width=640, height=480)
+    anime = decide(AnalysisNumbers(content_type="anime", **numbers), machine)
+    offered = {alt["model"]: alt for alt in anime.alternatives}
+    assert "tiny-compact" in offered and "your anime model (×3)" in offered["tiny-compact"]["why"]
+    expected = manager.spec("tiny-compact").macs_per_pixel * 640 * 480 * 1.1 / 100e9
+    assert offered["tiny-compact"]["estimated_seconds"] == round(expected, 1)
+    photo = decide(AnalysisNumbers(content_type="photo", **numbers), machine)
+    assert "tiny-compact" not in {alt["model"] for alt in photo.alternatives}
+    assert {alt["model"] for alt in photo.alternatives} & {"tiny-rrdb", "tiny-swinir"}

@@ -57,7 +57,8 @@ def _model_choices(model_manager=None) -> list[tuple[str, str]]:
         ready = {s.name: s.available for s in model_manager.list_models("sr")}
     choices = []
     for name, label in sr_model_labels().items():
-        state = "" if not ready or name == "auto" else (" · ready" if ready.get(name) else " · downloads on first use")
+        state = "" if not ready or name == "auto" else (
+            " · ready" if ready.get(name) else " · downloads on first use")
         choices.append((label + state, name))
     return choices
 
