@@ -115,7 +115,9 @@ def test_the_cli_import_detects_architecture_scale_and_channels(weights_dir, mod
         assert entry.size_bytes == source.stat().st_size
         stored = weights_dir / entry.filename
         assert stored.read_bytes() == source.read_bytes() and stored.suffix == source.suffix
-        assert 4 <= entry.overlap <= 64 and entry.macs_per_pixel > 0 and entry.added
+        assert entry.macs_per_pixel > 0 and entry.added
+        assert (entry.overlap is None) == (arch in ("ESRGAN", "Compact"))  # those have the engine's own rule
+        assert entry.overlap is None or 4 <= entry.overlap <= 64
     assert (entries["tiny-gray"].input_channels, entries["tiny-gray"].output_channels) == (1, 1)
     assert entries["tiny-swinir"].size_multiple == 8 and not entries["tiny-swinir"].supports_half
     assert entries["tiny-compact"].kind == "anime" and entries["tiny-rrdb"].kind == "photo"
@@ -153,7 +155,7 @@ def test_each_model_enhances_with_the_right_size_and_tiles_match(weights_dir, na
 
     manager = _manager(weights_dir)
     spec = manager.spec(name)
-    channels = 1 if name == "tiny-gray" else 4 if name == "tiny-span" else 3  # gray and RGBA inputs too
+    channels = 1 if name == "tiny-gray" else 4 if name == "tiny-compact" else 3  # gray and RGBA inputs too
     image = _image(40, 36, channels)
     settings = EnhanceSettings(model=name, device="cpu", precision="fp32", quality_metrics=False, tile=0)
     whole = enhance_image_direct(image, settings, manager, config=manager.config)
@@ -309,6 +311,7 @@ def test_the_rest_api_imports_by_upload_and_url_enhances_and_removes(tmp_path, m
         refused = client.post("/api/v1/models/import", data={"url": f"{files}/tiny-span.pth", "sha256": "1" * 64,
                                                              "name": "span-bad"})
         assert refused.status_code == 503 and "Checksum mismatch" in refused.json()["error"]
+        assert [p.name for p in (tmp_path / "w" / "custom").iterdir() if p.name.startswith(".")] == []
         unknown = client.post("/api/v1/models/import", files={"file": ("x.pth", _mystery_bytes())})
         assert unknown.status_code == 422 and "Unknown architecture" in unknown.json()["error"]
         assert str(tmp_path) not in unknown.text

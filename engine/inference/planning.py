@@ -70,7 +70,7 @@ def overlap_for(spec: ModelSpec, tile: int) -> int:
     16..64 px; the compact SRVGG models settle within about 16 px; a model with a measured receptive radius
     (``spec.overlap``, the user's models) gets it, up to half the tile. Pure.
     """
-    if spec.overlap is not None and spec.arch not in ("RRDBNet", "SRVGGNetCompact"):
+    if spec.overlap is not None:
         return int(min(spec.overlap, max(8, tile // 2)))
     if spec.arch == "RRDBNet":
         return int(min(64, max(16, tile // 4)))

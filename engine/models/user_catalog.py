@@ -5,7 +5,8 @@ holds: the file is a ``.pth``/``.pt``/``.ckpt``/``.safetensors`` file; its SHA-2
 is pinned in the catalog either way and checked again whenever the model loads); it loads through the app's one
 safe load (:func:`engine.models.loader.read_state_dict`: tensors only, a pickle that would run code is refused);
 spandrel recognises its architecture; and it turns an image into an image. Then the network is measured once on a
-small input (receptive radius for the tile overlap, multiply-accumulates per pixel for time estimates), the file
+small input (multiply-accumulates per pixel for time estimates; the receptive radius for the tile overlap where
+the engine has no rule for the architecture), the file
 is moved into ``<weights dir>/custom/`` with an atomic rename and its entry written to
 ``<weights dir>/user_models.json``.
 
@@ -72,7 +73,8 @@ class UserModel:
         size_multiple: input sides must be multiples of this.
         min_size: the smallest input side the network takes.
         supports_half, supports_bfloat16: spandrel's judgement of fp16/bf16 inference.
-        overlap: measured receptive radius in input pixels (the tile overlap it needs, at most 64).
+        overlap: measured receptive radius in input pixels (the tile overlap it needs, at most 64); None where the
+            engine has a rule for the architecture (ESRGAN, Compact).
         macs_per_pixel: measured multiply-accumulates per input pixel (time estimates).
         license, source: what the user gave (licence text or SPDX id; where the file came from).
         added: UTC date and time of the import (ISO 8601).
@@ -92,7 +94,7 @@ class UserModel:
     min_size: int = 1
     supports_half: bool = False
     supports_bfloat16: bool = False
-    overlap: int = 16
+    overlap: int | None = None
     macs_per_pixel: int = 0
     license: str = ""
     source: str = ""
@@ -249,6 +251,8 @@ class UserCatalog:
             return self._publish(incoming, model, suffix)
         finally:
             incoming.unlink(missing_ok=True)
+            for leftover in (".part", ".lock"):  # an interrupted download's part file, the downloader's lock
+                incoming.with_name(incoming.name + leftover).unlink(missing_ok=True)
 
     def _check_request(self, name: str, kind: str, sha256: str | None, suffix: str) -> str | None:
         if suffix not in SUFFIXES:
@@ -283,7 +287,6 @@ class UserCatalog:
         if is_url:
             download_file(source, incoming, sha256=expected, name=name, progress=progress,
                           policy=policy or DownloadPolicy())
-            Path(f"{incoming}.lock").unlink(missing_ok=True)
         else:
             path = Path(source).expanduser()
             if not path.is_file():
@@ -336,7 +339,9 @@ def _inspect(path: Path, *, name: str, kind: str, sha256: str, license: str, sou
         net = loader.rgb_network(built.module, built.input_channels, built.output_channels)
     except ModelNotAvailableError as exc:
         raise InvalidInputError(f"{name} was not imported. {exc}") from exc
-    overlap, macs = measure_network(net, built.scale, max(detected.size_multiple, 1))
+    rule = built.architecture in _ARCH_OF  # the engine's own overlap rule for RRDBNet / Compact applies
+    overlap, macs = measure_network(net, built.scale, max(detected.size_multiple, 1), minimum=detected.min_size,
+                                    radius=not rule)
     return UserModel(
         name=name, architecture=built.architecture, scale=built.scale, kind=kind, sha256=sha256,
         size_bytes=path.stat().st_size, filename="", input_channels=built.input_channels,
@@ -346,21 +351,24 @@ def _inspect(path: Path, *, name: str, kind: str, sha256: str, license: str, sou
         added=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), tags=detected.tags)
 
 
-def measure_network(net, scale: int, multiple: int = 1, side: int = _PROBE_SIDE) -> tuple[int, int]:
-    """Receptive radius and cost of an RGB super-resolution network, measured once on a small input.
+def measure_network(net, scale: int, multiple: int = 1, *, minimum: int = 1, radius: bool = True
+                    ) -> tuple[int | None, int]:
+    """Cost and receptive radius of an RGB super-resolution network, measured once on a small input.
 
-    The radius is how far, in input pixels, a change of the centre pixel moves the output by more than 1/1000 of
-    the largest change: the context a tile needs from its neighbours (at most 64; 64 when the change reaches the
-    input's border). The cost is counted by torch's FLOP counter.
+    The cost is counted by torch's FLOP counter on one forward call. The radius is how far, in input pixels, a
+    change of the centre pixel moves the output by more than 1/1000 of the largest change: the context a tile
+    needs from its neighbours (at most 64; 64 when the change reaches the input's border). It costs a second
+    forward call on a 32×32 input, so it is only measured when asked (architectures without a rule of their own).
 
     Args:
         net: Nx3xHxW float32 in [0, 1] → Nx3x(H*scale)x(W*scale).
         scale: the network's scale.
         multiple: input sides must be multiples of this.
-        side: input side of the measuring run (rounded up to ``multiple``).
+        minimum: the smallest input side the network takes.
+        radius: measure the receptive radius too.
 
     Returns:
-        (radius in input pixels, multiply-accumulates per input pixel).
+        (radius in input pixels or None, multiply-accumulates per input pixel).
 
     Raises:
         InvalidInputError: the network fails on the input or gives the wrong size.
@@ -368,35 +376,38 @@ def measure_network(net, scale: int, multiple: int = 1, side: int = _PROBE_SIDE)
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    side = -(-side // multiple) * multiple
-    generator = torch.Generator().manual_seed(0)
-    image = torch.rand(1, 3, side, side, generator=generator)
-    changed = image.clone()
-    centre = side // 2
-    changed[:, :, centre, centre] = 1.0 - changed[:, :, centre, centre]
-    try:
-        with torch.inference_mode():
-            counter = FlopCounterMode(display=False)
-            with counter:
-                out = net(image)
-            out_changed = net(changed)
-    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-        raise InvalidInputError(f"The network fails on a {side}×{side} image ({str(exc).splitlines()[0][:200]}); "
-                                "it cannot be used.") from exc
+    side = -(-max(_PROBE_SIDE if radius else _PROBE_SIDE // 2, minimum) // multiple) * multiple
+    image = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0))
+    counter = FlopCounterMode(display=False)
+    out = _probe(net, image, counter)
     if tuple(out.shape) != (1, 3, side * scale, side * scale):
         raise InvalidInputError(f"The network gives {tuple(out.shape)} for a {side}×{side} image, not ×{scale} RGB; "
                                 "it cannot be used.")
-    diff = (out_changed - out).abs().amax(dim=(0, 1))
-    moved = torch.nonzero(diff > 1e-3 * float(diff.max()) if float(diff.max()) > 0 else diff > 0)
-    if len(moved):
-        reach = (moved.float() + 0.5) / scale - (centre + 0.5)
-        radius = int(reach.abs().max().ceil())
-    else:
-        radius = 0
-    if radius >= centre - 1:
-        radius = _MAX_OVERLAP  # it reaches the border: at least this wide
     macs = int(counter.get_total_flops() // 2 // (side * side))
-    return min(max(radius, 4), _MAX_OVERLAP), macs
+    if not radius:
+        return None, macs
+    centre = side // 2
+    changed = image.clone()
+    changed[:, :, centre, centre] = 1.0 - changed[:, :, centre, centre]
+    diff = (_probe(net, changed) - out).abs().amax(dim=(0, 1))
+    largest = float(diff.max())
+    moved = torch.nonzero(diff > 1e-3 * largest) if largest > 0 else torch.zeros(0, 2)
+    reach = int(((moved.float() + 0.5) / scale - (centre + 0.5)).abs().max().ceil()) if len(moved) else 0
+    return (_MAX_OVERLAP if reach >= centre - 1 else min(max(reach, 4), _MAX_OVERLAP)), macs
+
+
+def _probe(net, image, counter=None):
+    import contextlib
+
+    import torch
+
+    try:
+        with torch.inference_mode(), counter or contextlib.nullcontext():
+            return net(image)
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        side = image.shape[-1]
+        raise InvalidInputError(f"The network fails on a {side}×{side} image ({str(exc).splitlines()[0][:200]}); "
+                                "it cannot be used.") from exc
 
 
 def _fsync_dir(folder: Path) -> None:
