@@ -357,3 +357,23 @@ def test_the_advisor_offers_the_users_models_of_the_images_kind(weights_dir):
     photo = decide(AnalysisNumbers(content_type="photo", **numbers), machine)
     assert "tiny-compact" not in {alt["model"] for alt in photo.alternatives}
     assert {alt["model"] for alt in photo.alternatives} & {"tiny-rrdb", "tiny-swinir"}
+
+
+def test_gray_and_rgba_networks_run_as_rgb_networks():
+    from spandrel.architectures.Compact import Compact
+
+    from engine.models.loader import detect_network, rgb_network
+
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 8, 8)
+    for channels in (1, 4):
+        built = detect_network(Compact(num_in_ch=channels, num_out_ch=channels, num_feat=4, num_conv=1,
+                                       upscale=2).state_dict()).built
+        assert (built.input_channels, built.output_channels) == (channels, channels)
+        net = rgb_network(built.module, channels, channels)
+        with torch.inference_mode():
+            out = net(image)
+            own = built.module(image.mean(dim=1, keepdim=True) if channels == 1
+                               else torch.cat([image, torch.ones_like(image[:, :1])], dim=1))
+        assert out.shape == (1, 3, 16, 16)
+        assert torch.equal(out, own.expand(-1, 3, -1, -1) if channels == 1 else own[:, :3])

@@ -335,6 +335,9 @@ def _inspect(path: Path, *, name: str, kind: str, sha256: str, license: str, sou
     if detected.purpose not in _PURPOSES:
         raise InvalidInputError(f"{name} was not imported: it is a {built.architecture} network for "
                                 f"{detected.purpose}, not an image upscaler or restorer.")
+    if detected.square:
+        raise InvalidInputError(f"{name} was not imported: this {built.architecture} network takes square images "
+                                "only, which the tiled engine cannot guarantee.")
     try:
         net = loader.rgb_network(built.module, built.input_channels, built.output_channels)
     except ModelNotAvailableError as exc:
