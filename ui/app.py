@@ -72,9 +72,10 @@ def build_app(services) -> gr.Blocks:
             values[model] = gr.update(choices=form_mod.choices_for("model", services.model_manager),
                                       value=values[model])
             return [*values, bool(settings.get("auto_settings", True)),
-                    gr.update(choices=tab_presets.preset_choices(services.settings))]
+                    gr.update(choices=tab_presets.preset_choices(services.settings)),
+                    gr.update(choices=tab_video.model_choices())]
 
-        demo.load(on_page_load, outputs=[*image.form.components, batch.auto, presets.choice],
+        demo.load(on_page_load, outputs=[*image.form.components, batch.auto, presets.choice, video.model],
                   api_visibility="private", queue=False)
     return demo
 
