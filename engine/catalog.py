@@ -354,7 +354,8 @@ def active_catalog() -> Mapping[str, ModelSpec]:
 
 def sr_models() -> tuple[str, ...]:
     """Every super-resolution model: the official ones, then the user's."""
-    return SR_MODELS + tuple(n for n, s in active_catalog().items() if s.kind == "sr" and s.user)
+    user = {} if _active_user is None else _active_user.specs()
+    return SR_MODELS + tuple(n for n, s in user.items() if s.kind == "sr" and n not in CATALOG)
 
 
 def model_label(spec: ModelSpec) -> str:

@@ -135,6 +135,7 @@ class UserCatalog:
         self.path = self.weights_dir / CATALOG_FILE
         self.models_dir = self.weights_dir / MODELS_DIR
         self._cache: tuple[tuple[int, int] | None, Mapping[str, UserModel]] = (None, MappingProxyType({}))
+        self._specs: tuple[Mapping[str, UserModel] | None, Mapping[str, ModelSpec]] = (None, MappingProxyType({}))
         self._guard = threading.Lock()
 
     # ------------------------------------------------------------------ reading
@@ -160,7 +161,15 @@ class UserCatalog:
         return view
 
     def specs(self) -> Mapping[str, ModelSpec]:
-        return {name: model.spec() for name, model in self.entries().items()}
+        """The entries as catalog entries (built once per change of the file)."""
+        entries = self.entries()
+        with self._guard:
+            if self._specs[0] is entries:
+                return self._specs[1]
+        specs = MappingProxyType({name: model.spec() for name, model in entries.items()})
+        with self._guard:
+            self._specs = (entries, specs)
+        return specs
 
     def _read(self) -> dict[str, UserModel]:
         try:
