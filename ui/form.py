@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import gradio as gr
 
 from engine.catalog import CATALOG
-from engine.settings import Advice, EnhanceSettings, FieldSpec, changed_fields, merge, stored_fields
+from engine.settings import Advice, EnhanceSettings, FieldSpec, changed_fields, merge, sr_model_labels, stored_fields
 from engine.settings_manager import validate_settings
 
 #: The settings keys the form edits, in the order of :attr:`SettingsForm.components` (the stored settings).
@@ -56,13 +56,10 @@ def _model_choices(model_manager=None) -> list[tuple[str, str]]:
     if model_manager is not None:
         ready = {s.name: s.available for s in model_manager.list_models("sr")}
     choices = []
-    for name in stored_fields()["model"].choice_values():
-        if name == "auto":
-            choices.append(("Auto — picked for the image and the scale", "auto"))
-            continue
-        spec = CATALOG[name]
-        state = "" if not ready else (" · ready" if ready.get(name) else " · downloads on first use")
-        choices.append((f"{name} (×{spec.scale}) — {spec.description}{state}", name))
+    for name, label in sr_model_labels().items():
+        state = "" if not ready or name == "auto" else (
+            " · ready" if ready.get(name) else " · downloads on first use")
+        choices.append((label + state, name))
     return choices
 
 

@@ -278,6 +278,8 @@ def rest_fields() -> dict[str, tuple[str, FieldSpec]]:
 
 def _annotation(spec: FieldSpec) -> Any:
     """The field's type with the model's choices (an OpenAPI enum) and ranges (minimum/maximum)."""
+    if spec.kind == "choice" and callable(spec.choices):  # the models: one imported later is valid too
+        return Annotated[str, Field(json_schema_extra=lambda schema: schema.update(enum=list(spec.choice_values())))]
     if spec.kind == "choice":
         return Literal.__getitem__(spec.choice_values())
     if spec.kind == "bool":
@@ -534,6 +536,24 @@ def create_api_router(services: "Services") -> APIRouter:
         statuses = await anyio.to_thread.run_sync(services.model_manager.list_models)
         return {"models": [{k: v for k, v in s.as_dict().items() if k != "path"} for s in statuses]}
 
+    # ---------------------------------------------------------------- the user's own models (import, remove)
+    @router.post("/models/import", dependencies=[Depends(require_key)], responses={
+        code: _ERRORS[code] for code in (413, 422, 503)}, summary="Import your own model")
+    async def import_model(file: UploadFile | None = File(None, description="A .pth/.pt/.ckpt/.safetensors file."),
+                           url: str | None = Form(None, description="Or an http(s) URL to download it from."),
+                           name: str | None = Form(None), kind: str = Form("general"),
+                           sha256: str | None = Form(None), license: str = Form("")) -> dict:
+        """Import a model like ``python main.py models add``: checked, hashed, copied into the weights dir."""
+        data = await file.read() if file is not None else None
+        return {"model": await anyio.to_thread.run_sync(
+            lambda: _import_model(services, data, file.filename if file else None, url, name, kind, sha256,
+                                  license))}
+
+    @router.delete("/models/{name}", dependencies=[Depends(require_key)], summary="Remove an imported model")
+    async def remove_model(name: str) -> dict:
+        await anyio.to_thread.run_sync(lambda: _remove_model(services, name))
+        return {"removed": name}
+
     return router
 
 
@@ -550,6 +570,42 @@ def _answer_http_errors_under_the_prefix(app: FastAPI) -> None:
         return await previous(request, exc)
 
     app.add_exception_handler(StarletteHTTPException, handler)
+
+
+def _import_model(services: "Services", data: bytes | None, filename: str | None, url: str | None,
+                  name: str | None, kind: str, sha256: str | None, license: str) -> dict:
+    """Import an uploaded file (through a private temp file) or a URL into the user catalog; the entry as JSON."""
+    import tempfile
+
+    from engine.downloader import DownloadPolicy
+    from engine.errors import InvalidSettingsError
+
+    catalog = services.model_manager.user_catalog
+    if catalog is None:
+        raise InvalidSettingsError("This server's model catalog is fixed; models cannot be imported.")
+    if (data is None) == (not url):
+        raise InvalidSettingsError("Send either a model file or a url, not both or neither.")
+    config = services.config
+    policy = DownloadPolicy(timeout=config.download_timeout, retries=config.download_retries)
+    if url:
+        return catalog.import_model(url, name=name, kind=kind, sha256=sha256, license=license, policy=policy).as_dict()
+    upload = Path(filename or "model").name
+    config.temp_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=config.temp_dir) as folder:
+        path = Path(folder) / upload
+        path.write_bytes(data or b"")
+        model = catalog.import_model(str(path), name=name or Path(upload).stem, kind=kind, sha256=sha256,
+                                     license=license)
+    return model.as_dict()
+
+
+def _remove_model(services: "Services", name: str) -> None:
+    from engine.errors import InvalidSettingsError
+
+    if services.model_manager.user_catalog is None:
+        raise InvalidSettingsError("This server's model catalog is fixed; models cannot be removed.")
+    services.model_manager.user_catalog.remove(name)
+    services.model_manager.unload_model(name)
 
 
 def install_api(app: FastAPI, services: "Services") -> None:

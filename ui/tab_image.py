@@ -214,6 +214,74 @@ def api_settings(raw: object) -> dict:
     return {key: validated[key] for key in values if key in validated}
 
 
+# ------------------------------------------------------------------------------------------------ compare models
+COMPARE_MIN, COMPARE_MAX = 2, 3
+
+
+@dataclass(frozen=True)
+class ModelComparison:
+    """The same input through two or three models, at one output size.
+
+    ``previews`` are (model, HxWx3 uint8 preview) pairs of one size, in the order asked; ``reports`` the engine's
+    report of each run (time, size, metrics).
+    """
+
+    previews: tuple[tuple[str, np.ndarray], ...]
+    reports: tuple[dict, ...]
+
+    def markdown(self) -> str:
+        """A table: model, time, output size and the quality metrics of each run."""
+        lines = ["| Model | Time | Output | Quality |", "|---|---|---|---|"]
+        for report in self.reports:
+            size = "×".join(str(v) for v in report.get("output_size", []))
+            quality = "; ".join(f"{k} {v}" for k, v in metric_rows(report.get("metrics", {}))) or "—"
+            lines.append(f"| `{report.get('model')}` | {float(report.get('seconds', 0)):.1f} s | {size} | "
+                         f"{quality} |")
+        return "\n".join(lines)
+
+
+def compare_models(services, path: str | Path, settings: Mapping[str, object], models: list[str], *,
+                   progress: Callable[[float, str], None] | None = None, cancel=None) -> ModelComparison:
+    """Run one uploaded image through each of ``models`` with the same settings and output size.
+
+    The output size is the settings' (or the largest native scale among the models), so models of different
+    scales line up on the slider. Nothing is saved.
+
+    Raises:
+        InvalidSettingsError: fewer than two or more than three models, or a model that is not offered.
+    """
+    from engine.errors import InvalidSettingsError
+
+    models = list(dict.fromkeys(m for m in models if m and m != "auto"))
+    if not COMPARE_MIN <= len(models) <= COMPARE_MAX:
+        raise InvalidSettingsError(f"Choose {COMPARE_MIN} or {COMPARE_MAX} different models to compare.")
+    config = services.config
+    path = Path(path)
+    check_image_upload(path, config)
+    base = form_mod.to_enhance_settings(settings)
+    if base.requested_scale(1, 1) is None:
+        base = base.replace(outscale=float(max(services.model_manager.spec(m).scale for m in models)))
+    report = progress or (lambda _fraction, _message: None)
+    results = []
+    with device_slot(services, notify=lambda text: report(0.0, text)):
+        for index, model in enumerate(models):
+            def step(fraction: float, message: str, index=index, model=model) -> None:
+                report((index + fraction) / len(models), f"{model}: {message}")
+
+            results.append(enhance_image_direct(str(path), base.replace(model=model), services.model_manager,
+                                                step, config=config, cancel=cancel))
+    previews = tuple((model, _previews(path, result, config)[1][:, :, :3]) for model, result in zip(models, results))
+    return ModelComparison(previews=previews, reports=tuple(json.loads(json.dumps(r.report(), default=str))
+                                                             for r in results))
+
+
+def compare_choices() -> list[tuple[str, str]]:
+    """The models offered for a comparison (every super-resolution model but "auto")."""
+    from engine.settings import sr_model_labels
+
+    return [(label, name) for name, label in sr_model_labels().items() if name != "auto"]
+
+
 # ------------------------------------------------------------------------------------------------ the tab
 @dataclass
 class ImageTab:
@@ -235,6 +303,28 @@ class ImageTab:
     api_report: gr.JSON
     api_analyze: gr.Button
     api_advice: gr.JSON
+    compare: "ComparePanel"
+
+
+@dataclass
+class ComparePanel:
+    models: gr.Dropdown
+    run: gr.Button
+    gallery: gr.Gallery
+    table: gr.Markdown
+
+
+def render_compare() -> ComparePanel:
+    with gr.Accordion("Compare models", open=False, elem_id="compare-panel") as panel:
+        models = gr.Dropdown(compare_choices(), multiselect=True, max_choices=COMPARE_MAX, value=[],
+                             label="Two or three models", elem_id="compare-models",
+                             info="The same image and settings through each; the first two go on the slider.")
+        run = gr.Button("Compare", elem_id="compare-button")
+        gallery = gr.Gallery(label="Each model's result", columns=COMPARE_MAX, height=260, elem_id="compare-gallery")
+        table = gr.Markdown("", elem_id="compare-metrics", padding=True)
+    panel.expand(lambda: gr.update(choices=compare_choices()), outputs=[models], api_visibility="private",
+                 queue=False)  # models imported since the page loaded
+    return ComparePanel(models, run, gallery, table)
 
 
 def render(services, initial_settings: Mapping[str, object]) -> ImageTab:
@@ -261,6 +351,7 @@ def render(services, initial_settings: Mapping[str, object]) -> ImageTab:
             metrics = gr.Markdown("", elem_id="result-metrics", padding=True)
             download = gr.DownloadButton("Download the full-size result", visible=False, variant="primary",
                                          elem_id="download-result")
+            compare = render_compare()
     token = gr.State(CancelToken())
 
     # Named API endpoints (hidden widgets: the API takes the image, and optionally a settings object).
@@ -273,7 +364,7 @@ def render(services, initial_settings: Mapping[str, object]) -> ImageTab:
         api_analyze = gr.Button("api analyze")
         api_advice = gr.JSON(label="analysis")
     return ImageTab(image, advice, apply, recommended, form, enhance, cancel, slider, metrics, download, token,
-                    api_image, api_settings, api_run, api_result, api_report, api_analyze, api_advice)
+                    api_image, api_settings, api_run, api_result, api_report, api_analyze, api_advice, compare)
 
 
 def listen(tab: ImageTab, services) -> None:
@@ -335,6 +426,8 @@ def listen(tab: ImageTab, services) -> None:
     tab.cancel.click(on_cancel, inputs=[tab.token], outputs=None, api_visibility="private", queue=False,
                      cancels=[enhance_event])
 
+    listen_compare(tab, services)
+
     # ---- named API endpoints
     def api_enhance(image, settings=None, progress=gr.Progress()):
         """Enhance an image. `settings` (optional) is a JSON object of settings (model, outscale, tile,
@@ -362,3 +455,24 @@ def listen(tab: ImageTab, services) -> None:
 
     tab.api_analyze.click(api_analyze, inputs=[tab.api_image], outputs=[tab.api_advice], api_name="analyze",
                           preprocess=False, concurrency_id="analyze", concurrency_limit=2)
+
+
+def listen_compare(tab: ImageTab, services) -> None:
+    panel = tab.compare
+
+    def on_compare(payload, models, token: CancelToken, *values, progress=gr.Progress()):
+        path = upload_path(payload)
+        if path is None:
+            raise gr.Error("Upload an image first (drag it onto the left box, or paste it).", title="No image")
+        event = token.start()
+        with friendly_errors("compare models"):
+            settings = form_mod.widget_values_to_settings(values)
+            comparison = compare_models(services, path, settings, list(models or []),
+                                        progress=gradio_progress(progress), cancel=event)
+        (first, left), (second, right) = comparison.previews[:2]
+        gr.Info(f"On the slider: {first} (left) and {second} (right).")
+        return ((left, right), [(image, model) for model, image in comparison.previews], comparison.markdown())
+
+    panel.run.click(on_compare, inputs=[tab.image, panel.models, tab.token, *tab.form.components],
+                    outputs=[tab.slider, panel.gallery, panel.table], preprocess=False, api_visibility="private",
+                    concurrency_id="device", show_progress_on=[tab.slider])

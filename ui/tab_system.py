@@ -1,5 +1,5 @@
-"""Tab 5, System Info: devices and memory, versions, the model catalog with local status and downloads, and the
-disk used by weights and outputs.
+"""Tab 5, System Info: devices and memory, versions, the model catalog with local status and downloads, importing
+and removing your own models, and the disk used by weights and outputs.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def model_rows(services) -> list[list[object]]:
                   "package": "Ready (installed package)"}.get(s.source, "Not downloaded")
         if not s.available:
             status = "Not downloaded" if s.url else "Unavailable"
-        rows.append([s.name, s.kind, f"×{s.scale}", status, human_bytes(s.size_bytes) if s.size_bytes else "—",
+        kind = s.kind if s.tag is None else f"yours: {s.tag}"
+        rows.append([s.name, kind, f"×{s.scale}", status, human_bytes(s.size_bytes) if s.size_bytes else "—",
                      s.license, s.description])
     return rows
 
@@ -87,6 +88,7 @@ class SystemTab:
     refresh: gr.Button
     status: gr.Markdown
     free: gr.Button
+    own: "ImportPanel"
 
 
 def free_space(services) -> str:
@@ -113,7 +115,8 @@ def render(services) -> SystemTab:
                                      info="Weights come from the official release and are checked (SHA-256).")
                 download = gr.Button("Download", scale=1)
             status = gr.Markdown("", padding=True)
-    return SystemTab(info, models, choice, download, refresh, status, free)
+            own = render_import(services)
+    return SystemTab(info, models, choice, download, refresh, status, free, own)
 
 
 def listen(tab: SystemTab, services, demo: gr.Blocks) -> None:
@@ -149,3 +152,93 @@ def listen(tab: SystemTab, services, demo: gr.Blocks) -> None:
 
     tab.download.click(on_download, inputs=[tab.choice], outputs=[tab.status, tab.models, tab.choice],
                        api_visibility="private", concurrency_id="download", concurrency_limit=1)
+    listen_import(tab.own, tab, services)
+
+
+# ------------------------------------------------------------------------------------------------ your own models
+@dataclass
+class ImportPanel:
+    """Import a model from an uploaded file or a URL; remove an imported one."""
+
+    file: gr.File
+    url: gr.Textbox
+    name: gr.Textbox
+    kind: gr.Radio
+    sha256: gr.Textbox
+    run: gr.Button
+    remove_choice: gr.Dropdown
+    remove: gr.Button
+    status: gr.Markdown
+
+
+def imported(services) -> list[str]:
+    catalog = services.model_manager.user_catalog
+    return list(catalog.entries()) if catalog is not None else []
+
+
+def render_import(services) -> ImportPanel:
+    from engine.models.user_catalog import KINDS, SUFFIXES
+
+    with gr.Accordion("Add your own model", open=False, elem_id="import-panel"):
+        gr.Markdown("A super-resolution model from OpenModelDB or elsewhere (.pth, .pt, .ckpt or .safetensors of "
+                    "an architecture spandrel knows: ESRGAN, Compact, SwinIR, SPAN, HAT, DAT…). It is checked, "
+                    "hashed and copied into the weights folder; files that would run code are refused.")
+        with gr.Row():
+            file = gr.File(label="Model file", file_types=list(SUFFIXES), type="filepath", elem_id="import-file")
+            with gr.Column():
+                url = gr.Textbox(label="…or its URL", placeholder="https://…/4x-Model.safetensors",
+                                 elem_id="import-url")
+                name = gr.Textbox(label="Name (optional)", placeholder="the file name", elem_id="import-name")
+        with gr.Row():
+            kind = gr.Radio(list(KINDS), value="general", label="What it is for", elem_id="import-kind")
+            sha256 = gr.Textbox(label="SHA-256 (optional)", info="The file is refused unless it has this hash.")
+        run = gr.Button("Import", variant="primary", elem_id="import-button")
+        with gr.Row():
+            remove_choice = gr.Dropdown(imported(services), label="Remove an imported model", value=None, scale=3)
+            remove = gr.Button("Remove", scale=1, variant="stop")
+        status = gr.Markdown("", padding=True, elem_id="import-status")
+    return ImportPanel(file, url, name, kind, sha256, run, remove_choice, remove, status)
+
+
+def listen_import(panel: ImportPanel, tab: SystemTab, services) -> None:
+    def on_import(path, url, name, kind, sha256, progress=gr.Progress()):
+        catalog = services.model_manager.user_catalog
+        if catalog is None:
+            raise gr.Error("This server's model catalog is fixed.", title="Import")
+        if bool(path) == bool((url or "").strip()):
+            raise gr.Error("Give either a model file or its URL.", title="Nothing to import")
+
+        def report(done: int, total: int | None) -> None:
+            progress(done / total if total else None, desc=f"Downloading: {human_bytes(done)}")
+
+        from pathlib import Path
+
+        from engine.downloader import DownloadPolicy
+
+        config = services.config
+        with friendly_errors("import model"):
+            model = catalog.import_model(
+                str(path) if path else url.strip(), name=(name or "").strip() or None, kind=kind,
+                sha256=(sha256 or "").strip() or None, progress=report,
+                policy=DownloadPolicy(timeout=config.download_timeout, retries=config.download_retries))
+        if path:
+            Path(path).unlink(missing_ok=True)  # the upload's temporary copy
+        message = (f"Imported **{model.name}**: {model.architecture} ×{model.scale}, {model.kind}. Reload the page "
+                   "to choose it in the Image and Batch tabs.")
+        return message, model_rows(services), gr.update(choices=imported(services), value=None), None, ""
+
+    panel.run.click(on_import, inputs=[panel.file, panel.url, panel.name, panel.kind, panel.sha256],
+                    outputs=[panel.status, tab.models, panel.remove_choice, panel.file, panel.url],
+                    api_visibility="private", concurrency_id="download", concurrency_limit=1)
+
+    def on_remove(name):
+        if not name:
+            raise gr.Error("Choose an imported model to remove.", title="No model")
+        with friendly_errors("remove model"):
+            services.model_manager.user_catalog.remove(name)
+            services.model_manager.unload_model(name)
+        return f"Removed **{name}**.", model_rows(services), gr.update(choices=imported(services), value=None)
+
+    panel.remove.click(on_remove, inputs=[panel.remove_choice],
+                       outputs=[panel.status, tab.models, panel.remove_choice], api_visibility="private",
+                       concurrency_id="download", concurrency_limit=1)

@@ -53,6 +53,8 @@ def effective_precision(spec: ModelSpec, device_type: str, requested: str) -> st
     precision = default_precision(device_type) if requested == "auto" else requested
     if precision == "fp16" and (device_type == "cpu" or not spec.supports_half):
         precision = "fp32"
+    if precision == "bf16" and not spec.supports_bfloat16:
+        precision = "fp32"
     return precision
 
 
@@ -65,8 +67,11 @@ def overlap_for(spec: ModelSpec, tile: int) -> int:
     """The tile overlap ("auto") for a model and tile: context enough to hide seams at ≤ ~30% extra compute.
 
     RRDBNet's receptive field is wide (a tile edge still shows 10-20 px in), so it gets a quarter of the tile,
-    16..64 px; the compact SRVGG models settle within about 16 px. Pure.
+    16..64 px; the compact SRVGG models settle within about 16 px; a model with a measured receptive radius
+    (``spec.overlap``, the user's models) gets it, up to half the tile. Pure.
     """
+    if spec.overlap is not None:
+        return int(min(spec.overlap, max(8, tile // 2)))
     if spec.arch == "RRDBNet":
         return int(min(64, max(16, tile // 4)))
     return int(min(32, max(8, tile // 8)))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import math
 import os
 import pickle
 import warnings
@@ -43,8 +44,11 @@ __all__ = [
     "OWN_BUILDERS",
     "SPANDREL_ARCHITECTURES",
     "BuiltNetwork",
+    "DetectedNetwork",
     "build_network",
     "check_safe_environment",
+    "detect_network",
+    "rgb_network",
     "read_state_dict",
     "reference_network",
     "unwrap_state_dict",
@@ -132,7 +136,13 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except ModelNotAvailableError:
         raise
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError, IndexError,
+    except pickle.UnpicklingError as exc:
+        raise ModelNotAvailableError(
+            f"Refused to load {path.name}: it is damaged or not a plain weights file — it holds Python objects that "
+            f"would run code when loaded ({_first_line(exc)}). Only tensors are loaded; ask for a .safetensors file "
+            "or a plain state dict."
+        ) from exc
+    except (RuntimeError, EOFError, ValueError, AttributeError, TypeError, IndexError,
             KeyError, UnicodeDecodeError, OSError) as exc:
         raise ModelNotAvailableError(
             f"Could not load weights from {path.name}: {_first_line(exc)}. "
@@ -201,7 +211,7 @@ def build_network(arch: str, state_dict: StateDict, arch_params: ArchParams | No
             (the message says what they hold and what to do).
     """
     params: ArchParams = arch_params or {}
-    if arch in SPANDREL_ARCHITECTURES:
+    if arch in SPANDREL_ARCHITECTURES or arch in spandrel_ids():
         built = _build_with_spandrel(arch, state_dict, params)
     elif arch in OWN_BUILDERS:
         try:
@@ -222,7 +232,7 @@ def build_network(arch: str, state_dict: StateDict, arch_params: ArchParams | No
 def _build_with_spandrel(arch: str, state_dict: StateDict, params: ArchParams) -> BuiltNetwork:
     from spandrel import ImageModelDescriptor, UnsupportedModelError
 
-    expected = SPANDREL_ARCHITECTURES[arch]
+    expected = SPANDREL_ARCHITECTURES.get(arch, arch)
     try:
         descriptor = _spandrel_registry().load(state_dict)
     except UnsupportedModelError as exc:
@@ -244,6 +254,113 @@ def _build_with_spandrel(arch: str, state_dict: StateDict, params: ArchParams) -
                         output_channels=int(descriptor.output_channels),
                         supports_half=bool(descriptor.supports_half),
                         supports_bfloat16=bool(descriptor.supports_bfloat16))
+
+
+@dataclass(frozen=True)
+class DetectedNetwork:
+    """What a state dict holds, as spandrel reads it from the tensor shapes (:func:`detect_network`).
+
+    Attributes:
+        built: the network (float32, CPU, eval mode) and its architecture id, scale, channels, fp16/bf16 support.
+        purpose: spandrel's purpose (``"SR"``, ``"Restoration"`` for 1× models, ``"FaceSR"``, ``"Inpainting"``...).
+        size_multiple: input sides must be multiples of this (spandrel's size requirement, and the attention
+            window of window-attention networks so tiles see the same windows as the whole image).
+        min_size: the smallest input side the network takes.
+        square: the network takes square inputs only.
+        tiling: spandrel's advice: ``"supported"``, ``"discouraged"`` or ``"internal"``.
+        tags: spandrel's short description of the hyper-parameters (``"64nf"``, ``"23nb"``...).
+    """
+
+    built: BuiltNetwork
+    purpose: str
+    size_multiple: int = 1
+    min_size: int = 1
+    square: bool = False
+    tiling: str = "supported"
+    tags: tuple[str, ...] = ()
+
+
+def spandrel_ids() -> frozenset[str]:
+    """Every architecture id spandrel's registry knows (``"ESRGAN"``, ``"SwinIR"``, ``"SPAN"``...)."""
+    return frozenset(str(support.architecture.id) for support in _spandrel_registry().architectures())
+
+
+def detect_network(state_dict: StateDict) -> DetectedNetwork:
+    """Detect the architecture and hyper-parameters of ``state_dict`` (any architecture spandrel knows) and build it.
+
+    Args:
+        state_dict: unwrapped weights (:func:`read_state_dict`).
+
+    Returns:
+        A :class:`DetectedNetwork`.
+
+    Raises:
+        ModelNotAvailableError: no known architecture has these tensors, or the detected one does not fit them
+            (the message says which, and what to do).
+    """
+    from spandrel import ImageModelDescriptor, UnsupportedModelError
+
+    try:
+        descriptor = _spandrel_registry().load(state_dict)
+    except UnsupportedModelError as exc:
+        sample = ", ".join(list(state_dict)[:3])
+        raise ModelNotAvailableError(
+            f"Unknown architecture: none of the {len(spandrel_ids())} architectures this app can run fits these "
+            f"{len(state_dict)} tensors (first keys: {sample}). Use a model for an architecture spandrel supports "
+            "(ESRGAN, Real-ESRGAN Compact, SwinIR, SPAN, HAT, DAT, ...).") from exc
+    except (RuntimeError, KeyError, ValueError, IndexError, AssertionError) as exc:
+        raise ModelNotAvailableError(f"The weights look like a known architecture but do not fit it "
+                                     f"({_first_line(exc)}); the file is damaged or a variant this app cannot "
+                                     "run.") from exc
+    if not isinstance(descriptor, ImageModelDescriptor):
+        raise ModelNotAvailableError(f"The weights hold a {descriptor.architecture.name} network, which does not "
+                                     "turn one image into another (e.g. inpainting); it cannot upscale.")
+    module = descriptor.model.eval().requires_grad_(False)
+    size = descriptor.size_requirements
+    window = getattr(module, "window_size", None)
+    multiple = math.lcm(int(size.multiple_of), int(window) if isinstance(window, int) and window > 0 else 1)
+    built = BuiltNetwork(module=module, architecture=str(descriptor.architecture.id), scale=int(descriptor.scale),
+                         input_channels=int(descriptor.input_channels),
+                         output_channels=int(descriptor.output_channels),
+                         supports_half=bool(descriptor.supports_half),
+                         supports_bfloat16=bool(descriptor.supports_bfloat16))
+    return DetectedNetwork(built=built, purpose=str(descriptor.purpose), size_multiple=multiple,
+                           min_size=int(size.minimum), square=bool(size.square),
+                           tiling=str(getattr(descriptor.tiling, "name", "SUPPORTED")).lower(),
+                           tags=tuple(str(t) for t in descriptor.tags))
+
+
+def rgb_network(module: nn.Module, input_channels: int, output_channels: int) -> nn.Module:
+    """``module`` taking and giving Nx3xHxW RGB, as the engine runs every super-resolution network.
+
+    A gray network (1 channel) gets the mean of R, G and B and its output is repeated to three channels; an RGBA
+    network (4) gets an opaque alpha and its colour is kept (the engine upscales alpha itself). An RGB network is
+    returned as it is.
+
+    Raises:
+        ModelNotAvailableError: a channel count other than 1, 3 or 4.
+    """
+    if (input_channels, output_channels) == (3, 3):
+        return module
+    if input_channels not in (1, 3, 4) or output_channels not in (1, 3, 4):
+        raise ModelNotAvailableError(f"A network with {input_channels} input and {output_channels} output "
+                                     "channels is not an image model this app can run (1, 3 or 4 channels).")
+    import torch
+
+    class RGBAdapter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = module
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if input_channels == 1:
+                x = x.mean(dim=1, keepdim=True)
+            elif input_channels == 4:
+                x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+            y = self.net(x)
+            return y.expand(-1, 3, -1, -1) if output_channels == 1 else y[:, :3]
+
+    return RGBAdapter()
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,385 @@
+"""The user's own models: tiny random-weight networks of five architectures, built with spandrel's own classes and
+saved as ``.pth`` and ``.safetensors``, are imported through the CLI and the REST API (upload and a URL on a
+loopback server), run through the real engine like the official models (output size and channels; tiled equals
+untiled), appear among the model choices, and are removed; a code-running pickle, an unknown architecture and a
+hash mismatch are refused with messages that say why. No network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import json
+import pickle
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.errors import ChecksumMismatchError, InvalidInputError, InvalidSettingsError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_user_catalog_afterwards():
+    """The model managers here make their weights dir's catalog the process's choices; other modules start clean."""
+    from engine.catalog import use_user_catalog
+
+    yield
+    use_user_catalog(None)
+
+
+def _networks() -> dict[str, tuple[torch.nn.Module, str, int]]:
+    """name -> (tiny network, spandrel architecture id, scale)."""
+    from spandrel.architectures.Compact import Compact
+    from spandrel.architectures.ESRGAN import ESRGAN
+    from spandrel.architectures.SPAN import SPAN
+    from spandrel.architectures.SwinIR import SwinIR
+
+    torch.manual_seed(0)
+    return {
+        "tiny-rrdb": (ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=4), "ESRGAN", 4),
+        "tiny-compact": (Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=3), "Compact", 3),
+        "tiny-swinir": (SwinIR(img_size=16, in_chans=3, embed_dim=12, depths=[2], num_heads=[2], window_size=8,
+                               mlp_ratio=2.0, upscale=2, upsampler="pixelshuffledirect"), "SwinIR", 2),
+        "tiny-span": (SPAN(num_in_ch=3, num_out_ch=3, feature_channels=8, upscale=2), "SPAN", 2),
+        "tiny-dejpeg-1x": (ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=1, shuffle_factor=4),
+                           "ESRGAN", 1),
+        "tiny-gray": (Compact(num_in_ch=1, num_out_ch=1, num_feat=8, num_conv=2, upscale=2), "Compact", 2),
+    }
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory) -> dict[str, Path]:
+    """Each network saved twice: a torch ``.pth`` (wrapped in ``params_ema``, as BasicSR saves) and ``.safetensors``."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("custom-models")
+    files = {}
+    for name, (net, _arch, _scale) in _networks().items():
+        state = {k: v.contiguous() for k, v in net.state_dict().items()}
+        torch.save({"params_ema": state}, folder / f"{name}.pth")
+        save_file(state, folder / f"{name}.safetensors")
+        files[name] = folder / f"{name}.pth"
+        files[name + "-st"] = folder / f"{name}.safetensors"
+    return files
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory, model_files) -> Path:
+    """A weights dir where every model was imported through the CLI (the .safetensors file for half of them)."""
+    import main
+
+    folder = tmp_path_factory.mktemp("custom-weights")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("REALESRGAN_WEIGHTS_DIR", str(folder))
+        patch.setenv("REALESRGAN_CONFIG_DIR", str(folder.parent / "cfg"))
+        patch.setenv("REALESRGAN_LOG_DIR", str(folder.parent / "logs"))
+        for index, name in enumerate(_networks()):
+            source = model_files[name + "-st"] if index % 2 else model_files[name]
+            kind = "anime" if "compact" in name else "photo"
+            assert main.main(["models", "add", str(source), "--name", name, "--kind", kind]) == 0
+    return folder
+
+
+def _manager(weights_dir: Path):
+    from config import Config
+    from engine.model_manager import ModelManager
+
+    return ModelManager(Config.from_env(env={}, dotenv_path=None, weights_dir=weights_dir, download_retries=0,
+                                        device="cpu"))
+
+
+def _image(width: int, height: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    smooth = rng.integers(0, 256, (height // 4 + 1, width // 4 + 1, channels)).astype(np.uint8)
+    import cv2
+
+    image = cv2.resize(smooth, (width, height), interpolation=cv2.INTER_CUBIC)
+    return image.reshape(height, width, channels) if channels == 1 else image
+
+
+# ------------------------------------------------------------------------------------------------ import, detect
+def test_the_cli_import_detects_architecture_scale_and_channels(weights_dir, model_files):
+    from engine.models.user_catalog import UserCatalog
+
+    entries = UserCatalog(weights_dir).entries()
+    assert list(entries) == list(_networks())
+    for name, (_net, arch, scale) in _networks().items():
+        entry = entries[name]
+        source = model_files[name + "-st"] if list(_networks()).index(name) % 2 else model_files[name]
+        assert (entry.architecture, entry.scale) == (arch, scale)
+        assert entry.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+        assert entry.size_bytes == source.stat().st_size
+        stored = weights_dir / entry.filename
+        assert stored.read_bytes() == source.read_bytes() and stored.suffix == source.suffix
+        assert entry.macs_per_pixel > 0 and entry.added
+        assert (entry.overlap is None) == (arch in ("ESRGAN", "Compact"))  # those have the engine's own rule
+        assert entry.overlap is None or 4 <= entry.overlap <= 64
+    assert (entries["tiny-gray"].input_channels, entries["tiny-gray"].output_channels) == (1, 1)
+    assert entries["tiny-swinir"].size_multiple == 8 and not entries["tiny-swinir"].supports_half
+    assert entries["tiny-compact"].kind == "anime" and entries["tiny-rrdb"].kind == "photo"
+    assert not list((weights_dir / "custom").glob(".incoming-*"))  # nothing half-imported is left behind
+
+
+def test_models_list_shows_both_catalogs(weights_dir, monkeypatch, capsys):
+    import main
+
+    monkeypatch.setenv("REALESRGAN_WEIGHTS_DIR", str(weights_dir))
+    assert main.main(["models", "list", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["RealESRGAN_x4plus"]["tag"] is None
+    assert rows["tiny-span"]["tag"] == "photo" and rows["tiny-span"]["available"]
+    assert rows["tiny-compact"]["scale"] == 3
+
+
+def test_imported_models_are_model_choices_everywhere(weights_dir):
+    from engine.settings import EnhanceSettings, sr_model_choices, sr_model_labels
+    from main import build_parser
+
+    _manager(weights_dir)  # the app's model manager makes its weights dir's user catalog the active one
+    assert set(_networks()) <= set(sr_model_choices())
+    assert EnhanceSettings(model="tiny-swinir").model == "tiny-swinir"
+    assert sr_model_labels()["tiny-compact"].startswith("tiny-compact (×3) — your anime model (Compact")
+    args = build_parser().parse_args(["enhance", "x.png", "-o", "y.png", "--model", "tiny-span"])
+    assert args.model == "tiny-span"
+    from ui.form import choices_for
+    from ui.tab_image import compare_choices
+    from ui.tab_video import model_choices
+
+    for choices in (choices_for("model"), model_choices(), compare_choices()):
+        assert {"tiny-gray", "RealESRGAN_x4plus"} <= {value for _label, value in choices}
+
+
+# ------------------------------------------------------------------------------------------------ the engine
+@pytest.mark.parametrize("name", list(_networks()))
+def test_each_model_enhances_with_the_right_size_and_tiles_match(weights_dir, name):
+    from engine.processor import enhance_image_direct
+    from engine.settings import EnhanceSettings
+
+    manager = _manager(weights_dir)
+    spec = manager.spec(name)
+    channels = 1 if name == "tiny-gray" else 4 if name == "tiny-compact" else 3  # gray and RGBA inputs too
+    image = _image(40, 36, channels)
+    settings = EnhanceSettings(model=name, device="cpu", precision="fp32", quality_metrics=False, tile=0)
+    whole = enhance_image_direct(image, settings, manager, config=manager.config)
+    assert whole.pixels.shape == (36 * spec.scale, 40 * spec.scale, channels)
+    assert whole.model == name
+    tiled = enhance_image_direct(image, settings.replace(tile=16), manager, config=manager.config)
+    assert tiled.tile == 16
+    difference = np.abs(tiled.pixels.astype(int) - whole.pixels.astype(int))
+    assert difference.mean() < 0.5 and np.percentile(difference, 99) <= 2, (name, difference.max())
+
+
+def test_the_overlap_comes_from_the_measured_receptive_field(weights_dir):
+    from engine.inference.planning import overlap_for
+
+    manager = _manager(weights_dir)
+    swinir, span = manager.spec("tiny-swinir"), manager.spec("tiny-span")
+    assert overlap_for(swinir, 256) == swinir.overlap and overlap_for(span, 256) == span.overlap
+    assert overlap_for(span, 8) == min(span.overlap, 8)
+    assert swinir.pad_multiple == 8 and manager.spec("tiny-dejpeg-1x").pad_multiple == 4
+    assert manager.spec("tiny-rrdb").arch == "RRDBNet"  # the official RRDBNet rules apply to an ESRGAN import
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+class _Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    from engine.models.user_catalog import UserCatalog
+
+    marker = tmp_path / "pwned"
+    for path in (tmp_path / "evil.pth", tmp_path / "legacy.ckpt"):
+        if path.suffix == ".pth":
+            torch.save({"params_ema": {"body.0.weight": _Evil(marker)}}, path)
+        else:
+            path.write_bytes(pickle.dumps({"params": _Evil(marker)}))
+        with pytest.raises(InvalidInputError, match="would run code when loaded"):
+            UserCatalog(tmp_path / "w").import_model(str(path))
+    assert not marker.exists()
+    assert UserCatalog(tmp_path / "w").entries() == {}
+    assert not list((tmp_path / "w" / "custom").iterdir())
+
+
+def test_an_unknown_architecture_is_refused(tmp_path):
+    from engine.models.user_catalog import UserCatalog
+
+    path = tmp_path / "mystery.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"encoder.weight": torch.zeros(4, 3), "decoder.bias": torch.zeros(4)}, path)
+    with pytest.raises(InvalidInputError, match="Unknown architecture.*2 tensors"):
+        UserCatalog(tmp_path / "w").import_model(str(path))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(InvalidInputError, match="not a weights file"):
+        UserCatalog(tmp_path / "w").import_model(str(tmp_path / "notes.txt"))
+
+
+def test_a_hash_mismatch_and_a_taken_name_are_refused(tmp_path, model_files):
+    from engine.models.user_catalog import UserCatalog
+
+    catalog = UserCatalog(tmp_path / "w")
+    source = model_files["tiny-span"]
+    with pytest.raises(ChecksumMismatchError, match="expected sha256 " + "0" * 64):
+        catalog.import_model(str(source), sha256="0" * 64)
+    right = hashlib.sha256(source.read_bytes()).hexdigest()
+    assert catalog.import_model(str(source), sha256=right.upper()).name == "tiny-span"
+    with pytest.raises(InvalidSettingsError, match="already imported"):
+        catalog.import_model(str(source))
+    with pytest.raises(InvalidSettingsError, match="app's own models"):
+        catalog.import_model(str(source), name="RealESRGAN_x4plus")
+    # A file changed after import is refused when it loads: the hash pinned at import is checked.
+    stored = tmp_path / "w" / catalog.entries()["tiny-span"].filename
+    stored.write_bytes(stored.read_bytes() + b"\0")
+    from engine.errors import ModelNotAvailableError
+
+    with pytest.raises(ModelNotAvailableError, match="tiny-span.*changed since the import"):
+        _manager(tmp_path / "w").load_model("tiny-span", "cpu", "fp32")
+
+
+def test_remove_takes_the_entry_and_the_file(tmp_path, model_files, monkeypatch, capsys):
+    import main
+
+    monkeypatch.setenv("REALESRGAN_WEIGHTS_DIR", str(tmp_path / "w"))
+    assert main.main(["models", "add", str(model_files["tiny-compact-st"]), "--name", "mine", "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "w" / entry["filename"]).is_file()
+    assert main.main(["models", "remove", "mine"]) == 0
+    assert not (tmp_path / "w" / entry["filename"]).exists()
+    assert json.loads((tmp_path / "w" / "user_models.json").read_text())["models"] == []
+    assert main.main(["models", "remove", "mine"]) != 0
+    assert "No imported model is called 'mine'" in capsys.readouterr().err
+
+
+def test_a_damaged_catalog_file_is_ignored_for_reading_and_refuses_writes(tmp_path, model_files):
+    from engine.models.user_catalog import UserCatalog
+
+    folder = tmp_path / "w"
+    folder.mkdir()
+    (folder / "user_models.json").write_text("{not json")
+    catalog = UserCatalog(folder)
+    assert catalog.entries() == {}
+    with pytest.raises(InvalidInputError, match="is damaged"):
+        catalog.import_model(str(model_files["tiny-span"]))
+    assert (folder / "user_models.json").read_text() == "{not json"  # left for the user to look at
+
+
+# ------------------------------------------------------------------------------------------------ REST
+@contextlib.contextmanager
+def _file_server(folder: Path):
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(folder), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_rest_api_imports_by_upload_and_url_enhances_and_removes(tmp_path, model_files):
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from tests.test_rest_api import _services, serve
+
+    from config import Config
+
+    config = Config.from_env(env={}, dotenv_path=None, weights_dir=tmp_path / "w", temp_dir=tmp_path / "tmp",
+                             output_dir=tmp_path / "out", config_dir=tmp_path / "cfg", log_dir=tmp_path / "logs",
+                             download_retries=0, download_timeout=5.0, device="cpu")
+    manager = _manager(tmp_path / "w")
+    with serve(_services(config, manager)) as url, _file_server(model_files["tiny-span"].parent) as files, \
+            httpx.Client(base_url=url, timeout=120) as client:
+        upload = model_files["tiny-swinir-st"]
+        response = client.post("/api/v1/models/import", files={"file": (upload.name, upload.read_bytes())},
+                               data={"kind": "text"})
+        assert response.status_code == 200, response.text
+        assert response.json()["model"]["architecture"] == "SwinIR"
+        assert response.json()["model"]["name"] == "tiny-swinir"
+        digest = hashlib.sha256(model_files["tiny-span"].read_bytes()).hexdigest()
+        response = client.post("/api/v1/models/import", data={"url": f"{files}/tiny-span.pth", "sha256": digest,
+                                                               "name": "span-from-url"})
+        assert response.status_code == 200, response.text
+        assert response.json()["model"]["source"].endswith("/tiny-span.pth")
+        refused = client.post("/api/v1/models/import", data={"url": f"{files}/tiny-span.pth", "sha256": "1" * 64,
+                                                             "name": "span-bad"})
+        assert refused.status_code == 503 and "Checksum mismatch" in refused.json()["error"]
+        assert [p.name for p in (tmp_path / "w" / "custom").iterdir() if p.name.startswith(".")] == []
+        unknown = client.post("/api/v1/models/import", files={"file": ("x.pth", _mystery_bytes())})
+        assert unknown.status_code == 422 and "Unknown architecture" in unknown.json()["error"]
+        assert str(tmp_path) not in unknown.text
+
+        listed = {m["name"]: m for m in client.get("/api/v1/models").json()["models"]}
+        assert listed["tiny-swinir"]["tag"] == "text" and listed["span-from-url"]["scale"] == 2
+
+        buffer = io.BytesIO()
+        Image.fromarray(_image(24, 20)).save(buffer, format="PNG")
+        response = client.post("/api/v1/enhance", files={"file": ("in.png", buffer.getvalue(), "image/png")},
+                               data={"model": "span-from-url"})
+        assert response.status_code == 200, response.text
+        data = response.json()["data"]
+        assert (data["width"], data["height"]) == (48, 40) and data["settings"]["model"] == "span-from-url"
+        assert Image.open(io.BytesIO(base64.b64decode(data["restored_image"]))).size == (48, 40)
+
+        assert client.delete("/api/v1/models/span-from-url").status_code == 200
+        assert "span-from-url" not in {m["name"] for m in client.get("/api/v1/models").json()["models"]}
+        assert client.delete("/api/v1/models/RealESRGAN_x4plus").status_code == 422
+
+
+def _mystery_bytes() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"encoder.weight": torch.zeros(2, 2)}, buffer)
+    return buffer.getvalue()
+
+
+def test_the_advisor_offers_the_users_models_of_the_images_kind(weights_dir):
+    from engine.intelligent_enhancer import AnalysisNumbers, MachineFacts, decide
+
+    manager = _manager(weights_dir)
+    available = frozenset(s.name for s in manager.list_models() if s.available)
+    machine = MachineFacts(device="cpu", free_memory_bytes=16 * 2**30, available_models=available,
+                           downloadable_models=frozenset(), macs_per_second={})
+    numbers = dict(confidence=0.9, faces=0, noise_level=0.02, jpeg_artifacts=0.05, blur=0.2, width=640, height=480)
+    anime = decide(AnalysisNumbers(content_type="anime", **numbers), machine)
+    offered = {alt["model"]: alt for alt in anime.alternatives}
+    assert "tiny-compact" in offered and "your anime model (×3)" in offered["tiny-compact"]["why"]
+    expected = manager.spec("tiny-compact").macs_per_pixel * 640 * 480 * 1.1 / 100e9
+    assert offered["tiny-compact"]["estimated_seconds"] == round(expected, 1)
+    photo = decide(AnalysisNumbers(content_type="photo", **numbers), machine)
+    assert "tiny-compact" not in {alt["model"] for alt in photo.alternatives}
+    assert {alt["model"] for alt in photo.alternatives} & {"tiny-rrdb", "tiny-swinir"}
+
+
+def test_gray_and_rgba_networks_run_as_rgb_networks():
+    from spandrel.architectures.Compact import Compact
+
+    from engine.models.loader import detect_network, rgb_network
+
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 8, 8)
+    for channels in (1, 4):
+        built = detect_network(Compact(num_in_ch=channels, num_out_ch=channels, num_feat=4, num_conv=1,
+                                       upscale=2).state_dict()).built
+        assert (built.input_channels, built.output_channels) == (channels, channels)
+        net = rgb_network(built.module, channels, channels)
+        with torch.inference_mode():
+            out = net(image)
+            own = built.module(image.mean(dim=1, keepdim=True) if channels == 1
+                               else torch.cat([image, torch.ones_like(image[:, :1])], dim=1))
+        assert out.shape == (1, 3, 16, 16)
+        assert torch.equal(out, own.expand(-1, 3, -1, -1) if channels == 1 else own[:, :3])
