@@ -306,6 +306,21 @@ def test_a_content_guess_never_skips_faces_the_detector_found(manager, photo):
     assert plain.faces_detected == 0 and any("No face" in w and "anime" in w for w in plain.warnings)
 
 
+def test_astronaut_at_200_px_the_count_shown_is_the_count_restored(manager):
+    """Issue 14: at 200 px the advisor counted 1 face while enhance restored none ("looks like anime")."""
+    from skimage import data as skdata
+
+    from engine.image_analysis import analyze, content_type
+
+    image = cv2.resize(skdata.astronaut(), (200, 200), interpolation=cv2.INTER_AREA)
+    shown = analyze(image)
+    guess, _ = content_type(image)  # what the pipeline hands the face enhancer
+    result = enhance_faces(image, bicubic_x2(image), settings=FaceSettings(strength=0.5), model_manager=manager,
+                           content_type=guess)
+    assert shown.content_type == guess == "photo"
+    assert len(shown.faces) == result.faces_detected == result.faces_restored == 1
+
+
 def test_bad_arguments_are_refused(manager, photo):
     with pytest.raises(InvalidInputError, match="channels"):
         enhance_faces(photo, bicubic_x2(photo)[:, :, :1], settings=FaceSettings(), model_manager=manager)
