@@ -2,8 +2,9 @@
 with plain-language reasons and a time/memory estimate.
 
 Measurements come from :mod:`engine.image_analysis`; the decision is :func:`decide`, a pure function of those
-numbers and of :class:`MachineFacts`, so the rules are tested without images. Throughput is measured once per
-(device, model) by a short calibration run of the real architecture and cached in the config dir.
+numbers and of :class:`MachineFacts`, so the rules are tested without images. Time estimates come from real runs
+on this machine (:mod:`engine.advisor.estimates`); before the first, from a short calibration run of the real
+architecture (cached in the config dir unless the machine was busy), shown as a range.
 """
 
 from __future__ import annotations
