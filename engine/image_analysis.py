@@ -194,7 +194,8 @@ def _prepare(image: np.ndarray) -> _Prepared:
     # Gray stored as RGB (equal channels) is gray.
     is_gray = is_gray or bool(np.array_equal(content_rgb[:, :, 0], content_rgb[:, :, 1])
                               and np.array_equal(content_rgb[:, :, 1], content_rgb[:, :, 2]))
-    return _Prepared(work_rgb, work_alpha, content_rgb, content_alpha, crop_rgb, is_gray, work.shape[1] / image.shape[1])
+    return _Prepared(work_rgb, work_alpha, content_rgb, content_alpha, crop_rgb, is_gray,
+                     work.shape[1] / image.shape[1])
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
