@@ -42,12 +42,12 @@ def make_image(path: Path, long_side: int) -> tuple[int, int]:
 
 
 def estimate(config, model: str, width: int, height: int) -> tuple[float, float, float, int]:
-    from engine.advisor.estimates import fit_timing, job_key, job_macs, store_for
+    from engine.advisor.estimates import fit_timing, job_key, job_macs, prior_fixed_seconds, store_for
     from engine.intelligent_enhancer import ThroughputCalibrator
 
     calibrated = ThroughputCalibrator(Path(config.config_dir) / "calibration.json").macs_per_second(model, "cpu")
     key = job_key("cpu", model, "fp32", tiled=False)
-    timing = fit_timing(store_for(config).observations(key), calibrated)
+    timing = fit_timing(store_for(config).observations(key), calibrated, prior_fixed_seconds(model))
     macs = job_macs(model, width, height)
     low, high = timing.range(macs)
     return timing.seconds(macs), low, high, timing.observations

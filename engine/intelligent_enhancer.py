@@ -486,7 +486,7 @@ class IntelligentEnhancer:
 
     def _timing(self, machine: MachineFacts, device, tile_for) -> dict[str, TimingModel]:
         """The learned timing per candidate model for this device, precision and tile policy."""
-        from engine.advisor.estimates import fit_timing, job_key
+        from engine.advisor.estimates import fit_timing, job_key, prior_fixed_seconds
         from engine.inference import planning
 
         out = {}
@@ -494,7 +494,8 @@ class IntelligentEnhancer:
         for model in machine.macs_per_second:
             precision = planning.effective_precision(CATALOG[model], device.type, "auto")
             key = job_key(kind, model, precision, tile_for(model)[0] > 0)
-            out[model] = fit_timing(self.timings.observations(key), machine.throughput(model))
+            out[model] = fit_timing(self.timings.observations(key), machine.throughput(model),
+                                    prior_fixed_seconds(model))
         return out
 
     def get_intelligent_settings(self, image, scale: float | None = None) -> dict:

@@ -97,3 +97,10 @@ def test_the_advisor_shows_a_range_until_runs_agree_then_one_figure():
                                         timing={"RealESRGAN_x4plus": learned}))
     assert sure.estimated_seconds == pytest.approx(seconds, abs=0.01) and low < seconds < high
     assert seconds < unsure.estimated_seconds / 3  # 80 vs 20 GMAC/s
+
+
+def test_one_size_keeps_the_prior_fixed_cost_and_scales_the_rest():
+    model = fit_timing([Observation(800 * GIGA, 10.0)], prior_rate=20 * GIGA, prior_fixed=2.0)
+    assert model.fixed_seconds == 2.0 and model.seconds(400 * GIGA) == pytest.approx(2.0 + 4.0)
+    tiny = fit_timing([Observation(GIGA, 1.0)], prior_rate=GIGA, prior_fixed=4.0)
+    assert tiny.fixed_seconds == 0.5  # never more than half of what was measured

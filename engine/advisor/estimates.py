@@ -25,7 +25,8 @@ from statistics import median
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KEEP", "Observation", "TimingModel", "TimingStore", "fit_timing", "job_key", "record_job"]
+__all__ = ["KEEP", "Observation", "TimingModel", "TimingStore", "fit_timing", "job_key", "prior_fixed_seconds",
+           "record_job"]
 
 #: Observations kept per key (the newest).
 KEEP = 12
@@ -145,6 +146,15 @@ class TimingStore:
             os.replace(tmp, self.path)
         except OSError as exc:
             logger.warning("could not save the timings file: %s", exc)
+
+
+def prior_fixed_seconds(model: str) -> float:
+    """Fixed cost of one job to assume until runs of two sizes tell it: starting up, building the network from its
+    weights (~1 s per 20 MB on a CPU), decoding and saving. Measured on the CLI it is 1-10 s."""
+    from engine.catalog import CATALOG
+
+    size = CATALOG[model].size_bytes if model in CATALOG else None
+    return 1.0 + (size or 0) / 20e6
 
 
 def store_for(config) -> TimingStore:
