@@ -372,8 +372,10 @@ def report(data: dict[str, np.ndarray], held_out: np.ndarray, show_misses: int =
     print(f"{'all':>10s} {len(y):5d} {right.mean():7.3f} {right[y == 0].mean():7.3f} {right[y == 1].mean():7.3f}")
     out["all"] = float(right.mean())
     print("by variant: " + ", ".join(f"{v} {right[data['variant'] == v].mean():.3f}" for v in VARIANTS))
-    worst = sorted(((right[data["source"] == s].mean(), s) for s in np.unique(data["source"])))[:8]
-    print("weakest sources: " + ", ".join(f"{s} {a:.2f}" for a, s in worst))
+    by_source = sorted((right[data["source"] == s].mean(), s) for s in np.unique(data["source"]))
+    print("by source (held out), worst first:")
+    for k in range(0, len(by_source), 5):
+        print("  " + "  ".join(f"{s[:20]:>20s} {a:4.2f}" for a, s in by_source[k : k + 5]))
     misses = np.where(~right)[0]
     for i in misses[:show_misses]:
         print(f"  miss: {data['name'][i]:24s} {int(sizes[i]) or 'native'!s:>6} {data['variant'][i]:6s} "
