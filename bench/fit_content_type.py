@@ -1,23 +1,37 @@
-"""Fit and validate the content-type logistic in engine/image_analysis.py, leave-one-source-out.
+"""The labelled content-type set, and the fit of the content-type logistic in engine/image_analysis.py.
 
-Data: 48 images from 33 sources. Anime: Real-ESRGAN 0014/0030, the comic (gt and lq), 9 frames of onepiece_demo.mp4
-(one source), scikit-image's bundled logo and horse. Photos: the Real-ESRGAN and GFPGAN inputs, baboon (gt and lq),
-17 photos bundled with scikit-image. Each image also as variants: JPEG q30/50/75/95, 1/2 and 1/4 downscales,
-centre and random half crops, Gaussian noise sigma 5, 1/2 downscale + JPEG q40, and gray (photos).
+The set is generated on the fly from public images that are on this machine offline (nothing of it goes into git):
 
-Protocol: for each source, fit the logistic (source-balanced, class-balanced, small L2) on all OTHER sources and
-classify every image and variant of the left-out source; accuracy is over all of them. Then fit on everything and
-print the weights, to be copied into ``CONTENT_WEIGHTS`` / ``CONTENT_BIAS``.
+* photos: every photograph scikit-image ships in its wheel (``skimage/data``: astronaut, brick, camera, cell,
+  chelsea, clock_motion, coffee, coins, grass, gravel, hubble_deep_field, ihc, microaneurysms, moon,
+  motorcycle_left/right, retina, rocket, text), the Real-ESRGAN inputs and test pairs (00003, ADE_val, OST_009,
+  wolf_gray, 00017_gray, children-alpha, tree_alpha_16bit, baboon gt/lq) and the GFPGAN inputs (00, 10045,
+  Blake_Lively, four cropped faces) from /work/shared/testdata, else their copies in tests/data/advisor;
+* drawings ("anime"): Real-ESRGAN 0014 and 0030, comic gt/lq, 8 frames of onepiece_demo.mp4 (decoded with the
+  project's ffmpeg), scikit-image's logo and horse, and synthetic renders drawn here with OpenCV: flat cel shapes
+  with ink outlines, cel shading (two or three tones per region), line art (ink on paper, some with flat fills),
+  and flat vector-style graphics.
 
-Run: .venv/bin/python bench/fit_content_type.py      (needs /work/shared/testdata; ~1 min on 2 cores)
+Each image is made at long sides 128, 160, 240, 360 and 512 px and native (INTER_AREA), and at each size as
+``clean``, re-compressed ``jpeg`` (quality 30-95, fixed per image and size), ``gray``, Gaussian ``noise``
+(sigma 4-10) and a random half ``crop``. Scikit-image's images not used: chessboard, color, phantom (synthetic test
+patterns), page (a scanned page), lfw_subset (25x25 px), the 24x25 px gif.
+
+Protocol (leave one SOURCE out): for each source (all images of one origin: one clip, one synthetic family, one
+photo), fit the model on all other sources and classify every size and variant of the held-out source.
+
+Run: .venv/bin/python bench/fit_content_type.py    (first run ~2 min on 2 cores; features cached in
+$TMPDIR/realesrgan-advisor-eval; prints the fitted coefficients to pin in engine/image_analysis.py)
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -26,10 +40,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.image_analysis import CONTENT_BIAS, CONTENT_WEIGHTS, content_features  # noqa: E402
+from engine import image_analysis  # noqa: E402
+from engine.image_analysis import CONTENT_FEATURES, content_features  # noqa: E402
 
 SHARED = Path("/work/shared/testdata")
-FEATURES = tuple(CONTENT_WEIGHTS)
+DATA = ROOT / "tests" / "data" / "advisor"
+SIZES = (128, 160, 240, 360, 512, 0)  # 0 = native
+VARIANTS = ("clean", "jpeg", "gray", "noise", "crop")
+CACHE = Path(tempfile.gettempdir()) / "realesrgan-advisor-eval"
+SK_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png", "coffee.png",
+             "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "microaneurysms.png",
+             "moon.png", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg", "text.png")
+
+Item = tuple[str, str, str, np.ndarray]  # (source, label, name, pixels)
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -49,137 +72,334 @@ def video_frames(video: Path, indices: tuple[int, ...]) -> list[np.ndarray]:
         return [read_rgb(Path(tmp) / f"f{k + 1:03d}.png") for k in range(len(indices))]
 
 
-def sources() -> list[tuple[str, str, np.ndarray]]:
-    """(source, label, image) for every original image; several images may share a source."""
+# ------------------------------------------------------------------------------------------ synthetic drawings
+def _colour(rng: np.random.Generator, low: int = 0, high: int = 256) -> tuple[int, int, int]:
+    return tuple(int(v) for v in rng.integers(low, high, 3))
+
+
+def _blob(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """A smooth closed shape (a polygon through points at random radii around a centre)."""
+    cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(min(w, h) // 12, min(w, h) // 3)
+    angles = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(5, 12))))
+    radii = r * rng.uniform(0.5, 1.0, len(angles))
+    return np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1).astype(np.int32)
+
+
+def synth_cel(seed: int, w: int = 800, h: int = 600) -> np.ndarray:
+    """Flat fills with dark anti-aliased ink outlines."""
+    rng = np.random.default_rng(seed)
+    image = np.full((h, w, 3), _colour(rng, 120), np.uint8)
+    for _ in range(int(rng.integers(10, 25))):
+        pts = _blob(rng, w, h)
+        cv2.fillPoly(image, [pts], _colour(rng), cv2.LINE_AA)
+        cv2.polylines(image, [pts], True, _colour(rng, 0, 50), int(rng.integers(1, 5)), cv2.LINE_AA)
+    return image
+
+
+def synth_shaded(seed: int, w: int = 800, h: int = 600) -> np.ndarray:
+    """Cel shading: each shape in a base tone with a hard-edged shadow tone and a highlight, then outlined."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((h, w, 3), np.uint8)
+    top, bottom = np.array(_colour(rng, 100)), np.array(_colour(rng, 60))
+    image[:] = (top[None, :] * (1 - np.linspace(0, 1, h)[:, None]) + bottom[None, :] * np.linspace(0, 1, h)[:, None]
+                ).astype(np.uint8)[:, None, :]  # a smooth sky, as in many anime backgrounds
+    for _ in range(int(rng.integers(8, 16))):
+        pts = _blob(rng, w, h)
+        base = np.array(_colour(rng, 40))
+        mask = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(mask, [pts], 255, cv2.LINE_AA)
+        shadow = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(shadow, [pts + rng.integers(-40, 40, 2).astype(np.int32)], 255, cv2.LINE_AA)
+        shadow = cv2.min(shadow, mask)
+        for m, tone in ((mask, base), (shadow, base * 0.65)):
+            a = m[:, :, None] / 255.0
+            image[:] = (image * (1 - a) + tone[None, None, :] * a).astype(np.uint8)
+        cv2.polylines(image, [pts], True, (25, 20, 30), int(rng.integers(1, 4)), cv2.LINE_AA)
+    return image
+
+
+def synth_lineart(seed: int, w: int = 800, h: int = 600) -> np.ndarray:
+    """Ink on paper: curves and closed shapes, some filled with one flat colour."""
+    rng = np.random.default_rng(seed)
+    image = np.full((h, w, 3), _colour(rng, 225), np.uint8)
+    for _ in range(int(rng.integers(15, 40))):
+        pts = _blob(rng, w, h)
+        if rng.random() < 0.3:
+            cv2.fillPoly(image, [pts], _colour(rng, 80), cv2.LINE_AA)
+        cv2.polylines(image, [pts], bool(rng.random() < 0.7), _colour(rng, 0, 40), int(rng.integers(1, 4)),
+                      cv2.LINE_AA)
+    return image
+
+
+def synth_flat(seed: int, w: int = 800, h: int = 600) -> np.ndarray:
+    """Vector-style graphics: rectangles, discs and text in a small palette, no outlines."""
+    rng = np.random.default_rng(seed)
+    palette = [_colour(rng) for _ in range(6)]
+    image = np.full((h, w, 3), palette[0], np.uint8)
+    for _ in range(int(rng.integers(8, 20))):
+        c = palette[int(rng.integers(1, 6))]
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        if rng.random() < 0.5:
+            cv2.rectangle(image, (x, y), (x + int(rng.integers(20, 300)), y + int(rng.integers(20, 200))), c, -1)
+        else:
+            cv2.circle(image, (x, y), int(rng.integers(10, 150)), c, -1, cv2.LINE_AA)
+    for _ in range(3):
+        cv2.putText(image, "ABC 123", (int(rng.integers(0, w // 2)), int(rng.integers(40, h))),
+                    cv2.FONT_HERSHEY_SIMPLEX, float(rng.uniform(1, 3)), palette[int(rng.integers(0, 6))], 3,
+                    cv2.LINE_AA)
+    return image
+
+
+SYNTHETIC: dict[str, Callable[[int], np.ndarray]] = {
+    "synth_cel": synth_cel, "synth_shaded": synth_shaded, "synth_lineart": synth_lineart, "synth_flat": synth_flat}
+
+
+# ------------------------------------------------------------------------------------------ the originals
+def sources() -> list[Item]:
+    """(source, label, name, pixels) for every original image; several images may share a source."""
     import skimage
     from skimage import io as skio
 
     sk = Path(skimage.__file__).parent / "data"
+    items: list[Item] = []
+    for name in SK_PHOTOS:
+        source = "sk_motorcycle" if name.startswith("motorcycle") else "sk_" + Path(name).stem
+        items.append((source, "photo", name, skio.imread(sk / name)))
+    items += [("sk_logo", "anime", "logo", skio.imread(sk / "logo.png")),
+              ("sk_horse", "anime", "horse", (skio.imread(sk / "horse.png") > 127).astype(np.uint8) * 255)]
     r, g = SHARED / "realesrgan", SHARED / "gfpgan" / "inputs"
-    items = [("0014", "anime", read_rgb(r / "inputs/0014.jpg")), ("0030", "anime", read_rgb(r / "inputs/0030.jpg"))]
-    frames = video_frames(r / "inputs/video/onepiece_demo.mp4", (0, 20, 50, 80, 105, 125, 135, 160, 180))
-    items += [("onepiece", "anime", f) for f in frames]
-    items += [("comic", "anime", read_rgb(r / f"tests/data/{d}/comic.png")) for d in ("gt", "lq")]
-    items += [("sk_logo", "anime", skio.imread(sk / "logo.png")), ("sk_horse", "anime", skio.imread(sk / "horse.png"))]
+
+    def local(shared: Path, copy: str) -> np.ndarray:
+        return read_rgb(shared if shared.is_file() else DATA / copy)
+
     for name in ("00003.png", "ADE_val_00000114.jpg", "OST_009.png", "wolf_gray.jpg", "00017_gray.png",
                  "children-alpha.png", "tree_alpha_16bit.png"):
-        items.append((Path(name).stem, "photo", read_rgb(r / "inputs" / name)))
-    items += [("baboon", "photo", read_rgb(r / f"tests/data/{d}/baboon.png")) for d in ("gt", "lq")]
+        items.append((Path(name).stem, "photo", name, local(r / "inputs" / name, name)))
+    for name in ("0014.jpg", "0030.jpg"):
+        items.append((Path(name).stem, "anime", name, local(r / "inputs" / name, name)))
+    for d, copy in (("gt", ""), ("lq", "_lq")):
+        items.append(("baboon", "photo", f"baboon_{d}", local(r / f"tests/data/{d}/baboon.png", f"baboon{copy}.png")))
+        items.append(("comic", "anime", f"comic_{d}", local(r / f"tests/data/{d}/comic.png", f"comic{copy}.png")))
     for name in ("whole_imgs/00.jpg", "whole_imgs/10045.png", "whole_imgs/Blake_Lively.jpg",
                  "cropped_faces/Adele_crop.png", "cropped_faces/Julia_Roberts_crop.png",
                  "cropped_faces/Justin_Timberlake_crop.png", "cropped_faces/Paris_Hilton_crop.png"):
-        items.append((Path(name).stem, "photo", read_rgb(g / name)))
-    for name in ("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "rocket.jpg", "brick.png", "grass.png",
-                 "gravel.png", "ihc.png", "motorcycle_left.png", "coins.png", "moon.png", "retina.jpg",
-                 "hubble_deep_field.jpg", "cell.png", "clock_motion.png", "text.png"):
-        items.append(("sk_" + Path(name).stem, "photo", skio.imread(sk / name)))
+        items.append((Path(name).stem, "photo", Path(name).name, local(g / name, Path(name).name)))
+    video = r / "inputs/video/onepiece_demo.mp4"
+    if video.is_file():
+        indices = (0, 20, 50, 80, 105, 125, 160, 180)
+        items += [("onepiece", "anime", f"onepiece_{n:03d}", f) for n, f in zip(indices, video_frames(video, indices))]
+    else:
+        items += [("onepiece", "anime", n, read_rgb(DATA / f"{n}.jpg"))
+                  for n in ("onepiece_000", "onepiece_105", "onepiece_135")]
+    for family, draw in SYNTHETIC.items():
+        items += [(family, "anime", f"{family}_{seed}", draw(seed)) for seed in range(3)]
     return items
 
 
-def _rgb8(image: np.ndarray) -> np.ndarray:
+# ------------------------------------------------------------------------------------------ sizes and variants
+def rgb8(image: np.ndarray) -> np.ndarray:
+    """8-bit RGB (gray repeated, alpha composited on white)."""
     if image.dtype == np.uint16:
         image = (image / 257.0 + 0.5).astype(np.uint8)
-    return np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image[:, :, :3]
+    if image.dtype == bool:
+        image = image.astype(np.uint8) * 255
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    if image.shape[2] == 4:
+        a = image[:, :, 3:4] / 255.0
+        return (image[:, :, :3] * a + 255 * (1 - a) + 0.5).astype(np.uint8)
+    return np.ascontiguousarray(image[:, :, :3])
 
 
 def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
-    _, data = cv2.imencode(".jpg", cv2.cvtColor(_rgb8(image), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    _, data = cv2.imencode(".jpg", cv2.cvtColor(rgb8(image), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
-def variants(image: np.ndarray, label: str, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
-    """The original plus degraded/reframed copies (all 8-bit RGB or gray)."""
-    out = [("orig", image)]
-    base = _rgb8(image)
-    h, w = base.shape[:2]
-    out += [(f"q{q}", jpeg(base, q)) for q in (30, 50, 75, 95)]
-    out += [(f"down{f}", cv2.resize(base, (w // f, h // f), interpolation=cv2.INTER_AREA))
-            for f in (2, 4) if min(h, w) // f >= 32]
-    if min(h, w) >= 96:
+def at_size(image: np.ndarray, long_side: int) -> np.ndarray | None:
+    """Downscaled (INTER_AREA) to ``long_side``; the native image for 0; None when that would be an upscale."""
+    h, w = image.shape[:2]
+    if long_side == 0:
+        return image
+    if long_side >= max(h, w):
+        return None
+    f = long_side / max(h, w)
+    return cv2.resize(image, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+
+
+def variant(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """One degraded copy, 8-bit; an image with alpha keeps its alpha (a transparent PNG stays transparent)."""
+    if kind == "clean":
+        return image
+    alpha = None
+    if image.ndim == 3 and image.shape[2] == 4:
+        alpha = image[:, :, 3] if image.dtype == np.uint8 else (image[:, :, 3] / 257.0 + 0.5).astype(np.uint8)
+        image = image[:, :, :3]
+    base = rgb8(image)
+    if kind == "jpeg":
+        out = jpeg(base, int(rng.choice((30, 50, 75, 95))))
+    elif kind == "gray":
+        out = np.repeat(cv2.cvtColor(base, cv2.COLOR_RGB2GRAY)[:, :, None], 3, 2) if alpha is not None \
+            else cv2.cvtColor(base, cv2.COLOR_RGB2GRAY)
+    elif kind == "noise":
+        out = np.clip(base + rng.normal(0, rng.uniform(4, 10), base.shape) + 0.5, 0, 255).astype(np.uint8)
+    elif kind == "crop":
+        h, w = base.shape[:2]
         y, x = int(rng.integers(0, h // 2 + 1)), int(rng.integers(0, w // 2 + 1))
-        out += [("crop_c", base[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4]),
-                ("crop_r", base[y : y + h // 2, x : x + w // 2])]
-    out.append(("noise5", np.clip(base + rng.normal(0, 5, base.shape) + 0.5, 0, 255).astype(np.uint8)))
-    half = cv2.resize(base, (max(1, w // 2), max(1, h // 2)), interpolation=cv2.INTER_AREA)
-    out.append(("down2_q40", jpeg(half, 40)))
-    if label == "photo":
-        out.append(("gray", cv2.cvtColor(base, cv2.COLOR_RGB2GRAY)))
-    return out
+        window = (slice(y, y + max(32, h // 2)), slice(x, x + max(32, w // 2)))
+        return base[window] if alpha is None else np.dstack([base[window], alpha[window]])
+    else:
+        raise ValueError(kind)
+    return out if alpha is None else np.dstack([out, alpha])
 
 
-def dataset(
-    items: list[tuple[str, str, np.ndarray]], seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """(features N x F, is_anime N, source N, variant N) over all items and their variants."""
-    rng = np.random.default_rng(seed)
-    rows, y, src, var = [], [], [], []
-    for source, label, image in items:
-        for name, v in variants(image, label, rng):
-            f = content_features(v)
-            rows.append([f[k] for k in FEATURES])
-            y.append(label == "anime")
-            src.append(source)
-            var.append(name)
-    return np.array(rows), np.array(y, float), src, var
+def samples(items: list[Item], sizes: tuple[int, ...] = SIZES, kinds: tuple[str, ...] = VARIANTS
+            ) -> Iterator[tuple[str, str, str, int, str, np.ndarray]]:
+    """(source, label, name, size, variant, pixels) for every image at every size and variant (deterministic)."""
+    for source, label, name, image in items:
+        seed = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+        for size in sizes:
+            scaled = at_size(image, size)
+            if scaled is None:
+                continue
+            rng = np.random.default_rng(seed + size)
+            for kind in kinds:
+                yield source, label, name, size, kind, variant(scaled, kind, rng)
 
 
-def balanced_weights(y: np.ndarray, src: list[str]) -> np.ndarray:
+def _feature_version() -> str:
+    """Changes whenever the feature code changes, so a stale cache is never read."""
+    import inspect
+
+    code = inspect.getsource(image_analysis._content_features) + inspect.getsource(image_analysis._prepare)
+    code += repr((CONTENT_FEATURES, image_analysis.CONTENT_SIDE, image_analysis.WORKING_SIDE))
+    code += inspect.getsource(sys.modules[__name__].variant) + inspect.getsource(synth_shaded)
+    return hashlib.sha256(code.encode()).hexdigest()[:12]
+
+
+def dataset(items: list[Item] | None = None, cache: bool = True, sizes: tuple[int, ...] = SIZES,
+            kinds: tuple[str, ...] = VARIANTS) -> dict[str, np.ndarray]:
+    """Features of every sample: ``x`` (N x F), ``y`` (1 = anime), ``source``, ``name``, ``size``, ``variant``.
+
+    The full set (``items`` None) is cached under ``CACHE`` keyed by the feature code; a given ``items`` is not.
+    """
+    path = CACHE / f"features-{_feature_version()}.npz"
+    cache = cache and items is None and (sizes, kinds) == (SIZES, VARIANTS)
+    if cache and path.is_file():
+        loaded = np.load(path)
+        return {k: loaded[k] for k in loaded.files}
+    rows: dict[str, list] = {k: [] for k in ("x", "y", "source", "name", "size", "variant")}
+    for source, label, name, size, kind, pixels in samples(sources() if items is None else items, sizes, kinds):
+        f = content_features(pixels)
+        rows["x"].append([f[k] for k in CONTENT_FEATURES])
+        rows["y"].append(label == "anime")
+        rows["source"].append(source)
+        rows["name"].append(name)
+        rows["size"].append(size)
+        rows["variant"].append(kind)
+    data = {k: np.array(v, dtype=float if k in ("x", "y") else None) for k, v in rows.items()}
+    if cache:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **data)
+    return data
+
+
+# ------------------------------------------------------------------------------------------ the model
+def balanced_weights(y: np.ndarray, src: np.ndarray) -> np.ndarray:
     """Each source the same total weight, then both classes the same total weight."""
-    s = np.array(src)
     w = np.zeros(len(y))
-    for name in set(src):
-        w[s == name] = 1.0 / (s == name).sum()
+    for name in np.unique(src):
+        w[src == name] = 1.0 / (src == name).sum()
     for c in (0.0, 1.0):
-        w[y == c] *= len(y) / 2.0 / w[y == c].sum()
+        if (y == c).any():
+            w[y == c] *= len(y) / 2.0 / w[y == c].sum()
     return w
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, l2: float = 1e-3) -> np.ndarray:
-    """Weighted L2-regularised logistic regression by Newton's method; returns [weights..., bias]."""
-    xb = np.c_[x, np.ones(len(x))]
-    b = np.zeros(xb.shape[1])
-    reg = l2 * np.diag(np.r_[np.ones(x.shape[1]), 0.0])
-    for _ in range(50):
-        p = 1.0 / (1.0 + np.exp(-(xb @ b)))
-        grad = xb.T @ ((p - y) * w) + reg @ b
-        hess = (xb * (p * (1 - p) * w)[:, None]).T @ xb + reg
-        b -= np.linalg.solve(hess + 1e-9 * np.eye(len(b)), grad)
-    return b
+def fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, l2: float = 1.0) -> np.ndarray:
+    """Weighted L2-regularised logistic regression by Newton's method on raw features; returns [weights..., bias].
+
+    The penalty acts on standardised coefficients (so it does not depend on a feature's units); the returned
+    weights are for the raw features, ready to pin in code.
+    """
+    mu, sd = x.mean(0), x.std(0) + 1e-9
+    z = np.c_[(x - mu) / sd, np.ones(len(x))]
+    b = np.zeros(z.shape[1])
+    reg = l2 * np.diag(np.r_[np.ones(x.shape[1]), 0.0]) * w.sum() / len(w) / 100.0
+    for _ in range(60):
+        p = 1.0 / (1.0 + np.exp(-np.clip(z @ b, -50, 50)))
+        grad = z.T @ ((p - y) * w) + reg @ b
+        hess = (z * (p * (1 - p) * w)[:, None]).T @ z + reg
+        step = np.linalg.solve(hess + 1e-9 * np.eye(len(b)), grad)
+        b -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    weights = b[:-1] / sd
+    return np.r_[weights, b[-1] - (weights * mu).sum()]
 
 
-def leave_one_source_out(x: np.ndarray, y: np.ndarray, src: list[str],
-                         fit: Callable[..., np.ndarray] = fit_logistic) -> np.ndarray:
-    """Held-out logit of every row, from a model fitted without any row of its source."""
-    s = np.array(src)
-    logits = np.zeros(len(y))
-    for name in sorted(set(src)):
-        out = s == name
-        b = fit(x[~out], y[~out], balanced_weights(y[~out], [v for v, o in zip(src, out) if not o]))
-        logits[out] = np.c_[x[out], np.ones(out.sum())] @ b
-    return logits
+def logits(x: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.c_[x, np.ones(len(x))] @ b
 
 
-def report(x: np.ndarray, y: np.ndarray, src: list[str], var: list[str]) -> float:
-    logits = leave_one_source_out(x, y, src)
-    right = (logits > 0) == (y == 1)
-    orig = np.array(var) == "orig"
-    for i in np.where(~right)[0]:
-        print(f"  held-out miss: {src[i]:22s} {var[i]:10s} truth={'anime' if y[i] else 'photo'} logit={logits[i]:+.2f}")
-    print(f"leave-one-source-out accuracy: all {right.mean():.3f} ({right.sum()}/{len(y)}), "
-          f"originals {right[orig].mean():.3f} ({right[orig].sum()}/{orig.sum()}), "
-          f"variants {right[~orig].mean():.3f}, anime {right[y == 1].mean():.3f}, photo {right[y == 0].mean():.3f}")
-    shipped = np.c_[x, np.ones(len(x))] @ np.r_[[CONTENT_WEIGHTS[k] for k in FEATURES], CONTENT_BIAS]
-    print(f"shipped weights on the same data (not held out): {((shipped > 0) == (y == 1)).mean():.3f}")
-    return float(right.mean())
+def leave_one_source_out(data: dict[str, np.ndarray], fit: Callable[..., np.ndarray] = fit_logistic) -> np.ndarray:
+    """Held-out logit of every sample, from a model fitted without any sample of its source."""
+    x, y, src = data["x"], data["y"], data["source"]
+    out_logits = np.zeros(len(y))
+    for name in np.unique(src):
+        out = src == name
+        b = fit(x[~out], y[~out], balanced_weights(y[~out], src[~out]))
+        out_logits[out] = logits(x[out], b)
+    return out_logits
+
+
+def shipped_logits(data: dict[str, np.ndarray]) -> np.ndarray:
+    return np.array([image_analysis.content_logit(dict(zip(CONTENT_FEATURES, row))) for row in data["x"]])
+
+
+def report(data: dict[str, np.ndarray], held_out: np.ndarray, show_misses: int = 40) -> dict[str, float]:
+    """Print accuracy by size, by variant, by class and by source; return {size label: accuracy}."""
+    y, right = data["y"], (held_out > 0) == (data["y"] == 1)
+    sizes = data["size"].astype(int)
+    out = {}
+    print(f"{'long side':>10s} {'n':>5s} {'all':>7s} {'photo':>7s} {'anime':>7s}")
+    for s in sorted(set(sizes), key=lambda v: v or 10**9):
+        m = sizes == s
+        label = "native" if s == 0 else f"{s} px"
+        out[label] = float(right[m].mean())
+        print(f"{label:>10s} {m.sum():5d} {right[m].mean():7.3f} {right[m & (y == 0)].mean():7.3f} "
+              f"{right[m & (y == 1)].mean():7.3f}")
+    print(f"{'all':>10s} {len(y):5d} {right.mean():7.3f} {right[y == 0].mean():7.3f} {right[y == 1].mean():7.3f}")
+    out["all"] = float(right.mean())
+    print("by variant: " + ", ".join(f"{v} {right[data['variant'] == v].mean():.3f}" for v in VARIANTS))
+    by_source = sorted((right[data["source"] == s].mean(), s) for s in np.unique(data["source"]))
+    print("by source (held out), worst first:")
+    for k in range(0, len(by_source), 5):
+        print("  " + "  ".join(f"{s[:20]:>20s} {a:4.2f}" for a, s in by_source[k : k + 5]))
+    misses = np.where(~right)[0]
+    for i in misses[:show_misses]:
+        print(f"  miss: {data['name'][i]:24s} {int(sizes[i]) or 'native'!s:>6} {data['variant'][i]:6s} "
+              f"truth={'anime' if y[i] else 'photo'} logit={held_out[i]:+.2f}")
+    if len(misses) > show_misses:
+        print(f"  ... and {len(misses) - show_misses} more")
+    return out
 
 
 def main() -> None:
-    x, y, src, var = dataset(sources())
-    report(x, y, src, var)
-    b = fit_logistic(x, y, balanced_weights(y, src))
-    print("fit on all sources: CONTENT_WEIGHTS =", {k: round(float(v), 1) for k, v in zip(FEATURES, b)},
-          f"CONTENT_BIAS = {b[-1]:.1f}")
+    data = dataset()
+    print(f"{len(data['y'])} samples from {len(np.unique(data['source']))} sources "
+          f"({int(data['y'].sum())} anime, {int((1 - data['y']).sum())} photo)")
+    print("== leave one source out ==")
+    report(data, leave_one_source_out(data))
+    b = fit_logistic(data["x"], data["y"], balanced_weights(data["y"], data["source"]))
+    print("== fit on all sources: pin these in engine/image_analysis.py ==")
+    print("CONTENT_WEIGHTS = {" + ", ".join(f'"{k}": {v:.4g}' for k, v in zip(CONTENT_FEATURES, b)) + "}")
+    print(f"CONTENT_BIAS = {b[-1]:.4g}")
+    right = (shipped_logits(data) > 0) == (data["y"] == 1)
+    print(f"shipped weights on the same data (not held out): {right.mean():.3f}")
 
 
 if __name__ == "__main__":
+    if os.environ.get("ADVISOR_EVAL_NO_CACHE"):
+        CACHE = Path(tempfile.mkdtemp())
     main()

@@ -495,11 +495,6 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
                           warnings=tuple(warnings), crops=tuple(crops), boxes=tuple(boxes),
                           identity_pairs=tuple(pairs))
 
-    if content_type == "anime" and not settings.force_on_anime:
-        return finish(bg.copy(), 0, 0, "none", [
-            "Face enhancement was skipped: the image looks like anime/illustration and GFPGAN only knows photos "
-            "(it would paint photographic faces). Force it on to run anyway."])
-
     import torch
 
     from utils.gpu import resolve_device
@@ -511,10 +506,19 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
     faces, detector = _detect(rgb, model_manager, str(torch_device))
     detected = len(faces)
     if not faces:
-        return finish(bg.copy(), 0, 0, detector, [f"No face was found ({detector} detector); the image is the "
-                                                  "plain upscale."])
-    chosen, warnings = select_faces(faces, w, h, only_center_face=settings.only_center_face,
-                                    max_faces=settings.max_faces)
+        why = (" (the image also looks like anime/illustration, which GFPGAN does not know)"
+               if content_type == "anime" else "")
+        return finish(bg.copy(), 0, 0, detector, [f"No face was found ({detector} detector){why}; the image is "
+                                                  "the plain upscale."])
+    notes = []
+    if content_type == "anime" and not settings.force_on_anime:
+        # A content guess never skips faces the detector found: a detected human face is evidence of a photo
+        # (the advisor decides the same way, engine.image_analysis.decide_content).
+        notes.append(f"The image looked like a drawing, but the {detector} detector found {detected} human "
+                     f"face{'s' if detected > 1 else ''}: restored as a photo.")
+    chosen, selection_warnings = select_faces(faces, w, h, only_center_face=settings.only_center_face,
+                                              max_faces=settings.max_faces)
+    warnings = notes + list(selection_warnings)
     usable = []
     for face in chosen:
         if face.eye_distance < MIN_EYE_DISTANCE:

@@ -6,24 +6,28 @@ working copy whose long side is at most :data:`WORKING_SIDE`; noise and JPEG blo
 averages noise away and moves the 8x8 grid) and use at most :data:`NATIVE_CROP` x :data:`NATIVE_CROP` pixels from
 the image centre, aligned to the JPEG grid.
 
-Content type ("anime" covers cartoons, cel animation and flat-colour illustration) is a two-feature logistic
-regression on the working copy after a 3x3 median (which removes sensor noise, film grain and JPEG mosquito noise
-but keeps edges in place), both features with a physical reading and both robust to JPEG re-compression:
+Content type ("anime" covers cartoons, cel animation, line art, logos and flat-colour illustration) is decided by
+:func:`decide_content` from three signals, and the decision says which one decided:
 
-* ``hard_edge_share`` - of the pixels on an edge (luminance step >= ``EDGE_MIN_STEP`` grey levels per pixel), the
-  share whose step is >= ``HARD_EDGE_STEP``: drawn images are flat fills separated by inked or hard colour
-  boundaries, so their gradients are either ~0 or large; photos (optics, lighting, texture) have a continuum of
-  mid gradients. Noise removal by JPEG does not change it (an earlier "noise-free block" feature did).
-* ``saturation`` - mean HSV saturation: cel and digital colour is saturated; 0 for gray images.
+1. **faces**: a human face found by the face detector (the same :func:`engine.face_detect.detect_faces` call the
+   face enhancer makes on the same pixels) makes it a photo;
+2. **classifier**: a logistic regression on 10 features measured on a copy whose long side is
+   :data:`CONTENT_SIDE` (smaller images at their own size), after a 3x3 median (which removes sensor noise, grain
+   and JPEG mosquito noise but keeps edges); transparent pixels are left out. Edge profile: ``hard_edge_share``
+   and ``soft_edge_share`` (of the pixels on an edge, the share with a step >= ``HARD_EDGE_STEP`` / below
+   ``SOFT_EDGE_STEP`` grey levels per pixel), ``edge_density``; flat regions: ``flat_share`` (step < 1);
+   colour: ``saturation``, ``palette_share`` (the 16 commonest 15-bit colours), ``colour_count`` (log distinct
+   colours / log pixels), ``local_colours`` (distinct 12-bit colours per 8x8 block); ``texture_residual`` (what a
+   5x5 median removes away from edges); ``gray``. It decides when sure (log-odds beyond
+   +-``ANIME_SURE_LOGIT``/``PHOTO_SURE_LOGIT``);
+3. **trial** (run by the advisor, :mod:`engine.advisor.trial`, when the classifier is unsure and there is time):
+   which of the photo and anime models rebuilds a 4x-shrunk crop better. Unsure without a trial: photo, the
+   safer mistake (the photo model on a drawing softens it a little; the anime model on a photo paints it).
 
-``logit = CONTENT_BIAS + sum(CONTENT_WEIGHTS[f] * f)``; anime when > 0, confidence = sigmoid(|logit|), the model's
-probability of the returned label. The weights come from ``bench/fit_content_type.py``: a source-balanced logistic
-fit on 48 images from 33 sources (anime: Real-ESRGAN stills and comic, One Piece frames, scikit-image logo and
-horse; photos: Real-ESRGAN, GFPGAN and scikit-image photos) and 11 variants of each (JPEG q30-95, 1/2 and 1/4
-downscales, crops, Gaussian noise, gray). Fitted with each source left out, it classifies the left-out source's
-images and variants ~92% right (originals ~96%); ``bench/eval_advisor.py`` prints these figures.
-Known limits: downscaled (1/4) or tightly cropped photos with saturated colours and hard edges can read as anime;
-an illustration with soft painted edges and little colour can read as photo.
+The weights come from ``bench/fit_content_type.py`` (source-balanced logistic regression on 1580 samples: 43
+sources at 6 sizes and 5 variants). Held out by source (``bench/eval_advisor.py``) the classifier alone is right
+on 83% of samples (78% at 128 px, 89% at 360 px, 87% native), and the whole decision is right on 93% of photos
+(100% of the 193 photo samples with a detected face) and 72% of drawings; the README lists the known limits.
 """
 
 from __future__ import annotations
@@ -39,7 +43,10 @@ from engine.errors import InvalidInputError
 from engine.face_detect import FaceBox, detect_faces
 
 __all__ = [
+    "CONTENT_FEATURES",
+    "ContentDecision",
     "ContentType",
+    "decide_content",
     "ImageAnalysis",
     "analyze",
     "bit_depth",
@@ -63,12 +70,28 @@ NATIVE_CROP = 768
 NOISE_SIGMA_FULL_SCALE = 50.0
 #: Content-type logistic (see module docstring): log-odds of "anime" = bias + sum(weight * feature). Fitted by
 #: ``bench/fit_content_type.py`` (source-balanced logistic regression); leave-one-source-out figures are there.
-CONTENT_WEIGHTS: dict[str, float] = {"hard_edge_share": 46.7, "saturation": 15.2}
-CONTENT_BIAS = -17.2
+CONTENT_FEATURES = ("hard_edge_share", "soft_edge_share", "saturation", "edge_density", "flat_share",
+                    "palette_share", "colour_count", "local_colours", "texture_residual", "gray")
+CONTENT_WEIGHTS: dict[str, float] = {
+    "hard_edge_share": 20.84, "soft_edge_share": -1.126, "saturation": 2.88, "edge_density": 0.6714,
+    "flat_share": 9.676, "palette_share": -0.6892, "colour_count": -2.205, "local_colours": 3.992,
+    "texture_residual": 1.549, "gray": -0.6823}
+CONTENT_BIAS = -10.26
+#: The classifier decides "anime" only above this log-odds and "photo" only below minus PHOTO_SURE_LOGIT; between
+#: them it is unsure, and a trial reconstruction (when there is time) or the photo model (the safer mistake)
+#: decides. Chosen on the leave-one-source-out logits of bench/eval_advisor.py.
+ANIME_SURE_LOGIT = 1.0
+PHOTO_SURE_LOGIT = 1.0
+#: Confidence reported for a photo decided by a detected human face.
+FACE_EVIDENCE = 0.95
+#: Long side (pixels) of the copy the content features are measured on, whatever the input size (smaller inputs
+#: are measured at their own size), so a feature means the same on a 12 MP photo and on its thumbnail.
+CONTENT_SIDE = 384
 #: Luminance step (grey levels per pixel, Sobel / 8, after a 3x3 median) above which a pixel is on an edge ...
 EDGE_MIN_STEP = 3.0
-#: ... and above which that edge is hard (an inked outline or a flat-fill boundary).
+#: ... and above which that edge is hard (an inked outline or a flat-fill boundary); below SOFT_EDGE_STEP, soft.
 HARD_EDGE_STEP = 20.0
+SOFT_EDGE_STEP = 8.0
 #: Laplacian variance (0-255 scale, working copy) of a sharp and of a very blurry image: blur 0 and 1.
 BLUR_SHARP_LAPVAR = 1000.0
 BLUR_BLURRY_LAPVAR = 10.0
@@ -92,6 +115,9 @@ class ImageAnalysis:
     has_alpha: bool
     faces: tuple[FaceBox, ...]
     face_detector: str | None  # None when face detection was not run
+    content_logit: float = 0.0  # the classifier's log-odds of anime
+    content_decided_by: str = "classifier"  # which signal decided content_type (see ContentDecision)
+    content_reason: str = ""
 
 
 # --------------------------------------------------------------------------------------------- input handling
@@ -149,6 +175,8 @@ class _Prepared:
 
     work_rgb: np.ndarray
     work_alpha: np.ndarray | None
+    content_rgb: np.ndarray  # the copy at CONTENT_SIDE
+    content_alpha: np.ndarray | None
     crop_rgb: np.ndarray
     is_gray: bool
     work_scale: float  # working-copy pixels per input pixel
@@ -162,7 +190,12 @@ def _prepare(image: np.ndarray) -> _Prepared:
     work = _working_copy(image)
     work_rgb, work_alpha, is_gray = _split(work)
     crop_rgb, _alpha, _gray = _split(_centre_crop(image))
-    return _Prepared(work_rgb, work_alpha, crop_rgb, is_gray, work.shape[1] / image.shape[1])
+    content_rgb, content_alpha, _gray = _split(_working_copy(work, CONTENT_SIDE))
+    # Gray stored as RGB (equal channels) is gray.
+    is_gray = is_gray or bool(np.array_equal(content_rgb[:, :, 0], content_rgb[:, :, 1])
+                              and np.array_equal(content_rgb[:, :, 1], content_rgb[:, :, 2]))
+    return _Prepared(work_rgb, work_alpha, content_rgb, content_alpha, crop_rgb, is_gray,
+                     work.shape[1] / image.shape[1])
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
@@ -196,26 +229,98 @@ def content_features(image: np.ndarray) -> dict[str, float]:
 
 
 def _content_features(prep: _Prepared) -> dict[str, float]:
-    rgb = np.clip(prep.work_rgb + 0.5, 0, 255).astype(np.uint8)
-    opaque = np.ones(rgb.shape[:2], bool) if prep.work_alpha is None else prep.work_alpha > 0.98
-    if opaque.sum() < 64:
+    rgb = np.clip(prep.content_rgb + 0.5, 0, 255).astype(np.uint8)
+    # Transparent pixels (and a 1 px rim around them, where the cut-out edge is) are left out of every feature.
+    if prep.content_alpha is None or (prep.content_alpha > 0.98).sum() < 64:
         opaque = np.ones(rgb.shape[:2], bool)
+    else:
+        opaque = cv2.erode((prep.content_alpha > 0.98).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        if opaque.sum() < 64:
+            opaque = prep.content_alpha > 0.98
     # A 3x3 median removes sensor noise, JPEG mosquito noise and film grain but keeps edges where they are.
     smooth = cv2.medianBlur(rgb, 3)
     luma = cv2.cvtColor(smooth, cv2.COLOR_RGB2GRAY).astype(np.float32)
-    step = np.hypot(cv2.Sobel(luma, cv2.CV_32F, 1, 0), cv2.Sobel(luma, cv2.CV_32F, 0, 1))[opaque] / 8.0
+    step = np.hypot(cv2.Sobel(luma, cv2.CV_32F, 1, 0), cv2.Sobel(luma, cv2.CV_32F, 0, 1)) / 8.0
     edges = step >= EDGE_MIN_STEP
-    hard_edge_share = float((step[edges] >= HARD_EDGE_STEP).mean()) if edges.any() else 0.0
-    if prep.is_gray:
-        saturation = 0.0
+    edge_steps = step[edges & opaque]
+    hard_edge_share = float((edge_steps >= HARD_EDGE_STEP).mean()) if edge_steps.size else 0.0
+    soft_edge_share = float((edge_steps < SOFT_EDGE_STEP).mean()) if edge_steps.size else 0.0
+    saturation = 0.0 if prep.is_gray else float(cv2.cvtColor(smooth, cv2.COLOR_RGB2HSV)[:, :, 1][opaque].mean() / 255.0)
+    # Palette: drawings reuse few colours. Share of the 16 commonest colours (5 bits per channel) and the number
+    # of distinct colours, as a log-ratio to the pixel count so it does not grow with the size.
+    q = (smooth >> 3).astype(np.int32)
+    counts = np.bincount(((q[:, :, 0] << 10) | (q[:, :, 1] << 5) | q[:, :, 2])[opaque], minlength=1 << 15)
+    n = int(opaque.sum())
+    palette_share = float(np.sort(counts)[-16:].sum() / n)
+    colour_count = float(np.log(max(2, int((counts > 0).sum()))) / np.log(max(3, n)))
+    # Local colours: distinct colours (4 bits per channel) per 8x8 block, as a share of 64.
+    q4 = (smooth >> 4).astype(np.int32)
+    codes = (q4[:, :, 0] << 8) | (q4[:, :, 1] << 4) | q4[:, :, 2]
+    bh, bw = codes.shape[0] // 8 * 8, codes.shape[1] // 8 * 8
+    if bh and bw:
+        blocks = codes[:bh, :bw].reshape(bh // 8, 8, bw // 8, 8).transpose(0, 2, 1, 3).reshape(-1, 64)
+        inside = opaque[:bh, :bw].reshape(bh // 8, 8, bw // 8, 8).transpose(0, 2, 1, 3).reshape(-1, 64).all(1)
+        blocks = np.sort(blocks[inside] if inside.any() else blocks, 1)
+        local_colours = float(((np.diff(blocks, axis=1) != 0).sum(1) + 1).mean() / 64.0)
     else:
-        saturation = float(cv2.cvtColor(smooth, cv2.COLOR_RGB2HSV)[:, :, 1][opaque].mean() / 255.0)
-    return {"hard_edge_share": hard_edge_share, "saturation": saturation}
+        local_colours = 0.0
+    # Texture left after denoising (5x5 median) away from strong edges: photos keep fine texture, fills do not.
+    raw = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    denoised = cv2.cvtColor(cv2.medianBlur(rgb, 5), cv2.COLOR_RGB2GRAY).astype(np.float32)
+    calm = (step < 10.0) & opaque
+    residual = float(np.log1p(np.abs(raw - denoised)[calm].mean())) if calm.any() else 0.0
+    return {"hard_edge_share": hard_edge_share, "soft_edge_share": soft_edge_share, "saturation": saturation,
+            "edge_density": float(edges[opaque].mean()), "flat_share": float((step < 1.0)[opaque].mean()),
+            "palette_share": palette_share, "colour_count": colour_count, "local_colours": local_colours,
+            "texture_residual": residual, "gray": float(prep.is_gray)}
 
 
 def content_logit(features: dict[str, float]) -> float:
     """Log-odds of "anime" from :func:`content_features` values (pure; weights in ``CONTENT_WEIGHTS``)."""
-    return CONTENT_BIAS + sum(weight * features[name] for name, weight in CONTENT_WEIGHTS.items())
+    return CONTENT_BIAS + sum(CONTENT_WEIGHTS[name] * features[name] for name in CONTENT_FEATURES)
+
+
+@dataclass(frozen=True)
+class ContentDecision:
+    """The content type and which signal decided it."""
+
+    label: ContentType
+    confidence: float  # in [0.5, 1]: the classifier's probability of ``label``, or the weight of the signal that
+    # decided (FACE_EVIDENCE for a face, 0.5 + |dB| / 4 for a trial, 0.5 when unsure)
+    decided_by: Literal["classifier", "faces", "trial", "unsure"]
+    reason: str
+
+
+def decide_content(logit: float, faces: int = 0, trial_photo_advantage_db: float | None = None) -> ContentDecision:
+    """Combine the classifier, the face detector and an optional trial reconstruction (pure).
+
+    Args:
+        logit: :func:`content_logit` of the image (log-odds of anime).
+        faces: human faces the face detector found (any face is strong evidence of a photo).
+        trial_photo_advantage_db: PSNR of the photo model's rebuild of a test crop minus the anime model's
+            (:mod:`engine.advisor.trial`), or None when no trial was run.
+
+    Returns:
+        A :class:`ContentDecision`; ``reason`` is a sentence for the user.
+    """
+    p_anime = 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, logit))))
+    if faces > 0:
+        return ContentDecision("photo", max(1.0 - p_anime, FACE_EVIDENCE), "faces",
+                               f"{faces} human face{'s' if faces > 1 else ''} found: a photo")
+    if logit > ANIME_SURE_LOGIT:
+        return ContentDecision("anime", p_anime, "classifier",
+                               f"Flat colours and hard edges ({p_anime:.0%} sure it is anime/illustration)")
+    if logit < -PHOTO_SURE_LOGIT:
+        return ContentDecision("photo", 1.0 - p_anime, "classifier",
+                               f"Natural textures and soft edges ({1.0 - p_anime:.0%} sure it is a photo)")
+    if trial_photo_advantage_db is not None:
+        label: ContentType = "photo" if trial_photo_advantage_db >= 0 else "anime"
+        model = "photo" if label == "photo" else "anime"
+        return ContentDecision(label, 0.5 + min(0.45, abs(trial_photo_advantage_db) / 4.0), "trial",
+                               f"Photo or drawing was unclear ({p_anime:.0%} anime); on a test crop the {model} "
+                               f"model was {abs(trial_photo_advantage_db):.1f} dB closer")
+    return ContentDecision("photo", 0.5, "unsure",
+                           f"Photo or drawing is unclear ({p_anime:.0%} anime): the photo model, the safer mistake")
 
 
 def content_type(image: np.ndarray) -> tuple[ContentType, float]:
@@ -225,18 +330,21 @@ def content_type(image: np.ndarray) -> tuple[ContentType, float]:
         image: HxW, HxWx3 or HxWx4 uint8/uint16 (RGB order; alpha masks out transparent pixels).
 
     Returns:
-        ``(label, confidence)``: confidence is the model's probability of the returned label, in [0.5, 1].
+        ``(label, confidence)`` from :func:`decide_content` without a trial (unsure reads as photo); a drawing's
+        verdict is checked with the face detector (a face makes it a photo). Confidence is the classifier's
+        probability of the returned label.
 
     Raises:
         InvalidInputError: empty or malformed input.
     """
-    return _content_type(_prepare(image))
+    return _content_type(_prepare(image), image)
 
 
-def _content_type(prep: _Prepared) -> tuple[ContentType, float]:
-    logit = content_logit(_content_features(prep))
-    confidence = 1.0 / (1.0 + math.exp(-min(abs(logit), 50.0)))
-    return ("anime" if logit > 0 else "photo"), confidence
+def _content_type(prep: _Prepared, image: np.ndarray) -> tuple[ContentType, float]:
+    decision = decide_content(content_logit(_content_features(prep)))
+    if decision.label == "anime":  # a human face overrules the pixels (same detector call as analyze)
+        decision = decide_content(content_logit(_content_features(prep)), len(detect_faces(image).faces))
+    return decision.label, decision.confidence
 
 
 # --------------------------------------------------------------------------------------------- noise, blocking, blur
@@ -349,15 +457,18 @@ def analyze(
     """
     image = _check(image)
     prep = _prepare(image)
-    label, confidence = _content_type(prep)
+    logit = content_logit(_content_features(prep))
     sigma = _noise_sigma(prep)
     faces: tuple[FaceBox, ...] = ()
     detector = None
     if detect_faces_too:
-        faces, detector = _faces(image, prep, retinaface)
+        # The very call the face enhancer makes on the same pixels, so the count shown is the count restored.
+        detection = detect_faces(image, retinaface=retinaface)
+        faces, detector = detection.faces, detection.detector
+    decision = decide_content(logit, len(faces))
     return ImageAnalysis(
-        content_type=label,
-        confidence=confidence,
+        content_type=decision.label,
+        confidence=decision.confidence,
         noise_level=float(min(1.0, max(0.0, sigma / NOISE_SIGMA_FULL_SCALE))),
         noise_sigma=sigma,
         jpeg_artifacts=_jpeg_blockiness(prep),
@@ -368,20 +479,7 @@ def analyze(
         has_alpha=has_alpha(image),
         faces=faces,
         face_detector=detector,
+        content_logit=logit,
+        content_decided_by=decision.decided_by,
+        content_reason=decision.reason,
     )
-
-
-def _faces(image: np.ndarray, prep: _Prepared, retinaface) -> tuple[tuple[FaceBox, ...], str]:
-    """Faces in input pixels. The cascade scans the working copy (it would downscale to it anyway)."""
-    if retinaface is not None:
-        detection = detect_faces(image, retinaface=retinaface)
-        return detection.faces, detection.detector
-    work = np.clip(prep.work_rgb + 0.5, 0, 255).astype(np.uint8)
-    detection = detect_faces(work)
-    k = 1.0 / prep.work_scale
-    faces = tuple(
-        FaceBox(f.x0 * k, f.y0 * k, f.x1 * k, f.y1 * k, f.score,
-                None if f.landmarks is None else tuple((x * k, y * k) for x, y in f.landmarks))
-        for f in detection.faces
-    )
-    return faces, detection.detector

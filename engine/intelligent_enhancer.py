@@ -2,8 +2,9 @@
 with plain-language reasons and a time/memory estimate.
 
 Measurements come from :mod:`engine.image_analysis`; the decision is :func:`decide`, a pure function of those
-numbers and of :class:`MachineFacts`, so the rules are tested without images. Throughput is measured once per
-(device, model) by a short calibration run of the real architecture and cached in the config dir.
+numbers and of :class:`MachineFacts`, so the rules are tested without images. Time estimates come from real runs
+on this machine (:mod:`engine.advisor.estimates`); before the first, from a short calibration run of the real
+architecture (cached in the config dir unless the machine was busy), shown as a range.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
+from engine.advisor.estimates import TimingModel
 from engine.catalog import CATALOG, DEFAULT_FACE_MODEL, active_catalog, user_alternatives
 from engine.settings import Advice, EnhanceSettings
 
@@ -29,6 +31,8 @@ NOISY_LEVEL = 0.16          # noise level 0.16 ≈ Gaussian sigma 8 on 0-255
 JPEG_DAMAGED = 0.35         # blockiness score above which JPEG artefacts are visible
 SMALL_SIDE = 320            # long side below which ×4 is the natural choice
 LARGE_SIDE = 1600           # long side above which ×2 is usually enough
+MODEL_LOAD_SECONDS = 5.0    # building a network from its weights on the CPU (x4plus measured 3-11 s)
+TRIAL_BUDGET_S = 1.5        # a trial reconstruction runs only when it is expected to take at most this long
 SLOW_SECONDS = 60.0         # a recommendation slower than this on the CPU offers the fast model
 FAST_PHOTO_MODEL = "realesr-general-x4v3"
 FAST_FALLBACK_MODEL = "realesr-animevideov3"
@@ -50,6 +54,7 @@ class AnalysisNumbers:
     height: int
     bit_depth: int = 8
     has_alpha: bool = False
+    content_reason: str = ""  # why content_type (engine.image_analysis.decide_content); "" = say it plainly
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class MachineFacts:
     max_output_pixels: int = 400_000_000
     face_enhancement_enabled: bool = True
     cpu_bf16_fast: bool = False  # the CPU has native bf16 (AVX512-BF16/AMX): the bf16 fast mode pays off
+    timing: Mapping[str, TimingModel] = field(default_factory=dict)  # per model, learned from real runs
 
     def throughput(self, model: str) -> float:
         kind = self.device.split(":")[0]
@@ -98,12 +104,24 @@ def denoise_from_noise(noise_level: float, jpeg_artifacts: float) -> float:
 
 def estimate_seconds(model: str, width: int, height: int, machine: MachineFacts, faces: int = 0,
                      face_enhance: bool = False, tile_overhead: float = 1.1) -> float:
-    """Seconds for the network (MACs per input pixel × pixels ÷ this device's measured MAC/s) plus faces."""
+    """Seconds for the whole job: from the timing learned from real runs on this machine
+    (:mod:`engine.advisor.estimates`) when there is one, else MACs ÷ the calibrated MAC/s, faces included."""
+    return estimate_range(model, width, height, machine, faces, face_enhance, tile_overhead)[0]
+
+
+def estimate_range(model: str, width: int, height: int, machine: MachineFacts, faces: int = 0,
+                   face_enhance: bool = False, tile_overhead: float = 1.1) -> tuple[float, float, float]:
+    """``(seconds, low, high)``: the estimate and the range to show (wide while the timing rests on a calibration
+    only, narrow once real runs agree)."""
     spec = active_catalog()[model]  # the user's models too (their MACs are measured at import)
-    seconds = spec.macs_per_pixel * width * height * tile_overhead / machine.throughput(model)
+    macs = spec.macs_per_pixel * width * height * tile_overhead
     if face_enhance and faces:
-        seconds += faces * GFPGAN_MACS_PER_FACE / machine.throughput(model) * 1.5
-    return float(seconds)
+        macs += faces * GFPGAN_MACS_PER_FACE * 1.5
+    timing = machine.timing.get(model)
+    if timing is None:
+        timing = TimingModel(machine.throughput(model), 0.0, 0.5, 0)
+    low, high = timing.range(macs)
+    return float(timing.seconds(macs)), float(low), float(high)
 
 
 def _pick_available(preferred: str, machine: MachineFacts, fallback: str) -> tuple[str, str | None]:
@@ -130,8 +148,11 @@ def decide(a: AnalysisNumbers, machine: MachineFacts, requested_scale: float | N
     denoise = 0.5
     if a.content_type == "anime":
         model, missing = _pick_available("RealESRGAN_x4plus_anime_6B", machine, FAST_FALLBACK_MODEL)
-        reasons.append(f"Flat colours and hard edges ({a.confidence:.0%} sure it is anime/illustration): anime model")
+        why = a.content_reason or f"Flat colours and hard edges ({a.confidence:.0%} sure it is anime/illustration)"
+        reasons.append(f"{why}: anime model")
     elif damaged:
+        if a.content_reason:
+            reasons.append(a.content_reason)
         what = "noise" if a.noise_level >= NOISY_LEVEL else "JPEG artefacts"
         denoise = denoise_from_noise(a.noise_level, a.jpeg_artifacts)
         if FAST_PHOTO_MODEL in machine.available_models:
@@ -148,7 +169,8 @@ def decide(a: AnalysisNumbers, machine: MachineFacts, requested_scale: float | N
                 reasons.append(f"Visible {what}: RealESRGAN_x4plus removes it along the way")
     else:
         model, missing = _pick_available("RealESRGAN_x4plus", machine, FAST_FALLBACK_MODEL)
-        reasons.append(f"Natural photo ({a.confidence:.0%} sure), clean: RealESRGAN_x4plus for the best detail")
+        why = a.content_reason or f"Natural photo ({a.confidence:.0%} sure)"
+        reasons.append(f"{why}; clean: RealESRGAN_x4plus for the best detail")
     if missing:
         reasons.append(f"{missing} is not available here, so {model} is recommended instead")
 
@@ -191,8 +213,16 @@ def decide(a: AnalysisNumbers, machine: MachineFacts, requested_scale: float | N
     tile, memory_mb = (tile_for(model) if tile_for else (0, _rough_memory_mb(model, a.width, a.height)))
     reasons.append("The whole image fits in memory: no tiling" if tile == 0
                    else f"Tiles of {tile} px fit the free memory ({machine.free_memory_bytes / 2**30:.1f} GB)")
-    seconds = estimate_seconds(model, a.width, a.height, machine, a.faces, face_enhance)
-    reasons.append(f"Estimated time on {machine.device}: {_human_seconds(seconds)}")
+    seconds, low, high = estimate_range(model, a.width, a.height, machine, a.faces, face_enhance)
+    timing = machine.timing.get(model)
+    if timing is not None and timing.observations >= 2 and timing.spread <= 0.25:
+        reasons.append(f"Estimated time on {machine.device}: {_human_seconds(seconds)} "
+                       f"(learned from {timing.observations} runs here)")
+    else:
+        basis = (f"from {timing.observations} run here" if timing is not None and timing.observations
+                 else "from a short calibration; it improves after each real run")
+        reasons.append(f"Estimated time on {machine.device}: {_human_seconds(low)} to {_human_seconds(high)} "
+                       f"({basis})")
 
     if on_cpu and seconds > SLOW_SECONDS and model not in (FAST_PHOTO_MODEL, FAST_FALLBACK_MODEL):
         fast = FAST_PHOTO_MODEL if (a.content_type == "photo" and FAST_PHOTO_MODEL in machine.available_models) \
@@ -219,7 +249,7 @@ def decide(a: AnalysisNumbers, machine: MachineFacts, requested_scale: float | N
                                tile="auto", denoise_strength=denoise)
     return Advice(settings=settings, reasons=tuple(reasons), estimated_seconds=round(seconds, 2),
                   estimated_memory_mb=round(memory_mb, 1), alternatives=tuple(alternatives),
-                  analysis={"optimal_tile": int(tile)})
+                  analysis={"optimal_tile": int(tile), "estimated_range": [round(low, 1), round(high, 1)]})
 
 
 def _rough_memory_mb(model: str, width: int, height: int) -> float:
@@ -238,11 +268,29 @@ def _human_seconds(seconds: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ calibration
+#: 1-minute load average per CPU above which the machine counts as busy (a calibration is then not stored).
+BUSY_LOAD_PER_CPU = 0.5
+
+
+def machine_is_busy(device) -> bool:
+    """True when a CPU calibration would be skewed: the 1-minute load is above BUSY_LOAD_PER_CPU per CPU."""
+    import os
+
+    if not str(getattr(device, "type", device)).startswith("cpu") or not hasattr(os, "getloadavg"):
+        return False
+    return os.getloadavg()[0] > BUSY_LOAD_PER_CPU * (os.cpu_count() or 1)
+
+
 class ThroughputCalibrator:
     """Measures MAC/s of a model's architecture on a device with a short run of random weights (speed does not
-    depend on the weights), cached in memory and in ``cache_file``."""
+    depend on the weights) on a ``size`` x ``size`` input, cached in memory and in ``cache_file``.
 
-    def __init__(self, cache_file: Path | None = None, size: int = 64):
+    It is only the prior: real runs replace it (:mod:`engine.advisor.estimates`). A measurement taken while the
+    machine is busy (1-minute load above :data:`BUSY_LOAD_PER_CPU` per CPU, e.g. while another job runs) is used
+    for this call only and not stored, so a busy moment is not kept forever.
+    """
+
+    def __init__(self, cache_file: Path | None = None, size: int = 128):
         self.cache_file, self.size = cache_file, size
         self._lock = threading.Lock()
         self._values: dict[str, float] | None = None
@@ -258,13 +306,18 @@ class ThroughputCalibrator:
         return self._values
 
     def macs_per_second(self, model: str, device) -> float:
-        key = f"v2|{device}|{model}|{self.size}"
+        key = f"v3|{device}|{model}|{self.size}"
         with self._lock:
             values = self._load()
-            if key not in values:
-                values[key] = self._measure(model, device)
-                self._save(values)
-            return values[key]
+            if key in values:
+                return values[key]
+            value = self._measure(model, device)
+            if machine_is_busy(device):
+                logger.info("machine busy: calibration of %s not stored", model)
+                return value
+            values[key] = value
+            self._save(values)
+            return value
 
     def _measure(self, model: str, device) -> float:
         import torch
@@ -307,14 +360,18 @@ class ThroughputCalibrator:
 class IntelligentEnhancer:
     """Analyses images and recommends settings. Holds only read-only facts; safe to share between requests."""
 
-    def __init__(self, model_manager=None, config=None, device: str | None = None, calibrate: bool = True):
+    def __init__(self, model_manager=None, config=None, device: str | None = None, calibrate: bool = True,
+                 trial_budget_s: float = TRIAL_BUDGET_S):
         from config import Config
+        from engine.advisor.estimates import TimingStore, store_for
 
         self.model_manager = model_manager
         self.config = config if config is not None else Config()
         self.device_name = device or self.config.device
         cache = Path(config.config_dir) / "calibration.json" if config is not None else None
         self.calibrator = ThroughputCalibrator(cache) if calibrate else None
+        self.timings = store_for(config) if config is not None else TimingStore(None)
+        self.trial_budget_s = trial_budget_s
 
     def _face_detector(self):
         """The RetinaFace network when its weights are on this machine (loaded once, by the model manager)."""
@@ -363,7 +420,8 @@ class IntelligentEnhancer:
             content_type=analysis.content_type, confidence=float(analysis.confidence), faces=len(analysis.faces),
             noise_level=float(analysis.noise_level), jpeg_artifacts=float(analysis.jpeg_artifacts),
             blur=float(analysis.blur), width=int(analysis.width), height=int(analysis.height),
-            bit_depth=int(analysis.bit_depth), has_alpha=bool(analysis.has_alpha))
+            bit_depth=int(analysis.bit_depth), has_alpha=bool(analysis.has_alpha),
+            content_reason=analysis.content_reason)
         candidates = ("RealESRGAN_x4plus", "RealESRGAN_x4plus_anime_6B", FAST_PHOTO_MODEL, FAST_FALLBACK_MODEL,
                       "RealESRGAN_x2plus")
         machine = self.machine_facts(tuple(m for m in candidates if self.calibrator is not None))
@@ -377,9 +435,13 @@ class IntelligentEnhancer:
                                           batch_size=batch_size, config=self.config)
             return choice.tile, choice.memory_bytes / 2**20
 
+        numbers, decided_by = self._settle_content(pixels, analysis, numbers, machine, device)
+        machine = dataclasses.replace(machine, timing=self._timing(machine, device, tile_for))
         advice = decide(numbers, machine, requested_scale=scale, tile_for=tile_for)
         record = {
             "content_type": numbers.content_type, "confidence": round(numbers.confidence, 3),
+            "content_decided_by": decided_by, "content_reason": numbers.content_reason,
+            "content_logit": round(float(analysis.content_logit), 2),
             "faces": numbers.faces,
             "face_boxes": [[round(float(v), 1) for v in (f.x0, f.y0, f.x1, f.y1)] for f in analysis.faces],
             "face_sizes": [round(float(min(f.x1 - f.x0, f.y1 - f.y0)), 1) for f in analysis.faces],
@@ -389,10 +451,57 @@ class IntelligentEnhancer:
             "resolution": f"{numbers.width}x{numbers.height}", "bit_depth": numbers.bit_depth,
             "has_alpha": numbers.has_alpha, "optimal_tile": advice.analysis["optimal_tile"],
             "estimated_seconds": advice.estimated_seconds, "estimated_memory_mb": advice.estimated_memory_mb,
+            "estimated_range": advice.analysis.get("estimated_range"),
             "device": machine.device, "alternatives": list(advice.alternatives),
             "analysis_ms": round((time.perf_counter() - start) * 1000, 1),
         }
         return dataclasses.replace(advice, analysis=record)
+
+    def _settle_content(self, pixels: np.ndarray, analysis, numbers: AnalysisNumbers, machine: MachineFacts,
+                        device) -> tuple[AnalysisNumbers, str]:
+        """An unsure content type is settled by a trial reconstruction when both models are here and it fits the
+        time budget; otherwise it stays the photo model, and the reason says why. Returns the numbers and which
+        signal decided the content type."""
+        from engine.advisor import trial
+        from engine.image_analysis import decide_content
+
+        unchanged = numbers, analysis.content_decided_by
+        if analysis.content_decided_by != "unsure" or self.model_manager is None or self.trial_budget_s <= 0:
+            return unchanged
+        models = (trial.PHOTO_MODEL, trial.ANIME_MODEL)
+        if not all(self.model_manager.is_available(m) for m in models):
+            return unchanged
+        side = min(trial.TRIAL_CROP, numbers.width, numbers.height) // 4
+        expected = sum(CATALOG[m].macs_per_pixel * side * side / machine.throughput(m) for m in models)
+        loaded = " ".join(self.model_manager.loaded_models())
+        expected += sum(MODEL_LOAD_SECONDS for m in models if f"{m}@" not in loaded)
+        if expected > self.trial_budget_s:
+            note = (f"No time for a trial reconstruction (about {expected:.1f} s here, budget "
+                    f"{self.trial_budget_s:.1f} s)")
+            return dataclasses.replace(numbers, content_reason=f"{numbers.content_reason}. {note}"), "unsure"
+        try:
+            rgb = np.ascontiguousarray(_rgb8(pixels))
+            result = trial.trial_reconstruction(rgb, self.model_manager, device)
+        except Exception as exc:  # noqa: BLE001 - the trial is a tie-breaker; without it the photo model stays
+            logger.warning("trial reconstruction failed: %s", exc)
+            return unchanged
+        decision = decide_content(float(analysis.content_logit), len(analysis.faces), result.photo_advantage_db)
+        return dataclasses.replace(numbers, content_type=decision.label, confidence=decision.confidence,
+                                   content_reason=decision.reason), decision.decided_by
+
+    def _timing(self, machine: MachineFacts, device, tile_for) -> dict[str, TimingModel]:
+        """The learned timing per candidate model for this device, precision and tile policy."""
+        from engine.advisor.estimates import fit_timing, job_key, prior_fixed_seconds
+        from engine.inference import planning
+
+        out = {}
+        kind = "cpu" if device.type == "cpu" else str(device)
+        for model in machine.macs_per_second:
+            precision = planning.effective_precision(CATALOG[model], device.type, "auto")
+            key = job_key(kind, model, precision, tile_for(model)[0] > 0)
+            out[model] = fit_timing(self.timings.observations(key), machine.throughput(model),
+                                    prior_fixed_seconds(model))
+        return out
 
     def get_intelligent_settings(self, image, scale: float | None = None) -> dict:
         """The design's JSON form of :meth:`advise`: ``{"settings": {model, scale, fp32, precision, face_enhance,
@@ -421,6 +530,17 @@ def _cpu_has_fast_bf16() -> bool:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def _rgb8(pixels: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 RGB from gray/RGB/RGBA, 8 or 16 bits."""
+    from utils.image_io import to_8bit
+
+    pixels = to_8bit(pixels)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    colour = pixels[:, :, : 1 if pixels.shape[2] in (1, 2) else 3]
+    return np.repeat(colour, 3, axis=2) if colour.shape[2] == 1 else colour
 
 
 def _pixels(image) -> np.ndarray:

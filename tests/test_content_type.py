@@ -1,8 +1,7 @@
-"""Content type (anime vs photo): held-out accuracy by source, robustness to degradations, odd input formats.
+"""Content type (anime vs photo): the pinned classifier, the decision rule (faces, unsure, trial), held-out accuracy
+by source on a small version of bench/fit_content_type.py's set, and small downscales of photos with faces.
 
-The leave-one-source-out protocol of bench/fit_content_type.py runs here on the copies in tests/data/advisor plus
-the photos and drawings bundled with scikit-image (no network, no shared data): the logistic is refitted without a
-source and must classify that source's images and their JPEG/downscale/crop/noise/gray variants.
+Data: the copies in tests/data/advisor and images bundled with scikit-image (no network, no shared data).
 """
 
 from __future__ import annotations
@@ -14,8 +13,10 @@ import cv2
 import numpy as np
 import pytest
 
-from bench.fit_content_type import balanced_weights, dataset, fit_logistic, jpeg, leave_one_source_out, read_rgb
-from engine.image_analysis import CONTENT_BIAS, CONTENT_WEIGHTS, content_features, content_logit, content_type
+from bench.fit_content_type import (at_size, balanced_weights, dataset, fit_logistic, jpeg, leave_one_source_out,
+                                    logits, read_rgb, synth_cel, synth_lineart)
+from engine.image_analysis import (ANIME_SURE_LOGIT, CONTENT_BIAS, CONTENT_FEATURES, CONTENT_WEIGHTS, analyze,
+                                   content_features, content_logit, content_type, decide_content)
 
 DATA = Path(__file__).parent / "data" / "advisor"
 LABELS = json.loads((DATA / "labels.json").read_text())
@@ -27,76 +28,130 @@ def _source(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def features():
+def small_set():
     from skimage import data as skdata
 
-    items = [(_source(n), label["content_type"], read_rgb(DATA / n)) for n, label in LABELS.items()]
-    items += [("sk_logo", "anime", skdata.logo()), ("sk_horse", "anime", skdata.horse().astype(np.uint8) * 255)]
-    for name in ("astronaut", "camera", "chelsea", "coffee", "rocket", "brick", "grass", "coins", "moon"):
-        items.append((f"sk_{name}", "photo", getattr(skdata, name)()))
-    return dataset(items)
+    items = [(_source(n), label["content_type"], n, read_rgb(DATA / n)) for n, label in LABELS.items()]
+    items += [("sk_logo", "anime", "logo", skdata.logo())]
+    for name in ("astronaut", "camera", "chelsea", "coffee", "rocket", "brick", "grass", "coins", "moon", "retina"):
+        items.append((f"sk_{name}", "photo", name, getattr(skdata, name)()))
+    items += [("synth_cel", "anime", f"cel{s}", synth_cel(s, 480, 360)) for s in range(2)]
+    items += [("synth_lineart", "anime", f"line{s}", synth_lineart(s, 480, 360)) for s in range(2)]
+    return dataset(items, sizes=(160, 0), kinds=("clean", "jpeg"))
 
 
-def test_leave_one_source_out_accuracy(features):
-    x, y, src, var = features
-    right = (leave_one_source_out(x, y, src) > 0) == (y == 1)
-    orig = np.array(var) == "orig"
-    print(f"held-out by source: all {right.mean():.3f} of {len(y)}, originals {right[orig].mean():.3f}")
-    assert right.mean() >= 0.85  # measured 0.88 (bench/fit_content_type.py on the full data: 0.92)
-    assert right[orig].mean() >= 0.9
-    assert right[y == 1].mean() >= 0.85 and right[y == 0].mean() >= 0.85
+# ------------------------------------------------------------------------------------------------ the decision rule
+def test_a_detected_face_makes_a_photo_whatever_the_classifier_says():
+    decision = decide_content(logit=8.0, faces=1)
+    assert decision.label == "photo" and decision.decided_by == "faces"
+    assert "1 human face" in decision.reason
 
 
-def test_shipped_weights_match_a_fit_on_the_data(features):
-    x, y, src, var = features
-    b = fit_logistic(x, y, balanced_weights(y, src))
-    shipped = np.r_[[CONTENT_WEIGHTS[k] for k in CONTENT_WEIGHTS], CONTENT_BIAS]
-    agree = ((np.c_[x, np.ones(len(x))] @ b > 0) == (np.c_[x, np.ones(len(x))] @ shipped > 0)).mean()
-    assert agree >= 0.95
-    right = (np.c_[x, np.ones(len(x))] @ shipped > 0) == (y == 1)
-    assert right.mean() >= 0.92
+def test_sure_classifier_decides_and_says_so():
+    anime = decide_content(ANIME_SURE_LOGIT + 0.5)
+    photo = decide_content(-5.0)
+    assert (anime.label, anime.decided_by) == ("anime", "classifier") and anime.confidence > 0.8
+    assert (photo.label, photo.decided_by) == ("photo", "classifier") and photo.confidence > 0.99
 
 
-def test_content_logit_is_monotone_in_both_features():
-    base = {"hard_edge_share": 0.3, "saturation": 0.3}
-    assert content_logit({**base, "hard_edge_share": 0.5}) > content_logit(base)
-    assert content_logit({**base, "saturation": 0.5}) > content_logit(base)
-    assert content_logit({"hard_edge_share": 0.05, "saturation": 0.0}) < 0 < content_logit(
-        {"hard_edge_share": 0.6, "saturation": 0.4})
+def test_unsure_without_a_trial_is_a_photo_with_the_reason():
+    decision = decide_content(ANIME_SURE_LOGIT - 0.1)
+    assert decision.label == "photo" and decision.decided_by == "unsure"
+    assert "safer mistake" in decision.reason
 
 
-@pytest.mark.parametrize("quality", [30, 50, 95])
-def test_recompressed_photos_stay_photos_and_anime_stays_anime(quality):
-    for name, truth in (("10045.png", "photo"), ("00003.png", "photo"), ("Adele_crop.png", "photo"),
-                        ("onepiece_000.jpg", "anime"), ("0014.jpg", "anime")):
-        assert content_type(jpeg(read_rgb(DATA / name), quality))[0] == truth, (name, quality)
+@pytest.mark.parametrize("advantage, label", [(1.8, "photo"), (-0.7, "anime")])
+def test_unsure_with_a_trial_follows_the_better_reconstruction(advantage, label):
+    decision = decide_content(0.3, trial_photo_advantage_db=advantage)
+    assert decision.label == label and decision.decided_by == "trial"
+    assert f"{abs(advantage):.1f} dB closer" in decision.reason
+    assert decide_content(8.0, trial_photo_advantage_db=5.0).label == "anime"  # a sure classifier needs no trial
 
 
-def test_sixteen_bit_gray_and_alpha_inputs():
+def test_content_logit_uses_the_pinned_weights():
+    features = dict.fromkeys(CONTENT_FEATURES, 0.5)
+    expected = CONTENT_BIAS + 0.5 * sum(CONTENT_WEIGHTS.values())
+    assert content_logit(features) == pytest.approx(expected)
+    assert content_logit({**features, "hard_edge_share": 0.9}) > content_logit(features)  # hard edges: drawing
+    assert content_logit({**features, "flat_share": 0.9}) > content_logit(features)  # flat fills: drawing
+
+
+# ------------------------------------------------------------------------------------------------ labelled set
+@pytest.mark.parametrize("name", sorted(LABELS))
+def test_labelled_originals(name):
+    truth = LABELS[name]
+    result = analyze(read_rgb(DATA / name))
+    if "known_hard" in truth:  # documented: unsure, so the photo model (the safer mistake) with the reason
+        assert result.content_decided_by == "unsure" and result.content_type == "photo", result.content_reason
+        return
+    assert result.content_type == truth["content_type"], (result.content_logit, result.content_reason)
+    if truth["faces"]:
+        assert result.faces and result.content_decided_by == "faces"
+
+
+def test_held_out_by_source_on_a_small_set(small_set):
+    y = small_set["y"]
+    right = (leave_one_source_out(small_set) > 0) == (y == 1)
+    print(f"held out by source: {right.mean():.3f} of {len(y)}, photo {right[y == 0].mean():.3f}, "
+          f"anime {right[y == 1].mean():.3f}")
+    assert right.mean() >= 0.8  # measured 0.86 here; bench/eval_advisor.py on the full set: 0.83
+
+
+def test_shipped_weights_agree_with_a_fit_on_this_data(small_set):
+    x, y, src = small_set["x"], small_set["y"], small_set["source"]
+    fitted = logits(x, fit_logistic(x, y, balanced_weights(y, src))) > 0
+    shipped = logits(x, np.r_[[CONTENT_WEIGHTS[k] for k in CONTENT_FEATURES], CONTENT_BIAS]) > 0
+    assert (fitted == shipped).mean() >= 0.85
+    assert (shipped == (y == 1)).mean() >= 0.85
+
+
+# ------------------------------------------------------------------------------------------------ faces, sizes
+@pytest.mark.parametrize("name, side", [("Blake_Lively.jpg", 160), ("Blake_Lively.jpg", 256), ("00.jpg", 256),
+                                        ("10045.png", 320), ("Adele_crop.png", 128), ("Paris_Hilton_crop.png", 160),
+                                        ("Julia_Roberts_crop.png", 128)])
+def test_small_photos_with_faces_are_photos(name, side):
+    image = at_size(read_rgb(DATA / name), side)
+    result = analyze(image)
+    assert result.faces, f"no face found at {side} px"
+    assert result.content_type == "photo" and result.content_decided_by == "faces"
+
+
+def test_astronaut_at_200_px_is_a_photo_with_one_face():
+    from skimage import data as skdata
+
+    result = analyze(at_size(skdata.astronaut(), 200))
+    assert result.content_type == "photo" and len(result.faces) == 1
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_drawn_renders_stay_anime_after_jpeg(seed):
+    for image in (synth_cel(seed, 480, 360), synth_lineart(seed, 480, 360)):
+        assert content_type(image)[0] == "anime"
+        assert content_type(jpeg(image, 75))[0] == "anime"
+
+
+def test_features_do_not_depend_on_bit_depth_or_an_opaque_alpha():
     image = read_rgb(DATA / "onepiece_105.jpg")
-    sixteen = image.astype(np.uint16) * 257
-    assert content_features(sixteen) == pytest.approx(content_features(image), abs=1e-6)
+    assert content_features(image.astype(np.uint16) * 257) == pytest.approx(content_features(image), abs=1e-6)
     rgba = np.dstack([image, np.full(image.shape[:2], 255, np.uint8)])
-    assert content_type(rgba) == content_type(image)
-    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    assert content_features(gray)["saturation"] == 0.0
-    assert content_features(np.repeat(gray[:, :, None], 3, axis=2))["saturation"] == 0.0
-    assert content_type(gray[:, :, None])[0] in ("anime", "photo")
-    tree = read_rgb(DATA / "tree_alpha_16bit.png")
-    assert tree.dtype == np.uint16 and content_type(tree)[0] == "photo"
+    assert content_features(rgba) == pytest.approx(content_features(image), abs=1e-6)
 
 
-def test_transparent_pixels_are_ignored():
-    image = read_rgb(DATA / "10045.png")
-    rgba = np.dstack([image, np.full(image.shape[:2], 255, np.uint8)])
-    rgba[:, : image.shape[1] // 3, :3] = (255, 0, 0)  # hard-edged saturated junk, fully transparent
-    rgba[:, : image.shape[1] // 3, 3] = 0
-    visible = image[:, image.shape[1] // 3 :]
-    assert content_features(rgba)["saturation"] == pytest.approx(content_features(visible)["saturation"], abs=0.03)
-    assert content_type(rgba)[0] == "photo"
+def test_transparent_areas_are_left_out():
+    photo = read_rgb(DATA / "00003.png")[..., :3]
+    h, w = photo.shape[:2]
+    alpha = np.zeros((h, w), np.uint8)
+    alpha[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 255
+    cut_out = np.dstack([photo, alpha])
+    cut_out[alpha == 0, :3] = 255  # flat white paper under the transparent part
+    inside = photo[h // 4 + 2 : 3 * h // 4 - 2, w // 4 + 2 : 3 * w // 4 - 2]
+    assert content_features(cut_out)["flat_share"] == pytest.approx(content_features(inside)["flat_share"], abs=0.1)
+    assert content_features(cut_out)["flat_share"] < content_features(cut_out[..., :3])["flat_share"]
 
 
-def test_blank_and_tiny_images_do_not_fail():
-    for image in (np.zeros((5, 7, 3), np.uint8), np.full((64, 64), 128, np.uint8), np.zeros((1, 1, 4), np.uint16)):
-        label, confidence = content_type(image)
-        assert label in ("anime", "photo") and 0.5 <= confidence <= 1.0
+def test_feature_values_are_size_independent_for_large_images():
+    image = cv2.resize(read_rgb(DATA / "0014.jpg"), None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+    big = cv2.resize(image, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+    a, b = content_features(image), content_features(big)
+    assert all(abs(a[k] - b[k]) < 0.05 for k in CONTENT_FEATURES if k != "texture_residual"), (a, b)
+    assert abs(a["texture_residual"] - b["texture_residual"]) < 0.2

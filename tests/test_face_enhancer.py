@@ -291,14 +291,34 @@ def test_damaged_weights_give_the_background_and_a_warning(tmp_path, photo):
     assert any("not restored" in w and "models download" in w for w in result.warnings)
 
 
-def test_anime_content_is_skipped_unless_forced(manager, photo):
+def test_a_content_guess_never_skips_faces_the_detector_found(manager, photo):
     background = bicubic_x2(photo)
-    skipped = enhance_faces(photo, background, settings=FaceSettings(), model_manager=manager, content_type="anime")
-    assert np.array_equal(skipped.image, background) and skipped.faces_detected == 0
-    assert any("anime" in w for w in skipped.warnings)
-    forced = enhance_faces(photo, background, settings=FaceSettings(strength=0.0, force_on_anime=True),
+    guessed = enhance_faces(photo, background, settings=FaceSettings(strength=0.5), model_manager=manager,
+                            content_type="anime")
+    assert guessed.faces_detected >= 1 and guessed.faces_restored >= 1
+    assert any("looked like a drawing" in w for w in guessed.warnings)
+    forced = enhance_faces(photo, background, settings=FaceSettings(strength=0.5, force_on_anime=True),
                            model_manager=manager, content_type="anime")
-    assert forced.faces_detected >= 1 and not any("anime" in w for w in forced.warnings)
+    assert forced.faces_restored == guessed.faces_restored and not any("drawing" in w for w in forced.warnings)
+    drawing = np.full_like(photo, 200)  # no face: the plain upscale, and the warning names both reasons
+    plain = enhance_faces(drawing, bicubic_x2(drawing), settings=FaceSettings(), model_manager=manager,
+                          content_type="anime")
+    assert plain.faces_detected == 0 and any("No face" in w and "anime" in w for w in plain.warnings)
+
+
+def test_astronaut_at_200_px_the_count_shown_is_the_count_restored(manager):
+    """Issue 14: at 200 px the advisor counted 1 face while enhance restored none ("looks like anime")."""
+    from skimage import data as skdata
+
+    from engine.image_analysis import analyze, content_type
+
+    image = cv2.resize(skdata.astronaut(), (200, 200), interpolation=cv2.INTER_AREA)
+    shown = analyze(image)
+    guess, _ = content_type(image)  # what the pipeline hands the face enhancer
+    result = enhance_faces(image, bicubic_x2(image), settings=FaceSettings(strength=0.5), model_manager=manager,
+                           content_type=guess)
+    assert shown.content_type == guess == "photo"
+    assert len(shown.faces) == result.faces_detected == result.faces_restored == 1
 
 
 def test_bad_arguments_are_refused(manager, photo):

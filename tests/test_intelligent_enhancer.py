@@ -133,3 +133,12 @@ def test_cpu_with_native_bf16_is_offered_the_fast_mode():
     assert advice.settings.precision == "fp32"  # an offer, not the default
     plain = decide(photo(width=640, height=480), cpu(macs_per_second={"RealESRGAN_x4plus": 100e9}), tile_for=no_tile)
     assert not [a for a in plain.alternatives if a.get("precision") == "bf16"]
+
+
+def test_the_content_reason_reaches_the_advice():
+    unsure = "Photo or drawing is unclear (60% anime): the photo model, the safer mistake"
+    advice = decide(photo(confidence=0.5, content_reason=unsure), cpu(), tile_for=no_tile)
+    assert advice.settings.model == "RealESRGAN_x4plus" and any(r.startswith(unsure) for r in advice.reasons)
+    faces = "1 human face found: a photo"
+    advice = decide(photo(faces=1, content_reason=faces), cpu(), tile_for=no_tile)
+    assert advice.settings.face_enhance is True and any(r.startswith(faces) for r in advice.reasons)

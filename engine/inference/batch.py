@@ -11,11 +11,13 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+from engine.advisor.estimates import record_job
 from engine.errors import CancelledError, InvalidSettingsError
 from engine.inference.result import IMAGE_EXTENSIONS, EnhanceResult, save_result
 from engine.settings import EnhanceSettings, merge
@@ -183,6 +185,7 @@ def run_item(item: BatchInput, job: BatchJob, services: BatchServices, *,
     label = item.source if isinstance(item.source, Path) else item.name
     name = str(label)
     config = services.config
+    started = time.perf_counter()
     try:
         loaded = load_input(item.source, config)
         settings, reasons = settings_for(loaded.pixels, job, services.advisor)
@@ -196,6 +199,7 @@ def run_item(item: BatchInput, job: BatchJob, services: BatchServices, *,
             return BatchItem(label, None, ok=True, report=report, reasons=reasons, result=result)
         size = item.source.stat().st_size if isinstance(item.source, Path) else len(item.source)
         saved, metrics, notes = save_result(result, target, original_bytes=size, output_format=fmt)
+        record_job(config, result, time.perf_counter() - started)  # the advisor's estimates learn from real runs
         report |= {"output": str(saved), "metrics": metrics, "warnings": report["warnings"] + notes}
         return BatchItem(label, saved, ok=True, report=report, reasons=reasons)
     except CancelledError:
