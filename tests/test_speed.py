@@ -115,3 +115,107 @@ def test_warm_up_in_the_background_while_a_request_runs(weights, new_process):
     assert result.size == (40, 48) and result.precision == "bf16"
     assert set(manager.loaded_models()) >= {f"{FAST}@cpu/bf16", f"{FAST}@cpu/fp32"}  # bf16 verdict measured
     assert (weights / precision_check.VERDICTS_FILE).is_file()
+
+
+# ------------------------------------------------------------------------------------------- overlapped batch
+def _folder(tmp_path: Path, count: int, broken_at: int | None = None) -> Path:
+    from PIL import Image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        path = src / f"img{i}.png"
+        if i == broken_at:
+            path.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+        else:
+            Image.fromarray(rng.integers(0, 256, (8 + i, 10, 3), dtype=np.uint8)).save(path)
+    return src
+
+
+def _job(out: Path, **kw) -> "BatchJob":
+    from engine.inference.batch import BatchJob
+
+    settings = EnhanceSettings(model=FAST, device="cpu", precision="fp32", tile=0, quality_metrics=False)
+    return BatchJob(settings=settings, output_dir=out, **kw)
+
+
+def test_an_overlapped_batch_gives_the_serial_outputs_in_order(tmp_path, model_manager_session):
+    from engine.inference.batch import BatchServices, collect_inputs, run_batch
+
+    src = _folder(tmp_path, 5, broken_at=2)
+    items = collect_inputs([src])
+    services = BatchServices(model_manager_session, model_manager_session.config)
+    reports = {}
+    for overlap in (False, True):
+        seen = []
+        report = run_batch(items, _job(tmp_path / f"out-{overlap}"), services, overlap=overlap, on_item=seen.append)
+        assert [i.input for i in seen] == [i.input for i in report.items] == [i.source for i in items]
+        reports[overlap] = report
+    serial, overlapped = reports[False], reports[True]
+    assert [i.ok for i in overlapped.items] == [True, True, False, True, True]
+    assert overlapped.items[2].error == serial.items[2].error and "img2.png" not in overlapped.items[2].error
+    for a, b in zip(serial.items, overlapped.items):
+        if a.ok:
+            assert a.output.read_bytes() == b.output.read_bytes() and a.output.name == b.output.name
+
+
+def test_the_reader_stays_at_most_read_ahead_inputs_before_the_network(tmp_path, model_manager_session):
+    """A slow network (the device slot held until the reader is as far ahead as allowed): the reader never gets
+    further ahead, and the items still come out whole and in order."""
+    import contextlib
+
+    from engine.inference import batch
+    from engine.inference.batch import BatchServices, collect_inputs, run_batch
+
+    items = collect_inputs([_folder(tmp_path, 6)])
+    entered, reads, too_far = [], [], []
+    reader_at_bound = threading.Event()
+
+    class CountingAdvisor:  # the real advisor, counting what the reader thread asks it
+        def __init__(self, advisor):
+            self.advisor = advisor
+
+        def advise(self, pixels, **kw):
+            reads.append(pixels.shape)
+            if len(reads) - 1 > len(entered) + batch.READ_AHEAD:  # reading input k before the network took k-N
+                too_far.append((len(reads) - 1, len(entered)))
+            if len(reads) == batch.READ_AHEAD + 1:
+                reader_at_bound.set()
+            return self.advisor.advise(pixels, **kw)
+
+    @contextlib.contextmanager
+    def slow_slot():
+        if not entered:
+            assert reader_at_bound.wait(timeout=300)  # only a safety net: this is set once the reader gets there
+        entered.append(1)
+        yield
+
+    from engine.intelligent_enhancer import IntelligentEnhancer
+
+    advisor = CountingAdvisor(IntelligentEnhancer(model_manager=model_manager_session,
+                                                  config=model_manager_session.config))
+    services = BatchServices(model_manager_session, model_manager_session.config, advisor, slot=slow_slot)
+    report = run_batch(items, _job(tmp_path / "out", auto=True, explicit={"model": FAST, "tile": 0}), services)
+    assert not too_far and len(reads) == len(entered) == 6
+    assert report.successes == 6 and [i.input for i in report.items] == [i.source for i in items]
+
+
+def test_cancelling_an_overlapped_batch_keeps_what_was_done(tmp_path, model_manager_session):
+    from engine.errors import CancelledError
+    from engine.inference.batch import BatchServices, collect_inputs, run_batch
+
+    items = collect_inputs([_folder(tmp_path, 5)])
+    cancel = threading.Event()
+    seen = []
+
+    def on_item(item):
+        seen.append(item)
+        cancel.set()  # the user cancels once the first image is done
+
+    services = BatchServices(model_manager_session, model_manager_session.config)
+    with pytest.raises(CancelledError):
+        run_batch(items, _job(tmp_path / "out"), services, cancel=cancel, on_item=on_item)
+    saved = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert 1 <= len(seen) < 5 and all(i.ok for i in seen)
+    assert saved == sorted(i.output.name for i in seen)  # every enhanced image was saved and reported, no more
