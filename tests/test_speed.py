@@ -168,7 +168,7 @@ def test_the_reader_stays_at_most_read_ahead_inputs_before_the_network(tmp_path,
     from engine.inference import batch
     from engine.inference.batch import BatchServices, collect_inputs, run_batch
 
-    items = collect_inputs([_folder(tmp_path, 6)])
+    items = collect_inputs([_folder(tmp_path, 4)])
     entered, reads, too_far = [], [], []
     reader_at_bound = threading.Event()
 
@@ -197,8 +197,8 @@ def test_the_reader_stays_at_most_read_ahead_inputs_before_the_network(tmp_path,
                                                   config=model_manager_session.config))
     services = BatchServices(model_manager_session, model_manager_session.config, advisor, slot=slow_slot)
     report = run_batch(items, _job(tmp_path / "out", auto=True, explicit={"model": FAST, "tile": 0}), services)
-    assert not too_far and len(reads) == len(entered) == 6
-    assert report.successes == 6 and [i.input for i in report.items] == [i.source for i in items]
+    assert not too_far and len(reads) == len(entered) == 4
+    assert report.successes == 4 and [i.input for i in report.items] == [i.source for i in items]
 
 
 def test_cancelling_an_overlapped_batch_keeps_what_was_done(tmp_path, model_manager_session):
