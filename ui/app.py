@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -162,6 +163,25 @@ def install_access_gate(app, config) -> None:
     app.add_middleware(AccessGate, gradio_app=app, config=config)
 
 
+def start_warm_up(services) -> threading.Thread:
+    """In the background: prepare the offline weights and REALESRGAN_WARM_MODELS, then run the last-used settings'
+    model once on a small image (:meth:`engine.model_manager.ModelManager.warm_up`), so the first Enhance after
+    launch does not pay the one-time costs. A request meanwhile simply runs (it waits for a model being loaded)."""
+    from engine.settings import EnhanceSettings
+    from ui.services import warm_models
+
+    def run() -> None:
+        warm_models(services, background=False)
+        try:
+            services.model_manager.warm_up(EnhanceSettings.from_mapping(_initial_settings(services)))
+        except Exception as exc:  # the first request loads the model itself and reports what is wrong
+            logger.warning("warm-up of the default model failed: %s", exc)
+
+    thread = threading.Thread(target=run, name="warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def launch(config) -> int:
     """Run the web UI until interrupted (``python main.py``). Returns the process exit code."""
     refusal = share_refusal(config)
@@ -169,10 +189,10 @@ def launch(config) -> int:
         logger.error(refusal)
         print(refusal)  # noqa: T201 - the user started the app from a terminal and must see why it stopped
         return EXIT_USAGE
-    from ui.services import create_services, warm_models
+    from ui.services import create_services
 
     services = create_services(config)
-    warm_models(services)
+    start_warm_up(services)
     demo, _app, local_url = start(services, prevent_thread_lock=True)
     print(f"Real-ESRGAN Ultimate is running at {local_url}  (Ctrl+C to stop)")  # noqa: T201
     try:

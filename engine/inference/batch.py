@@ -12,6 +12,8 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,50 +177,112 @@ def settings_for(pixels, job: BatchJob, advisor) -> tuple[EnhanceSettings, tuple
     return merge(advice, job.explicit, job.settings), advice.reasons
 
 
+@dataclass(frozen=True)
+class _Read:
+    """One input decoded and planned, before the network: what the network and the save of it need, or the item
+    it already came to (skipped, or failed to decode)."""
+
+    item: BatchInput
+    label: Path | str
+    loaded: object = None  # utils.image_io.LoadedImage
+    settings: EnhanceSettings | None = None
+    reasons: tuple[str, ...] = ()
+    target: Path | None = None
+    fmt: str = "png"
+    outcome: BatchItem | None = None
+    seconds: float = 0.0  # decoding and planning it took
+
+
+def _failed(label: Path | str, exc: Exception) -> BatchItem:
+    if is_expected(exc):
+        logger.warning("batch: %s failed: %s", label, exc)
+    else:
+        logger.exception("batch: unexpected failure on %s", label)
+    return BatchItem(label, None, ok=False, error=user_message(exc), exception=exc)
+
+
+def _read(item: BatchInput, job: BatchJob, services: BatchServices) -> _Read:
+    """Decode one input and choose its settings and output; never raises (a bad input gives a failed item)."""
+    from engine.inference.pipeline import load_input
+
+    label = item.source if isinstance(item.source, Path) else item.name
+    started = time.perf_counter()
+    try:
+        loaded = load_input(item.source, services.config)
+        settings, reasons = settings_for(loaded.pixels, job, services.advisor)
+        target, fmt = _target(item, job, settings, loaded)
+        if target is not None and job.skip_existing and target.exists():
+            return _Read(item, label, outcome=BatchItem(label, target, ok=True, skipped=True))
+        return _Read(item, label, loaded, settings, reasons, target, fmt,
+                     seconds=time.perf_counter() - started)
+    except Exception as exc:  # one bad image must not stop the batch; the reason is kept
+        return _Read(item, label, outcome=_failed(label, exc))
+
+
+def _enhance(read: _Read, services: BatchServices, progress, cancel) -> EnhanceResult | BatchItem:
+    """The network part of one input (under the device slot): its result, or the failed item; cancelling raises."""
+    from engine.inference.pipeline import enhance_image
+
+    try:
+        with services.slot():
+            return enhance_image(read.loaded, read.settings, services.model_manager, progress,
+                                 config=services.config, cancel=cancel)
+    except CancelledError:
+        raise
+    except Exception as exc:  # one bad image must not stop the batch; the reason is kept
+        return _failed(read.label, exc)
+
+
+def _write(read: _Read, result: EnhanceResult, config) -> BatchItem:
+    """Save one result where the job says (or keep it in memory); never raises (the item records why)."""
+    report = result.report() | {"input": str(read.label)}
+    if read.target is None:
+        return BatchItem(read.label, None, ok=True, report=report, reasons=read.reasons, result=result)
+    started = time.perf_counter()
+    try:
+        source = read.item.source
+        size = source.stat().st_size if isinstance(source, Path) else len(source)
+        saved, metrics, notes = save_result(result, read.target, original_bytes=size, output_format=read.fmt)
+    except Exception as exc:  # a full disk or a bad output path fails this item only
+        return _failed(read.label, exc)
+    if config is not None:  # the advisor's estimates learn from real runs: decode + network + save
+        record_job(config, result, read.seconds + sum(result.timings.values()) + time.perf_counter() - started)
+    report |= {"output": str(saved), "metrics": metrics, "warnings": report["warnings"] + notes}
+    return BatchItem(read.label, saved, ok=True, report=report, reasons=read.reasons)
+
+
 def run_item(item: BatchInput, job: BatchJob, services: BatchServices, *,
              progress: Callable[[float, str], None] | None = None,
              cancel: threading.Event | None = None) -> BatchItem:
     """Enhance one input of ``job``. A bad image gives a failed item (with the reason), never an exception;
     cancelling raises :class:`CancelledError`."""
-    from engine.inference.pipeline import enhance_image, load_input
+    read = _read(item, job, services)
+    if read.outcome is not None:
+        return read.outcome
+    result = _enhance(read, services, progress, cancel)
+    return result if isinstance(result, BatchItem) else _write(read, result, services.config)
 
-    label = item.source if isinstance(item.source, Path) else item.name
-    name = str(label)
-    config = services.config
-    started = time.perf_counter()
-    try:
-        loaded = load_input(item.source, config)
-        settings, reasons = settings_for(loaded.pixels, job, services.advisor)
-        target, fmt = _target(item, job, settings, loaded)
-        if target is not None and job.skip_existing and target.exists():
-            return BatchItem(label, target, ok=True, skipped=True)
-        with services.slot():
-            result = enhance_image(loaded, settings, services.model_manager, progress, config=config, cancel=cancel)
-        report = result.report() | {"input": name}
-        if target is None:
-            return BatchItem(label, None, ok=True, report=report, reasons=reasons, result=result)
-        size = item.source.stat().st_size if isinstance(item.source, Path) else len(item.source)
-        saved, metrics, notes = save_result(result, target, original_bytes=size, output_format=fmt)
-        record_job(config, result, time.perf_counter() - started)  # the advisor's estimates learn from real runs
-        report |= {"output": str(saved), "metrics": metrics, "warnings": report["warnings"] + notes}
-        return BatchItem(label, saved, ok=True, report=report, reasons=reasons)
-    except CancelledError:
-        raise
-    except Exception as exc:  # one bad image must not stop the batch; the reason is kept
-        if is_expected(exc):
-            logger.warning("batch: %s failed: %s", name, exc)
-        else:
-            logger.exception("batch: unexpected failure on %s", name)
-        return BatchItem(label, None, ok=False, error=user_message(exc), exception=exc)
+
+#: How far the batch runner's helper threads may get from the image in the network: inputs decoded ahead of it,
+#: and results waiting to be saved behind it. Bounded, so a slow disk never piles images up in memory.
+READ_AHEAD = 1
+WRITE_BEHIND = 1
 
 
 def run_batch(items: Sequence[BatchInput], job: BatchJob, services: BatchServices, *,
               progress: BatchProgress | None = None, cancel: threading.Event | None = None,
-              on_item: Callable[[BatchItem], None] | None = None) -> BatchReport:
-    """Enhance every input in order, continuing past failures; ``on_item`` sees each item as it finishes.
+              on_item: Callable[[BatchItem], None] | None = None, overlap: bool = True) -> BatchReport:
+    """Enhance every input in order, continuing past failures; ``on_item`` sees each item as it finishes, in order,
+    on the caller's thread.
+
+    With ``overlap`` (and more than one input) the next input is decoded (and advised) and the previous result is
+    saved by two helper threads while the network works on the current one (at most :data:`READ_AHEAD` inputs
+    ahead and :data:`WRITE_BEHIND` results behind): the device never waits for the disk. Each helper is one
+    thread doing mostly single-threaded decoding and encoding, so on a CPU-only machine it takes little from the
+    network's threads.
 
     Raises:
-        CancelledError: ``cancel`` was set (the items done so far are already saved).
+        CancelledError: ``cancel`` was set (the items done so far are saved, and reported to ``on_item``).
     """
     if job.auto and services.advisor is None:
         from engine.intelligent_enhancer import IntelligentEnhancer
@@ -226,18 +290,64 @@ def run_batch(items: Sequence[BatchInput], job: BatchJob, services: BatchService
         advisor = IntelligentEnhancer(model_manager=services.model_manager, config=services.config)
         services = dataclasses.replace(services, advisor=advisor)
     done: list[BatchItem] = []
-    for index, item in enumerate(items):
-        if cancel is not None and cancel.is_set():
-            raise CancelledError("Batch cancelled by the user.")
+    total = len(items)
 
-        def image_progress(fraction: float, _message: str, index=index, item=item) -> None:
-            if progress is not None:
-                progress(index, len(items), item.name, fraction)
-
-        outcome = run_item(item, job, services, progress=image_progress, cancel=cancel)
+    def finished(index: int, outcome: BatchItem) -> None:
         done.append(outcome)
         if on_item is not None:
             on_item(outcome)
         if progress is not None:
-            progress(index + 1, len(items), item.name, 1.0)
+            progress(index + 1, total, items[index].name, 1.0)
+
+    def image_progress(index: int) -> Callable[[float, str], None]:
+        def report(fraction: float, _message: str) -> None:
+            if progress is not None:
+                progress(index, total, items[index].name, fraction)
+
+        return report
+
+    if not overlap or total < 2:
+        for index, item in enumerate(items):
+            if cancel is not None and cancel.is_set():
+                raise CancelledError("Batch cancelled by the user.")
+            finished(index, run_item(item, job, services, progress=image_progress(index), cancel=cancel))
+        return BatchReport(tuple(done))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="batch-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="batch-write") as writer:
+        reads: deque[Future] = deque(reader.submit(_read, item, job, services) for item in items[:max(READ_AHEAD, 1)])
+        writes: deque[tuple[int, Future]] = deque()  # in input order; outcomes known without saving are ready
+
+        def report_ready(wait_for: int) -> None:
+            """Report the finished head of ``writes``, waiting until at most ``wait_for`` are left."""
+            while writes and (len(writes) > wait_for or writes[0][1].done()):
+                index, future = writes.popleft()
+                finished(index, future.result())
+
+        try:
+            for index in range(total):
+                if cancel is not None and cancel.is_set():
+                    raise CancelledError("Batch cancelled by the user.")
+                read = reads.popleft().result()
+                following = index + max(READ_AHEAD, 1)
+                if following < total:
+                    reads.append(reader.submit(_read, items[following], job, services))
+                outcome: Future = Future()
+                if read.outcome is not None:
+                    outcome.set_result(read.outcome)
+                else:
+                    result = _enhance(read, services, image_progress(index), cancel)
+                    if isinstance(result, BatchItem):
+                        outcome.set_result(result)
+                    else:
+                        report_ready(WRITE_BEHIND - 1)  # a slow disk holds the network back, not memory
+                        outcome = writer.submit(_write, read, result, services.config)
+                writes.append((index, outcome))
+                report_ready(WRITE_BEHIND)
+            report_ready(0)
+        except CancelledError:
+            for future in reads:
+                future.cancel()
+            report_ready(0)  # what was enhanced is saved and reported
+            raise
     return BatchReport(tuple(done))
