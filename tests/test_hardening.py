@@ -438,32 +438,22 @@ _LONG_GRADIO_JOB = {"model": FAST_MODEL, "tile": 32, "outscale": 2}
 def test_a_gradio_job_whose_client_goes_away_frees_its_slot(open_app, monkeypatch):
     """A page (or API client) keeps a heartbeat open; when it closes, Gradio runs the app's unload handler, which
     sets the session's job cancel events: the job stops at its next tile and gives its slot back."""
-    import threading
     import uuid
 
     url, services = open_app
     outcomes = _spy_on_gradio_jobs(monkeypatch)
     session = uuid.uuid4().hex
-    alive, gone = threading.Event(), threading.Event()
-
-    def heartbeat() -> None:
-        with httpx.Client(timeout=60) as c, c.stream("GET", f"{url}/gradio_api/heartbeat/{session}") as r:
-            for _line in r.iter_lines():
-                alive.set()
-                if gone.wait(0.05):
-                    return  # leaving the block closes the connection: the client has gone
-
-    beating = threading.Thread(target=heartbeat, daemon=True)
-    beating.start()
-    assert alive.wait(60), "no heartbeat"
     with httpx.Client(base_url=url, timeout=120) as c:
-        uploaded = c.post("/gradio_api/upload", files={"files": ("a.png", _png(512, 512), "image/png")}).json()[0]
-        event = c.post("/gradio_api/call/enhance",
-                       json={"data": [_gradio_file(uploaded), _LONG_GRADIO_JOB], "session_hash": session})
-        assert event.status_code == 200, event.text
-    _wait_for(lambda: services.limiter.running == 1, what="the job to start")
-    gone.set()
-    beating.join(60)
+        with httpx.Client(timeout=60) as page, page.stream("GET", f"{url}/gradio_api/heartbeat/{session}") as beat:
+            lines = beat.iter_lines()  # kept: dropping the iterator would close the connection
+            assert next(lines).startswith("data:")  # the session is open
+            uploaded = c.post("/gradio_api/upload",
+                              files={"files": ("a.png", _png(768, 768), "image/png")}).json()[0]
+            event = c.post("/gradio_api/call/enhance",
+                           json={"data": [_gradio_file(uploaded), _LONG_GRADIO_JOB], "session_hash": session})
+            assert event.status_code == 200, event.text
+            _wait_for(lambda: services.limiter.running == 1, what="the job to start")
+        # The heartbeat connection is closed: the client has gone.
     _wait_for(lambda: services.limiter.running == 0 and outcomes, what="the slot to be freed")
     assert outcomes == ["CancelledError"]
 
