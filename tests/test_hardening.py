@@ -493,3 +493,22 @@ def test_rest_refuses_up_front_a_job_estimated_over_the_time_limit(tmp_path, sha
         assert "limit of 5 s" in body["error"] and "smaller image" in body["error"], body
         assert services.limiter.running == 0 and services.limiter.waiting == 0
         assert manager.loaded_models() == []  # no model ran to estimate
+
+
+def test_the_job_watch_turns_a_stop_after_its_time_limit_into_the_time_limit_error():
+    import threading
+
+    from engine.errors import CancelledError
+    from ui.jobs import JobWatch, cancel_session_jobs
+    from utils.errors import JobTimeLimitError
+
+    with pytest.raises(JobTimeLimitError, match="REALESRGAN_JOB_TIME_LIMIT_SECONDS"):
+        with JobWatch(0.01) as watch:
+            assert watch.cancel.wait(60)  # the engine sees the event at its next tile...
+            raise CancelledError("stopped")  # ...and stops
+    stopped = threading.Event()
+    with pytest.raises(CancelledError):  # a session that goes away stops its jobs: not a time-limit message
+        with JobWatch(600, stopped, session="s1"):
+            assert cancel_session_jobs("s1") == 1 and stopped.is_set()
+            raise CancelledError("stopped")
+    assert cancel_session_jobs("s1") == 0  # the finished job is no longer registered
