@@ -48,7 +48,7 @@ from ui.access import API_KEY_HEADER, key_matches
 from engine.settings import FIELDS, EnhanceSettings, FieldSpec
 from engine.errors import InputTooLargeError, NoFaceFoundError, QueueFullError, UnsupportedFormatError
 from ui.jobs import JobWatch
-from utils.errors import JobTimeLimitError, Stage, error_kind, is_expected, scrub_paths, user_message
+from utils.errors import Stage, error_kind, is_expected, scrub_paths, user_message
 
 if TYPE_CHECKING:
     from ui.services import Services
