@@ -319,6 +319,11 @@ class ThroughputCalibrator:
             self._save(values)
             return value
 
+    def cached(self, model: str, device) -> float | None:
+        """The MAC/s measured earlier for ``model`` on ``device`` (memory or cache file), or None; never measures."""
+        with self._lock:
+            return self._load().get(f"v2|{device}|{model}|{self.size}")
+
     def _measure(self, model: str, device) -> float:
         import torch
 
@@ -403,6 +408,19 @@ class IntelligentEnhancer:
             max_output_pixels=self.config.max_output_pixels,
             face_enhancement_enabled=self.config.enable_face_enhancement,
             cpu_bf16_fast=device.type == "cpu" and _cpu_has_fast_bf16())
+
+    def cached_estimate_seconds(self, model: str, width: int, height: int) -> float | None:
+        """Seconds the network of ``model`` would take on a ``width``×``height`` input, from the calibration
+        already measured on this machine; None when there is none (or the model is not in the catalog). Cheap: no
+        model runs."""
+        from utils.gpu import resolve_device
+
+        if self.calibrator is None or model not in CATALOG:
+            return None
+        throughput = self.calibrator.cached(model, resolve_device(self.device_name))
+        if not throughput:
+            return None
+        return float(CATALOG[model].macs_per_pixel * width * height * 1.1 / throughput)
 
     def advise(self, image, scale: float | None = None) -> Advice:
         """Analyse ``image`` (a path, PIL image or ``HxWxC`` array) and recommend settings for it on this machine.

@@ -409,3 +409,106 @@ def test_uploads_are_refused_with_507_while_the_disk_is_nearly_full(tmp_path, sh
     refused, reading = asyncio.run(post())
     body = _assert_error(refused, 507, "validation")
     assert "nearly full" in body["error"] and reading.status_code != 507
+
+
+# ------------------------------------------------------------------------------------------------ (2) Gradio jobs
+def _spy_on_gradio_jobs(monkeypatch) -> list[str]:
+    """Record how each Gradio image job ended (the class name of what it raised, or "finished")."""
+    from ui import tab_image
+
+    outcomes: list[str] = []
+    real = tab_image.enhance_file
+
+    def spying(*args, **kwargs):
+        try:
+            result = real(*args, **kwargs)
+        except BaseException as exc:
+            outcomes.append(type(exc).__name__)
+            raise
+        outcomes.append("finished")
+        return result
+
+    monkeypatch.setattr(tab_image, "enhance_file", spying)
+    return outcomes
+
+
+_LONG_GRADIO_JOB = {"model": FAST_MODEL, "tile": 32, "outscale": 2}
+
+
+def test_a_gradio_job_whose_client_goes_away_frees_its_slot(open_app, monkeypatch):
+    """A page (or API client) keeps a heartbeat open; when it closes, Gradio runs the app's unload handler, which
+    sets the session's job cancel events: the job stops at its next tile and gives its slot back."""
+    import uuid
+
+    url, services = open_app
+    outcomes = _spy_on_gradio_jobs(monkeypatch)
+    session = uuid.uuid4().hex
+    with httpx.Client(base_url=url, timeout=120) as c:
+        with httpx.Client(timeout=60) as page, page.stream("GET", f"{url}/gradio_api/heartbeat/{session}") as beat:
+            lines = beat.iter_lines()  # kept: dropping the iterator would close the connection
+            assert next(lines).startswith("data:")  # the session is open
+            uploaded = c.post("/gradio_api/upload",
+                              files={"files": ("a.png", _png(768, 768), "image/png")}).json()[0]
+            event = c.post("/gradio_api/call/enhance",
+                           json={"data": [_gradio_file(uploaded), _LONG_GRADIO_JOB], "session_hash": session})
+            assert event.status_code == 200, event.text
+            _wait_for(lambda: services.limiter.running == 1, what="the job to start")
+        # The heartbeat connection is closed: the client has gone.
+    _wait_for(lambda: services.limiter.running == 0 and outcomes, what="the slot to be freed")
+    assert outcomes == ["CancelledError"]
+
+
+def test_the_time_limit_stops_a_gradio_job(tmp_path, shared_weights_dir):
+    with serve_app(tmp_path, shared_weights_dir, min_free_disk_mb=0, job_time_limit_seconds=0.001) as (url, services):
+        with httpx.Client(base_url=url.rstrip("/"), timeout=120) as c:
+            uploaded = c.post("/gradio_api/upload", files={"files": ("a.png", _png(64, 64), "image/png")}).json()[0]
+            event = c.post("/gradio_api/call/enhance", json={"data": [_gradio_file(uploaded), _LONG_GRADIO_JOB]})
+            assert event.status_code == 200, event.text
+            stream = c.get(f"/gradio_api/call/enhance/{event.json()['event_id']}").text
+        assert services.limiter.running == 0
+    assert "event: error" in stream and "REALESRGAN_JOB_TIME_LIMIT_SECONDS" in stream, stream[-500:]
+
+
+def test_rest_refuses_up_front_a_job_estimated_over_the_time_limit(tmp_path, shared_weights_dir):
+    """With a measured throughput on record, a job whose estimate exceeds the limit gets 413 before it queues."""
+    import dataclasses
+    import json
+
+    from config import Config
+    from engine.intelligent_enhancer import IntelligentEnhancer
+    from engine.model_manager import ModelManager
+
+    config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=tmp_path / "out",
+                             temp_dir=tmp_path / "tmp", config_dir=tmp_path / "cfg", log_dir=tmp_path / "logs",
+                             download_retries=0, device="cpu", job_time_limit_seconds=5)
+    config.ensure_directories()
+    # A slow machine on record: 1 MMAC/s for the fast model (as a calibration would have saved it).
+    (tmp_path / "cfg" / "calibration.json").write_text(json.dumps({f"v2|cpu|{FAST_MODEL}|64": 1e6}))
+    manager = ModelManager(config)
+    services = _services(config, manager)
+    services = dataclasses.replace(services, advisor=IntelligentEnhancer(model_manager=manager, config=config))
+    with serve(services) as url, httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/api/v1/enhance", files=_files(_png(64, 64)), data={"model": FAST_MODEL})
+        body = _assert_error(r, 413, "validation")
+        assert "limit of 5 s" in body["error"] and "smaller image" in body["error"], body
+        assert services.limiter.running == 0 and services.limiter.waiting == 0
+        assert manager.loaded_models() == []  # no model ran to estimate
+
+
+def test_the_job_watch_turns_a_stop_after_its_time_limit_into_the_time_limit_error():
+    import threading
+
+    from engine.errors import CancelledError
+    from ui.jobs import JobWatch, cancel_session_jobs
+    from utils.errors import JobTimeLimitError
+
+    with pytest.raises(JobTimeLimitError, match="REALESRGAN_JOB_TIME_LIMIT_SECONDS"):
+        with JobWatch(0.01) as watch:
+            assert watch.cancel.wait(60)  # the engine sees the event at its next tile...
+            raise CancelledError("stopped")  # ...and stops
+    stopped = threading.Event()
+    with pytest.raises(CancelledError):  # a session that goes away stops its jobs: not a time-limit message
+        with JobWatch(600, stopped, session="s1"):
+            assert cancel_session_jobs("s1") == 1 and stopped.is_set()
+            raise CancelledError("stopped")
+    assert cancel_session_jobs("s1") == 0  # the finished job is no longer registered

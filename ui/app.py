@@ -17,6 +17,7 @@ import gradio as gr
 
 from ui import tab_batch, tab_image, tab_presets, tab_system, tab_video
 from ui import form as form_mod
+from ui.jobs import cancel_session_jobs
 from utils.errors import EXIT_OK, EXIT_USAGE
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,11 @@ def build_app(services) -> gr.Blocks:
 
         demo.load(on_page_load, outputs=[*image.form.components, batch.auto, presets.choice, video.model],
                   api_visibility="private", queue=False)
+
+        def on_unload(request: gr.Request):  # the page or API client went away: its running jobs stop
+            cancel_session_jobs(request.session_hash)
+
+        demo.unload(on_unload)
     return demo
 
 

@@ -46,11 +46,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from engine import processor
 from ui.access import API_KEY_HEADER, key_matches
 from engine.settings import FIELDS, EnhanceSettings, FieldSpec
-from engine.errors import NoFaceFoundError, QueueFullError, UnsupportedFormatError
-from utils.errors import JobTimeLimitError, Stage, error_kind, is_expected, scrub_paths, user_message
+from engine.errors import InputTooLargeError, NoFaceFoundError, QueueFullError, UnsupportedFormatError
+from ui.jobs import JobWatch
+from utils.errors import Stage, error_kind, is_expected, scrub_paths, user_message
 
 if TYPE_CHECKING:
     from ui.services import Services
+    from utils.validation import ImageHeader
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +308,7 @@ def explicit_from_form(values: Mapping[str, Any]) -> dict[str, Any]:
     return {fields[rest][0]: value for rest, value in values.items() if rest in fields and value is not None}
 
 
-def check_upload(data: bytes, config) -> None:
+def check_upload(data: bytes, config) -> "ImageHeader":
     """Refuse an upload from its header alone: wrong type (415), too many bytes or pixels (413), unreadable (422).
 
     Raises:
@@ -319,6 +321,27 @@ def check_upload(data: bytes, config) -> None:
     header = check_image_header(data, max_pixels=config.max_input_pixels, max_bytes=config.max_upload_bytes)
     if header.format not in ACCEPTED_FORMATS:
         raise UnsupportedFormatError(f"{header.format} files are not accepted by the API; send JPEG, PNG or WebP.")
+    return header
+
+
+def check_time_estimate(services: "Services", header: "ImageHeader", explicit: Mapping[str, Any]) -> None:
+    """Refuse up front a job whose estimate (this machine's measured throughput) exceeds the per-job time limit.
+
+    Only when the client named the model and a calibration exists: no model runs just to estimate.
+
+    Raises:
+        InputTooLargeError: the estimate is over ``job_time_limit_seconds`` (413; the message says what to change).
+    """
+    limit = services.config.job_time_limit_seconds
+    model = explicit.get("model")
+    if not model or not limit or services.advisor is None:
+        return
+    seconds = services.advisor.cached_estimate_seconds(str(model), header.width, header.height)
+    if seconds is not None and seconds > limit:
+        raise InputTooLargeError(
+            f"This {header.width}×{header.height} image with {model} would take about {seconds:.0f} s here, over "
+            f"this server's limit of {limit:g} s per job. Send a smaller image or choose a faster model, or ask "
+            "the operator to raise REALESRGAN_JOB_TIME_LIMIT_SECONDS.")
 
 
 def _json_safe(value: Any) -> Any:
@@ -427,8 +450,8 @@ async def run_cancellable(request: Request, work: Callable[[threading.Event], An
     Raises:
         ApiError: 503 when the time limit stopped the job.
     """
-    cancel = threading.Event()
-    timed_out = threading.Event()
+    watch = JobWatch(time_limit)  # owns the cancel event; its timer sets it when the time limit passes
+    cancel = watch.cancel
     finished = anyio.Event()
     outcome: dict[str, Any] = {}
 
@@ -441,28 +464,21 @@ async def run_cancellable(request: Request, work: Callable[[threading.Event], An
             release()
             finished.set()
 
-    async def watch() -> None:
-        deadline = anyio.current_time() + time_limit
+    async def watch_client() -> None:
         while not finished.is_set():
             with anyio.move_on_after(DISCONNECT_POLL_SECONDS):
                 await finished.wait()
-            if finished.is_set():
-                return
-            if anyio.current_time() >= deadline:
-                timed_out.set()
-                cancel.set()
-            elif await request.is_disconnected():
+            if not finished.is_set() and not cancel.is_set() and await request.is_disconnected():
                 logger.info("client went away; cancelling its job")
                 cancel.set()
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(run)
-        group.start_soon(watch)
+    with watch:
+        async with anyio.create_task_group() as group:
+            group.start_soon(run)
+            group.start_soon(watch_client)
     if "error" in outcome:
-        if timed_out.is_set():
-            raise api_error(JobTimeLimitError(
-                f"The job took longer than this server's limit of {time_limit:g} s and was stopped. Try a smaller "
-                "image or scale, or ask the operator to raise REALESRGAN_JOB_TIME_LIMIT_SECONDS.")) from None
+        if watch.timed_out.is_set():
+            raise api_error(watch.time_limit_error()) from None
         raise outcome["error"]
     return outcome["value"]
 
@@ -490,12 +506,13 @@ def create_api_router(services: "Services") -> APIRouter:
                       **options: Any) -> JSONResponse:
         data = await file.read()
         await file.close()
-        check_upload(data, config)
+        header = check_upload(data, config)
         explicit = explicit_from_form(options)
         if explicit.get("face_enhance") and not config.enable_face_enhancement:
             raise ApiError(422, "Face enhancement is turned off on this server; send face_enhance=false.",
                            "validation")
         EnhanceSettings.from_mapping(explicit)  # a bad combination is the client's fault: 422 before queueing
+        check_time_estimate(services, header, explicit)  # 413 before queueing when it can't finish in time
         ticket = services.limiter.try_acquire()  # QueueFullError: 429 with Retry-After
         payload = await run_cancellable(request, lambda cancel: _job_in_slot(services, ticket, data, explicit,
                                                                              cancel),

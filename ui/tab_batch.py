@@ -16,7 +16,7 @@ import gradio as gr
 from engine.processor import BatchInput, BatchItem, BatchJob, BatchServices, run_batch
 from ui import form as form_mod
 from ui.errors import friendly_errors
-from ui.jobs import CancelToken, device_slot
+from ui.jobs import CancelToken, device_slot, watch_job
 from ui.uploads import (check_image_upload, extract_images, new_output_dir, temp_job_dir, upload_name, upload_path,
                         write_zip)
 from utils.errors import user_message
@@ -157,7 +157,7 @@ def render(services, initial_settings: Mapping[str, object]) -> BatchTab:
 
 
 def listen(tab: BatchTab, services, form: form_mod.SettingsForm) -> None:
-    def on_run(payloads, auto, token: CancelToken, *values, progress=gr.Progress()):
+    def on_run(payloads, auto, token: CancelToken, request: gr.Request, *values, progress=gr.Progress()):
         uploads = [(upload_path(p), upload_name(p)) for p in (payloads or []) if upload_path(p) is not None]
         if not uploads:
             raise gr.Error("Add some images or a zip archive first.", title="Nothing to do")
@@ -170,7 +170,8 @@ def listen(tab: BatchTab, services, form: form_mod.SettingsForm) -> None:
 
         with friendly_errors("batch"):
             settings = form_mod.widget_values_to_settings(values)
-            outcome = enhance_uploads(services, uploads, settings, bool(auto), progress=report, cancel=event)
+            with watch_job(services, event, request):
+                outcome = enhance_uploads(services, uploads, settings, bool(auto), progress=report, cancel=event)
         gallery = [(str(p), caption) for p, caption in outcome.outputs]
         download = (gr.update(value=str(outcome.archive), visible=True) if outcome.archive
                     else gr.update(value=None, visible=False))

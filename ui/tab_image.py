@@ -20,7 +20,7 @@ from engine.processor import EnhanceResult, enhance_image_direct, save_result
 from engine.settings import Advice
 from ui import form as form_mod
 from ui.errors import friendly_errors
-from ui.jobs import CancelToken, device_slot, gradio_progress
+from ui.jobs import CancelToken, device_slot, gradio_progress, watch_job
 from ui.uploads import check_image_upload, new_output_dir, upload_name, upload_path
 
 logger = logging.getLogger(__name__)
@@ -396,7 +396,7 @@ def listen(tab: ImageTab, services) -> None:
     tab.apply.click(on_apply, inputs=[tab.recommended, *form_inputs], outputs=form_inputs,
                     api_visibility="private", queue=False)
 
-    def on_enhance(payload, token: CancelToken, *values, progress=gr.Progress()):
+    def on_enhance(payload, token: CancelToken, request: gr.Request, *values, progress=gr.Progress()):
         path = upload_path(payload)
         if path is None:
             raise gr.Error("Upload an image first (drag it onto the left box, or paste it).", title="No image")
@@ -404,8 +404,9 @@ def listen(tab: ImageTab, services) -> None:
         with friendly_errors("enhance"):
             settings = form_mod.widget_values_to_settings(values)
             progress(0.0, desc="Starting")
-            job = enhance_file(services, path, settings, name=upload_name(payload),
-                               progress=gradio_progress(progress), cancel=event)
+            with watch_job(services, event, request):
+                job = enhance_file(services, path, settings, name=upload_name(payload),
+                                   progress=gradio_progress(progress), cancel=event)
             try:
                 services.settings.save_settings(settings)
             except Exception as exc:  # remembering the settings is a convenience; the result is what matters
@@ -429,7 +430,7 @@ def listen(tab: ImageTab, services) -> None:
     listen_compare(tab, services)
 
     # ---- named API endpoints
-    def api_enhance(image, settings=None, progress=gr.Progress()):
+    def api_enhance(image, settings=None, request: gr.Request = None, progress=gr.Progress()):
         """Enhance an image. `settings` (optional) is a JSON object of settings (model, outscale, tile,
         denoise_strength, face_enhance, face_strength, precision, device, output_format, quality); anything left
         out takes its default. Returns the enhanced image file and a JSON report."""
@@ -438,7 +439,9 @@ def listen(tab: ImageTab, services) -> None:
             raise gr.Error("Send an image file.", title="No image")
         with friendly_errors("api enhance"):
             values = api_settings(settings)
-            job = enhance_file(services, path, values, name=upload_name(image), progress=gradio_progress(progress))
+            with watch_job(services, request=request) as watch:
+                job = enhance_file(services, path, values, name=upload_name(image),
+                                   progress=gradio_progress(progress), cancel=watch.cancel)
         return str(job.output), job.report
 
     tab.api_run.click(api_enhance, inputs=[tab.api_image, tab.api_settings],

@@ -16,7 +16,7 @@ import gradio as gr
 
 from engine.settings import EnhanceSettings, sr_model_labels
 from ui.errors import friendly_errors
-from ui.jobs import CancelToken, device_slot
+from ui.jobs import CancelToken, device_slot, watch_job
 from ui.uploads import VIDEO_SUFFIXES, human_bytes, new_output_dir, upload_name, upload_path
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ def listen(tab: VideoTab, services) -> None:
     tab.video.upload(on_upload, inputs=[tab.video], outputs=[tab.info], preprocess=False,
                      api_visibility="private", concurrency_id="analyze", concurrency_limit=2)
 
-    def on_run(payload, token: CancelToken, *values, progress=gr.Progress()):
+    def on_run(payload, token: CancelToken, request: gr.Request, *values, progress=gr.Progress()):
         path = upload_path(payload)
         if path is None:
             raise gr.Error("Upload a video first.", title="No video")
@@ -211,7 +211,7 @@ def listen(tab: VideoTab, services) -> None:
             else:
                 progress(None, desc=str(p.stage))
 
-        with friendly_errors("video"):
+        with friendly_errors("video"), watch_job(services, event, request):
             outcome = upscale_file(services, path, settings, video_settings, name=upload_name(payload, "video.mp4"),
                                    progress=report, cancel=event)
         text = (f"**Done:** {outcome.frames} frames at {outcome.width}×{outcome.height} in {outcome.seconds:.1f} s "
