@@ -305,8 +305,12 @@ class ThroughputCalibrator:
                     logger.warning("ignoring unreadable calibration cache %s: %s", self.cache_file, exc)
         return self._values
 
+    def key(self, model: str, device) -> str:
+        """The cache file's key of a measurement (its format's version, device, model, calibration size)."""
+        return f"v3|{device}|{model}|{self.size}"
+
     def macs_per_second(self, model: str, device) -> float:
-        key = f"v3|{device}|{model}|{self.size}"
+        key = self.key(model, device)
         with self._lock:
             values = self._load()
             if key in values:
@@ -322,7 +326,7 @@ class ThroughputCalibrator:
     def cached(self, model: str, device) -> float | None:
         """The MAC/s measured earlier for ``model`` on ``device`` (memory or cache file), or None; never measures."""
         with self._lock:
-            return self._load().get(f"v2|{device}|{model}|{self.size}")
+            return self._load().get(self.key(model, device))
 
     def _measure(self, model: str, device) -> float:
         import torch

@@ -475,7 +475,7 @@ def test_rest_refuses_up_front_a_job_estimated_over_the_time_limit(tmp_path, sha
     import json
 
     from config import Config
-    from engine.intelligent_enhancer import IntelligentEnhancer
+    from engine.intelligent_enhancer import IntelligentEnhancer, ThroughputCalibrator
     from engine.model_manager import ModelManager
 
     config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=tmp_path / "out",
@@ -483,7 +483,8 @@ def test_rest_refuses_up_front_a_job_estimated_over_the_time_limit(tmp_path, sha
                              download_retries=0, device="cpu", job_time_limit_seconds=5)
     config.ensure_directories()
     # A slow machine on record: 1 MMAC/s for the fast model (as a calibration would have saved it).
-    (tmp_path / "cfg" / "calibration.json").write_text(json.dumps({f"v2|cpu|{FAST_MODEL}|64": 1e6}))
+    calibration = tmp_path / "cfg" / "calibration.json"
+    calibration.write_text(json.dumps({ThroughputCalibrator(calibration).key(FAST_MODEL, "cpu"): 1e6}))
     manager = ModelManager(config)
     services = _services(config, manager)
     services = dataclasses.replace(services, advisor=IntelligentEnhancer(model_manager=manager, config=config))
