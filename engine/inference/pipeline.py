@@ -16,7 +16,7 @@ import numpy as np
 
 from engine.catalog import ModelSpec
 from engine.errors import CancelledError, InputTooLargeError, InvalidInputError, InvalidSettingsError, OutOfMemoryError
-from engine.inference import planning
+from engine.inference import planning, streaming
 from engine.inference.precision_check import BF16_MIN_PSNR, bf16_psnr
 from engine.inference.result import EnhanceResult
 from engine.settings import EnhanceSettings
@@ -149,9 +149,49 @@ def job_device(settings: EnhanceSettings, config):
 
 
 # ------------------------------------------------------------------------------------------------ the network
-def upscale_rgb(job: Job, images: list[np.ndarray], stage: tuple[float, float]) -> Run:
+WriterFor = Callable[[tuple[int, int]], "streaming.BandWriter"]
+"""``writer_for(src_size)``: a fresh band writer for network output of ``src_size`` = (width, height)."""
+
+
+class _Collector:
+    """A band writer that assembles whole float outputs at the network's scale (video frames, second pass)."""
+
+    def __init__(self, count: int, size: tuple[int, int]):
+        self.images = [np.empty((size[1], size[0], 3), dtype=np.float32) for _ in range(count)]
+
+    def __call__(self, n: int, top: int, rows: np.ndarray) -> None:
+        self.images[n][top:top + rows.shape[0]] = rows
+
+    def close(self) -> None:
+        pass
+
+
+class _Health:
+    """Watches bands for what makes a half-precision run unusable (see ``upscaler.output_is_bad``)."""
+
+    def __init__(self, images: Sequence[np.ndarray], black: float = 1.0 / 255):
+        self.black = black
+        self.non_black = [float(np.max(image)) > black for image in images]
+        self.finite = [True] * len(images)
+        self.peak = [0.0] * len(images)
+
+    def see(self, n: int, rows: np.ndarray) -> None:
+        self.finite[n] = self.finite[n] and bool(np.isfinite(rows).all())
+        if rows.size:
+            self.peak[n] = max(self.peak[n], float(np.max(rows)))
+
+    def bad(self) -> bool:
+        return any(not ok or (peak <= self.black and lit)
+                   for ok, peak, lit in zip(self.finite, self.peak, self.non_black))
+
+
+def upscale_rgb(job: Job, images: list[np.ndarray], stage: tuple[float, float],
+                writer_for: WriterFor | None = None) -> Run:
     """Run the network on HxWx3 float RGB images of one size (they share forward calls), with OOM → smaller tile →
-    CPU, and bad half precision → fp32 retries."""
+    CPU, and bad half precision → fp32 retries.
+
+    With ``writer_for`` each band goes to a fresh writer per attempt (a retry rewrites every row) and
+    :attr:`Run.images` is empty; without it the whole float outputs at the network's scale are returned."""
     from engine import upscaler
     from utils import allocator
     from utils.gpu import resolve_device as resolve
@@ -177,61 +217,71 @@ def upscale_rgb(job: Job, images: list[np.ndarray], stage: tuple[float, float]) 
             spec, height, width, device=device, precision=loaded.precision, batch_size=batch_size,
             config=job.config).tile
         tile_progress = job.report.span(*stage)
+        net_size = (width * spec.network_scale, height * spec.network_scale)
+        writer = writer_for(net_size) if writer_for is not None else _Collector(len(images), net_size)
+        health = _Health(images)
         allocator.mark_busy()
+        stream = upscaler.BandStream(
+            loaded.net, images, upscaler.TileOptions(
+                scale=spec.network_scale, tile=int(tile), overlap=planning.tile_overlap(spec, int(tile), settings),
+                batch_size=batch_size, device=device, dtype=loaded.dtype, pad_multiple=spec.pad_multiple),
+            progress=lambda done, total: tile_progress(done, total, f"Upscaling with {job.model_name}: "
+                                                                    f"tile {done}/{total}"))
         try:
-            outs, stats = upscaler.upscale_images_ex(
-                loaded.net, images, upscaler.TileOptions(
-                    scale=spec.network_scale, tile=int(tile), overlap=planning.tile_overlap(spec, int(tile), settings),
-                    batch_size=batch_size, device=device, dtype=loaded.dtype, pad_multiple=spec.pad_multiple),
-                progress=lambda done, total: tile_progress(done, total, f"Upscaling with {job.model_name}: "
-                                                                        f"tile {done}/{total}"))
+            for n, top, rows in stream:
+                health.see(n, rows)
+                writer(n, top, rows)
+            writer.close()
         except OutOfMemoryError:
             if device.type != "cpu" and job.config.allow_cpu_fallback:
                 warnings.append(f"{device} ran out of memory even at the smallest tile; finished on the CPU.")
                 device, precision = resolve("cpu"), "fp32"
                 continue
             raise
-        if loaded.precision != "fp32" and attempt < 3 and any(
-                upscaler.output_is_bad(out, src) for out, src in zip(outs, images)):
+        if loaded.precision != "fp32" and attempt < 3 and health.bad():
             warnings.append(f"{loaded.precision} produced an invalid image (NaN or black); it was redone in fp32.")
             precision = "fp32"
             continue
         allocator.mark_busy()
-        return Run(images=outs, device=str(device), precision=loaded.precision, tile=int(stats.tile_used),
-                   warnings=tuple(warnings))
+        return Run(images=writer.images if isinstance(writer, _Collector) else [], device=str(device),
+                   precision=loaded.precision, tile=int(stream.stats.tile_used), warnings=tuple(warnings))
     raise OutOfMemoryError("The image could not be upscaled after three attempts; try a smaller tile.")
 
 
-def run_passes(job: Job, rgb: np.ndarray, out_size: tuple[int, int], stage: tuple[float, float]) -> Run:
-    """One network pass, or with ``second_pass`` beyond the native scale two, the first resized so the second
-    lands exactly on ``out_size``."""
+def run_passes(job: Job, rgb: np.ndarray, out_size: tuple[int, int], stage: tuple[float, float],
+               writer_for: WriterFor) -> Run:
+    """One network pass into ``writer_for``'s writers, or with ``second_pass`` beyond the native scale two, the
+    first resized so the second lands exactly on ``out_size``."""
     spec = job.spec
     out_w, out_h = out_size
     if not (job.settings.second_pass and out_w / rgb.shape[1] > spec.scale + 1e-6):
-        return upscale_rgb(job, [rgb], stage)
+        return upscale_rgb(job, [rgb], stage, writer_for)
     lo, hi = stage
     mid = (lo + hi) / 2
     first = upscale_rgb(job, [rgb], (lo, mid))
     mid_w, mid_h = max(1, round(out_w / spec.scale)), max(1, round(out_h / spec.scale))
     second_in = np.ascontiguousarray(resize_float(first.images[0], mid_w, mid_h))
-    second = upscale_rgb(job, [second_in], (mid, hi))
-    return Run(second.images, second.device, second.precision, second.tile, first.warnings + second.warnings)
+    del first.images[:]
+    second = upscale_rgb(job, [second_in], (mid, hi), writer_for)
+    return Run([], second.device, second.precision, second.tile, first.warnings + second.warnings)
 
 
-def upscale_alpha(job: Job, alpha: np.ndarray, out_size: tuple[int, int]) -> tuple[np.ndarray, tuple[str, ...]]:
-    """The alpha channel at ``out_size``: by the model (as gray RGB), or resized when asked or when it is flat."""
-    out_w, out_h = out_size
+def upscale_alpha(job: Job, alpha: np.ndarray, canvas: "streaming.OutputCanvas") -> tuple[str, ...]:
+    """Write the alpha channel into ``canvas`` at its size: by the model (as gray RGB), or resized when asked or
+    when it is flat. Returns the warnings."""
     if job.settings.alpha_mode == "bicubic" or float(alpha.min()) >= 1.0 or float(alpha.max()) <= 0.0:
-        return resize_float(alpha[:, :, None], out_w, out_h)[:, :, 0], ()
+        writer = canvas.alpha_writer((alpha.shape[1], alpha.shape[0]))
+        writer(0, 0, alpha[:, :, None])
+        writer.close()
+        return ()
     rgb = np.ascontiguousarray(np.repeat(alpha[:, :, None], 3, axis=2))
-    run = run_passes(job, rgb, out_size, (0.6, 0.75))
-    return resize_float(run.images[0], out_w, out_h).mean(axis=2), run.warnings
+    run = run_passes(job, rgb, (canvas.width, canvas.height), (0.6, 0.75), canvas.alpha_writer)
+    return run.warnings
 
 
 # ------------------------------------------------------------------------------------------------ faces, metrics
 @dataclass(frozen=True)
 class FaceOutcome:
-    image: np.ndarray
     detected: int = 0
     restored: int = 0
     detector: str | None = None
@@ -240,13 +290,15 @@ class FaceOutcome:
     warnings: tuple[str, ...] = ()
 
 
-def restore_faces(job: Job, rgb_in: np.ndarray, upscaled_rgb: np.ndarray, run: Run) -> FaceOutcome:
-    """Detect faces on the input and paste restored ones onto the upscaled colour (8-bit colour images)."""
+def restore_faces(job: Job, rgb_in: np.ndarray, canvas: "streaming.OutputCanvas", run: Run) -> FaceOutcome:
+    """Detect faces on the input and paste restored ones into the canvas's colour (8-bit faces; a 16-bit output
+    gets the restored faces scaled to 16 bits, only when some were pasted)."""
     from engine import face_enhancer
+    from utils.image_io import to_8bit
 
     settings = job.settings
     if not job.config.enable_face_enhancement:
-        return FaceOutcome(upscaled_rgb, warnings=(
+        return FaceOutcome(warnings=(
             "Face enhancement is turned off in the configuration (REALESRGAN_ENABLE_FACE_ENHANCEMENT).",))
     content_type = None
     if not settings.force_face_enhance:
@@ -257,14 +309,23 @@ def restore_faces(job: Job, rgb_in: np.ndarray, upscaled_rgb: np.ndarray, run: R
         model=settings.face_model, strength=settings.face_strength, only_center_face=settings.only_center_face,
         max_faces=job.config.max_faces, save_crops=settings.save_face_crops,
         force_on_anime=settings.force_face_enhance)
+    colour = canvas.pixels[:, :, :canvas.colour_channels]
+    upscaled = to_8bit(colour if colour.shape[2] == 3 else np.repeat(colour, 3, axis=2))
     result = face_enhancer.enhance_faces(
-        from_float(rgb_in, np.uint8), from_float(upscaled_rgb, np.uint8), settings=face_settings,
+        from_float(rgb_in, np.uint8), np.ascontiguousarray(upscaled), settings=face_settings,
         model_manager=job.model_manager, content_type=content_type,
         run=face_enhancer.FaceRun(device=run.device, precision=run.precision,
                                   allow_cpu_fallback=job.config.allow_cpu_fallback, allow_download=True))
-    # Keep full precision when nothing was pasted.
-    image = upscaled_rgb if result.faces_restored == 0 else as_float(np.ascontiguousarray(result.image[:, :, :3]))
-    return FaceOutcome(image, result.faces_detected, result.faces_restored, result.detector, tuple(result.crops),
+    if result.faces_restored:  # else keep the full-precision colour
+        restored = np.ascontiguousarray(result.image[:, :, :3])
+        if canvas.colour_channels == 1:
+            import cv2
+
+            restored = cv2.cvtColor(restored, cv2.COLOR_RGB2GRAY)[:, :, None]
+        if canvas.pixels.dtype == np.uint16:
+            restored = restored.astype(np.uint16) * 257
+        canvas.pixels[:, :, :canvas.colour_channels] = restored
+    return FaceOutcome(result.faces_detected, result.faces_restored, result.detector, tuple(result.crops),
                        tuple(result.identity_pairs), tuple(result.warnings))
 
 
@@ -335,33 +396,25 @@ def enhance_image(image, settings: EnhanceSettings | None, model_manager, progre
     rgb = np.ascontiguousarray(rgb, dtype=np.float32)
 
     t1 = time.perf_counter()
-    run = run_passes(job, rgb, out_size, (0.05, 0.75 if alpha is None or job.settings.alpha_mode == "bicubic" else 0.6))
+    canvas = streaming.OutputCanvas(out_size, channels, pixels.dtype)
+    run = run_passes(job, rgb, out_size, (0.05, 0.75 if alpha is None or job.settings.alpha_mode == "bicubic" else 0.6),
+                     canvas.colour_writer)
     timings["inference"] = time.perf_counter() - t1
     warnings += run.warnings
-    upscaled_rgb = resize_float(run.images[0], *out_size)
 
-    out_alpha = None
     if alpha is not None:
         t2 = time.perf_counter()
-        out_alpha, alpha_warnings = upscale_alpha(job, alpha, out_size)
-        warnings += alpha_warnings
+        warnings += upscale_alpha(job, alpha, canvas)
         timings["alpha"] = time.perf_counter() - t2
 
-    faces = FaceOutcome(upscaled_rgb)
+    faces = FaceOutcome()
     if job.settings.face_enhance:
         t3 = time.perf_counter()
         report(0.8, "Restoring faces")
-        faces = restore_faces(job, rgb, upscaled_rgb, run)
+        faces = restore_faces(job, rgb, canvas, run)
         warnings += faces.warnings
         timings["faces"] = time.perf_counter() - t3
-
-    out_colour = faces.image
-    if colour.shape[2] == 1:
-        import cv2
-
-        out_colour = cv2.cvtColor(faces.image, cv2.COLOR_RGB2GRAY)[:, :, None]
-    parts = [out_colour] + ([out_alpha[:, :, None]] if out_alpha is not None else [])
-    out_pixels = from_float(np.concatenate(parts, axis=2) if len(parts) > 1 else out_colour, pixels.dtype)
+    out_pixels = canvas.pixels
 
     report(0.92, "Measuring quality")
     t4 = time.perf_counter()
@@ -413,6 +466,8 @@ class FrameEnhancer:
             return [r.pixels for r in results]
         height, width = frames[0].shape[:2]
         job, out_size, notes = plan_job(self.settings, width, height, self.model_manager, self.config, Reporter())
-        run = upscale_rgb(job, [as_float(f) for f in frames], (0.0, 1.0))
+        canvases = [streaming.OutputCanvas(out_size, 3, np.uint8) for _ in frames]
+        run = upscale_rgb(job, [as_float(f) for f in frames], (0.0, 1.0), lambda src_size: streaming.FanOut(
+            [canvas.colour_writer(src_size, image=n) for n, canvas in enumerate(canvases)]))
         self._add(notes + run.warnings)
-        return [from_float(resize_float(out, *out_size), np.uint8) for out in run.images]
+        return [canvas.pixels for canvas in canvases]
