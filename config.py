@@ -74,6 +74,8 @@ class Config:
     max_video_seconds: float = 600.0
     max_video_frames: int = 36_000
     max_faces: int = 20
+    memory_reserve_mb: float = 512.0  # RAM left to the system and other jobs when a job plans its memory
+    max_job_memory_mb: float = 0.0  # most RAM one image job may plan for (0: what is available)
 
     # GPU / devices
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -99,6 +101,9 @@ class Config:
                      "max_video_frames", "max_faces"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("memory_reserve_mb", "max_job_memory_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         for name in ("max_upload_mb", "max_video_mb", "max_video_seconds", "download_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

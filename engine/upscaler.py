@@ -397,10 +397,10 @@ class _RowBuffer:
     def final_rows(self, end: int, height: int, width: int) -> np.ndarray:
         """Rows ``[top, min(end, height))`` normalised and clamped, as an hxWx3 float32 array."""
         count = min(end, height) - self.top
-        accum = self.accum[:, :count, :width]
+        accum = self.accum[:, :count, :width]  # final rows: normalised in place, nothing else reads them
         if self.weights is not None:
-            accum = accum / self.weights[:, :count, :width].clamp_min(1e-12)
-        return np.ascontiguousarray(accum.clamp(0.0, 1.0).permute(1, 2, 0).numpy())
+            accum.div_(self.weights[:, :count, :width].clamp_min_(1e-12))
+        return np.ascontiguousarray(accum.clamp_(0.0, 1.0).permute(1, 2, 0).numpy())
 
 
 class _PlanRun:

@@ -33,13 +33,14 @@ def app_config(root: Path, weights_dir: Path, **changes):
 
 
 @contextlib.contextmanager
-def serve_app(root: Path, weights_dir: Path):
-    """Run the whole app (UI and REST API) on a free local port; yields (url, services), then stops it."""
+def serve_app(root: Path, weights_dir: Path, **config_changes):
+    """Run the whole app (UI and REST API) on a free local port; yields (url, services), then stops it.
+    ``config_changes`` are Config fields for this app (e.g. a memory limit)."""
     from ui.app import start
     from ui.services import create_services
 
     saved_env = os.environ.get("GRADIO_TEMP_DIR")  # start() points Gradio's uploads into the app's temp dir
-    services = create_services(app_config(root, weights_dir))
+    services = create_services(app_config(root, weights_dir, **config_changes))
     demo, _app, url = start(services, prevent_thread_lock=True)
     try:
         yield url, services

@@ -17,6 +17,7 @@ import numpy as np
 from engine.catalog import ModelSpec
 from engine.errors import CancelledError, InputTooLargeError, InvalidInputError, InvalidSettingsError, OutOfMemoryError
 from engine.inference import planning, streaming
+from engine.inference.memory_plan import JobShape
 from engine.inference.precision_check import BF16_MIN_PSNR, bf16_psnr
 from engine.inference.result import EnhanceResult
 from engine.settings import EnhanceSettings
@@ -56,6 +57,7 @@ class Job:
     model_manager: object
     config: object
     report: Reporter
+    memory: object = None  # its engine.inference.memory_plan.MemoryPlan
 
     @property
     def spec(self) -> ModelSpec:
@@ -354,9 +356,15 @@ def measure(job: Job, original: np.ndarray, enhanced: np.ndarray, source: str | 
 
 
 # ------------------------------------------------------------------------------------------------ one image
-def plan_job(settings: EnhanceSettings, width: int, height: int, model_manager, config, report: Reporter
-             ) -> tuple[Job, tuple[int, int], tuple[str, ...]]:
-    """Route the model and plan the output size; refuse an output over the configured limit."""
+def plan_job(settings: EnhanceSettings, width: int, height: int, model_manager, config, report: Reporter, *,
+             channels: int = 3, bit_depth: int = 8) -> tuple[Job, tuple[int, int], tuple[str, ...]]:
+    """Route the model, plan the output size and the job's memory; refuse an output over the configured limit or
+    a job whose memory plan cannot fit this machine (before any pixel buffer of the job is allocated).
+
+    Raises:
+        InputTooLargeError: the output is over ``max_output_pixels``.
+        JobTooLargeError: even with small tiles the planned peak passes the memory budget.
+    """
     model_name, note = planning.route_model(settings.model, settings.requested_scale(width, height),
                                             model_manager.is_available)
     spec = model_manager.spec(model_name)
@@ -365,7 +373,39 @@ def plan_job(settings: EnhanceSettings, width: int, height: int, model_manager, 
         raise InputTooLargeError(
             f"The output would be {out_w}×{out_h} = {out_w * out_h / 1e6:.0f} MP, over the limit of "
             f"{config.max_output_pixels / 1e6:.0f} MP; choose a smaller scale or raise REALESRGAN_MAX_OUTPUT_PIXELS.")
-    return Job(settings, model_name, model_manager, config, report), (out_w, out_h), ((note,) if note else ())
+    settings, memory = fit_memory(spec, settings, JobShape(width, height, channels, bit_depth, out_w, out_h),
+                                  config)
+    logger.info("memory plan for %dx%d -> %dx%d with %s: %s", width, height, out_w, out_h, model_name,
+                memory.describe())
+    return (Job(settings, model_name, model_manager, config, report, memory), (out_w, out_h),
+            ((note,) if note else ()))
+
+
+def fit_memory(spec: ModelSpec, settings: EnhanceSettings, shape: JobShape, config):
+    """The settings the job runs with (a smaller tile when that makes it fit) and its memory plan.
+
+    Raises:
+        JobTooLargeError: it does not fit even with 64-pixel tiles.
+    """
+    from engine.errors import JobTooLargeError
+    from engine.inference.memory_plan import gigabytes
+
+    device = job_device(settings, config)
+    memory = planning.plan_job_memory(spec, settings, shape, device=device, config=config)
+    if memory.fits:
+        return settings, memory
+    small = settings.replace(tile=64)
+    smaller = planning.plan_job_memory(spec, small, shape, device=device, config=config)
+    if smaller.fits:
+        return small, smaller
+    where = (f"{gigabytes(smaller.vram_bytes)} of VRAM, {gigabytes(smaller.vram_budget_bytes)} free"
+             if smaller.vram_bytes > smaller.vram_budget_bytes else
+             f"{gigabytes(smaller.peak_bytes)} of RAM at its peak, {gigabytes(smaller.budget_bytes)} available")
+    raise JobTooLargeError(
+        f"This job ({shape.width}×{shape.height} → {shape.out_width}×{shape.out_height}) would need {where} ({smaller.describe()}). "
+        f"Choose a smaller scale or a smaller image, turn off quality metrics, or free memory "
+        f"(REALESRGAN_MEMORY_RESERVE_MB, REALESRGAN_MAX_JOB_MEMORY_MB set the budget).",
+        actual=smaller.peak_bytes, limit=smaller.budget_bytes)
 
 
 def enhance_image(image, settings: EnhanceSettings | None, model_manager, progress: ProgressFn | None = None, *,
@@ -382,7 +422,8 @@ def enhance_image(image, settings: EnhanceSettings | None, model_manager, progre
     height, width = pixels.shape[:2]
     timings["decode"] = time.perf_counter() - t0
     report(0.02, "Image decoded")
-    job, out_size, warnings = plan_job(settings or EnhanceSettings(), width, height, model_manager, config, report)
+    job, out_size, warnings = plan_job(settings or EnhanceSettings(), width, height, model_manager, config, report,
+                                       channels=pixels.shape[2], bit_depth=loaded_image.bit_depth)
 
     # Split colour and alpha; gray runs through the RGB network as three equal channels.
     channels = pixels.shape[2]
