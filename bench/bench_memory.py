@@ -2,7 +2,7 @@
 
 Each case runs ``main.py enhance`` (the user's path) in its own subprocess, watched: the child is killed once its
 RSS passes ``--cap-gb`` (default 4 GB), so a regression cannot take the machine down. The peak RSS comes from the
-kernel (``wait4`` → ``ru_maxrss``). Beside it: the memory plan's estimate (``engine.inference.memory_plan``) and
+kernel (``wait4`` → ``ru_maxrss``). Beside it: the memory plan's estimate (``engine.inference.pipeline.plan_input``, from the file's header) and
 the wall time; with ``--compare REF`` the same cases run in a checkout ``REF`` (e.g. the old engine) and the
 speed ratio is printed. Not a test; timings are noisy when other jobs share the CPU.
 
@@ -98,11 +98,14 @@ def run_capped(argv: list[str], cap_bytes: int, cwd: Path, env: dict | None = No
 
 def plan_estimate(case: Case, image: Path, checkout: Path) -> int | None:
     """The memory plan's peak for the case, in bytes, as the checkout computes it (None when it has no plan)."""
-    code = ("import json,sys; from config import Config; from engine.inference.memory_plan import plan_for_file;"
-            f"p=plan_for_file({str(image)!r}, scale={case.scale}, model={case.model!r}, "
-            f"output_format={case.output!r}, config=Config()); print(json.dumps(p.peak_bytes))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=checkout, capture_output=True, text=True)
-    return int(done.stdout.strip()) if done.returncode == 0 and done.stdout.strip() else None
+    code = ("import json; from config import Config; from engine.model_manager import ModelManager;"
+            "from engine.settings import EnhanceSettings; from engine.inference.pipeline import plan_input;"
+            "c=Config(); s=EnhanceSettings(model=%r, outscale=%r, device='cpu');"
+            "print(plan_input(%r, s, ModelManager(c), c)[2].peak_bytes)" % (case.model, case.scale, str(image)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=checkout, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(checkout)))
+    lines = done.stdout.strip().splitlines()
+    return int(lines[-1]) if done.returncode == 0 and lines and lines[-1].isdigit() else None
 
 
 def run_case(case: Case, checkout: Path, folder: Path, cap: int) -> dict:

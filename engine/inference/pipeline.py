@@ -408,6 +408,29 @@ def fit_memory(spec: ModelSpec, settings: EnhanceSettings, shape: JobShape, conf
         actual=smaller.peak_bytes, limit=smaller.budget_bytes)
 
 
+def plan_input(source, settings: EnhanceSettings, model_manager, config):
+    """The memory plan of enhancing ``source`` (a path or the file's bytes) from its header alone, without decoding
+    a pixel: the check to run before decoding a large upload.
+
+    Returns:
+        ``(model name, output size, MemoryPlan)``; the plan may use a smaller tile than ``settings`` asks when
+        that makes it fit.
+
+    Raises:
+        InvalidInputError, UnsupportedFormatError, InputTooLargeError: the header is unusable or over the limits.
+        JobTooLargeError: the job cannot fit this machine's memory budget.
+    """
+    from utils.validation import probe_image
+
+    header = probe_image(source, max_pixels=config.max_input_pixels)
+    mode = header.mode
+    channels = {"L": 1, "LA": 2, "RGBA": 4, "PA": 4}.get(mode, 1 if mode.startswith("I;16") else 3)
+    bit_depth = 16 if "16" in mode else 8
+    job, out_size, _notes = plan_job(settings, header.width, header.height, model_manager, config, Reporter(),
+                                     channels=channels, bit_depth=bit_depth)
+    return job.model_name, out_size, job.memory
+
+
 def enhance_image(image, settings: EnhanceSettings | None, model_manager, progress: ProgressFn | None = None, *,
                   config=None, cancel: threading.Event | None = None) -> EnhanceResult:
     """Enhance one image (see :func:`engine.processor.enhance_image_direct`, its public name)."""
