@@ -75,7 +75,7 @@ class Config:
     max_video_frames: int = 36_000
     max_faces: int = 20
     memory_reserve_mb: float = 512.0  # RAM left to the system and other jobs when a job plans its memory
-    max_job_memory_mb: float = 0.0  # most RAM one image job may plan for (0: what is available)
+    max_job_memory_mb: float = 0.0  # most RAM the process may reach for one image job (0: what is available)
 
     # GPU / devices
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
