@@ -143,3 +143,19 @@ def test_bounded_metrics_equal_the_whole_image_ones():
     got = metrics.quality_metrics(small, big)
     assert got["niqe_output"] == pytest.approx(metrics.niqe(big), abs=0)  # the same centre crop
     assert got["niqe_input"] is not None and got["lr_psnr"] > 30
+
+
+@pytest.mark.parametrize("kind", ["rgb8", "gray8", "rgb16"])
+def test_streamed_tiff_decodes_identical_to_the_in_memory_output(kind, model_manager, config, tmp_path):
+    from engine.settings import EnhanceSettings
+    from utils.image_io import load_image
+
+    rng = np.random.default_rng(5)
+    pixels = cv2.GaussianBlur((rng.random((29, 35, 3)) * 255).astype(np.uint8), (3, 3), 1)
+    pixels = {"rgb8": pixels, "gray8": pixels[:, :, :1], "rgb16": pixels.astype(np.uint16) * 257 + 1}[kind]
+    settings = EnhanceSettings(model="realesr-animevideov3", outscale=3, tile=16, quality_metrics=False)
+    in_memory = pipeline.enhance_image(pixels, settings, model_manager, config=config).pixels
+    saved, report = pipeline.enhance_to_tiff(pixels, settings, model_manager, tmp_path / "out.tiff", config=config)
+    assert report["output_size"] == [105, 87] and saved.bit_depth == 8 * pixels.dtype.itemsize
+    np.testing.assert_array_equal(load_image(saved.path).pixels, in_memory)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.tiff"]  # no temporary file left

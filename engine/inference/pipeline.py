@@ -6,6 +6,7 @@ Everything one image needs is a frozen :class:`Job`; each step takes it and retu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -408,6 +409,20 @@ def fit_memory(spec: ModelSpec, settings: EnhanceSettings, shape: JobShape, conf
         actual=smaller.peak_bytes, limit=smaller.budget_bytes)
 
 
+def network_input(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Split HxWxC pixels into the network's HxWx3 float32 RGB (gray as three equal channels, transparent pixels
+    bled) and the HxW float alpha (None without alpha)."""
+    channels = pixels.shape[2]
+    floats = as_float(pixels)
+    has_alpha = channels in (2, 4)
+    colour = floats[:, :, : channels - 1] if has_alpha else floats
+    alpha = floats[:, :, -1] if has_alpha else None
+    rgb = np.repeat(colour, 3, axis=2) if colour.shape[2] == 1 else colour
+    if alpha is not None:
+        rgb = bleed_transparent_colours(np.ascontiguousarray(rgb), alpha)
+    return np.ascontiguousarray(rgb, dtype=np.float32), alpha
+
+
 def plan_input(source, settings: EnhanceSettings, model_manager, config):
     """The memory plan of enhancing ``source`` (a path or the file's bytes) from its header alone, without decoding
     a pixel: the check to run before decoding a large upload.
@@ -448,16 +463,8 @@ def enhance_image(image, settings: EnhanceSettings | None, model_manager, progre
     job, out_size, warnings = plan_job(settings or EnhanceSettings(), width, height, model_manager, config, report,
                                        channels=pixels.shape[2], bit_depth=loaded_image.bit_depth)
 
-    # Split colour and alpha; gray runs through the RGB network as three equal channels.
     channels = pixels.shape[2]
-    floats = as_float(pixels)
-    has_alpha = channels in (2, 4)
-    colour = floats[:, :, : channels - 1] if has_alpha else floats
-    alpha = floats[:, :, -1] if has_alpha else None
-    rgb = np.repeat(colour, 3, axis=2) if colour.shape[2] == 1 else colour
-    if alpha is not None:
-        rgb = bleed_transparent_colours(np.ascontiguousarray(rgb), alpha)
-    rgb = np.ascontiguousarray(rgb, dtype=np.float32)
+    rgb, alpha = network_input(pixels)
 
     t1 = time.perf_counter()
     canvas = streaming.OutputCanvas(out_size, channels, pixels.dtype)
@@ -497,6 +504,115 @@ def enhance_image(image, settings: EnhanceSettings | None, model_manager, progre
         faces_detected=faces.detected, faces_restored=faces.restored, face_detector=faces.detector,
         face_crops=faces.crops, icc_profile=loaded_image.icc_profile if keep else None,
         exif=loaded_image.exif if keep else None, input_format=loaded_image.format, settings=job.settings)
+
+
+def enhance_to_tiff(image, settings: EnhanceSettings | None, model_manager, path, progress: ProgressFn | None = None,
+                    *, config=None, cancel: threading.Event | None = None):
+    """Enhance one image straight into a TIFF file, band by band: the output is never whole in memory, so the
+    peak does not grow with the output's size (for outputs too large for RAM).
+
+    Gray and RGB inputs, 8 or 16 bits; quality metrics are not computed (they need the output). Images with alpha
+    or with face restoration need the output in memory: use :func:`enhance_image`.
+
+    Returns:
+        ``(SavedImage, report)``: the file written and a JSON-safe summary (as :meth:`EnhanceResult.report`).
+
+    Raises:
+        InvalidSettingsError: alpha or face restoration asked of a streamed output.
+        JobTooLargeError, InputTooLargeError, ...: as :func:`enhance_image`.
+    """
+    import queue
+
+    from config import Config
+    from utils.image_io import save_tiff_strips
+
+    config = config if config is not None else Config()
+    report = Reporter(progress, cancel)
+    t0 = time.perf_counter()
+    loaded_image = load_input(image, config)
+    pixels = loaded_image.pixels
+    height, width, channels = pixels.shape
+    if channels in (2, 4) or (settings is not None and settings.face_enhance):
+        raise InvalidSettingsError("A streamed TIFF output takes gray or RGB images without face restoration; "
+                                   "enhance images with alpha or faces in memory.")
+    settings = (settings or EnhanceSettings()).replace(quality_metrics=False)
+    job, out_size, warnings = plan_job(settings, width, height, model_manager, config, report, channels=channels,
+                                       bit_depth=loaded_image.bit_depth)
+    rgb, _alpha = network_input(pixels)
+    blocks: queue.Queue = queue.Queue(maxsize=4)  # bounded: the network waits for the encoder
+    stop, done = threading.Event(), object()
+    outcome: dict = {}
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                blocks.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        raise CancelledError("The file writer stopped.")
+
+    class _Rows:
+        def __init__(self, src_size):
+            from utils.band_resize import BandResizer
+
+            self.writer = streaming.BandWriter(BandResizer(src_size, out_size), self.put)
+            self.sent = False
+
+        def put(self, top: int, rows: np.ndarray) -> None:
+            self.sent = True
+            put(streaming.colour_rows(rows, channels, pixels.dtype))
+
+        def __call__(self, n: int, top: int, rows: np.ndarray) -> None:
+            self.writer(n, top, rows)
+
+        def close(self) -> None:
+            self.writer.close()
+
+    started: list[_Rows] = []
+
+    def writer_for(src_size):
+        if started and started[-1].sent:
+            raise OutOfMemoryError("The streamed output cannot be restarted after a retry; enhance it in memory "
+                                   "or with a smaller tile.")
+        started.append(_Rows(src_size))
+        return started[-1]
+
+    def produce() -> None:
+        try:
+            outcome["run"] = run_passes(job, rgb, out_size, (0.05, 0.95), writer_for)
+            put(done)
+        except BaseException as exc:  # handed to the writer's thread, which raises it
+            outcome["error"] = exc
+            with contextlib.suppress(CancelledError):
+                put(done)
+
+    def rows():
+        while True:
+            item = blocks.get()
+            if item is done:
+                if "error" in outcome:
+                    raise outcome["error"]
+                return
+            yield item
+
+    worker = threading.Thread(target=produce, name="enhance-to-tiff", daemon=True)
+    worker.start()
+    try:
+        saved = save_tiff_strips(rows(), path, size=out_size, channels=channels, dtype=pixels.dtype,
+                                 icc_profile=loaded_image.icc_profile if job.settings.keep_metadata else None)
+    finally:
+        stop.set()
+        worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    run = outcome["run"]
+    report(1.0, "Done")
+    summary = {"model": job.model_name, "device": run.device, "precision": run.precision, "tile": run.tile,
+               "scale": round(out_size[0] / width, 4), "input_size": [width, height], "output_size": list(out_size),
+               "seconds": round(time.perf_counter() - t0, 3), "warnings": list(dict.fromkeys(warnings + run.warnings)),
+               "memory": job.memory.as_dict(), "output": str(saved.path)}
+    return saved, summary
 
 
 # ------------------------------------------------------------------------------------------------ video frames

@@ -27,6 +27,13 @@ def to_dtype(rows: np.ndarray, dtype) -> np.ndarray:
     return np.clip(np.round(rows * top), 0, top).astype(dtype)
 
 
+def colour_rows(rows: np.ndarray, channels: int, dtype) -> np.ndarray:
+    """Float RGB rows in [0, 1] → ``channels`` (1: gray, 3: RGB) of ``dtype``."""
+    if channels == 1:
+        rows = cv2.cvtColor(np.ascontiguousarray(rows), cv2.COLOR_RGB2GRAY)[:, :, None]
+    return to_dtype(rows, dtype)
+
+
 class OutputCanvas:
     """The preallocated output image (HxWxC, the input's layout) that band writers fill.
 
@@ -52,9 +59,8 @@ class OutputCanvas:
         return BandWriter(BandResizer(src_size, (self.width, self.height)), self._put_alpha, image)
 
     def _put_colour(self, top: int, rows: np.ndarray) -> None:
-        if self.colour_channels == 1:
-            rows = cv2.cvtColor(np.ascontiguousarray(rows), cv2.COLOR_RGB2GRAY)[:, :, None]
-        self.pixels[top:top + rows.shape[0], :, :self.colour_channels] = to_dtype(rows, self.pixels.dtype)
+        self.pixels[top:top + rows.shape[0], :, :self.colour_channels] = colour_rows(
+            rows, self.colour_channels, self.pixels.dtype)
 
     def _put_alpha(self, top: int, rows: np.ndarray) -> None:
         alpha = rows.mean(axis=2, keepdims=True) if rows.shape[2] > 1 else rows
