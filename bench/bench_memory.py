@@ -36,6 +36,7 @@ class Case:
     model: str = "realesr-animevideov3"
     output: str = "png"  # output file extension
     extra: tuple[str, ...] = ()
+    stream: bool = False  # through pipeline.enhance_to_tiff (the output never whole in memory), not the CLI
 
     @property
     def output_bytes(self) -> int:
@@ -46,8 +47,9 @@ CASES = {c.name: c for c in (
     Case("1500x1000x4", 1500, 1000, 4),
     Case("2000x1500x4", 2000, 1500, 4),
     Case("2000x1500x2", 2000, 1500, 2),
-    Case("1500x1000x4-tiff", 1500, 1000, 4, output="tiff"),
-    Case("5000x5000x4-tiff", 5000, 5000, 4, output="tiff"),
+    Case("1500x1000x4-stream", 1500, 1000, 4, output="tiff", stream=True),
+    Case("2500x2500x4-stream", 2500, 2500, 4, output="tiff", stream=True),
+    Case("5000x5000x4-stream", 5000, 5000, 4, output="tiff", stream=True),
 )}
 
 
@@ -100,8 +102,9 @@ def plan_estimate(case: Case, image: Path, checkout: Path) -> int | None:
     """The memory plan's peak for the case, in bytes, as the checkout computes it (None when it has no plan)."""
     code = ("import json; from config import Config; from engine.model_manager import ModelManager;"
             "from engine.settings import EnhanceSettings; from engine.inference.pipeline import plan_input;"
-            "c=Config(); s=EnhanceSettings(model=%r, outscale=%r, device='cpu');"
-            "print(plan_input(%r, s, ModelManager(c), c)[2].peak_bytes)" % (case.model, case.scale, str(image)))
+            "c=Config(); s=EnhanceSettings(model=%r, outscale=%r, device='cpu', quality_metrics=%r);"
+            "print(plan_input(%r, s, ModelManager(c), c)[2].peak_bytes)" % (case.model, case.scale, not case.stream,
+                                                                           str(image)))
     done = subprocess.run([sys.executable, "-c", code], cwd=checkout, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(checkout)))
     lines = done.stdout.strip().splitlines()
@@ -113,6 +116,13 @@ def run_case(case: Case, checkout: Path, folder: Path, cap: int) -> dict:
     out = folder / f"{case.name}-{checkout.name}.{case.output}"
     argv = [sys.executable, "main.py", "enhance", str(image), "-o", str(out), "--model", case.model,
             "--scale", str(case.scale), "--device", "cpu", *case.extra]
+    if case.stream:
+        argv = [sys.executable, "-c", (
+            "from config import Config; from engine.model_manager import ModelManager;"
+            "from engine.settings import EnhanceSettings; from engine.inference.pipeline import enhance_to_tiff;"
+            "c=Config(); s=EnhanceSettings(model=%r, outscale=%r, device='cpu');"
+            "print(enhance_to_tiff(%r, s, ModelManager(c), %r, config=c)[1])" % (case.model, case.scale, str(image),
+                                                                                 str(out)))]
     env = dict(os.environ, PYTHONPATH=str(checkout))
     result = run_capped(argv, cap, checkout, env)
     result["estimate"] = plan_estimate(case, image, checkout)

@@ -14,8 +14,10 @@ the one object that carries a run's options.
    tiles per axis is the fewest that respects ``tile`` and ``overlap``, and the tile length is then shrunk to the
    smallest that still covers the axis, the tiles spread evenly (edge tiles shifted inward, never shrunk).
    Neighbours overlap by at least ``overlap`` input pixels.
-3. Tiles go to the device ``batch_size`` at a time; outputs come back to the CPU, are multiplied by a
-   :func:`blend_window` and accumulated with their weights; the sum is divided by the weights at the end.
+3. Tiles go to the device ``batch_size`` at a time, in raster order; outputs come back to the CPU, are
+   multiplied by a :func:`blend_window` and accumulated with their weights in a buffer one tile row high
+   (:class:`BandStream`); once the next tile row starts, the rows above it are final: they are divided by their
+   weights and given out as a band, so float memory follows the image's width, not its area.
    The window is 1 at image borders and in a tile's interior; across an overlap of width ``o`` it is 0 for the
    ``o/4`` pixels next to the tile border (the most wrong ones: they saw zero padding instead of image) and
    rises as a raised cosine over the middle ``o/2``, so two neighbours' weights sum to one.
