@@ -81,6 +81,8 @@ class Config:
     max_video_seconds: float = 600.0
     max_video_frames: int = 36_000
     max_faces: int = 20
+    memory_reserve_mb: float = 512.0  # RAM left to the system and other jobs when a job plans its memory
+    max_job_memory_mb: float = 0.0  # most RAM the process may reach for one image job (0: what is available)
 
     # GPU / devices
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -110,7 +112,7 @@ class Config:
                      "job_time_limit_seconds", "retention_hours", "retention_max_mb"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("rate_limit_per_minute", "min_free_disk_mb"):
+        for name in ("rate_limit_per_minute", "min_free_disk_mb", "memory_reserve_mb", "max_job_memory_mb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         _check_device(self.device)

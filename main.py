@@ -256,7 +256,20 @@ def cmd_analyze(args, config) -> int:
          f"face enhance {'on' if s.face_enhance else 'off'}, denoise {s.denoise_strength:.2f}")
     for reason in advice.reasons:
         _out(f"  - {reason}")
+    _out(f"Memory: {_memory_line(args.image, s, advisor.model_manager, config)}")
     return EXIT_OK
+
+
+def _memory_line(image, settings, model_manager, config) -> str:
+    """The memory plan of the recommended job (its peak and what it is made of), or why it cannot run."""
+    from engine.errors import EngineError
+    from engine.inference.pipeline import plan_input
+
+    try:
+        _model, size, plan = plan_input(image, settings, model_manager, config)
+    except EngineError as exc:
+        return str(exc)
+    return f"{size[0]}×{size[1]} output, {plan.describe()}; {plan.budget_bytes / 2 ** 30:.1f} GB available"
 
 
 def video_settings_from_args(args):

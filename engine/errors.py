@@ -8,7 +8,7 @@ class. How each is shown to a user (HTTP status, stage, UI title, exit code, mes
 from __future__ import annotations
 
 from utils.errors import (BuiltinPresetError, CancelledError, ChecksumMismatchError, DownloadError, EngineError,
-                          FaceEnhancementError, InputTooLargeError, InvalidInputError, InvalidSettingsError,
+                          FaceEnhancementError, InputTooLargeError, InvalidInputError, InvalidSettingsError, JobTooLargeError,
                           ModelNotAvailableError, NoFaceFoundError, OutOfMemoryError, PresetNotFoundError,
                           QueueFullError, SettingsStorageError, UnsafeEnvironmentError, UnsupportedFormatError,
                           VideoError)

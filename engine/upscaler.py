@@ -14,8 +14,10 @@ the one object that carries a run's options.
    tiles per axis is the fewest that respects ``tile`` and ``overlap``, and the tile length is then shrunk to the
    smallest that still covers the axis, the tiles spread evenly (edge tiles shifted inward, never shrunk).
    Neighbours overlap by at least ``overlap`` input pixels.
-3. Tiles go to the device ``batch_size`` at a time; outputs come back to the CPU, are multiplied by a
-   :func:`blend_window` and accumulated with their weights; the sum is divided by the weights at the end.
+3. Tiles go to the device ``batch_size`` at a time, in raster order; outputs come back to the CPU, are
+   multiplied by a :func:`blend_window` and accumulated with their weights in a buffer one tile row high
+   (:class:`BandStream`); once the next tile row starts, the rows above it are final: they are divided by their
+   weights and given out as a band, so float memory follows the image's width, not its area.
    The window is 1 at image borders and in a tile's interior; across an overlap of width ``o`` it is 0 for the
    ``o/4`` pixels next to the tile border (the most wrong ones: they saw zero padding instead of image) and
    rises as a raised cosine over the middle ``o/2``, so two neighbours' weights sum to one.
@@ -54,7 +56,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ACTIVATION_BYTES_PER_PIXEL", "bytes_per_pixel", "estimate_memory_bytes", "TileBox", "TilePlan", "TileOptions",
     "UpscaleStats", "RunBatch", "plan_tiles", "blend_window", "upscale_image", "upscale_image_ex", "upscale_images_ex",
-    "output_is_bad", "auto_tile", "available_bytes", "prepare_for_inference", "default_run_batch",
+    "output_is_bad", "auto_tile", "available_bytes", "prepare_for_inference", "default_run_batch", "Band",
+    "BandStream",
 ]
 
 ProgressCallback = Callable[[int, int], None]
@@ -303,48 +306,171 @@ def _pad_to_multiple(tensor: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(tensor, (0, pad_w, 0, pad_h), mode=mode)
 
 
-def _run_plan(net: nn.Module, source: torch.Tensor, plan: TilePlan, options: TileOptions, run_batch: RunBatch,
-              progress: ProgressCallback | None) -> tuple[torch.Tensor, int]:
-    """Run every tile of ``plan`` on every image of the NxCxHxW ``source``, several tiles per forward call.
+Band = tuple[int, int, np.ndarray]
+"""``(image index, first output row, rows)``: finished output rows of one image, ``rows`` an hxWx3 float32 RGB
+array in [0, 1] at the network's scale (the image's unpadded width), bands of one image in order, top to bottom."""
+
+
+class BandStream:
+    """The output of a tiled run, band by band, as soon as each band is final (iterate it once).
+
+    Tiles run in raster order; each tile row's outputs are blended into a float buffer one tile row high (plus
+    the overlap carried from the row above), so the float memory is ``(tile + overlap) * scale`` rows of the
+    output's width, not the whole output. The arithmetic per pixel is the same as blending the whole image at
+    once (the same windows added in the same order, divided by the same weights), so the result is bit-identical.
+
+    After the iteration, :attr:`stats` holds the run's :class:`UpscaleStats`. On out-of-memory before any band was
+    given out, the run restarts with half the tile (down to ``options.min_tile``); after that it raises
+    :class:`OutOfMemoryError`, as a consumer may already have written the earlier bands.
+    """
+
+    def __init__(self, net: nn.Module, images: Sequence[np.ndarray], options: TileOptions, *,
+                 progress: ProgressCallback | None = None, run_batch: RunBatch = default_run_batch):
+        _check_images(images, options)
+        self.net, self.images, self.options = net, images, options
+        self.progress, self.run_batch = progress, run_batch
+        self.height, self.width = images[0].shape[:2]
+        self.stats: UpscaleStats | None = None
+
+    def __iter__(self):
+        options, device = self.options, self.options.device
+        start = time.perf_counter()
+        padded_h = self.height + (-self.height) % options.pad_multiple
+        padded_w = self.width + (-self.width) % options.pad_multiple
+        current = options.tile if 0 < options.tile < max(padded_h, padded_w) else 0
+        retries = 0
+        while True:
+            plan = plan_tiles(padded_h, padded_w, current, min(options.overlap, current), options.pad_multiple)
+            given = 0
+            try:
+                with torch.inference_mode():
+                    run = _run_plan(self.net, self.images, plan, options, self.run_batch, self.progress)
+                    for band in run:
+                        given += 1
+                        yield band
+                batches = run.batches
+                break
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not is_out_of_memory(error):
+                    raise
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                smaller = (current or max(padded_h, padded_w)) // 2 // 8 * 8
+                if smaller < options.min_tile or given:
+                    raise OutOfMemoryError(
+                        f"Out of memory on {device} even with {current or 'no'}-pixel tiles ({error}). Use a smaller "
+                        f"tile (>= {options.min_tile}), half precision, batch size 1, or run on the CPU.") from error
+                logger.warning("Out of memory with tile %s on %s; retrying with tile %d.", current or "off", device,
+                               smaller)
+                current, retries = smaller, retries + 1
+        self.stats = UpscaleStats(tile_used=current if len(plan) > 1 else 0, batches=batches,
+                                  tiles=len(plan) * len(self.images), seconds=time.perf_counter() - start,
+                                  retries=retries, compute_ratio=plan.compute_ratio)
+
+
+def _check_images(images: Sequence[np.ndarray], options: TileOptions) -> None:
+    if not images:
+        raise InvalidInputError("No images to upscale.")
+    first_shape = images[0].shape
+    for image in images:
+        if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+            raise InvalidInputError(f"Expected HxWx3 RGB images, got shape {image.shape}.")
+        if image.shape != first_shape:
+            raise InvalidInputError(f"Images upscaled together must share one size: {first_shape} vs {image.shape}.")
+    if not isinstance(options, TileOptions):
+        raise InvalidSettingsError(f"options must be a TileOptions, got {type(options).__name__}; build one with "
+                                   f"TileOptions(scale=..., tile=..., ...).")
+
+
+class _RowBuffer:
+    """One image's blend buffer over output rows ``[top, top + rows)``: weighted sums and their weights."""
+
+    def __init__(self, top: int, rows: int, width: int, carry: "_RowBuffer | None", blended: bool):
+        self.top = top
+        self.accum = torch.zeros((3, rows, width), dtype=torch.float32)
+        self.weights = torch.zeros((1, rows, width), dtype=torch.float32) if blended else None
+        if carry is not None:  # the rows the tile row above shares with this one
+            shared = carry.top + carry.accum.shape[1] - top
+            if shared > 0:
+                self.accum[:, :shared].copy_(carry.accum[:, top - carry.top:])
+                if self.weights is not None:
+                    self.weights[:, :shared].copy_(carry.weights[:, top - carry.top:])
+
+    def final_rows(self, end: int, height: int, width: int) -> np.ndarray:
+        """Rows ``[top, min(end, height))`` normalised and clamped, as an hxWx3 float32 array."""
+        count = min(end, height) - self.top
+        accum = self.accum[:, :count, :width]  # final rows: normalised in place, nothing else reads them
+        if self.weights is not None:
+            accum.div_(self.weights[:, :count, :width].clamp_min_(1e-12))
+        return np.ascontiguousarray(accum.clamp_(0.0, 1.0).permute(1, 2, 0).numpy())
+
+
+class _PlanRun:
+    """Iterates the bands of one tiling plan; :attr:`batches` counts the forward calls made."""
+
+    def __init__(self, net, images, plan, options, run_batch, progress):
+        self.net, self.images, self.plan, self.options = net, images, plan, options
+        self.run_batch, self.progress = run_batch, progress
+        self.batches = 0
+
+    def __iter__(self):
+        net, images, plan, options = self.net, self.images, self.plan, self.options
+        scale, batch_size = options.scale, options.batch_size
+        height, width = images[0].shape[0] * scale, images[0].shape[1] * scale
+        out_w = plan.width * scale
+        blended = len(plan) > 1
+        row_starts = sorted({box.y for box in plan.boxes})
+        next_row = {y: (row_starts[k + 1] if k + 1 < len(row_starts) else None) for k, y in enumerate(row_starts)}
+        first_of_row = {i for i, box in enumerate(plan.boxes) if i == 0 or plan.boxes[i - 1].y != box.y}
+        multiple = options.pad_multiple
+        channels_last = torch.channels_last
+        jobs = [(n, i) for n in range(len(images)) for i in range(len(plan))]  # same-shape tiles of every image
+        buffers: dict[int, _RowBuffer] = {}
+        sources: dict[int, torch.Tensor] = {}
+        for first in range(0, len(jobs), batch_size):
+            chunk = jobs[first:first + batch_size]
+            boxes = [plan.boxes[i] for _, i in chunk]
+            parts = []
+            for (n, _), b in zip(chunk, boxes):
+                if n not in sources:
+                    sources[n] = _pad_to_multiple(torch.from_numpy(
+                        np.ascontiguousarray(images[n], dtype=np.float32)).permute(2, 0, 1)[None], multiple)
+                parts.append(sources[n][:, :, b.y:b.y + b.h, b.x:b.x + b.w])
+            batch = torch.cat(parts).to(device=options.device, dtype=options.dtype)
+            batch = batch.contiguous(memory_format=channels_last)
+            output = self.run_batch(net, batch).to(device="cpu", dtype=torch.float32)
+            self.batches += 1
+            for (n, i), box, tile_out in zip(chunk, boxes, output):
+                if i in first_of_row:
+                    old = buffers.get(n)
+                    if old is not None:  # everything above this tile row is final
+                        yield n, old.top, old.final_rows(box.y * scale, height, width)
+                    buffers[n] = _RowBuffer(box.y * scale, box.h * scale, out_w, old, blended)
+                buf = buffers[n]
+                ys = slice(box.y * scale - buf.top, (box.y + box.h) * scale - buf.top)
+                xs = slice(box.x * scale, (box.x + box.w) * scale)
+                if not blended:
+                    buf.accum.copy_(tile_out)
+                else:
+                    window = torch.from_numpy(blend_window(box.h, box.w, box.overlap, scale, box.edges))
+                    buf.weights[0, ys, xs].add_(window)
+                    buf.accum[:, ys, xs].addcmul_(tile_out, window)
+                if i == len(plan) - 1:
+                    done = buffers.pop(n)
+                    sources.pop(n, None)
+                    yield n, done.top, done.final_rows(height, height, width)
+            if self.progress is not None:
+                self.progress(min(first + batch_size, len(jobs)), len(jobs))
+
+
+def _run_plan(net: nn.Module, images: Sequence[np.ndarray], plan: TilePlan, options: TileOptions,
+              run_batch: RunBatch, progress: ProgressCallback | None) -> _PlanRun:
+    """The bands of every image for one tiling ``plan``, several tiles per forward call (see :class:`BandStream`).
 
     ``options`` gives the scale, the tiles per call, the device and the dtype (its tile and overlap are already
     in ``plan``).
-
-    Returns the blended Nx3x(H*s)x(W*s) float32 CPU tensor and the number of forward calls.
     """
-    scale, batch_size = options.scale, options.batch_size
-    count = source.shape[0]
-    out_h, out_w = plan.height * scale, plan.width * scale
-    single = len(plan) == 1
-    accum = torch.zeros((count, 3, out_h, out_w), dtype=torch.float32)
-    weights = None if single else torch.zeros((1, out_h, out_w), dtype=torch.float32)
-    windows = {} if single else {i: torch.from_numpy(blend_window(b.h, b.w, b.overlap, scale, b.edges))
-                                 for i, b in enumerate(plan.boxes)}
-    if weights is not None:
-        for i, box in enumerate(plan.boxes):
-            weights[0, box.y * scale:(box.y + box.h) * scale, box.x * scale:(box.x + box.w) * scale].add_(windows[i])
-    memory_format = torch.channels_last if source.shape[1] > 1 else torch.contiguous_format
-    jobs = [(n, i) for n in range(count) for i in range(len(plan))]  # same-shape tiles of every image
-    batches = 0
-    for first in range(0, len(jobs), batch_size):
-        chunk = jobs[first:first + batch_size]
-        boxes = [plan.boxes[i] for _, i in chunk]
-        batch = torch.cat([source[n:n + 1, :, b.y:b.y + b.h, b.x:b.x + b.w] for (n, _), b in zip(chunk, boxes)])
-        batch = batch.to(device=options.device, dtype=options.dtype).contiguous(memory_format=memory_format)
-        output = run_batch(net, batch)
-        output = output.to(device="cpu", dtype=torch.float32)
-        batches += 1
-        for (n, i), box, tile_out in zip(chunk, boxes, output):
-            if single:
-                accum[n].copy_(tile_out)
-                continue
-            ys, xs = slice(box.y * scale, (box.y + box.h) * scale), slice(box.x * scale, (box.x + box.w) * scale)
-            accum[n, :, ys, xs].addcmul_(tile_out, windows[i])
-        if progress is not None:
-            progress(min(first + batch_size, len(jobs)), len(jobs))
-    if weights is not None:
-        accum.div_(weights.clamp_min_(1e-12))
-    return accum, batches
+    return _PlanRun(net, images, plan, options, run_batch, progress)
 
 
 def upscale_image_ex(net: nn.Module, image: np.ndarray, options: TileOptions, *,
@@ -373,55 +499,20 @@ def upscale_images_ex(net: nn.Module, images: Sequence[np.ndarray], options: Til
 
     Same arguments and guarantees as :func:`upscale_image_ex`, with ``images`` a sequence of HxWx3 float32 RGB
     images in [0, 1] of one size; each output equals what :func:`upscale_image` gives for that image alone (up
-    to the summation order of batched convolutions).
+    to the summation order of batched convolutions). The whole float outputs are assembled from a
+    :class:`BandStream`; callers that want less memory consume the stream instead.
 
     Returns:
         ``(outputs, stats)``: one (H*scale)x(W*scale)x3 float32 RGB image in [0, 1] per input, in order, and one
         :class:`UpscaleStats` for the whole call.
     """
-    if not images:
-        raise InvalidInputError("No images to upscale.")
-    first_shape = images[0].shape
-    for image in images:
-        if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-            raise InvalidInputError(f"Expected HxWx3 RGB images, got shape {image.shape}.")
-        if image.shape != first_shape:
-            raise InvalidInputError(f"Images upscaled together must share one size: {first_shape} vs {image.shape}.")
-    if not isinstance(options, TileOptions):
-        raise InvalidSettingsError(f"options must be a TileOptions, got {type(options).__name__}; build one with "
-                                   f"TileOptions(scale=..., tile=..., ...).")
-    device, scale, min_tile = options.device, options.scale, options.min_tile
-    height, width = first_shape[:2]
-    start = time.perf_counter()
-    source = torch.from_numpy(np.ascontiguousarray(np.stack(images), dtype=np.float32)).permute(0, 3, 1, 2)
-    source = _pad_to_multiple(source, options.pad_multiple)
-    padded_h, padded_w = source.shape[2:]
-    current = options.tile if 0 < options.tile < max(padded_h, padded_w) else 0
-    retries = 0
-    while True:
-        plan = plan_tiles(padded_h, padded_w, current, min(options.overlap, current), options.pad_multiple)
-        try:
-            with torch.inference_mode():
-                blended, batches = _run_plan(net, source, plan, options, run_batch, progress)
-            break
-        except (torch.OutOfMemoryError, RuntimeError) as error:
-            if not is_out_of_memory(error):
-                raise
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            smaller = (current or max(padded_h, padded_w)) // 2 // 8 * 8
-            if smaller < min_tile:
-                raise OutOfMemoryError(
-                    f"Out of memory on {device} even with {current or 'no'}-pixel tiles ({error}). Use a smaller "
-                    f"tile (>= {min_tile}), half precision, batch size 1, or run on the CPU.") from error
-            logger.warning("Out of memory with tile %s on %s; retrying with tile %d.", current or "off", device,
-                           smaller)
-            current, retries = smaller, retries + 1
-    outputs = [np.ascontiguousarray(blended[n, :, :height * scale, :width * scale].clamp(0.0, 1.0)
-                                    .permute(1, 2, 0).numpy()) for n in range(len(images))]
-    stats = UpscaleStats(tile_used=current if len(plan) > 1 else 0, batches=batches, tiles=len(plan) * len(images),
-                         seconds=time.perf_counter() - start, retries=retries, compute_ratio=plan.compute_ratio)
-    return outputs, stats
+    stream = BandStream(net, images, options, progress=progress, run_batch=run_batch)
+    scale = options.scale
+    height, width = stream.height * scale, stream.width * scale
+    outputs = [np.empty((height, width, 3), dtype=np.float32) for _ in images]
+    for n, top, rows in stream:
+        outputs[n][top:top + rows.shape[0]] = rows
+    return outputs, stream.stats
 
 
 def upscale_image(net: nn.Module, image: np.ndarray, options: TileOptions, *,

@@ -54,7 +54,22 @@ def analyze_file(services, path: str | Path, scale: float | None = None) -> dict
     check_image_upload(path, services.config)
     with device_slot(services):  # decoding and analysing are admitted like enhancement (QueueFullError: busy)
         advice = services.advisor.advise(str(path), scale=scale)
-    return json.loads(json.dumps(advice.as_dict(), default=str))  # JSON-safe (numpy numbers, tuples)
+    result = json.loads(json.dumps(advice.as_dict(), default=str))  # JSON-safe (numpy numbers, tuples)
+    result["memory"] = memory_summary(services, path, advice.settings)
+    return result
+
+
+def memory_summary(services, path: str | Path, settings) -> str:
+    """The recommended job's memory plan in words (its peak and parts), or why it cannot run here."""
+    from engine.errors import EngineError
+    from engine.inference.pipeline import plan_input
+    from utils.errors import scrub_paths
+
+    try:
+        _model, size, plan = plan_input(str(path), settings, services.model_manager, services.config)
+    except EngineError as exc:
+        return scrub_paths(str(exc))
+    return f"{size[0]}×{size[1]} output, {plan.describe()}"
 
 
 def advice_markdown(advice: Mapping) -> str:
@@ -70,6 +85,8 @@ def advice_markdown(advice: Mapping) -> str:
              + (f", denoise {float(s['denoise_strength']):.2f}" if s.get("denoise_strength") is not None else "")]
     if a.get("estimated_seconds") is not None:
         lines[-1] += f" — about {float(a['estimated_seconds']):.0f} s on {a.get('device', 'this machine')}."
+    if advice.get("memory"):
+        lines.append(f"**Memory:** {advice['memory']}.")
     reasons = advice.get("reasoning") or []
     if reasons:
         lines.append("**Why:**\n" + "\n".join(f"- {r}" for r in reasons))

@@ -41,6 +41,7 @@ __all__ = [
     "FaceEnhancementError",
     "InputTooLargeError",
     "InvalidInputError",
+    "JobTooLargeError",
     "InvalidSettingsError",
     "JobTimeLimitError",
     "ModelNotAvailableError",
@@ -89,6 +90,11 @@ class InputTooLargeError(InvalidInputError):
         super().__init__(message)
         self.actual = actual
         self.limit = limit
+
+
+class JobTooLargeError(InputTooLargeError):
+    """The job's planned memory (see ``engine.inference.memory_plan``) does not fit this machine's budget; refused
+    before any pixel buffer is allocated. ``actual`` and ``limit`` are bytes."""
 
 
 class NoFaceFoundError(InvalidInputError):
@@ -218,6 +224,7 @@ ERROR_TABLE: Mapping[type[BaseException], ErrorKind] = MappingProxyType({
     InvalidInputError: ErrorKind(422, "decode", "Can't read this file", EXIT_FAILED),
     UnsupportedFormatError: ErrorKind(415, "validation", "Unsupported file", EXIT_FAILED),
     InputTooLargeError: ErrorKind(413, "validation", "Input too large", EXIT_FAILED),
+    JobTooLargeError: ErrorKind(413, "validation", "Job does not fit in memory", EXIT_FAILED),
     NoFaceFoundError: ErrorKind(422, "faces", "No face found", EXIT_FAILED),
     ModelNotAvailableError: ErrorKind(503, "model", "Model not available", EXIT_FAILED),
     DownloadError: ErrorKind(503, "model", "Download failed", EXIT_FAILED),

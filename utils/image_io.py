@@ -19,6 +19,7 @@ Nothing here imports ``engine`` or ``ui``; failures raise the domain exceptions 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -26,7 +27,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal, Union, get_args
+from typing import IO, Iterable, Literal, Union, get_args
 
 import cv2
 import numpy as np
@@ -51,6 +52,7 @@ __all__ = [
     "load_image",
     "normalize_format",
     "save_image",
+    "save_tiff_strips",
     "to_8bit",
     "write_atomic",
 ]
@@ -673,3 +675,71 @@ def save_image(pixels: np.ndarray, path: str | os.PathLike, *, format: str | Non
     return SavedImage(path=target, bytes_written=written, format=encoded.format, bit_depth=encoded.bit_depth,
                       alpha_flattened=encoded.alpha_flattened, reduced_to_8bit=encoded.reduced_to_8bit,
                       metadata_dropped=encoded.metadata_dropped)
+
+
+# ------------------------------------------------------------------------------------------------ streamed TIFF
+def save_tiff_strips(rows: "Iterable[np.ndarray]", path: str | os.PathLike, *, size: tuple[int, int],
+                     channels: int, dtype, icc_profile: bytes | None = None, rows_per_strip: int = 64) -> SavedImage:
+    """Write a TIFF from row blocks that arrive top to bottom, never holding the image whole (peak memory: one
+    strip and one block, whatever the image's size).
+
+    Strips of ``rows_per_strip`` rows are deflate-compressed here and handed to tifffile as they fill; the file
+    goes to a temporary name in the same folder and is moved over ``path`` only once complete (a failure or a
+    killed process leaves no partial file at ``path``).
+
+    Args:
+        rows: ``hxWxC`` blocks (any heights, C = ``channels``, of ``dtype``) that together make the image.
+        path: destination; its folder must exist.
+        size: (width, height) of the whole image.
+        channels: 1..4 (Gray, Gray+Alpha, RGB, RGBA); alpha is marked as unassociated alpha.
+        dtype: uint8 or uint16.
+        icc_profile: ICC profile to embed.
+        rows_per_strip: rows per strip.
+
+    Raises:
+        InvalidInputError: a block of the wrong shape or dtype, or not exactly ``height`` rows in all.
+        OSError: the folder is missing or not writable, the disk is full...
+    """
+    import tempfile
+
+    import tifffile
+
+    width, height = size
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.uint8), np.dtype(np.uint16)) or channels not in _MODE_BY_CHANNELS:
+        raise InvalidInputError(f"A streamed TIFF holds uint8/uint16 with 1..4 channels, got {dtype}, {channels}.")
+
+    def strips():
+        pending, held, seen = [], 0, 0
+        for block in rows:
+            if block.ndim != 3 or block.shape[1:] != (width, channels) or block.dtype != dtype:
+                raise InvalidInputError(f"Row block of shape {block.shape} and {block.dtype} does not fit a "
+                                        f"{width}x{height}x{channels} {dtype} image.")
+            seen += block.shape[0]
+            pending.append(block)
+            held += block.shape[0]
+            while held >= rows_per_strip or (seen == height and held):
+                joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
+                strip, rest = joined[:rows_per_strip], joined[rows_per_strip:]
+                yield zlib.compress(np.ascontiguousarray(strip).tobytes(), 6)
+                pending, held = ([rest] if len(rest) else []), len(rest)
+        if seen != height:
+            raise InvalidInputError(f"The streamed image had {seen} rows, expected {height}.")
+
+    target = Path(path)
+    photometric = "rgb" if channels >= 3 else "minisblack"
+    extra = ["unassalpha"] if channels in (2, 4) else None
+    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.close(handle)
+    try:
+        tifffile.imwrite(temp_name, data=strips(), shape=(height, width, channels), dtype=dtype,
+                         photometric=photometric, extrasamples=extra, rowsperstrip=rows_per_strip,
+                         compression="zlib", iccprofile=icc_profile or None)
+        with open(temp_name, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(temp_name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_name)
+        raise
+    return SavedImage(path=target, bytes_written=target.stat().st_size, format="tiff", bit_depth=8 * dtype.itemsize)

@@ -50,6 +50,8 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from utils.band_resize import BandResizer, resize_rows
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -288,6 +290,27 @@ def _shrink_to(image255: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out[:, :, None] if out.ndim == 2 else out
 
 
+def _shrink_bands(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """:func:`_shrink_to` of ``_to_float255(image)``, made band by band: only a band of the output is ever float.
+
+    ``image`` is HxWxC uint8/uint16; ``size`` = (height, width). Equal to the whole-image result (see
+    :mod:`utils.band_resize`)."""
+    h, w = image.shape[:2]
+    if (h, w) == tuple(size):
+        return _to_float255(image)
+    resizer = BandResizer((w, h), (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    out = None
+    step = max(1, resizer.src_step)
+    for top in range(0, h, step):
+        for first, rows in resizer.push(_to_float255(image[top:top + step])):
+            out = out if out is not None else np.empty((size[0], size[1], rows.shape[2]), np.float32)
+            out[first:first + rows.shape[0]] = rows
+    for first, rows in resizer.finish():
+        out = out if out is not None else np.empty((size[0], size[1], rows.shape[2]), np.float32)
+        out[first:first + rows.shape[0]] = rows
+    return out
+
+
 def _lr_consistency_float(orig255: np.ndarray, back255: np.ndarray) -> dict[str, float | None]:
     """:func:`lr_consistency` of the input and the output already shrunk back to its size (float, 0..255)."""
     orig, back = _match_channels(orig255, back255)
@@ -452,24 +475,28 @@ def quality_metrics(original: np.ndarray, enhanced: np.ndarray, *,
     """
     warnings: list[str] = []
     orig = _to_float255(_check_image(original, "original"))
-    enh = _to_float255(_check_image(enhanced, "enhanced"))
+    enhanced = _check_image(enhanced, "enhanced")
     oh, ow = orig.shape[:2]
-    back = _shrink_to(enh, (oh, ow))  # the output at the input size: LR consistency and LPIPS compare this
+    back = _shrink_bands(enhanced, (oh, ow))  # the output at the input size: LR consistency and LPIPS compare this
 
     lr = _lr_consistency_float(orig, back)
     if lr["ssim"] is None:
         warnings.append("LR-consistency SSIM not computed: the input is smaller than 11x11 pixels")
 
     niqe_in = niqe_out = None
-    h, w = enh.shape[:2]
+    h, w = enhanced.shape[:2]
     if min(h, w) < NIQE_MIN_SIDE:
         warnings.append(f"NIQE not computed: the output ({w}x{h}) is smaller than "
                         f"{NIQE_MIN_SIDE}x{NIQE_MIN_SIDE} pixels")
     else:
-        upscaled = cv2.resize(orig, (w, h), interpolation=cv2.INTER_CUBIC)
+        # Only NIQE's centre crop of the output and of the bicubic baseline is ever made (bounded memory).
+        crop_h, crop_w = min(h, NIQE_MAX_SIDE), min(w, NIQE_MAX_SIDE)
+        top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        upscaled = resize_rows(orig, (w, h), top, crop_h, cv2.INTER_CUBIC)
         if upscaled.ndim == 2:
             upscaled = upscaled[:, :, None]
-        upscaled = np.clip(upscaled, 0.0, 255.0)
+        upscaled = np.clip(upscaled[:, left:left + crop_w], 0.0, 255.0)
+        enh = _to_float255(enhanced[top:top + crop_h, left:left + crop_w])
         upscaled, enh = _match_channels(upscaled, enh)
         niqe_in = _finite_or_none(_niqe_float(upscaled))
         niqe_out = _finite_or_none(_niqe_float(enh))

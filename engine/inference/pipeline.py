@@ -6,6 +6,7 @@ Everything one image needs is a frozen :class:`Job`; each step takes it and retu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -16,7 +17,8 @@ import numpy as np
 
 from engine.catalog import ModelSpec
 from engine.errors import CancelledError, InputTooLargeError, InvalidInputError, InvalidSettingsError, OutOfMemoryError
-from engine.inference import planning
+from engine.inference import planning, streaming
+from engine.inference.memory_plan import JobShape
 from engine.inference.precision_check import BF16_MIN_PSNR, bf16_psnr
 from engine.inference.result import EnhanceResult
 from engine.settings import EnhanceSettings
@@ -56,6 +58,7 @@ class Job:
     model_manager: object
     config: object
     report: Reporter
+    memory: object = None  # its engine.inference.memory_plan.MemoryPlan
 
     @property
     def spec(self) -> ModelSpec:
@@ -149,9 +152,49 @@ def job_device(settings: EnhanceSettings, config):
 
 
 # ------------------------------------------------------------------------------------------------ the network
-def upscale_rgb(job: Job, images: list[np.ndarray], stage: tuple[float, float]) -> Run:
+WriterFor = Callable[[tuple[int, int]], "streaming.BandWriter"]
+"""``writer_for(src_size)``: a fresh band writer for network output of ``src_size`` = (width, height)."""
+
+
+class _Collector:
+    """A band writer that assembles whole float outputs at the network's scale (video frames, second pass)."""
+
+    def __init__(self, count: int, size: tuple[int, int]):
+        self.images = [np.empty((size[1], size[0], 3), dtype=np.float32) for _ in range(count)]
+
+    def __call__(self, n: int, top: int, rows: np.ndarray) -> None:
+        self.images[n][top:top + rows.shape[0]] = rows
+
+    def close(self) -> None:
+        pass
+
+
+class _Health:
+    """Watches bands for what makes a half-precision run unusable (see ``upscaler.output_is_bad``)."""
+
+    def __init__(self, images: Sequence[np.ndarray], black: float = 1.0 / 255):
+        self.black = black
+        self.non_black = [float(np.max(image)) > black for image in images]
+        self.finite = [True] * len(images)
+        self.peak = [0.0] * len(images)
+
+    def see(self, n: int, rows: np.ndarray) -> None:
+        self.finite[n] = self.finite[n] and bool(np.isfinite(rows).all())
+        if rows.size:
+            self.peak[n] = max(self.peak[n], float(np.max(rows)))
+
+    def bad(self) -> bool:
+        return any(not ok or (peak <= self.black and lit)
+                   for ok, peak, lit in zip(self.finite, self.peak, self.non_black))
+
+
+def upscale_rgb(job: Job, images: list[np.ndarray], stage: tuple[float, float],
+                writer_for: WriterFor | None = None) -> Run:
     """Run the network on HxWx3 float RGB images of one size (they share forward calls), with OOM → smaller tile →
-    CPU, and bad half precision → fp32 retries."""
+    CPU, and bad half precision → fp32 retries.
+
+    With ``writer_for`` each band goes to a fresh writer per attempt (a retry rewrites every row) and
+    :attr:`Run.images` is empty; without it the whole float outputs at the network's scale are returned."""
     from engine import upscaler
     from utils import allocator
     from utils.gpu import resolve_device as resolve
@@ -177,61 +220,71 @@ def upscale_rgb(job: Job, images: list[np.ndarray], stage: tuple[float, float]) 
             spec, height, width, device=device, precision=loaded.precision, batch_size=batch_size,
             config=job.config).tile
         tile_progress = job.report.span(*stage)
+        net_size = (width * spec.network_scale, height * spec.network_scale)
+        writer = writer_for(net_size) if writer_for is not None else _Collector(len(images), net_size)
+        health = _Health(images)
         allocator.mark_busy()
+        stream = upscaler.BandStream(
+            loaded.net, images, upscaler.TileOptions(
+                scale=spec.network_scale, tile=int(tile), overlap=planning.tile_overlap(spec, int(tile), settings),
+                batch_size=batch_size, device=device, dtype=loaded.dtype, pad_multiple=spec.pad_multiple),
+            progress=lambda done, total: tile_progress(done, total, f"Upscaling with {job.model_name}: "
+                                                                    f"tile {done}/{total}"))
         try:
-            outs, stats = upscaler.upscale_images_ex(
-                loaded.net, images, upscaler.TileOptions(
-                    scale=spec.network_scale, tile=int(tile), overlap=planning.tile_overlap(spec, int(tile), settings),
-                    batch_size=batch_size, device=device, dtype=loaded.dtype, pad_multiple=spec.pad_multiple),
-                progress=lambda done, total: tile_progress(done, total, f"Upscaling with {job.model_name}: "
-                                                                        f"tile {done}/{total}"))
+            for n, top, rows in stream:
+                health.see(n, rows)
+                writer(n, top, rows)
+            writer.close()
         except OutOfMemoryError:
             if device.type != "cpu" and job.config.allow_cpu_fallback:
                 warnings.append(f"{device} ran out of memory even at the smallest tile; finished on the CPU.")
                 device, precision = resolve("cpu"), "fp32"
                 continue
             raise
-        if loaded.precision != "fp32" and attempt < 3 and any(
-                upscaler.output_is_bad(out, src) for out, src in zip(outs, images)):
+        if loaded.precision != "fp32" and attempt < 3 and health.bad():
             warnings.append(f"{loaded.precision} produced an invalid image (NaN or black); it was redone in fp32.")
             precision = "fp32"
             continue
         allocator.mark_busy()
-        return Run(images=outs, device=str(device), precision=loaded.precision, tile=int(stats.tile_used),
-                   warnings=tuple(warnings))
+        return Run(images=writer.images if isinstance(writer, _Collector) else [], device=str(device),
+                   precision=loaded.precision, tile=int(stream.stats.tile_used), warnings=tuple(warnings))
     raise OutOfMemoryError("The image could not be upscaled after three attempts; try a smaller tile.")
 
 
-def run_passes(job: Job, rgb: np.ndarray, out_size: tuple[int, int], stage: tuple[float, float]) -> Run:
-    """One network pass, or with ``second_pass`` beyond the native scale two, the first resized so the second
-    lands exactly on ``out_size``."""
+def run_passes(job: Job, rgb: np.ndarray, out_size: tuple[int, int], stage: tuple[float, float],
+               writer_for: WriterFor) -> Run:
+    """One network pass into ``writer_for``'s writers, or with ``second_pass`` beyond the native scale two, the
+    first resized so the second lands exactly on ``out_size``."""
     spec = job.spec
     out_w, out_h = out_size
     if not (job.settings.second_pass and out_w / rgb.shape[1] > spec.scale + 1e-6):
-        return upscale_rgb(job, [rgb], stage)
+        return upscale_rgb(job, [rgb], stage, writer_for)
     lo, hi = stage
     mid = (lo + hi) / 2
     first = upscale_rgb(job, [rgb], (lo, mid))
     mid_w, mid_h = max(1, round(out_w / spec.scale)), max(1, round(out_h / spec.scale))
     second_in = np.ascontiguousarray(resize_float(first.images[0], mid_w, mid_h))
-    second = upscale_rgb(job, [second_in], (mid, hi))
-    return Run(second.images, second.device, second.precision, second.tile, first.warnings + second.warnings)
+    del first.images[:]
+    second = upscale_rgb(job, [second_in], (mid, hi), writer_for)
+    return Run([], second.device, second.precision, second.tile, first.warnings + second.warnings)
 
 
-def upscale_alpha(job: Job, alpha: np.ndarray, out_size: tuple[int, int]) -> tuple[np.ndarray, tuple[str, ...]]:
-    """The alpha channel at ``out_size``: by the model (as gray RGB), or resized when asked or when it is flat."""
-    out_w, out_h = out_size
+def upscale_alpha(job: Job, alpha: np.ndarray, canvas: "streaming.OutputCanvas") -> tuple[str, ...]:
+    """Write the alpha channel into ``canvas`` at its size: by the model (as gray RGB), or resized when asked or
+    when it is flat. Returns the warnings."""
     if job.settings.alpha_mode == "bicubic" or float(alpha.min()) >= 1.0 or float(alpha.max()) <= 0.0:
-        return resize_float(alpha[:, :, None], out_w, out_h)[:, :, 0], ()
+        writer = canvas.alpha_writer((alpha.shape[1], alpha.shape[0]))
+        writer(0, 0, alpha[:, :, None])
+        writer.close()
+        return ()
     rgb = np.ascontiguousarray(np.repeat(alpha[:, :, None], 3, axis=2))
-    run = run_passes(job, rgb, out_size, (0.6, 0.75))
-    return resize_float(run.images[0], out_w, out_h).mean(axis=2), run.warnings
+    run = run_passes(job, rgb, (canvas.width, canvas.height), (0.6, 0.75), canvas.alpha_writer)
+    return run.warnings
 
 
 # ------------------------------------------------------------------------------------------------ faces, metrics
 @dataclass(frozen=True)
 class FaceOutcome:
-    image: np.ndarray
     detected: int = 0
     restored: int = 0
     detector: str | None = None
@@ -240,13 +293,15 @@ class FaceOutcome:
     warnings: tuple[str, ...] = ()
 
 
-def restore_faces(job: Job, rgb_in: np.ndarray, upscaled_rgb: np.ndarray, run: Run) -> FaceOutcome:
-    """Detect faces on the input and paste restored ones onto the upscaled colour (8-bit colour images)."""
+def restore_faces(job: Job, rgb_in: np.ndarray, canvas: "streaming.OutputCanvas", run: Run) -> FaceOutcome:
+    """Detect faces on the input and paste restored ones into the canvas's colour (8-bit faces; a 16-bit output
+    gets the restored faces scaled to 16 bits, only when some were pasted)."""
     from engine import face_enhancer
+    from utils.image_io import to_8bit
 
     settings = job.settings
     if not job.config.enable_face_enhancement:
-        return FaceOutcome(upscaled_rgb, warnings=(
+        return FaceOutcome(warnings=(
             "Face enhancement is turned off in the configuration (REALESRGAN_ENABLE_FACE_ENHANCEMENT).",))
     content_type = None
     if not settings.force_face_enhance:
@@ -257,14 +312,23 @@ def restore_faces(job: Job, rgb_in: np.ndarray, upscaled_rgb: np.ndarray, run: R
         model=settings.face_model, strength=settings.face_strength, only_center_face=settings.only_center_face,
         max_faces=job.config.max_faces, save_crops=settings.save_face_crops,
         force_on_anime=settings.force_face_enhance)
+    colour = canvas.pixels[:, :, :canvas.colour_channels]
+    upscaled = to_8bit(colour if colour.shape[2] == 3 else np.repeat(colour, 3, axis=2))
     result = face_enhancer.enhance_faces(
-        from_float(rgb_in, np.uint8), from_float(upscaled_rgb, np.uint8), settings=face_settings,
+        from_float(rgb_in, np.uint8), np.ascontiguousarray(upscaled), settings=face_settings,
         model_manager=job.model_manager, content_type=content_type,
         run=face_enhancer.FaceRun(device=run.device, precision=run.precision,
                                   allow_cpu_fallback=job.config.allow_cpu_fallback, allow_download=True))
-    # Keep full precision when nothing was pasted.
-    image = upscaled_rgb if result.faces_restored == 0 else as_float(np.ascontiguousarray(result.image[:, :, :3]))
-    return FaceOutcome(image, result.faces_detected, result.faces_restored, result.detector, tuple(result.crops),
+    if result.faces_restored:  # else keep the full-precision colour
+        restored = np.ascontiguousarray(result.image[:, :, :3])
+        if canvas.colour_channels == 1:
+            import cv2
+
+            restored = cv2.cvtColor(restored, cv2.COLOR_RGB2GRAY)[:, :, None]
+        if canvas.pixels.dtype == np.uint16:
+            restored = restored.astype(np.uint16) * 257
+        canvas.pixels[:, :, :canvas.colour_channels] = restored
+    return FaceOutcome(result.faces_detected, result.faces_restored, result.detector, tuple(result.crops),
                        tuple(result.identity_pairs), tuple(result.warnings))
 
 
@@ -293,9 +357,15 @@ def measure(job: Job, original: np.ndarray, enhanced: np.ndarray, source: str | 
 
 
 # ------------------------------------------------------------------------------------------------ one image
-def plan_job(settings: EnhanceSettings, width: int, height: int, model_manager, config, report: Reporter
-             ) -> tuple[Job, tuple[int, int], tuple[str, ...]]:
-    """Route the model and plan the output size; refuse an output over the configured limit."""
+def plan_job(settings: EnhanceSettings, width: int, height: int, model_manager, config, report: Reporter, *,
+             channels: int = 3, bit_depth: int = 8) -> tuple[Job, tuple[int, int], tuple[str, ...]]:
+    """Route the model, plan the output size and the job's memory; refuse an output over the configured limit or
+    a job whose memory plan cannot fit this machine (before any pixel buffer of the job is allocated).
+
+    Raises:
+        InputTooLargeError: the output is over ``max_output_pixels``.
+        JobTooLargeError: even with small tiles the planned peak passes the memory budget.
+    """
     model_name, note = planning.route_model(settings.model, settings.requested_scale(width, height),
                                             model_manager.is_available)
     spec = model_manager.spec(model_name)
@@ -304,7 +374,76 @@ def plan_job(settings: EnhanceSettings, width: int, height: int, model_manager, 
         raise InputTooLargeError(
             f"The output would be {out_w}×{out_h} = {out_w * out_h / 1e6:.0f} MP, over the limit of "
             f"{config.max_output_pixels / 1e6:.0f} MP; choose a smaller scale or raise REALESRGAN_MAX_OUTPUT_PIXELS.")
-    return Job(settings, model_name, model_manager, config, report), (out_w, out_h), ((note,) if note else ())
+    settings, memory = fit_memory(spec, settings, JobShape(width, height, channels, bit_depth, out_w, out_h),
+                                  config)
+    logger.info("memory plan for %dx%d -> %dx%d with %s: %s", width, height, out_w, out_h, model_name,
+                memory.describe())
+    return (Job(settings, model_name, model_manager, config, report, memory), (out_w, out_h),
+            ((note,) if note else ()))
+
+
+def fit_memory(spec: ModelSpec, settings: EnhanceSettings, shape: JobShape, config):
+    """The settings the job runs with (a smaller tile when that makes it fit) and its memory plan.
+
+    Raises:
+        JobTooLargeError: it does not fit even with 64-pixel tiles.
+    """
+    from engine.errors import JobTooLargeError
+    from engine.inference.memory_plan import gigabytes
+
+    device = job_device(settings, config)
+    memory = planning.plan_job_memory(spec, settings, shape, device=device, config=config)
+    if memory.fits:
+        return settings, memory
+    small = settings.replace(tile=64)
+    smaller = planning.plan_job_memory(spec, small, shape, device=device, config=config)
+    if smaller.fits:
+        return small, smaller
+    where = (f"{gigabytes(smaller.vram_bytes)} of VRAM, {gigabytes(smaller.vram_budget_bytes)} free"
+             if smaller.vram_bytes > smaller.vram_budget_bytes else
+             f"{gigabytes(smaller.peak_bytes)} of RAM at its peak, {gigabytes(smaller.budget_bytes)} available")
+    raise JobTooLargeError(
+        f"This job ({shape.width}×{shape.height} → {shape.out_width}×{shape.out_height}) would need {where} ({smaller.describe()}). "
+        f"Choose a smaller scale or a smaller image, turn off quality metrics, or free memory "
+        f"(REALESRGAN_MEMORY_RESERVE_MB, REALESRGAN_MAX_JOB_MEMORY_MB set the budget).",
+        actual=smaller.peak_bytes, limit=smaller.budget_bytes)
+
+
+def network_input(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Split HxWxC pixels into the network's HxWx3 float32 RGB (gray as three equal channels, transparent pixels
+    bled) and the HxW float alpha (None without alpha)."""
+    channels = pixels.shape[2]
+    floats = as_float(pixels)
+    has_alpha = channels in (2, 4)
+    colour = floats[:, :, : channels - 1] if has_alpha else floats
+    alpha = floats[:, :, -1] if has_alpha else None
+    rgb = np.repeat(colour, 3, axis=2) if colour.shape[2] == 1 else colour
+    if alpha is not None:
+        rgb = bleed_transparent_colours(np.ascontiguousarray(rgb), alpha)
+    return np.ascontiguousarray(rgb, dtype=np.float32), alpha
+
+
+def plan_input(source, settings: EnhanceSettings, model_manager, config):
+    """The memory plan of enhancing ``source`` (a path or the file's bytes) from its header alone, without decoding
+    a pixel: the check to run before decoding a large upload.
+
+    Returns:
+        ``(model name, output size, MemoryPlan)``; the plan may use a smaller tile than ``settings`` asks when
+        that makes it fit.
+
+    Raises:
+        InvalidInputError, UnsupportedFormatError, InputTooLargeError: the header is unusable or over the limits.
+        JobTooLargeError: the job cannot fit this machine's memory budget.
+    """
+    from utils.validation import probe_image
+
+    header = probe_image(source, max_pixels=config.max_input_pixels)
+    mode = header.mode
+    channels = {"L": 1, "LA": 2, "RGBA": 4, "PA": 4}.get(mode, 1 if mode.startswith("I;16") else 3)
+    bit_depth = 16 if "16" in mode else 8
+    job, out_size, _notes = plan_job(settings, header.width, header.height, model_manager, config, Reporter(),
+                                     channels=channels, bit_depth=bit_depth)
+    return job.model_name, out_size, job.memory
 
 
 def enhance_image(image, settings: EnhanceSettings | None, model_manager, progress: ProgressFn | None = None, *,
@@ -321,47 +460,32 @@ def enhance_image(image, settings: EnhanceSettings | None, model_manager, progre
     height, width = pixels.shape[:2]
     timings["decode"] = time.perf_counter() - t0
     report(0.02, "Image decoded")
-    job, out_size, warnings = plan_job(settings or EnhanceSettings(), width, height, model_manager, config, report)
+    job, out_size, warnings = plan_job(settings or EnhanceSettings(), width, height, model_manager, config, report,
+                                       channels=pixels.shape[2], bit_depth=loaded_image.bit_depth)
 
-    # Split colour and alpha; gray runs through the RGB network as three equal channels.
     channels = pixels.shape[2]
-    floats = as_float(pixels)
-    has_alpha = channels in (2, 4)
-    colour = floats[:, :, : channels - 1] if has_alpha else floats
-    alpha = floats[:, :, -1] if has_alpha else None
-    rgb = np.repeat(colour, 3, axis=2) if colour.shape[2] == 1 else colour
-    if alpha is not None:
-        rgb = bleed_transparent_colours(np.ascontiguousarray(rgb), alpha)
-    rgb = np.ascontiguousarray(rgb, dtype=np.float32)
+    rgb, alpha = network_input(pixels)
 
     t1 = time.perf_counter()
-    run = run_passes(job, rgb, out_size, (0.05, 0.75 if alpha is None or job.settings.alpha_mode == "bicubic" else 0.6))
+    canvas = streaming.OutputCanvas(out_size, channels, pixels.dtype)
+    run = run_passes(job, rgb, out_size, (0.05, 0.75 if alpha is None or job.settings.alpha_mode == "bicubic" else 0.6),
+                     canvas.colour_writer)
     timings["inference"] = time.perf_counter() - t1
     warnings += run.warnings
-    upscaled_rgb = resize_float(run.images[0], *out_size)
 
-    out_alpha = None
     if alpha is not None:
         t2 = time.perf_counter()
-        out_alpha, alpha_warnings = upscale_alpha(job, alpha, out_size)
-        warnings += alpha_warnings
+        warnings += upscale_alpha(job, alpha, canvas)
         timings["alpha"] = time.perf_counter() - t2
 
-    faces = FaceOutcome(upscaled_rgb)
+    faces = FaceOutcome()
     if job.settings.face_enhance:
         t3 = time.perf_counter()
         report(0.8, "Restoring faces")
-        faces = restore_faces(job, rgb, upscaled_rgb, run)
+        faces = restore_faces(job, rgb, canvas, run)
         warnings += faces.warnings
         timings["faces"] = time.perf_counter() - t3
-
-    out_colour = faces.image
-    if colour.shape[2] == 1:
-        import cv2
-
-        out_colour = cv2.cvtColor(faces.image, cv2.COLOR_RGB2GRAY)[:, :, None]
-    parts = [out_colour] + ([out_alpha[:, :, None]] if out_alpha is not None else [])
-    out_pixels = from_float(np.concatenate(parts, axis=2) if len(parts) > 1 else out_colour, pixels.dtype)
+    out_pixels = canvas.pixels
 
     report(0.92, "Measuring quality")
     t4 = time.perf_counter()
@@ -380,6 +504,115 @@ def enhance_image(image, settings: EnhanceSettings | None, model_manager, progre
         faces_detected=faces.detected, faces_restored=faces.restored, face_detector=faces.detector,
         face_crops=faces.crops, icc_profile=loaded_image.icc_profile if keep else None,
         exif=loaded_image.exif if keep else None, input_format=loaded_image.format, settings=job.settings)
+
+
+def enhance_to_tiff(image, settings: EnhanceSettings | None, model_manager, path, progress: ProgressFn | None = None,
+                    *, config=None, cancel: threading.Event | None = None):
+    """Enhance one image straight into a TIFF file, band by band: the output is never whole in memory, so the
+    peak does not grow with the output's size (for outputs too large for RAM).
+
+    Gray and RGB inputs, 8 or 16 bits; quality metrics are not computed (they need the output). Images with alpha
+    or with face restoration need the output in memory: use :func:`enhance_image`.
+
+    Returns:
+        ``(SavedImage, report)``: the file written and a JSON-safe summary (as :meth:`EnhanceResult.report`).
+
+    Raises:
+        InvalidSettingsError: alpha or face restoration asked of a streamed output.
+        JobTooLargeError, InputTooLargeError, ...: as :func:`enhance_image`.
+    """
+    import queue
+
+    from config import Config
+    from utils.image_io import save_tiff_strips
+
+    config = config if config is not None else Config()
+    report = Reporter(progress, cancel)
+    t0 = time.perf_counter()
+    loaded_image = load_input(image, config)
+    pixels = loaded_image.pixels
+    height, width, channels = pixels.shape
+    if channels in (2, 4) or (settings is not None and settings.face_enhance):
+        raise InvalidSettingsError("A streamed TIFF output takes gray or RGB images without face restoration; "
+                                   "enhance images with alpha or faces in memory.")
+    settings = (settings or EnhanceSettings()).replace(quality_metrics=False)
+    job, out_size, warnings = plan_job(settings, width, height, model_manager, config, report, channels=channels,
+                                       bit_depth=loaded_image.bit_depth)
+    rgb, _alpha = network_input(pixels)
+    blocks: queue.Queue = queue.Queue(maxsize=4)  # bounded: the network waits for the encoder
+    stop, done = threading.Event(), object()
+    outcome: dict = {}
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                blocks.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        raise CancelledError("The file writer stopped.")
+
+    class _Rows:
+        def __init__(self, src_size):
+            from utils.band_resize import BandResizer
+
+            self.writer = streaming.BandWriter(BandResizer(src_size, out_size), self.put)
+            self.sent = False
+
+        def put(self, top: int, rows: np.ndarray) -> None:
+            self.sent = True
+            put(streaming.colour_rows(rows, channels, pixels.dtype))
+
+        def __call__(self, n: int, top: int, rows: np.ndarray) -> None:
+            self.writer(n, top, rows)
+
+        def close(self) -> None:
+            self.writer.close()
+
+    started: list[_Rows] = []
+
+    def writer_for(src_size):
+        if started and started[-1].sent:
+            raise OutOfMemoryError("The streamed output cannot be restarted after a retry; enhance it in memory "
+                                   "or with a smaller tile.")
+        started.append(_Rows(src_size))
+        return started[-1]
+
+    def produce() -> None:
+        try:
+            outcome["run"] = run_passes(job, rgb, out_size, (0.05, 0.95), writer_for)
+            put(done)
+        except BaseException as exc:  # handed to the writer's thread, which raises it
+            outcome["error"] = exc
+            with contextlib.suppress(CancelledError):
+                put(done)
+
+    def rows():
+        while True:
+            item = blocks.get()
+            if item is done:
+                if "error" in outcome:
+                    raise outcome["error"]
+                return
+            yield item
+
+    worker = threading.Thread(target=produce, name="enhance-to-tiff", daemon=True)
+    worker.start()
+    try:
+        saved = save_tiff_strips(rows(), path, size=out_size, channels=channels, dtype=pixels.dtype,
+                                 icc_profile=loaded_image.icc_profile if job.settings.keep_metadata else None)
+    finally:
+        stop.set()
+        worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    run = outcome["run"]
+    report(1.0, "Done")
+    summary = {"model": job.model_name, "device": run.device, "precision": run.precision, "tile": run.tile,
+               "scale": round(out_size[0] / width, 4), "input_size": [width, height], "output_size": list(out_size),
+               "seconds": round(time.perf_counter() - t0, 3), "warnings": list(dict.fromkeys(warnings + run.warnings)),
+               "memory": job.memory.as_dict(), "output": str(saved.path)}
+    return saved, summary
 
 
 # ------------------------------------------------------------------------------------------------ video frames
@@ -413,6 +646,8 @@ class FrameEnhancer:
             return [r.pixels for r in results]
         height, width = frames[0].shape[:2]
         job, out_size, notes = plan_job(self.settings, width, height, self.model_manager, self.config, Reporter())
-        run = upscale_rgb(job, [as_float(f) for f in frames], (0.0, 1.0))
+        canvases = [streaming.OutputCanvas(out_size, 3, np.uint8) for _ in frames]
+        run = upscale_rgb(job, [as_float(f) for f in frames], (0.0, 1.0), lambda src_size: streaming.FanOut(
+            [canvas.colour_writer(src_size, image=n) for n, canvas in enumerate(canvases)]))
         self._add(notes + run.warnings)
-        return [from_float(resize_float(out, *out_size), np.uint8) for out in run.images]
+        return [canvas.pixels for canvas in canvases]

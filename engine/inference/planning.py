@@ -108,7 +108,9 @@ class TileChoice:
 
 def plan_tile(spec: ModelSpec, height: int, width: int, *, device_type: str, precision: str, batch_size: int,
               free_bytes: int, memory_reused: bool) -> TileChoice:
-    """The tile for ``tile=auto`` from plain facts: what fits ``free_bytes``, and on a CPU what stays in cache. Pure."""
+    """The tile for ``tile=auto`` from plain facts: what fits ``free_bytes``, on a CPU what stays in cache, and a
+    tile row's activations plus its blend buffers (which grow with the image's width) within
+    :data:`engine.inference.memory_plan.WORKING_SET_BYTES`. Pure."""
     from engine import upscaler
     from utils.gpu import torch_dtype
 
@@ -119,10 +121,33 @@ def plan_tile(spec: ModelSpec, height: int, width: int, *, device_type: str, pre
     tile = max(side - overlap_for(spec, side), 16) if side else 0  # a tile reads its stride + the overlap
     if device_type == "cpu":
         tile = cpu_cache_tile(spec, height, width, tile, memory_reused=memory_reused)
+    tile = _within_working_set(spec, height, width, tile, dtype, batch_size)
+    return TileChoice(int(tile), int(_activation_bytes(spec, height, width, tile, dtype, batch_size)))
+
+
+def _activation_bytes(spec: ModelSpec, height: int, width: int, tile: int, dtype, batch_size: int) -> int:
+    from engine import upscaler
+
     read_h, read_w = (tile + 2 * overlap_for(spec, tile),) * 2 if tile else (height, width)
-    memory = upscaler.estimate_memory_bytes(spec.arch, min(read_h, height), min(read_w, width), dtype, scale=scale,
-                                            batch_size=batch_size)
-    return TileChoice(int(tile), int(memory))
+    return upscaler.estimate_memory_bytes(spec.arch, min(read_h, height), min(read_w, width), dtype,
+                                          scale=spec.network_scale, batch_size=batch_size)
+
+
+def _within_working_set(spec: ModelSpec, height: int, width: int, tile: int, dtype, batch_size: int) -> int:
+    """``tile``, or a smaller one (>= 32) whose activations and band buffers fit the working set. Pure."""
+    from engine.inference.memory_plan import WORKING_SET_BYTES, band_bytes
+
+    def cost(t: int) -> int:
+        overlap = overlap_for(spec, t) if t else 0
+        return (_activation_bytes(spec, height, width, t, dtype, batch_size)
+                + band_bytes(t, overlap, height, width, spec.network_scale))
+
+    if cost(tile) <= WORKING_SET_BYTES:
+        return tile
+    current = min(tile, max(height, width)) if tile else max(height, width)
+    while current > 32 and cost(current) > WORKING_SET_BYTES:
+        current = max(32, current * 3 // 4 // 8 * 8)
+    return current
 
 
 def choose_tile(spec: ModelSpec, height: int, width: int, *, device, precision: str, batch_size: int,
@@ -138,3 +163,48 @@ def choose_tile(spec: ModelSpec, height: int, width: int, *, device, precision: 
     memory_reused = device.type == "cpu" and allocator.reusing_freed_memory()
     return plan_tile(spec, height, width, device_type=device.type, precision=precision, batch_size=batch_size,
                      free_bytes=free, memory_reused=memory_reused)
+
+
+def memory_budget(config, device=None) -> tuple[int, int]:
+    """(host bytes, VRAM bytes) a job's process may reach now: what it holds already plus the available RAM less
+    ``memory_reserve_mb``, capped by ``max_job_memory_mb`` when set; free VRAM less the configured share on a GPU
+    (else 0). Compared with :attr:`MemoryPlan.peak_bytes`, which counts the process's own runtime."""
+    import psutil
+
+    from utils.gpu import free_memory_bytes
+
+    held = int(psutil.Process().memory_info().rss)
+    host = held + int(psutil.virtual_memory().available) - int(config.memory_reserve_mb * 2 ** 20)
+    if config.max_job_memory_mb:
+        host = min(host, int(config.max_job_memory_mb * 2 ** 20))
+    vram = 0
+    if device is not None and device.type == "cuda":
+        vram = int(free_memory_bytes(device) * (1 - config.gpu_memory_reserve))
+    return max(host, 0), vram
+
+
+def plan_job_memory(spec: ModelSpec, settings: EnhanceSettings, shape, *, device, config):
+    """The :class:`~engine.inference.memory_plan.MemoryPlan` of one image job of ``shape`` (a
+    :class:`~engine.inference.memory_plan.JobShape`) on ``device`` now: the tile the engine will run
+    (``choose_tile`` for ``tile=auto``) and this machine's budget."""
+    from engine import upscaler
+    from engine.inference.memory_plan import NetworkRun, plan_memory
+    from utils.gpu import torch_dtype
+
+    height, width = shape.height, shape.width
+    precision = effective_precision(spec, device.type, settings.precision)
+    batch_size = batch_size_for(device.type, settings)
+    if settings.tile == "auto":
+        tile = choose_tile(spec, height, width, device=device, precision=precision, batch_size=batch_size,
+                           config=config).tile
+    else:
+        tile = int(settings.tile)
+    overlap = tile_overlap(spec, tile, settings) if tile else 0
+    read_h, read_w = (min(height, tile + 2 * overlap), min(width, tile + 2 * overlap)) if tile else (height, width)
+    activations = upscaler.estimate_memory_bytes(spec.arch, read_h, read_w, torch_dtype(precision),
+                                                 scale=spec.network_scale, batch_size=batch_size)
+    run = NetworkRun(scale=spec.network_scale, tile=tile, overlap=overlap, activation_bytes=activations,
+                     weights_bytes=spec.size_bytes or 20 * 2 ** 20, device_type=device.type)
+    return plan_memory(shape, run, memory_budget(config, device), quality_metrics=settings.quality_metrics,
+                       face_enhance=settings.face_enhance,
+                       model_alpha=shape.channels in (2, 4) and settings.alpha_mode == "model")

@@ -1,0 +1,158 @@
+"""The memory plan of one image job: its peak before anything is allocated, and whether it fits. Pure.
+
+The engine streams (see :class:`engine.upscaler.BandStream` and :mod:`engine.inference.streaming`), so a job's
+memory is a sum of parts that each have a known size:
+
+* ``base``: the process (torch, the runtime, the metric networks) and the network's weights (twice: the cached
+  float32 copy and the prepared one). Measured on CPU in a fresh process (bench/bench_memory.py): importing torch
+  alone reaches ~510 MB, a 64x64 job with quality metrics ~800 MB.
+* ``input``: the decoded pixels and their float copies (colour, RGB, the padded source).
+* ``network``: activations of one forward pass (:func:`engine.upscaler.estimate_memory_bytes`) and the tile
+  outputs; on a GPU the activations live in VRAM, checked against free VRAM instead.
+* ``bands``: the blend buffers of one tile row at the network's scale (weighted sums and weights, the row carried
+  over, the finished rows) and the resizer's rows: :data:`BAND_BYTES_PER_PIXEL` per pixel of a band.
+* ``output``: the preallocated output (the input's channels and depth).
+* ``metrics``: quality metrics work at the input size and on a bounded crop of the output.
+* ``faces``: restored faces are pasted on an 8-bit copy of the output (face enhancement only).
+
+:func:`plan_memory` takes plain numbers and returns a :class:`MemoryPlan`; :func:`engine.inference.planning`
+uses :func:`band_bytes` to keep a tile's activations and bands within :data:`WORKING_SET_BYTES`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MB = 1024 * 1024
+
+BASE_PROCESS_BYTES = 800 * MB
+"""Resident size of a process that has run a small job with quality metrics (torch, runtime, metric networks)."""
+
+BAND_BYTES_PER_PIXEL = 64
+"""Host bytes per band pixel at the network's scale: float32 RGB sums and a weight (16 B) for the row being
+blended and the row carried over (2x), the finished rows as HxWx3 float32 (12 B), and the resizer's pending rows
+and their concatenation (2 x 12 B)."""
+
+WORKING_SET_BYTES = 384 * MB
+"""The most one tile's activations plus its band buffers may take. Larger tiles save only overlap (a few per
+cent at 256 px and more) but cost memory that grows with the output's width."""
+
+INPUT_BYTES_PER_PIXEL_FLOAT = 28
+"""Float copies per input pixel: the float image (up to 16 B), the RGB network input (12 B)."""
+
+METRICS_FIXED_BYTES = 48 * MB
+"""The NIQE crops (at most 768x768, a few float copies) and LPIPS at the input size."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What one job will hold at its peak, in bytes, and the limit it was planned against.
+
+    ``vram_bytes`` is 0 on a CPU. ``fits`` is False when the peak passes ``budget_bytes`` (host) or the
+    activations pass ``vram_budget_bytes`` (GPU).
+    """
+
+    tile: int
+    base_bytes: int
+    input_bytes: int
+    network_bytes: int
+    band_bytes: int
+    output_bytes: int
+    metrics_bytes: int
+    faces_bytes: int
+    vram_bytes: int
+    budget_bytes: int
+    vram_budget_bytes: int = 0
+
+    @property
+    def peak_bytes(self) -> int:
+        return (self.base_bytes + self.input_bytes + self.network_bytes + self.band_bytes + self.output_bytes
+                + self.metrics_bytes + self.faces_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.budget_bytes and (
+            not self.vram_bytes or self.vram_bytes <= self.vram_budget_bytes)
+
+    def describe(self) -> str:
+        """One line for people: the peak and its largest parts."""
+        parts = ", ".join(f"{name} {value / MB:.0f} MB" for name, value in (
+            ("output", self.output_bytes), ("bands", self.band_bytes), ("network", self.network_bytes),
+            ("input", self.input_bytes), ("metrics", self.metrics_bytes), ("faces", self.faces_bytes),
+            ("runtime", self.base_bytes)) if value)
+        vram = f"; VRAM {self.vram_bytes / MB:.0f} MB" if self.vram_bytes else ""
+        tile = f"tile {self.tile}" if self.tile else "whole image"
+        return f"peak RAM {self.peak_bytes / MB:.0f} MB ({parts}){vram}, {tile}"
+
+    def as_dict(self) -> dict:
+        return {"peak_mb": round(self.peak_bytes / MB, 1), "budget_mb": round(self.budget_bytes / MB, 1),
+                "vram_mb": round(self.vram_bytes / MB, 1), "tile": self.tile, "fits": self.fits,
+                "parts_mb": {name: round(getattr(self, f"{name}_bytes") / MB, 1) for name in (
+                    "base", "input", "network", "band", "output", "metrics", "faces")}}
+
+
+def band_bytes(tile: int, overlap: int, height: int, width: int, scale: int) -> int:
+    """Host bytes of the blend buffers for one tile row (``tile`` 0: the whole image is one band). Pure."""
+    rows = min(height, tile + 2 * overlap) if tile else height
+    return int(rows * scale * width * scale * BAND_BYTES_PER_PIXEL)
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """The sizes a job's memory follows: the decoded input (channels 1..4, 8 or 16 bits) and the output."""
+
+    width: int
+    height: int
+    channels: int
+    bit_depth: int
+    out_width: int
+    out_height: int
+
+
+@dataclass(frozen=True)
+class NetworkRun:
+    """How the network runs: its scale, the tiling (tile 0 = whole image), one forward pass's activation bytes
+    (``engine.upscaler.estimate_memory_bytes``), the weight file's size, and the device type ("cpu", "cuda"...;
+    off the CPU the activations count against VRAM)."""
+
+    scale: int
+    tile: int
+    overlap: int
+    activation_bytes: int
+    weights_bytes: int
+    device_type: str = "cpu"
+
+
+def plan_memory(shape: JobShape, run: NetworkRun, budget: tuple[int, int], *, quality_metrics: bool = True,
+                face_enhance: bool = False, model_alpha: bool = False) -> MemoryPlan:
+    """The peak of one image job (see the module docstring). Pure.
+
+    Args:
+        shape: input and output sizes; run: the network's run.
+        budget: (host bytes, VRAM bytes) the job's process may reach.
+        quality_metrics, face_enhance: whether those stages run; model_alpha: alpha runs through the network
+            (its float input adds to the input part; its bands reuse the colour's, one after the other).
+    """
+    width, height, scale, tile = shape.width, shape.height, run.scale, run.tile
+    sample = shape.bit_depth // 8
+    pixels = width * height
+    read_h, read_w = ((min(height, tile + 2 * run.overlap), min(width, tile + 2 * run.overlap)) if tile
+                      else (height, width))
+    tile_outputs = 2 * read_h * read_w * scale * scale * 3 * 4  # the device output and its float32 CPU copy
+    on_gpu = run.device_type != "cpu"
+    input_bytes = pixels * (shape.channels * sample + INPUT_BYTES_PER_PIXEL_FLOAT + (12 if model_alpha else 0))
+    out_pixels = shape.out_width * shape.out_height
+    return MemoryPlan(
+        tile=int(tile), base_bytes=BASE_PROCESS_BYTES + 2 * run.weights_bytes, input_bytes=int(input_bytes),
+        network_bytes=int(tile_outputs + (0 if on_gpu else run.activation_bytes)),
+        band_bytes=band_bytes(tile, run.overlap, height, width, scale),
+        output_bytes=int(out_pixels * shape.channels * sample),
+        metrics_bytes=int(pixels * 48 + METRICS_FIXED_BYTES) if quality_metrics else 0,
+        faces_bytes=int(out_pixels * 3 * 2) if face_enhance else 0,  # an 8-bit RGB copy and the pasted result
+        vram_bytes=int(run.activation_bytes + 2 * run.weights_bytes) if on_gpu else 0,
+        budget_bytes=int(budget[0]), vram_budget_bytes=int(budget[1]))
+
+
+def gigabytes(n: int) -> str:
+    return f"{n / 1024 ** 3:.2f} GB" if n >= 1024 ** 3 else f"{math.ceil(n / MB)} MB"

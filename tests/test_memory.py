@@ -1,0 +1,142 @@
+"""Memory: the streaming path's peak under an address-space cap, the memory plan, and refusing what cannot fit.
+
+The peak-memory test runs in a subprocess capped with ``RLIMIT_AS``, so a regression fails cleanly (the child
+gets a MemoryError) instead of taking the machine down. It asserts allocation success or failure, never a timing.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import textwrap
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, serve_app
+
+MB = 2 ** 20
+
+# A x4 of a 1500x1000 image with a tiny random-weight compact model, in a child capped at its address space after
+# setup + CAP. The old engine held the output as float32 at x4 twice (sums and result, 288 MB each) plus a 96 MB
+# weight map; the streaming path holds the uint8 output (72 MB) and one tile row of float buffers.
+_CHILD = textwrap.dedent("""
+    import resource, sys
+    import numpy as np, torch
+    torch.set_num_threads(1)  # no extra thread arenas in the address space
+    from engine.models.loader import reference_network
+    from engine.upscaler import BandStream, TileOptions
+    from engine.inference.streaming import OutputCanvas
+
+    torch.manual_seed(0)
+    net = reference_network("SRVGGNetCompact", dict(num_in_ch=3, num_out_ch=3, num_feat=4, num_conv=1, upscale=4,
+                                                    act_type="prelu")).eval()
+    image = np.random.default_rng(0).random((1000, 1500, 3), dtype=np.float32)
+    options = TileOptions(scale=4, tile=120, overlap=8)
+    BandStream(net, [image[:64, :64]], options)  # warm up: libraries loaded before the cap
+    for _ in BandStream(net, [image[:64, :64]], options):
+        pass
+    with open("/proc/self/status") as status:
+        vm = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    cap = vm + int(sys.argv[2]) * 2 ** 20
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    try:
+        if sys.argv[1] == "stream":
+            canvas = OutputCanvas((6000, 4000), 3, np.uint8)
+            writer = canvas.colour_writer((6000, 4000))
+            for band in BandStream(net, [image], options):
+                writer(*band)
+            writer.close()
+            assert canvas.pixels.shape == (4000, 6000, 3)
+        else:  # the buffers the old engine allocated: float32 sums and weights at x4, and the float result
+            accum, weights = torch.zeros((1, 3, 4000, 6000)), torch.zeros((1, 4000, 6000))
+            result = np.empty((4000, 6000, 3), np.float32)
+    except (MemoryError, RuntimeError) as error:
+        if "memory" not in str(error).lower() and not isinstance(error, MemoryError):
+            raise
+        print("out of memory", error)
+        sys.exit(3)
+    print("ok")
+""")
+CAP_MB = 400
+
+
+def _child(mode: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _CHILD, mode, str(CAP_MB)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+
+
+def test_x4_of_1500x1000_streams_under_a_cap_the_old_engine_s_buffers_exceed():
+    streamed = _child("stream")
+    assert streamed.returncode == 0 and "ok" in streamed.stdout, streamed.stdout + streamed.stderr[-2000:]
+    old = _child("old")  # the cap binds: the old engine's whole-size float buffers (672 MB) do not fit in it
+    assert old.returncode == 3, old.stdout + old.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+def test_plan_grows_with_the_output_and_counts_each_part():
+    from engine.inference.memory_plan import JobShape, NetworkRun, plan_memory
+
+    run = NetworkRun(scale=4, tile=128, overlap=16, activation_bytes=50 * MB, weights_bytes=2 * MB)
+    small = plan_memory(JobShape(1000, 800, 3, 8, 4000, 3200), run, (8 << 30, 0))
+    wide = plan_memory(JobShape(2000, 800, 3, 8, 8000, 3200), run, (8 << 30, 0))
+    assert wide.output_bytes == 2 * small.output_bytes == 2 * 4000 * 3200 * 3
+    assert wide.band_bytes == 2 * small.band_bytes  # a band spans the width
+    assert small.peak_bytes == sum(getattr(small, f"{p}_bytes") for p in (
+        "base", "input", "network", "band", "output", "metrics", "faces"))
+    deep = plan_memory(JobShape(1000, 800, 3, 16, 4000, 3200), run, (8 << 30, 0))
+    assert deep.output_bytes == 2 * small.output_bytes
+    assert small.fits and not plan_memory(JobShape(1000, 800, 3, 8, 4000, 3200), run, (small.peak_bytes - 1, 0)).fits
+    gpu = plan_memory(JobShape(1000, 800, 3, 8, 4000, 3200),
+                      NetworkRun(4, 128, 16, 50 * MB, 2 * MB, device_type="cuda"), (8 << 30, 40 * MB))
+    assert gpu.vram_bytes > 40 * MB and not gpu.fits  # activations are checked against VRAM
+
+
+def test_choose_tile_keeps_a_wide_image_s_bands_within_the_working_set(model_manager):
+    from engine.inference import planning
+    from engine.inference.memory_plan import WORKING_SET_BYTES, band_bytes
+
+    spec = model_manager.spec("realesr-animevideov3")
+    narrow = planning.plan_tile(spec, 1000, 300, device_type="cpu", precision="fp32", batch_size=1,
+                                free_bytes=64 << 30, memory_reused=True)
+    wide = planning.plan_tile(spec, 1000, 6000, device_type="cpu", precision="fp32", batch_size=1,
+                              free_bytes=64 << 30, memory_reused=True)
+    assert 0 < wide.tile < (narrow.tile or 1000)
+    overlap = planning.overlap_for(spec, wide.tile)
+    assert wide.memory_bytes + band_bytes(wide.tile, overlap, 1000, 6000, 4) <= WORKING_SET_BYTES
+
+
+def test_plan_input_reads_the_header_and_refuses_before_decoding(config, model_manager):
+    from PIL import Image
+
+    from engine.errors import JobTooLargeError
+    from engine.inference.pipeline import plan_input
+    from engine.settings import EnhanceSettings
+
+    buf = io.BytesIO()
+    Image.new("RGB", (3000, 2000)).save(buf, "JPEG", quality=5)
+    settings = EnhanceSettings(model="realesr-animevideov3", outscale=2, device="cpu")
+    model, size, plan = plan_input(buf.getvalue(), settings, model_manager, config)
+    assert (model, size) == ("realesr-animevideov3", (6000, 4000)) and plan.output_bytes == 6000 * 4000 * 3
+    tight = config.__class__(**{**config.__dict__, "max_job_memory_mb": plan.peak_bytes / MB * 0.5})
+    with pytest.raises(JobTooLargeError, match="memory"):
+        plan_input(buf.getvalue(), settings, model_manager, tight)
+
+
+# ------------------------------------------------------------------------------------------------ REST
+def test_rest_refuses_a_6300_square_jpeg_bomb_and_keeps_serving(tmp_path, shared_weights_dir):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (6300, 6300)).save(buf, "JPEG", quality=1)  # 40 MP, inside the input limit, a few KB
+    bomb = buf.getvalue()
+    with serve_app(tmp_path, shared_weights_dir, max_job_memory_mb=1500, device="cpu") as (url, _services):
+        with httpx.Client(base_url=url, timeout=120) as client:
+            response = client.post("/api/v1/enhance", files={"file": ("bomb.jpg", bomb, "image/jpeg")},
+                                   data={"model": "realesr-animevideov3", "upscale_factor": "2"})
+            assert response.status_code == 413, response.text
+            body = response.json()
+            assert body["stage"] == "validation" and "memory" in body["error"], body
+            assert "12600" in body["error"] and "Traceback" not in body["error"]
+            assert client.get("/api/v1/health").status_code == 200

@@ -1,0 +1,161 @@
+"""Streaming inference: bands from the tiled engine, band-wise resizing and conversion, bounded metrics.
+
+Everything is compared with the whole-image computation it replaces: tiles blended into one full-size buffer,
+one ``cv2.resize`` of the whole image, metrics on whole float copies.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from engine.inference import pipeline, streaming
+from engine.upscaler import BandStream, TileOptions, blend_window, plan_tiles, upscale_image_ex
+from utils.band_resize import BandResizer, resize_rows
+
+
+def _tiny_srvgg(seed: int = 0) -> torch.nn.Module:
+    from engine.models.loader import reference_network
+
+    torch.manual_seed(seed)
+    return reference_network("SRVGGNetCompact", dict(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=3, upscale=4,
+                                                     act_type="prelu")).eval()
+
+
+def _whole_buffer_blend(tile_outputs: list[torch.Tensor], height: int, width: int, tile: int, overlap: int,
+                        scale: int = 4) -> np.ndarray:
+    """The blending the streaming engine replaces: every tile output into one full-size sum and weight map."""
+    plan = plan_tiles(height, width, tile, overlap)
+    accum = torch.zeros((3, plan.height * scale, plan.width * scale))
+    weights = torch.zeros((1, plan.height * scale, plan.width * scale))
+    windows = [torch.from_numpy(blend_window(b.h, b.w, b.overlap, scale, b.edges)) for b in plan]
+    for box, window in zip(plan, windows):
+        weights[0, box.y * scale:(box.y + box.h) * scale, box.x * scale:(box.x + box.w) * scale].add_(window)
+    for box, window, out in zip(plan, windows, tile_outputs):
+        accum[:, box.y * scale:(box.y + box.h) * scale, box.x * scale:(box.x + box.w) * scale].addcmul_(out, window)
+    accum.div_(weights.clamp_min_(1e-12))
+    return accum.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def _recording(outputs: list):
+    def run(net, batch):
+        out = net(batch)
+        outputs.extend(out.float().clone())
+        return out
+    return run
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    rng = np.random.default_rng(7)
+    base = cv2.GaussianBlur(rng.random((75, 93, 3), dtype=np.float32), (0, 0), 1.5)
+    return np.ascontiguousarray(np.clip(base * 1.4 - 0.2, 0, 1), dtype=np.float32)
+
+
+def test_bands_are_bit_identical_to_whole_buffer_blending_and_one_tile_row_high(image):
+    net, tiles = _tiny_srvgg(), []
+    stream = BandStream(net, [image], TileOptions(scale=4, tile=24, overlap=6), run_batch=_recording(tiles))
+    out = np.full((image.shape[0] * 4, image.shape[1] * 4, 3), -1.0, np.float32)
+    next_row, tallest = 0, 0
+    for n, top, rows in stream:
+        assert n == 0 and top == next_row  # in order, no gap, no overlap
+        out[top:top + rows.shape[0]] = rows
+        next_row, tallest = top + rows.shape[0], max(tallest, rows.shape[0])
+    assert next_row == out.shape[0]
+    assert tallest <= (24 + 6) * 4  # a band is at most a tile row: the float memory does not grow with height
+    np.testing.assert_array_equal(out, _whole_buffer_blend(tiles, 75, 93, 24, 6))
+    assert stream.stats.tiles == len(plan_tiles(75, 93, 24, 6))
+
+
+def test_two_images_share_forward_calls_and_get_their_own_bands(image):
+    net = _tiny_srvgg()
+    flipped = np.ascontiguousarray(image[::-1])
+    stream = BandStream(net, [image, flipped], TileOptions(scale=4, tile=32, overlap=8, batch_size=3))
+    outs = [np.zeros((300, 372, 3), np.float32) for _ in range(2)]
+    for n, top, rows in stream:
+        outs[n][top:top + rows.shape[0]] = rows
+    for got, src in zip(outs, (image, flipped)):
+        alone, _ = upscale_image_ex(net, src, TileOptions(scale=4, tile=32, overlap=8))
+        np.testing.assert_allclose(got, alone, atol=1e-5)  # batched convolutions may sum in another order
+
+
+@pytest.mark.parametrize("src,dst", [
+    ((400, 280), (200, 140)),   # x4 network, x2 asked: area, ratio 2
+    ((400, 280), (300, 210)),   # x3 asked: area, ratio 4/3
+    ((100, 70), (200, 140)),    # Lanczos up
+    ((160, 120), (117, 87)),    # an odd target size: ratio 40/29
+    ((160, 120), (333, 251)),   # Lanczos, ratio 120/251 (bands as tall as the period)
+    ((160, 120), (80, 120)),    # only the width changes
+])
+def test_band_resizer_equals_one_whole_image_resize(src, dst):
+    rng = np.random.default_rng(1)
+    whole_src = rng.random((src[1], src[0], 3), dtype=np.float32)
+    whole = pipeline.resize_float(whole_src, *dst)
+    resizer = BandResizer(src, dst, band_rows=16)
+    out = np.full((dst[1], dst[0], 3), -1.0, np.float32)
+    top = 0
+    while top < src[1]:  # rows arrive in uneven bands, as tile rows do
+        step = int(rng.integers(1, 40))
+        for first, rows in resizer.push(whole_src[top:top + step]):
+            out[first:first + rows.shape[0]] = np.clip(rows, 0, 1)
+        top += step
+    for first, rows in resizer.finish():
+        out[first:first + rows.shape[0]] = np.clip(rows, 0, 1)
+    np.testing.assert_array_equal(out, whole)
+
+
+def test_resize_rows_gives_rows_of_the_whole_resize():
+    src = np.random.default_rng(2).random((90, 70, 3), dtype=np.float32)
+    whole = cv2.resize(src, (213, 271), interpolation=cv2.INTER_CUBIC)
+    np.testing.assert_array_equal(resize_rows(src, (213, 271), 100, 77, cv2.INTER_CUBIC), whole[100:177])
+
+
+@pytest.mark.parametrize("channels,dtype", [(3, np.uint8), (4, np.uint8), (1, np.uint8), (2, np.uint16),
+                                            (3, np.uint16)])
+def test_canvas_writes_what_the_whole_image_conversion_gives(channels, dtype):
+    rng = np.random.default_rng(3)
+    colour = rng.random((120, 160, 3), dtype=np.float32)
+    alpha = rng.random((120, 160, 3), dtype=np.float32)
+    canvas = streaming.OutputCanvas((90, 70), channels, dtype)
+    for source, writer in ((colour, canvas.colour_writer((160, 120))),) + (
+            ((alpha, canvas.alpha_writer((160, 120))),) if channels in (2, 4) else ()):
+        for top in range(0, 120, 50):
+            writer(0, top, source[top:top + 50])
+        writer.close()
+    want_colour = pipeline.resize_float(colour, 90, 70)
+    if channels in (1, 2):
+        want_colour = cv2.cvtColor(want_colour, cv2.COLOR_RGB2GRAY)[:, :, None]
+    parts = [want_colour] + ([pipeline.resize_float(alpha, 90, 70).mean(axis=2)[:, :, None]]
+                             if channels in (2, 4) else [])
+    np.testing.assert_array_equal(canvas.pixels, pipeline.from_float(np.concatenate(parts, axis=2), dtype))
+
+
+def test_bounded_metrics_equal_the_whole_image_ones():
+    from utils import metrics
+
+    rng = np.random.default_rng(4)
+    small = (cv2.GaussianBlur(rng.random((210, 230, 3)), (0, 0), 2) * 255).astype(np.uint8)
+    big = cv2.resize(small, (920, 840), interpolation=cv2.INTER_LANCZOS4)  # > NIQE's 768 crop
+    back = metrics._shrink_bands(big, (210, 230))
+    np.testing.assert_array_equal(back, metrics._shrink_to(metrics._to_float255(big), (210, 230)))
+    got = metrics.quality_metrics(small, big)
+    assert got["niqe_output"] == pytest.approx(metrics.niqe(big), abs=0)  # the same centre crop
+    assert got["niqe_input"] is not None and got["lr_psnr"] > 30
+
+
+@pytest.mark.parametrize("kind", ["rgb8", "gray8", "rgb16"])
+def test_streamed_tiff_decodes_identical_to_the_in_memory_output(kind, model_manager, config, tmp_path):
+    from engine.settings import EnhanceSettings
+    from utils.image_io import load_image
+
+    rng = np.random.default_rng(5)
+    pixels = cv2.GaussianBlur((rng.random((29, 35, 3)) * 255).astype(np.uint8), (3, 3), 1)
+    pixels = {"rgb8": pixels, "gray8": pixels[:, :, :1], "rgb16": pixels.astype(np.uint16) * 257 + 1}[kind]
+    settings = EnhanceSettings(model="realesr-animevideov3", outscale=3, tile=16, quality_metrics=False)
+    in_memory = pipeline.enhance_image(pixels, settings, model_manager, config=config).pixels
+    saved, report = pipeline.enhance_to_tiff(pixels, settings, model_manager, tmp_path / "out.tiff", config=config)
+    assert report["output_size"] == [105, 87] and saved.bit_depth == 8 * pixels.dtype.itemsize
+    np.testing.assert_array_equal(load_image(saved.path).pixels, in_memory)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.tiff"]  # no temporary file left
