@@ -46,21 +46,31 @@ def make_image(path: Path, long_side: int) -> tuple[int, int]:
     return image.size
 
 
-def estimate(config, model: str, width: int, height: int) -> float:
-    """The advisor's estimate for a fresh CLI process (nothing loaded) of ``model`` at ×4."""
+def estimate(config, model: str, width: int, height: int) -> tuple[float, str]:
+    """The advisor's estimate for a fresh CLI process (nothing loaded) of ``model`` at ×4, and its parts."""
+    from engine.advisor.estimates import job_macs
     from engine.intelligent_enhancer import IntelligentEnhancer
+    from utils.gpu import resolve_device
 
-    return IntelligentEnhancer(None, config, device="cpu").cached_estimate_seconds(model, width, height, 4.0)
+    advisor = IntelligentEnhancer(None, config, device="cpu")
+    seconds = advisor.cached_estimate_seconds(model, width, height, 4.0)
+    rate = advisor.calibrator.cached(model, resolve_device("cpu"))
+    t = advisor._learned(model, resolve_device("cpu"), "fp32", False, rate)
+    network = t.network_fixed + job_macs(model, width, height) / t.macs_per_second
+    overhead = seconds - t.load_seconds - network
+    return seconds, f"{t.load_seconds:.1f}/{network:.1f}/{overhead:.1f}"
 
 
-def recorded_seconds(config, model: str) -> float:
-    """The whole time of the last job recorded for ``model``: load + network + overhead + faces."""
+def recorded(config, model: str) -> tuple[float, str]:
+    """The whole time of the last job recorded for ``model`` (load + network + overhead + faces), and its parts."""
     from engine.advisor.estimates import job_key, load_key, store_for
 
     store = store_for(config)
     last = store.observations(job_key("cpu", model, "fp32", tiled=False))[-1]
     loads = store.loads(load_key("cpu", model, "fp32"))
-    return (loads[-1] if loads else 0.0) + last.network_seconds + last.overhead_seconds + last.face_seconds
+    load = loads[-1] if loads else 0.0
+    return (load + last.network_seconds + last.overhead_seconds + last.face_seconds,
+            f"{load:.1f}/{last.network_seconds:.1f}/{last.overhead_seconds + last.face_seconds:.1f}")
 
 
 def cli(env: dict, image: Path, out: Path, model: str) -> tuple[float, dict]:
@@ -83,8 +93,9 @@ def main() -> None:
 
     weights = Config.from_env(dotenv_path=None).weights_dir
     print(f"CPU: {os.cpu_count()} cores; images {side_a} px then {side_b} px (long side), x4")
-    print(f"{'model':28s} {'before':>8s} {'after 1 run':>12s} {'measured':>9s} {'error':>7s} {'CLI wall':>9s} "
-          f"{'load avg':>13s}")
+    print("(parts: model load / network / decode, metrics and save; 'CLI wall' adds the process start-up)")
+    print(f"{'model':28s} {'before':>8s} {'after 1 run':>12s} {'parts':>14s} {'measured':>9s} {'parts':>14s} "
+          f"{'error':>7s} {'CLI wall':>9s} {'load avg':>13s}")
     for model in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -103,12 +114,12 @@ def main() -> None:
             calibrator = ThroughputCalibrator(Path(config.config_dir) / "calibration.json")
             real = calibrator._measure(model, "cpu")
             calibrator._save({calibrator.key(model, "cpu"): real / 4})
-            before = estimate(config, model, wb, hb)
+            before, _ = estimate(config, model, wb, hb)
             cli(env, a, tmp / "out", model)
-            after = estimate(config, model, wb, hb)
+            after, parts = estimate(config, model, wb, hb)
             wall, _record = cli(env, b, tmp / "out", model)
-            measured = recorded_seconds(config, model)
-            print(f"{model:28s} {before:6.1f} s {after:10.1f} s {measured:7.1f} s "
+            measured, measured_parts = recorded(config, model)
+            print(f"{model:28s} {before:6.1f} s {after:10.1f} s {parts:>14s} {measured:7.1f} s {measured_parts:>14s} "
                   f"{100 * (after - measured) / measured:+6.0f}% {wall:7.1f} s "
                   f"{load_before:5.1f} -> {os.getloadavg()[0]:4.1f}", flush=True)
 

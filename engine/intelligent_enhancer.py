@@ -112,14 +112,15 @@ def estimate_range(model: str, width: int, height: int, machine: MachineFacts, f
                    face_enhance: bool = False, tile_overhead: float = 1.1,
                    outscale: float = 4.0) -> tuple[float, float, float]:
     """``(seconds, low, high)`` of the whole job — model load (unless loaded), network, decode/metrics/save and
-    faces — from the timing learned from real runs on this machine (:mod:`engine.advisor.estimates`), else from
-    the calibrated MAC/s and priors; the range is wide until two real runs agree."""
+    faces — from ``machine.timing`` (:mod:`engine.advisor.estimates`: what real runs here taught, the calibration
+    and priors filling the rest); the range is wide until two real runs agree. A model without a timing (a pure
+    call) counts its network and faces at the calibrated MAC/s only."""
     spec = active_catalog()[model]  # the user's models too (their MACs are measured at import)
     macs = spec.macs_per_pixel * width * height * tile_overhead
     timing = machine.timing.get(model)
     if timing is None:  # no record at all (a pure call): the network and faces at the calibrated rate only
         rate = machine.throughput(model)
-        timing = TimingModel(rate, 0.0, 0.0, 0.0, GFPGAN_MACS_PER_FACE * 1.5 / rate, UNSURE_SPREAD, 0)
+        timing = TimingModel(rate, 0.0, 0.0, 0.0, 0.0, GFPGAN_MACS_PER_FACE * 1.5 / rate, UNSURE_SPREAD, 0)
     restored = faces if face_enhance else 0
     pixels = width * height * outscale * outscale
     low, high = timing.range(macs, pixels, restored)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.advisor.estimates import (FORMAT, KEEP, MIN_SPREAD, UNSURE_SPREAD, Observation, TimingStore, fit_timing,
-                                      job_key, load_key, record_job)
+from engine.advisor.estimates import (FORMAT, KEEP, MIN_SPREAD, NETWORK_FIXED_SHARE, PRIOR_OVERHEAD_PER_PIXEL,
+                                      UNSURE_SPREAD, Observation, TimingStore, fit_timing, job_key, load_key,
+                                      record_job)
 from engine.intelligent_enhancer import AnalysisNumbers, IntelligentEnhancer, MachineFacts, decide, estimate_range
 
 GIGA = 1e9
@@ -35,9 +36,13 @@ def test_no_run_gives_the_priors_as_a_wide_range():
 
 
 def test_one_real_run_corrects_a_busy_calibration():
-    # Calibrated on a busy machine at 20 GMAC/s; the real run's network shows 80 GMAC/s.
-    model = fit_timing([run(800, 80)], [], prior_rate=20 * GIGA)
-    assert model.macs_per_second == pytest.approx(80 * GIGA)
+    # Calibrated on a busy machine at 20 GMAC/s; the real run's network shows 80 GMAC/s (10 s for 800 GMACs).
+    model = fit_timing([run(800, 80, overhead=1.0)], [], prior_rate=20 * GIGA)
+    assert model.seconds(800 * GIGA, MP) == pytest.approx(10.0 + 1.0)  # the same job: what it took
+    assert model.network_fixed == pytest.approx(NETWORK_FIXED_SHARE * 10.0)
+    # A job 4x as large: between "all fixed" and "all proportional", never the calibration's 4x-slow figure.
+    network = model.seconds(3200 * GIGA) - model.seconds(0.0)
+    assert 10.0 < network + model.network_fixed < 40.0 and network + model.network_fixed < 3200 / 20
     assert model.spread == UNSURE_SPREAD  # one run: still shown as a range
 
 
@@ -45,30 +50,33 @@ def test_one_run_learns_the_rate_whatever_the_overhead_and_load_were():
     # A first run with a slow load and a large overhead: the network rate comes from the network's seconds alone.
     slow_first = run(100, 80, pixels_mp=0.15, overhead=6.0)
     model = fit_timing([slow_first], [9.0], prior_rate=20 * GIGA)
-    assert model.macs_per_second == pytest.approx(80 * GIGA) and model.load_seconds == 9.0
-    # Another size: the network part scales with the MACs, the overhead with the output pixels.
-    bigger = model.seconds(400 * GIGA, 0.6 * MP) - model.load_seconds
-    assert bigger == pytest.approx(400 / 80 + model.overhead_fixed + (6.0 - model.overhead_fixed) * 4)
-    assert model.overhead_fixed <= 3.0  # never more than half of a run's overhead
+    assert model.load_seconds == 9.0 and model.network_fixed + 100 * GIGA / model.macs_per_second == 100 / 80
+    # The overhead is the prior's per-pixel rate (saving) and the rest fixed (imports in a fresh process).
+    assert model.overhead_per_pixel == PRIOR_OVERHEAD_PER_PIXEL
+    assert model.overhead_fixed == pytest.approx(6.0 - 0.15 * MP * PRIOR_OVERHEAD_PER_PIXEL)
 
 
-def test_two_sizes_recover_the_overhead_line_exactly():
-    runs = [run(m, 80, pixels_mp=p, overhead=0.3 + 0.2 * p) for m, p in ((100, 1), (400, 4), (1600, 16))]
+def test_two_sizes_recover_both_lines_exactly():
+    runs = [Observation(m * GIGA, 2.0 + m / 80, p * MP, 0.3 + 0.2 * p) for m, p in ((100, 1), (400, 4), (1600, 16))]
     model = fit_timing(runs, [], prior_rate=10 * GIGA)
     assert model.overhead_fixed == pytest.approx(0.3) and model.overhead_per_pixel == pytest.approx(0.2 / MP)
-    assert model.macs_per_second == pytest.approx(80 * GIGA) and model.spread == MIN_SPREAD
+    assert model.network_fixed == pytest.approx(2.0) and model.macs_per_second == pytest.approx(80 * GIGA)
+    assert model.spread == MIN_SPREAD
 
 
 def test_one_busy_run_among_several_moves_the_estimate_little():
     clean = [run(m, 80) for m in (100, 200, 400, 800)]
     busy = run(400, 80 / 3)  # 3x slower: another job shared the CPU
+    truth = fit_timing(clean, [], prior_rate=80 * GIGA)
     for runs in (clean + [busy], [busy] + clean):
-        assert fit_timing(runs, [], prior_rate=80 * GIGA).macs_per_second == pytest.approx(80 * GIGA)
+        model = fit_timing(runs, [], prior_rate=80 * GIGA)
+        assert model.seconds(1000 * GIGA, MP) == pytest.approx(truth.seconds(1000 * GIGA, MP), rel=0.1)
 
 
 def test_the_newest_runs_weigh_more_when_the_machine_changed():
     runs = [run(100, 40)] * 3 + [run(100, 80)] * 3  # the machine became twice as fast
-    assert fit_timing(runs, [], prior_rate=GIGA).macs_per_second == pytest.approx(80 * GIGA)
+    model = fit_timing(runs, [], prior_rate=GIGA)
+    assert model.network_fixed + 100 * GIGA / model.macs_per_second == pytest.approx(100 / 80)
 
 
 def test_faces_are_learned_per_face_and_the_rule_is_deterministic():

@@ -4,11 +4,13 @@ Every finished enhancement (``engine.inference.batch`` reports it through :func:
 :class:`Observation` to its key (device, model, precision, tile policy), with the job's stages timed apart by the
 pipeline (``EnhanceResult.timings``):
 
-* the **network** (``inference``): its rate, MACs per second, is learned from one run — a recency-weighted median
-  of the last runs' ``MACs / seconds``, so a slow first run or a busy calibration is corrected by the next real run
-  and one outlier among several moves it little;
-* the **overhead** (decode, analysis, alpha, metrics, save): a robust line in the output pixels, a small constant
-  plus seconds per pixel (Theil-Sen once two sizes are known);
+* the **network** (``inference``): a fixed part (the kernels' set-up for a new input shape, :data:`NETWORK_FIXED_SHARE`
+  of one run until runs of two sizes tell it by Theil-Sen) plus MACs at a rate learned from one run — a
+  recency-weighted median of the last runs' rates, so a slow first run or a busy calibration is corrected by the
+  next real run and one outlier among several moves it little;
+* the **overhead** (decode, analysis, alpha, metrics, save): a robust line in the output pixels, a constant plus
+  seconds per pixel (from one size: the prior per-pixel rate, the rest constant; Theil-Sen once two sizes are
+  known);
 * **faces**: seconds per restored face;
 * the **model load** (building the network from its weights), kept per (device, model, precision) apart from the
   rest and counted only when the model is not already loaded in the :class:`engine.model_manager.ModelManager`.
@@ -47,11 +49,14 @@ RECENCY = 0.8
 UNSURE_SPREAD = 0.5
 #: Smallest relative half-width shown once real runs agree.
 MIN_SPREAD = 0.1
-#: Seconds of a job's overhead that do not grow with the pixels (file handling, set-up), assumed until runs of two
-#: sizes tell it; never more than half of a run's measured overhead.
+#: Seconds of a job's overhead that do not grow with the pixels (file handling, set-up), assumed before any run.
 OVERHEAD_FIXED = 0.2
-#: Seconds per output pixel of decode, metrics and save assumed before any run (PNG save dominates: ~20 MP/s).
+#: Seconds per output pixel of decode, metrics and save, assumed until runs of two sizes tell it (PNG save
+#: dominates: ~20 MP/s); what one run's overhead has beyond it is fixed (in a fresh process: mostly imports).
 PRIOR_OVERHEAD_PER_PIXEL = 5e-8
+#: Share of one run's network seconds taken as fixed (first-call set-up of the kernels for a new input shape,
+#: thread start) until runs of two sizes tell it: measured on a 2-core CPU, 96 vs 160 px, it was 50-80%.
+NETWORK_FIXED_SHARE = 0.5
 #: A load shorter than this was a cache hit (a dict look-up), not a network build, and is not learned from.
 CACHE_HIT_SECONDS = 0.02
 
@@ -70,10 +75,12 @@ class Observation:
 
 @dataclass(frozen=True)
 class TimingModel:
-    """``seconds = load + macs / rate + overhead_fixed + overhead_per_pixel * pixels + faces * face_seconds``,
+    """``seconds = load + network_fixed + macs / rate + overhead_fixed + overhead_per_pixel * pixels
+    + faces * face_seconds``,
     +-``spread`` (relative) when shown as a range. ``load_seconds`` is 0 when the model is already loaded."""
 
     macs_per_second: float
+    network_fixed: float
     load_seconds: float
     overhead_fixed: float
     overhead_per_pixel: float
@@ -82,7 +89,7 @@ class TimingModel:
     observations: int
 
     def seconds(self, macs: float, output_pixels: float = 0.0, faces: int = 0) -> float:
-        return (self.load_seconds + macs / self.macs_per_second + self.overhead_fixed
+        return (self.load_seconds + self.network_fixed + macs / self.macs_per_second + self.overhead_fixed
                 + self.overhead_per_pixel * output_pixels + faces * self.face_seconds)
 
     def range(self, macs: float, output_pixels: float = 0.0, faces: int = 0) -> tuple[float, float]:
@@ -101,19 +108,16 @@ def _recent_median(values: list[float]) -> float:
     return values[-1]
 
 
-def _robust_line(xs: list[float], ys: list[float], prior_fixed: float, prior_slope: float) -> tuple[float, float]:
-    """``(fixed, slope)`` of ``y = fixed + slope * x``: Theil-Sen (median of pairwise slopes) when ``xs`` differ by
-    more than 5%; from one size, ``fixed`` stays the prior (at most half the smallest ``y``) and the slope is the
-    median of the rest per ``x``; no data, the priors."""
-    if not xs:
-        return prior_fixed, prior_slope
+def _theil_sen(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
+    """``(fixed, slope)`` of ``y = fixed + slope * x`` by Theil-Sen (median of the pairwise slopes of points whose
+    ``x`` differ by more than 5%, then the median intercept, clipped to >= 0); None without two such sizes or when
+    the slope is not positive."""
     slopes = [(yb - ya) / (xb - xa) for i, (xa, ya) in enumerate(zip(xs, ys)) for xb, yb in zip(xs[i + 1:], ys[i + 1:])
               if abs(xb - xa) > 0.05 * max(xa, xb)]
-    if slopes and median(slopes) > 0:
-        slope = median(slopes)
-        return max(0.0, median(y - slope * x for x, y in zip(xs, ys))), slope
-    fixed = min(prior_fixed, 0.5 * min(ys))
-    return fixed, max(0.0, median((y - fixed) / x for x, y in zip(xs, ys)))
+    if not slopes or median(slopes) <= 0:
+        return None
+    slope = median(slopes)
+    return max(0.0, median(y - slope * x for x, y in zip(xs, ys))), slope
 
 
 def fit_timing(runs: list[Observation], loads: list[float], prior_rate: float, prior_load: float = 0.0,
@@ -138,19 +142,29 @@ def fit_timing(runs: list[Observation], loads: list[float], prior_rate: float, p
     runs = [r for r in runs if r.macs > 0 and r.network_seconds > 0 and r.output_pixels > 0
             and r.overhead_seconds >= 0][-KEEP:]
     loads = [s for s in loads if s > 0][-KEEP:]
-    rate = _recent_median([r.macs / r.network_seconds for r in runs]) if runs else prior_rate
-    fixed, per_pixel = _robust_line([r.output_pixels for r in runs], [r.overhead_seconds for r in runs],
-                                    OVERHEAD_FIXED, PRIOR_OVERHEAD_PER_PIXEL)
+    network_fixed, rate = 0.0, prior_rate
+    if runs:
+        line = _theil_sen([r.macs for r in runs], [r.network_seconds for r in runs])
+        shortest = min(r.network_seconds for r in runs)
+        network_fixed = min(line[0], 0.9 * shortest) if line else NETWORK_FIXED_SHARE * shortest
+        rate = _recent_median([r.macs / (r.network_seconds - network_fixed) for r in runs])
+    fixed, per_pixel = OVERHEAD_FIXED, PRIOR_OVERHEAD_PER_PIXEL
+    if runs:
+        line = _theil_sen([r.output_pixels for r in runs], [r.overhead_seconds for r in runs])
+        if line is None:  # one size: the pixels' share at the prior rate (saving), the rest is fixed
+            per_pixel = min(PRIOR_OVERHEAD_PER_PIXEL, median(r.overhead_seconds / r.output_pixels for r in runs))
+            line = median(r.overhead_seconds - per_pixel * r.output_pixels for r in runs), per_pixel
+        fixed, per_pixel = line
     with_faces = [r.face_seconds / r.faces for r in runs if r.faces > 0 and r.face_seconds > 0]
     face_seconds = median(with_faces) if with_faces else prior_face_seconds
     load = _recent_median(loads) if loads else prior_load
-    model = TimingModel(rate, load, fixed, per_pixel, face_seconds, UNSURE_SPREAD, len(runs))
+    model = TimingModel(rate, network_fixed, load, fixed, per_pixel, face_seconds, UNSURE_SPREAD, len(runs))
     if len(runs) < 2:
         return model
     # How well the parts explain the runs themselves (the load is not part of a run's record).
     residual = median(abs(model.seconds(r.macs, r.output_pixels, r.faces) - load - total) / total
                       for r in runs for total in [r.network_seconds + r.overhead_seconds + r.face_seconds])
-    return TimingModel(rate, load, fixed, per_pixel, face_seconds,
+    return TimingModel(rate, network_fixed, load, fixed, per_pixel, face_seconds,
                        min(UNSURE_SPREAD, max(MIN_SPREAD, 1.5 * residual)), len(runs))
 
 
