@@ -3,10 +3,15 @@
 For each model (RealESRGAN_x4plus, RealESRGAN_x4plus_anime_6B, realesr-animevideov3) in a fresh config dir:
 
 1. a bad calibration is planted (a quarter of the calibrated MAC/s, as if taken on a busy machine) and the
-   advisor's estimate for image B is printed (the "before" figure, shown as a range);
-2. ``main.py enhance`` runs on image A (one fresh process, as a user runs it); the batch runner records the job;
-3. the advisor's estimate for image B (another size) is printed, then ``main.py enhance`` runs on B and the
-   recorded job time (load, decode, inference, metrics, save) and the whole CLI wall time are printed beside it.
+   advisor's estimate for image B is printed (the "before" figure);
+2. ``main.py enhance`` runs on image A (one fresh process, as a user runs it); the batch runner records the job,
+   its stages timed apart (model load, network, decode/metrics/save);
+3. the advisor's estimate for image B (another size; a fresh CLI process, so the model load is counted) is
+   printed, then ``main.py enhance`` runs on B and the recorded job time (load, decode, network, metrics, save)
+   and the whole CLI wall time (with Python's and torch's start-up) are printed beside it.
+
+The machine's 1-minute load average is printed before and after each model: on a shared machine the figures
+move with it.
 
 Run: .venv/bin/python bench/eval_estimates.py [--sides 96,160]   (CPU; a few minutes on 2 cores for small images)
 """
@@ -41,16 +46,31 @@ def make_image(path: Path, long_side: int) -> tuple[int, int]:
     return image.size
 
 
-def estimate(config, model: str, width: int, height: int) -> tuple[float, float, float, int]:
-    from engine.advisor.estimates import fit_timing, job_key, job_macs, prior_fixed_seconds, store_for
-    from engine.intelligent_enhancer import ThroughputCalibrator
+def estimate(config, model: str, width: int, height: int) -> tuple[float, str]:
+    """The advisor's estimate for a fresh CLI process (nothing loaded) of ``model`` at ×4, and its parts."""
+    from engine.advisor.estimates import job_macs
+    from engine.intelligent_enhancer import IntelligentEnhancer
+    from utils.gpu import resolve_device
 
-    calibrated = ThroughputCalibrator(Path(config.config_dir) / "calibration.json").macs_per_second(model, "cpu")
-    key = job_key("cpu", model, "fp32", tiled=False)
-    timing = fit_timing(store_for(config).observations(key), calibrated, prior_fixed_seconds(model))
-    macs = job_macs(model, width, height)
-    low, high = timing.range(macs)
-    return timing.seconds(macs), low, high, timing.observations
+    advisor = IntelligentEnhancer(None, config, device="cpu")
+    seconds = advisor.cached_estimate_seconds(model, width, height, 4.0)
+    rate = advisor.calibrator.cached(model, resolve_device("cpu"))
+    t = advisor._learned(model, resolve_device("cpu"), "fp32", False, rate)
+    network = t.network_fixed + job_macs(model, width, height) / t.macs_per_second
+    overhead = seconds - t.load_seconds - network
+    return seconds, f"{t.load_seconds:.1f}/{network:.1f}/{overhead:.1f}"
+
+
+def recorded(config, model: str) -> tuple[float, str]:
+    """The whole time of the last job recorded for ``model`` (load + network + overhead + faces), and its parts."""
+    from engine.advisor.estimates import job_key, load_key, store_for
+
+    store = store_for(config)
+    last = store.observations(job_key("cpu", model, "fp32", tiled=False))[-1]
+    loads = store.loads(load_key("cpu", model, "fp32"))
+    load = loads[-1] if loads else 0.0
+    return (load + last.network_seconds + last.overhead_seconds + last.face_seconds,
+            f"{load:.1f}/{last.network_seconds:.1f}/{last.overhead_seconds + last.face_seconds:.1f}")
 
 
 def cli(env: dict, image: Path, out: Path, model: str) -> tuple[float, dict]:
@@ -72,34 +92,36 @@ def main() -> None:
     from config import Config
 
     weights = Config.from_env(dotenv_path=None).weights_dir
-    print(f"CPU: {os.cpu_count()} cores, load average now {os.getloadavg()[0]:.1f} (estimates are only as good as "
-          "the machine is steady)")
-    print(f"{'model':28s} {'before (bad calibration)':>26s} {'estimate after 1 run':>22s} {'measured job':>13s} "
-          f"{'error':>7s} {'CLI wall':>9s}")
+    print(f"CPU: {os.cpu_count()} cores; images {side_a} px then {side_b} px (long side), x4")
+    print("(parts: model load / network / decode, metrics and save; 'CLI wall' adds the process start-up)")
+    print(f"{'model':28s} {'before':>8s} {'after 1 run':>12s} {'parts':>14s} {'measured':>9s} {'parts':>14s} "
+          f"{'error':>7s} {'CLI wall':>9s} {'load avg':>13s}")
     for model in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             env = {k: v for k, v in os.environ.items() if not k.startswith("REALESRGAN_")}
             env |= {"REALESRGAN_WEIGHTS_DIR": str(weights), "REALESRGAN_CONFIG_DIR": str(tmp / "cfg"),
-                    "REALESRGAN_TEMP_DIR": str(tmp / "tmp"), "REALESRGAN_LOG_DIR": str(tmp / "logs")}
+                    "REALESRGAN_TEMP_DIR": str(tmp / "tmp"), "REALESRGAN_LOG_DIR": str(tmp / "logs"),
+                    "REALESRGAN_DEVICE": "cpu"}
             config = Config.from_env(env, dotenv_path=None)
             a, b = tmp / "a.png", tmp / "b.png"
             make_image(a, side_a)
             wb, hb = make_image(b, side_b)
+            load_before = os.getloadavg()[0]
             # A calibration taken on a busy machine: a quarter of the real speed, stored as the cache would be.
             from engine.intelligent_enhancer import ThroughputCalibrator
 
             calibrator = ThroughputCalibrator(Path(config.config_dir) / "calibration.json")
             real = calibrator._measure(model, "cpu")
-            calibrator._save({f"v3|cpu|{model}|{calibrator.size}": real / 4})
-            before, lo0, hi0, _ = estimate(config, model, wb, hb)
+            calibrator._save({calibrator.key(model, "cpu"): real / 4})
+            before, _ = estimate(config, model, wb, hb)
             cli(env, a, tmp / "out", model)
-            after, lo, hi, n = estimate(config, model, wb, hb)
+            after, parts = estimate(config, model, wb, hb)
             wall, _record = cli(env, b, tmp / "out", model)
-            stored = json.loads((Path(config.config_dir) / "timings.json").read_text())
-            measured = list(stored.values())[0][-1][1]
-            print(f"{model:28s} {before:8.1f} s ({lo0:5.1f}-{hi0:5.1f}) {after:8.1f} s ({lo:5.1f}-{hi:5.1f}) "
-                  f"{measured:11.1f} s {100 * (after - measured) / measured:+6.0f}% {wall:7.1f} s", flush=True)
+            measured, measured_parts = recorded(config, model)
+            print(f"{model:28s} {before:6.1f} s {after:10.1f} s {parts:>14s} {measured:7.1f} s {measured_parts:>14s} "
+                  f"{100 * (after - measured) / measured:+6.0f}% {wall:7.1f} s "
+                  f"{load_before:5.1f} -> {os.getloadavg()[0]:4.1f}", flush=True)
 
 
 if __name__ == "__main__":

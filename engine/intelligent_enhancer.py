@@ -20,7 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
-from engine.advisor.estimates import TimingModel
+from engine.advisor.estimates import UNSURE_SPREAD, TimingModel, device_kind, job_key, load_key
 from engine.catalog import CATALOG, DEFAULT_FACE_MODEL, active_catalog, user_alternatives
 from engine.settings import Advice, EnhanceSettings
 
@@ -103,25 +103,37 @@ def denoise_from_noise(noise_level: float, jpeg_artifacts: float) -> float:
 
 
 def estimate_seconds(model: str, width: int, height: int, machine: MachineFacts, faces: int = 0,
-                     face_enhance: bool = False, tile_overhead: float = 1.1) -> float:
-    """Seconds for the whole job: from the timing learned from real runs on this machine
-    (:mod:`engine.advisor.estimates`) when there is one, else MACs ÷ the calibrated MAC/s, faces included."""
-    return estimate_range(model, width, height, machine, faces, face_enhance, tile_overhead)[0]
+                     face_enhance: bool = False, tile_overhead: float = 1.1, outscale: float = 4.0) -> float:
+    """Seconds for the whole job (see :func:`estimate_range`)."""
+    return estimate_range(model, width, height, machine, faces, face_enhance, tile_overhead, outscale)[0]
 
 
 def estimate_range(model: str, width: int, height: int, machine: MachineFacts, faces: int = 0,
-                   face_enhance: bool = False, tile_overhead: float = 1.1) -> tuple[float, float, float]:
-    """``(seconds, low, high)``: the estimate and the range to show (wide while the timing rests on a calibration
-    only, narrow once real runs agree)."""
+                   face_enhance: bool = False, tile_overhead: float = 1.1,
+                   outscale: float = 4.0) -> tuple[float, float, float]:
+    """``(seconds, low, high)`` of the whole job — model load (unless loaded), network, decode/metrics/save and
+    faces — from ``machine.timing`` (:mod:`engine.advisor.estimates`: what real runs here taught, the calibration
+    and priors filling the rest); the range is wide until two real runs agree. A model without a timing (a pure
+    call) counts its network and faces at the calibrated MAC/s only."""
     spec = active_catalog()[model]  # the user's models too (their MACs are measured at import)
     macs = spec.macs_per_pixel * width * height * tile_overhead
-    if face_enhance and faces:
-        macs += faces * GFPGAN_MACS_PER_FACE * 1.5
     timing = machine.timing.get(model)
-    if timing is None:
-        timing = TimingModel(machine.throughput(model), 0.0, 0.5, 0)
-    low, high = timing.range(macs)
-    return float(timing.seconds(macs)), float(low), float(high)
+    if timing is None:  # no record at all (a pure call): the network and faces at the calibrated rate only
+        rate = machine.throughput(model)
+        timing = TimingModel(rate, 0.0, 0.0, 0.0, 0.0, GFPGAN_MACS_PER_FACE * 1.5 / rate, UNSURE_SPREAD, 0)
+    restored = faces if face_enhance else 0
+    pixels = width * height * outscale * outscale
+    low, high = timing.range(macs, pixels, restored)
+    return float(timing.seconds(macs, pixels, restored)), float(low), float(high)
+
+
+def prior_timing(model: str, macs_per_second: float, runs=(), loads=()) -> TimingModel:
+    """The timing of ``model`` from its recorded runs and loads, the calibration's ``macs_per_second`` and the
+    priors filling what they do not tell (load from the weights' size, faces from GFPGAN's MACs)."""
+    from engine.advisor.estimates import fit_timing, prior_load_seconds
+
+    return fit_timing(list(runs), list(loads), macs_per_second, prior_load_seconds(model),
+                      GFPGAN_MACS_PER_FACE * 1.5 / macs_per_second)
 
 
 def _pick_available(preferred: str, machine: MachineFacts, fallback: str) -> tuple[str, str | None]:
@@ -213,7 +225,7 @@ def decide(a: AnalysisNumbers, machine: MachineFacts, requested_scale: float | N
     tile, memory_mb = (tile_for(model) if tile_for else (0, _rough_memory_mb(model, a.width, a.height)))
     reasons.append("The whole image fits in memory: no tiling" if tile == 0
                    else f"Tiles of {tile} px fit the free memory ({machine.free_memory_bytes / 2**30:.1f} GB)")
-    seconds, low, high = estimate_range(model, a.width, a.height, machine, a.faces, face_enhance)
+    seconds, low, high = estimate_range(model, a.width, a.height, machine, a.faces, face_enhance, outscale=scale)
     timing = machine.timing.get(model)
     if timing is not None and timing.observations >= 2 and timing.spread <= 0.25:
         reasons.append(f"Estimated time on {machine.device}: {_human_seconds(seconds)} "
@@ -228,14 +240,15 @@ def decide(a: AnalysisNumbers, machine: MachineFacts, requested_scale: float | N
         fast = FAST_PHOTO_MODEL if (a.content_type == "photo" and FAST_PHOTO_MODEL in machine.available_models) \
             else FAST_FALLBACK_MODEL
         if fast in machine.available_models:
-            fast_seconds = estimate_seconds(fast, a.width, a.height, machine, a.faces, face_enhance)
+            fast_seconds = estimate_seconds(fast, a.width, a.height, machine, a.faces, face_enhance, outscale=scale)
             alternatives.append({"model": fast, "estimated_seconds": round(fast_seconds, 1),
                                  "why": "fast choice on this CPU"})
             reasons.append(f"{model} takes about {_human_seconds(seconds)} on this CPU; {fast} would take about "
                            f"{_human_seconds(fast_seconds)} (the fast choice, a little less detail)")
 
     for own in user_alternatives(a.content_type, machine.available_models)[:2]:  # "your 4x-UltraSharp: 40 s"
-        own_seconds = estimate_seconds(own.name, a.width, a.height, machine, a.faces, face_enhance)
+        own_seconds = estimate_seconds(own.name, a.width, a.height, machine, a.faces, face_enhance,
+                                       outscale=scale)
         alternatives.append({"model": own.name, "estimated_seconds": round(own_seconds, 1),
                              "why": f"your {own.tag} model (×{own.scale}): about {_human_seconds(own_seconds)}"})
 
@@ -413,18 +426,24 @@ class IntelligentEnhancer:
             face_enhancement_enabled=self.config.enable_face_enhancement,
             cpu_bf16_fast=device.type == "cpu" and _cpu_has_fast_bf16())
 
-    def cached_estimate_seconds(self, model: str, width: int, height: int) -> float | None:
-        """Seconds the network of ``model`` would take on a ``width``×``height`` input, from the calibration
-        already measured on this machine; None when there is none (or the model is not in the catalog). Cheap: no
-        model runs."""
+    def cached_estimate_seconds(self, model: str, width: int, height: int, outscale: float = 4.0) -> float | None:
+        """Seconds a job of ``model`` on a ``width``×``height`` input would take here: from the runs learned on
+        this machine (model load counted unless it is loaded), else from the calibration already measured; None
+        when there is neither (or the model is not in the catalog). Cheap: no model runs."""
         from utils.gpu import resolve_device
 
-        if self.calibrator is None or model not in CATALOG:
+        if model not in CATALOG:
             return None
-        throughput = self.calibrator.cached(model, resolve_device(self.device_name))
-        if not throughput:
+        device = resolve_device(self.device_name)
+        precision, tiled = self._policy(model, device, width, height)
+        runs = self.timings.observations(job_key(device_kind(device), model, precision, tiled))
+        throughput = self.calibrator.cached(model, device) if self.calibrator is not None else None
+        if not runs and not throughput:
             return None
-        return float(CATALOG[model].macs_per_pixel * width * height * 1.1 / throughput)
+        rate = throughput or runs[-1].macs / runs[-1].network_seconds
+        timing = self._learned(model, device, precision, tiled, rate)
+        return float(timing.seconds(CATALOG[model].macs_per_pixel * width * height * 1.1,
+                                    width * height * outscale * outscale))
 
     def advise(self, image, scale: float | None = None) -> Advice:
         """Analyse ``image`` (a path, PIL image or ``HxWxC`` array) and recommend settings for it on this machine.
@@ -513,17 +532,33 @@ class IntelligentEnhancer:
 
     def _timing(self, machine: MachineFacts, device, tile_for) -> dict[str, TimingModel]:
         """The learned timing per candidate model for this device, precision and tile policy."""
-        from engine.advisor.estimates import fit_timing, job_key, prior_fixed_seconds
         from engine.inference import planning
 
         out = {}
-        kind = "cpu" if device.type == "cpu" else str(device)
         for model in machine.macs_per_second:
             precision = planning.effective_precision(CATALOG[model], device.type, "auto")
-            key = job_key(kind, model, precision, tile_for(model)[0] > 0)
-            out[model] = fit_timing(self.timings.observations(key), machine.throughput(model),
-                                    prior_fixed_seconds(model))
+            out[model] = self._learned(model, device, precision, tile_for(model)[0] > 0, machine.throughput(model))
         return out
+
+    def _policy(self, model: str, device, width: int, height: int) -> tuple[str, bool]:
+        """The precision and tile policy (tiled or not) a default job of ``model`` runs with here."""
+        from engine.inference import planning
+
+        spec = CATALOG[model]
+        precision = planning.effective_precision(spec, device.type, "auto")
+        choice = planning.choose_tile(spec, height, width, device=device, precision=precision,
+                                      batch_size=planning.batch_size_for(device.type, EnhanceSettings()),
+                                      config=self.config)
+        return precision, choice.tile > 0
+
+    def _learned(self, model: str, device, precision: str, tiled: bool, macs_per_second: float) -> TimingModel:
+        """What the runs recorded under this key tell, the load counted only when the model is not loaded."""
+        kind = device_kind(device)
+        timing = prior_timing(model, macs_per_second, self.timings.observations(job_key(kind, model, precision, tiled)),
+                              self.timings.loads(load_key(kind, model, precision)))
+        if self.model_manager is not None and self.model_manager.is_loaded(model, device, precision):
+            timing = dataclasses.replace(timing, load_seconds=0.0)
+        return timing
 
     def get_intelligent_settings(self, image, scale: float | None = None) -> dict:
         """The design's JSON form of :meth:`advise`: ``{"settings": {model, scale, fp32, precision, face_enhance,

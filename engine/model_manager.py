@@ -439,6 +439,20 @@ class ModelManager:
         enhance_image(np.full((side, side, 3), 128, dtype=np.uint8), small, self, config=self.config)
         logger.info("warmed up %s (%s, %s)", settings.model, settings.device, settings.precision)
 
+    def is_loaded(self, name: str, device: str | object = "auto", precision: str = "auto",
+                  denoise_strength: float | None = None) -> bool:
+        """Whether :meth:`load_model` with these arguments would return a cached network (no build)."""
+        import torch
+
+        spec = self.spec(name)
+        torch_device = device if isinstance(device, torch.device) else resolve_device(str(device))
+        if denoise_strength is not None and spec.denoise_pair is not None:
+            denoise_strength = round(float(denoise_strength), 2)
+        else:
+            denoise_strength = None
+        precision = effective_precision(spec, torch_device.type, precision)
+        return (spec.name, str(torch_device), precision, denoise_strength) in self._cache
+
     def loaded_models(self) -> list[str]:
         return [f"{k[0]}@{k[1]}/{k[2]}" + (f"/dn{k[3]}" if k[3] is not None else "") for k in list(self._cache)]
 

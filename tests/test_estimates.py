@@ -1,86 +1,193 @@
-"""The learning time estimates: the pure update rule (engine.advisor.estimates.fit_timing), the crash-safe store,
-and the advisor using what it learned. No timing is measured here: observations are given numbers."""
+"""The learning time estimates: the pure update rule (engine.advisor.estimates.fit_timing), the load counted only
+when the model is not loaded, the crash-safe store, the stage split a real run records, and the advisor using what
+it learned. No timing is asserted: observations are given numbers, a real run is checked for its keys only."""
 
 from __future__ import annotations
 
 import json
+import os
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from engine.advisor.estimates import (KEEP, MIN_SPREAD, UNSURE_SPREAD, Observation, TimingStore, fit_timing, job_key,
+from engine.advisor.estimates import (FORMAT, KEEP, MIN_SPREAD, NETWORK_FIXED_SHARE, PRIOR_OVERHEAD_PER_PIXEL,
+                                      UNSURE_SPREAD, Observation, TimingStore, fit_timing, job_key, load_key,
                                       record_job)
-from engine.intelligent_enhancer import AnalysisNumbers, MachineFacts, decide, estimate_range
+from engine.intelligent_enhancer import AnalysisNumbers, IntelligentEnhancer, MachineFacts, decide, estimate_range
 
 GIGA = 1e9
+MP = 1e6
+FAST = "realesr-animevideov3"  # the small offline model
 
 
-def line(fixed: float, rate: float, macs: float) -> Observation:
-    return Observation(macs, fixed + macs / rate)
+def run(macs_g: float, rate_g: float, pixels_mp: float = 1.0, overhead: float = 0.5, **kw) -> Observation:
+    """A job of ``macs_g`` GMACs at ``rate_g`` GMAC/s, ``pixels_mp`` output megapixels and ``overhead`` seconds."""
+    return Observation(macs_g * GIGA, macs_g / rate_g, pixels_mp * MP, overhead, **kw)
 
 
-def test_no_observation_gives_the_prior_as_a_wide_range():
-    model = fit_timing([], prior_rate=50 * GIGA)
-    assert model.macs_per_second == 50 * GIGA and model.spread == UNSURE_SPREAD and model.observations == 0
+# ------------------------------------------------------------------------------------------------ the update rule
+def test_no_run_gives_the_priors_as_a_wide_range():
+    model = fit_timing([], [], prior_rate=50 * GIGA, prior_load=2.0, prior_face_seconds=3.0)
+    assert model.macs_per_second == 50 * GIGA and model.load_seconds == 2.0 and model.face_seconds == 3.0
+    assert model.spread == UNSURE_SPREAD and model.observations == 0
     low, high = model.range(100 * GIGA)
-    assert low == pytest.approx(1.0) and high == pytest.approx(3.0)
+    assert low < model.seconds(100 * GIGA) < high
 
 
-def test_one_real_run_replaces_a_bad_calibration():
-    # Calibrated on a busy machine at 20 GMAC/s; the real run shows 80 GMAC/s.
-    model = fit_timing([Observation(800 * GIGA, 10.0)], prior_rate=20 * GIGA)
-    assert model.seconds(400 * GIGA) == pytest.approx(5.0)
+def test_one_real_run_corrects_a_busy_calibration():
+    # Calibrated on a busy machine at 20 GMAC/s; the real run's network shows 80 GMAC/s (10 s for 800 GMACs).
+    model = fit_timing([run(800, 80, overhead=1.0)], [], prior_rate=20 * GIGA)
+    assert model.seconds(800 * GIGA, MP) == pytest.approx(10.0 + 1.0)  # the same job: what it took
+    assert model.network_fixed == pytest.approx(NETWORK_FIXED_SHARE * 10.0)
+    # A job 4x as large: between "all fixed" and "all proportional", never the calibration's 4x-slow figure.
+    network = model.seconds(3200 * GIGA) - model.seconds(0.0)
+    assert 10.0 < network + model.network_fixed < 40.0 and network + model.network_fixed < 3200 / 20
     assert model.spread == UNSURE_SPREAD  # one run: still shown as a range
 
 
-def test_two_sizes_recover_the_fixed_cost_and_the_rate_exactly():
-    runs = [line(3.0, 80 * GIGA, m * GIGA) for m in (100, 400, 1600)]
-    model = fit_timing(runs, prior_rate=10 * GIGA)
-    assert model.fixed_seconds == pytest.approx(3.0)
-    assert model.macs_per_second == pytest.approx(80 * GIGA)
+def test_one_run_learns_the_rate_whatever_the_overhead_and_load_were():
+    # A first run with a slow load and a large overhead: the network rate comes from the network's seconds alone.
+    slow_first = run(100, 80, pixels_mp=0.15, overhead=6.0)
+    model = fit_timing([slow_first], [9.0], prior_rate=20 * GIGA)
+    assert model.load_seconds == 9.0 and model.network_fixed + 100 * GIGA / model.macs_per_second == 100 / 80
+    # The overhead is the prior's per-pixel rate (saving) and the rest fixed (imports in a fresh process).
+    assert model.overhead_per_pixel == PRIOR_OVERHEAD_PER_PIXEL
+    assert model.overhead_fixed == pytest.approx(6.0 - 0.15 * MP * PRIOR_OVERHEAD_PER_PIXEL)
+
+
+def test_two_sizes_recover_both_lines_exactly():
+    runs = [Observation(m * GIGA, 2.0 + m / 80, p * MP, 0.3 + 0.2 * p) for m, p in ((100, 1), (400, 4), (1600, 16))]
+    model = fit_timing(runs, [], prior_rate=10 * GIGA)
+    assert model.overhead_fixed == pytest.approx(0.3) and model.overhead_per_pixel == pytest.approx(0.2 / MP)
+    assert model.network_fixed == pytest.approx(2.0) and model.macs_per_second == pytest.approx(80 * GIGA)
     assert model.spread == MIN_SPREAD
 
 
-def test_one_busy_run_moves_the_estimate_little():
-    clean = [line(2.0, 80 * GIGA, m * GIGA) for m in (100, 200, 400, 800, 1600)]
-    busy = Observation(400 * GIGA, 3 * (2.0 + 400 / 80))  # 3x slower: another job shared the CPU
-    model = fit_timing(clean + [busy], prior_rate=80 * GIGA)
-    assert model.seconds(1000 * GIGA) == pytest.approx(2.0 + 1000 / 80, rel=0.1)
+def test_one_busy_run_among_several_moves_the_estimate_little():
+    clean = [run(m, 80) for m in (100, 200, 400, 800)]
+    busy = run(400, 80 / 3)  # 3x slower: another job shared the CPU
+    truth = fit_timing(clean, [], prior_rate=80 * GIGA)
+    for runs in (clean + [busy], [busy] + clean):
+        model = fit_timing(runs, [], prior_rate=80 * GIGA)
+        assert model.seconds(1000 * GIGA, MP) == pytest.approx(truth.seconds(1000 * GIGA, MP), rel=0.1)
 
 
-def test_the_rule_is_deterministic_and_order_free():
-    runs = [Observation(m * GIGA, s) for m, s in ((100, 4.1), (300, 7.9), (900, 19.5), (250, 6.6))]
-    a = fit_timing(runs, prior_rate=GIGA)
-    assert a == fit_timing(list(reversed(runs)), prior_rate=GIGA) == fit_timing(runs, prior_rate=GIGA)
+def test_the_newest_runs_weigh_more_when_the_machine_changed():
+    runs = [run(100, 40)] * 3 + [run(100, 80)] * 3  # the machine became twice as fast
+    model = fit_timing(runs, [], prior_rate=GIGA)
+    assert model.network_fixed + 100 * GIGA / model.macs_per_second == pytest.approx(100 / 80)
+
+
+def test_faces_are_learned_per_face_and_the_rule_is_deterministic():
+    runs = [run(100, 80, faces=2, face_seconds=6.0), run(100, 80), run(300, 80, faces=1, face_seconds=3.0)]
+    a = fit_timing(runs, [4.0, 5.0], prior_rate=GIGA, prior_face_seconds=99.0)
+    assert a.face_seconds == pytest.approx(3.0)
+    assert a == fit_timing(runs, [4.0, 5.0], prior_rate=GIGA, prior_face_seconds=99.0)
     with pytest.raises(ValueError):
-        fit_timing(runs, prior_rate=0)
+        fit_timing(runs, [], prior_rate=0)
 
 
-def test_store_keeps_the_newest_and_survives_a_damaged_file(tmp_path):
+# ------------------------------------------------------------------------------------------------ the store
+def test_store_round_trip_keeps_the_newest(tmp_path):
     path = tmp_path / "cfg" / "timings.json"
     store = TimingStore(path)
-    key = job_key("cpu", "RealESRGAN_x4plus", "fp32", tiled=False)
+    key, lkey = job_key("cpu", FAST, "fp32", tiled=False), load_key("cpu", FAST, "fp32")
     for i in range(KEEP + 3):
-        store.add(key, Observation(GIGA * (i + 1), 1.0 + i))
-    assert [o.seconds for o in TimingStore(path).observations(key)] == [1.0 + i for i in range(3, KEEP + 3)]
-    store.add(key, Observation(GIGA, float("nan")))  # refused, file unchanged
-    assert len(json.loads(path.read_text())[key]) == KEEP
-    assert not list(path.parent.glob("*.tmp"))  # atomic write leaves no temporary file
+        store.add(key, run(i + 1, 10, faces=i % 2, face_seconds=float(i % 2)), (lkey, 1.0 + i))
+    again = TimingStore(path)  # another process
+    assert again.observations(key) == store.observations(key)
+    assert [o.macs for o in again.observations(key)] == [(i + 1) * GIGA for i in range(3, KEEP + 3)]
+    assert again.loads(lkey) == [1.0 + i for i in range(3, KEEP + 3)]
+    assert json.loads(path.read_text())["format"] == FORMAT
+    # A run written by another process is seen without a new store.
+    again.add(key, run(99, 10))
+    assert store.observations(key)[-1].macs == 99 * GIGA
+
+
+def test_store_refuses_bad_runs_and_survives_a_crash_or_damage(tmp_path, monkeypatch):
+    path = tmp_path / "timings.json"
+    store = TimingStore(path)
+    key = job_key("cpu", FAST, "fp32", tiled=False)
+    store.add(key, run(1, 1))
+    before = path.read_bytes()
+    store.add(key, Observation(GIGA, float("nan"), MP, 0.1))  # refused, file unchanged
+    assert path.read_bytes() == before
+
+    def crash(*_args):  # the process dies between writing the temporary file and renaming it
+        raise OSError("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", crash)
+        store.add(key, run(2, 1))  # logged, never raised
+    assert path.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
+    assert len(TimingStore(path).observations(key)) == 1
     path.write_text("{not json")
     assert TimingStore(path).observations(key) == []
 
 
-def test_record_job_files_a_finished_job_under_its_key(tmp_path):
+def test_a_file_of_the_old_format_is_ignored_and_replaced(tmp_path):
+    path = tmp_path / "timings.json"
+    key = job_key("cpu", FAST, "fp32", tiled=False)
+    path.write_text(json.dumps({key: [[1e9, 2.0]]}))  # format 1: (MACs, whole seconds) pairs
+    store = TimingStore(path)
+    assert store.observations(key) == []
+    store.add(key, run(1, 1))
+    assert json.loads(path.read_text())["format"] == FORMAT and len(store.observations(key)) == 1
+
+
+def test_record_job_splits_the_stages_and_keeps_only_real_loads(tmp_path):
     class Config:
         config_dir = tmp_path
 
     class Result:
-        model, device, precision, tile = "realesr-animevideov3", "cpu", "fp32", 0
-        input_size, faces_restored = (200, 100), 0
+        model, device, precision, tile = FAST, "cpu", "fp32", 0
+        input_size, faces_restored, pixels = (20, 10), 0, np.zeros((40, 80, 3), np.uint8)
+        timings = {"decode": 0.1, "load": 1.5, "inference": 2.0, "metrics": 0.2}
 
+    record_job(Config, Result, 4.0)
+    Result.timings = dict(Result.timings, load=0.0001)  # the model was cached: not a load
     record_job(Config, Result, 2.5)
     record_job(Config, type("Broken", (), {"model": "RealESRGAN_x4plus"}), 1.0)  # never raises
-    stored = json.loads((tmp_path / "timings.json").read_text())
-    assert list(stored) == ["cpu|realesr-animevideov3|fp32|whole"] and stored[list(stored)[0]][0][1] == 2.5
+    store = TimingStore(tmp_path / "timings.json")
+    runs = store.observations(job_key("cpu", FAST, "fp32", tiled=False))
+    assert [r.network_seconds for r in runs] == [2.0, 2.0] and runs[0].output_pixels == 80 * 40
+    assert [r.overhead_seconds for r in runs] == pytest.approx([0.5, 0.4999])
+    assert store.loads(load_key("cpu", FAST, "fp32")) == [1.5]
+
+
+# ------------------------------------------------------------------------------------------------ real run + advisor
+def test_a_real_run_records_its_stages_and_the_load_is_counted_until_loaded(tmp_path, config, model_manager):
+    from engine.inference.batch import BatchJob, BatchServices, collect_inputs, run_item
+    from engine.settings import EnhanceSettings
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(src / "a.png")
+    settings = EnhanceSettings(model=FAST, device="cpu", precision="fp32", tile=0, quality_metrics=False)
+    job = BatchJob(settings=settings, output_dir=tmp_path / "out")
+    advisor = IntelligentEnhancer(model_manager, config, device="cpu", calibrate=False)
+    assert not model_manager.is_loaded(FAST, "cpu", "fp32")
+    before = advisor.cached_estimate_seconds(FAST, 16, 12)
+    assert before is None  # neither a calibration nor a run yet
+
+    item = run_item(collect_inputs([src])[0], job, BatchServices(model_manager, config))
+    assert item.ok and {"decode", "load", "inference", "metrics"} <= set(item.report["timings"])
+    assert model_manager.is_loaded(FAST, "cpu", "fp32") and not model_manager.is_loaded(FAST, "cpu", "bf16")
+    runs = advisor.timings.observations(job_key("cpu", FAST, "fp32", tiled=False))
+    assert len(runs) == 1 and runs[0].output_pixels == 64 * 48
+    learned = advisor._learned(FAST, "cpu", "fp32", False, 1e9)
+    assert learned.load_seconds == 0.0  # loaded now: not counted
+    assert advisor.cached_estimate_seconds(FAST, 16, 12) is not None  # the REST check has a figure now
+
+
+def test_the_advisor_counts_the_load_only_when_the_model_is_not_loaded(config, model_manager):
+    advisor = IntelligentEnhancer(model_manager, config, device="cpu", calibrate=False)
+    advisor.timings.add(job_key("cpu", FAST, "fp32", tiled=False), run(1, 10),
+                        (load_key("cpu", FAST, "fp32"), 3.0))
+    assert advisor._learned(FAST, "cpu", "fp32", False, GIGA).load_seconds == 3.0
+    model_manager.load_model(FAST, "cpu", "fp32")
+    assert advisor._learned(FAST, "cpu", "fp32", False, GIGA).load_seconds == 0.0
 
 
 def test_the_advisor_shows_a_range_until_runs_agree_then_one_figure():
@@ -90,17 +197,10 @@ def test_the_advisor_shows_a_range_until_runs_agree_then_one_figure():
                 downloadable_models=frozenset(), macs_per_second={"RealESRGAN_x4plus": 20 * GIGA})
     unsure = decide(numbers, MachineFacts(**base), tile_for=lambda m: (0, 1.0))
     assert any(" to " in r and "calibration" in r for r in unsure.reasons)
-    learned = fit_timing([line(1.0, 80 * GIGA, m * GIGA) for m in (500, 1000, 2000)], prior_rate=20 * GIGA)
+    learned = fit_timing([run(m, 80, pixels_mp=m / 100) for m in (500, 1000, 2000)], [], prior_rate=20 * GIGA)
     sure = decide(numbers, MachineFacts(**base, timing={"RealESRGAN_x4plus": learned}), tile_for=lambda m: (0, 1.0))
     assert any("learned from 3 runs" in r for r in sure.reasons)
     seconds, low, high = estimate_range("RealESRGAN_x4plus", 300, 400, MachineFacts(**base,
                                         timing={"RealESRGAN_x4plus": learned}))
     assert sure.estimated_seconds == pytest.approx(seconds, abs=0.01) and low < seconds < high
     assert seconds < unsure.estimated_seconds / 3  # 80 vs 20 GMAC/s
-
-
-def test_one_size_keeps_the_prior_fixed_cost_and_scales_the_rest():
-    model = fit_timing([Observation(800 * GIGA, 10.0)], prior_rate=20 * GIGA, prior_fixed=2.0)
-    assert model.fixed_seconds == 2.0 and model.seconds(400 * GIGA) == pytest.approx(2.0 + 4.0)
-    tiny = fit_timing([Observation(GIGA, 1.0)], prior_rate=GIGA, prior_fixed=4.0)
-    assert tiny.fixed_seconds == 0.5  # never more than half of what was measured

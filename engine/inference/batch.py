@@ -245,7 +245,7 @@ def _write(read: _Read, result: EnhanceResult, config) -> BatchItem:
         saved, metrics, notes = save_result(result, read.target, original_bytes=size, output_format=read.fmt)
     except Exception as exc:  # a full disk or a bad output path fails this item only
         return _failed(read.label, exc)
-    if config is not None:  # the advisor's estimates learn from real runs: decode + network + save
+    if config is not None:  # the advisor's estimates learn from real runs (record_job splits the stages)
         record_job(config, result, read.seconds + sum(result.timings.values()) + time.perf_counter() - started)
     report |= {"output": str(saved), "metrics": metrics, "warnings": report["warnings"] + notes}
     return BatchItem(read.label, saved, ok=True, report=report, reasons=read.reasons)
