@@ -1,8 +1,8 @@
 """Video upscaling as a list of named steps: probe → decode → enhance → encode → mux.
 
-Decoding, inference and encoding overlap: a reader thread pipes raw frames out of one ffmpeg into a bounded
-queue, the calling thread hands batches to the injected :data:`FrameEnhancer`, and a writer thread pipes the
-results into a second ffmpeg through another bounded queue. Output is written in segments of
+Decoding, inference and encoding overlap: a reader thread pipes raw frames out of one ffmpeg into a queue
+bounded by bytes (:data:`FRAME_QUEUE_BYTES`), the calling thread hands batches to the injected
+:data:`FrameEnhancer`, and a writer thread pipes the results into a second ffmpeg through another such queue. Output is written in segments of
 ``segment_frames`` frames, each its own file in a work folder beside the output with a manifest rewritten
 atomically after every finished segment, so ``upscale_video(..., options=VideoRunOptions(resume=True))``
 continues after a crash or a ``kill -9`` from the last finished segment. Segment boundaries are frame-exact: a
@@ -40,6 +40,7 @@ from engine import ffmpeg as ff
 from engine.errors import CancelledError, InputTooLargeError, InvalidSettingsError, VideoError
 from engine.ffmpeg import FfmpegTools, StreamInfo
 from utils.atomic import write_atomic
+from utils.byte_queue import ByteBudgetQueue
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,11 @@ _CONTAINER_CODECS = {"webm": {"vp9"}}
 _MANIFEST_VERSION = 2  # 2: the manifest records the job it belongs to
 _PLAYLIST_MARKERS = (b"#EXTM3U", b"ffconcat", b"<?xml", b"<MPD", b"[playlist]")
 _QUEUE_POLL_S = 0.1
+
+FRAME_QUEUE_BYTES = 192 * 2**20
+"""The most each frame queue (decoded frames waiting for the network, enhanced ones waiting for the encoder) holds:
+two 8K RGB frames; smaller frames are also held to ``2 × batch_frames`` at a time. A frame larger than this passes
+alone."""
 
 
 # ---------------------------------------------------------------------------------------------- value types
@@ -535,7 +541,7 @@ class _Stopped(Exception):
     """Internal: a thread noticed the job is stopping."""
 
 
-def _put(q: queue.Queue, item: object, stop: threading.Event) -> None:
+def _put(q: ByteBudgetQueue, item: object, stop: threading.Event) -> None:
     while True:
         try:
             q.put(item, timeout=_QUEUE_POLL_S)
@@ -560,7 +566,8 @@ def _read_exactly(stream, size: int) -> bytearray | None:
     return buf
 
 
-def _reader(job: _Job, proc: subprocess.Popen, shape: tuple[int, int, int], skip: int, out: queue.Queue) -> None:
+def _reader(job: _Job, proc: subprocess.Popen, shape: tuple[int, int, int], skip: int,
+            out: ByteBudgetQueue) -> None:
     """Reader thread: raw frames from the decoder's stdout → ``out``; the first ``skip`` frames are dropped."""
     try:
         frame_bytes, index = shape[0] * shape[1] * shape[2], 0
@@ -587,7 +594,7 @@ class _EncodePlan:
     settings: VideoSettings
 
 
-def _writer(job: _Job, plan: _EncodePlan, manifest: _Manifest, frames_in: queue.Queue,
+def _writer(job: _Job, plan: _EncodePlan, manifest: _Manifest, frames_in: ByteBudgetQueue,
             failure: list[BaseException]) -> None:
     """Writer thread: frames from ``frames_in`` → one encoder process per segment; the manifest is saved after
     every finished segment."""
@@ -855,8 +862,8 @@ def _run_segments(run: _SegmentRun, skip: int, total: int,
     job, plan, info, manifest, enhancer = run.job, run.plan, run.info, run.manifest, run.enhancer
     tools, work, settings = plan.tools, plan.work_dir, plan.settings
     depth = 2 * settings.batch_frames
-    decoded: queue.Queue = queue.Queue(maxsize=depth)
-    enhanced: queue.Queue = queue.Queue(maxsize=depth)
+    decoded = ByteBudgetQueue(FRAME_QUEUE_BYTES, max_items=depth)
+    enhanced = ByteBudgetQueue(FRAME_QUEUE_BYTES, max_items=depth)
     decode_log = work / "decode.log"
     decoder = job.spawn(ff.decode_argv(tools.ffmpeg, info.path, info.format_name, fps=settings.fps,
                                        has_fps_mode=tools.has_fps_mode),

@@ -191,6 +191,7 @@ class _Read:
     fmt: str = "png"
     outcome: BatchItem | None = None
     seconds: float = 0.0  # decoding and planning it took
+    stream: bool = False  # too large for memory: streamed into the TIFF ``target`` undecoded (loaded is None)
 
 
 def _failed(label: Path | str, exc: Exception) -> BatchItem:
@@ -201,13 +202,66 @@ def _failed(label: Path | str, exc: Exception) -> BatchItem:
     return BatchItem(label, None, ok=False, error=user_message(exc), exception=exc)
 
 
+def _tiff_file(job: BatchJob, settings: EnhanceSettings) -> bool:
+    """Whether the job writes its output into a TIFF file (its output file's extension, or the chosen format)."""
+    if job.output_file is not None:
+        return _FORMAT_BY_SUFFIX.get(job.output_file.suffix.lower()) == "tiff"
+    return job.output_dir is not None and settings.output_format == "tiff"
+
+
+def plan_mode(item: BatchInput, job: BatchJob, settings: EnhanceSettings, services: BatchServices) -> str:
+    """``"memory"`` or ``"stream"`` for one input, from its header alone (no pixel decoded): the output whole in
+    RAM when the memory plan fits, else straight into its TIFF file in strips when that fits
+    (:func:`engine.inference.memory_plan.output_mode`).
+
+    Raises:
+        JobTooLargeError: neither fits; the message says what would (the TIFF format, a smaller scale).
+        InvalidInputError, UnsupportedFormatError, InputTooLargeError: the header is unusable or over the limits.
+    """
+    from engine.errors import JobTooLargeError
+    from engine.inference.memory_plan import output_mode
+    from engine.inference.pipeline import plan_input
+
+    try:
+        plan_input(item.source, settings, services.model_manager, services.config)
+        return "memory"
+    except JobTooLargeError as in_memory:
+        refusal = in_memory
+    to_file, streamable = job.output_file is not None or job.output_dir is not None, not settings.face_enhance
+    fits_streamed = False
+    if to_file and streamable:
+        with contextlib.suppress(JobTooLargeError):
+            plan_input(item.source, settings, services.model_manager, services.config, streamed=True)
+            fits_streamed = True
+    mode = output_mode(False, fits_streamed, to_tiff_file=_tiff_file(job, settings), streamable=streamable)
+    if mode != "refuse":
+        return mode
+    if fits_streamed:  # a file in another format: as a TIFF it would fit
+        raise JobTooLargeError(
+            f"{refusal} Written as TIFF it would fit: choose the TIFF output format (CLI: --format tiff or a .tif "
+            f"output file) to stream it to disk, or a smaller scale (--scale).",
+            actual=refusal.actual, limit=refusal.limit) from refusal
+    raise refusal
+
+
 def _read(item: BatchInput, job: BatchJob, services: BatchServices) -> _Read:
-    """Decode one input and choose its settings and output; never raises (a bad input gives a failed item)."""
+    """Plan one input from its header (explicit settings), decode it and choose its settings and output; never
+    raises (a bad input or a job that cannot fit gives a failed item). An input too large for memory whose output
+    is a TIFF file is left undecoded, to be streamed (``stream``)."""
     from engine.inference.pipeline import load_input
 
     label = item.source if isinstance(item.source, Path) else item.name
     started = time.perf_counter()
     try:
+        if not job.auto:  # the settings do not depend on the pixels: refuse what cannot fit before decoding
+            settings = merge(None, job.explicit, job.settings)
+            if plan_mode(item, job, settings, services) == "stream":
+                target = _own_path(item, job.output_file if job.output_file is not None
+                                   else job.output_dir / item.rel.with_suffix(".tiff"))
+                if job.skip_existing and target.exists():
+                    return _Read(item, label, outcome=BatchItem(label, target, ok=True, skipped=True))
+                return _Read(item, label, None, settings, (), target, "tiff", stream=True,
+                             seconds=time.perf_counter() - started)
         loaded = load_input(item.source, services.config)
         settings, reasons = settings_for(loaded.pixels, job, services.advisor)
         target, fmt = _target(item, job, settings, loaded)
@@ -220,17 +274,34 @@ def _read(item: BatchInput, job: BatchJob, services: BatchServices) -> _Read:
 
 
 def _enhance(read: _Read, services: BatchServices, progress, cancel) -> EnhanceResult | BatchItem:
-    """The network part of one input (under the device slot): its result, or the failed item; cancelling raises."""
+    """The network part of one input (under the device slot): its result, or the failed item (or, streamed, the
+    finished item); cancelling raises."""
     from engine.inference.pipeline import enhance_image
 
     try:
         with services.slot():
+            if read.stream:
+                return _stream(read, services, progress, cancel)
             return enhance_image(read.loaded, read.settings, services.model_manager, progress,
                                  config=services.config, cancel=cancel)
     except CancelledError:
         raise
     except Exception as exc:  # one bad image must not stop the batch; the reason is kept
         return _failed(read.label, exc)
+
+
+def _stream(read: _Read, services: BatchServices, progress, cancel) -> BatchItem:
+    """Enhance one input straight into its TIFF target (see :func:`engine.inference.pipeline.enhance_to_tiff`)."""
+    from engine.inference.pipeline import enhance_to_tiff
+
+    saved, summary = enhance_to_tiff(read.item.source, read.settings, services.model_manager, read.target, progress,
+                                     config=services.config, cancel=cancel)
+    note = (f"streamed to disk: the output did not fit in memory (planned {summary['memory']['peak_mb']:.0f} MB "
+            f"streamed); quality metrics are not computed")
+    report = summary | {"input": str(read.label), "output": str(saved.path), "metrics": {}, "faces_detected": 0,
+                        "faces_restored": 0, "detector": None, "streamed": True,
+                        "warnings": summary["warnings"] + [note]}
+    return BatchItem(read.label, saved.path, ok=True, report=report, reasons=read.reasons)
 
 
 def _write(read: _Read, result: EnhanceResult, config) -> BatchItem:

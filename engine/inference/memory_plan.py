@@ -156,3 +156,31 @@ def plan_memory(shape: JobShape, run: NetworkRun, budget: tuple[int, int], *, qu
 
 def gigabytes(n: int) -> str:
     return f"{n / 1024 ** 3:.2f} GB" if n >= 1024 ** 3 else f"{math.ceil(n / MB)} MB"
+
+
+STREAM_QUEUE_BANDS = 6
+"""Output bands a streamed job holds at once: the encoder's queue (4), the band being encoded and the one being
+converted (see :func:`engine.inference.pipeline.enhance_to_tiff`)."""
+
+
+def streamed(plan: MemoryPlan, shape: JobShape, scale: int) -> MemoryPlan:
+    """The plan of the same job written straight into a file in strips: no output array, no quality metrics and no
+    faces (a streamed output does neither), only :data:`STREAM_QUEUE_BANDS` bands of output rows in flight. Pure."""
+    from dataclasses import replace
+
+    sample = shape.bit_depth // 8
+    rows = shape.out_height if not plan.tile else min(shape.out_height, math.ceil(
+        plan.tile * shape.out_height / max(shape.height, 1)) + scale)
+    return replace(plan, output_bytes=int(STREAM_QUEUE_BANDS * rows * shape.out_width * shape.channels * sample),
+                   metrics_bytes=0, faces_bytes=0)
+
+
+def output_mode(fits_in_memory: bool, fits_streamed: bool, *, to_tiff_file: bool, streamable: bool = True) -> str:
+    """How a job runs, from its two plans: ``"memory"`` (the output whole in RAM) when that fits, else
+    ``"stream"`` (strips straight into a TIFF file) when the streamed plan fits and the job writes a TIFF file of
+    a streamable image (no alpha, no faces), else ``"refuse"``. Pure."""
+    if fits_in_memory:
+        return "memory"
+    if fits_streamed and to_tiff_file and streamable:
+        return "stream"
+    return "refuse"

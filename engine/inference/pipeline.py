@@ -362,9 +362,11 @@ def measure(job: Job, original: np.ndarray, enhanced: np.ndarray, source: str | 
 
 # ------------------------------------------------------------------------------------------------ one image
 def plan_job(settings: EnhanceSettings, width: int, height: int, model_manager, config, report: Reporter, *,
-             channels: int = 3, bit_depth: int = 8) -> tuple[Job, tuple[int, int], tuple[str, ...]]:
+             channels: int = 3, bit_depth: int = 8, streamed: bool = False
+             ) -> tuple[Job, tuple[int, int], tuple[str, ...]]:
     """Route the model, plan the output size and the job's memory; refuse an output over the configured limit or
     a job whose memory plan cannot fit this machine (before any pixel buffer of the job is allocated).
+    ``streamed``: plan the output written into a file in strips (:func:`enhance_to_tiff`).
 
     Raises:
         InputTooLargeError: the output is over ``max_output_pixels``.
@@ -379,14 +381,14 @@ def plan_job(settings: EnhanceSettings, width: int, height: int, model_manager, 
             f"The output would be {out_w}×{out_h} = {out_w * out_h / 1e6:.0f} MP, over the limit of "
             f"{config.max_output_pixels / 1e6:.0f} MP; choose a smaller scale or raise REALESRGAN_MAX_OUTPUT_PIXELS.")
     settings, memory = fit_memory(spec, settings, JobShape(width, height, channels, bit_depth, out_w, out_h),
-                                  config)
+                                  config, streamed=streamed)
     logger.info("memory plan for %dx%d -> %dx%d with %s: %s", width, height, out_w, out_h, model_name,
                 memory.describe())
     return (Job(settings, model_name, model_manager, config, report, memory), (out_w, out_h),
             ((note,) if note else ()))
 
 
-def fit_memory(spec: ModelSpec, settings: EnhanceSettings, shape: JobShape, config):
+def fit_memory(spec: ModelSpec, settings: EnhanceSettings, shape: JobShape, config, *, streamed: bool = False):
     """The settings the job runs with (a smaller tile when that makes it fit) and its memory plan.
 
     Raises:
@@ -396,11 +398,11 @@ def fit_memory(spec: ModelSpec, settings: EnhanceSettings, shape: JobShape, conf
     from engine.inference.memory_plan import gigabytes
 
     device = job_device(settings, config)
-    memory = planning.plan_job_memory(spec, settings, shape, device=device, config=config)
+    memory = planning.plan_job_memory(spec, settings, shape, device=device, config=config, streamed=streamed)
     if memory.fits:
         return settings, memory
     small = settings.replace(tile=64)
-    smaller = planning.plan_job_memory(spec, small, shape, device=device, config=config)
+    smaller = planning.plan_job_memory(spec, small, shape, device=device, config=config, streamed=streamed)
     if smaller.fits:
         return small, smaller
     where = (f"{gigabytes(smaller.vram_bytes)} of VRAM, {gigabytes(smaller.vram_budget_bytes)} free"
@@ -427,9 +429,10 @@ def network_input(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return np.ascontiguousarray(rgb, dtype=np.float32), alpha
 
 
-def plan_input(source, settings: EnhanceSettings, model_manager, config):
+def plan_input(source, settings: EnhanceSettings, model_manager, config, *, streamed: bool = False):
     """The memory plan of enhancing ``source`` (a path or the file's bytes) from its header alone, without decoding
-    a pixel: the check to run before decoding a large upload.
+    a pixel: the check to run before decoding a large upload (``streamed``: written into a TIFF file in strips,
+    as :func:`enhance_to_tiff`).
 
     Returns:
         ``(model name, output size, MemoryPlan)``; the plan may use a smaller tile than ``settings`` asks when
@@ -446,7 +449,7 @@ def plan_input(source, settings: EnhanceSettings, model_manager, config):
     channels = {"L": 1, "LA": 2, "RGBA": 4, "PA": 4}.get(mode, 1 if mode.startswith("I;16") else 3)
     bit_depth = 16 if "16" in mode else 8
     job, out_size, _notes = plan_job(settings, header.width, header.height, model_manager, config, Reporter(),
-                                     channels=channels, bit_depth=bit_depth)
+                                     channels=channels, bit_depth=bit_depth, streamed=streamed)
     return job.model_name, out_size, job.memory
 
 
@@ -542,7 +545,7 @@ def enhance_to_tiff(image, settings: EnhanceSettings | None, model_manager, path
                                    "enhance images with alpha or faces in memory.")
     settings = (settings or EnhanceSettings()).replace(quality_metrics=False)
     job, out_size, warnings = plan_job(settings, width, height, model_manager, config, report, channels=channels,
-                                       bit_depth=loaded_image.bit_depth)
+                                       bit_depth=loaded_image.bit_depth, streamed=True)
     rgb, _alpha = network_input(pixels)
     blocks: queue.Queue = queue.Queue(maxsize=4)  # bounded: the network waits for the encoder
     stop, done = threading.Event(), object()

@@ -183,11 +183,13 @@ def memory_budget(config, device=None) -> tuple[int, int]:
     return max(host, 0), vram
 
 
-def plan_job_memory(spec: ModelSpec, settings: EnhanceSettings, shape, *, device, config):
+def plan_job_memory(spec: ModelSpec, settings: EnhanceSettings, shape, *, device, config, streamed: bool = False):
     """The :class:`~engine.inference.memory_plan.MemoryPlan` of one image job of ``shape`` (a
     :class:`~engine.inference.memory_plan.JobShape`) on ``device`` now: the tile the engine will run
-    (``choose_tile`` for ``tile=auto``) and this machine's budget."""
+    (``choose_tile`` for ``tile=auto``) and this machine's budget; ``streamed``: the output goes straight into a
+    file in strips (:func:`~engine.inference.memory_plan.streamed`)."""
     from engine import upscaler
+    from engine.inference import memory_plan
     from engine.inference.memory_plan import NetworkRun, plan_memory
     from utils.gpu import torch_dtype
 
@@ -205,6 +207,7 @@ def plan_job_memory(spec: ModelSpec, settings: EnhanceSettings, shape, *, device
                                                  scale=spec.network_scale, batch_size=batch_size)
     run = NetworkRun(scale=spec.network_scale, tile=tile, overlap=overlap, activation_bytes=activations,
                      weights_bytes=spec.size_bytes or 20 * 2 ** 20, device_type=device.type)
-    return plan_memory(shape, run, memory_budget(config, device), quality_metrics=settings.quality_metrics,
+    plan = plan_memory(shape, run, memory_budget(config, device), quality_metrics=settings.quality_metrics,
                        face_enhance=settings.face_enhance,
                        model_alpha=shape.channels in (2, 4) and settings.alpha_mode == "model")
+    return memory_plan.streamed(plan, shape, spec.network_scale) if streamed else plan

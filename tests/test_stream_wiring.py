@@ -1,0 +1,137 @@
+"""The batch runner plans each input from its header: a job too large for memory is streamed into its TIFF file, or
+refused (saying what would fit) before any pixel is decoded, and the batch goes on (issue 13)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.inference.memory_plan import MB, JobShape, MemoryPlan, output_mode, streamed
+from tests.conftest import ROOT
+
+FAST = "realesr-animevideov3"
+SETTINGS = {"model": FAST, "outscale": 2, "tile": 64, "device": "cpu"}
+
+
+# ------------------------------------------------------------------------------------------------ pure
+@pytest.mark.parametrize("fits_memory, fits_streamed, tiff, streamable, expected", [
+    (True, True, True, True, "memory"),
+    (True, False, False, False, "memory"),
+    (False, True, True, True, "stream"),
+    (False, True, False, True, "refuse"),  # a PNG target cannot be streamed
+    (False, True, True, False, "refuse"),  # faces need the output in memory
+    (False, False, True, True, "refuse"),
+])
+def test_output_mode_prefers_memory_then_a_streamed_tiff(fits_memory, fits_streamed, tiff, streamable, expected):
+    assert output_mode(fits_memory, fits_streamed, to_tiff_file=tiff, streamable=streamable) == expected
+
+
+def test_streamed_plan_holds_a_few_bands_of_the_output_instead_of_all_of_it():
+    shape = JobShape(width=1000, height=800, channels=3, bit_depth=8, out_width=4000, out_height=3200)
+    plan = MemoryPlan(tile=200, base_bytes=800 * MB, input_bytes=10 * MB, network_bytes=50 * MB, band_bytes=60 * MB,
+                      output_bytes=4000 * 3200 * 3, metrics_bytes=86 * MB, faces_bytes=0, vram_bytes=0,
+                      budget_bytes=1000 * MB)
+    lean = streamed(plan, shape, scale=4)
+    assert (lean.metrics_bytes, lean.faces_bytes) == (0, 0)
+    assert lean.output_bytes == 6 * (200 * 4 + 4) * 4000 * 3  # six bands of one tile row's output rows
+    assert lean.peak_bytes < plan.peak_bytes and not plan.fits and lean.fits
+    whole = streamed(plan.__class__(**{**plan.__dict__, "tile": 0}), shape, scale=4)
+    assert whole.output_bytes == 6 * 3200 * 4000 * 3  # untiled: the band is the whole output
+
+
+# ------------------------------------------------------------------------------------------------ wiring
+def _image(path: Path, width: int, height: int) -> Path:
+    rng = np.random.default_rng(width)
+    pixels = cv2.GaussianBlur((rng.random((height, width, 3)) * 255).astype(np.uint8), (3, 3), 1)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _peaks(path: Path, model_manager, config) -> tuple[int, int]:
+    """The planned peaks (bytes) of the job in memory and streamed (tile 64: the tile the plan falls back to)."""
+    from engine.inference.pipeline import plan_input
+    from engine.settings import EnhanceSettings
+
+    settings = EnhanceSettings(**SETTINGS)
+    return (plan_input(path, settings, model_manager, config)[2].peak_bytes,
+            plan_input(path, settings, model_manager, config, streamed=True)[2].peak_bytes)
+
+
+def _between(low: int, high: int) -> float:
+    """A budget (MB) strictly between two planned peaks."""
+    assert low + 4 * MB < high
+    return (low + high) / 2 / MB
+
+
+def _limited(config, budget_mb: float):
+    return config.__class__(**{**config.__dict__, "max_job_memory_mb": budget_mb})
+
+
+def _cli(tmp_path: Path, weights_dir: Path, budget_mb: float, *args: str) -> subprocess.CompletedProcess:
+    from tests.test_model_manager import _clean_env
+
+    env = _clean_env(tmp_path) | {"REALESRGAN_WEIGHTS_DIR": str(weights_dir),
+                                  "REALESRGAN_MAX_JOB_MEMORY_MB": f"{budget_mb:.3f}"}
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), "enhance", *args, "--model", FAST, "--scale",
+                           "2", "--tile", "64", "--device", "cpu", "--json"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+
+
+def test_cli_streams_a_job_too_large_for_memory_into_its_tiff_identical_to_in_memory(
+        model_manager, config, shared_weights_dir, tmp_path):
+    from engine.inference.pipeline import enhance_image
+    from engine.settings import EnhanceSettings
+    from utils.image_io import load_image
+
+    photo = _image(tmp_path / "photo.png", 40, 30)
+    in_memory, lean = _peaks(photo, model_manager, config)
+    budget = _between(lean, in_memory)  # quality metrics and the output array are left out of the streamed plan
+    reference = enhance_image(photo, EnhanceSettings(**SETTINGS), model_manager, config=config).pixels  # no limit
+    done = _cli(tmp_path, shared_weights_dir, budget, str(photo), "-o", str(tmp_path / "big.tif"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+    assert record["ok"] is True and any("streamed to disk" in w for w in record["warnings"])
+    np.testing.assert_array_equal(load_image(tmp_path / "big.tif").pixels, reference)
+
+    refused = _cli(tmp_path, shared_weights_dir, budget, str(photo), "-o", str(tmp_path / "big.png"))
+    assert refused.returncode == 1 and not (tmp_path / "big.png").exists()
+    assert "--format tiff" in refused.stderr and "stream it to disk" in refused.stderr
+
+
+def test_batch_refuses_an_unfittable_input_before_decoding_and_goes_on(model_manager, config, tmp_path):
+    from engine.inference.batch import BatchJob, BatchServices, collect_inputs, run_batch
+    from engine.settings import EnhanceSettings
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    small = _image(folder / "a_small.png", 12, 10)
+    big = _image(folder / "b_big.png", 200, 150)
+    small_peak, big_peaks = _peaks(small, model_manager, config)[0], _peaks(big, model_manager, config)
+    budget = _between(max(small_peak, big_peaks[1]), big_peaks[0])  # the small fits, the big only streamed
+    whole = big.read_bytes()
+    middle = len(whole) // 2
+    big.write_bytes(whole[:middle] + bytes(64) + whole[middle + 64:])  # decoding it fails; its header still plans it
+    services = BatchServices(model_manager, _limited(config, budget))
+    job = BatchJob(settings=EnhanceSettings(**SETTINGS), explicit=SETTINGS, output_dir=tmp_path / "out")
+    items = collect_inputs([folder])
+    report = run_batch(items, job, services)
+    assert [item.ok for item in report.items] == [True, False]
+    assert (tmp_path / "out" / "a_small.png").exists() and not (tmp_path / "out" / "b_big.png").exists()
+    error = report.items[1].error
+    assert "memory" in error and "--format tiff" in error  # the plan refused it, not the decoder
+
+    big.write_bytes(whole)
+    explicit = SETTINGS | {"output_format": "tiff"}
+    as_tiff = BatchJob(settings=EnhanceSettings(**explicit), explicit=explicit, output_dir=tmp_path / "tiff")
+    report = run_batch(items, as_tiff, services)
+    assert [item.ok for item in report.items] == [True, True]
+    assert [item.report.get("streamed", False) for item in report.items] == [False, True]
+    assert report.items[1].report["output_size"] == [400, 300]
+    assert sorted(p.name for p in (tmp_path / "tiff").iterdir()) == ["a_small.tiff", "b_big.tiff"]
