@@ -112,7 +112,7 @@ def main() -> None:
             from engine.intelligent_enhancer import ThroughputCalibrator
 
             calibrator = ThroughputCalibrator(Path(config.config_dir) / "calibration.json")
-            real = calibrator._measure(model, "cpu")
+            real, _busy = calibrator._measure(model, "cpu")
             calibrator._save({calibrator.key(model, "cpu"): real / 4})
             before, _ = estimate(config, model, wb, hb)
             cli(env, a, tmp / "out", model)

@@ -282,25 +282,25 @@ def _human_seconds(seconds: float) -> str:
 
 # ------------------------------------------------------------------------------------------------ calibration
 #: 1-minute load average per CPU above which the machine counts as busy (a calibration is then not stored).
-BUSY_LOAD_PER_CPU = 0.5
+BUSY_CPU_SHARE = 0.6
+"""A CPU calibration is kept only when the process got at least this share of its threads' time during the timed
+run (CPU seconds / (wall seconds x threads)); less means other work took the cores and the figure is too slow."""
 
 
-def machine_is_busy(device) -> bool:
-    """True when a CPU calibration would be skewed: the 1-minute load is above BUSY_LOAD_PER_CPU per CPU."""
-    import os
-
-    if not str(getattr(device, "type", device)).startswith("cpu") or not hasattr(os, "getloadavg"):
-        return False
-    return os.getloadavg()[0] > BUSY_LOAD_PER_CPU * (os.cpu_count() or 1)
+def starved(cpu_seconds: float, wall_seconds: float, threads: int) -> bool:
+    """True when a timed CPU run got less than :data:`BUSY_CPU_SHARE` of ``threads`` cores: the machine was busy
+    with other work (another job, another program). Measured on the run itself, so the app's own load never counts
+    against it. Pure."""
+    return wall_seconds > 0 and cpu_seconds < BUSY_CPU_SHARE * wall_seconds * max(1, threads)
 
 
 class ThroughputCalibrator:
     """Measures MAC/s of a model's architecture on a device with a short run of random weights (speed does not
     depend on the weights) on a ``size`` x ``size`` input, cached in memory and in ``cache_file``.
 
-    It is only the prior: real runs replace it (:mod:`engine.advisor.estimates`). A measurement taken while the
-    machine is busy (1-minute load above :data:`BUSY_LOAD_PER_CPU` per CPU, e.g. while another job runs) is used
-    for this call only and not stored, so a busy moment is not kept forever.
+    It is only the prior: real runs replace it (:mod:`engine.advisor.estimates`). A CPU measurement during which
+    the process did not get its cores (:func:`starved`: another job or program was running) is used for this call
+    only and not stored, so a busy moment is not kept forever.
     """
 
     def __init__(self, cache_file: Path | None = None, size: int = 128):
@@ -328,8 +328,8 @@ class ThroughputCalibrator:
             values = self._load()
             if key in values:
                 return values[key]
-            value = self._measure(model, device)
-            if machine_is_busy(device):
+            value, busy = self._measure(model, device)
+            if busy:
                 logger.info("machine busy: calibration of %s not stored", model)
                 return value
             values[key] = value
@@ -341,7 +341,8 @@ class ThroughputCalibrator:
         with self._lock:
             return self._load().get(self.key(model, device))
 
-    def _measure(self, model: str, device) -> float:
+    def _measure(self, model: str, device) -> tuple[float, bool]:
+        """(MAC/s, whether the machine was busy during the run)."""
         import torch
 
         from engine.models.loader import build_network, reference_network
@@ -357,14 +358,17 @@ class ThroughputCalibrator:
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             net(x[:, :, : self.size // 2, : self.size // 2])  # warm-up (primitive creation)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             net(x)
             if getattr(device, "type", str(device)).startswith("cuda"):
                 torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        on_cpu = getattr(device, "type", str(device)) == "cpu"
+        busy = on_cpu and starved(cpu_seconds, seconds, torch.get_num_threads())
         value = spec.macs_per_pixel * self.size * self.size / max(seconds, 1e-6)
-        logger.info("calibrated %s on %s: %.1f GMAC/s", model, device, value / 1e9)
-        return value
+        logger.info("calibrated %s on %s: %.1f GMAC/s%s", model, device, value / 1e9,
+                    " (machine busy: not kept)" if busy else "")
+        return value, busy
 
     def _save(self, values: dict[str, float]) -> None:
         if self.cache_file is None:

@@ -422,23 +422,6 @@ class ModelManager:
 
                 clear_cache()
 
-    def warm_up(self, settings, side: int = 64) -> None:
-        """Pay the one-time costs of ``settings``' model before the first request needs it: the weights load, the
-        bf16 verdict (bf16 on a CPU), the kernels' first-call set-up (oneDNN primitives, the allocator) and the
-        pipeline's own first calls. A side×side gray image runs through the one-image pipeline with these settings
-        (the output size fields cleared); the app starts this in the background at launch.
-
-        Raises:
-            whatever a request with these settings would raise (the caller logs it; the request reports it).
-        """
-        import numpy as np
-
-        from engine.inference.pipeline import enhance_image
-
-        small = settings.replace(target_width=None, target_height=None, max_side=None)
-        enhance_image(np.full((side, side, 3), 128, dtype=np.uint8), small, self, config=self.config)
-        logger.info("warmed up %s (%s, %s)", settings.model, settings.device, settings.precision)
-
     def is_loaded(self, name: str, device: str | object = "auto", precision: str = "auto",
                   denoise_strength: float | None = None) -> bool:
         """Whether :meth:`load_model` with these arguments would return a cached network (no build)."""

@@ -23,7 +23,7 @@ __all__ = [
     "IMAGE_EXTENSIONS", "BatchInput", "BatchItem", "BatchJob", "BatchReport", "BatchServices", "EnhanceResult",
     "EnhanceSettings", "FrameEnhancer", "bleed_transparent_colours", "collect_inputs", "cpu_cache_tile",
     "enhance_image_direct", "load_input", "make_frame_enhancer", "output_format_for", "output_path_for",
-    "overlap_for", "plan_output_size", "process_batch", "route_model", "run_batch", "save_result",
+    "overlap_for", "plan_output_size", "process_batch", "route_model", "run_batch", "save_result", "warm_up",
 ]
 
 
@@ -73,3 +73,19 @@ def make_frame_enhancer(model_manager, settings: EnhanceSettings, config=None) -
 
     frames = FrameEnhancer(model_manager, settings, config)
     return DescribedFrameEnhancer(frames, frames.settings.as_dict())
+
+
+def warm_up(model_manager, settings: EnhanceSettings, side: int = 64, *, config=None) -> None:
+    """Pay the one-time costs of ``settings``' model before the first request needs them: the weights load, the
+    bf16 verdict (bf16 on a CPU), the kernels' first-call set-up (oneDNN primitives, the allocator) and the
+    pipeline's own first calls. A side×side gray image runs through the one-image pipeline with these settings
+    (the output size fields cleared); the app starts this in the background at launch.
+
+    Raises:
+        whatever a request with these settings would raise (the caller logs it; the request reports it).
+    """
+    import numpy as np
+
+    small = settings.replace(target_width=None, target_height=None, max_side=None)
+    enhance_image(np.full((side, side, 3), 128, dtype=np.uint8), small, model_manager,
+                  config=config if config is not None else model_manager.config)

@@ -204,3 +204,12 @@ def test_the_advisor_shows_a_range_until_runs_agree_then_one_figure():
                                         timing={"RealESRGAN_x4plus": learned}))
     assert sure.estimated_seconds == pytest.approx(seconds, abs=0.01) and low < seconds < high
     assert seconds < unsure.estimated_seconds / 3  # 80 vs 20 GMAC/s
+
+
+def test_a_calibration_is_kept_only_when_the_process_got_its_cores():
+    from engine.intelligent_enhancer import starved
+
+    assert not starved(cpu_seconds=1.9, wall_seconds=1.0, threads=2)  # both cores, all the time
+    assert not starved(cpu_seconds=1.3, wall_seconds=1.0, threads=2)  # 65%: a little noise
+    assert starved(cpu_seconds=0.5, wall_seconds=1.0, threads=2)  # another program held a core and more
+    assert not starved(cpu_seconds=0.0, wall_seconds=0.0, threads=2)  # nothing timed

@@ -15,7 +15,7 @@ import pytest
 from config import Config
 from engine.inference import precision_check
 from engine.model_manager import ModelManager
-from engine.processor import enhance_image_direct
+from engine.processor import enhance_image_direct, warm_up
 from engine.settings import EnhanceSettings
 
 FAST = "realesr-animevideov3"  # the small offline model
@@ -102,7 +102,7 @@ def test_warm_up_in_the_background_while_a_request_runs(weights, new_process):
 
     def warm() -> None:
         try:
-            manager.warm_up(settings, side=16)
+            warm_up(manager, settings, side=16)
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
 

@@ -171,15 +171,16 @@ def install_access_gate(app, config) -> None:
 
 def start_warm_up(services) -> threading.Thread:
     """In the background: prepare the offline weights and REALESRGAN_WARM_MODELS, then run the last-used settings'
-    model once on a small image (:meth:`engine.model_manager.ModelManager.warm_up`), so the first Enhance after
-    launch does not pay the one-time costs. A request meanwhile simply runs (it waits for a model being loaded)."""
+    model once on a small image (:func:`engine.processor.warm_up`), so the first Enhance after launch does not pay
+    the one-time costs. A request meanwhile simply runs (it waits for a model being loaded)."""
+    from engine.processor import warm_up
     from engine.settings import EnhanceSettings
     from ui.services import warm_models
 
     def run() -> None:
         warm_models(services, background=False)
         try:
-            services.model_manager.warm_up(EnhanceSettings.from_mapping(_initial_settings(services)))
+            warm_up(services.model_manager, EnhanceSettings.from_mapping(_initial_settings(services)))
         except Exception as exc:  # the first request loads the model itself and reports what is wrong
             logger.warning("warm-up of the default model failed: %s", exc)
 

@@ -361,17 +361,19 @@ def measure(job: Job, original: np.ndarray, enhanced: np.ndarray, source: str | 
 
 
 # ------------------------------------------------------------------------------------------------ one image
-def plan_job(settings: EnhanceSettings, width: int, height: int, model_manager, config, report: Reporter, *,
+def plan_job(settings: EnhanceSettings, size: tuple[int, int], model_manager, config, report: Reporter, *,
              channels: int = 3, bit_depth: int = 8, streamed: bool = False
              ) -> tuple[Job, tuple[int, int], tuple[str, ...]]:
     """Route the model, plan the output size and the job's memory; refuse an output over the configured limit or
     a job whose memory plan cannot fit this machine (before any pixel buffer of the job is allocated).
-    ``streamed``: plan the output written into a file in strips (:func:`enhance_to_tiff`).
+    ``size``: the input's (width, height); ``streamed``: plan the output written into a file in strips
+    (:func:`enhance_to_tiff`).
 
     Raises:
         InputTooLargeError: the output is over ``max_output_pixels``.
         JobTooLargeError: even with small tiles the planned peak passes the memory budget.
     """
+    width, height = size
     model_name, note = planning.route_model(settings.model, settings.requested_scale(width, height),
                                             model_manager.is_available)
     spec = model_manager.spec(model_name)
@@ -448,7 +450,7 @@ def plan_input(source, settings: EnhanceSettings, model_manager, config, *, stre
     mode = header.mode
     channels = {"L": 1, "LA": 2, "RGBA": 4, "PA": 4}.get(mode, 1 if mode.startswith("I;16") else 3)
     bit_depth = 16 if "16" in mode else 8
-    job, out_size, _notes = plan_job(settings, header.width, header.height, model_manager, config, Reporter(),
+    job, out_size, _notes = plan_job(settings, (header.width, header.height), model_manager, config, Reporter(),
                                      channels=channels, bit_depth=bit_depth, streamed=streamed)
     return job.model_name, out_size, job.memory
 
@@ -467,7 +469,7 @@ def enhance_image(image, settings: EnhanceSettings | None, model_manager, progre
     height, width = pixels.shape[:2]
     timings["decode"] = time.perf_counter() - t0
     report(0.02, "Image decoded")
-    job, out_size, warnings = plan_job(settings or EnhanceSettings(), width, height, model_manager, config, report,
+    job, out_size, warnings = plan_job(settings or EnhanceSettings(), (width, height), model_manager, config, report,
                                        channels=pixels.shape[2], bit_depth=loaded_image.bit_depth)
 
     channels = pixels.shape[2]
@@ -544,7 +546,7 @@ def enhance_to_tiff(image, settings: EnhanceSettings | None, model_manager, path
         raise InvalidSettingsError("A streamed TIFF output takes gray or RGB images without face restoration; "
                                    "enhance images with alpha or faces in memory.")
     settings = (settings or EnhanceSettings()).replace(quality_metrics=False)
-    job, out_size, warnings = plan_job(settings, width, height, model_manager, config, report, channels=channels,
+    job, out_size, warnings = plan_job(settings, (width, height), model_manager, config, report, channels=channels,
                                        bit_depth=loaded_image.bit_depth, streamed=True)
     rgb, _alpha = network_input(pixels)
     blocks: queue.Queue = queue.Queue(maxsize=4)  # bounded: the network waits for the encoder
@@ -653,7 +655,7 @@ class FrameEnhancer:
                 self._add(r.warnings)
             return [r.pixels for r in results]
         height, width = frames[0].shape[:2]
-        job, out_size, notes = plan_job(self.settings, width, height, self.model_manager, self.config, Reporter())
+        job, out_size, notes = plan_job(self.settings, (width, height), self.model_manager, self.config, Reporter())
         canvases = [streaming.OutputCanvas(out_size, 3, np.uint8) for _ in frames]
         run = upscale_rgb(job, [as_float(f) for f in frames], (0.0, 1.0), lambda src_size: streaming.FanOut(
             [canvas.colour_writer(src_size, image=n) for n, canvas in enumerate(canvases)]))
