@@ -16,8 +16,9 @@ the one object that carries a run's options.
    Neighbours overlap by at least ``overlap`` input pixels.
 3. Tiles go to the device ``batch_size`` at a time, in raster order; outputs come back to the CPU, are
    multiplied by a :func:`blend_window` and accumulated with their weights in a buffer one tile row high
-   (:class:`BandStream`); once the next tile row starts, the rows above it are final: they are divided by their
-   weights and given out as a band, so float memory follows the image's width, not its area.
+   (:class:`BandStream`, one buffer per image reused for every tile row); once the next tile row starts, the rows
+   above it are final: they are divided by their weights and given out in bands of :data:`FINAL_CHUNK_ROWS`, so
+   float memory follows the image's width, not its area.
    The window is 1 at image borders and in a tile's interior; across an overlap of width ``o`` it is 0 for the
    ``o/4`` pixels next to the tile border (the most wrong ones: they saw zero padding instead of image) and
    rises as a raised cosine over the middle ``o/2``, so two neighbours' weights sum to one.
@@ -57,7 +58,7 @@ __all__ = [
     "ACTIVATION_BYTES_PER_PIXEL", "bytes_per_pixel", "estimate_memory_bytes", "TileBox", "TilePlan", "TileOptions",
     "UpscaleStats", "RunBatch", "plan_tiles", "blend_window", "upscale_image", "upscale_image_ex", "upscale_images_ex",
     "output_is_bad", "auto_tile", "available_bytes", "prepare_for_inference", "default_run_batch", "Band",
-    "BandStream",
+    "BandStream", "FINAL_CHUNK_ROWS",
 ]
 
 ProgressCallback = Callable[[int, int], None]
@@ -315,8 +316,9 @@ class BandStream:
     """The output of a tiled run, band by band, as soon as each band is final (iterate it once).
 
     Tiles run in raster order; each tile row's outputs are blended into a float buffer one tile row high (plus
-    the overlap carried from the row above), so the float memory is ``(tile + overlap) * scale`` rows of the
-    output's width, not the whole output. The arithmetic per pixel is the same as blending the whole image at
+    the overlap carried from the row above, moved up in place), so the float memory is ``(tile + overlap) * scale``
+    rows of the output's width, not the whole output; finished rows are given out :data:`FINAL_CHUNK_ROWS` at a
+    time. The arithmetic per pixel is the same as blending the whole image at
     once (the same windows added in the same order, divided by the same weights), so the result is bit-identical.
 
     After the iteration, :attr:`stats` holds the run's :class:`UpscaleStats`. On out-of-memory before any band was
