@@ -16,8 +16,9 @@ the one object that carries a run's options.
    Neighbours overlap by at least ``overlap`` input pixels.
 3. Tiles go to the device ``batch_size`` at a time, in raster order; outputs come back to the CPU, are
    multiplied by a :func:`blend_window` and accumulated with their weights in a buffer one tile row high
-   (:class:`BandStream`); once the next tile row starts, the rows above it are final: they are divided by their
-   weights and given out as a band, so float memory follows the image's width, not its area.
+   (:class:`BandStream`, one buffer per image reused for every tile row); once the next tile row starts, the rows
+   above it are final: they are divided by their weights and given out in bands of :data:`FINAL_CHUNK_ROWS`, so
+   float memory follows the image's width, not its area.
    The window is 1 at image borders and in a tile's interior; across an overlap of width ``o`` it is 0 for the
    ``o/4`` pixels next to the tile border (the most wrong ones: they saw zero padding instead of image) and
    rises as a raised cosine over the middle ``o/2``, so two neighbours' weights sum to one.
@@ -57,7 +58,7 @@ __all__ = [
     "ACTIVATION_BYTES_PER_PIXEL", "bytes_per_pixel", "estimate_memory_bytes", "TileBox", "TilePlan", "TileOptions",
     "UpscaleStats", "RunBatch", "plan_tiles", "blend_window", "upscale_image", "upscale_image_ex", "upscale_images_ex",
     "output_is_bad", "auto_tile", "available_bytes", "prepare_for_inference", "default_run_batch", "Band",
-    "BandStream",
+    "BandStream", "FINAL_CHUNK_ROWS",
 ]
 
 ProgressCallback = Callable[[int, int], None]
@@ -315,8 +316,9 @@ class BandStream:
     """The output of a tiled run, band by band, as soon as each band is final (iterate it once).
 
     Tiles run in raster order; each tile row's outputs are blended into a float buffer one tile row high (plus
-    the overlap carried from the row above), so the float memory is ``(tile + overlap) * scale`` rows of the
-    output's width, not the whole output. The arithmetic per pixel is the same as blending the whole image at
+    the overlap carried from the row above, moved up in place), so the float memory is ``(tile + overlap) * scale``
+    rows of the output's width, not the whole output; finished rows are given out :data:`FINAL_CHUNK_ROWS` at a
+    time. The arithmetic per pixel is the same as blending the whole image at
     once (the same windows added in the same order, divided by the same weights), so the result is bit-identical.
 
     After the iteration, :attr:`stats` holds the run's :class:`UpscaleStats`. On out-of-memory before any band was
@@ -382,27 +384,50 @@ def _check_images(images: Sequence[np.ndarray], options: TileOptions) -> None:
                                    f"TileOptions(scale=..., tile=..., ...).")
 
 
+FINAL_CHUNK_ROWS = 64
+"""Output rows per band given out: finished rows are normalised and converted to an HxWx3 array this many at a
+time, so the copies a consumer makes follow the image's width, not the tile's height."""
+
+
 class _RowBuffer:
-    """One image's blend buffer over output rows ``[top, top + rows)``: weighted sums and their weights."""
+    """One image's blend buffer over output rows ``[top, top + rows)``: weighted sums and their weights.
 
-    def __init__(self, top: int, rows: int, width: int, carry: "_RowBuffer | None", blended: bool):
-        self.top = top
+    One buffer serves every tile row of the image: :meth:`advance` moves the rows the next tile row shares with
+    this one (the overlap) to the top and zeroes the rest, so nothing is allocated per tile row.
+    """
+
+    def __init__(self, rows: int, width: int):
+        self.top = 0
         self.accum = torch.zeros((3, rows, width), dtype=torch.float32)
-        self.weights = torch.zeros((1, rows, width), dtype=torch.float32) if blended else None
-        if carry is not None:  # the rows the tile row above shares with this one
-            shared = carry.top + carry.accum.shape[1] - top
-            if shared > 0:
-                self.accum[:, :shared].copy_(carry.accum[:, top - carry.top:])
-                if self.weights is not None:
-                    self.weights[:, :shared].copy_(carry.weights[:, top - carry.top:])
+        self.weights = torch.zeros((1, rows, width), dtype=torch.float32)
 
-    def final_rows(self, end: int, height: int, width: int) -> np.ndarray:
-        """Rows ``[top, min(end, height))`` normalised and clamped, as an hxWx3 float32 array."""
+    def advance(self, top: int) -> None:
+        """Start the tile row whose first output row is ``top`` (rows above it were given out)."""
+        rows = self.accum.shape[1]
+        offset = top - self.top
+        shared = max(0, rows - offset)
+        for buffer in (self.accum, self.weights):
+            if shared:
+                carried = buffer[:, offset:]
+                buffer[:, :shared].copy_(carried.clone() if offset < shared else carried)
+            buffer[:, shared:].zero_()
+        self.top = top
+
+    def final_rows(self, end: int, height: int, width: int):
+        """Bands of rows ``[top, min(end, height))`` normalised and clamped: ``(first row, hxWx3 float32)``."""
         count = min(end, height) - self.top
-        accum = self.accum[:, :count, :width]  # final rows: normalised in place, nothing else reads them
-        if self.weights is not None:
-            accum.div_(self.weights[:, :count, :width].clamp_min_(1e-12))
-        return np.ascontiguousarray(accum.clamp_(0.0, 1.0).permute(1, 2, 0).numpy())
+        for first in range(0, count, FINAL_CHUNK_ROWS):
+            last = min(count, first + FINAL_CHUNK_ROWS)
+            accum = self.accum[:, first:last, :width]  # final rows: normalised in place, nothing else reads them
+            accum.div_(self.weights[:, first:last, :width].clamp_min_(1e-12))
+            yield self.top + first, np.ascontiguousarray(accum.clamp_(0.0, 1.0).permute(1, 2, 0).numpy())
+
+
+def _whole_rows(tile_out: torch.Tensor, height: int, width: int):
+    """Bands of a single tile's output (no blending): clamped in place, :data:`FINAL_CHUNK_ROWS` at a time."""
+    for first in range(0, height, FINAL_CHUNK_ROWS):
+        rows = tile_out[:, first:min(height, first + FINAL_CHUNK_ROWS), :width].clamp_(0.0, 1.0)
+        yield first, np.ascontiguousarray(rows.permute(1, 2, 0).numpy())
 
 
 class _PlanRun:
@@ -419,8 +444,6 @@ class _PlanRun:
         height, width = images[0].shape[0] * scale, images[0].shape[1] * scale
         out_w = plan.width * scale
         blended = len(plan) > 1
-        row_starts = sorted({box.y for box in plan.boxes})
-        next_row = {y: (row_starts[k + 1] if k + 1 < len(row_starts) else None) for k, y in enumerate(row_starts)}
         first_of_row = {i for i, box in enumerate(plan.boxes) if i == 0 or plan.boxes[i - 1].y != box.y}
         multiple = options.pad_multiple
         channels_last = torch.channels_last
@@ -439,26 +462,32 @@ class _PlanRun:
             batch = torch.cat(parts).to(device=options.device, dtype=options.dtype)
             batch = batch.contiguous(memory_format=channels_last)
             output = self.run_batch(net, batch).to(device="cpu", dtype=torch.float32)
+            del batch, parts
             self.batches += 1
             for (n, i), box, tile_out in zip(chunk, boxes, output):
+                if not blended:  # one tile: its output is the image
+                    sources.pop(n, None)
+                    yield from ((n, top, rows) for top, rows in _whole_rows(tile_out, height, width))
+                    continue
                 if i in first_of_row:
-                    old = buffers.get(n)
-                    if old is not None:  # everything above this tile row is final
-                        yield n, old.top, old.final_rows(box.y * scale, height, width)
-                    buffers[n] = _RowBuffer(box.y * scale, box.h * scale, out_w, old, blended)
+                    buf = buffers.get(n)
+                    if buf is None:
+                        buffers[n] = _RowBuffer(box.h * scale, out_w)
+                    else:  # everything above this tile row is final
+                        yield from ((n, top, rows) for top, rows in buf.final_rows(box.y * scale, height, width))
+                        buf.advance(box.y * scale)
                 buf = buffers[n]
                 ys = slice(box.y * scale - buf.top, (box.y + box.h) * scale - buf.top)
                 xs = slice(box.x * scale, (box.x + box.w) * scale)
-                if not blended:
-                    buf.accum.copy_(tile_out)
-                else:
-                    window = torch.from_numpy(blend_window(box.h, box.w, box.overlap, scale, box.edges))
-                    buf.weights[0, ys, xs].add_(window)
-                    buf.accum[:, ys, xs].addcmul_(tile_out, window)
+                window = torch.from_numpy(blend_window(box.h, box.w, box.overlap, scale, box.edges))
+                buf.weights[0, ys, xs].add_(window)
+                buf.accum[:, ys, xs].addcmul_(tile_out, window)
+                del window
                 if i == len(plan) - 1:
                     done = buffers.pop(n)
                     sources.pop(n, None)
-                    yield n, done.top, done.final_rows(height, height, width)
+                    yield from ((n, top, rows) for top, rows in done.final_rows(height, height, width))
+            del output
             if self.progress is not None:
                 self.progress(min(first + batch_size, len(jobs)), len(jobs))
 

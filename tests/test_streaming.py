@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.inference import pipeline, streaming
-from engine.upscaler import BandStream, TileOptions, blend_window, plan_tiles, upscale_image_ex
+from engine.upscaler import FINAL_CHUNK_ROWS, BandStream, TileOptions, blend_window, plan_tiles, upscale_image_ex
 from utils.band_resize import BandResizer, resize_rows
 
 
@@ -64,9 +64,20 @@ def test_bands_are_bit_identical_to_whole_buffer_blending_and_one_tile_row_high(
         out[top:top + rows.shape[0]] = rows
         next_row, tallest = top + rows.shape[0], max(tallest, rows.shape[0])
     assert next_row == out.shape[0]
-    assert tallest <= (24 + 6) * 4  # a band is at most a tile row: the float memory does not grow with height
+    assert tallest <= FINAL_CHUNK_ROWS < (24 + 6) * 4  # bands are smaller than a tile row: copies stay small
     np.testing.assert_array_equal(out, _whole_buffer_blend(tiles, 75, 93, 24, 6))
     assert stream.stats.tiles == len(plan_tiles(75, 93, 24, 6))
+
+
+def test_one_tile_gives_the_network_output_in_bounded_bands(image):
+    net = _tiny_srvgg()
+    stream = BandStream(net, [image], TileOptions(scale=4, tile=0))
+    bands = list(stream)
+    assert [top for _, top, _ in bands] == list(range(0, 300, FINAL_CHUNK_ROWS))
+    assert max(rows.shape[0] for _, _, rows in bands) == FINAL_CHUNK_ROWS
+    with torch.inference_mode():
+        whole = net(torch.from_numpy(image).permute(2, 0, 1)[None]).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(np.concatenate([rows for _, _, rows in bands]), whole, atol=1e-6)
 
 
 def test_two_images_share_forward_calls_and_get_their_own_bands(image):

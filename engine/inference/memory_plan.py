@@ -9,8 +9,9 @@ memory is a sum of parts that each have a known size:
 * ``input``: the decoded pixels and their float copies (colour, RGB, the padded source).
 * ``network``: activations of one forward pass (:func:`engine.upscaler.estimate_memory_bytes`) and the tile
   outputs; on a GPU the activations live in VRAM, checked against free VRAM instead.
-* ``bands``: the blend buffers of one tile row at the network's scale (weighted sums and weights, the row carried
-  over, the finished rows) and the resizer's rows: :data:`BAND_BYTES_PER_PIXEL` per pixel of a band.
+* ``bands``: the blend buffer of one tile row at the network's scale (weighted sums and weights, reused for every
+  tile row: :data:`BAND_BYTES_PER_PIXEL` per pixel) and :data:`STREAM_ROWS` rows of the finished bands' copies
+  (normalised rows, the resizer's context rows, the dtype conversion), which do not grow with the tile.
 * ``output``: the preallocated output (the input's channels and depth).
 * ``metrics``: quality metrics work at the input size and on a bounded crop of the output.
 * ``faces``: restored faces are pasted on an 8-bit copy of the output (face enhancement only).
@@ -29,10 +30,16 @@ MB = 1024 * 1024
 BASE_PROCESS_BYTES = 800 * MB
 """Resident size of a process that has run a small job with quality metrics (torch, runtime, metric networks)."""
 
-BAND_BYTES_PER_PIXEL = 64
-"""Host bytes per band pixel at the network's scale: float32 RGB sums and a weight (16 B) for the row being
-blended and the row carried over (2x), the finished rows as HxWx3 float32 (12 B), and the resizer's pending rows
-and their concatenation (2 x 12 B)."""
+BAND_BYTES_PER_PIXEL = 16
+"""Host bytes per pixel of a tile row's blend buffer at the network's scale: float32 RGB sums (12 B) and their
+weight (4 B). One buffer serves every tile row (the overlap carried over is moved up in place), and finished rows
+leave it in bands of ``engine.upscaler.FINAL_CHUNK_ROWS`` rows, counted in :data:`STREAM_ROWS`."""
+
+STREAM_ROWS = 512
+"""Rows of the output's width (at the network's scale, counted at :data:`BAND_BYTES_PER_PIXEL`) that the finished
+bands take on their way out, whatever the tile: one band normalised into an HxWx3 float32 copy, its clipped and
+converted copies (64 rows each), and the resizer's pending source rows with their context and concatenation (up
+to ~2 x 208 rows at x4 -> x2)."""
 
 WORKING_SET_BYTES = 384 * MB
 """The most one tile's activations plus its band buffers may take. Larger tiles save only overlap (a few per
@@ -93,9 +100,10 @@ class MemoryPlan:
 
 
 def band_bytes(tile: int, overlap: int, height: int, width: int, scale: int) -> int:
-    """Host bytes of the blend buffers for one tile row (``tile`` 0: the whole image is one band). Pure."""
-    rows = min(height, tile + 2 * overlap) if tile else height
-    return int(rows * scale * width * scale * BAND_BYTES_PER_PIXEL)
+    """Host bytes of the blend buffer of one tile row and the finished bands' copies (``tile`` 0: the whole image
+    is one tile, its output counted with the network; only the bands' copies remain). Pure."""
+    rows = min(height, tile + 2 * overlap) * scale if tile else 0
+    return int((rows + min(height * scale, STREAM_ROWS)) * width * scale * BAND_BYTES_PER_PIXEL)
 
 
 @dataclass(frozen=True)
