@@ -157,3 +157,11 @@ def test_feature_values_are_size_independent_for_large_images():
     a, b = content_features(image), content_features(big)
     assert all(abs(a[k] - b[k]) < 0.05 for k in CONTENT_FEATURES if k != "texture_residual"), (a, b)
     assert abs(a["texture_residual"] - b["texture_residual"]) < 0.2
+
+
+def test_an_image_below_the_small_scale_is_measured_once_at_its_own_size():
+    features = content_features(at_size(synth_lineart(5, 480, 360), 128))
+    for name in ("hard_edge_share", "colour_count", "hue_concentration"):
+        assert features[name] == pytest.approx(features[f"{name}_128"])
+    larger = content_features(at_size(synth_lineart(5, 480, 360), 360))
+    assert larger["colour_count"] != pytest.approx(larger["colour_count_128"])  # two scales: two measurements
