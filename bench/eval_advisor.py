@@ -10,7 +10,8 @@ gray, noise, crop). Printed twice:
   +-ANIME_SURE_LOGIT/PHOTO_SURE_LOGIT) means photo unless a trial reconstruction says otherwise (not run here:
   see ``--trial``).
 
-Then the labelled originals in tests/data/advisor with the shipped model (content type and face counts) and the
+Then the held-out decisions on the sources added after the features were chosen (``more_sources``), the labelled
+originals in tests/data/advisor with the shipped model (content type and face counts) and the
 noise estimator's rank correlation with synthetic Gaussian sigma.
 
 Run: .venv/bin/python bench/eval_advisor.py [--trial N]   (first run ~3 min on 2 cores: features and face counts
@@ -32,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fit_content_type import (  # noqa: E402
-    CACHE, DATA, _feature_version, dataset, leave_one_source_out, read_rgb, report, rgb8, samples, sources)
+    CACHE, DATA, _feature_version, dataset, leave_one_source_out, more_sources, read_rgb, report, rgb8, samples,
+    sources)
 from engine import face_detect  # noqa: E402
 from engine.image_analysis import analyze, decide_content, noise_level, noise_sigma  # noqa: E402
 
@@ -105,6 +107,11 @@ def main() -> None:
         t = np.array(list(trial))
         print(f"trial reconstruction on {len(t)} unsure samples: "
               f"{((np.array(list(trial.values())) < 0) == (y[t] == 1)).mean():.3f} right")
+
+    more = np.isin(data["source"], sorted({item[0] for item in more_sources()}))
+    if more.any():
+        print("== the sources added after the features were chosen (bench/fit_content_type.more_sources), held out ==")
+        report({k: v[more] for k, v in data.items()}, score[more], show_misses=0)
 
     print("== labelled originals (tests/data/advisor), shipped model ==")
     labels = json.loads((DATA / "labels.json").read_text())

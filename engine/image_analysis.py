@@ -11,23 +11,21 @@ Content type ("anime" covers cartoons, cel animation, line art, logos and flat-c
 
 1. **faces**: a human face found by the face detector (the same :func:`engine.face_detect.detect_faces` call the
    face enhancer makes on the same pixels) makes it a photo;
-2. **classifier**: a logistic regression on 10 features measured on a copy whose long side is
-   :data:`CONTENT_SIDE` (smaller images at their own size), after a 3x3 median (which removes sensor noise, grain
-   and JPEG mosquito noise but keeps edges); transparent pixels are left out. Edge profile: ``hard_edge_share``
-   and ``soft_edge_share`` (of the pixels on an edge, the share with a step >= ``HARD_EDGE_STEP`` / below
-   ``SOFT_EDGE_STEP`` grey levels per pixel), ``edge_density``; flat regions: ``flat_share`` (step < 1);
-   colour: ``saturation``, ``palette_share`` (the 16 commonest 15-bit colours), ``colour_count`` (log distinct
-   colours / log pixels), ``local_colours`` (distinct 12-bit colours per 8x8 block); ``texture_residual`` (what a
-   5x5 median removes away from edges); ``gray``. It decides when sure (log-odds beyond
-   +-``ANIME_SURE_LOGIT``/``PHOTO_SURE_LOGIT``);
+2. **classifier**: a logistic regression on the 15 features of :data:`CONTENT_FEATURES`, measured at two fixed
+   scales whatever the input size: a copy whose long side is :data:`CONTENT_SIDE` and one of
+   :data:`CONTENT_SMALL_SIDE` (suffix ``_128``; smaller inputs at their own size), after a 3x3 median (which
+   removes sensor noise, grain and JPEG mosquito noise but keeps edges); transparent pixels are left out. Edge
+   profile (share of hard edges, how sharp an edge is), flat regions, colour counts (whole image, per 4x4 block,
+   commonest colours and grey levels, hue clusters), thin dark outlines and the texture left after denoising:
+   see :func:`_scale_measures`. It decides when sure (log-odds beyond +-``ANIME_SURE_LOGIT``/``PHOTO_SURE_LOGIT``);
 3. **trial** (run by the advisor, :mod:`engine.advisor.trial`, when the classifier is unsure and there is time):
    which of the photo and anime models rebuilds a 4x-shrunk crop better. Unsure without a trial: photo, the
    safer mistake (the photo model on a drawing softens it a little; the anime model on a photo paints it).
 
-The weights come from ``bench/fit_content_type.py`` (source-balanced logistic regression on 1580 samples: 43
+The weights come from ``bench/fit_content_type.py`` (source-balanced logistic regression on 2035 samples: 53
 sources at 6 sizes and 5 variants). Held out by source (``bench/eval_advisor.py``) the classifier alone is right
-on 83% of samples (78% at 128 px, 89% at 360 px, 87% native), and the whole decision is right on 93% of photos
-(100% of the 193 photo samples with a detected face) and 72% of drawings; the README lists the known limits.
+on 87% of samples (86% at 128 px, 90% at 360 px, 87% native); the README gives the decision's figures and the
+known limits.
 """
 
 from __future__ import annotations
@@ -70,13 +68,16 @@ NATIVE_CROP = 768
 NOISE_SIGMA_FULL_SCALE = 50.0
 #: Content-type logistic (see module docstring): log-odds of "anime" = bias + sum(weight * feature). Fitted by
 #: ``bench/fit_content_type.py`` (source-balanced logistic regression); leave-one-source-out figures are there.
-CONTENT_FEATURES = ("hard_edge_share", "soft_edge_share", "saturation", "edge_density", "flat_share",
-                    "palette_share", "colour_count", "local_colours", "texture_residual", "gray")
+CONTENT_FEATURES = ("hard_edge_share", "edge_sharpness", "colour_count_128", "colour_count", "flat_blocks_128",
+                    "texture_residual", "thin_dark_share", "hard_edge_share_128", "hue_concentration",
+                    "hue_concentration_128", "palette_share", "luma_peaks", "local_colours", "flat_share_128",
+                    "coloured_share")
 CONTENT_WEIGHTS: dict[str, float] = {
-    "hard_edge_share": 20.84, "soft_edge_share": -1.126, "saturation": 2.88, "edge_density": 0.6714,
-    "flat_share": 9.676, "palette_share": -0.6892, "colour_count": -2.205, "local_colours": 3.992,
-    "texture_residual": 1.549, "gray": -0.6823}
-CONTENT_BIAS = -10.26
+    "hard_edge_share": 17.96, "edge_sharpness": 57.07, "colour_count_128": 8.398, "colour_count": -13.37,
+    "flat_blocks_128": 14.29, "texture_residual": 6.38, "thin_dark_share": 2.561, "hard_edge_share_128": 11.04,
+    "hue_concentration": 0.445, "hue_concentration_128": 1.126, "palette_share": -20.01, "luma_peaks": 24.64,
+    "local_colours": -11.49, "flat_share_128": -8.341, "coloured_share": -0.9128}
+CONTENT_BIAS = -27.07
 #: The classifier decides "anime" only above this log-odds and "photo" only below minus PHOTO_SURE_LOGIT; between
 #: them it is unsure, and a trial reconstruction (when there is time) or the photo model (the safer mistake)
 #: decides. Chosen on the leave-one-source-out logits of bench/eval_advisor.py.
@@ -87,11 +88,13 @@ FACE_EVIDENCE = 0.95
 #: Long side (pixels) of the copy the content features are measured on, whatever the input size (smaller inputs
 #: are measured at their own size), so a feature means the same on a 12 MP photo and on its thumbnail.
 CONTENT_SIDE = 384
+#: Long side (pixels) of the second, smaller copy (features with the suffix ``_128``): a 4K image and its 128 px
+#: thumbnail measure the same there.
+CONTENT_SMALL_SIDE = 128
 #: Luminance step (grey levels per pixel, Sobel / 8, after a 3x3 median) above which a pixel is on an edge ...
 EDGE_MIN_STEP = 3.0
-#: ... and above which that edge is hard (an inked outline or a flat-fill boundary); below SOFT_EDGE_STEP, soft.
+#: ... and above which that edge is hard (an inked outline or a flat-fill boundary).
 HARD_EDGE_STEP = 20.0
-SOFT_EDGE_STEP = 8.0
 #: Laplacian variance (0-255 scale, working copy) of a sharp and of a very blurry image: blur 0 and 1.
 BLUR_SHARP_LAPVAR = 1000.0
 BLUR_BLURRY_LAPVAR = 10.0
@@ -214,13 +217,15 @@ def _centre_crop(array: np.ndarray, size: int = NATIVE_CROP) -> np.ndarray:
 
 
 def content_features(image: np.ndarray) -> dict[str, float]:
-    """The content-type features (see module docstring): ``hard_edge_share`` and ``saturation``, both in [0, 1].
+    """The content-type features named in :data:`CONTENT_FEATURES` (see the module docstring and
+    :func:`_scale_measures`), measured at two fixed scales: the :data:`CONTENT_SIDE` copy and a
+    :data:`CONTENT_SMALL_SIDE` copy (suffix ``_128``); an input smaller than a scale is measured at its own size.
 
     Args:
         image: HxW, HxWx3 or HxWx4 uint8/uint16 (RGB order; alpha masks out transparent pixels).
 
     Returns:
-        ``{"hard_edge_share": float, "saturation": float}``.
+        ``{name: float}`` for every name in :data:`CONTENT_FEATURES`.
 
     Raises:
         InvalidInputError: empty or malformed input.
@@ -237,42 +242,98 @@ def _content_features(prep: _Prepared) -> dict[str, float]:
         opaque = cv2.erode((prep.content_alpha > 0.98).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
         if opaque.sum() < 64:
             opaque = prep.content_alpha > 0.98
-    # A 3x3 median removes sensor noise, JPEG mosquito noise and film grain but keeps edges where they are.
+    large = _scale_measures(rgb, opaque, prep.is_gray)
+    h, w = rgb.shape[:2]
+    factor = CONTENT_SMALL_SIDE / max(h, w)
+    if factor < 1.0:
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        small_rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+        small_opaque = cv2.resize(opaque.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+        if small_opaque.sum() < 64:
+            small_opaque = np.ones(small_rgb.shape[:2], bool)
+        small = _scale_measures(small_rgb, small_opaque, prep.is_gray)
+    else:
+        small = large
+    measured = {**large, **{f"{name}_128": value for name, value in small.items()}}
+    return {name: measured[name] for name in CONTENT_FEATURES}
+
+
+def _scale_measures(rgb: np.ndarray, opaque: np.ndarray, is_gray: bool) -> dict[str, float]:
+    """The content measures of one scale (uint8 RGB; ``opaque`` masks the pixels that count).
+
+    After a 3x3 median (which removes sensor noise, grain and JPEG mosquito noise but keeps edges), with ``step``
+    the luminance gradient (Sobel / 8, grey levels per pixel):
+
+    * ``hard_edge_share``: of the pixels on an edge (step >= ``EDGE_MIN_STEP``), the share with step >=
+      ``HARD_EDGE_STEP`` (an inked outline or a flat-fill boundary);
+    * ``edge_sharpness``: on strong edges (step >= 10), the median of step / (5x5 luminance range + 1): an edge
+      drawn in one or two pixels has the whole range in one step, a photo's edge spreads it over several;
+    * ``flat_share``: pixels with step < 1; ``flat_blocks``: 8x8 blocks whose luminance deviation is < 1.5;
+    * ``colour_count``: log distinct 15-bit colours / log pixels; ``palette_share``: the 4 commonest 15-bit
+      colours' share; ``local_colours``: distinct 12-bit colours per 4x4 block, as a share of 16;
+      ``luma_peaks``: the share of the 8 commonest grey levels; ``hue_concentration``: of the coloured pixels
+      (saturation and value > 0.2), the share in the 3 commonest of 18 hue bins (0 for gray or colourless);
+      ``coloured_share``: the coloured pixels' share (0 for gray);
+    * ``thin_dark_share``: of the dark pixels (luminance < 70), the share on lines at most 2 px wide (what a 3x3
+      opening removes): ink outlines;
+    * ``texture_residual``: log(1 + mean |median3 - median5 of it|) away from edges: fine texture a photo keeps.
+    """
     smooth = cv2.medianBlur(rgb, 3)
-    luma = cv2.cvtColor(smooth, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    luma8 = cv2.cvtColor(smooth, cv2.COLOR_RGB2GRAY)
+    luma = luma8.astype(np.float32)
     step = np.hypot(cv2.Sobel(luma, cv2.CV_32F, 1, 0), cv2.Sobel(luma, cv2.CV_32F, 0, 1)) / 8.0
-    edges = step >= EDGE_MIN_STEP
-    edge_steps = step[edges & opaque]
+    n = max(1, int(opaque.sum()))
+    edge_steps = step[(step >= EDGE_MIN_STEP) & opaque]
     hard_edge_share = float((edge_steps >= HARD_EDGE_STEP).mean()) if edge_steps.size else 0.0
-    soft_edge_share = float((edge_steps < SOFT_EDGE_STEP).mean()) if edge_steps.size else 0.0
-    saturation = 0.0 if prep.is_gray else float(cv2.cvtColor(smooth, cv2.COLOR_RGB2HSV)[:, :, 1][opaque].mean() / 255.0)
-    # Palette: drawings reuse few colours. Share of the 16 commonest colours (5 bits per channel) and the number
-    # of distinct colours, as a log-ratio to the pixel count so it does not grow with the size.
+    kernel = np.ones((5, 5), np.uint8)
+    strong = (step >= 10.0) & opaque
+    spread = cv2.dilate(luma, kernel) - cv2.erode(luma, kernel) + 1.0
+    edge_sharpness = float(np.median(step[strong] / spread[strong])) if strong.sum() > 10 else 0.0
+    # Colours: 15-bit codes for the whole image, 12-bit codes per 4x4 block.
     q = (smooth >> 3).astype(np.int32)
     counts = np.bincount(((q[:, :, 0] << 10) | (q[:, :, 1] << 5) | q[:, :, 2])[opaque], minlength=1 << 15)
-    n = int(opaque.sum())
-    palette_share = float(np.sort(counts)[-16:].sum() / n)
+    palette_share = float(np.sort(counts)[-4:].sum() / n)
     colour_count = float(np.log(max(2, int((counts > 0).sum()))) / np.log(max(3, n)))
-    # Local colours: distinct colours (4 bits per channel) per 8x8 block, as a share of 64.
     q4 = (smooth >> 4).astype(np.int32)
     codes = (q4[:, :, 0] << 8) | (q4[:, :, 1] << 4) | q4[:, :, 2]
-    bh, bw = codes.shape[0] // 8 * 8, codes.shape[1] // 8 * 8
-    if bh and bw:
-        blocks = codes[:bh, :bw].reshape(bh // 8, 8, bw // 8, 8).transpose(0, 2, 1, 3).reshape(-1, 64)
-        inside = opaque[:bh, :bw].reshape(bh // 8, 8, bw // 8, 8).transpose(0, 2, 1, 3).reshape(-1, 64).all(1)
-        blocks = np.sort(blocks[inside] if inside.any() else blocks, 1)
-        local_colours = float(((np.diff(blocks, axis=1) != 0).sum(1) + 1).mean() / 64.0)
-    else:
-        local_colours = 0.0
-    # Texture left after denoising (5x5 median) away from strong edges: photos keep fine texture, fills do not.
-    raw = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
-    denoised = cv2.cvtColor(cv2.medianBlur(rgb, 5), cv2.COLOR_RGB2GRAY).astype(np.float32)
+    local_colours = _per_block(codes, opaque, 4, lambda b: ((np.diff(np.sort(b, 1), axis=1) != 0).sum(1) + 1) / 16.0)
+    flat_blocks = _per_block(luma, opaque, 8, lambda b: b.std(1) < 1.5)
+    levels = np.bincount(luma8[opaque].ravel(), minlength=256)
+    luma_peaks = float(np.sort(levels)[-8:].sum() / n)
+    hue_concentration = coloured_share = 0.0
+    if not is_gray:
+        hsv = cv2.cvtColor(smooth, cv2.COLOR_RGB2HSV)[opaque]
+        coloured = (hsv[:, 1] > 51) & (hsv[:, 2] > 51)
+        coloured_share = float(coloured.mean())
+        if coloured.sum() > 20:
+            hues = np.bincount(hsv[coloured, 0] // 10, minlength=18)[:18]
+            hue_concentration = float(np.sort(hues)[-3:].sum() / coloured.sum())
+    dark = ((luma8 < 70) & opaque).astype(np.uint8)
+    thin = dark & (1 - cv2.morphologyEx(dark, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)))
+    thin_dark_share = float(thin.sum() / max(1, int(dark.sum())))
     calm = (step < 10.0) & opaque
-    residual = float(np.log1p(np.abs(raw - denoised)[calm].mean())) if calm.any() else 0.0
-    return {"hard_edge_share": hard_edge_share, "soft_edge_share": soft_edge_share, "saturation": saturation,
-            "edge_density": float(edges[opaque].mean()), "flat_share": float((step < 1.0)[opaque].mean()),
-            "palette_share": palette_share, "colour_count": colour_count, "local_colours": local_colours,
-            "texture_residual": residual, "gray": float(prep.is_gray)}
+    residual = np.abs(luma - cv2.medianBlur(luma8, 5).astype(np.float32))
+    texture_residual = float(np.log1p(residual[calm].mean())) if calm.any() else 0.0
+    return {"hard_edge_share": hard_edge_share, "edge_sharpness": edge_sharpness,
+            "flat_share": float((step < 1.0)[opaque].mean()), "flat_blocks": flat_blocks,
+            "colour_count": colour_count, "palette_share": palette_share, "local_colours": local_colours,
+            "luma_peaks": luma_peaks, "hue_concentration": hue_concentration, "coloured_share": coloured_share,
+            "thin_dark_share": thin_dark_share,
+            "texture_residual": texture_residual}
+
+
+def _per_block(values: np.ndarray, opaque: np.ndarray, size: int, measure) -> float:
+    """Mean of ``measure`` over the size x size blocks that are wholly opaque (all blocks when none is)."""
+    bh, bw = values.shape[0] // size * size, values.shape[1] // size * size
+    if not bh or not bw:
+        return 0.0
+
+    def blocks(a: np.ndarray) -> np.ndarray:
+        return a[:bh, :bw].reshape(bh // size, size, bw // size, size).transpose(0, 2, 1, 3).reshape(-1, size * size)
+
+    inside = blocks(opaque).all(1)
+    chosen = blocks(values)[inside] if inside.any() else blocks(values)
+    return float(np.mean(measure(chosen)))
 
 
 def content_logit(features: dict[str, float]) -> float:

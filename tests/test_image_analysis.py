@@ -97,7 +97,7 @@ def test_gray_content_stored_as_rgb_is_treated_as_gray():
     gray = read_rgb("wolf_gray.jpg")
     as_rgb = np.repeat(gray[:, :, None], 3, axis=2)
     assert content_features(as_rgb) == pytest.approx(content_features(gray), abs=1e-6)
-    assert content_features(gray)["saturation"] == 0.0
+    assert content_features(gray)["coloured_share"] == content_features(gray)["hue_concentration"] == 0.0
 
 
 # ------------------------------------------------------------------------------------------------ noise
