@@ -78,12 +78,10 @@ def _raw_enhance_request(url: str, image: bytes, fields: dict) -> bytes:
     return "\r\n".join(head).encode("latin-1") + body
 
 
-def _spy_on_jobs(monkeypatch) -> list[str]:
-    """Record how each REST job ended (the class name of what it raised, or "finished")."""
-    from ui import rest_api
-
+def _spy_on(monkeypatch, module, name: str) -> list[str]:
+    """Record how each call of ``module.name`` ended (the class name of what it raised, or "finished")."""
     outcomes: list[str] = []
-    real = rest_api.run_enhance_job
+    real = getattr(module, name)
 
     def spying(*args, **kwargs):
         try:
@@ -94,8 +92,15 @@ def _spy_on_jobs(monkeypatch) -> list[str]:
         outcomes.append("finished")
         return result
 
-    monkeypatch.setattr(rest_api, "run_enhance_job", spying)
+    monkeypatch.setattr(module, name, spying)
     return outcomes
+
+
+def _spy_on_jobs(monkeypatch) -> list[str]:
+    """How each REST job ended."""
+    from ui import rest_api
+
+    return _spy_on(monkeypatch, rest_api, "run_enhance_job")
 
 
 # A job of a few hundred tiles: long enough that only a cancellation ends it before the client's hang-up is seen.
@@ -413,23 +418,10 @@ def test_uploads_are_refused_with_507_while_the_disk_is_nearly_full(tmp_path, sh
 
 # ------------------------------------------------------------------------------------------------ (2) Gradio jobs
 def _spy_on_gradio_jobs(monkeypatch) -> list[str]:
-    """Record how each Gradio image job ended (the class name of what it raised, or "finished")."""
+    """How each Gradio image job ended."""
     from ui import tab_image
 
-    outcomes: list[str] = []
-    real = tab_image.enhance_file
-
-    def spying(*args, **kwargs):
-        try:
-            result = real(*args, **kwargs)
-        except BaseException as exc:
-            outcomes.append(type(exc).__name__)
-            raise
-        outcomes.append("finished")
-        return result
-
-    monkeypatch.setattr(tab_image, "enhance_file", spying)
-    return outcomes
+    return _spy_on(monkeypatch, tab_image, "enhance_file")
 
 
 _LONG_GRADIO_JOB = {"model": FAST_MODEL, "tile": 32, "outscale": 2}

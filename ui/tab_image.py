@@ -414,9 +414,7 @@ def listen(tab: ImageTab, services) -> None:
                     api_visibility="private", queue=False)
 
     def on_enhance(payload, token: CancelToken, request: gr.Request, *values, progress=gr.Progress()):
-        path = upload_path(payload)
-        if path is None:
-            raise gr.Error("Upload an image first (drag it onto the left box, or paste it).", title="No image")
+        path = required_upload(payload)
         event = token.start()
         with friendly_errors("enhance"):
             settings = form_mod.widget_values_to_settings(values)
@@ -477,18 +475,25 @@ def listen(tab: ImageTab, services) -> None:
                           preprocess=False, concurrency_id="analyze", concurrency_limit=2)
 
 
+def required_upload(payload) -> str:
+    """The uploaded image's path; a message that says what to do when there is none."""
+    path = upload_path(payload)
+    if path is None:
+        raise gr.Error("Upload an image first (drag it onto the left box, or paste it).", title="No image")
+    return path
+
+
 def listen_compare(tab: ImageTab, services) -> None:
     panel = tab.compare
 
-    def on_compare(payload, models, token: CancelToken, *values, progress=gr.Progress()):
-        path = upload_path(payload)
-        if path is None:
-            raise gr.Error("Upload an image first (drag it onto the left box, or paste it).", title="No image")
+    def on_compare(payload, models, token: CancelToken, request: gr.Request, *values, progress=gr.Progress()):
+        path = required_upload(payload)
         event = token.start()
         with friendly_errors("compare models"):
             settings = form_mod.widget_values_to_settings(values)
-            comparison = compare_models(services, path, settings, list(models or []),
-                                        progress=gradio_progress(progress), cancel=event)
+            with watch_job(services, event, request):  # the time limit, and a client gone, stop it like Enhance
+                comparison = compare_models(services, path, settings, list(models or []),
+                                            progress=gradio_progress(progress), cancel=event)
         (first, left), (second, right) = comparison.previews[:2]
         gr.Info(f"On the slider: {first} (left) and {second} (right).")
         return ((left, right), [(image, model) for model, image in comparison.previews], comparison.markdown())
