@@ -424,9 +424,10 @@ class _RowBuffer:
 
 
 def _whole_rows(tile_out: torch.Tensor, height: int, width: int):
-    """Bands of a single tile's output (no blending): clamped in place, :data:`FINAL_CHUNK_ROWS` at a time."""
+    """Bands of a single tile's output (no blending), clamped, :data:`FINAL_CHUNK_ROWS` at a time. Not in place: a
+    network's output may be a broadcast view (a gray model's one channel expanded to RGB)."""
     for first in range(0, height, FINAL_CHUNK_ROWS):
-        rows = tile_out[:, first:min(height, first + FINAL_CHUNK_ROWS), :width].clamp_(0.0, 1.0)
+        rows = tile_out[:, first:min(height, first + FINAL_CHUNK_ROWS), :width].clamp(0.0, 1.0)
         yield first, np.ascontiguousarray(rows.permute(1, 2, 0).numpy())
 
 
