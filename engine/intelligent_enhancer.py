@@ -23,6 +23,7 @@ import numpy as np
 from engine.advisor.estimates import UNSURE_SPREAD, TimingModel, device_kind, job_key, load_key
 from engine.catalog import CATALOG, DEFAULT_FACE_MODEL, active_catalog, user_alternatives
 from engine.settings import Advice, EnhanceSettings
+from utils.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -375,9 +376,7 @@ class ThroughputCalibrator:
             return
         try:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(values, indent=1))
-            tmp.replace(self.cache_file)
+            write_atomic(self.cache_file, json.dumps(values, indent=1).encode("utf-8"))
         except OSError as exc:
             logger.warning("could not save the calibration cache: %s", exc)
 

@@ -28,11 +28,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
+
+from utils.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -239,19 +240,13 @@ class TimingStore:
     def _save(self) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w") as f:
-                json.dump({"format": FORMAT, "runs": self._runs, "loads": self._loads}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps({"format": FORMAT, "runs": self._runs, "loads": self._loads}).encode())
             stat = self.path.stat()
             self._stamp = (stat.st_mtime_ns, stat.st_size)
         except OSError as exc:
             logger.warning("could not save the timings file: %s", exc)
-            tmp.unlink(missing_ok=True)
 
 
 def prior_load_seconds(model: str) -> float:

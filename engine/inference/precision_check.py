@@ -15,11 +15,12 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
+
+from utils.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -77,22 +78,13 @@ def read_verdicts(path: Path) -> dict[str, float]:
 
 
 def _store_verdict(path: Path, key: str, psnr: float) -> None:
-    """Add one verdict to the file atomically (temp file in the same folder, then ``os.replace``): a crash leaves
+    """Add one verdict to the file atomically (:func:`utils.atomic.write_atomic`): a crash leaves
     the old file or the new one, never half of one. Concurrent writers may drop each other's entry (it is then
     measured again), never corrupt the file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         verdicts = read_verdicts(path) | {key: psnr}
-        fd, tmp = tempfile.mkstemp(prefix=".bf16-", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                json.dump(verdicts, out, indent=1, sort_keys=True)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, json.dumps(verdicts, indent=1, sort_keys=True).encode("utf-8"))
     except OSError as exc:  # a read-only weights dir: the verdict stays in this process only
         logger.debug("could not store the bf16 verdict in %s: %s", path, exc)
 

@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 import urllib.parse
 import uuid
@@ -37,6 +36,7 @@ from typing import Callable, Literal, Mapping, get_args
 from engine.catalog import CATALOG, ModelSpec
 from engine.errors import ChecksumMismatchError, InvalidInputError, InvalidSettingsError, ModelNotAvailableError
 from engine.models.loader import SPANDREL_ARCHITECTURES
+from utils.atomic import fsync_dir, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -190,17 +190,7 @@ class UserCatalog:
 
     def _write(self, models: Mapping[str, UserModel]) -> None:
         text = json.dumps({"version": 1, "models": [m.as_dict() for m in models.values()]}, indent=2)
-        fd, tmp = tempfile.mkstemp(prefix=f".{CATALOG_FILE}.", dir=self.weights_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                file.write(text)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.weights_dir)
+        write_atomic(self.path, text.encode("utf-8"))
 
     def remove(self, name: str) -> UserModel:
         """Take ``name`` out of the catalog and delete its file.
@@ -313,7 +303,7 @@ class UserCatalog:
             with open(incoming, "rb") as file:
                 os.fsync(file.fileno())
             os.replace(incoming, self.weights_dir / filename)
-            _fsync_dir(self.models_dir)
+            fsync_dir(self.models_dir)
             self._write(models | {model.name: model})
         logger.info("Imported %s: %s x%d, sha256 %s", model.name, model.architecture, model.scale, model.sha256)
         return model
@@ -422,10 +412,3 @@ def _probe(net, image, counter=None):
                                 "it cannot be used.") from exc
 
 
-def _fsync_dir(folder: Path) -> None:
-    if hasattr(os, "O_DIRECTORY"):  # make a rename durable (POSIX)
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
