@@ -36,7 +36,7 @@ class Case:
     model: str = "realesr-animevideov3"
     output: str = "png"  # output file extension
     extra: tuple[str, ...] = ()
-    stream: bool = False  # through pipeline.enhance_to_tiff (the output never whole in memory), not the CLI
+    stream: bool = False  # through pipeline.enhance_streamed (the output never whole in memory), not the CLI
 
     @property
     def output_bytes(self) -> int:
@@ -119,9 +119,9 @@ def run_case(case: Case, checkout: Path, folder: Path, cap: int) -> dict:
     if case.stream:
         argv = [sys.executable, "-c", (
             "from config import Config; from engine.model_manager import ModelManager;"
-            "from engine.settings import EnhanceSettings; from engine.inference.pipeline import enhance_to_tiff;"
+            "from engine.settings import EnhanceSettings; from engine.inference.pipeline import enhance_streamed;"
             "c=Config(); s=EnhanceSettings(model=%r, outscale=%r, device='cpu');"
-            "print(enhance_to_tiff(%r, s, ModelManager(c), %r, config=c)[1])" % (case.model, case.scale, str(image),
+            "print(enhance_streamed(%r, s, ModelManager(c), %r, config=c)[1])" % (case.model, case.scale, str(image),
                                                                                  str(out)))]
     env = dict(os.environ, PYTHONPATH=str(checkout))
     result = run_capped(argv, cap, checkout, env)

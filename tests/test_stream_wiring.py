@@ -1,4 +1,5 @@
-"""The batch runner plans each input from its header: a job too large for memory is streamed into its TIFF file, or
+"""The batch runner plans each input from its header: a job too large for memory is streamed into its TIFF or PNG
+file, or
 refused (saying what would fit) before any pixel is decoded, and the batch goes on (issue 13)."""
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ SETTINGS = {"model": FAST, "outscale": 2, "tile": 64, "device": "cpu"}
     (True, True, True, True, "memory"),
     (True, False, False, False, "memory"),
     (False, True, True, True, "stream"),
-    (False, True, False, True, "refuse"),  # a PNG target cannot be streamed
+    (False, True, False, True, "refuse"),  # a JPEG or WebP target cannot be streamed
     (False, True, True, False, "refuse"),  # faces need the output in memory
     (False, False, True, True, "refuse"),
 ])
-def test_output_mode_prefers_memory_then_a_streamed_tiff(fits_memory, fits_streamed, tiff, streamable, expected):
-    assert output_mode(fits_memory, fits_streamed, to_tiff_file=tiff, streamable=streamable) == expected
+def test_output_mode_prefers_memory_then_a_streamed_file(fits_memory, fits_streamed, tiff, streamable, expected):
+    assert output_mode(fits_memory, fits_streamed, to_stream_file=tiff, streamable=streamable) == expected
 
 
 def test_streamed_plan_holds_a_few_bands_of_the_output_instead_of_all_of_it():
@@ -84,7 +85,7 @@ def _cli(tmp_path: Path, weights_dir: Path, budget_mb: float, *args: str) -> sub
                           capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
 
 
-def test_cli_streams_a_job_too_large_for_memory_into_its_tiff_identical_to_in_memory(
+def test_cli_streams_a_job_too_large_for_memory_into_its_tiff_or_png_identical_to_in_memory(
         model_manager, config, shared_weights_dir, tmp_path):
     from engine.inference.pipeline import enhance_image
     from engine.settings import EnhanceSettings
@@ -94,15 +95,16 @@ def test_cli_streams_a_job_too_large_for_memory_into_its_tiff_identical_to_in_me
     in_memory, lean = _peaks(photo, model_manager, config)
     budget = _between(lean, in_memory)  # quality metrics and the output array are left out of the streamed plan
     reference = enhance_image(photo, EnhanceSettings(**SETTINGS), model_manager, config=config).pixels  # no limit
-    done = _cli(tmp_path, shared_weights_dir, budget, str(photo), "-o", str(tmp_path / "big.tif"))
-    assert done.returncode == 0, done.stderr[-2000:]
-    record = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
-    assert record["ok"] is True and any("streamed to disk" in w for w in record["warnings"])
-    np.testing.assert_array_equal(load_image(tmp_path / "big.tif").pixels, reference)
+    for name in ("big.tif", "big.png"):
+        done = _cli(tmp_path, shared_weights_dir, budget, str(photo), "-o", str(tmp_path / name))
+        assert done.returncode == 0, done.stderr[-2000:]
+        record = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+        assert record["ok"] is True and any("streamed to disk" in w for w in record["warnings"])
+        np.testing.assert_array_equal(load_image(tmp_path / name).pixels, reference)
 
-    refused = _cli(tmp_path, shared_weights_dir, budget, str(photo), "-o", str(tmp_path / "big.png"))
-    assert refused.returncode == 1 and not (tmp_path / "big.png").exists()
-    assert "--format tiff" in refused.stderr and "stream it to disk" in refused.stderr
+    refused = _cli(tmp_path, shared_weights_dir, budget, str(photo), "-o", str(tmp_path / "big.webp"))
+    assert refused.returncode == 1 and not (tmp_path / "big.webp").exists()
+    assert "--format tiff or png" in refused.stderr and "stream it to disk" in refused.stderr
 
 
 def test_batch_refuses_an_unfittable_input_before_decoding_and_goes_on(model_manager, config, tmp_path):
@@ -125,7 +127,7 @@ def test_batch_refuses_an_unfittable_input_before_decoding_and_goes_on(model_man
     assert [item.ok for item in report.items] == [True, False]
     assert (tmp_path / "out" / "a_small.png").exists() and not (tmp_path / "out" / "b_big.png").exists()
     error = report.items[1].error
-    assert "memory" in error and "--format tiff" in error  # the plan refused it, not the decoder
+    assert "memory" in error and "--format tiff or png" in error  # the plan refused it, not the decoder
 
     big.write_bytes(whole)
     explicit = SETTINGS | {"output_format": "tiff"}

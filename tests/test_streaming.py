@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from engine.inference import pipeline, streaming
 from engine.upscaler import FINAL_CHUNK_ROWS, BandStream, TileOptions, blend_window, plan_tiles, upscale_image_ex
@@ -156,8 +157,9 @@ def test_bounded_metrics_equal_the_whole_image_ones():
     assert got["niqe_input"] is not None and got["lr_psnr"] > 30
 
 
+@pytest.mark.parametrize("suffix", [".tiff", ".png"])
 @pytest.mark.parametrize("kind", ["rgb8", "gray8", "rgb16"])
-def test_streamed_tiff_decodes_identical_to_the_in_memory_output(kind, model_manager, config, tmp_path):
+def test_streamed_file_decodes_identical_to_the_in_memory_output(kind, suffix, model_manager, config, tmp_path):
     from engine.settings import EnhanceSettings
     from utils.image_io import load_image
 
@@ -166,7 +168,45 @@ def test_streamed_tiff_decodes_identical_to_the_in_memory_output(kind, model_man
     pixels = {"rgb8": pixels, "gray8": pixels[:, :, :1], "rgb16": pixels.astype(np.uint16) * 257 + 1}[kind]
     settings = EnhanceSettings(model="realesr-animevideov3", outscale=3, tile=16, quality_metrics=False)
     in_memory = pipeline.enhance_image(pixels, settings, model_manager, config=config).pixels
-    saved, report = pipeline.enhance_to_tiff(pixels, settings, model_manager, tmp_path / "out.tiff", config=config)
+    saved, report = pipeline.enhance_streamed(pixels, settings, model_manager, tmp_path / f"out{suffix}",
+                                              config=config)
     assert report["output_size"] == [105, 87] and saved.bit_depth == 8 * pixels.dtype.itemsize
     np.testing.assert_array_equal(load_image(saved.path).pixels, in_memory)
-    assert [p.name for p in tmp_path.iterdir()] == ["out.tiff"]  # no temporary file left
+    assert [p.name for p in tmp_path.iterdir()] == [f"out{suffix}"]  # no temporary file left
+
+
+@pytest.mark.parametrize("fmt", ["png", "tiff"])
+@pytest.mark.parametrize("channels, dtype", [(1, np.uint8), (2, np.uint8), (3, np.uint8), (4, np.uint8),
+                                             (1, np.uint16), (3, np.uint16), (4, np.uint16)])
+def test_rows_written_in_blocks_decode_to_the_whole_image(fmt, channels, dtype, tmp_path):
+    """save_rows gets blocks of uneven heights (as the bands come) and writes a file equal to the whole image."""
+    from utils.image_io import load_image, save_rows
+
+    rng = np.random.default_rng(channels)
+    top = 65535 if dtype == np.uint16 else 255
+    image = (rng.random((101, 37, channels)) * top).astype(dtype)
+    image[40:60] = image[39:40]  # runs of equal rows: the PNG filter's difference to the row above is zero
+    blocks = [image[a:b] for a, b in ((0, 1), (1, 30), (30, 94), (94, 101))]
+    saved = save_rows(iter(blocks), tmp_path / f"out.{fmt}", fmt, size=(37, 101), channels=channels, dtype=dtype)
+    assert saved.format == fmt and saved.bit_depth == 8 * np.dtype(dtype).itemsize
+    decoded = load_image(saved.path).pixels
+    np.testing.assert_array_equal(decoded.reshape(image.shape), image)
+    if fmt == "png":
+        Image.open(saved.path).verify()  # every chunk's CRC
+
+
+def test_a_streamed_png_keeps_the_icc_profile_and_a_short_stream_leaves_no_file(tmp_path):
+    from PIL import ImageCms
+
+    from utils.errors import InvalidInputError
+    from utils.image_io import save_rows
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    image = np.zeros((8, 5, 3), np.uint8)
+    save_rows([image], tmp_path / "a.png", "png", size=(5, 8), channels=3, dtype=np.uint8, icc_profile=icc)
+    assert Image.open(tmp_path / "a.png").info["icc_profile"] == icc
+    with pytest.raises(InvalidInputError, match="7 rows, expected 8"):
+        save_rows([image[:7]], tmp_path / "b.png", "png", size=(5, 8), channels=3, dtype=np.uint8)
+    with pytest.raises(InvalidInputError, match="TIFF or PNG"):
+        save_rows([image], tmp_path / "c.jpg", "jpg", size=(5, 8), channels=3, dtype=np.uint8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]

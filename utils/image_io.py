@@ -27,7 +27,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable, Literal, Union, get_args
+from typing import IO, Iterable, Iterator, Literal, Union, get_args
 
 import cv2
 import numpy as np
@@ -49,9 +49,12 @@ __all__ = [
     "as_pixels",
     "choose_output_format",
     "encode_image",
+    "format_of_path",
     "load_image",
     "normalize_format",
     "save_image",
+    "save_png_rows",
+    "save_rows",
     "save_tiff_strips",
     "to_8bit",
     "write_atomic",
@@ -479,6 +482,11 @@ def normalize_format(name: str) -> ImageFormat:
     return _FORMAT_NAMES[key]
 
 
+def format_of_path(path: str | os.PathLike) -> ImageFormat | None:
+    """The writable format a file name's extension names (``.tif`` → ``"tiff"``), or None."""
+    return _FORMAT_NAMES.get(Path(path).suffix.lower().lstrip("."))
+
+
 def choose_output_format(requested: str, input_format: str | None, has_alpha: bool, bit_depth: int) -> ImageFormat:
     """Pick the output format. An explicit request wins; ``"auto"`` keeps quality and the user's choice.
 
@@ -678,6 +686,63 @@ def save_image(pixels: np.ndarray, path: str | os.PathLike, *, format: str | Non
 
 
 # ------------------------------------------------------------------------------------------------ streamed TIFF
+STREAMED_FORMATS: tuple[ImageFormat, ...] = ("tiff", "png")  # what save_rows writes without the whole image
+
+
+def save_rows(rows: "Iterable[np.ndarray]", path: str | os.PathLike, fmt: str, *, size: tuple[int, int],
+              channels: int, dtype, icc_profile: bytes | None = None) -> SavedImage:
+    """Write an image from row blocks that arrive top to bottom, never holding it whole (peak memory: one strip
+    and one block, whatever the image's size), as a TIFF (:func:`save_tiff_strips`) or a PNG
+    (:func:`save_png_rows`), ``fmt`` being one of :data:`STREAMED_FORMATS`."""
+    name = normalize_format(fmt)
+    if name == "tiff":
+        return save_tiff_strips(rows, path, size=size, channels=channels, dtype=dtype, icc_profile=icc_profile)
+    if name == "png":
+        return save_png_rows(rows, path, size=size, channels=channels, dtype=dtype, icc_profile=icc_profile)
+    raise InvalidInputError(f"A streamed output is written as {' or '.join(f.upper() for f in STREAMED_FORMATS)}, "
+                            f"not {fmt}.")
+
+
+def _checked_rows(rows: "Iterable[np.ndarray]", size: tuple[int, int], channels: int,
+                  dtype: np.dtype) -> "Iterator[np.ndarray]":
+    """The blocks of ``rows``, each checked against the image's width, channels and dtype, and their rows
+    counted: exactly the image's height in all."""
+    width, height = size
+    if dtype not in (np.dtype(np.uint8), np.dtype(np.uint16)) or channels not in _MODE_BY_CHANNELS:
+        raise InvalidInputError(f"A streamed image holds uint8/uint16 with 1..4 channels, got {dtype}, {channels}.")
+    seen = 0
+    for block in rows:
+        if block.ndim != 3 or block.shape[1:] != (width, channels) or block.dtype != dtype:
+            raise InvalidInputError(f"Row block of shape {block.shape} and {block.dtype} does not fit a "
+                                    f"{width}x{height}x{channels} {dtype} image.")
+        seen += block.shape[0]
+        if seen > height:
+            break
+        yield block
+    if seen != height:
+        raise InvalidInputError(f"The streamed image had {seen} rows, expected {height}.")
+
+
+@contextlib.contextmanager
+def _replaced_when_complete(path: str | os.PathLike) -> "Iterator[str]":
+    """A temporary file name beside ``path``, moved over it (after fsync) once the block completes; removed
+    instead when it fails, so a failure or a killed process leaves no partial file at ``path``."""
+    import tempfile
+
+    target = Path(path)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.close(handle)
+    try:
+        yield temp_name
+        with open(temp_name, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(temp_name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_name)
+        raise
+
+
 def save_tiff_strips(rows: "Iterable[np.ndarray]", path: str | os.PathLike, *, size: tuple[int, int],
                      channels: int, dtype, icc_profile: bytes | None = None, rows_per_strip: int = 64) -> SavedImage:
     """Write a TIFF from row blocks that arrive top to bottom, never holding the image whole (peak memory: one
@@ -700,21 +765,14 @@ def save_tiff_strips(rows: "Iterable[np.ndarray]", path: str | os.PathLike, *, s
         InvalidInputError: a block of the wrong shape or dtype, or not exactly ``height`` rows in all.
         OSError: the folder is missing or not writable, the disk is full...
     """
-    import tempfile
-
     import tifffile
 
     width, height = size
     dtype = np.dtype(dtype)
-    if dtype not in (np.dtype(np.uint8), np.dtype(np.uint16)) or channels not in _MODE_BY_CHANNELS:
-        raise InvalidInputError(f"A streamed TIFF holds uint8/uint16 with 1..4 channels, got {dtype}, {channels}.")
 
     def strips():
         pending, held, seen = [], 0, 0
-        for block in rows:
-            if block.ndim != 3 or block.shape[1:] != (width, channels) or block.dtype != dtype:
-                raise InvalidInputError(f"Row block of shape {block.shape} and {block.dtype} does not fit a "
-                                        f"{width}x{height}x{channels} {dtype} image.")
+        for block in _checked_rows(rows, size, channels, dtype):
             seen += block.shape[0]
             pending.append(block)
             held += block.shape[0]
@@ -723,23 +781,72 @@ def save_tiff_strips(rows: "Iterable[np.ndarray]", path: str | os.PathLike, *, s
                 strip, rest = joined[:rows_per_strip], joined[rows_per_strip:]
                 yield zlib.compress(np.ascontiguousarray(strip).tobytes(), 6)
                 pending, held = ([rest] if len(rest) else []), len(rest)
-        if seen != height:
-            raise InvalidInputError(f"The streamed image had {seen} rows, expected {height}.")
 
-    target = Path(path)
     photometric = "rgb" if channels >= 3 else "minisblack"
     extra = ["unassalpha"] if channels in (2, 4) else None
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    os.close(handle)
-    try:
+    with _replaced_when_complete(path) as temp_name:
         tifffile.imwrite(temp_name, data=strips(), shape=(height, width, channels), dtype=dtype,
                          photometric=photometric, extrasamples=extra, rowsperstrip=rows_per_strip,
                          compression="zlib", iccprofile=icc_profile or None)
-        with open(temp_name, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(temp_name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
-        raise
+    target = Path(path)
     return SavedImage(path=target, bytes_written=target.stat().st_size, format="tiff", bit_depth=8 * dtype.itemsize)
+
+
+_PNG_COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # gray, gray+alpha, RGB, RGBA
+_PNG_IDAT_BYTES = 1 << 20  # compressed bytes gathered into one IDAT chunk
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def save_png_rows(rows: "Iterable[np.ndarray]", path: str | os.PathLike, *, size: tuple[int, int],
+                  channels: int, dtype, icc_profile: bytes | None = None, compress_level: int = 6) -> SavedImage:
+    """Write a PNG from row blocks that arrive top to bottom, never holding the image whole (peak memory: one
+    block and the compressor's window, whatever the image's size).
+
+    Every row is filtered with PNG's *Up* filter (the byte difference to the row above, carried across blocks)
+    and deflated by one running ``zlib`` stream, cut into IDAT chunks of about 1 MB; 16-bit samples are written
+    big-endian as PNG requires. The file goes to a temporary name in the same folder and is moved over ``path``
+    only once complete.
+
+    Args:
+        rows: ``hxWxC`` blocks (any heights, C = ``channels``, of ``dtype``), RGB order, that make the image.
+        path: destination; its folder must exist.
+        size: (width, height) of the whole image.
+        channels: 1..4 (Gray, Gray+Alpha, RGB, RGBA).
+        dtype: uint8 or uint16.
+        icc_profile: ICC profile to embed (an ``iCCP`` chunk).
+        compress_level: zlib level 0..9.
+
+    Raises:
+        InvalidInputError: a block of the wrong shape or dtype, or not exactly ``height`` rows in all.
+        OSError: the folder is missing or not writable, the disk is full...
+    """
+    width, height = size
+    dtype = np.dtype(dtype)
+    blocks = _checked_rows(rows, size, channels, dtype)  # checks the dtype and channels on its first step
+    header = struct.pack(">IIBBBBB", width, height, 8 * dtype.itemsize, _PNG_COLOUR_TYPE.get(channels, 0), 0, 0, 0)
+    with _replaced_when_complete(path) as temp_name, open(temp_name, "wb") as fh:
+        fh.write(_PNG_SIGNATURE + _png_chunk(b"IHDR", header))
+        if icc_profile:
+            fh.write(_png_chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(icc_profile)))
+        deflate, pending, above = zlib.compressobj(compress_level), [], None
+        for block in blocks:
+            data = np.ascontiguousarray(block.astype(">u2", copy=False) if dtype.itemsize == 2 else block)
+            lines = data.reshape(block.shape[0], -1).view(np.uint8)
+            previous = np.empty_like(lines)
+            previous[1:] = lines[:-1]
+            previous[0] = above if above is not None else 0
+            filtered = np.empty((lines.shape[0], lines.shape[1] + 1), np.uint8)
+            filtered[:, 0] = 2  # the Up filter
+            np.subtract(lines, previous, out=filtered[:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG's
+            above = lines[-1].copy()
+            pending.append(deflate.compress(filtered.tobytes()))
+            if sum(map(len, pending)) >= _PNG_IDAT_BYTES:
+                fh.write(_png_chunk(b"IDAT", b"".join(pending)))
+                pending = []
+        pending.append(deflate.flush())
+        fh.write(_png_chunk(b"IDAT", b"".join(pending)) + _png_chunk(b"IEND", b""))
+    target = Path(path)
+    return SavedImage(path=target, bytes_written=target.stat().st_size, format="png", bit_depth=8 * dtype.itemsize)

@@ -145,15 +145,12 @@ def output_path_for(source: Path, target: Path) -> Path:
     return target
 
 
-_FORMAT_BY_SUFFIX = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff"}
-
-
 def _target(item: BatchInput, job: BatchJob, settings: EnhanceSettings, loaded) -> tuple[Path | None, str]:
     """Where one output goes and in which format ("auto" keeps what the input needs: alpha, 16 bits)."""
-    from utils.image_io import choose_output_format
+    from utils.image_io import choose_output_format, format_of_path
 
     if job.output_file is not None:
-        fmt = _FORMAT_BY_SUFFIX.get(job.output_file.suffix.lower())
+        fmt = format_of_path(job.output_file)
         if fmt is None:
             raise InvalidSettingsError(f"Unknown output extension {job.output_file.suffix!r}: use .png, .jpg, .webp "
                                     "or .tiff.")
@@ -202,20 +199,25 @@ def _failed(label: Path | str, exc: Exception) -> BatchItem:
     return BatchItem(label, None, ok=False, error=user_message(exc), exception=exc)
 
 
-def _tiff_file(job: BatchJob, settings: EnhanceSettings) -> bool:
-    """Whether the job writes its output into a TIFF file (its output file's extension, or the chosen format)."""
+def _streamed_format(job: BatchJob, settings: EnhanceSettings) -> str | None:
+    """The format the job's output file would be streamed in (its output file's extension, or the chosen format),
+    or None when that format cannot be written in strips (:data:`utils.image_io.STREAMED_FORMATS`)."""
+    from utils.image_io import STREAMED_FORMATS, format_of_path
+
     if job.output_file is not None:
-        return _FORMAT_BY_SUFFIX.get(job.output_file.suffix.lower()) == "tiff"
-    return job.output_dir is not None and settings.output_format == "tiff"
+        fmt = format_of_path(job.output_file)
+    else:
+        fmt = settings.output_format if job.output_dir is not None else None
+    return fmt if fmt in STREAMED_FORMATS else None
 
 
 def plan_mode(item: BatchInput, job: BatchJob, settings: EnhanceSettings, services: BatchServices) -> str:
     """``"memory"`` or ``"stream"`` for one input, from its header alone (no pixel decoded): the output whole in
-    RAM when the memory plan fits, else straight into its TIFF file in strips when that fits
+    RAM when the memory plan fits, else straight into its TIFF or PNG file in strips when that fits
     (:func:`engine.inference.memory_plan.output_mode`).
 
     Raises:
-        JobTooLargeError: neither fits; the message says what would (the TIFF format, a smaller scale).
+        JobTooLargeError: neither fits; the message says what would (the TIFF or PNG format, a smaller scale).
         InvalidInputError, UnsupportedFormatError, InputTooLargeError: the header is unusable or over the limits.
     """
     from engine.errors import JobTooLargeError
@@ -233,13 +235,14 @@ def plan_mode(item: BatchInput, job: BatchJob, settings: EnhanceSettings, servic
         with contextlib.suppress(JobTooLargeError):
             plan_input(item.source, settings, services.model_manager, services.config, streamed=True)
             fits_streamed = True
-    mode = output_mode(False, fits_streamed, to_tiff_file=_tiff_file(job, settings), streamable=streamable)
+    mode = output_mode(False, fits_streamed, to_stream_file=_streamed_format(job, settings) is not None,
+                       streamable=streamable)
     if mode != "refuse":
         return mode
-    if fits_streamed:  # a file in another format: as a TIFF it would fit
+    if fits_streamed:  # a file in another format: as a TIFF or PNG it would fit
         raise JobTooLargeError(
-            f"{refusal} Written as TIFF it would fit: choose the TIFF output format (CLI: --format tiff or a .tif "
-            f"output file) to stream it to disk, or a smaller scale (--scale).",
+            f"{refusal} Written as TIFF or PNG it would fit: choose one of those output formats (CLI: --format "
+            f"tiff or png, or a .tif/.png output file) to stream it to disk, or a smaller scale (--scale).",
             actual=refusal.actual, limit=refusal.limit) from refusal
     raise refusal
 
@@ -247,7 +250,7 @@ def plan_mode(item: BatchInput, job: BatchJob, settings: EnhanceSettings, servic
 def _read(item: BatchInput, job: BatchJob, services: BatchServices) -> _Read:
     """Plan one input from its header (explicit settings), decode it and choose its settings and output; never
     raises (a bad input or a job that cannot fit gives a failed item). An input too large for memory whose output
-    is a TIFF file is left undecoded, to be streamed (``stream``)."""
+    is a TIFF or PNG file is left undecoded, to be streamed (``stream``)."""
     from engine.inference.pipeline import load_input
 
     label = item.source if isinstance(item.source, Path) else item.name
@@ -256,11 +259,12 @@ def _read(item: BatchInput, job: BatchJob, services: BatchServices) -> _Read:
         if not job.auto:  # the settings do not depend on the pixels: refuse what cannot fit before decoding
             settings = merge(None, job.explicit, job.settings)
             if plan_mode(item, job, settings, services) == "stream":
+                fmt = _streamed_format(job, settings)
                 target = _own_path(item, job.output_file if job.output_file is not None
-                                   else job.output_dir / item.rel.with_suffix(".tiff"))
+                                   else job.output_dir / item.rel.with_suffix("." + fmt))
                 if job.skip_existing and target.exists():
                     return _Read(item, label, outcome=BatchItem(label, target, ok=True, skipped=True))
-                return _Read(item, label, None, settings, (), target, "tiff", stream=True,
+                return _Read(item, label, None, settings, (), target, fmt, stream=True,
                              seconds=time.perf_counter() - started)
         loaded = load_input(item.source, services.config)
         settings, reasons = settings_for(loaded.pixels, job, services.advisor)
@@ -291,11 +295,12 @@ def _enhance(read: _Read, services: BatchServices, progress, cancel) -> EnhanceR
 
 
 def _stream(read: _Read, services: BatchServices, progress, cancel) -> BatchItem:
-    """Enhance one input straight into its TIFF target (see :func:`engine.inference.pipeline.enhance_to_tiff`)."""
-    from engine.inference.pipeline import enhance_to_tiff
+    """Enhance one input straight into its TIFF or PNG target (see
+    :func:`engine.inference.pipeline.enhance_streamed`)."""
+    from engine.inference.pipeline import enhance_streamed
 
-    saved, summary = enhance_to_tiff(read.item.source, read.settings, services.model_manager, read.target, progress,
-                                     config=services.config, cancel=cancel)
+    saved, summary = enhance_streamed(read.item.source, read.settings, services.model_manager, read.target, progress,
+                                      config=services.config, cancel=cancel)
     note = (f"streamed to disk: the output did not fit in memory (planned {summary['memory']['peak_mb']:.0f} MB "
             f"streamed); quality metrics are not computed")
     report = summary | {"input": str(read.label), "output": str(saved.path), "metrics": {}, "faces_detected": 0,

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -367,7 +368,7 @@ def plan_job(settings: EnhanceSettings, size: tuple[int, int], model_manager, co
     """Route the model, plan the output size and the job's memory; refuse an output over the configured limit or
     a job whose memory plan cannot fit this machine (before any pixel buffer of the job is allocated).
     ``size``: the input's (width, height); ``streamed``: plan the output written into a file in strips
-    (:func:`enhance_to_tiff`).
+    (:func:`enhance_streamed`).
 
     Raises:
         InputTooLargeError: the output is over ``max_output_pixels``.
@@ -434,7 +435,7 @@ def network_input(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
 def plan_input(source, settings: EnhanceSettings, model_manager, config, *, streamed: bool = False):
     """The memory plan of enhancing ``source`` (a path or the file's bytes) from its header alone, without decoding
     a pixel: the check to run before decoding a large upload (``streamed``: written into a TIFF file in strips,
-    as :func:`enhance_to_tiff`).
+    as :func:`enhance_streamed`).
 
     Returns:
         ``(model name, output size, MemoryPlan)``; the plan may use a smaller tile than ``settings`` asks when
@@ -516,10 +517,10 @@ def enhance_image(image, settings: EnhanceSettings | None, model_manager, progre
         exif=loaded_image.exif if keep else None, input_format=loaded_image.format, settings=job.settings)
 
 
-def enhance_to_tiff(image, settings: EnhanceSettings | None, model_manager, path, progress: ProgressFn | None = None,
-                    *, config=None, cancel: threading.Event | None = None):
-    """Enhance one image straight into a TIFF file, band by band: the output is never whole in memory, so the
-    peak does not grow with the output's size (for outputs too large for RAM).
+def enhance_streamed(image, settings: EnhanceSettings | None, model_manager, path,
+                     progress: ProgressFn | None = None, *, config=None, cancel: threading.Event | None = None):
+    """Enhance one image straight into a TIFF or PNG file (by ``path``'s extension), band by band: the output is
+    never whole in memory, so the peak does not grow with the output's size (for outputs too large for RAM).
 
     Gray and RGB inputs, 8 or 16 bits; quality metrics are not computed (they need the output). Images with alpha
     or with face restoration need the output in memory: use :func:`enhance_image`.
@@ -528,22 +529,27 @@ def enhance_to_tiff(image, settings: EnhanceSettings | None, model_manager, path
         ``(SavedImage, report)``: the file written and a JSON-safe summary (as :meth:`EnhanceResult.report`).
 
     Raises:
-        InvalidSettingsError: alpha or face restoration asked of a streamed output.
+        InvalidSettingsError: alpha or face restoration asked of a streamed output, or a format that cannot be
+            streamed (:data:`utils.image_io.STREAMED_FORMATS`).
         JobTooLargeError, InputTooLargeError, ...: as :func:`enhance_image`.
     """
     import queue
 
     from config import Config
-    from utils.image_io import save_tiff_strips
+    from utils.image_io import STREAMED_FORMATS, format_of_path, save_rows
 
     config = config if config is not None else Config()
+    fmt = format_of_path(path)
+    if fmt not in STREAMED_FORMATS:
+        raise InvalidSettingsError(f"A streamed output is written as TIFF or PNG (a .tif, .tiff or .png file), "
+                                   f"not {Path(path).suffix or 'a file without extension'}.")
     report = Reporter(progress, cancel)
     t0 = time.perf_counter()
     loaded_image = load_input(image, config)
     pixels = loaded_image.pixels
     height, width, channels = pixels.shape
     if channels in (2, 4) or (settings is not None and settings.face_enhance):
-        raise InvalidSettingsError("A streamed TIFF output takes gray or RGB images without face restoration; "
+        raise InvalidSettingsError("A streamed output takes gray or RGB images without face restoration; "
                                    "enhance images with alpha or faces in memory.")
     settings = (settings or EnhanceSettings()).replace(quality_metrics=False)
     job, out_size, warnings = plan_job(settings, (width, height), model_manager, config, report, channels=channels,
@@ -606,11 +612,11 @@ def enhance_to_tiff(image, settings: EnhanceSettings | None, model_manager, path
                 return
             yield item
 
-    worker = threading.Thread(target=produce, name="enhance-to-tiff", daemon=True)
+    worker = threading.Thread(target=produce, name="enhance-streamed", daemon=True)
     worker.start()
     try:
-        saved = save_tiff_strips(rows(), path, size=out_size, channels=channels, dtype=pixels.dtype,
-                                 icc_profile=loaded_image.icc_profile if job.settings.keep_metadata else None)
+        saved = save_rows(rows(), path, fmt, size=out_size, channels=channels, dtype=pixels.dtype,
+                          icc_profile=loaded_image.icc_profile if job.settings.keep_metadata else None)
     finally:
         stop.set()
         worker.join()
