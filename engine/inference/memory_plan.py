@@ -45,6 +45,15 @@ WORKING_SET_BYTES = 384 * MB
 """The most one tile's activations plus its band buffers may take. Larger tiles save only overlap (a few per
 cent at 256 px and more) but cost memory that grows with the output's width."""
 
+WHOLE_IMAGE_BYTES = 1024 * MB
+"""The most a small image's untiled activations may take when running it whole saves
+:data:`WHOLE_IMAGE_GAIN` or more of the compute (RealESRGAN_x4plus at 256²: ~0.7 GB, 1.43x faster than 104-px
+tiles on a 2-core CPU); larger images stream in tiles within :data:`WORKING_SET_BYTES`."""
+
+WHOLE_IMAGE_GAIN = 1.15
+"""The tiles' compute over the whole image's (:attr:`engine.upscaler.TilePlan.compute_ratio`) from which a small
+image runs whole (see :data:`WHOLE_IMAGE_BYTES`)."""
+
 INPUT_BYTES_PER_PIXEL_FLOAT = 28
 """Float copies per input pixel: the float image (up to 16 B), the RGB network input (12 B)."""
 
@@ -168,7 +177,7 @@ def gigabytes(n: int) -> str:
 
 STREAM_QUEUE_BANDS = 6
 """Output bands a streamed job holds at once: the encoder's queue (4), the band being encoded and the one being
-converted (see :func:`engine.inference.pipeline.enhance_to_tiff`)."""
+converted (see :func:`engine.inference.pipeline.enhance_streamed`)."""
 
 
 def streamed(plan: MemoryPlan, shape: JobShape, scale: int) -> MemoryPlan:
@@ -183,12 +192,12 @@ def streamed(plan: MemoryPlan, shape: JobShape, scale: int) -> MemoryPlan:
                    metrics_bytes=0, faces_bytes=0)
 
 
-def output_mode(fits_in_memory: bool, fits_streamed: bool, *, to_tiff_file: bool, streamable: bool = True) -> str:
+def output_mode(fits_in_memory: bool, fits_streamed: bool, *, to_stream_file: bool, streamable: bool = True) -> str:
     """How a job runs, from its two plans: ``"memory"`` (the output whole in RAM) when that fits, else
-    ``"stream"`` (strips straight into a TIFF file) when the streamed plan fits and the job writes a TIFF file of
-    a streamable image (no alpha, no faces), else ``"refuse"``. Pure."""
+    ``"stream"`` (strips straight into a TIFF or PNG file) when the streamed plan fits and the job writes such a
+    file of a streamable image (no alpha, no faces), else ``"refuse"``. Pure."""
     if fits_in_memory:
         return "memory"
-    if fits_streamed and to_tiff_file and streamable:
+    if fits_streamed and to_stream_file and streamable:
         return "stream"
     return "refuse"

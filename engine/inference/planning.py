@@ -122,7 +122,24 @@ def plan_tile(spec: ModelSpec, height: int, width: int, *, device_type: str, pre
     if device_type == "cpu":
         tile = cpu_cache_tile(spec, height, width, tile, memory_reused=memory_reused)
     tile = _within_working_set(spec, height, width, tile, dtype, batch_size)
+    if tile and side == 0 and _whole_is_worth_it(spec, height, width, tile, dtype, batch_size):
+        tile = 0
     return TileChoice(int(tile), int(_activation_bytes(spec, height, width, tile, dtype, batch_size)))
+
+
+def _whole_is_worth_it(spec: ModelSpec, height: int, width: int, tile: int, dtype, batch_size: int) -> bool:
+    """Whether a small image runs faster whole than in ``tile`` tiles by enough to spend the memory: its
+    activations fit :data:`~engine.inference.memory_plan.WHOLE_IMAGE_BYTES` and the tiles' overlap would add at
+    least :data:`~engine.inference.memory_plan.WHOLE_IMAGE_GAIN` compute. Pure."""
+    from engine import upscaler
+    from engine.inference.memory_plan import WHOLE_IMAGE_BYTES, WHOLE_IMAGE_GAIN
+
+    if _activation_bytes(spec, height, width, 0, dtype, batch_size) > WHOLE_IMAGE_BYTES:
+        return False
+    multiple = spec.pad_multiple
+    padded_h, padded_w = -(-height // multiple) * multiple, -(-width // multiple) * multiple
+    tiles = upscaler.plan_tiles(padded_h, padded_w, tile, min(overlap_for(spec, tile), tile), multiple)
+    return tiles.compute_ratio >= WHOLE_IMAGE_GAIN
 
 
 def _activation_bytes(spec: ModelSpec, height: int, width: int, tile: int, dtype, batch_size: int) -> int:
