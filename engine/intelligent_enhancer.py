@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -24,8 +24,12 @@ from engine.advisor.estimates import UNSURE_SPREAD, TimingModel, device_kind, jo
 from engine.catalog import CATALOG, DEFAULT_FACE_MODEL, active_catalog, user_alternatives
 from engine.settings import Advice, EnhanceSettings
 from utils.atomic import write_atomic
+from utils.errors import CancelledError
 
 logger = logging.getLogger(__name__)
+
+NetworkSource = Callable[[], tuple["torch.nn.Module", "torch.dtype"]]
+"""Gives a network to time and the dtype it runs in (see :meth:`ThroughputCalibrator.macs_per_second`)."""
 
 # Thresholds on the calibrated analysis scales (see engine.image_analysis for how each maps to the image).
 NOISY_LEVEL = 0.16          # noise level 0.16 ≈ Gaussian sigma 8 on 0-255
@@ -323,13 +327,17 @@ class ThroughputCalibrator:
         """The cache file's key of a measurement (its format's version, device, model, calibration size)."""
         return f"v3|{device}|{model}|{self.size}"
 
-    def macs_per_second(self, model: str, device) -> float:
+    def macs_per_second(self, model: str, device, network: NetworkSource | None = None) -> float:
+        """MAC/s of ``model`` on ``device``: from the cache, else measured now (and kept unless the machine was
+        busy). ``network`` gives the network to time (a user's model, whose architecture only its own weights
+        build: ``(module, dtype)`` as the engine runs it); without it a random-weight network of the catalog's
+        architecture is timed."""
         key = self.key(model, device)
         with self._lock:
             values = self._load()
             if key in values:
                 return values[key]
-            value, busy = self._measure(model, device)
+            value, busy = self._measure(model, device, network)
             if busy:
                 logger.info("machine busy: calibration of %s not stored", model)
                 return value
@@ -342,23 +350,27 @@ class ThroughputCalibrator:
         with self._lock:
             return self._load().get(self.key(model, device))
 
-    def _measure(self, model: str, device) -> tuple[float, bool]:
+    def _measure(self, model: str, device, network: NetworkSource | None = None) -> tuple[float, bool]:
         """(MAC/s, whether the machine was busy during the run)."""
         import torch
 
         from engine.models.loader import build_network, reference_network
         from engine.upscaler import prepare_for_inference
 
-        spec = CATALOG[model]
+        spec = active_catalog()[model]
         torch.manual_seed(0)
-        dtype = torch.float16 if getattr(device, "type", str(device)).startswith("cuda") else torch.float32
-        weights = reference_network(spec.arch, spec.arch_params).state_dict()  # random: only the time counts
-        net = build_network(spec.arch, weights, spec.arch_params).module
-        net = prepare_for_inference(net, device, dtype)  # as the engine runs it
-        x = torch.rand(1, 3, self.size, self.size, device=device, dtype=dtype)
+        if network is not None:
+            net, dtype = network()
+        else:
+            dtype = torch.float16 if getattr(device, "type", str(device)).startswith("cuda") else torch.float32
+            weights = reference_network(spec.arch, spec.arch_params).state_dict()  # random: only the time counts
+            net = build_network(spec.arch, weights, spec.arch_params).module
+            net = prepare_for_inference(net, device, dtype)  # as the engine runs it
+        side = -(-self.size // (2 * spec.size_multiple)) * 2 * spec.size_multiple  # its half a multiple too
+        x = torch.rand(1, 3, side, side, device=device, dtype=dtype)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            net(x[:, :, : self.size // 2, : self.size // 2])  # warm-up (primitive creation)
+            net(x[:, :, : side // 2, : side // 2])  # warm-up (primitive creation)
             start, cpu_start = time.perf_counter(), time.process_time()
             net(x)
             if getattr(device, "type", str(device)).startswith("cuda"):
@@ -366,7 +378,7 @@ class ThroughputCalibrator:
             seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         on_cpu = getattr(device, "type", str(device)) == "cpu"
         busy = on_cpu and starved(cpu_seconds, seconds, torch.get_num_threads())
-        value = spec.macs_per_pixel * self.size * self.size / max(seconds, 1e-6)
+        value = spec.macs_per_pixel * side * side / max(seconds, 1e-6)
         logger.info("calibrated %s on %s: %.1f GMAC/s%s", model, device, value / 1e9,
                     " (machine busy: not kept)" if busy else "")
         return value, busy
@@ -404,7 +416,9 @@ class IntelligentEnhancer:
             return None
         return self.model_manager.local_network("detection_Resnet50_Final")
 
-    def machine_facts(self, models: tuple[str, ...] = ()) -> MachineFacts:
+    def machine_facts(self, models: tuple[str, ...] = (), check: Callable[[], None] | None = None) -> MachineFacts:
+        """What this machine offers: device, free memory, the models here or downloadable, and the throughput of
+        ``models`` (calibrated on first use; ``check`` runs before each calibration and may raise to stop)."""
         from utils.gpu import free_memory_bytes, resolve_device
 
         device = resolve_device(self.device_name)
@@ -420,7 +434,10 @@ class IntelligentEnhancer:
         throughput = {}
         if self.calibrator is not None:
             for model in models:
-                throughput[model] = self.calibrator.macs_per_second(model, device)
+                if check is not None:
+                    check()
+                own = self._own_network(model, device) if active_catalog()[model].user else None
+                throughput[model] = self.calibrator.macs_per_second(model, device, own)
         return MachineFacts(
             device=str(device), free_memory_bytes=int(free_memory_bytes(device)),
             available_models=frozenset(available), downloadable_models=frozenset(downloadable),
@@ -428,6 +445,13 @@ class IntelligentEnhancer:
             max_output_pixels=self.config.max_output_pixels,
             face_enhancement_enabled=self.config.enable_face_enhancement,
             cpu_bf16_fast=device.type == "cpu" and _cpu_has_fast_bf16())
+
+    def _own_network(self, model: str, device) -> NetworkSource:
+        """The network of a user's model as the engine runs it (loaded by the model manager, never downloaded)."""
+        def load():
+            loaded = self.model_manager.load_model(model, device, "auto", allow_download=False)
+            return loaded.net, loaded.dtype
+        return load
 
     def cached_estimate_seconds(self, model: str, width: int, height: int, outscale: float = 4.0) -> float | None:
         """Seconds a job of ``model`` on a ``width``×``height`` input would take here: from the runs learned on
@@ -448,18 +472,25 @@ class IntelligentEnhancer:
         return float(timing.seconds(CATALOG[model].macs_per_pixel * width * height * 1.1,
                                     width * height * outscale * outscale))
 
-    def advise(self, image, scale: float | None = None) -> Advice:
+    def advise(self, image, scale: float | None = None, cancel: threading.Event | None = None) -> Advice:
         """Analyse ``image`` (a path, PIL image or ``HxWxC`` array) and recommend settings for it on this machine.
 
         The tile it shows is the tile the engine will run (:func:`engine.inference.planning.choose_tile`).
+        ``cancel`` (a server's time limit, a client gone) is checked between the stages (decode, analysis, each
+        model's calibration, each trial model): :class:`~utils.errors.CancelledError` once it is set.
         """
         from engine.image_analysis import analyze
         from engine.inference import planning
+        from engine.inference.pipeline import Reporter
         from utils.gpu import resolve_device
 
+        stop = Reporter(cancel=cancel)
         start = time.perf_counter()
+        stop.check()
         pixels = _pixels(image)
+        stop.check()
         analysis = analyze(pixels, detect_faces_too=True, retinaface=self._face_detector())
+        stop.check()
         numbers = AnalysisNumbers(
             content_type=analysis.content_type, confidence=float(analysis.confidence), faces=len(analysis.faces),
             noise_level=float(analysis.noise_level), jpeg_artifacts=float(analysis.jpeg_artifacts),
@@ -468,18 +499,21 @@ class IntelligentEnhancer:
             content_reason=analysis.content_reason)
         candidates = ("RealESRGAN_x4plus", "RealESRGAN_x4plus_anime_6B", FAST_PHOTO_MODEL, FAST_FALLBACK_MODEL,
                       "RealESRGAN_x2plus")
-        machine = self.machine_facts(tuple(m for m in candidates if self.calibrator is not None))
+        if self.model_manager is not None:  # the user's own models for this content, calibrated on first use
+            candidates += tuple([s.name for s in user_alternatives(numbers.content_type)
+                                 if self.model_manager.is_available(s.name)][:2])
+        machine = self.machine_facts(tuple(m for m in candidates if self.calibrator is not None), stop.check)
         device = resolve_device(self.device_name)
 
         def tile_for(model: str) -> tuple[int, float]:
-            spec = CATALOG[model]
+            spec = active_catalog()[model]
             precision = planning.effective_precision(spec, device.type, "auto")
             batch_size = planning.batch_size_for(device.type, EnhanceSettings())
             choice = planning.choose_tile(spec, numbers.height, numbers.width, device=device, precision=precision,
                                           batch_size=batch_size, config=self.config)
             return choice.tile, choice.memory_bytes / 2**20
 
-        numbers, decided_by = self._settle_content(pixels, analysis, numbers, machine, device)
+        numbers, decided_by = self._settle_content(pixels, analysis, numbers, machine, device, stop.check)
         machine = dataclasses.replace(machine, timing=self._timing(machine, device, tile_for))
         advice = decide(numbers, machine, requested_scale=scale, tile_for=tile_for)
         record = {
@@ -502,7 +536,7 @@ class IntelligentEnhancer:
         return dataclasses.replace(advice, analysis=record)
 
     def _settle_content(self, pixels: np.ndarray, analysis, numbers: AnalysisNumbers, machine: MachineFacts,
-                        device) -> tuple[AnalysisNumbers, str]:
+                        device, check: Callable[[], None]) -> tuple[AnalysisNumbers, str]:
         """An unsure content type is settled by a trial reconstruction when both models are here and it fits the
         time budget; otherwise it stays the photo model, and the reason says why. Returns the numbers and which
         signal decided the content type."""
@@ -525,7 +559,9 @@ class IntelligentEnhancer:
             return dataclasses.replace(numbers, content_reason=f"{numbers.content_reason}. {note}"), "unsure"
         try:
             rgb = np.ascontiguousarray(_rgb8(pixels))
-            result = trial.trial_reconstruction(rgb, self.model_manager, device)
+            result = trial.trial_reconstruction(rgb, self.model_manager, device, check=check)
+        except CancelledError:
+            raise
         except Exception as exc:  # noqa: BLE001 - the trial is a tie-breaker; without it the photo model stays
             logger.warning("trial reconstruction failed: %s", exc)
             return unchanged
@@ -539,7 +575,7 @@ class IntelligentEnhancer:
 
         out = {}
         for model in machine.macs_per_second:
-            precision = planning.effective_precision(CATALOG[model], device.type, "auto")
+            precision = planning.effective_precision(active_catalog()[model], device.type, "auto")
             out[model] = self._learned(model, device, precision, tile_for(model)[0] > 0, machine.throughput(model))
         return out
 
@@ -547,7 +583,7 @@ class IntelligentEnhancer:
         """The precision and tile policy (tiled or not) a default job of ``model`` runs with here."""
         from engine.inference import planning
 
-        spec = CATALOG[model]
+        spec = active_catalog()[model]
         precision = planning.effective_precision(spec, device.type, "auto")
         choice = planning.choose_tile(spec, height, width, device=device, precision=precision,
                                       batch_size=planning.batch_size_for(device.type, EnhanceSettings()),

@@ -365,6 +365,34 @@ def test_the_advisor_offers_the_users_models_of_the_images_kind(weights_dir):
     assert {alt["model"] for alt in photo.alternatives} & {"tiny-rrdb", "tiny-swinir"}
 
 
+def test_the_advisor_calibrates_the_users_models_on_first_use(weights_dir, tmp_path):
+    """The user's models the advisor offers are timed once, with their own weights, and the measurement kept."""
+    import json
+
+    from config import Config
+    from engine.catalog import CATALOG, user_alternatives
+    from engine.intelligent_enhancer import IntelligentEnhancer, ThroughputCalibrator
+    from engine.model_manager import ModelManager
+
+    config = Config.from_env(env={}, dotenv_path=None, weights_dir=weights_dir, config_dir=tmp_path / "cfg",
+                             download_retries=0, device="cpu")
+    cache = tmp_path / "cfg" / "calibration.json"
+    cache.parent.mkdir()
+    calibrator = ThroughputCalibrator(cache)
+    cache.write_text(json.dumps({calibrator.key(name, "cpu"): 1e9 for name in CATALOG}))  # the built-ins known
+    manager = ModelManager(config)
+    advisor = IntelligentEnhancer(manager, config, device="cpu", trial_budget_s=0)
+    advice = advisor.advise(_image(64, 48))
+    offered = [s.name for s in user_alternatives(advice.analysis["content_type"]) if manager.is_available(s.name)][:2]
+    assert len(offered) == 2
+    measured = json.loads(cache.read_text())
+    for name in offered:
+        assert measured[calibrator.key(name, "cpu")] > 0 and f"{name}@" in " ".join(manager.loaded_models())
+    assert {alt["model"] for alt in advice.alternatives} >= set(offered)
+    advisor.calibrator._measure = None  # a second advice measures nothing: it would fail here
+    assert advisor.advise(_image(64, 48)).alternatives == advice.alternatives
+
+
 def test_gray_and_rgba_networks_run_as_rgb_networks():
     from spandrel.architectures.Compact import Compact
 

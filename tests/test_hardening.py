@@ -394,6 +394,47 @@ def test_analysis_is_admitted_like_enhancement(rest, tmp_path):
     assert services.limiter.running == 0
 
 
+def test_a_cancelled_analysis_stops_between_its_stages(rest, tmp_path):
+    """The advisor checks the job's cancel event before decoding, after the analysis and before each model's
+    calibration (the slow part on first use): set during the first calibration, no second one runs."""
+    import threading
+
+    from engine.errors import CancelledError
+    from engine.intelligent_enhancer import IntelligentEnhancer
+
+    _url, services = rest
+    image = tmp_path / "a.png"
+    image.write_bytes(_png(32, 32))
+    advisor = IntelligentEnhancer(services.model_manager, services.config.replace(config_dir=tmp_path / "cfg"),
+                                  device="cpu", trial_budget_s=0)
+    cancel, calibrated = threading.Event(), []
+    measure = advisor.calibrator.macs_per_second
+
+    def first_then_cancel(model, device, network=None):  # the real calibration runs; the client goes away
+        calibrated.append(model)
+        cancel.set()
+        return measure(model, device, network)
+
+    advisor.calibrator.macs_per_second = first_then_cancel
+    with pytest.raises(CancelledError):
+        advisor.advise(str(image), cancel=cancel)
+    assert len(calibrated) == 1
+    with pytest.raises(CancelledError):  # cancelled before it began: not even decoded
+        advisor.advise(str(tmp_path / "missing.png"), cancel=cancel)
+
+
+def test_the_time_limit_stops_a_gradio_analysis(tmp_path, shared_weights_dir):
+    """/analyze runs under the same per-job time limit as enhancement (it was under no limit at all)."""
+    with serve_app(tmp_path, shared_weights_dir, min_free_disk_mb=0, job_time_limit_seconds=0.001) as (url, services):
+        with httpx.Client(base_url=url.rstrip("/"), timeout=120) as c:
+            uploaded = c.post("/gradio_api/upload", files={"files": ("a.png", _png(64, 64), "image/png")}).json()[0]
+            event = c.post("/gradio_api/call/analyze", json={"data": [_gradio_file(uploaded)]})
+            assert event.status_code == 200, event.text
+            stream = c.get(f"/gradio_api/call/analyze/{event.json()['event_id']}").text
+        assert services.limiter.running == 0
+    assert "event: error" in stream and "REALESRGAN_JOB_TIME_LIMIT_SECONDS" in stream, stream[-500:]
+
+
 def test_uploads_are_refused_with_507_while_the_disk_is_nearly_full(tmp_path, shared_weights_dir):
     import asyncio
 

@@ -44,8 +44,10 @@ class ImageJob:
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
 
-def analyze_file(services, path: str | Path, scale: float | None = None) -> dict:
+def analyze_file(services, path: str | Path, scale: float | None = None, cancel=None) -> dict:
     """Validate the upload's header, then ask the advisor. Returns the advisor's JSON-safe dict.
+
+    ``cancel`` (a ``threading.Event``) stops the analysis between its stages with ``CancelledError``.
 
     Raises:
         InputTooLargeError / UnsupportedFormatError / InvalidInputError: the upload is refused.
@@ -53,7 +55,7 @@ def analyze_file(services, path: str | Path, scale: float | None = None) -> dict
     """
     check_image_upload(path, services.config)
     with device_slot(services):  # decoding and analysing are admitted like enhancement (QueueFullError: busy)
-        advice = services.advisor.advise(str(path), scale=scale)
+        advice = services.advisor.advise(str(path), scale=scale, cancel=cancel)
     result = json.loads(json.dumps(advice.as_dict(), default=str))  # JSON-safe (numpy numbers, tuples)
     result["memory"] = memory_summary(services, path, advice.settings)
     return result
@@ -387,12 +389,12 @@ def render(services, initial_settings: Mapping[str, object]) -> ImageTab:
 def listen(tab: ImageTab, services) -> None:
     form_inputs = tab.form.components
 
-    def on_upload(payload):
+    def on_upload(payload, request: gr.Request):
         path = upload_path(payload)
         if path is None:
             return "Upload an image to see what the app recommends.", None, gr.update(interactive=False)
-        with friendly_errors("analyse"):
-            advice = analyze_file(services, path)
+        with friendly_errors("analyse"), watch_job(services, request=request) as watch:
+            advice = analyze_file(services, path, cancel=watch.cancel)
         return advice_markdown(advice), advice, gr.update(interactive=True)
 
     tab.image.upload(on_upload, inputs=[tab.image], outputs=[tab.advice, tab.recommended, tab.apply],
@@ -463,13 +465,13 @@ def listen(tab: ImageTab, services) -> None:
                       outputs=[tab.api_result, tab.api_report], api_name="enhance", preprocess=False,
                       concurrency_id="device")
 
-    def api_analyze(image):
+    def api_analyze(image, request: gr.Request):
         """Analyse an image and recommend settings: returns {"settings", "reasoning", "analysis"}."""
         path = upload_path(image)
         if path is None:
             raise gr.Error("Send an image file.", title="No image")
-        with friendly_errors("api analyze"):
-            return analyze_file(services, path)
+        with friendly_errors("api analyze"), watch_job(services, request=request) as watch:
+            return analyze_file(services, path, cancel=watch.cancel)
 
     tab.api_analyze.click(api_analyze, inputs=[tab.api_image], outputs=[tab.api_advice], api_name="analyze",
                           preprocess=False, concurrency_id="analyze", concurrency_limit=2)

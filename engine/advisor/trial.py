@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -89,13 +90,15 @@ def _rebuild(net, small: np.ndarray, device, dtype) -> np.ndarray:
     return (y[0].permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
-def trial_reconstruction(rgb: np.ndarray, model_manager, device="cpu") -> TrialResult:
+def trial_reconstruction(rgb: np.ndarray, model_manager, device="cpu",
+                         check: Callable[[], None] | None = None) -> TrialResult:
     """Rebuild a 4x-shrunk crop of ``rgb`` with the photo and the anime model and compare.
 
     Args:
         rgb: HxWx3 uint8 RGB (at least 16 px each side).
         model_manager: gives the two networks (``load_model``; never downloads: weights must be on this machine).
         device: where they run.
+        check: run before each model; raises to stop (a cancelled job).
 
     Returns:
         A :class:`TrialResult`.
@@ -110,6 +113,8 @@ def trial_reconstruction(rgb: np.ndarray, model_manager, device="cpu") -> TrialR
     small = cv2.resize(crop, (cw // 4, ch // 4), interpolation=cv2.INTER_AREA)
     psnr = {}
     for name in (PHOTO_MODEL, ANIME_MODEL):
+        if check is not None:
+            check()
         loaded = model_manager.load_model(name, device, "auto", allow_download=False)
         psnr[name] = _psnr_luma(_rebuild(loaded.net, small, loaded.device, loaded.dtype), crop)
     result = TrialResult(psnr[PHOTO_MODEL], psnr[ANIME_MODEL], (x, y, cw, ch), time.perf_counter() - start)
