@@ -50,6 +50,8 @@ CASES = {c.name: c for c in (
     Case("1500x1000x4-stream", 1500, 1000, 4, output="tiff", stream=True),
     Case("2500x2500x4-stream", 2500, 2500, 4, output="tiff", stream=True),
     Case("5000x5000x4-stream", 5000, 5000, 4, output="tiff", stream=True),
+    Case("2500x2500x4-stream-png", 2500, 2500, 4, output="png", stream=True),
+    Case("5000x5000x4-stream-png", 5000, 5000, 4, output="png", stream=True),
 )}
 
 
@@ -103,8 +105,8 @@ def plan_estimate(case: Case, image: Path, checkout: Path) -> int | None:
     code = ("import json; from config import Config; from engine.model_manager import ModelManager;"
             "from engine.settings import EnhanceSettings; from engine.inference.pipeline import plan_input;"
             "c=Config(); s=EnhanceSettings(model=%r, outscale=%r, device='cpu', quality_metrics=%r);"
-            "print(plan_input(%r, s, ModelManager(c), c)[2].peak_bytes)" % (case.model, case.scale, not case.stream,
-                                                                           str(image)))
+            "print(plan_input(%r, s, ModelManager(c), c%s)[2].peak_bytes)" % (
+                case.model, case.scale, not case.stream, str(image), ", streamed=True" if case.stream else ""))
     done = subprocess.run([sys.executable, "-c", code], cwd=checkout, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(checkout)))
     lines = done.stdout.strip().splitlines()

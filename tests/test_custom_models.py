@@ -145,11 +145,9 @@ def test_imported_models_are_model_choices_everywhere(weights_dir):
     assert sr_model_labels()["tiny-compact"].startswith("tiny-compact (×3) — your anime model (Compact")
     args = build_parser().parse_args(["enhance", "x.png", "-o", "y.png", "--model", "tiny-span"])
     assert args.model == "tiny-span"
-    from ui.form import choices_for
-    from ui.tab_image import compare_choices
-    from ui.tab_video import model_choices
+    from ui.form import choices_for, sr_model_options
 
-    for choices in (choices_for("model"), model_choices(), compare_choices()):
+    for choices in (choices_for("model"), sr_model_options()):
         assert {"tiny-gray", "RealESRGAN_x4plus"} <= {value for _label, value in choices}
 
 

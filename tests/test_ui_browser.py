@@ -9,6 +9,7 @@ Set ``UI_SCREENSHOT_DIR`` to keep the screenshots somewhere to look at.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -133,6 +134,9 @@ def test_import_a_model_in_the_system_tab_and_compare_two_models(page, tmp_path)
         assert services.model_manager.spec("browser-span").arch == "SPAN"
 
         page.get_by_role("tab", name="Image Enhancement").click()
+        page.locator("input[aria-label='Model']:visible").first.click()  # offered at once, no reload needed
+        page.get_by_role("option", name=re.compile("browser-span")).first.wait_for(timeout=30_000)
+        page.keyboard.press("Escape")
         page.locator("#input-image input[type=file]").set_input_files(str(photo))
         page.locator("#advice").get_by_text("What the app sees").wait_for(timeout=90_000)
         page.locator("#compare-panel").get_by_text("Compare models").click()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -63,7 +64,7 @@ def build_app(services) -> gr.Blocks:
         tab_video.listen(video, services)
         tab_batch.listen(batch, services, image.form)
         tab_presets.listen(presets, services, image.form)
-        tab_system.listen(system, services, demo)
+        model_changes = tab_system.listen(system, services, demo)
 
         def on_page_load():
             for warning in services.settings.pop_warnings():
@@ -75,10 +76,20 @@ def build_app(services) -> gr.Blocks:
                                       value=values[model])
             return [*values, bool(settings.get("auto_settings", True)),
                     gr.update(choices=tab_presets.preset_choices(services.settings)),
-                    gr.update(choices=tab_video.model_choices())]
+                    gr.update(choices=form_mod.sr_model_options())]
 
         demo.load(on_page_load, outputs=[*image.form.components, batch.auto, presets.choice, video.model],
                   api_visibility="private", queue=False)
+
+        choosers = [w for w in (video.model, image.compare.models) if w is not None]
+
+        def on_models_changed():  # a model imported, removed or downloaded: every model choice offers it now
+            return (gr.update(choices=form_mod.choices_for("model", services.model_manager)),
+                    *[gr.update(choices=form_mod.sr_model_options())] * len(choosers))
+
+        for event in model_changes:
+            event.success(on_models_changed, outputs=[image.form.widgets["model"], *choosers],
+                          api_visibility="private", queue=False)
 
         def on_unload(request: gr.Request):  # the page or API client went away: its running jobs stop
             cancel_session_jobs(request.session_hash)
@@ -178,11 +189,15 @@ def start_warm_up(services) -> threading.Thread:
     from ui.services import warm_models
 
     def run() -> None:
+        started = time.perf_counter()
         warm_models(services, background=False)
+        settings = EnhanceSettings.from_mapping(_initial_settings(services))
         try:
-            warm_up(services.model_manager, EnhanceSettings.from_mapping(_initial_settings(services)))
+            warm_up(services.model_manager, settings)
         except Exception as exc:  # the first request loads the model itself and reports what is wrong
             logger.warning("warm-up of the default model failed: %s", exc)
+            return
+        logger.info("warmed up %s in %.1f s", settings.model, time.perf_counter() - started)
 
     thread = threading.Thread(target=run, name="warm-up", daemon=True)
     thread.start()

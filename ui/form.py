@@ -29,6 +29,14 @@ SUGGESTED: Mapping[str, tuple[object, ...]] = {
 _ADVANCED = ("tile", "tile_overlap", "precision", "device", "output_format", "quality", "alpha_mode")
 
 
+def sr_model_options() -> list[tuple[str, str]]:
+    """(label, value) of every super-resolution model but "auto" (official and imported): the Video tab's model
+    and the Image tab's comparison offer these."""
+    from engine.settings import sr_model_labels
+
+    return [(label, name) for name, label in sr_model_labels().items() if name != "auto"]
+
+
 def choices_for(name: str, model_manager=None) -> list[tuple[str, str]]:
     """(label, value) choices of a setting offered as a dropdown, generated from its spec. Pure but for the
     model's readiness, shown when a model manager is given."""

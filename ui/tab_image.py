@@ -294,13 +294,6 @@ def compare_models(services, path: str | Path, settings: Mapping[str, object], m
                                                              for r in results))
 
 
-def compare_choices() -> list[tuple[str, str]]:
-    """The models offered for a comparison (every super-resolution model but "auto")."""
-    from engine.settings import sr_model_labels
-
-    return [(label, name) for name, label in sr_model_labels().items() if name != "auto"]
-
-
 # ------------------------------------------------------------------------------------------------ the tab
 @dataclass
 class ImageTab:
@@ -335,13 +328,13 @@ class ComparePanel:
 
 def render_compare() -> ComparePanel:
     with gr.Accordion("Compare models", open=False, elem_id="compare-panel") as panel:
-        models = gr.Dropdown(compare_choices(), multiselect=True, max_choices=COMPARE_MAX, value=[],
+        models = gr.Dropdown(form_mod.sr_model_options(), multiselect=True, max_choices=COMPARE_MAX, value=[],
                              label="Two or three models", elem_id="compare-models",
                              info="The same image and settings through each; the first two go on the slider.")
         run = gr.Button("Compare", elem_id="compare-button")
         gallery = gr.Gallery(label="Each model's result", columns=COMPARE_MAX, height=260, elem_id="compare-gallery")
         table = gr.Markdown("", elem_id="compare-metrics", padding=True)
-    panel.expand(lambda: gr.update(choices=compare_choices()), outputs=[models], api_visibility="private",
+    panel.expand(lambda: gr.update(choices=form_mod.sr_model_options()), outputs=[models], api_visibility="private",
                  queue=False)  # models imported since the page loaded
     return ComparePanel(models, run, gallery, table)
 

@@ -119,7 +119,9 @@ def render(services) -> SystemTab:
     return SystemTab(info, models, choice, download, refresh, status, free, own)
 
 
-def listen(tab: SystemTab, services, demo: gr.Blocks) -> None:
+def listen(tab: SystemTab, services, demo: gr.Blocks) -> list:
+    """Wire the tab. Returns the events after which the set of models changed (download, import, remove): the app
+    refreshes the model choices of the other tabs when they succeed."""
     def on_refresh():
         with friendly_errors("system info"):
             return (system_markdown(services), model_rows(services),
@@ -150,9 +152,9 @@ def listen(tab: SystemTab, services, demo: gr.Blocks) -> None:
         return (f"Downloaded **{name}**.", model_rows(services), gr.update(choices=downloadable(services),
                                                                             value=None))
 
-    tab.download.click(on_download, inputs=[tab.choice], outputs=[tab.status, tab.models, tab.choice],
-                       api_visibility="private", concurrency_id="download", concurrency_limit=1)
-    listen_import(tab.own, tab, services)
+    downloaded = tab.download.click(on_download, inputs=[tab.choice], outputs=[tab.status, tab.models, tab.choice],
+                                    api_visibility="private", concurrency_id="download", concurrency_limit=1)
+    return [downloaded, *listen_import(tab.own, tab, services)]
 
 
 # ------------------------------------------------------------------------------------------------ your own models
@@ -200,7 +202,7 @@ def render_import(services) -> ImportPanel:
     return ImportPanel(file, url, name, kind, sha256, run, remove_choice, remove, status)
 
 
-def listen_import(panel: ImportPanel, tab: SystemTab, services) -> None:
+def listen_import(panel: ImportPanel, tab: SystemTab, services) -> list:
     def on_import(path, url, name, kind, sha256, progress=gr.Progress()):
         catalog = services.model_manager.user_catalog
         if catalog is None:
@@ -223,13 +225,13 @@ def listen_import(panel: ImportPanel, tab: SystemTab, services) -> None:
                 policy=DownloadPolicy(timeout=config.download_timeout, retries=config.download_retries))
         if path:
             Path(path).unlink(missing_ok=True)  # the upload's temporary copy
-        message = (f"Imported **{model.name}**: {model.architecture} ×{model.scale}, {model.kind}. Reload the page "
-                   "to choose it in the Image and Batch tabs.")
+        message = (f"Imported **{model.name}**: {model.architecture} ×{model.scale}, {model.kind}. It is offered "
+                   "in the Image, Batch and Video tabs now.")
         return message, model_rows(services), gr.update(choices=imported(services), value=None), None, ""
 
-    panel.run.click(on_import, inputs=[panel.file, panel.url, panel.name, panel.kind, panel.sha256],
-                    outputs=[panel.status, tab.models, panel.remove_choice, panel.file, panel.url],
-                    api_visibility="private", concurrency_id="download", concurrency_limit=1)
+    imported_event = panel.run.click(on_import, inputs=[panel.file, panel.url, panel.name, panel.kind, panel.sha256],
+                                     outputs=[panel.status, tab.models, panel.remove_choice, panel.file, panel.url],
+                                     api_visibility="private", concurrency_id="download", concurrency_limit=1)
 
     def on_remove(name):
         if not name:
@@ -239,6 +241,7 @@ def listen_import(panel: ImportPanel, tab: SystemTab, services) -> None:
             services.model_manager.unload_model(name)
         return f"Removed **{name}**.", model_rows(services), gr.update(choices=imported(services), value=None)
 
-    panel.remove.click(on_remove, inputs=[panel.remove_choice],
-                       outputs=[panel.status, tab.models, panel.remove_choice], api_visibility="private",
-                       concurrency_id="download", concurrency_limit=1)
+    removed = panel.remove.click(on_remove, inputs=[panel.remove_choice],
+                                 outputs=[panel.status, tab.models, panel.remove_choice], api_visibility="private",
+                                 concurrency_id="download", concurrency_limit=1)
+    return [imported_event, removed]

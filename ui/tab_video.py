@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import gradio as gr
 
-from engine.settings import EnhanceSettings, sr_model_labels
+from engine.settings import EnhanceSettings
 from ui.errors import friendly_errors
+from ui.form import sr_model_options
 from ui.jobs import CancelToken, device_slot, watch_job
 from ui.uploads import VIDEO_SUFFIXES, human_bytes, new_output_dir, upload_name, upload_path
 
@@ -116,11 +117,6 @@ def upscale_file(services, path: str | Path, settings: EnhanceSettings, video_se
                              progress=progress, cancel=cancel)
 
 
-def model_choices() -> list[tuple[str, str]]:
-    """Every super-resolution model (official and imported) with its scale and what it is for."""
-    return [(label, name) for name, label in sr_model_labels().items() if name != "auto"]
-
-
 @dataclass
 class VideoTab:
     video: gr.Video | None = None
@@ -157,7 +153,7 @@ def render(services) -> VideoTab:
         with gr.Column(scale=5):
             video = gr.Video(label="Your video (MP4, MKV, MOV, WebM)", sources=["upload"], elem_id="video-input")
             info = gr.Markdown("", padding=True)
-            model = gr.Dropdown(model_choices(),
+            model = gr.Dropdown(sr_model_options(),
                                 value=DEFAULT_VIDEO_MODEL, label="Model",
                                 info="realesr-animevideov3 is small and fast; the others are slower.")
             scale = gr.Slider(1, 4, value=2, step=0.5, label="Upscale factor")
