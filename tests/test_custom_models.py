@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from engine.errors import ChecksumMismatchError, InvalidInputError, InvalidSettingsError
+from tests.test_model_manager import _Evil
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -183,14 +184,6 @@ def test_the_overlap_comes_from_the_measured_receptive_field(weights_dir):
 
 
 # ------------------------------------------------------------------------------------------------ refusals
-class _Evil:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     from engine.models.user_catalog import UserCatalog
 

@@ -197,7 +197,8 @@ def start_warm_up(services) -> threading.Thread:
         except Exception as exc:  # the first request loads the model itself and reports what is wrong
             logger.warning("warm-up of the default model failed: %s", exc)
             return
-        logger.info("warmed up %s in %.1f s", settings.model, time.perf_counter() - started)
+        loaded = ", ".join(services.model_manager.loaded_models()) or settings.model  # "auto" resolved
+        logger.info("warmed up %s in %.1f s", loaded, time.perf_counter() - started)
 
     thread = threading.Thread(target=run, name="warm-up", daemon=True)
     thread.start()
