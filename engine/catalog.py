@@ -358,6 +358,12 @@ def sr_models() -> tuple[str, ...]:
     return SR_MODELS + tuple(n for n, s in user.items() if s.kind == "sr" and n not in CATALOG)
 
 
+def face_models() -> tuple[str, ...]:
+    """Every face-restoration model: the official ones, then the user's (GFPGAN or RestoreFormer networks)."""
+    user = {} if _active_user is None else _active_user.specs()
+    return FACE_MODELS + tuple(n for n, s in user.items() if s.kind == "face" and n not in CATALOG)
+
+
 def model_label(spec: ModelSpec) -> str:
     """How a super-resolution model is named in a list: name, scale and what it is for."""
     return f"{spec.name} (×{spec.scale}) — {spec.description}"

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
 
-from engine.catalog import DEFAULT_FACE_MODEL, FACE_MODELS
+from engine.catalog import DEFAULT_FACE_MODEL, face_models
 from engine.errors import (InvalidInputError, InvalidSettingsError, ModelNotAvailableError,
                            UnsafeEnvironmentError)
+from engine.models.loader import FACE_SIZE, face_forward
 from utils.gpu import is_out_of_memory
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FACE_SIZE = 512
 MIN_EXPORT_SIZE = 512
 MIN_EYE_DISTANCE = 5.0  # input pixels; below this the alignment is meaningless (GFPGAN's own threshold)
 RETINAFACE_MODEL = "detection_Resnet50_Final"
@@ -58,7 +58,7 @@ class FaceSettings:
     """What the user asked of face enhancement. Validated on construction.
 
     Attributes:
-        model: a face model of the catalog (GFPGANv1.4, GFPGANv1.3, RestoreFormer).
+        model: a face model of the catalog (GFPGANv1.4, GFPGANv1.3, RestoreFormer) or one the user imported.
         strength: 0.0 (the background upscale, untouched) … 1.0 (the full restoration).
         only_center_face: restore only the face nearest the image centre.
         max_faces: restore at most this many faces (the largest ones).
@@ -77,8 +77,8 @@ class FaceSettings:
     force_on_anime: bool = False
 
     def __post_init__(self) -> None:
-        if self.model not in FACE_MODELS:
-            raise InvalidSettingsError(f"Unknown face model {self.model!r}; choose one of {', '.join(FACE_MODELS)}.")
+        if self.model not in face_models():
+            raise InvalidSettingsError(f"Unknown face model {self.model!r}; choose one of {', '.join(face_models())}.")
         strength = self.strength
         if isinstance(strength, bool) or not isinstance(strength, (int, float, np.integer, np.floating)):
             raise InvalidSettingsError(f"Face strength must be a number from 0.0 to 1.0, got {strength!r}.")
@@ -330,20 +330,13 @@ def parse_mask(parsenet, restored_rgb: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- restoration
 def _restore(loaded: LoadedModel, aligned_rgb: np.ndarray) -> np.ndarray:
-    """Run the face network on one aligned face. ``512x512x3 uint8 RGB`` in and out.
-
-    GFPGAN runs with its stored noise (``randomize_noise=False``) so the same input gives the same bytes.
-    """
+    """Run the face network on one aligned face (:func:`face_forward`). ``512x512x3 uint8 RGB`` in and out."""
     import torch
 
     x = torch.from_numpy(aligned_rgb.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
     x = x.to(device=loaded.device, dtype=loaded.dtype)
     with torch.inference_mode():
-        if loaded.spec.arch == "GFPGANv1Clean":
-            out = loaded.net(x, return_rgb=False, randomize_noise=False)[0]
-        else:
-            out = loaded.net(x)[0]
-        out = out[0].float().clamp_(-1.0, 1.0)
+        out = face_forward(loaded.net, loaded.spec.arch, x)[0].float().clamp_(-1.0, 1.0)
         if not bool(torch.isfinite(out).all()):
             raise FloatingPointError("the network produced NaN/inf values")
         out = ((out + 1.0) * 127.5).round_().to(torch.uint8).permute(1, 2, 0).cpu().numpy()

@@ -292,11 +292,11 @@ BUSY_CPU_SHARE = 0.6
 run (CPU seconds / (wall seconds x threads)); less means other work took the cores and the figure is too slow."""
 
 
-def starved(cpu_seconds: float, wall_seconds: float, threads: int) -> bool:
-    """True when a timed CPU run got less than :data:`BUSY_CPU_SHARE` of ``threads`` cores: the machine was busy
-    with other work (another job, another program). Measured on the run itself, so the app's own load never counts
-    against it. Pure."""
-    return wall_seconds > 0 and cpu_seconds < BUSY_CPU_SHARE * wall_seconds * max(1, threads)
+def starved(cpu_seconds: float, wall_seconds: float, threads: int, share: float = BUSY_CPU_SHARE) -> bool:
+    """True when a timed CPU run got less than ``share`` of ``threads`` cores: the machine was busy with other work
+    (another job, another program). Measured on the run itself, so the app's own load never counts against it.
+    Pure."""
+    return wall_seconds > 0 and cpu_seconds < share * wall_seconds * max(1, threads)
 
 
 class ThroughputCalibrator:
@@ -305,11 +305,12 @@ class ThroughputCalibrator:
 
     It is only the prior: real runs replace it (:mod:`engine.advisor.estimates`). A CPU measurement during which
     the process did not get its cores (:func:`starved`: another job or program was running) is used for this call
-    only and not stored, so a busy moment is not kept forever.
+    only and not stored, so a busy moment is not kept forever. ``busy_share`` is :func:`starved`'s threshold (0:
+    every measurement is kept, whatever the load).
     """
 
-    def __init__(self, cache_file: Path | None = None, size: int = 128):
-        self.cache_file, self.size = cache_file, size
+    def __init__(self, cache_file: Path | None = None, size: int = 128, busy_share: float = BUSY_CPU_SHARE):
+        self.cache_file, self.size, self.busy_share = cache_file, size, busy_share
         self._lock = threading.Lock()
         self._values: dict[str, float] | None = None
 
@@ -377,7 +378,7 @@ class ThroughputCalibrator:
                 torch.cuda.synchronize()
             seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         on_cpu = getattr(device, "type", str(device)) == "cpu"
-        busy = on_cpu and starved(cpu_seconds, seconds, torch.get_num_threads())
+        busy = on_cpu and starved(cpu_seconds, seconds, torch.get_num_threads(), self.busy_share)
         value = spec.macs_per_pixel * side * side / max(seconds, 1e-6)
         logger.info("calibrated %s on %s: %.1f GMAC/s%s", model, device, value / 1e9,
                     " (machine busy: not kept)" if busy else "")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Collection, Iterable, Literal, Mapping, get_args
 
-from engine.catalog import DEFAULT_FACE_MODEL, FACE_MODELS, active_catalog, model_label, sr_models
+from engine.catalog import DEFAULT_FACE_MODEL, active_catalog, face_models, model_label, sr_models
 from engine.errors import InvalidSettingsError
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
@@ -45,7 +45,8 @@ def sr_model_labels() -> dict[str, str]:
 
 
 def face_model_choices() -> tuple[str, ...]:
-    return FACE_MODELS
+    """Every face-restoration model a setting may name: the official ones, then the user's imported ones."""
+    return face_models()
 
 
 def _check_device(value: str) -> None:

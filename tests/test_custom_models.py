@@ -277,7 +277,7 @@ def _file_server(folder: Path):
         server.server_close()
 
 
-def test_the_rest_api_imports_by_upload_and_url_enhances_and_removes(tmp_path, model_files):
+def test_the_rest_api_imports_by_upload_and_url_enhances_and_removes(tmp_path, model_files, face_files):
     import base64
     import io
 
@@ -313,8 +313,13 @@ def test_the_rest_api_imports_by_upload_and_url_enhances_and_removes(tmp_path, m
         assert unknown.status_code == 422 and "Unknown architecture" in unknown.json()["error"]
         assert str(tmp_path) not in unknown.text
 
+        face = face_files["gfpgan"]
+        response = client.post("/api/v1/models/import", files={"file": (face.name, face.read_bytes())})
+        assert response.status_code == 200 and response.json()["model"]["kind"] == "face", response.text
+
         listed = {m["name"]: m for m in client.get("/api/v1/models").json()["models"]}
         assert listed["tiny-swinir"]["tag"] == "text" and listed["span-from-url"]["scale"] == 2
+        assert (listed["tiny-gfpgan"]["kind"], listed["tiny-gfpgan"]["tag"]) == ("face", "face")
 
         buffer = io.BytesIO()
         Image.fromarray(_image(24, 20)).save(buffer, format="PNG")
@@ -373,6 +378,7 @@ def test_the_advisor_calibrates_the_users_models_on_first_use(weights_dir, tmp_p
     cache.write_text(json.dumps({calibrator.key(name, "cpu"): 1e9 for name in CATALOG}))  # the built-ins known
     manager = ModelManager(config)
     advisor = IntelligentEnhancer(manager, config, device="cpu", trial_budget_s=0)
+    advisor.calibrator = ThroughputCalibrator(cache, busy_share=0.0)  # kept even when other work shares the CPU
     advice = advisor.advise(_image(64, 48))
     offered = [s.name for s in user_alternatives(advice.analysis["content_type"]) if manager.is_available(s.name)][:2]
     assert len(offered) == 2
@@ -382,6 +388,80 @@ def test_the_advisor_calibrates_the_users_models_on_first_use(weights_dir, tmp_p
     assert {alt["model"] for alt in advice.alternatives} >= set(offered)
     advisor.calibrator._measure = None  # a second advice measures nothing: it would fail here
     assert advisor.advise(_image(64, 48)).alternatives == advice.alternatives
+
+
+# ------------------------------------------------------------------------------------------------ face models
+FACE_PHOTO = Path(__file__).resolve().parent / "data" / "faces" / "blake_lively_245.png"  # one face
+
+
+@pytest.fixture(scope="module")
+def face_files(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny face networks of spandrel's classes: a narrow GFPGAN (``.pth``) and a RestoreFormer
+    (``.safetensors``), random weights."""
+    from safetensors.torch import save_file
+    from spandrel.architectures.GFPGAN import GFPGAN
+    from spandrel.architectures.RestoreFormer import RestoreFormer
+
+    folder = tmp_path_factory.mktemp("face-models")
+    torch.manual_seed(0)
+    gfpgan = GFPGAN(narrow=0.125, channel_multiplier=1)
+    torch.save({"params_ema": gfpgan.state_dict()}, folder / "tiny-gfpgan.pth")
+    former = RestoreFormer(n_embed=32, embed_dim=32, ch=32, ch_mult=(1, 1, 1, 1, 1, 2), z_channels=32,
+                           num_res_blocks=1)
+    save_file({k: v.contiguous() for k, v in former.state_dict().items()}, folder / "tiny-former.safetensors")
+    return {"gfpgan": folder / "tiny-gfpgan.pth", "former": folder / "tiny-former.safetensors"}
+
+
+def test_face_networks_are_imported_as_face_models_and_offered_as_such(tmp_path, face_files, model_files,
+                                                                     monkeypatch, capsys):
+    import main
+    from engine.models.user_catalog import UserCatalog
+    from engine.settings import face_model_choices, sr_model_choices
+
+    monkeypatch.setenv("REALESRGAN_WEIGHTS_DIR", str(tmp_path / "w"))
+    monkeypatch.setenv("REALESRGAN_CONFIG_DIR", str(tmp_path / "cfg"))
+    monkeypatch.setenv("REALESRGAN_LOG_DIR", str(tmp_path / "logs"))
+    assert main.main(["models", "add", str(face_files["gfpgan"])]) == 0  # no --kind: detected
+    assert main.main(["models", "add", str(face_files["former"]), "--kind", "face"]) == 0
+    entries = UserCatalog(tmp_path / "w").entries()
+    assert {n: (m.architecture, m.kind, m.scale) for n, m in entries.items()} == {
+        "tiny-gfpgan": ("GFPGAN", "face", 1), "tiny-former": ("RestoreFormer", "face", 1)}
+    assert all(m.macs_per_pixel > 0 for m in entries.values())
+    assert face_model_choices()[-2:] == ("tiny-gfpgan", "tiny-former") and "GFPGANv1.4" in face_model_choices()
+    assert not {"tiny-gfpgan", "tiny-former"} & set(sr_model_choices())
+
+    capsys.readouterr()
+    assert main.main(["models", "list"]) == 0
+    listed = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert listed["tiny-gfpgan"] == "face*" and listed["GFPGANv1.4"] == "face"
+
+    assert main.main(["models", "add", str(face_files["gfpgan"]), "--name", "as-photo", "--kind", "photo"]) != 0
+    assert "a face restoration network (GFPGAN)" in capsys.readouterr().err
+    assert main.main(["models", "add", str(model_files["tiny-span"]), "--name", "span-face", "--kind", "face"]) != 0
+    assert "not a face restoration network" in capsys.readouterr().err
+    assert set(UserCatalog(tmp_path / "w").entries()) == {"tiny-gfpgan", "tiny-former"}
+
+
+@pytest.mark.parametrize("name", ["tiny-gfpgan", "tiny-former"])
+def test_an_imported_face_model_restores_every_detected_face(tmp_path, face_files, name):
+    """The engine's face enhancer runs the user's network like an official one: loaded from the pinned file by the
+    model manager, every detected face restored and pasted back, the rest of the image the background."""
+    from PIL import Image
+
+    from engine.face_enhancer import FaceSettings, enhance_faces
+    from engine.models.user_catalog import UserCatalog
+
+    UserCatalog(tmp_path / "w").import_model(str(face_files[name.split("-")[1]]), name=name)
+    manager = _manager(tmp_path / "w")
+    image = np.asarray(Image.open(FACE_PHOTO).convert("RGB"))
+    background = np.repeat(np.repeat(image, 2, axis=0), 2, axis=1)
+    result = enhance_faces(image, background, settings=FaceSettings(model=name, strength=1.0), model_manager=manager)
+    assert result.faces_detected >= 1 and result.faces_restored == result.faces_detected, result.warnings
+    changed = np.abs(result.image.astype(int) - background).max(axis=2) > 0
+    x0, y0, x1, y1 = (int(v) for v in result.boxes[0])
+    assert changed[y0:y1, x0:x1].mean() > 0.5  # the face was replaced by the network's output...
+    assert x0 > 64 and not changed[:, : x0 - 32].any()  # ...and away from it nothing changed
+    assert f"{name}@cpu" in " ".join(manager.loaded_models())
 
 
 def test_gray_and_rgba_networks_run_as_rgb_networks():

@@ -71,9 +71,10 @@ def build_app(services) -> gr.Blocks:
                 gr.Warning(warning)
             settings = _initial_settings(services)
             values = form_mod.settings_to_widget_values(settings)
-            model = form_mod.FORM_KEYS.index("model")  # models imported since the app started are offered too
-            values[model] = gr.update(choices=form_mod.choices_for("model", services.model_manager),
-                                      value=values[model])
+            for name in ("model", "face_model"):  # models imported since the app started are offered too
+                index = form_mod.FORM_KEYS.index(name)
+                values[index] = gr.update(choices=form_mod.choices_for(name, services.model_manager),
+                                          value=values[index])
             return [*values, bool(settings.get("auto_settings", True)),
                     gr.update(choices=tab_presets.preset_choices(services.settings)),
                     gr.update(choices=form_mod.sr_model_options())]
@@ -85,10 +86,12 @@ def build_app(services) -> gr.Blocks:
 
         def on_models_changed():  # a model imported, removed or downloaded: every model choice offers it now
             return (gr.update(choices=form_mod.choices_for("model", services.model_manager)),
+                    gr.update(choices=form_mod.choices_for("face_model")),
                     *[gr.update(choices=form_mod.sr_model_options())] * len(choosers))
 
         for event in model_changes:
-            event.success(on_models_changed, outputs=[image.form.widgets["model"], *choosers],
+            event.success(on_models_changed, outputs=[image.form.widgets["model"], image.form.widgets["face_model"],
+                                                      *choosers],
                           api_visibility="private", queue=False)
 
         def on_unload(request: gr.Request):  # the page or API client went away: its running jobs stop

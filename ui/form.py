@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 import gradio as gr
 
-from engine.catalog import CATALOG
+from engine.catalog import active_catalog
 from engine.settings import Advice, EnhanceSettings, FieldSpec, changed_fields, merge, sr_model_labels, stored_fields
 from engine.settings_manager import validate_settings
 
@@ -44,7 +44,8 @@ def choices_for(name: str, model_manager=None) -> list[tuple[str, str]]:
     if name == "model":
         return _model_choices(model_manager)
     if name == "face_model":
-        return [(f"{n} — {CATALOG[n].description}", n) for n in spec.choice_values()]
+        catalog = active_catalog()
+        return [(f"{n} — {catalog[n].description}", n) for n in spec.choice_values()]
     if name == "device":
         return device_choices()
     if spec.kind == "choice":

@@ -183,7 +183,8 @@ def render_import(services) -> ImportPanel:
 
     with gr.Accordion("Add your own model", open=False, elem_id="import-panel"):
         gr.Markdown("A super-resolution model from OpenModelDB or elsewhere (.pth, .pt, .ckpt or .safetensors of "
-                    "an architecture spandrel knows: ESRGAN, Compact, SwinIR, SPAN, HAT, DAT…). It is checked, "
+                    "an architecture spandrel knows: ESRGAN, Compact, SwinIR, SPAN, HAT, DAT…), or a face "
+                    "restoration model (GFPGAN, RestoreFormer: offered as a face model). It is checked, "
                     "hashed and copied into the weights folder; files that would run code are refused.")
         with gr.Row():
             file = gr.File(label="Model file", file_types=list(SUFFIXES), type="filepath", elem_id="import-file")
@@ -225,8 +226,9 @@ def listen_import(panel: ImportPanel, tab: SystemTab, services) -> list:
                 policy=DownloadPolicy(timeout=config.download_timeout, retries=config.download_retries))
         if path:
             Path(path).unlink(missing_ok=True)  # the upload's temporary copy
-        message = (f"Imported **{model.name}**: {model.architecture} ×{model.scale}, {model.kind}. It is offered "
-                   "in the Image, Batch and Video tabs now.")
+        where = ("as a face model in the Image and Batch tabs" if model.kind == "face"
+                 else "in the Image, Batch and Video tabs")
+        message = f"Imported **{model.name}**: {model.architecture} ×{model.scale}, {model.kind}. It is offered {where} now."
         return message, model_rows(services), gr.update(choices=imported(services), value=None), None, ""
 
     imported_event = panel.run.click(on_import, inputs=[panel.file, panel.url, panel.name, panel.kind, panel.sha256],

@@ -45,9 +45,11 @@ __all__ = [
     "SPANDREL_ARCHITECTURES",
     "BuiltNetwork",
     "DetectedNetwork",
+    "FACE_SIZE",
     "build_network",
     "check_safe_environment",
     "detect_network",
+    "face_forward",
     "rgb_network",
     "read_state_dict",
     "reference_network",
@@ -61,6 +63,7 @@ Builder = Callable[[ArchParams, StateDict], "nn.Module"]
 _UNSAFE_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 _WRAPPER_KEYS = ("params_ema", "params", "state_dict")  # BasicSR EMA weights first, as the reference code loads
 _PREFIX = "module."  # left by DataParallel
+FACE_SIZE = 512  # side of the aligned faces every face network takes (the FFHQ template)
 
 #: Catalog architecture -> the spandrel architecture id that must be detected in its weights.
 SPANDREL_ARCHITECTURES: Mapping[str, str] = MappingProxyType({
@@ -361,6 +364,17 @@ def rgb_network(module: nn.Module, input_channels: int, output_channels: int) ->
             return y.expand(-1, 3, -1, -1) if output_channels == 1 else y[:, :3]
 
     return RGBAdapter()
+
+
+def face_forward(net: nn.Module, arch: str, faces: torch.Tensor) -> torch.Tensor:
+    """A face network's output for ``Nx3x512x512`` aligned faces in [-1, 1]: the restored faces, same shape.
+
+    ``arch`` is the catalog architecture. GFPGAN runs with its stored noise (``randomize_noise=False``) so the same
+    input gives the same bytes; every face network returns a tuple whose first item is the image.
+    """
+    if arch == "GFPGANv1Clean":
+        return net(faces, return_rgb=False, randomize_noise=False)[0]
+    return net(faces)[0]
 
 
 @functools.lru_cache(maxsize=1)

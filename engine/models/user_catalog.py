@@ -1,11 +1,12 @@
-"""The user's own super-resolution models: their persisted catalog beside the official one, and their import.
+"""The user's own super-resolution and face-restoration models: their persisted catalog beside the official one,
+and their import.
 
 An import (:meth:`UserCatalog.import_model`, from a local path or an http(s) URL) is refused unless every step
 holds: the file is a ``.pth``/``.pt``/``.ckpt``/``.safetensors`` file; its SHA-256 matches the one given (the hash
 is pinned in the catalog either way and checked again whenever the model loads); it loads through the app's one
 safe load (:func:`engine.models.loader.read_state_dict`: tensors only, a pickle that would run code is refused);
-spandrel recognises its architecture; and it turns an image into an image. Then the network is measured once on a
-small input (multiply-accumulates per pixel for time estimates; the receptive radius for the tile overlap where
+spandrel recognises its architecture; and it turns an image into an image (a face network: one the face enhancer
+runs, GFPGAN or RestoreFormer, on 512×512 aligned faces). Then the network is measured once on a small input (multiply-accumulates per pixel for time estimates; the receptive radius for the tile overlap where
 the engine has no rule for the architecture), the file
 is moved into ``<weights dir>/custom/`` with an atomic rename and its entry written to
 ``<weights dir>/user_models.json``.
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["KINDS", "SUFFIXES", "UserCatalog", "UserModel", "user_catalog_for"]
 
-Kind = Literal["photo", "anime", "text", "general"]
+Kind = Literal["photo", "anime", "text", "general", "face"]
 KINDS: tuple[str, ...] = get_args(Kind)
 SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".ckpt", ".safetensors")
 CATALOG_FILE = "user_models.json"
@@ -50,6 +51,8 @@ MODELS_DIR = "custom"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _PURPOSES = ("SR", "Restoration")  # image → image networks the upscaler can run
+_FACE_PURPOSE = "FaceSR"
+_FACE_ARCHITECTURES = ("GFPGAN", "RestoreFormer")  # the face networks engine.face_enhancer runs
 _MAX_OVERLAP = 64  # input pixels: beyond this, more context costs more than the seams it hides
 _PROBE_SIDE = 32  # input side of the measuring run (a multiple of 8, 16 and 32: most size requirements)
 #: spandrel id -> the catalog's name of that architecture, so the engine's rules for it apply (RRDBNet overlap...).
@@ -66,7 +69,8 @@ class UserModel:
         name: unique among the official and the user's models.
         architecture: spandrel's architecture id (``"ESRGAN"``, ``"Compact"``, ``"SwinIR"``, ``"SPAN"``...).
         scale: output size / input size (1 for denoise / dejpeg models).
-        kind: what it is for: photo, anime, text or general.
+        kind: what it is for: photo, anime, text or general (super-resolution models), or face (a face-restoration
+            network, offered as a face model).
         sha256, size_bytes: the file's, pinned at import.
         filename: the file, relative to the weights dir (``custom/<name>-<hash8>.<ext>``).
         input_channels, output_channels: 1 gray, 3 RGB, 4 RGBA.
@@ -115,12 +119,15 @@ class UserModel:
         """This model as a catalog entry: the engine, the model manager and the advisor read it like an official one."""
         arch = _ARCH_OF.get(self.architecture, self.architecture)
         channels = {1: "gray", 3: "RGB", 4: "RGBA"}.get(self.input_channels, f"{self.input_channels}-channel")
+        face = self.kind == "face"
         return ModelSpec(
-            name=self.name, kind="sr", arch=arch, arch_params=MappingProxyType({"scale": self.scale}),  # type: ignore
+            name=self.name, kind="face" if face else "sr", arch=arch,  # type: ignore[arg-type]
+            arch_params=MappingProxyType({"scale": self.scale}),
             scale=self.scale, url=None, filename=self.filename, sha256=self.sha256, size_bytes=self.size_bytes,
             license=self.license or "unknown (your own model)", supports_half=self.supports_half,
             supports_bfloat16=self.supports_bfloat16, macs_per_pixel=self.macs_per_pixel,
-            description=f"your {self.kind} model ({self.architecture}, {channels})",
+            description=(f"your face model ({self.architecture})" if face
+                         else f"your {self.kind} model ({self.architecture}, {channels})"),
             content=self.kind if self.kind in ("photo", "anime") else "any",  # type: ignore[arg-type]
             input_channels=self.input_channels, output_channels=self.output_channels,
             size_multiple=self.size_multiple, overlap=self.overlap, tag=self.kind)
@@ -218,7 +225,8 @@ class UserCatalog:
         Args:
             source: a path, or an ``http://``/``https://`` URL (downloaded with ``policy``, resumable, verified).
             name: the name to list it under (default: the file's stem).
-            kind: photo, anime, text or general (what the advisor offers it for).
+            kind: photo, anime, text or general (what the advisor offers it for); face for a face-restoration
+                network (detected from the weights either way: "general" is taken as "face" for one).
             sha256: the expected SHA-256 (hex); the file is refused when it differs.
             license: its licence, shown beside it.
             policy: a :class:`engine.downloader.DownloadPolicy` for URLs (default: the downloader's).
@@ -230,7 +238,8 @@ class UserCatalog:
         Raises:
             InvalidSettingsError: a bad name, kind or hash, or a name already taken.
             InvalidInputError: no such file, a file type that is no weights file, a file that would run code when
-                loaded, an unknown architecture, or a network that does not upscale images.
+                loaded, an unknown architecture, a network that does not upscale images (or, for ``kind="face"``,
+                does not restore faces), or a face network the face enhancer cannot run.
             ChecksumMismatchError: the file's SHA-256 is not ``sha256``.
             DownloadError: the URL could not be downloaded.
         """
@@ -331,6 +340,12 @@ def _inspect(path: Path, *, name: str, kind: str, sha256: str, license: str, sou
     except ModelNotAvailableError as exc:
         raise InvalidInputError(f"{name} was not imported. {exc}") from exc
     built = detected.built
+    if detected.purpose == _FACE_PURPOSE:
+        return _inspect_face(path, detected, name=name, kind=kind, sha256=sha256, license=license, source=source)
+    if kind == "face":
+        raise InvalidInputError(f"{name} was not imported as a face model: it is a {built.architecture} network for "
+                                f"{detected.purpose}, not a face restoration network (GFPGAN, RestoreFormer). Import "
+                                "it with another --kind (photo, anime, text or general).")
     if detected.purpose not in _PURPOSES:
         raise InvalidInputError(f"{name} was not imported: it is a {built.architecture} network for "
                                 f"{detected.purpose}, not an image upscaler or restorer.")
@@ -351,6 +366,51 @@ def _inspect(path: Path, *, name: str, kind: str, sha256: str, license: str, sou
         supports_half=built.supports_half, supports_bfloat16=built.supports_bfloat16, overlap=overlap,
         macs_per_pixel=macs, license=license.strip(), source=source,
         added=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), tags=detected.tags)
+
+
+def _inspect_face(path: Path, detected, *, name: str, kind: str, sha256: str, license: str,
+                  source: str) -> UserModel:
+    """A face-restoration network: one the face enhancer runs, checked on one 512×512 face and measured."""
+    built = detected.built
+    if built.architecture not in _FACE_ARCHITECTURES:
+        raise InvalidInputError(f"{name} was not imported: it is a {built.architecture} face network, and the face "
+                                f"enhancer runs {' and '.join(_FACE_ARCHITECTURES)} networks only.")
+    if kind not in ("face", "general"):
+        raise InvalidSettingsError(f"{name} is a face restoration network ({built.architecture}), not a {kind} "
+                                   "upscaler: import it with --kind face (or without --kind).")
+    return UserModel(
+        name=name, architecture=built.architecture, scale=1, kind="face", sha256=sha256,
+        size_bytes=path.stat().st_size, filename="", min_size=detected.min_size,
+        supports_half=built.supports_half, supports_bfloat16=built.supports_bfloat16,
+        macs_per_pixel=measure_face_network(built.module, _ARCH_OF.get(built.architecture, built.architecture)),
+        license=license.strip(), source=source,
+        added=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), tags=detected.tags)
+
+
+def measure_face_network(net, arch: str) -> int:
+    """Multiply-accumulates per input pixel of a face network on one aligned 512×512 face, run the way the face
+    enhancer runs it (:func:`engine.models.loader.face_forward`).
+
+    Raises:
+        InvalidInputError: the network fails on a face or does not give one back at 512×512.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from engine.models.loader import FACE_SIZE, face_forward
+
+    face = torch.rand(1, 3, FACE_SIZE, FACE_SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.inference_mode(), counter:
+            out = face_forward(net, arch, face)
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        raise InvalidInputError(f"The face network fails on a {FACE_SIZE}×{FACE_SIZE} face "
+                                f"({str(exc).splitlines()[0][:200]}); it cannot be used.") from exc
+    if tuple(out.shape) != (1, 3, FACE_SIZE, FACE_SIZE):
+        raise InvalidInputError(f"The face network gives {tuple(out.shape)} for a {FACE_SIZE}×{FACE_SIZE} face, not "
+                                "an RGB face of the same size; it cannot be used.")
+    return int(counter.get_total_flops() // 2 // (FACE_SIZE * FACE_SIZE))
 
 
 def measure_network(net, scale: int, multiple: int = 1, *, minimum: int = 1, radius: bool = True
