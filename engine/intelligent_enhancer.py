@@ -514,9 +514,11 @@ class IntelligentEnhancer:
                                           batch_size=batch_size, config=self.config)
             return choice.tile, choice.memory_bytes / 2**20
 
-        numbers, decided_by = self._settle_content(pixels, analysis, numbers, machine, device, stop.check)
+        numbers, decided_by, tried = self._settle_content(pixels, analysis, numbers, machine, device, stop.check)
         machine = dataclasses.replace(machine, timing=self._timing(machine, device, tile_for))
         advice = decide(numbers, machine, requested_scale=scale, tile_for=tile_for)
+        if tried is not None:
+            advice = _with_trial_winner(advice, tried, numbers, machine)
         record = {
             "content_type": numbers.content_type, "confidence": round(numbers.confidence, 3),
             "content_decided_by": decided_by, "content_reason": numbers.content_reason,
@@ -532,35 +534,46 @@ class IntelligentEnhancer:
             "estimated_seconds": advice.estimated_seconds, "estimated_memory_mb": advice.estimated_memory_mb,
             "estimated_range": advice.analysis.get("estimated_range"),
             "device": machine.device, "alternatives": list(advice.alternatives),
+            "trial": None if tried is None else {name: round(db, 2) for name, db in tried.scores.items()},
             "analysis_ms": round((time.perf_counter() - start) * 1000, 1),
         }
         return dataclasses.replace(advice, analysis=record)
 
     def _settle_content(self, pixels: np.ndarray, analysis, numbers: AnalysisNumbers, machine: MachineFacts,
-                        device, check: Callable[[], None]) -> tuple[AnalysisNumbers, str]:
-        """An unsure content type is settled by a trial reconstruction when both models are here and it fits the
-        time budget; otherwise it stays the photo model, and the reason says why. Returns the numbers and which
-        signal decided the content type."""
+                        device, check: Callable[[], None]) -> tuple[AnalysisNumbers, str, object]:
+        """An unsure content type is settled by a trial reconstruction when both official models are here and it
+        fits the time budget (the user's ×4 photo/anime models join it when the budget allows); otherwise it stays
+        the photo model, and the reason says why. Returns the numbers, which signal decided the content type, and
+        the :class:`~engine.advisor.trial.TrialResult` (None when no trial ran)."""
         from engine.advisor import trial
         from engine.image_analysis import decide_content
 
-        unchanged = numbers, analysis.content_decided_by
+        unchanged = numbers, analysis.content_decided_by, None
         if analysis.content_decided_by != "unsure" or self.model_manager is None or self.trial_budget_s <= 0:
             return unchanged
-        models = (trial.PHOTO_MODEL, trial.ANIME_MODEL)
-        if not all(self.model_manager.is_available(m) for m in models):
+        official = (trial.PHOTO_MODEL, trial.ANIME_MODEL)
+        if not all(self.model_manager.is_available(m) for m in official):
             return unchanged
-        side = min(trial.TRIAL_CROP, numbers.width, numbers.height) // 4
-        expected = sum(CATALOG[m].macs_per_pixel * side * side / machine.throughput(m) for m in models)
+        catalog = active_catalog()
+        users = [s.name for s in catalog.values() if s.user and self.model_manager.is_available(s.name)]
+        side = min(trial.TRIAL_CROP, numbers.width, numbers.height) // trial.TRIAL_SCALE
         loaded = " ".join(self.model_manager.loaded_models())
-        expected += sum(MODEL_LOAD_SECONDS for m in models if f"{m}@" not in loaded)
+
+        def seconds(models) -> float:
+            return sum(catalog[m].macs_per_pixel * side * side / machine.throughput(m)
+                       + (MODEL_LOAD_SECONDS if f"{m}@" not in loaded else 0.0) for m in models)
+
+        models = trial.trial_models(catalog.values(), users)
+        if seconds(models) > self.trial_budget_s:  # the official pair alone, then
+            models = trial.trial_models(catalog.values(), ())
+        expected = seconds(models)
         if expected > self.trial_budget_s:
             note = (f"No time for a trial reconstruction (about {expected:.1f} s here, budget "
                     f"{self.trial_budget_s:.1f} s)")
-            return dataclasses.replace(numbers, content_reason=f"{numbers.content_reason}. {note}"), "unsure"
+            return dataclasses.replace(numbers, content_reason=f"{numbers.content_reason}. {note}"), "unsure", None
         try:
             rgb = np.ascontiguousarray(_rgb8(pixels))
-            result = trial.trial_reconstruction(rgb, self.model_manager, device, check=check)
+            result = trial.trial_reconstruction(rgb, self.model_manager, device, check=check, models=models)
         except CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the trial is a tie-breaker; without it the photo model stays
@@ -568,7 +581,7 @@ class IntelligentEnhancer:
             return unchanged
         decision = decide_content(float(analysis.content_logit), len(analysis.faces), result.photo_advantage_db)
         return dataclasses.replace(numbers, content_type=decision.label, confidence=decision.confidence,
-                                   content_reason=decision.reason), decision.decided_by
+                                   content_reason=decision.reason), decision.decided_by, result
 
     def _timing(self, machine: MachineFacts, device, tile_for) -> dict[str, TimingModel]:
         """The learned timing per candidate model for this device, precision and tile policy."""
@@ -604,6 +617,27 @@ class IntelligentEnhancer:
         """The design's JSON form of :meth:`advise`: ``{"settings": {model, scale, fp32, precision, face_enhance,
         face_strength, tile, auto_tile, denoise_strength}, "reasoning": [...], "analysis": {...}}``."""
         return design_dict(self.advise(image, scale))
+
+
+def _with_trial_winner(advice: Advice, tried, numbers: AnalysisNumbers, machine: MachineFacts) -> Advice:
+    """When one of the user's own models rebuilt the trial crop best on the side the content was settled to, say so
+    and offer it first among the alternatives ("on a test crop your 4x-Foo was 0.8 dB closer than
+    RealESRGAN_x4plus"). The recommendation itself stays an app model."""
+    best = tried.best(numbers.content_type)
+    if best is None or not active_catalog()[best].user:
+        return advice
+    runner_up = max((n for n in tried.scores if tried.sides[n] == numbers.content_type and n != best),
+                    key=lambda n: tried.scores[n])
+    margin = tried.scores[best] - tried.scores[runner_up]
+    settings = advice.settings
+    own_seconds = estimate_seconds(best, numbers.width, numbers.height, machine, numbers.faces,
+                                   settings.face_enhance, outscale=settings.outscale)
+    why = (f"your {numbers.content_type} model: on a test crop it was {margin:.1f} dB closer than {runner_up}; "
+           f"about {_human_seconds(own_seconds)}")
+    others = [alt for alt in advice.alternatives if alt.get("model") != best]
+    alternative = {"model": best, "estimated_seconds": round(own_seconds, 1), "why": why}
+    return dataclasses.replace(advice, alternatives=(alternative, *others),
+                               reasons=(*advice.reasons, f"Try {best}, {why}"))
 
 
 def design_dict(advice: Advice) -> dict:

@@ -390,6 +390,91 @@ def test_the_advisor_calibrates_the_users_models_on_first_use(weights_dir, tmp_p
     assert advisor.advise(_image(64, 48)).alternatives == advice.alternatives
 
 
+# ------------------------------------------------------------------------------------------------ trial
+COMIC = Path(__file__).resolve().parent / "data" / "advisor" / "comic_lq.png"
+
+
+def _nearest_x4(folder: Path) -> Path:
+    """A real ×4 Compact network whose last convolution is zero: its output is its built-in nearest-neighbour
+    upsampling of the input, which rebuilds a shrunk crop far better than random weights do."""
+    from spandrel.architectures.Compact import Compact
+
+    torch.manual_seed(0)
+    net = Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=4)
+    last = net.body[-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    torch.save(net.state_dict(), folder / "near.pth")
+    return folder / "near.pth"
+
+
+def test_the_trial_takes_the_users_x4_models_of_each_side():
+    from engine.advisor.trial import ANIME_MODEL, PHOTO_MODEL, trial_models
+    from engine.catalog import CATALOG
+
+    def own(name: str, tag: str, scale: int = 4, kind: str = "sr"):
+        return dataclasses.replace(CATALOG[PHOTO_MODEL], name=name, tag=tag, scale=scale, kind=kind, url=None)
+
+    import dataclasses
+
+    specs = [*CATALOG.values(), own("p4", "photo"), own("a4", "anime"), own("p2", "photo", 2),
+             own("t4", "text"), own("g4", "general"), own("f", "face", 1, "face"), own("p4-missing", "photo")]
+    available = {"p4", "a4", "p2", "t4", "g4", "f"}
+    assert trial_models(specs, available) == {PHOTO_MODEL: "photo", ANIME_MODEL: "anime", "p4": "photo",
+                                              "a4": "anime"}
+    assert trial_models(specs, available, limit=1) == {PHOTO_MODEL: "photo", ANIME_MODEL: "anime", "p4": "photo"}
+    assert trial_models(specs, ()) == {PHOTO_MODEL: "photo", ANIME_MODEL: "anime"}
+
+
+def test_a_users_model_that_rebuilds_the_trial_crop_best_is_offered_first(tmp_path):
+    """A drawing the classifier is unsure about goes to the trial reconstruction; the user's ×4 photo model joins
+    it. The official models here have random weights of their real architectures (checksums off), so the user's
+    model (nearest-neighbour upsampling) rebuilds the crop best: the side it is on wins, and the advice offers it
+    first, with the margin."""
+    from engine.advisor.trial import ANIME_MODEL, PHOTO_MODEL
+    from engine.catalog import CATALOG
+    from engine.image_analysis import analyze
+    from engine.intelligent_enhancer import IntelligentEnhancer, ThroughputCalibrator
+    from engine.model_manager import ModelManager
+    from engine.models.loader import reference_network
+    from PIL import Image
+
+    from config import Config
+
+    weights = tmp_path / "w"
+    weights.mkdir()
+    torch.manual_seed(0)
+    for name in (PHOTO_MODEL, ANIME_MODEL):
+        spec = CATALOG[name]
+        torch.save({"params_ema": reference_network(spec.arch, spec.arch_params).state_dict()},
+                   weights / spec.filename)
+    config = Config.from_env(env={}, dotenv_path=None, weights_dir=weights, config_dir=tmp_path / "cfg",
+                             download_retries=0, device="cpu", verify_checksums=False)
+    manager = ModelManager(config)
+    manager.user_catalog.import_model(str(_nearest_x4(tmp_path)), name="tiny-near", kind="photo")
+    import cv2
+
+    image = cv2.resize(np.asarray(Image.open(COMIC).convert("RGB")), (64, 96), interpolation=cv2.INTER_AREA)
+    assert analyze(image).content_decided_by == "unsure"  # the case the trial is for
+
+    advisor = IntelligentEnhancer(manager, config, device="cpu", trial_budget_s=30)
+    cache = tmp_path / "cfg" / "calibration.json"
+    advisor.calibrator = ThroughputCalibrator(cache)
+    cache.parent.mkdir(exist_ok=True)  # every model's speed known: nothing is calibrated here
+    cache.write_text(json.dumps({advisor.calibrator.key(n, "cpu"): 1e11 for n in [*CATALOG, "tiny-near"]}))
+    advice = advisor.advise(image)
+    assert advice.analysis["content_decided_by"] == "trial"
+    scores = advice.analysis["trial"]
+    assert set(scores) == {PHOTO_MODEL, ANIME_MODEL, "tiny-near"}
+    assert scores["tiny-near"] > max(scores[PHOTO_MODEL], scores[ANIME_MODEL])
+    assert advice.analysis["content_type"] == "photo" and advice.settings.model == PHOTO_MODEL
+    first = advice.alternatives[0]
+    margin = scores["tiny-near"] - scores[PHOTO_MODEL]
+    assert first["model"] == "tiny-near"
+    assert f"on a test crop it was {margin:.1f} dB closer than {PHOTO_MODEL}" in first["why"]
+    assert any(r.startswith("Try tiny-near, your photo model") for r in advice.reasons)
+
+
 # ------------------------------------------------------------------------------------------------ face models
 FACE_PHOTO = Path(__file__).resolve().parent / "data" / "faces" / "blake_lively_245.png"  # one face
 
