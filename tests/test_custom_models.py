@@ -514,6 +514,9 @@ def test_face_networks_are_imported_as_face_models_and_offered_as_such(tmp_path,
     assert all(m.macs_per_pixel > 0 for m in entries.values())
     assert face_model_choices()[-2:] == ("tiny-gfpgan", "tiny-former") and "GFPGANv1.4" in face_model_choices()
     assert not {"tiny-gfpgan", "tiny-former"} & set(sr_model_choices())
+    args = main.build_parser().parse_args(["enhance", "in.png", "-o", "out.png", "--face-enhance",
+                                          "--face-model", "tiny-former"])
+    assert args.face_model == "tiny-former"
 
     capsys.readouterr()
     assert main.main(["models", "list"]) == 0
