@@ -62,6 +62,7 @@ class Config:
     warm_models: tuple[str, ...] = ()
     job_time_limit_seconds: float = 600.0  # a job running longer is stopped at its next tile
     rate_limit_per_minute: int = 60  # work requests per client address and minute; 0 = no limit
+    idle_timer_slack_ms: float = 50.0  # Linux: server timers may fire this late, so an idle app sleeps; 0 = off
 
     # Retention (per-job result folders under output_dir/web, Gradio's cache under temp_dir)
     retention_hours: float = 24.0
@@ -112,7 +113,8 @@ class Config:
                      "job_time_limit_seconds", "retention_hours", "retention_max_mb"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("rate_limit_per_minute", "min_free_disk_mb", "memory_reserve_mb", "max_job_memory_mb"):
+        for name in ("rate_limit_per_minute", "min_free_disk_mb", "memory_reserve_mb", "max_job_memory_mb",
+                     "idle_timer_slack_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         _check_device(self.device)

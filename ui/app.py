@@ -20,6 +20,7 @@ from ui import tab_batch, tab_image, tab_presets, tab_system, tab_video
 from ui import form as form_mod
 from ui.jobs import cancel_session_jobs
 from utils.errors import EXIT_OK, EXIT_USAGE
+from utils.power import timer_slack_for_new_threads
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +154,11 @@ def start(services, *, prevent_thread_lock: bool = True, **overrides):
     remove_stale_temp_dirs(config)
     demo = configure_queue(build_app(services), config)
     kwargs = launch_kwargs(config) | overrides
-    app, local_url, share_url = demo.launch(prevent_thread_lock=prevent_thread_lock, **kwargs)
+    # The server's threads (its event loop and the workers that loop starts) inherit a timer slack, so Gradio's
+    # queue, which polls every 1 ms, lets an idle app sleep (utils.power says why requests and compute are not
+    # slowed); this thread keeps its own.
+    with timer_slack_for_new_threads(config.idle_timer_slack_ms / 1000):
+        app, local_url, share_url = demo.launch(prevent_thread_lock=prevent_thread_lock, **kwargs)
     install_rest_api(app, services)
     install_access_gate(app, config)
     logger.info("web UI at %s%s", local_url, f" (public link {share_url})" if share_url else "")
