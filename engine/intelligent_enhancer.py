@@ -625,8 +625,8 @@ class IntelligentEnhancer:
 
 def _with_trial_winner(advice: Advice, tried, numbers: AnalysisNumbers, machine: MachineFacts) -> Advice:
     """When one of the user's own models rebuilt the trial crop best on the side the content was settled to, say so
-    and offer it first among the alternatives ("on a test crop your 4x-Foo was 0.8 dB closer than
-    RealESRGAN_x4plus"). The recommendation itself stays an app model."""
+    and offer it first among the alternatives ("Try 4x-Foo, your photo model: on a test crop it was 0.8 dB closer
+    than RealESRGAN_x4plus; about 40 s"). The recommendation itself stays an app model."""
     best = tried.best(numbers.content_type)
     if best is None or not active_catalog()[best].user:
         return advice
