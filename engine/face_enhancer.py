@@ -440,7 +440,8 @@ class FaceRun:
 
 def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upscaler: Upscaler | None = None, *,
                   settings: FaceSettings, model_manager: ModelManager, run: FaceRun = FaceRun(),
-                  content_type: str | None = None, progress: Callable[[int, int], None] | None = None) -> FaceResult:
+                  content_type: str | None = None, progress: Callable[[int, int], None] | None = None,
+                  in_place: bool = False) -> FaceResult:
     """Restore the faces of ``image`` onto its upscale.
 
     Args:
@@ -453,8 +454,11 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
         settings: the face settings (model, strength, limits, crop export).
         model_manager: where the face model (and optional RetinaFace/ParseNet weights) come from.
         run: device, precision, CPU fallback and downloads (:class:`FaceRun`).
-        content_type: the advisor's content class; "anime" skips faces unless ``settings.force_on_anime``.
+        content_type: the advisor's content class; with "anime" the faces the detector finds are still restored
+            (a detected human face is evidence of a photo), with a note saying so.
         progress: called as ``progress(done, total)`` after each face.
+        in_place: paste the faces into ``background`` itself, which the result's image then is: only the faces'
+            regions are touched, no copy of the output is made (the engine's output canvas).
 
     Returns:
         A :class:`FaceResult`. The image is always produced: when faces cannot be restored it is the
@@ -479,6 +483,7 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
         raise InvalidInputError(f"The background ({bg.shape[2]} channels, {bg.dtype}) must have the channels and "
                                 f"bit depth of the input ({image_hwc.shape[2]} channels, {image_hwc.dtype}).")
     report = progress or _no_progress
+    out = bg if in_place else bg.copy()
 
     def finish(img: np.ndarray, detected: int, restored: int, detector: str, warnings: list[str],
                crops: list[np.ndarray] = (), boxes: list = (), pairs: list = ()) -> FaceResult:
@@ -501,7 +506,7 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
     if not faces:
         why = (" (the image also looks like anime/illustration, which GFPGAN does not know)"
                if content_type == "anime" else "")
-        return finish(bg.copy(), 0, 0, detector, [f"No face was found ({detector} detector){why}; the image is "
+        return finish(out, 0, 0, detector, [f"No face was found ({detector} detector){why}; the image is "
                                                   "the plain upscale."])
     notes = []
     if content_type == "anime" and not settings.force_on_anime:
@@ -521,20 +526,19 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
             usable.append(face)
     if settings.strength == 0.0:
         warnings.append(f"Face strength is 0, so the {len(usable)} face(s) were left as the background upscale.")
-        return finish(bg.copy(), detected, 0, detector, warnings)
+        return finish(out, detected, 0, detector, warnings)
     if not usable:
-        return finish(bg.copy(), detected, 0, detector, warnings)
+        return finish(out, detected, 0, detector, warnings)
 
     model = _FaceModel(model_manager, settings.model, run.allow_cpu_fallback, run.allow_download)
     loaded = model.load(torch_device, run.precision)
     if loaded.value is None:
         warnings.append(f"{len(usable)} face(s) were not restored because {loaded.why}; the faces are the plain "
                         f"upscale. To restore faces, {download_hint(settings.model)}.")
-        return finish(bg.copy(), detected, 0, detector, warnings)
+        return finish(out, detected, 0, detector, warnings)
 
     mask_source = _MaskSource(model_manager)
     to_output = output_transform(out_w / w, out_h / h)
-    out = bg.copy()
     colour = _colour_channels(bg.shape[2])
     crops: list[np.ndarray] = []
     boxes: list[tuple[float, float, float, float]] = []

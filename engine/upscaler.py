@@ -58,7 +58,7 @@ __all__ = [
     "ACTIVATION_BYTES_PER_PIXEL", "bytes_per_pixel", "estimate_memory_bytes", "TileBox", "TilePlan", "TileOptions",
     "UpscaleStats", "RunBatch", "plan_tiles", "blend_window", "upscale_image", "upscale_image_ex", "upscale_images_ex",
     "output_is_bad", "auto_tile", "available_bytes", "prepare_for_inference", "default_run_batch", "Band",
-    "BandStream", "FINAL_CHUNK_ROWS",
+    "BandStream", "FINAL_CHUNK_ROWS", "unit_peak",
 ]
 
 ProgressCallback = Callable[[int, int], None]
@@ -297,16 +297,6 @@ def default_run_batch(net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return net(batch)
 
 
-def _pad_to_multiple(tensor: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad an NxCxHxW tensor at the bottom/right to multiples of ``multiple`` (reflect, or replicate if tiny)."""
-    _, _, h, w = tensor.shape
-    pad_h, pad_w = (-h) % multiple, (-w) % multiple
-    if not pad_h and not pad_w:
-        return tensor
-    mode = "reflect" if pad_h < h and pad_w < w else "replicate"
-    return F.pad(tensor, (0, pad_w, 0, pad_h), mode=mode)
-
-
 Band = tuple[int, int, np.ndarray]
 """``(image index, first output row, rows)``: finished output rows of one image, ``rows`` an hxWx3 float32 RGB
 array in [0, 1] at the network's scale (the image's unpadded width), bands of one image in order, top to bottom."""
@@ -375,8 +365,10 @@ def _check_images(images: Sequence[np.ndarray], options: TileOptions) -> None:
         raise InvalidInputError("No images to upscale.")
     first_shape = images[0].shape
     for image in images:
-        if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-            raise InvalidInputError(f"Expected HxWx3 RGB images, got shape {image.shape}.")
+        if image.ndim != 3 or image.shape[2] not in (1, 3) or image.shape[0] == 0 or image.shape[1] == 0:
+            raise InvalidInputError(f"Expected HxWx3 RGB or HxWx1 gray images, got shape {image.shape}.")
+        if image.dtype not in _SOURCE_DTYPES:
+            raise InvalidInputError(f"Expected float32 in [0, 1], uint8 or uint16 pixels, got {image.dtype}.")
         if image.shape != first_shape:
             raise InvalidInputError(f"Images upscaled together must share one size: {first_shape} vs {image.shape}.")
     if not isinstance(options, TileOptions):
@@ -431,6 +423,38 @@ def _whole_rows(tile_out: torch.Tensor, height: int, width: int):
         yield first, np.ascontiguousarray(rows.permute(1, 2, 0).numpy())
 
 
+_SOURCE_DTYPES = {np.dtype(np.float32): 1.0, np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+"""The pixel types a network source may hold, with the value that is 1.0 in the network's [0, 1] range."""
+
+
+def unit_peak(image: np.ndarray) -> float:
+    """The largest value of a network source (float32 in [0, 1], uint8 or uint16 pixels) on the [0, 1] scale."""
+    return float(np.max(image)) / _SOURCE_DTYPES[image.dtype] if image.size else 0.0
+
+
+class _Source:
+    """One image as the network reads it: padded to the pad multiple (reflection; replication for tiny images), and
+    each tile turned into 1x3xhxw float32 RGB in [0, 1] only when it is read. 8- and 16-bit pixels are converted
+    per tile (the same ``astype(float32) / 255`` or ``/ 65535`` as a whole-image conversion, so the values are
+    identical) and gray is read as three equal channels, so no float copy of the whole image is ever made."""
+
+    def __init__(self, image: np.ndarray, multiple: int):
+        h, w = image.shape[:2]
+        pad_h, pad_w = (-h) % multiple, (-w) % multiple
+        if pad_h or pad_w:
+            mode = "reflect" if pad_h < h and pad_w < w else "edge"  # torch's "reflect" / "replicate"
+            image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
+        self.pixels, self.top = image, _SOURCE_DTYPES[image.dtype]
+
+    def tile(self, box: TileBox) -> torch.Tensor:
+        part = self.pixels[box.y:box.y + box.h, box.x:box.x + box.w]
+        if self.top != 1.0:
+            part = np.ascontiguousarray(part, dtype=np.float32)
+            np.divide(part, np.float32(self.top), out=part)
+        tensor = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32)).permute(2, 0, 1)[None]
+        return tensor.expand(-1, 3, -1, -1) if tensor.shape[1] == 1 else tensor
+
+
 class _PlanRun:
     """Iterates the bands of one tiling plan; :attr:`batches` counts the forward calls made."""
 
@@ -450,16 +474,15 @@ class _PlanRun:
         channels_last = torch.channels_last
         jobs = [(n, i) for n in range(len(images)) for i in range(len(plan))]  # same-shape tiles of every image
         buffers: dict[int, _RowBuffer] = {}
-        sources: dict[int, torch.Tensor] = {}
+        sources: dict[int, _Source] = {}
         for first in range(0, len(jobs), batch_size):
             chunk = jobs[first:first + batch_size]
             boxes = [plan.boxes[i] for _, i in chunk]
             parts = []
             for (n, _), b in zip(chunk, boxes):
                 if n not in sources:
-                    sources[n] = _pad_to_multiple(torch.from_numpy(
-                        np.ascontiguousarray(images[n], dtype=np.float32)).permute(2, 0, 1)[None], multiple)
-                parts.append(sources[n][:, :, b.y:b.y + b.h, b.x:b.x + b.w])
+                    sources[n] = _Source(images[n], multiple)
+                parts.append(sources[n].tile(b))
             batch = torch.cat(parts).to(device=options.device, dtype=options.dtype)
             batch = batch.contiguous(memory_format=channels_last)
             output = self.run_batch(net, batch).to(device="cpu", dtype=torch.float32)
@@ -510,7 +533,8 @@ def upscale_image_ex(net: nn.Module, image: np.ndarray, options: TileOptions, *,
 
     Args:
         net: eval-mode network on ``options.device`` in ``options.dtype``; not modified.
-        image: HxWx3 float32 RGB in [0, 1], on the CPU.
+        image: HxWx3 RGB or HxWx1 gray on the CPU: float32 in [0, 1], or 8- or 16-bit pixels, which are
+            converted tile by tile (no float copy of the whole image; the same values as converting it whole).
         options: scale, tiling, device and dtype (see :class:`TileOptions`).
         progress: called as ``progress(tiles_done, tiles_total)`` after each batch.
         run_batch: the forward pass (default ``net(batch)``); a hook for tests and callers, see :data:`RunBatch`.
@@ -527,8 +551,8 @@ def upscale_images_ex(net: nn.Module, images: Sequence[np.ndarray], options: Til
                       run_batch: RunBatch = default_run_batch) -> tuple[list[np.ndarray], UpscaleStats]:
     """Upscale several images of one size together (video frames): their tiles share forward calls.
 
-    Same arguments and guarantees as :func:`upscale_image_ex`, with ``images`` a sequence of HxWx3 float32 RGB
-    images in [0, 1] of one size; each output equals what :func:`upscale_image` gives for that image alone (up
+    Same arguments and guarantees as :func:`upscale_image_ex`, with ``images`` a sequence of images of one size
+    and pixel type; each output equals what :func:`upscale_image` gives for that image alone (up
     to the summation order of batched convolutions). The whole float outputs are assembled from a
     :class:`BandStream`; callers that want less memory consume the stream instead.
 
@@ -552,7 +576,8 @@ def upscale_image(net: nn.Module, image: np.ndarray, options: TileOptions, *,
     Args:
         net: eval-mode network on ``options.device`` in ``options.dtype`` (see :func:`prepare_for_inference`);
             not modified.
-        image: HxWx3 float32 RGB in [0, 1], on the CPU (only tiles move to the device).
+        image: HxWx3 RGB or HxWx1 gray on the CPU, float32 in [0, 1] or 8/16-bit pixels (see
+            :func:`upscale_image_ex`); only tiles move to the device.
         options: the network's scale, the tiling (tile, overlap, tiles per batch, the out-of-memory fallback's
             smallest tile), device, dtype and pad multiple; see :class:`TileOptions`.
         progress: called as ``progress(tiles_done, tiles_total)`` after each batch.

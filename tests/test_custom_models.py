@@ -552,6 +552,31 @@ def test_an_imported_face_model_restores_every_detected_face(tmp_path, face_file
     assert f"{name}@cpu" in " ".join(manager.loaded_models())
 
 
+def test_the_pipeline_pastes_faces_into_a_16_bit_output_in_place(tmp_path, face_files, model_files):
+    """enhance_image pastes restored faces into its output itself: only the face's region changes, and a 16-bit
+    image keeps its 16-bit pixels everywhere else (the output is not copied to 8 bits and back)."""
+    from PIL import Image
+
+    from engine.models.user_catalog import UserCatalog
+    from engine.processor import enhance_image_direct
+    from engine.settings import EnhanceSettings
+
+    catalog = UserCatalog(tmp_path / "w")
+    catalog.import_model(str(face_files["gfpgan"]), name="tiny-gfpgan")
+    catalog.import_model(str(model_files["tiny-span"]), name="tiny-span", kind="photo")
+    manager = _manager(tmp_path / "w")
+    photo = np.asarray(Image.open(FACE_PHOTO).convert("RGB")).astype(np.uint16) * 257
+    photo = photo + np.random.default_rng(0).integers(0, 200, photo.shape, dtype=np.uint16)  # below 8 bits' step
+    settings = EnhanceSettings(model="tiny-span", device="cpu", precision="fp32", quality_metrics=False, tile=64,
+                               face_model="tiny-gfpgan", face_strength=1.0, force_face_enhance=True)
+    plain = enhance_image_direct(photo, settings, manager, config=manager.config).pixels
+    faces = enhance_image_direct(photo, settings.replace(face_enhance=True), manager, config=manager.config)
+    assert faces.faces_restored >= 1 and faces.pixels.dtype == np.uint16, faces.warnings
+    changed = (faces.pixels != plain).any(axis=2)
+    assert 0 < changed.mean() < 0.5  # the face's region changed, the rest is the 16-bit upscale itself...
+    assert (faces.pixels[~changed] % 257).any()  # ...with values an 8-bit copy could not hold
+
+
 def test_gray_and_rgba_networks_run_as_rgb_networks():
     from spandrel.architectures.Compact import Compact
 

@@ -76,7 +76,8 @@ def test_x4_of_1500x1000_streams_under_a_cap_the_old_engine_s_buffers_exceed():
 
 # ------------------------------------------------------------------------------------------------ the plan
 def test_plan_grows_with_the_output_and_counts_each_part():
-    from engine.inference.memory_plan import JobShape, NetworkRun, plan_memory
+    from engine.inference.memory_plan import (
+        FACE_NETWORK_BYTES, INPUT_BYTES_PER_PIXEL_FLOAT, JobShape, NetworkRun, plan_memory)
 
     run = NetworkRun(scale=4, tile=128, overlap=16, activation_bytes=50 * MB, weights_bytes=2 * MB)
     small = plan_memory(JobShape(1000, 800, 3, 8, 4000, 3200), run, (8 << 30, 0))
@@ -87,6 +88,15 @@ def test_plan_grows_with_the_output_and_counts_each_part():
         "base", "input", "network", "band", "output", "metrics", "faces"))
     deep = plan_memory(JobShape(1000, 800, 3, 16, 4000, 3200), run, (8 << 30, 0))
     assert deep.output_bytes == 2 * small.output_bytes
+    # no float copy of the input (the engine converts each tile as it reads it), except with alpha (bled colours)
+    assert small.input_bytes == 1000 * 800 * 3 and deep.input_bytes == 1000 * 800 * 6
+    alpha = plan_memory(JobShape(1000, 800, 4, 8, 4000, 3200), run, (8 << 30, 0))
+    assert alpha.input_bytes == 1000 * 800 * (4 + INPUT_BYTES_PER_PIXEL_FLOAT)
+    # faces are pasted in place: the face network, plus an 8-bit RGB copy for outputs that are not 8-bit RGB
+    faces = plan_memory(JobShape(1000, 800, 3, 8, 4000, 3200), run, (8 << 30, 0), face_enhance=True)
+    deep_faces = plan_memory(JobShape(1000, 800, 3, 16, 4000, 3200), run, (8 << 30, 0), face_enhance=True)
+    assert faces.faces_bytes == FACE_NETWORK_BYTES and small.faces_bytes == 0
+    assert deep_faces.faces_bytes == FACE_NETWORK_BYTES + 4000 * 3200 * (3 + 12)
     assert small.fits and not plan_memory(JobShape(1000, 800, 3, 8, 4000, 3200), run, (small.peak_bytes - 1, 0)).fits
     gpu = plan_memory(JobShape(1000, 800, 3, 8, 4000, 3200),
                       NetworkRun(4, 128, 16, 50 * MB, 2 * MB, device_type="cuda"), (8 << 30, 40 * MB))

@@ -93,6 +93,42 @@ def test_two_images_share_forward_calls_and_get_their_own_bands(image):
         np.testing.assert_allclose(got, alone, atol=1e-5)  # batched convolutions may sum in another order
 
 
+def _rrdb_x2() -> torch.nn.Module:
+    """A tiny RRDBNet x2: it unshuffles 2x2 blocks, so its input is padded to even sizes."""
+    from engine.models.loader import reference_network
+
+    torch.manual_seed(3)
+    return reference_network("RRDBNet", dict(num_in_ch=3, num_out_ch=3, scale=2, num_feat=8, num_block=1,
+                                             num_grow_ch=4)).eval()
+
+
+@pytest.mark.parametrize("dtype,channels,tile", [
+    (np.uint8, 3, 24), (np.uint16, 3, 24), (np.uint8, 1, 24), (np.uint16, 1, 0), (np.uint8, 3, 0)])
+def test_8_and_16_bit_pixels_are_read_tile_by_tile_with_the_values_of_a_whole_float_copy(dtype, channels, tile):
+    """The engine converts each tile it reads (no float copy of the whole image): the result is bit-identical to
+    converting the whole image first (gray read as three equal channels), tiled or not, and with a pad multiple."""
+    rng = np.random.default_rng(5)
+    top = np.iinfo(dtype).max
+    pixels = rng.integers(0, top + 1, (75, 93, channels), dtype=dtype)
+    floats = pipeline.as_float(pixels)
+    floats = np.ascontiguousarray(np.repeat(floats, 3, axis=2) if channels == 1 else floats)
+    for net, options in ((_tiny_srvgg(), TileOptions(scale=4, tile=tile, overlap=6)),
+                         (_rrdb_x2(), TileOptions(scale=2, tile=tile, overlap=6, pad_multiple=2))):
+        got, stats = upscale_image_ex(net, pixels, options)
+        want, _ = upscale_image_ex(net, floats, options)
+        np.testing.assert_array_equal(got, want)
+        assert (stats.tiles > 1) == bool(tile)
+
+
+def test_a_source_of_another_type_is_refused_with_what_to_give(image):
+    from engine.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="float32 in \\[0, 1\\], uint8 or uint16"):
+        list(BandStream(_tiny_srvgg(), [image.astype(np.float64)], TileOptions(scale=4)))
+    with pytest.raises(InvalidInputError, match="HxWx1 gray"):
+        list(BandStream(_tiny_srvgg(), [np.zeros((8, 8, 2), np.uint8)], TileOptions(scale=4)))
+
+
 @pytest.mark.parametrize("src,dst", [
     ((400, 280), (200, 140)),   # x4 network, x2 asked: area, ratio 2
     ((400, 280), (300, 210)),   # x3 asked: area, ratio 4/3

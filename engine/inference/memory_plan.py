@@ -6,15 +6,17 @@ memory is a sum of parts that each have a known size:
 * ``base``: the process (torch, the runtime, the metric networks) and the network's weights (twice: the cached
   float32 copy and the prepared one). Measured on CPU in a fresh process (bench/bench_memory.py): importing torch
   alone reaches ~510 MB, a 64x64 job with quality metrics ~800 MB.
-* ``input``: the decoded pixels and their float copies (colour, RGB, the padded source).
-* ``network``: activations of one forward pass (:func:`engine.upscaler.estimate_memory_bytes`) and the tile
-  outputs; on a GPU the activations live in VRAM, checked against free VRAM instead.
+* ``input``: the decoded pixels; images with alpha also their float copies (colour with its transparent pixels
+  bled, alpha). Others have none: the engine converts each tile to float as it reads it.
+* ``network``: activations of one forward pass (:func:`engine.upscaler.estimate_memory_bytes`), the tile's
+  float input and the tile outputs; on a GPU the activations live in VRAM, checked against free VRAM instead.
 * ``bands``: the blend buffer of one tile row at the network's scale (weighted sums and weights, reused for every
   tile row: :data:`BAND_BYTES_PER_PIXEL` per pixel) and :data:`STREAM_ROWS` rows of the finished bands' copies
   (normalised rows, the resizer's context rows, the dtype conversion), which do not grow with the tile.
 * ``output``: the preallocated output (the input's channels and depth).
 * ``metrics``: quality metrics work at the input size and on a bounded crop of the output.
-* ``faces``: restored faces are pasted on an 8-bit copy of the output (face enhancement only).
+* ``faces``: the face network (:data:`FACE_NETWORK_BYTES`) and, for an output that is not 8-bit RGB, the 8-bit RGB
+  copy the identity metric cuts faces from; the faces themselves are pasted into the output in place.
 
 :func:`plan_memory` takes plain numbers and returns a :class:`MemoryPlan`; :func:`engine.inference.planning`
 uses :func:`band_bytes` to keep a tile's activations and bands within :data:`WORKING_SET_BYTES`.
@@ -55,7 +57,12 @@ WHOLE_IMAGE_GAIN = 1.15
 image runs whole (see :data:`WHOLE_IMAGE_BYTES`)."""
 
 INPUT_BYTES_PER_PIXEL_FLOAT = 28
-"""Float copies per input pixel: the float image (up to 16 B), the RGB network input (12 B)."""
+"""Float copies per input pixel of an image with alpha: the float image (up to 16 B), the bled RGB network input
+(12 B). Images without alpha have none (see ``engine.upscaler.BandStream``)."""
+
+FACE_NETWORK_BYTES = 1100 * MB
+"""GFPGAN v1.4 (its official width) on the CPU: 330 MB of float32 weights and a peak of 750 MB more during one
+512x512 face's forward pass (``ru_maxrss`` around ``engine.models.loader.face_forward``, torch 2.14, 2 threads)."""
 
 METRICS_FIXED_BYTES = 48 * MB
 """The NIQE crops (at most 768x768, a few float copies) and LPIPS at the input size."""
@@ -115,6 +122,12 @@ def band_bytes(tile: int, overlap: int, height: int, width: int, scale: int) -> 
     return int((rows + min(height * scale, STREAM_ROWS)) * width * scale * BAND_BYTES_PER_PIXEL)
 
 
+def faces_bytes(out_pixels: int, channels: int, sample: int) -> int:
+    """Face restoration's part of a job (see the module docstring). Pure."""
+    copy = 0 if (channels, sample) == (3, 1) else out_pixels * (3 + (4 * channels if sample == 2 else 0))
+    return int(FACE_NETWORK_BYTES + copy)
+
+
 @dataclass(frozen=True)
 class JobShape:
     """The sizes a job's memory follows: the decoded input (channels 1..4, 8 or 16 bits) and the output."""
@@ -157,16 +170,18 @@ def plan_memory(shape: JobShape, run: NetworkRun, budget: tuple[int, int], *, qu
     read_h, read_w = ((min(height, tile + 2 * run.overlap), min(width, tile + 2 * run.overlap)) if tile
                       else (height, width))
     tile_outputs = 2 * read_h * read_w * scale * scale * 3 * 4  # the device output and its float32 CPU copy
+    tile_inputs = 2 * read_h * read_w * 3 * 4  # the tile as float RGB and the batch made of it
     on_gpu = run.device_type != "cpu"
-    input_bytes = pixels * (shape.channels * sample + INPUT_BYTES_PER_PIXEL_FLOAT + (12 if model_alpha else 0))
+    floats = INPUT_BYTES_PER_PIXEL_FLOAT + (12 if model_alpha else 0) if shape.channels in (2, 4) else 0
+    input_bytes = pixels * (shape.channels * sample + floats)
     out_pixels = shape.out_width * shape.out_height
     return MemoryPlan(
         tile=int(tile), base_bytes=BASE_PROCESS_BYTES + 2 * run.weights_bytes, input_bytes=int(input_bytes),
-        network_bytes=int(tile_outputs + (0 if on_gpu else run.activation_bytes)),
+        network_bytes=int(tile_outputs + tile_inputs + (0 if on_gpu else run.activation_bytes)),
         band_bytes=band_bytes(tile, run.overlap, height, width, scale),
         output_bytes=int(out_pixels * shape.channels * sample),
         metrics_bytes=int(pixels * 48 + METRICS_FIXED_BYTES) if quality_metrics else 0,
-        faces_bytes=int(out_pixels * 3 * 2) if face_enhance else 0,  # an 8-bit RGB copy and the pasted result
+        faces_bytes=faces_bytes(out_pixels, shape.channels, sample) if face_enhance else 0,
         vram_bytes=int(run.activation_bytes + 2 * run.weights_bytes) if on_gpu else 0,
         budget_bytes=int(budget[0]), vram_budget_bytes=int(budget[1]))
 

@@ -176,7 +176,9 @@ class _Health:
 
     def __init__(self, images: Sequence[np.ndarray], black: float = 1.0 / 255):
         self.black = black
-        self.non_black = [float(np.max(image)) > black for image in images]
+        from engine.upscaler import unit_peak
+
+        self.non_black = [unit_peak(image) > black for image in images]
         self.finite = [True] * len(images)
         self.peak = [0.0] * len(images)
 
@@ -298,11 +300,12 @@ class FaceOutcome:
     warnings: tuple[str, ...] = ()
 
 
-def restore_faces(job: Job, rgb_in: np.ndarray, canvas: "streaming.OutputCanvas", run: Run) -> FaceOutcome:
-    """Detect faces on the input and paste restored ones into the canvas's colour (8-bit faces; a 16-bit output
-    gets the restored faces scaled to 16 bits, only when some were pasted)."""
+def restore_faces(job: Job, pixels: np.ndarray, rgb_in: np.ndarray, canvas: "streaming.OutputCanvas",
+                  run: Run) -> FaceOutcome:
+    """Detect faces on the decoded input ``pixels`` and paste the restored ones into the canvas in place: only the
+    faces' regions are touched, no copy of the output is made (8-bit faces, scaled on a 16-bit output, gray on a
+    gray one; alpha is kept). ``rgb_in`` is the network's source, for the content guess."""
     from engine import face_enhancer
-    from utils.image_io import to_8bit
 
     settings = job.settings
     if not job.config.enable_face_enhancement:
@@ -312,27 +315,16 @@ def restore_faces(job: Job, rgb_in: np.ndarray, canvas: "streaming.OutputCanvas"
     if not settings.force_face_enhance:
         from engine.image_analysis import content_type as detect_content
 
-        content_type, _confidence = detect_content(from_float(rgb_in, np.uint8))
+        content_type, _confidence = detect_content(rgb_8bit(rgb_in))
     face_settings = face_enhancer.FaceSettings(
         model=settings.face_model, strength=settings.face_strength, only_center_face=settings.only_center_face,
         max_faces=job.config.max_faces, save_crops=settings.save_face_crops,
         force_on_anime=settings.force_face_enhance)
-    colour = canvas.pixels[:, :, :canvas.colour_channels]
-    upscaled = to_8bit(colour if colour.shape[2] == 3 else np.repeat(colour, 3, axis=2))
     result = face_enhancer.enhance_faces(
-        from_float(rgb_in, np.uint8), np.ascontiguousarray(upscaled), settings=face_settings,
-        model_manager=job.model_manager, content_type=content_type,
+        pixels, canvas.pixels, settings=face_settings, model_manager=job.model_manager, content_type=content_type,
         run=face_enhancer.FaceRun(device=run.device, precision=run.precision,
-                                  allow_cpu_fallback=job.config.allow_cpu_fallback, allow_download=True))
-    if result.faces_restored:  # else keep the full-precision colour
-        restored = np.ascontiguousarray(result.image[:, :, :3])
-        if canvas.colour_channels == 1:
-            import cv2
-
-            restored = cv2.cvtColor(restored, cv2.COLOR_RGB2GRAY)[:, :, None]
-        if canvas.pixels.dtype == np.uint16:
-            restored = restored.astype(np.uint16) * 257
-        canvas.pixels[:, :, :canvas.colour_channels] = restored
+                                  allow_cpu_fallback=job.config.allow_cpu_fallback, allow_download=True),
+        in_place=True)
     return FaceOutcome(result.faces_detected, result.faces_restored, result.detector, tuple(result.crops),
                        tuple(result.identity_pairs), tuple(result.warnings))
 
@@ -419,17 +411,24 @@ def fit_memory(spec: ModelSpec, settings: EnhanceSettings, shape: JobShape, conf
 
 
 def network_input(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Split HxWxC pixels into the network's HxWx3 float32 RGB (gray as three equal channels, transparent pixels
-    bled) and the HxW float alpha (None without alpha)."""
+    """Split HxWxC pixels into the network's source and the HxW float alpha (None without alpha).
+
+    Without alpha the source is ``pixels`` themselves (HxWx1 gray or HxWx3 RGB, 8 or 16 bits): the engine turns
+    each tile into float RGB as it reads it (``engine.upscaler.BandStream``), so the image is never copied whole as
+    floats. With alpha it is HxWx3 float32 RGB with the transparent pixels' colours bled."""
     channels = pixels.shape[2]
+    if channels not in (2, 4):
+        return pixels, None
     floats = as_float(pixels)
-    has_alpha = channels in (2, 4)
-    colour = floats[:, :, : channels - 1] if has_alpha else floats
-    alpha = floats[:, :, -1] if has_alpha else None
+    colour, alpha = floats[:, :, : channels - 1], floats[:, :, -1]
     rgb = np.repeat(colour, 3, axis=2) if colour.shape[2] == 1 else colour
-    if alpha is not None:
-        rgb = bleed_transparent_colours(np.ascontiguousarray(rgb), alpha)
-    return np.ascontiguousarray(rgb, dtype=np.float32), alpha
+    return np.ascontiguousarray(bleed_transparent_colours(np.ascontiguousarray(rgb), alpha), dtype=np.float32), alpha
+
+
+def rgb_8bit(source: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 RGB of a network source (see :func:`network_input`)."""
+    floats = source if source.dtype == np.float32 else as_float(source)
+    return from_float(np.repeat(floats, 3, axis=2) if floats.shape[2] == 1 else floats, np.uint8)
 
 
 def plan_input(source, settings: EnhanceSettings, model_manager, config, *, streamed: bool = False):
@@ -493,7 +492,7 @@ def enhance_image(image, settings: EnhanceSettings | None, model_manager, progre
     if job.settings.face_enhance:
         t3 = time.perf_counter()
         report(0.8, "Restoring faces")
-        faces = restore_faces(job, rgb, canvas, run)
+        faces = restore_faces(job, pixels, rgb, canvas, run)
         warnings += faces.warnings
         timings["faces"] = time.perf_counter() - t3
     out_pixels = canvas.pixels
@@ -663,7 +662,7 @@ class FrameEnhancer:
         height, width = frames[0].shape[:2]
         job, out_size, notes = plan_job(self.settings, (width, height), self.model_manager, self.config, Reporter())
         canvases = [streaming.OutputCanvas(out_size, 3, np.uint8) for _ in frames]
-        run = upscale_rgb(job, [as_float(f) for f in frames], (0.0, 1.0), lambda src_size: streaming.FanOut(
+        run = upscale_rgb(job, list(frames), (0.0, 1.0), lambda src_size: streaming.FanOut(
             [canvas.colour_writer(src_size, image=n) for n, canvas in enumerate(canvases)]))
         self._add(notes + run.warnings)
         return [canvas.pixels for canvas in canvases]
