@@ -58,7 +58,7 @@ __all__ = [
     "ACTIVATION_BYTES_PER_PIXEL", "bytes_per_pixel", "estimate_memory_bytes", "TileBox", "TilePlan", "TileOptions",
     "UpscaleStats", "RunBatch", "plan_tiles", "blend_window", "upscale_image", "upscale_image_ex", "upscale_images_ex",
     "output_is_bad", "auto_tile", "available_bytes", "prepare_for_inference", "default_run_batch", "Band",
-    "BandStream", "FINAL_CHUNK_ROWS", "unit_peak",
+    "BandStream", "FINAL_CHUNK_ROWS", "unit_peak", "tile_shape",
 ]
 
 ProgressCallback = Callable[[int, int], None]
@@ -173,6 +173,14 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, multiple: int =
             right = x + tile_w - xs[ix + 1] if ix + 1 < len(xs) else 0
             boxes.append(TileBox(y, x, tile_h, tile_w, (top, bottom, left, right)))
     return TilePlan(height, width, tile_h, tile_w, tuple(boxes))
+
+
+def tile_shape(height: int, width: int, tile: int, overlap: int, multiple: int = 1) -> tuple[int, int, float]:
+    """``(tile_h, tile_w, compute_ratio)`` of :func:`plan_tiles` for the same arguments, without building its boxes:
+    the input pixels one forward pass reads and the pixels computed over the image's. Pure."""
+    tile_h, ys = _plan_axis(height, tile, overlap, multiple)
+    tile_w, xs = _plan_axis(width, tile, overlap, multiple)
+    return tile_h, tile_w, len(ys) * tile_h * len(xs) * tile_w / (height * width)
 
 
 def _ramp(length: int, overlap_a: int, overlap_b: int) -> np.ndarray:

@@ -104,6 +104,8 @@ def test_plan_grows_with_the_output_and_counts_each_part():
 
 
 def test_choose_tile_keeps_a_wide_image_s_bands_within_the_working_set(model_manager):
+    import torch
+
     from engine.inference import planning
     from engine.inference.memory_plan import WORKING_SET_BYTES, band_bytes
 
@@ -113,8 +115,12 @@ def test_choose_tile_keeps_a_wide_image_s_bands_within_the_working_set(model_man
     wide = planning.plan_tile(spec, 1000, 6000, device_type="cpu", precision="fp32", batch_size=1,
                               free_bytes=64 << 30, memory_reused=True)
     assert 0 < wide.tile < (narrow.tile or 1000)
-    overlap = planning.overlap_for(spec, wide.tile)
-    assert wide.memory_bytes + band_bytes(wide.tile, overlap, 1000, 6000, 4) <= WORKING_SET_BYTES
+    rows, _cols, ratio = planning.read_shape(spec, 1000, 6000, wide.tile)
+    assert wide.memory_bytes + band_bytes(rows, 1000, 6000, 4) <= WORKING_SET_BYTES
+    assert planning.working_set_bytes(spec, 1000, 6000, wide.tile, torch.float32, 1) <= WORKING_SET_BYTES
+    for other in range(32, 1000, 8):  # no tile that fits computes fewer pixels
+        fits = planning.working_set_bytes(spec, 1000, 6000, other, torch.float32, 1) <= WORKING_SET_BYTES
+        assert not fits or planning.read_shape(spec, 1000, 6000, other)[2] >= ratio, (other, wide.tile, ratio)
 
 
 def test_plan_input_reads_the_header_and_refuses_before_decoding(config, model_manager):

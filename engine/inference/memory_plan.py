@@ -4,8 +4,10 @@ The engine streams (see :class:`engine.upscaler.BandStream` and :mod:`engine.inf
 memory is a sum of parts that each have a known size:
 
 * ``base``: the process (torch, the runtime, the metric networks) and the network's weights (twice: the cached
-  float32 copy and the prepared one). Measured on CPU in a fresh process (bench/bench_memory.py): importing torch
-  alone reaches ~510 MB, a 64x64 job with quality metrics ~800 MB.
+  float32 copy and the prepared one). Measured on CPU in a fresh process (bench/bench_memory.py) with the
+  registry's torch 2.14.1+cu130: importing torch alone reaches 704 MB (220 MB of it the CUDA libraries' pages, loaded
+  even without a GPU; 510 MB with the build measured before), torch and spandrel 876 MB, a 64x64 ``main.py enhance`` with
+  quality metrics 1079 MB.
 * ``input``: the decoded pixels; images with alpha also their float copies (colour with its transparent pixels
   bled, alpha). Others have none: the engine converts each tile to float as it reads it.
 * ``network``: activations of one forward pass (:func:`engine.upscaler.estimate_memory_bytes`), the tile's
@@ -29,8 +31,9 @@ from dataclasses import dataclass
 
 MB = 1024 * 1024
 
-BASE_PROCESS_BYTES = 800 * MB
-"""Resident size of a process that has run a small job with quality metrics (torch, runtime, metric networks)."""
+BASE_PROCESS_BYTES = 1024 * MB
+"""Resident size of a process that has run a small job with quality metrics (torch, runtime, metric networks):
+a 64x64 job's measured peak less its planned metrics, network and bands."""
 
 BAND_BYTES_PER_PIXEL = 16
 """Host bytes per pixel of a tile row's blend buffer at the network's scale: float32 RGB sums (12 B) and their
@@ -115,10 +118,11 @@ class MemoryPlan:
                     "base", "input", "network", "band", "output", "metrics", "faces")}}
 
 
-def band_bytes(tile: int, overlap: int, height: int, width: int, scale: int) -> int:
-    """Host bytes of the blend buffer of one tile row and the finished bands' copies (``tile`` 0: the whole image
-    is one tile, its output counted with the network; only the bands' copies remain). Pure."""
-    rows = min(height, tile + 2 * overlap) * scale if tile else 0
+def band_bytes(tile_rows: int, height: int, width: int, scale: int) -> int:
+    """Host bytes of the blend buffer of one tile row (``tile_rows`` input rows high, as the tile plan reads them)
+    and the finished bands' copies (``tile_rows`` 0: the whole image is one tile, its output counted with the
+    network; only the bands' copies remain). Pure."""
+    rows = min(height, tile_rows) * scale
     return int((rows + min(height * scale, STREAM_ROWS)) * width * scale * BAND_BYTES_PER_PIXEL)
 
 
@@ -143,8 +147,9 @@ class JobShape:
 @dataclass(frozen=True)
 class NetworkRun:
     """How the network runs: its scale, the tiling (tile 0 = whole image), one forward pass's activation bytes
-    (``engine.upscaler.estimate_memory_bytes``), the weight file's size, and the device type ("cpu", "cuda"...;
-    off the CPU the activations count against VRAM)."""
+    (``engine.upscaler.estimate_memory_bytes``), the weight file's size, the device type ("cpu", "cuda"...; off
+    the CPU the activations count against VRAM) and the input pixels one forward pass reads (``read``, as
+    ``engine.upscaler.tile_shape`` gives them; None: ``tile + 2 × overlap`` a side, clipped to the image)."""
 
     scale: int
     tile: int
@@ -152,6 +157,7 @@ class NetworkRun:
     activation_bytes: int
     weights_bytes: int
     device_type: str = "cpu"
+    read: tuple[int, int] | None = None
 
 
 def plan_memory(shape: JobShape, run: NetworkRun, budget: tuple[int, int], *, quality_metrics: bool = True,
@@ -167,8 +173,12 @@ def plan_memory(shape: JobShape, run: NetworkRun, budget: tuple[int, int], *, qu
     width, height, scale, tile = shape.width, shape.height, run.scale, run.tile
     sample = shape.bit_depth // 8
     pixels = width * height
-    read_h, read_w = ((min(height, tile + 2 * run.overlap), min(width, tile + 2 * run.overlap)) if tile
-                      else (height, width))
+    if not tile:
+        read_h, read_w = height, width
+    elif run.read:
+        read_h, read_w = run.read
+    else:
+        read_h, read_w = min(height, tile + 2 * run.overlap), min(width, tile + 2 * run.overlap)
     tile_outputs = 2 * read_h * read_w * scale * scale * 3 * 4  # the device output and its float32 CPU copy
     tile_inputs = 2 * read_h * read_w * 3 * 4  # the tile as float RGB and the batch made of it
     on_gpu = run.device_type != "cpu"
@@ -178,7 +188,7 @@ def plan_memory(shape: JobShape, run: NetworkRun, budget: tuple[int, int], *, qu
     return MemoryPlan(
         tile=int(tile), base_bytes=BASE_PROCESS_BYTES + 2 * run.weights_bytes, input_bytes=int(input_bytes),
         network_bytes=int(tile_outputs + tile_inputs + (0 if on_gpu else run.activation_bytes)),
-        band_bytes=band_bytes(tile, run.overlap, height, width, scale),
+        band_bytes=band_bytes(read_h if tile else 0, height, width, scale),
         output_bytes=int(out_pixels * shape.channels * sample),
         metrics_bytes=int(pixels * 48 + METRICS_FIXED_BYTES) if quality_metrics else 0,
         faces_bytes=faces_bytes(out_pixels, shape.channels, sample) if face_enhance else 0,

@@ -131,40 +131,62 @@ def _whole_is_worth_it(spec: ModelSpec, height: int, width: int, tile: int, dtyp
     """Whether a small image runs faster whole than in ``tile`` tiles by enough to spend the memory: its
     activations fit :data:`~engine.inference.memory_plan.WHOLE_IMAGE_BYTES` and the tiles' overlap would add at
     least :data:`~engine.inference.memory_plan.WHOLE_IMAGE_GAIN` compute. Pure."""
-    from engine import upscaler
     from engine.inference.memory_plan import WHOLE_IMAGE_BYTES, WHOLE_IMAGE_GAIN
 
     if _activation_bytes(spec, height, width, 0, dtype, batch_size) > WHOLE_IMAGE_BYTES:
         return False
+    return read_shape(spec, height, width, tile)[2] >= WHOLE_IMAGE_GAIN
+
+
+def read_shape(spec: ModelSpec, height: int, width: int, tile: int,
+               overlap: int | None = None) -> tuple[int, int, float]:
+    """``(tile_h, tile_w, compute_ratio)`` of running ``spec`` over a ``height`` x ``width`` image in ``tile`` tiles
+    with ``overlap`` (None: :func:`overlap_for`), exactly as the engine will tile it (padded to the model's
+    multiple; tile 0: the whole image, ratio 1). Pure."""
+    from engine import upscaler
+
     multiple = spec.pad_multiple
     padded_h, padded_w = -(-height // multiple) * multiple, -(-width // multiple) * multiple
-    tiles = upscaler.plan_tiles(padded_h, padded_w, tile, min(overlap_for(spec, tile), tile), multiple)
-    return tiles.compute_ratio >= WHOLE_IMAGE_GAIN
+    if not tile or tile >= max(padded_h, padded_w):
+        return padded_h, padded_w, 1.0
+    overlap = overlap_for(spec, tile) if overlap is None else overlap
+    return upscaler.tile_shape(padded_h, padded_w, tile, min(overlap, tile), multiple)
 
 
 def _activation_bytes(spec: ModelSpec, height: int, width: int, tile: int, dtype, batch_size: int) -> int:
     from engine import upscaler
 
-    read_h, read_w = (tile + 2 * overlap_for(spec, tile),) * 2 if tile else (height, width)
-    return upscaler.estimate_memory_bytes(spec.arch, min(read_h, height), min(read_w, width), dtype,
-                                          scale=spec.network_scale, batch_size=batch_size)
+    read_h, read_w, _ratio = read_shape(spec, height, width, tile)
+    return upscaler.estimate_memory_bytes(spec.arch, read_h, read_w, dtype, scale=spec.network_scale,
+                                          batch_size=batch_size)
+
+
+def working_set_bytes(spec: ModelSpec, height: int, width: int, tile: int, dtype, batch_size: int) -> int:
+    """What a tile size costs the working set: one forward pass's activations and the blend buffers of a tile row
+    (see :data:`~engine.inference.memory_plan.WORKING_SET_BYTES`). Pure."""
+    from engine.inference.memory_plan import band_bytes
+
+    rows = read_shape(spec, height, width, tile)[0] if tile else 0
+    return _activation_bytes(spec, height, width, tile, dtype, batch_size) + band_bytes(
+        rows, height, width, spec.network_scale)
 
 
 def _within_working_set(spec: ModelSpec, height: int, width: int, tile: int, dtype, batch_size: int) -> int:
-    """``tile``, or a smaller one (>= 32) whose activations and band buffers fit the working set. Pure."""
-    from engine.inference.memory_plan import WORKING_SET_BYTES, band_bytes
+    """``tile`` when its activations and band buffers fit the working set; else, of the tiles (>= 32, multiples of
+    8) that fit, the one that computes the fewest pixels (the overlap's share depends on how the tiles fall, not
+    only on their size), the larger on a tie. Pure."""
+    from engine.inference.memory_plan import WORKING_SET_BYTES
 
     def cost(t: int) -> int:
-        overlap = overlap_for(spec, t) if t else 0
-        return (_activation_bytes(spec, height, width, t, dtype, batch_size)
-                + band_bytes(t, overlap, height, width, spec.network_scale))
+        return working_set_bytes(spec, height, width, t, dtype, batch_size)
 
     if cost(tile) <= WORKING_SET_BYTES:
         return tile
-    current = min(tile, max(height, width)) if tile else max(height, width)
-    while current > 32 and cost(current) > WORKING_SET_BYTES:
-        current = max(32, current * 3 // 4 // 8 * 8)
-    return current
+    largest = min(tile, max(height, width)) if tile else max(height, width)
+    fitting = [t for t in range(32, largest + 1, 8) if cost(t) <= WORKING_SET_BYTES]
+    if not fitting:
+        return 32
+    return min(fitting, key=lambda t: (read_shape(spec, height, width, t)[2], -t))
 
 
 def choose_tile(spec: ModelSpec, height: int, width: int, *, device, precision: str, batch_size: int,
@@ -219,11 +241,11 @@ def plan_job_memory(spec: ModelSpec, settings: EnhanceSettings, shape, *, device
     else:
         tile = int(settings.tile)
     overlap = tile_overlap(spec, tile, settings) if tile else 0
-    read_h, read_w = (min(height, tile + 2 * overlap), min(width, tile + 2 * overlap)) if tile else (height, width)
+    read_h, read_w, _ratio = read_shape(spec, height, width, tile, overlap)
     activations = upscaler.estimate_memory_bytes(spec.arch, read_h, read_w, torch_dtype(precision),
                                                  scale=spec.network_scale, batch_size=batch_size)
     run = NetworkRun(scale=spec.network_scale, tile=tile, overlap=overlap, activation_bytes=activations,
-                     weights_bytes=spec.size_bytes or 20 * 2 ** 20, device_type=device.type)
+                     weights_bytes=spec.size_bytes or 20 * 2 ** 20, device_type=device.type, read=(read_h, read_w))
     plan = plan_memory(shape, run, memory_budget(config, device), quality_metrics=settings.quality_metrics,
                        face_enhance=settings.face_enhance,
                        model_alpha=shape.channels in (2, 4) and settings.alpha_mode == "model")
