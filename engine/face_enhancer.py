@@ -423,25 +423,28 @@ class _FaceModel:
 # ----------------------------------------------------------------------------------------------------- public
 @dataclass(frozen=True)
 class FaceRun:
-    """Where and how the face model runs.
+    """Where and how the face model runs, and where the faces go.
 
     Attributes:
         device: "cpu", "cuda", "cuda:N", "mps", "auto" or a ``torch.device``.
         precision: "fp32", "fp16", "bf16" or "auto" (fp16 falls back to fp32 on CPU).
         allow_cpu_fallback: on a GPU out-of-memory error, finish the faces on the CPU.
         allow_download: let the model manager download missing face weights (off: a missing model is reported).
+        in_place: paste the faces into the ``background`` given to :func:`enhance_faces` itself, which the result's
+            image then is: only the faces' regions are touched and no copy of the output is made (the engine's
+            output canvas). Off: the background is copied first.
     """
 
     device: object = "cpu"
     precision: str = "fp32"
     allow_cpu_fallback: bool = True
     allow_download: bool = False
+    in_place: bool = False
 
 
 def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upscaler: Upscaler | None = None, *,
                   settings: FaceSettings, model_manager: ModelManager, run: FaceRun = FaceRun(),
-                  content_type: str | None = None, progress: Callable[[int, int], None] | None = None,
-                  in_place: bool = False) -> FaceResult:
+                  content_type: str | None = None, progress: Callable[[int, int], None] | None = None) -> FaceResult:
     """Restore the faces of ``image`` onto its upscale.
 
     Args:
@@ -453,12 +456,11 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
             Lanczos to the same size).
         settings: the face settings (model, strength, limits, crop export).
         model_manager: where the face model (and optional RetinaFace/ParseNet weights) come from.
-        run: device, precision, CPU fallback and downloads (:class:`FaceRun`).
+        run: device, precision, CPU fallback, downloads, and whether to paste into ``background`` itself
+            (:class:`FaceRun`).
         content_type: the advisor's content class; with "anime" the faces the detector finds are still restored
             (a detected human face is evidence of a photo), with a note saying so.
         progress: called as ``progress(done, total)`` after each face.
-        in_place: paste the faces into ``background`` itself, which the result's image then is: only the faces'
-            regions are touched, no copy of the output is made (the engine's output canvas).
 
     Returns:
         A :class:`FaceResult`. The image is always produced: when faces cannot be restored it is the
@@ -483,7 +485,7 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
         raise InvalidInputError(f"The background ({bg.shape[2]} channels, {bg.dtype}) must have the channels and "
                                 f"bit depth of the input ({image_hwc.shape[2]} channels, {image_hwc.dtype}).")
     report = progress or _no_progress
-    out = bg if in_place else bg.copy()
+    out = bg if run.in_place else bg.copy()
 
     def finish(img: np.ndarray, detected: int, restored: int, detector: str, warnings: list[str],
                crops: list[np.ndarray] = (), boxes: list = (), pairs: list = ()) -> FaceResult:

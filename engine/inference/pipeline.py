@@ -323,8 +323,8 @@ def restore_faces(job: Job, pixels: np.ndarray, rgb_in: np.ndarray, canvas: "str
     result = face_enhancer.enhance_faces(
         pixels, canvas.pixels, settings=face_settings, model_manager=job.model_manager, content_type=content_type,
         run=face_enhancer.FaceRun(device=run.device, precision=run.precision,
-                                  allow_cpu_fallback=job.config.allow_cpu_fallback, allow_download=True),
-        in_place=True)
+                                  allow_cpu_fallback=job.config.allow_cpu_fallback, allow_download=True,
+                                  in_place=True))
     return FaceOutcome(result.faces_detected, result.faces_restored, result.detector, tuple(result.crops),
                        tuple(result.identity_pairs), tuple(result.warnings))
 
