@@ -20,7 +20,6 @@ import argparse
 import collections
 import io
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,17 +30,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_user import free_port, wait_for_log  # noqa: E402  (this folder is on sys.path when run as a script)
+
 MODEL = "realesr-animevideov3"
 
 
 def load() -> str:
     return "load %.2f/%.2f/%.2f on %d CPUs" % (*os.getloadavg(), os.cpu_count() or 0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def png(side: int) -> bytes:
@@ -79,21 +74,14 @@ def run_one(slack_ms: float, env: dict, log: Path, seconds: float, requests: int
     import httpx
     import psutil
 
-    def wait_for(*needles: str) -> None:
-        deadline = time.monotonic() + 600
-        while not any(n in log.read_text(errors="replace") for n in needles):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the app did not log {needles}: {log.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.2)
-
     port = free_port()
     with log.open("w") as sink:
         proc = subprocess.Popen([sys.executable, "main.py", "ui"], cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
                                 env=env | {"REALESRGAN_PORT": str(port),
                                            "REALESRGAN_IDLE_TIMER_SLACK_MS": f"{slack_ms:g}"})
     try:
-        wait_for("running at")
-        wait_for("warmed up", "warm-up of the default model failed")
+        wait_for_log(proc, log, "running at")
+        wait_for_log(proc, log, "warmed up", "warm-up of the default model failed")
         latencies, overheads = {}, []
         for side in (32, size):
             body, times = png(side), []

@@ -155,6 +155,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_log(proc: subprocess.Popen, log: Path, *needles: str, timeout: float = 600) -> None:
+    """Wait until the app's ``log`` holds one of ``needles``; raise when the app exits first or after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not any(n in log.read_text(errors="replace") for n in needles):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the app did not log {needles}: {log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.2)
+
+
 def rest_requests(env: dict, image: Path, precision: str, idle_seconds: float, log: Path,
                   wait_for_warm_up: bool = False) -> tuple[list[float], float | None]:
     """Launch ``main.py ui``, send two requests (the first at once, or once the warm-up has finished), then measure
@@ -162,21 +171,14 @@ def rest_requests(env: dict, image: Path, precision: str, idle_seconds: float, l
     import httpx
     import psutil
 
-    def wait_for(*needles: str) -> None:
-        deadline = time.monotonic() + 600
-        while not any(n in log.read_text(errors="replace") for n in needles):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the app did not log {needles}: {log.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.2)
-
     port = free_port()
     with log.open("w") as sink:
         proc = subprocess.Popen([sys.executable, "main.py", "ui"], cwd=ROOT, env=env | {"REALESRGAN_PORT": str(port)},
                                 stdout=sink, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for("running at")
+        wait_for_log(proc, log, "running at")
         if wait_for_warm_up:
-            wait_for("warmed up", "warm-up of the default model failed")
+            wait_for_log(proc, log, "warmed up", "warm-up of the default model failed")
         times = []
         form = {"model": MODEL, "device": "cpu", "precision": precision}
         for _ in range(2):
