@@ -5,9 +5,9 @@ memory is a sum of parts that each have a known size:
 
 * ``base``: the process (torch, the runtime, the metric networks) and the network's weights (twice: the cached
   float32 copy and the prepared one). Measured on CPU in a fresh process (bench/bench_memory.py) with the
-  registry's torch 2.14.1+cu130: importing torch alone reaches 704 MB (220 MB of it the CUDA libraries' pages, loaded
-  even without a GPU; 510 MB with the build measured before), torch and spandrel 876 MB, a 64x64 ``main.py enhance`` with
-  quality metrics 1079 MB.
+  registry's torch 2.14.1+cu130: importing torch alone reaches 704 MB (220 MB of it the CUDA libraries' pages,
+  loaded even without a GPU; 510 MB with the build measured before), torch and spandrel 876 MB, a 64x64
+  ``main.py enhance`` with quality metrics 1079 MB.
 * ``input``: the decoded pixels; images with alpha also their float copies (colour with its transparent pixels
   bled, alpha). Others have none: the engine converts each tile to float as it reads it.
 * ``network``: activations of one forward pass (:func:`engine.upscaler.estimate_memory_bytes`), the tile's

@@ -177,13 +177,13 @@ def _within_working_set(spec: ModelSpec, height: int, width: int, tile: int, dty
     only on their size), the larger on a tie. Pure."""
     from engine.inference.memory_plan import WORKING_SET_BYTES
 
-    def cost(t: int) -> int:
-        return working_set_bytes(spec, height, width, t, dtype, batch_size)
+    def fits(t: int) -> bool:
+        return working_set_bytes(spec, height, width, t, dtype, batch_size) <= WORKING_SET_BYTES
 
-    if cost(tile) <= WORKING_SET_BYTES:
+    if fits(tile):
         return tile
     largest = min(tile, max(height, width)) if tile else max(height, width)
-    fitting = [t for t in range(32, largest + 1, 8) if cost(t) <= WORKING_SET_BYTES]
+    fitting = [t for t in range(32, largest + 1, 8) if fits(t)]
     if not fitting:
         return 32
     return min(fitting, key=lambda t: (read_shape(spec, height, width, t)[2], -t))
