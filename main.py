@@ -359,10 +359,18 @@ def load_config(args):
     return Config.from_env(**overrides)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed (the user's models are among the model choices)."""
     _use_user_models()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return build_parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command line; returns the exit status (errors become messages on stderr)."""
     try:
         config = load_config(args)
     except ValueError as exc:
@@ -404,7 +412,8 @@ def exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
-    status = main()
-    if build_parser().parse_known_args()[0].command in ("enhance", "analyze", "video", "models"):
+    parsed = parse_args()
+    status = run(parsed)
+    if parsed.command in ("enhance", "analyze", "video", "models"):  # the web UI exits the normal way
         exit_now(status)
     sys.exit(status)

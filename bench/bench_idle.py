@@ -30,13 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_user import free_port, wait_for_log  # noqa: E402  (this folder is on sys.path when run as a script)
+from bench_user import free_port, load, wait_for_log  # noqa: E402  (this folder is on sys.path when run as a script)
 
 MODEL = "realesr-animevideov3"
-
-
-def load() -> str:
-    return "load %.2f/%.2f/%.2f on %d CPUs" % (*os.getloadavg(), os.cpu_count() or 0)
 
 
 def png(side: int) -> bytes:

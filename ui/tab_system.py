@@ -228,7 +228,8 @@ def listen_import(panel: ImportPanel, tab: SystemTab, services) -> list:
             Path(path).unlink(missing_ok=True)  # the upload's temporary copy
         where = ("as a face model in the Image and Batch tabs" if model.kind == "face"
                  else "in the Image, Batch and Video tabs")
-        message = f"Imported **{model.name}**: {model.architecture} ×{model.scale}, {model.kind}. It is offered {where} now."
+        message = (f"Imported **{model.name}**: {model.architecture} ×{model.scale}, {model.kind}. "
+                   f"It is offered {where} now.")
         return message, model_rows(services), gr.update(choices=imported(services), value=None), None, ""
 
     imported_event = panel.run.click(on_import, inputs=[panel.file, panel.url, panel.name, panel.kind, panel.sha256],

@@ -6,10 +6,10 @@ holds: the file is a ``.pth``/``.pt``/``.ckpt``/``.safetensors`` file; its SHA-2
 is pinned in the catalog either way and checked again whenever the model loads); it loads through the app's one
 safe load (:func:`engine.models.loader.read_state_dict`: tensors only, a pickle that would run code is refused);
 spandrel recognises its architecture; and it turns an image into an image (a face network: one the face enhancer
-runs, GFPGAN or RestoreFormer, on 512×512 aligned faces). Then the network is measured once on a small input (multiply-accumulates per pixel for time estimates; the receptive radius for the tile overlap where
-the engine has no rule for the architecture), the file
-is moved into ``<weights dir>/custom/`` with an atomic rename and its entry written to
-``<weights dir>/user_models.json``.
+runs, GFPGAN or RestoreFormer, on 512×512 aligned faces). Then the network is measured once on a small input
+(multiply-accumulates per pixel for time estimates; the receptive radius for the tile overlap where the engine has
+no rule for the architecture), the file is moved into ``<weights dir>/custom/`` with an atomic rename and its entry
+written to ``<weights dir>/user_models.json``.
 
 The catalog file is rewritten whole, to a temporary file that is fsynced and renamed over the old one, under a
 file lock: a crash leaves the old catalog or the new one, never half of one, and two processes do not lose each
