@@ -137,3 +137,28 @@ def test_batch_refuses_an_unfittable_input_before_decoding_and_goes_on(model_man
     assert [item.report.get("streamed", False) for item in report.items] == [False, True]
     assert report.items[1].report["output_size"] == [400, 300]
     assert sorted(p.name for p in (tmp_path / "tiff").iterdir()) == ["a_small.tiff", "b_big.tiff"]
+
+
+def test_an_auto_job_is_planned_on_the_advice_and_streamed_when_too_large_for_memory(model_manager, config, tmp_path):
+    """The advisor needs the decoded pixels, but its choice is planned before the network like explicit settings:
+    streamed into a TIFF when only that fits (the advice's reasons kept), refused saying what would fit for a WebP."""
+    from engine.inference.batch import BatchJob, BatchServices, collect_inputs, run_batch
+    from engine.intelligent_enhancer import IntelligentEnhancer
+    from engine.settings import EnhanceSettings
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    big = _image(folder / "big.png", 200, 150)
+    in_memory, lean = _peaks(big, model_manager, config)
+    advisor = IntelligentEnhancer(model_manager=model_manager, config=config, calibrate=False)
+    services = BatchServices(model_manager, _limited(config, _between(lean, in_memory)), advisor)
+    items = collect_inputs([folder])
+    for fmt in ("tiff", "webp"):
+        explicit = SETTINGS | {"output_format": fmt}
+        job = BatchJob(settings=EnhanceSettings(**explicit), explicit=explicit, auto=True, output_dir=tmp_path / fmt)
+        (item,) = run_batch(items, job, services).items
+        if fmt == "tiff":
+            assert item.ok and item.report["streamed"] is True and item.reasons, item.error
+            assert item.report["output_size"] == [400, 300] and (tmp_path / "tiff" / "big.tiff").is_file()
+        else:
+            assert not item.ok and "--format tiff or png" in item.error and not (tmp_path / "webp").exists()

@@ -248,26 +248,27 @@ def plan_mode(item: BatchInput, job: BatchJob, settings: EnhanceSettings, servic
 
 
 def _read(item: BatchInput, job: BatchJob, services: BatchServices) -> _Read:
-    """Plan one input from its header (explicit settings), decode it and choose its settings and output; never
-    raises (a bad input or a job that cannot fit gives a failed item). An input too large for memory whose output
-    is a TIFF or PNG file is left undecoded, to be streamed (``stream``)."""
+    """Plan one input, decode it and choose its settings and output; never raises (a bad input or a job that cannot
+    fit gives a failed item). An input too large for memory whose output is a TIFF or PNG file is left undecoded
+    (``stream``). With explicit settings the plan comes from the header, before any pixel is decoded; the advisor
+    (``auto``) needs the pixels (bounded by the input limits) and the plan follows its choice, before the network."""
     from engine.inference.pipeline import load_input
 
     label = item.source if isinstance(item.source, Path) else item.name
     started = time.perf_counter()
     try:
-        if not job.auto:  # the settings do not depend on the pixels: refuse what cannot fit before decoding
-            settings = merge(None, job.explicit, job.settings)
-            if plan_mode(item, job, settings, services) == "stream":
-                fmt = _streamed_format(job, settings)
-                target = _own_path(item, job.output_file if job.output_file is not None
-                                   else job.output_dir / item.rel.with_suffix("." + fmt))
-                if job.skip_existing and target.exists():
-                    return _Read(item, label, outcome=BatchItem(label, target, ok=True, skipped=True))
-                return _Read(item, label, None, settings, (), target, fmt, stream=True,
-                             seconds=time.perf_counter() - started)
-        loaded = load_input(item.source, services.config)
-        settings, reasons = settings_for(loaded.pixels, job, services.advisor)
+        loaded = load_input(item.source, services.config) if job.auto else None  # the advisor needs the pixels
+        settings, reasons = settings_for(None if loaded is None else loaded.pixels, job, services.advisor)
+        if plan_mode(item, job, settings, services) == "stream":
+            loaded = None  # the streamed path reads the file again, strip by strip
+            fmt = _streamed_format(job, settings)
+            target = _own_path(item, job.output_file if job.output_file is not None
+                               else job.output_dir / item.rel.with_suffix("." + fmt))
+            if job.skip_existing and target.exists():
+                return _Read(item, label, outcome=BatchItem(label, target, ok=True, skipped=True))
+            return _Read(item, label, None, settings, reasons, target, fmt, stream=True,
+                         seconds=time.perf_counter() - started)
+        loaded = loaded if loaded is not None else load_input(item.source, services.config)
         target, fmt = _target(item, job, settings, loaded)
         if target is not None and job.skip_existing and target.exists():
             return _Read(item, label, outcome=BatchItem(label, target, ok=True, skipped=True))
@@ -299,6 +300,7 @@ def _stream(read: _Read, services: BatchServices, progress, cancel) -> BatchItem
     :func:`engine.inference.pipeline.enhance_streamed`)."""
     from engine.inference.pipeline import enhance_streamed
 
+    read.target.parent.mkdir(parents=True, exist_ok=True)  # as save_result: the output folder may be new
     saved, summary = enhance_streamed(read.item.source, read.settings, services.model_manager, read.target, progress,
                                       config=services.config, cancel=cancel)
     note = (f"streamed to disk: the output did not fit in memory (planned {summary['memory']['peak_mb']:.0f} MB "
