@@ -2,9 +2,11 @@
 
 Each case runs ``main.py enhance`` (the user's path) in its own subprocess, watched: the child is killed once its
 RSS passes ``--cap-gb`` (default 4 GB), so a regression cannot take the machine down. The peak RSS comes from the
-kernel (``wait4`` → ``ru_maxrss``). Beside it: the memory plan's estimate (``engine.inference.pipeline.plan_input``, from the file's header) and
-the wall time; with ``--compare REF`` the same cases run in a checkout ``REF`` (e.g. the old engine) and the
-speed ratio is printed. Not a test; timings are noisy when other jobs share the CPU.
+kernel (``wait4`` → ``ru_maxrss``); beside it, the file-backed share of the highest sampled RSS (the mapped code of
+torch, its CUDA libraries and the rest, and the memory-mapped weights: clean pages that the kernel can drop and
+that processes share). Beside those: the memory plan's estimate (``engine.inference.pipeline.plan_input``, from
+the file's header) and the wall time; with ``--compare REF`` the same cases run in a checkout ``REF`` (e.g. the
+old engine) and the speed ratio is printed. Not a test; timings are noisy when other jobs share the CPU.
 
     .venv/bin/python bench/bench_memory.py                       # the default cases
     .venv/bin/python bench/bench_memory.py --case 1500x1000x4 --compare /work/main
@@ -75,12 +77,16 @@ def run_capped(argv: list[str], cap_bytes: int, cwd: Path, env: dict | None = No
     start = time.perf_counter()
     child = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     killed = threading.Event()
+    highest = {"rss": 0, "file": 0}  # the highest sampled RSS and the file-backed pages in it
 
     def watch() -> None:
         try:
             proc = psutil.Process(child.pid)
             while child.returncode is None and not killed.is_set():
-                if proc.memory_info().rss > cap_bytes:
+                info = proc.memory_info()
+                if info.rss > highest["rss"]:
+                    highest.update(rss=info.rss, file=info.shared)  # Linux: RssFile + RssShmem
+                if info.rss > cap_bytes:
                     killed.set()
                     child.kill()
                     return
@@ -96,8 +102,9 @@ def run_capped(argv: list[str], cap_bytes: int, cwd: Path, env: dict | None = No
     child.returncode = os.waitstatus_to_exitcode(status)
     killed_flag = killed.is_set()
     killed.set()
-    return {"peak": usage.ru_maxrss * 1024, "seconds": time.perf_counter() - start, "rc": child.returncode,
-            "killed": killed_flag, "stdout": out.decode(errors="replace"), "stderr": err.decode(errors="replace")}
+    return {"peak": usage.ru_maxrss * 1024, "file_pages": highest["file"], "seconds": time.perf_counter() - start,
+            "rc": child.returncode, "killed": killed_flag, "stdout": out.decode(errors="replace"),
+            "stderr": err.decode(errors="replace")}
 
 
 def plan_estimate(case: Case, image: Path, checkout: Path) -> int | None:
@@ -161,7 +168,8 @@ def _print_row(row: dict) -> None:
         state = "killed at cap" if r["killed"] else ("ok" if r["rc"] == 0 else f"rc={r['rc']}")
         est = f"{r['estimate'] / GB:.2f}" if r.get("estimate") else "-"
         ratio = f" ({r['estimate'] / r['peak']:.2f}× measured)" if r.get("estimate") else ""
-        return f"peak {r['peak'] / GB:.2f} GB, plan {est} GB{ratio}, {r['seconds']:.1f} s, {state}"
+        return (f"peak {r['peak'] / GB:.2f} GB ({r['file_pages'] / GB:.2f} GB of it file-backed), "
+                f"plan {est} GB{ratio}, {r['seconds']:.1f} s, {state}")
 
     line = f"{row['case']:<20} goal <= {row['goal'] / GB:.2f} GB | new: {cell(row['new'])}"
     if "old" in row:

