@@ -413,7 +413,11 @@ def _matlab_half_weights(length: int) -> np.ndarray:
 
 
 def _filter_as_float32(image: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """float32 ``image`` filtered by a symmetric ``window`` in double precision, edges replicated, as float32."""
+    """float32 ``image`` filtered by a symmetric ``window`` in double precision, edges replicated, as float32.
+
+    What ``scipy.ndimage.convolve(mode="nearest")`` gives basicsr (a symmetric window: correlation is convolution).
+    On flat regions NIQE's normalised values are rounding residue, so matching basicsr means matching its precision.
+    """
     return cv2.filter2D(image.astype(np.float64), -1, window, borderType=cv2.BORDER_REPLICATE).astype(np.float32)
 
 
@@ -424,16 +428,12 @@ def _niqe_of_luminance(y: np.ndarray) -> float:
     image = y[:h // NIQE_BLOCK * NIQE_BLOCK, :w // NIQE_BLOCK * NIQE_BLOCK]
     features = []
     for block in (NIQE_BLOCK, NIQE_BLOCK // 2):
-        # a symmetric window: correlation is convolution; BORDER_REPLICATE is scipy's mode="nearest"
-        # float32 values filtered with double accumulation, as scipy.ndimage.convolve does for basicsr: on flat
-        # regions the normalised values are rounding residue, so matching basicsr means matching its precision
         mu = _filter_as_float32(image, window)
         sigma = np.sqrt(np.abs(_filter_as_float32(np.square(image), window) - np.square(mu)))
         features.append(_niqe_block_features((image - mu) / (sigma + 1), block))
         if block == NIQE_BLOCK:
-            half = _matlab_half_weights(image.shape[0]) @ (image / np.float32(255.0)) @ \
-                _matlab_half_weights(image.shape[1]).T
-            image = half * np.float32(255.0)
+            rows, columns = _matlab_half_weights(image.shape[0]), _matlab_half_weights(image.shape[1])
+            image = rows @ (image / np.float32(255.0)) @ columns.T * np.float32(255.0)
     distorted = np.concatenate(features, axis=1)
     mu_distorted = np.nanmean(distorted, axis=0)
     cov_distorted = np.cov(distorted[~np.isnan(distorted).any(axis=1)], rowvar=False)

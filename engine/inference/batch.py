@@ -249,9 +249,10 @@ def plan_mode(item: BatchInput, job: BatchJob, settings: EnhanceSettings, servic
 
 def _read(item: BatchInput, job: BatchJob, services: BatchServices) -> _Read:
     """Plan one input, decode it and choose its settings and output; never raises (a bad input or a job that cannot
-    fit gives a failed item). An input too large for memory whose output is a TIFF or PNG file is left undecoded
-    (``stream``). With explicit settings the plan comes from the header, before any pixel is decoded; the advisor
-    (``auto``) needs the pixels (bounded by the input limits) and the plan follows its choice, before the network."""
+    fit gives a failed item). An input too large for memory whose output is a TIFF or PNG file is streamed
+    (``stream``: the streamed path decodes it itself; no decode is kept here). With explicit settings the plan
+    comes from the header, before any pixel is decoded; the advisor (``auto``) needs the pixels (within the input
+    limits) and the plan follows its choice, before the network."""
     from engine.inference.pipeline import load_input
 
     label = item.source if isinstance(item.source, Path) else item.name
@@ -260,7 +261,6 @@ def _read(item: BatchInput, job: BatchJob, services: BatchServices) -> _Read:
         loaded = load_input(item.source, services.config) if job.auto else None  # the advisor needs the pixels
         settings, reasons = settings_for(None if loaded is None else loaded.pixels, job, services.advisor)
         if plan_mode(item, job, settings, services) == "stream":
-            loaded = None  # the streamed path reads the file again, strip by strip
             fmt = _streamed_format(job, settings)
             target = _own_path(item, job.output_file if job.output_file is not None
                                else job.output_dir / item.rel.with_suffix("." + fmt))
