@@ -348,20 +348,23 @@ def _niqe_pristine() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=1)
-def _aggd_ratio_table() -> np.ndarray:
-    """Gamma(2/a)^2 / (Gamma(1/a) Gamma(3/a)) for every shape ``a`` of :data:`_AGGD_SHAPES`."""
-    gamma = np.vectorize(math.gamma, otypes=[np.float64])
-    r = 1.0 / _AGGD_SHAPES
-    table = np.square(gamma(2 * r)) / (gamma(r) * gamma(3 * r))
-    table.setflags(write=False)
-    return table
+def _aggd_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every shape ``a`` of :data:`_AGGD_SHAPES`: the moment ratio Gamma(2/a)^2 / (Gamma(1/a) Gamma(3/a)) that
+    identifies it, the scale factor sqrt(Gamma(1/a) / Gamma(3/a)) and the mean factor Gamma(2/a) / Gamma(1/a)."""
+    g1, g2, g3 = (np.vectorize(math.gamma, otypes=[np.float64])(k / _AGGD_SHAPES) for k in (1, 2, 3))
+    tables = (np.square(g2) / (g1 * g3), np.sqrt(g1 / g3), g2 / g1)
+    for table in tables:
+        table.setflags(write=False)
+    return tables
 
 
-def _aggd_params(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Asymmetric generalised gaussian fit (shape, left and right scale) of each of ``N`` blocks (``NxHxW``).
+def _aggd_params(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric generalised gaussian fit of each of ``N`` blocks (``NxHxW``): shape, left and right scale, and
+    the mean factor of the shape.
 
     A block without negative (or positive) values gets NaN scales, as basicsr's (NIQE then drops its features).
     """
+    ratios, scales, means = _aggd_tables()
     flat = blocks.reshape(len(blocks), -1).astype(np.float64)
     square = np.square(flat)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -370,9 +373,8 @@ def _aggd_params(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
         ratio = left / right
         r_hat = np.square(np.abs(flat).mean(1)) / square.mean(1)
         r_norm = r_hat * (ratio ** 3 + 1) * (ratio + 1) / np.square(ratio ** 2 + 1)
-        shape = _AGGD_SHAPES[np.argmin(np.square(_aggd_ratio_table()[None, :] - r_norm[:, None]), axis=1)]
-        scale = np.sqrt(np.array([math.gamma(1 / a) / math.gamma(3 / a) for a in shape]))
-    return shape, left * scale, right * scale
+        best = np.argmin(np.square(ratios[None, :] - r_norm[:, None]), axis=1)
+    return _AGGD_SHAPES[best], left * scales[best], right * scales[best], means[best]
 
 
 def _niqe_block_features(normalised: np.ndarray, block: int) -> np.ndarray:
@@ -380,12 +382,11 @@ def _niqe_block_features(normalised: np.ndarray, block: int) -> np.ndarray:
     h, w = normalised.shape
     blocks = normalised[:h // block * block, :w // block * block].reshape(h // block, block, w // block, block)
     blocks = blocks.transpose(0, 2, 1, 3).reshape(-1, block, block)
-    shape, left, right = _aggd_params(blocks)
+    shape, left, right, _mean = _aggd_params(blocks)
     columns = [shape, (left + right) / 2]
     for shift in _PAIR_SHIFTS:
-        shape, left, right = _aggd_params(blocks * np.roll(blocks, shift, axis=(1, 2)))
-        gamma_ratio = np.array([math.gamma(2 / a) / math.gamma(1 / a) for a in shape])
-        columns += [shape, (right - left) * gamma_ratio, left, right]
+        shape, left, right, mean = _aggd_params(blocks * np.roll(blocks, shift, axis=(1, 2)))
+        columns += [shape, (right - left) * mean, left, right]
     return np.stack(columns, axis=1)
 
 
