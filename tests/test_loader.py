@@ -61,20 +61,49 @@ def test_every_catalog_architecture_has_a_loader():
     assert not set(SPANDREL_ARCHITECTURES) & set(OWN_BUILDERS)  # our own builders only where spandrel has none
 
 
-# ------------------------------------------------------------------------------ spandrel = the reference code
+# ------------------------------------------------------------------------ the reference code's output, exactly
 @pytest.mark.parametrize("tiny", sorted(_TINY))
-def test_spandrel_network_gives_the_official_networks_output(tiny):
+def test_the_catalog_upscalers_are_the_official_networks_bit_for_bit(tiny):
+    """Official-layout RRDBNet and SRVGGNetCompact weights build the app's own module (no spandrel import): the
+    official implementation's output to the bit, and spandrel's build of the same weights agrees."""
     arch, params, scale = _TINY[tiny]
     official = _reference(arch, params)
     built = build_network(arch, official.state_dict(), params)
-    assert type(built.module).__module__.startswith("spandrel.")
+    assert type(built.module).__module__ == "engine.models.networks"
     assert built.architecture == SPANDREL_ARCHITECTURES[arch] and built.scale == scale
     assert (built.input_channels, built.output_channels) == (3, 3)
+    assert built.supports_half and built.supports_bfloat16
+    assert not any(p.requires_grad for p in built.module.parameters()) and not built.module.training
+    by_spandrel = loader._build_with_spandrel(arch, official.state_dict(), params)
+    assert type(by_spandrel.module).__module__.startswith("spandrel.")
     x = torch.rand(1, 3, 12, 16)
     with torch.inference_mode():
-        ours, theirs = built.module(x), official(x)
+        ours, theirs, spandrels = built.module(x), official(x), by_spandrel.module(x)
     assert ours.shape == theirs.shape == (1, 3, 12 * scale, 16 * scale)
-    assert (ours - theirs).abs().max().item() <= 1 / 255
+    assert torch.equal(ours, theirs)
+    assert (ours - spandrels).abs().max().item() <= 1e-5
+
+
+def test_other_layouts_of_the_catalog_architectures_go_to_spandrel():
+    """What is not the official layout (old-ESRGAN keys, x8, which BasicSR's RRDBNet has no layers for) is left to
+    spandrel, which detects it from the weights."""
+    from spandrel.architectures.ESRGAN.__arch.RRDB import RRDBNet as OldRRDBNet
+
+    x = torch.rand(1, 3, 8, 12)
+    for scale in (4, 8):
+        net = OldRRDBNet(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=scale).eval()
+        assert "model.0.weight" in net.state_dict()
+        built = build_network("RRDBNet", net.state_dict(), {"scale": scale})
+        assert type(built.module).__module__.startswith("spandrel.") and built.scale == scale
+        with torch.inference_mode():
+            assert torch.equal(built.module(x), net(x))
+
+
+def test_the_official_networks_take_the_weights_without_copying_or_initialising():
+    state = _reference("RRDBNet", _RRDB_X4).state_dict()
+    built = build_network("RRDBNet", state, _RRDB_X4)
+    weights = dict(built.module.named_parameters())
+    assert all(weights[key].data_ptr() == value.data_ptr() for key, value in state.items())
 
 
 def test_spandrel_gfpgan_reads_its_width_from_the_weights():

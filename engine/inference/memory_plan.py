@@ -4,10 +4,11 @@ The engine streams (see :class:`engine.upscaler.BandStream` and :mod:`engine.inf
 memory is a sum of parts that each have a known size:
 
 * ``base``: the process (torch, the runtime, the metric networks) and the network's weights (twice: the cached
-  float32 copy and the prepared one). Measured on CPU in a fresh process (bench/bench_memory.py) with the
-  registry's torch 2.14.1+cu130: importing torch alone reaches 704 MB (220 MB of it the CUDA libraries' pages,
-  loaded even without a GPU; 510 MB with the build measured before), torch and spandrel 876 MB, a 64x64
-  ``main.py enhance`` with quality metrics 1079 MB.
+  float32 copy and the prepared one); spandrel's import too when the job needs it (:data:`SPANDREL_BYTES`).
+  Measured on CPU in a fresh process (bench/bench_memory.py) with the registry's torch 2.14.1+cu130: importing
+  torch alone reaches 704 MB (220 MB of it the CUDA libraries' pages, loaded even without a GPU; 510 MB with the
+  build measured before), a 64x64 ``main.py enhance`` with quality metrics 867 MB (realesr-animevideov3), 1065 MB
+  when it still imported spandrel.
 * ``input``: the decoded pixels; images with alpha also their float copies (colour with its transparent pixels
   bled, alpha). Others have none: the engine converts each tile to float as it reads it.
 * ``network``: activations of one forward pass (:func:`engine.upscaler.estimate_memory_bytes`), the tile's
@@ -31,9 +32,13 @@ from dataclasses import dataclass
 
 MB = 1024 * 1024
 
-BASE_PROCESS_BYTES = 1024 * MB
+BASE_PROCESS_BYTES = 816 * MB
 """Resident size of a process that has run a small job with quality metrics (torch, runtime, metric networks):
 a 64x64 job's measured peak less its planned metrics, network and bands."""
+
+SPANDREL_BYTES = 192 * MB
+"""What importing spandrel adds (its 45 architectures, torchvision, ``torch._dynamo``): jobs with faces or with a
+network that is not one of the catalog's own (``engine.models.networks``) pay it."""
 
 BAND_BYTES_PER_PIXEL = 16
 """Host bytes per pixel of a tile row's blend buffer at the network's scale: float32 RGB sums (12 B) and their
@@ -161,7 +166,7 @@ class NetworkRun:
 
 
 def plan_memory(shape: JobShape, run: NetworkRun, budget: tuple[int, int], *, quality_metrics: bool = True,
-                face_enhance: bool = False, model_alpha: bool = False) -> MemoryPlan:
+                face_enhance: bool = False, model_alpha: bool = False, spandrel: bool = False) -> MemoryPlan:
     """The peak of one image job (see the module docstring). Pure.
 
     Args:
@@ -169,6 +174,7 @@ def plan_memory(shape: JobShape, run: NetworkRun, budget: tuple[int, int], *, qu
         budget: (host bytes, VRAM bytes) the job's process may reach.
         quality_metrics, face_enhance: whether those stages run; model_alpha: alpha runs through the network
             (its float input adds to the input part; its bands reuse the colour's, one after the other).
+        spandrel: the job imports spandrel (faces, or a network the app does not build itself).
     """
     width, height, scale, tile = shape.width, shape.height, run.scale, run.tile
     sample = shape.bit_depth // 8
@@ -186,7 +192,8 @@ def plan_memory(shape: JobShape, run: NetworkRun, budget: tuple[int, int], *, qu
     input_bytes = pixels * (shape.channels * sample + floats)
     out_pixels = shape.out_width * shape.out_height
     return MemoryPlan(
-        tile=int(tile), base_bytes=BASE_PROCESS_BYTES + 2 * run.weights_bytes, input_bytes=int(input_bytes),
+        tile=int(tile), base_bytes=BASE_PROCESS_BYTES + 2 * run.weights_bytes + (SPANDREL_BYTES if spandrel else 0),
+        input_bytes=int(input_bytes),
         network_bytes=int(tile_outputs + tile_inputs + (0 if on_gpu else run.activation_bytes)),
         band_bytes=band_bytes(read_h if tile else 0, height, width, scale),
         output_bytes=int(out_pixels * shape.channels * sample),

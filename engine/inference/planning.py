@@ -230,6 +230,7 @@ def plan_job_memory(spec: ModelSpec, settings: EnhanceSettings, shape, *, device
     from engine import upscaler
     from engine.inference import memory_plan
     from engine.inference.memory_plan import NetworkRun, plan_memory
+    from engine.models import networks
     from utils.gpu import torch_dtype
 
     height, width = shape.height, shape.width
@@ -248,5 +249,6 @@ def plan_job_memory(spec: ModelSpec, settings: EnhanceSettings, shape, *, device
                      weights_bytes=spec.size_bytes or 20 * 2 ** 20, device_type=device.type, read=(read_h, read_w))
     plan = plan_memory(shape, run, memory_budget(config, device), quality_metrics=settings.quality_metrics,
                        face_enhance=settings.face_enhance,
-                       model_alpha=shape.channels in (2, 4) and settings.alpha_mode == "model")
+                       model_alpha=shape.channels in (2, 4) and settings.alpha_mode == "model",
+                       spandrel=settings.face_enhance or spec.arch not in networks.ARCHITECTURES)
     return memory_plan.streamed(plan, shape, spec.network_scale) if streamed else plan

@@ -8,7 +8,9 @@
   architecture and its hyper-parameters from the tensor shapes for every architecture it knows (the catalog's
   ``RRDBNet``, ``SRVGGNetCompact``, ``GFPGANv1Clean`` and ``RestoreFormer``, see :data:`SPANDREL_ARCHITECTURES`),
   and :data:`OWN_BUILDERS` builds the few it does not (RetinaFace, ParseNet, ArcFace, LPIPS). The catalog's
-  ``arch`` is the declaration the detected network is checked against.
+  ``arch`` is the declaration the detected network is checked against. RRDBNet and SRVGGNetCompact weights in
+  the official layout (every upscaler the catalog ships) are built by :mod:`engine.models.networks` instead, so
+  a run that needs no other architecture never imports spandrel (1.5 s and 170 MB, see there).
 * :func:`reference_network` makes the official implementation of an architecture (basicsr, realesrgan, gfpgan,
   facexlib, lpips) with random weights: the key layout of the official files, which the ncnn converter fills and
   tests use to make weights. Inference never runs it for a spandrel architecture.
@@ -215,7 +217,7 @@ def build_network(arch: str, state_dict: StateDict, arch_params: ArchParams | No
     """
     params: ArchParams = arch_params or {}
     if arch in SPANDREL_ARCHITECTURES or arch in spandrel_ids():
-        built = _build_with_spandrel(arch, state_dict, params)
+        built = _build_official(arch, state_dict, params) or _build_with_spandrel(arch, state_dict, params)
     elif arch in OWN_BUILDERS:
         try:
             module = OWN_BUILDERS[arch](params, state_dict)
@@ -230,6 +232,27 @@ def build_network(arch: str, state_dict: StateDict, arch_params: ArchParams | No
     built.module.eval().requires_grad_(False)
     logger.debug("built %s (%s, x%d)", arch, built.architecture, built.scale)
     return built
+
+
+def _build_official(arch: str, state_dict: StateDict, params: ArchParams) -> BuiltNetwork | None:
+    """The catalog's RRDBNet or SRVGGNetCompact in the official key layout, without importing spandrel
+    (:mod:`engine.models.networks`); None for any other architecture or layout."""
+    from engine.models.networks import build_official
+
+    official = build_official(arch, state_dict)
+    if official is None:
+        return None
+    _check_declared_scale(arch, official.scale, params)
+    return BuiltNetwork(module=official.module, architecture=SPANDREL_ARCHITECTURES[arch], scale=official.scale,
+                        input_channels=official.input_channels, output_channels=official.output_channels,
+                        supports_half=True, supports_bfloat16=True)  # as spandrel judges ESRGAN and Compact
+
+
+def _check_declared_scale(arch: str, scale: int, params: ArchParams) -> None:
+    declared = params.get("scale", params.get("upscale"))
+    if declared is not None and int(declared) != scale:
+        raise ModelNotAvailableError(f"The weights are a x{scale} {arch} network, the catalog declares "
+                                     f"x{declared}; use the official file of the model.")
 
 
 def _build_with_spandrel(arch: str, state_dict: StateDict, params: ArchParams) -> BuiltNetwork:
@@ -248,10 +271,7 @@ def _build_with_spandrel(arch: str, state_dict: StateDict, params: ArchParams) -
     if found != expected or not isinstance(descriptor, ImageModelDescriptor):
         raise ModelNotAvailableError(f"The weights hold a {found} network, not the {arch} ({expected}) the "
                                      "catalog declares; use the official file of the model.")
-    declared = params.get("scale", params.get("upscale"))
-    if declared is not None and int(declared) != descriptor.scale:
-        raise ModelNotAvailableError(f"The weights are a x{descriptor.scale} {arch} network, the catalog declares "
-                                     f"x{declared}; use the official file of the model.")
+    _check_declared_scale(arch, int(descriptor.scale), params)
     return BuiltNetwork(module=descriptor.model, architecture=found, scale=int(descriptor.scale),
                         input_channels=int(descriptor.input_channels),
                         output_channels=int(descriptor.output_channels),

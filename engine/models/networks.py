@@ -1,0 +1,208 @@
+"""Real-ESRGAN's two upscaler networks in their official key layout, built from the tensor shapes without spandrel.
+
+Every upscaler the catalog ships is an ``RRDBNet`` (RealESRGAN_x4plus, x2plus, anime_6B) or an ``SRVGGNetCompact``
+(realesr-animevideov3, realesr-general-x4v3) saved by BasicSR. spandrel builds them too, but importing spandrel
+imports all its 45 architectures, and through LaMa torchvision, whose ``ops.roi_align`` imports ``torch._dynamo``:
+1.5 s and 170 MB on every CLI run and app start (torch 2.14, torchvision 0.29) for two networks of 30 lines each.
+So :func:`build_official` builds these two from the official key layout, and everything else (old ESRGAN keys,
+8x RRDBNets, Compact networks without PReLU, every community architecture) still goes to spandrel
+(:func:`engine.models.loader.build_network`).
+
+The forward passes are the reference ones (BasicSR's ``RRDBNet``, Real-ESRGAN's ``SRVGGNetCompact``) operation
+for operation, so the outputs are bit-identical to the official implementation (``tests/test_loader.py``). The
+network is made on the meta device and takes the weights' tensors as its parameters (``assign=True``): no random
+initialisation, no copy of a memory-mapped file.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ARCHITECTURES", "OfficialNetwork", "RRDBNet", "SRVGGNetCompact", "build_official"]
+
+StateDict = Mapping[str, torch.Tensor]
+
+_UNSHUFFLE = {4: 1, 2: 2, 1: 4}  # RRDBNet scale -> pixel-unshuffle factor of its input
+
+
+class _DenseBlock(nn.Module):
+    """Five 3x3 convolutions, each seeing the block input and every earlier output; residual scaled by 0.2."""
+
+    def __init__(self, num_feat: int, num_grow_ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(num_feat, num_grow_ch, 3, 1, 1)
+        self.conv2 = nn.Conv2d(num_feat + num_grow_ch, num_grow_ch, 3, 1, 1)
+        self.conv3 = nn.Conv2d(num_feat + 2 * num_grow_ch, num_grow_ch, 3, 1, 1)
+        self.conv4 = nn.Conv2d(num_feat + 3 * num_grow_ch, num_grow_ch, 3, 1, 1)
+        self.conv5 = nn.Conv2d(num_feat + 4 * num_grow_ch, num_feat, 3, 1, 1)
+        self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = self.lrelu(self.conv1(x))
+        x2 = self.lrelu(self.conv2(torch.cat((x, x1), 1)))
+        x3 = self.lrelu(self.conv3(torch.cat((x, x1, x2), 1)))
+        x4 = self.lrelu(self.conv4(torch.cat((x, x1, x2, x3), 1)))
+        x5 = self.conv5(torch.cat((x, x1, x2, x3, x4), 1))
+        return x5 * 0.2 + x
+
+
+class _RRDB(nn.Module):
+    """Residual in residual dense block: three dense blocks, residual scaled by 0.2."""
+
+    def __init__(self, num_feat: int, num_grow_ch: int):
+        super().__init__()
+        self.rdb1 = _DenseBlock(num_feat, num_grow_ch)
+        self.rdb2 = _DenseBlock(num_feat, num_grow_ch)
+        self.rdb3 = _DenseBlock(num_feat, num_grow_ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rdb3(self.rdb2(self.rdb1(x))) * 0.2 + x
+
+
+class RRDBNet(nn.Module):
+    """ESRGAN's generator as Real-ESRGAN trains it (BasicSR key layout).
+
+    x4 works on the input directly; x2 and x1 pixel-unshuffle it first (by 2 and 4), so every scale ends with the
+    same two nearest-neighbour x2 upsamplings.
+
+    Args:
+        num_in_ch: image channels in; num_out_ch: image channels out.
+        scale: 1, 2 or 4.
+        num_feat: feature channels; num_block: RRDB blocks; num_grow_ch: channels each dense layer adds.
+    """
+
+    def __init__(self, num_in_ch: int, num_out_ch: int, scale: int = 4, num_feat: int = 64, num_block: int = 23,
+                 num_grow_ch: int = 32):
+        super().__init__()
+        if scale not in _UNSHUFFLE:
+            raise ValueError(f"RRDBNet scale must be 1, 2 or 4, got {scale}.")
+        self.scale = scale
+        self.conv_first = nn.Conv2d(num_in_ch * _UNSHUFFLE[scale] ** 2, num_feat, 3, 1, 1)
+        self.body = nn.Sequential(*(_RRDB(num_feat, num_grow_ch) for _ in range(num_block)))
+        self.conv_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+        self.conv_last = nn.Conv2d(num_feat, num_out_ch, 3, 1, 1)
+        self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``NxCxHxW`` float in [0, 1] (H, W multiples of 4 / scale) -> ``NxC'x(H*scale)x(W*scale)``."""
+        if _UNSHUFFLE[self.scale] > 1:
+            x = F.pixel_unshuffle(x, _UNSHUFFLE[self.scale])
+        feat = self.conv_first(x)
+        feat = feat + self.conv_body(self.body(feat))
+        feat = self.lrelu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
+        feat = self.lrelu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
+        return self.conv_last(self.lrelu(self.conv_hr(feat)))
+
+
+class SRVGGNetCompact(nn.Module):
+    """Real-ESRGAN's compact network: a plain stack of 3x3 convolutions with PReLU at the input's size, a pixel
+    shuffle, and the nearest-neighbour upscaled input added back.
+
+    Args:
+        num_in_ch: image channels in; num_out_ch: image channels out.
+        num_feat: feature channels; num_conv: body convolutions; upscale: the scale.
+    """
+
+    def __init__(self, num_in_ch: int, num_out_ch: int, num_feat: int = 64, num_conv: int = 16, upscale: int = 4):
+        super().__init__()
+        self.upscale = upscale
+        layers: list[nn.Module] = [nn.Conv2d(num_in_ch, num_feat, 3, 1, 1), nn.PReLU(num_parameters=num_feat)]
+        for _ in range(num_conv):
+            layers += [nn.Conv2d(num_feat, num_feat, 3, 1, 1), nn.PReLU(num_parameters=num_feat)]
+        layers.append(nn.Conv2d(num_feat, num_out_ch * upscale * upscale, 3, 1, 1))
+        self.body = nn.ModuleList(layers)
+        self.upsampler = nn.PixelShuffle(upscale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``NxCxHxW`` float in [0, 1] -> ``NxC'x(H*upscale)x(W*upscale)``."""
+        out = x
+        for layer in self.body:
+            out = layer(out)
+        out = self.upsampler(out)
+        out += F.interpolate(x, scale_factor=self.upscale, mode="nearest")
+        return out
+
+
+@dataclass(frozen=True)
+class OfficialNetwork:
+    """A network :func:`build_official` made: the module (float32, eval mode, no gradients) and its channels."""
+
+    module: nn.Module
+    scale: int
+    input_channels: int
+    output_channels: int
+
+
+def build_official(arch: str, state_dict: StateDict) -> OfficialNetwork | None:
+    """Build ``arch`` (``"RRDBNet"`` or ``"SRVGGNetCompact"``) from weights in the official key layout.
+
+    The hyper-parameters are read from the tensor shapes. The network takes the tensors themselves (a
+    memory-mapped file stays mapped until the caller converts the module).
+
+    Args:
+        arch: the catalog architecture.
+        state_dict: unwrapped weights.
+
+    Returns:
+        The network, or None when ``arch`` is neither of the two or the weights are not exactly its official
+        layout (then spandrel, which knows every variant, decides what they are).
+    """
+    read = _READERS.get(arch)
+    params = read(state_dict) if read is not None else None
+    if params is None:
+        return None
+    cls, kwargs, scale, channels_in, channels_out = params
+    with torch.device("meta"):
+        module = cls(**kwargs)
+    expected = module.state_dict()
+    if set(expected) != set(state_dict) or any(expected[k].shape != state_dict[k].shape for k in expected):
+        return None
+    module.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True, assign=True)
+    module.eval().requires_grad_(False)
+    return OfficialNetwork(module=module, scale=scale, input_channels=channels_in, output_channels=channels_out)
+
+
+def _read_rrdbnet(state: StateDict):
+    first, last, grow = (state.get(k) for k in ("conv_first.weight", "conv_last.weight", "body.0.rdb1.conv1.weight"))
+    if first is None or last is None or grow is None or first.ndim != 4:
+        return None
+    channels_out = last.shape[0]
+    unshuffled = first.shape[1]
+    scale = next((s for s, f in _UNSHUFFLE.items() if unshuffled == channels_out * f * f), None)
+    if scale is None:  # channels in != channels out: not an official Real-ESRGAN layout
+        return None
+    blocks = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"body\.(\d+)\.", k)))
+    kwargs = dict(num_in_ch=channels_out, num_out_ch=channels_out, scale=scale, num_feat=first.shape[0],
+                  num_block=blocks, num_grow_ch=grow.shape[0])
+    return RRDBNet, kwargs, scale, channels_out, channels_out
+
+
+def _read_srvgg(state: StateDict):
+    convs = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"body\.(\d+)\.bias", k)))
+    first = state.get("body.0.weight")
+    if len(convs) < 2 or "body.1.weight" not in state or first is None or first.ndim != 4:
+        return None  # no PReLU at body.1: a ReLU/LeakyReLU variant, which the weights cannot tell apart
+    channels_in, num_feat = first.shape[1], first.shape[0]
+    last = state[f"body.{convs[-1]}.weight"].shape[0]
+    upscale = math.isqrt(last // channels_in) if last % channels_in == 0 else 0
+    if upscale < 1 or upscale * upscale * channels_in != last:
+        return None
+    kwargs = dict(num_in_ch=channels_in, num_out_ch=channels_in, num_feat=num_feat, num_conv=len(convs) - 2,
+                  upscale=upscale)
+    return SRVGGNetCompact, kwargs, upscale, channels_in, channels_in
+
+
+_READERS = {"RRDBNet": _read_rrdbnet, "SRVGGNetCompact": _read_srvgg}
+
+ARCHITECTURES = frozenset(_READERS)
+"""The catalog architectures :func:`build_official` builds (in their official key layout)."""
