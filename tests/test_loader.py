@@ -99,6 +99,17 @@ def test_other_layouts_of_the_catalog_architectures_go_to_spandrel():
             assert torch.equal(built.module(x), net(x))
 
 
+@pytest.mark.parametrize("arch, params, missing", [("SRVGGNetCompact", _SRVGG_X4, "body.6.weight"),
+                                                    ("RRDBNet", _RRDB_X4, "conv_hr.weight"),
+                                                    ("RRDBNet", _RRDB_X4, "body.0.rdb1.conv1.weight")])
+def test_a_damaged_official_layout_is_refused_with_a_message(arch, params, missing):
+    state = _reference(arch, params).state_dict()
+    assert missing in state
+    del state[missing]
+    with pytest.raises(ModelNotAvailableError, match="use the official file|damaged"):
+        build_network(arch, state, params)
+
+
 def test_the_official_networks_take_the_weights_without_copying_or_initialising():
     state = _reference("RRDBNet", _RRDB_X4).state_dict()
     built = build_network("RRDBNet", state, _RRDB_X4)

@@ -355,19 +355,19 @@ def _cli(tmp_path: Path, weights_dir: Path, *args: str, env: dict[str, str] | No
                           timeout=600, env=env, cwd=tmp_path)
 
 
-def test_the_cli_runs_a_catalog_model_without_importing_spandrel_or_torchvision(manager, tmp_path):
-    """Importing spandrel means all its architectures, torchvision and torch._dynamo: 1.5 s and 170 MB per run that
-    the catalog's own networks do not need (engine.models.networks)."""
+def test_the_cli_runs_a_catalog_model_without_importing_spandrel_torchvision_or_basicsr(tmp_path):
+    """Importing spandrel means all its architectures, torchvision and torch._dynamo (1.5 s and 170 MB per run),
+    basicsr much the same: the catalog's own networks (engine.models.networks) need neither, not even on the
+    first run, which converts the bundled ncnn weights into a new weights folder."""
     image = tmp_path / "small.png"
     Image.fromarray(crop(DATA / "upscaler" / "ost_009_crop192.png", 16)).save(image)
     for model in (FAST, "RealESRGAN_x4plus"):
-        manager.weights_path(model)  # converted from the bundled ncnn files once, by the official implementation
-        done = _cli(tmp_path, manager.weights_dir, "enhance", str(image), "-o", str(tmp_path / model), "--model",
+        done = _cli(tmp_path, tmp_path / "weights", "enhance", str(image), "-o", str(tmp_path / model), "--model",
                     model, "--tile", "0", env={"PYTHONPROFILEIMPORTTIME": "1"})
         assert done.returncode == 0, done.stderr[-2000:]
         imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "import time:" in line}
-        assert "torch" in imported and "engine.models.networks" in imported
-        assert not {"spandrel", "torchvision", "torch._dynamo"} & imported
+        assert {"torch", "engine.models.networks", "engine.ncnn_convert"} <= imported
+        assert not {"spandrel", "torchvision", "torch._dynamo", "basicsr"} & imported
         assert Image.open(tmp_path / model / "small.png").size == (64, 64)
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "detect_network",
     "face_forward",
     "rgb_network",
+    "layout_network",
     "read_state_dict",
     "reference_network",
     "unwrap_state_dict",
@@ -491,6 +492,25 @@ def reference_network(arch: str, arch_params: ArchParams, device: str | torch.de
 
     with torch.device(device):
         return official.construct(cls, arch_params)
+
+
+def layout_network(arch: str, arch_params: ArchParams, device: str | torch.device | None = None) -> nn.Module:
+    """A network of ``arch`` with random weights and the key layout of the official files, made as cheaply as
+    possible: the app's own module for RRDBNet and SRVGGNetCompact (:mod:`engine.models.networks`, without
+    importing basicsr and torchvision), :func:`reference_network` for the others. For the ncnn converter (on the
+    meta device) and the time calibration (random weights: only the time counts).
+
+    Raises:
+        ModelNotAvailableError: an unknown architecture.
+    """
+    from engine.models import networks
+
+    if arch not in networks.ARCHITECTURES:
+        return reference_network(arch, arch_params, device)
+    import torch
+
+    with torch.device(device or "cpu"):
+        return networks.new_network(arch, arch_params)
 
 
 # ------------------------------------------------------------------------------------- our own few builders

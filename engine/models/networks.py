@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "OfficialNetwork", "RRDBNet", "SRVGGNetCompact", "build_official"]
+__all__ = ["ARCHITECTURES", "OfficialNetwork", "RRDBNet", "SRVGGNetCompact", "build_official", "new_network"]
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -111,10 +111,14 @@ class SRVGGNetCompact(nn.Module):
     Args:
         num_in_ch: image channels in; num_out_ch: image channels out.
         num_feat: feature channels; num_conv: body convolutions; upscale: the scale.
+        act_type: ``"prelu"``, the only activation of the official models (the catalog states it).
     """
 
-    def __init__(self, num_in_ch: int, num_out_ch: int, num_feat: int = 64, num_conv: int = 16, upscale: int = 4):
+    def __init__(self, num_in_ch: int, num_out_ch: int, num_feat: int = 64, num_conv: int = 16, upscale: int = 4,
+                 act_type: str = "prelu"):
         super().__init__()
+        if act_type != "prelu":
+            raise ValueError(f"Only the PReLU SRVGGNetCompact is built here, not act_type={act_type!r}.")
         self.upscale = upscale
         layers: list[nn.Module] = [nn.Conv2d(num_in_ch, num_feat, 3, 1, 1), nn.PReLU(num_parameters=num_feat)]
         for _ in range(num_conv):
@@ -131,6 +135,19 @@ class SRVGGNetCompact(nn.Module):
         out = self.upsampler(out)
         out += F.interpolate(x, scale_factor=self.upscale, mode="nearest")
         return out
+
+
+def new_network(arch: str, arch_params: Mapping[str, object]) -> nn.Module:
+    """``arch`` (one of :data:`ARCHITECTURES`) made from the catalog's hyper-parameters, with PyTorch's default
+    initialisation; made under a ``torch.device("meta")`` context it has shapes only.
+
+    Raises:
+        ValueError: an architecture or a hyper-parameter this module does not build.
+    """
+    cls = {"RRDBNet": RRDBNet, "SRVGGNetCompact": SRVGGNetCompact}.get(arch)
+    if cls is None:
+        raise ValueError(f"{arch!r} is not built here; known: {', '.join(sorted(ARCHITECTURES))}.")
+    return cls(**arch_params)
 
 
 @dataclass(frozen=True)
@@ -193,7 +210,10 @@ def _read_srvgg(state: StateDict):
     if len(convs) < 2 or "body.1.weight" not in state or first is None or first.ndim != 4:
         return None  # no PReLU at body.1: a ReLU/LeakyReLU variant, which the weights cannot tell apart
     channels_in, num_feat = first.shape[1], first.shape[0]
-    last = state[f"body.{convs[-1]}.weight"].shape[0]
+    last_weight = state.get(f"body.{convs[-1]}.weight")
+    if last_weight is None or last_weight.ndim != 4:
+        return None
+    last = last_weight.shape[0]
     upscale = math.isqrt(last // channels_in) if last % channels_in == 0 else 0
     if upscale < 1 or upscale * upscale * channels_in != last:
         return None
