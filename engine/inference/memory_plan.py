@@ -38,7 +38,8 @@ a 64x64 job's measured peak less its planned metrics, network and bands."""
 
 SPANDREL_BYTES = 192 * MB
 """What importing spandrel adds (its 45 architectures, torchvision, ``torch._dynamo``): jobs with faces or with a
-network that is not one of the catalog's own (``engine.models.networks``) pay it."""
+network of another architecture than ``engine.models.networks`` builds pay it (counted by architecture: an
+RRDBNet or Compact file that is not in the official key layout goes to spandrel too, unplanned)."""
 
 BAND_BYTES_PER_PIXEL = 16
 """Host bytes per pixel of a tile row's blend buffer at the network's scale: float32 RGB sums (12 B) and their

@@ -12,8 +12,10 @@
   the official layout (every upscaler the catalog ships) are built by :mod:`engine.models.networks` instead, so
   a run that needs no other architecture never imports spandrel (1.5 s and 170 MB, see there).
 * :func:`reference_network` makes the official implementation of an architecture (basicsr, realesrgan, gfpgan,
-  facexlib, lpips) with random weights: the key layout of the official files, which the ncnn converter fills and
-  tests use to make weights. Inference never runs it for a spandrel architecture.
+  facexlib, lpips) with random weights: the key layout of the official files, which tests use to make weights and
+  to check the app's networks against. :func:`layout_network` gives the same layout without importing those
+  packages where :mod:`engine.models.networks` can (the ncnn converter and the time calibration use it).
+  Inference never runs the official implementation for a spandrel architecture.
 
 The model manager (:mod:`engine.model_manager`) is the only caller in the app: it finds the file, calls these,
 moves the network to its device and precision and caches it. Nothing here caches or holds state.
@@ -52,8 +54,8 @@ __all__ = [
     "check_safe_environment",
     "detect_network",
     "face_forward",
-    "rgb_network",
     "layout_network",
+    "rgb_network",
     "read_state_dict",
     "reference_network",
     "unwrap_state_dict",

@@ -178,18 +178,19 @@ def build_official(arch: str, state_dict: StateDict) -> OfficialNetwork | None:
     params = read(state_dict) if read is not None else None
     if params is None:
         return None
-    cls, kwargs, scale, channels_in, channels_out = params
     with torch.device("meta"):
-        module = cls(**kwargs)
+        module = new_network(arch, params)
     expected = module.state_dict()
     if set(expected) != set(state_dict) or any(expected[k].shape != state_dict[k].shape for k in expected):
         return None
     module.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True, assign=True)
     module.eval().requires_grad_(False)
-    return OfficialNetwork(module=module, scale=scale, input_channels=channels_in, output_channels=channels_out)
+    return OfficialNetwork(module=module, scale=int(params.get("scale", params.get("upscale"))),
+                           input_channels=int(params["num_in_ch"]), output_channels=int(params["num_out_ch"]))
 
 
-def _read_rrdbnet(state: StateDict):
+def _read_rrdbnet(state: StateDict) -> dict | None:
+    """RRDBNet's hyper-parameters from the tensor shapes; None when they are not an official layout."""
     first, last, grow = (state.get(k) for k in ("conv_first.weight", "conv_last.weight", "body.0.rdb1.conv1.weight"))
     if first is None or last is None or grow is None or first.ndim != 4:
         return None
@@ -199,12 +200,12 @@ def _read_rrdbnet(state: StateDict):
     if scale is None:  # channels in != channels out: not an official Real-ESRGAN layout
         return None
     blocks = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"body\.(\d+)\.", k)))
-    kwargs = dict(num_in_ch=channels_out, num_out_ch=channels_out, scale=scale, num_feat=first.shape[0],
-                  num_block=blocks, num_grow_ch=grow.shape[0])
-    return RRDBNet, kwargs, scale, channels_out, channels_out
+    return dict(num_in_ch=channels_out, num_out_ch=channels_out, scale=scale, num_feat=first.shape[0],
+                num_block=blocks, num_grow_ch=grow.shape[0])
 
 
-def _read_srvgg(state: StateDict):
+def _read_srvgg(state: StateDict) -> dict | None:
+    """SRVGGNetCompact's hyper-parameters from the tensor shapes; None when they are not an official layout."""
     convs = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"body\.(\d+)\.bias", k)))
     first = state.get("body.0.weight")
     if len(convs) < 2 or "body.1.weight" not in state or first is None or first.ndim != 4:
@@ -217,9 +218,8 @@ def _read_srvgg(state: StateDict):
     upscale = math.isqrt(last // channels_in) if last % channels_in == 0 else 0
     if upscale < 1 or upscale * upscale * channels_in != last:
         return None
-    kwargs = dict(num_in_ch=channels_in, num_out_ch=channels_in, num_feat=num_feat, num_conv=len(convs) - 2,
-                  upscale=upscale)
-    return SRVGGNetCompact, kwargs, upscale, channels_in, channels_in
+    return dict(num_in_ch=channels_in, num_out_ch=channels_in, num_feat=num_feat, num_conv=len(convs) - 2,
+                upscale=upscale)
 
 
 _READERS = {"RRDBNet": _read_rrdbnet, "SRVGGNetCompact": _read_srvgg}
