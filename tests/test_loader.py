@@ -84,6 +84,24 @@ def test_the_catalog_upscalers_are_the_official_networks_bit_for_bit(tiny):
     assert (ours - spandrels).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("arch, params", [
+    ("RRDBNet", {**_RRDB_X4, "scale": 1}),  # pixel-unshuffled by 4
+    ("RRDBNet", {**_RRDB_X2, "num_in_ch": 1, "num_out_ch": 1, "num_grow_ch": 4}),  # gray
+    ("SRVGGNetCompact", {**_SRVGG_X4, "upscale": 3, "num_conv": 1}),
+    ("SRVGGNetCompact", {**_SRVGG_X4, "upscale": 2, "num_in_ch": 1, "num_out_ch": 1}),
+])
+def test_the_hyper_parameters_are_read_from_the_weights(arch, params):
+    official = _reference(arch, params)
+    built = build_network(arch, official.state_dict(), {})
+    assert type(built.module).__module__ == "engine.models.networks"
+    scale = params.get("scale", params.get("upscale"))
+    assert (built.scale, built.input_channels, built.output_channels) == (scale, params["num_in_ch"],
+                                                                          params["num_out_ch"])
+    x = torch.rand(1, params["num_in_ch"], 8, 12)
+    with torch.inference_mode():
+        assert torch.equal(built.module(x), official(x))
+
+
 def test_other_layouts_of_the_catalog_architectures_go_to_spandrel():
     """What is not the official layout (old-ESRGAN keys, x8, which BasicSR's RRDBNet has no layers for) is left to
     spandrel, which detects it from the weights."""
