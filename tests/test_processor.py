@@ -347,7 +347,8 @@ def test_output_folder_equal_to_input_folder_never_overwrites_originals(manager,
     assert Image.open(src / "a_enhanced.png").size == (48, 48)
 
 
-def _cli(tmp_path: Path, weights_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _cli(tmp_path: Path, weights_dir: Path, *args: str,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     from tests.test_model_manager import _clean_env
 
     env = _clean_env(tmp_path) | {"REALESRGAN_WEIGHTS_DIR": str(weights_dir)} | (env or {})
