@@ -2,7 +2,8 @@
 
 Each case runs ``main.py enhance`` (the user's path) in its own subprocess, watched: the child is killed once its
 RSS passes ``--cap-gb`` (default 4 GB), so a regression cannot take the machine down. The peak RSS comes from the
-kernel (``wait4`` → ``ru_maxrss``); beside it, the file-backed share of the highest sampled RSS (the mapped code of
+kernel (``wait4`` → ``ru_maxrss``, with this process's own peak reset before each spawn: see
+:func:`reset_peak_rss`); beside it, the file-backed share of the highest sampled RSS (the mapped code of
 torch, its CUDA libraries and the rest, and the memory-mapped weights: clean pages that the kernel can drop and
 that processes share). Beside those: the memory plan's estimate (``engine.inference.pipeline.plan_input``, from
 the file's header) and the wall time; with ``--compare REF`` the same cases run in a checkout ``REF`` (e.g. the
@@ -70,10 +71,25 @@ def make_input(case: Case, folder: Path) -> Path:
     return path
 
 
+def reset_peak_rss() -> None:
+    """Reset this process's RSS high-water mark (Linux ``/proc/self/clear_refs``).
+
+    A child's ``ru_maxrss`` starts from its parent's high-water mark: Linux carries the old memory's peak across
+    ``exec``, and Python spawns with ``vfork``, whose old memory is this process's. Making a 5000² input here
+    (int64 grids, ~1.2 GB) made a streamed job read 1.55 GB that peaked at 1.14 GB itself."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as exc:
+        raise SystemExit(f"Cannot reset the RSS peak ({exc}); the children's peaks would include this process's. "
+                         "Run on Linux 4.0 or later.") from exc
+
+
 def run_capped(argv: list[str], cap_bytes: int, cwd: Path, env: dict | None = None) -> dict:
     """Run ``argv``; kill it when its RSS passes ``cap_bytes``. Returns peak RSS (bytes), seconds, exit code."""
     import psutil
 
+    reset_peak_rss()
     start = time.perf_counter()
     child = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     killed = threading.Event()
