@@ -39,12 +39,14 @@ def test_streamed_plan_holds_a_few_bands_of_the_output_instead_of_all_of_it():
     plan = MemoryPlan(tile=200, base_bytes=800 * MB, input_bytes=10 * MB, network_bytes=50 * MB, band_bytes=60 * MB,
                       output_bytes=4000 * 3200 * 3, metrics_bytes=86 * MB, faces_bytes=0, vram_bytes=0,
                       budget_bytes=1000 * MB)
-    lean = streamed(plan, shape, scale=4)
+    lean = streamed(plan, shape)
     assert (lean.metrics_bytes, lean.faces_bytes) == (0, 0)
-    assert lean.output_bytes == 6 * (200 * 4 + 4) * 4000 * 3  # six bands of one tile row's output rows
+    assert lean.output_bytes == 6 * 128 * 4000 * 3  # six bands of at most 128 output rows
     assert lean.peak_bytes < plan.peak_bytes and not plan.fits and lean.fits
-    whole = streamed(plan.__class__(**{**plan.__dict__, "tile": 0}), shape, scale=4)
-    assert whole.output_bytes == 6 * 3200 * 4000 * 3  # untiled: the band is the whole output
+    whole = streamed(plan.__class__(**{**plan.__dict__, "tile": 0}), shape)
+    assert whole.output_bytes == lean.output_bytes  # untiled too: the engine gives 64-row bands either way
+    short = JobShape(width=1000, height=20, channels=1, bit_depth=16, out_width=4000, out_height=80)
+    assert streamed(plan, short).output_bytes == 6 * 80 * 4000 * 2
 
 
 # ------------------------------------------------------------------------------------------------ wiring

@@ -212,15 +212,20 @@ STREAM_QUEUE_BANDS = 6
 """Output bands a streamed job holds at once: the encoder's queue (4), the band being encoded and the one being
 converted (see :func:`engine.inference.pipeline.enhance_streamed`)."""
 
+STREAM_BAND_ROWS = 128
+"""Rows of one streamed output band, at most: the engine gives bands of ``engine.upscaler.FINAL_CHUNK_ROWS`` (64)
+rows, and the resizer to the output scale bands of ``utils.band_resize.BAND_ROWS`` (64) rows rounded up to its
+ratio's period."""
 
-def streamed(plan: MemoryPlan, shape: JobShape, scale: int) -> MemoryPlan:
+
+def streamed(plan: MemoryPlan, shape: JobShape) -> MemoryPlan:
     """The plan of the same job written straight into a file in strips: no output array, no quality metrics and no
-    faces (a streamed output does neither), only :data:`STREAM_QUEUE_BANDS` bands of output rows in flight. Pure."""
+    faces (a streamed output does neither), only :data:`STREAM_QUEUE_BANDS` bands of :data:`STREAM_BAND_ROWS`
+    output rows in flight, whatever the tile. Pure."""
     from dataclasses import replace
 
     sample = shape.bit_depth // 8
-    rows = shape.out_height if not plan.tile else min(shape.out_height, math.ceil(
-        plan.tile * shape.out_height / max(shape.height, 1)) + scale)
+    rows = min(shape.out_height, STREAM_BAND_ROWS)
     return replace(plan, output_bytes=int(STREAM_QUEUE_BANDS * rows * shape.out_width * shape.channels * sample),
                    metrics_bytes=0, faces_bytes=0)
 
