@@ -39,14 +39,31 @@ def test_streamed_plan_holds_a_few_bands_of_the_output_instead_of_all_of_it():
     plan = MemoryPlan(tile=200, base_bytes=800 * MB, input_bytes=10 * MB, network_bytes=50 * MB, band_bytes=60 * MB,
                       output_bytes=4000 * 3200 * 3, metrics_bytes=86 * MB, faces_bytes=0, vram_bytes=0,
                       budget_bytes=1000 * MB)
-    lean = streamed(plan, shape)
+    lean = streamed(plan, shape, scale=4)
     assert (lean.metrics_bytes, lean.faces_bytes) == (0, 0)
-    assert lean.output_bytes == 6 * 128 * 4000 * 3  # six bands of at most 128 output rows
+    assert lean.output_bytes == 6 * 64 * 4000 * 3  # six bands of 64 output rows
     assert lean.peak_bytes < plan.peak_bytes and not plan.fits and lean.fits
-    whole = streamed(plan.__class__(**{**plan.__dict__, "tile": 0}), shape)
+    whole = streamed(plan.__class__(**{**plan.__dict__, "tile": 0}), shape, scale=4)
     assert whole.output_bytes == lean.output_bytes  # untiled too: the engine gives 64-row bands either way
     short = JobShape(width=1000, height=20, channels=1, bit_depth=16, out_width=4000, out_height=80)
-    assert streamed(plan, short).output_bytes == 6 * 80 * 4000 * 2
+    assert streamed(plan, short, scale=4).output_bytes == 6 * 64 * 4000 * 2
+
+
+@pytest.mark.parametrize("height, scale, out_height, rows", [
+    (800, 4, 3200, 64),    # the network's scale: the engine's 64-row bands
+    (800, 4, 1600, 64),    # x4 -> x2: 64 output rows per band
+    (800, 4, 2400, 66),    # x4 -> x3: rounded up to the period (3 output rows per 4 source rows)
+    (801, 4, 3203, 3203),  # a ratio without a short period: one band is the whole output
+    (10, 4, 20, 20),       # fewer rows than a band
+])
+def test_a_streamed_band_is_what_the_resizer_emits(height, scale, out_height, rows):
+    from engine.inference.memory_plan import stream_band_rows
+    from utils.band_resize import BandResizer
+
+    assert stream_band_rows(height, scale, out_height) == rows
+    if height * scale != out_height:  # the resizer's own band height
+        resizer = BandResizer((8, height * scale), (8, out_height))
+        assert min(out_height, resizer.out_step) <= rows
 
 
 # ------------------------------------------------------------------------------------------------ wiring

@@ -213,20 +213,32 @@ STREAM_QUEUE_BANDS = 6
 """Output bands a streamed job holds at once: the encoder's queue (4), the band being encoded and the one being
 converted (see :func:`engine.inference.pipeline.enhance_streamed`)."""
 
-STREAM_BAND_ROWS = 128
-"""Rows of one streamed output band, at most: the engine gives bands of ``engine.upscaler.FINAL_CHUNK_ROWS`` (64)
-rows, and the resizer to the output scale bands of ``utils.band_resize.BAND_ROWS`` (64) rows rounded up to its
-ratio's period."""
+STREAM_CHUNK_ROWS = 64
+"""Rows of the bands a streamed job hands on: ``engine.upscaler.FINAL_CHUNK_ROWS`` at the network's scale and
+``utils.band_resize.BAND_ROWS`` at the output's, the latter rounded up to the resize ratio's period."""
 
 
-def streamed(plan: MemoryPlan, shape: JobShape) -> MemoryPlan:
+def stream_band_rows(height: int, scale: int, out_height: int) -> int:
+    """Output rows of one band in flight when a ``height``-row input goes through an ``x scale`` network and is
+    resized to ``out_height`` rows (see :data:`STREAM_CHUNK_ROWS`). Pure."""
+    from fractions import Fraction
+
+    network_rows = height * scale
+    if network_rows == out_height:
+        return min(out_height, STREAM_CHUNK_ROWS)
+    period = Fraction(network_rows, out_height).denominator  # output rows per whole number of source rows
+    step = period * math.ceil(STREAM_CHUNK_ROWS / period)
+    return min(out_height, max(step, math.ceil(STREAM_CHUNK_ROWS * out_height / network_rows)))
+
+
+def streamed(plan: MemoryPlan, shape: JobShape, scale: int) -> MemoryPlan:
     """The plan of the same job written straight into a file in strips: no output array, no quality metrics and no
-    faces (a streamed output does neither), only :data:`STREAM_QUEUE_BANDS` bands of :data:`STREAM_BAND_ROWS`
-    output rows in flight, whatever the tile. Pure."""
+    faces (a streamed output does neither), only :data:`STREAM_QUEUE_BANDS` bands of output rows in flight
+    (:func:`stream_band_rows`, whatever the tile). Pure."""
     from dataclasses import replace
 
     sample = shape.bit_depth // 8
-    rows = min(shape.out_height, STREAM_BAND_ROWS)
+    rows = stream_band_rows(shape.height, scale, shape.out_height)
     return replace(plan, output_bytes=int(STREAM_QUEUE_BANDS * rows * shape.out_width * shape.channels * sample),
                    metrics_bytes=0, faces_bytes=0)
 

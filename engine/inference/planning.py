@@ -251,4 +251,4 @@ def plan_job_memory(spec: ModelSpec, settings: EnhanceSettings, shape, *, device
                        face_enhance=settings.face_enhance,
                        model_alpha=shape.channels in (2, 4) and settings.alpha_mode == "model",
                        spandrel=settings.face_enhance or spec.arch not in networks.ARCHITECTURES)
-    return memory_plan.streamed(plan, shape) if streamed else plan
+    return memory_plan.streamed(plan, shape, spec.network_scale) if streamed else plan
