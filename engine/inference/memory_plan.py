@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 MB = 1024 * 1024
 
@@ -221,8 +222,6 @@ STREAM_CHUNK_ROWS = 64
 def stream_band_rows(height: int, scale: int, out_height: int) -> int:
     """Output rows of one band in flight when a ``height``-row input goes through an ``x scale`` network and is
     resized to ``out_height`` rows (see :data:`STREAM_CHUNK_ROWS`). Pure."""
-    from fractions import Fraction
-
     network_rows = height * scale
     if network_rows == out_height:
         return min(out_height, STREAM_CHUNK_ROWS)

@@ -242,13 +242,10 @@ def _build_official(arch: str, state_dict: StateDict, params: ArchParams) -> Bui
     (:mod:`engine.models.networks`); None for any other architecture or layout."""
     from engine.models.networks import build_official
 
-    official = build_official(arch, state_dict)
-    if official is None:
-        return None
-    _check_declared_scale(arch, official.scale, params)
-    return BuiltNetwork(module=official.module, architecture=SPANDREL_ARCHITECTURES[arch], scale=official.scale,
-                        input_channels=official.input_channels, output_channels=official.output_channels,
-                        supports_half=True, supports_bfloat16=True)  # as spandrel judges ESRGAN and Compact
+    built = build_official(arch, state_dict)
+    if built is not None:
+        _check_declared_scale(arch, built.scale, params)
+    return built
 
 
 def _check_declared_scale(arch: str, scale: int, params: ArchParams) -> None:

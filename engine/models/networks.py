@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "OfficialNetwork", "RRDBNet", "SRVGGNetCompact", "build_official", "new_network"]
+from engine.models.loader import SPANDREL_ARCHITECTURES, BuiltNetwork
+
+__all__ = ["ARCHITECTURES", "RRDBNet", "SRVGGNetCompact", "build_official", "new_network"]
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -150,17 +151,7 @@ def new_network(arch: str, arch_params: Mapping[str, object]) -> nn.Module:
     return cls(**arch_params)
 
 
-@dataclass(frozen=True)
-class OfficialNetwork:
-    """A network :func:`build_official` made: the module (float32, eval mode, no gradients) and its channels."""
-
-    module: nn.Module
-    scale: int
-    input_channels: int
-    output_channels: int
-
-
-def build_official(arch: str, state_dict: StateDict) -> OfficialNetwork | None:
+def build_official(arch: str, state_dict: StateDict) -> BuiltNetwork | None:
     """Build ``arch`` (``"RRDBNet"`` or ``"SRVGGNetCompact"``) from weights in the official key layout.
 
     The hyper-parameters are read from the tensor shapes. The network takes the tensors themselves (a
@@ -171,8 +162,9 @@ def build_official(arch: str, state_dict: StateDict) -> OfficialNetwork | None:
         state_dict: unwrapped weights.
 
     Returns:
-        The network, or None when ``arch`` is neither of the two or the weights are not exactly its official
-        layout (then spandrel, which knows every variant, decides what they are).
+        The network (float32, eval mode, no gradients; named by spandrel's id, as spandrel would build it), or None
+        when ``arch`` is neither of the two or the weights are not exactly its official layout (then spandrel,
+        which knows every variant, decides what they are).
     """
     read = _READERS.get(arch)
     params = read(state_dict) if read is not None else None
@@ -185,8 +177,10 @@ def build_official(arch: str, state_dict: StateDict) -> OfficialNetwork | None:
         return None
     module.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True, assign=True)
     module.eval().requires_grad_(False)
-    return OfficialNetwork(module=module, scale=int(params.get("scale", params.get("upscale"))),
-                           input_channels=int(params["num_in_ch"]), output_channels=int(params["num_out_ch"]))
+    return BuiltNetwork(module=module, architecture=SPANDREL_ARCHITECTURES[arch],
+                        scale=int(params.get("scale", params.get("upscale"))), input_channels=int(params["num_in_ch"]),
+                        output_channels=int(params["num_out_ch"]),
+                        supports_half=True, supports_bfloat16=True)  # as spandrel judges ESRGAN and Compact
 
 
 def _read_rrdbnet(state: StateDict) -> dict | None:
