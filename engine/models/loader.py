@@ -242,10 +242,15 @@ def _build_official(arch: str, state_dict: StateDict, params: ArchParams) -> Bui
     (:mod:`engine.models.networks`); None for any other architecture or layout."""
     from engine.models.networks import build_official
 
-    built = build_official(arch, state_dict)
-    if built is not None:
-        _check_declared_scale(arch, built.scale, params)
-    return built
+    official = build_official(arch, state_dict)
+    if official is None:
+        return None
+    module, found = official
+    scale = int(found.get("scale", found.get("upscale")))
+    _check_declared_scale(arch, scale, params)
+    return BuiltNetwork(module=module, architecture=SPANDREL_ARCHITECTURES[arch], scale=scale,
+                        input_channels=int(found["num_in_ch"]), output_channels=int(found["num_out_ch"]),
+                        supports_half=True, supports_bfloat16=True)  # as spandrel judges ESRGAN and Compact
 
 
 def _check_declared_scale(arch: str, scale: int, params: ArchParams) -> None:

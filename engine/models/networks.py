@@ -24,8 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.loader import SPANDREL_ARCHITECTURES, BuiltNetwork
-
 __all__ = ["ARCHITECTURES", "RRDBNet", "SRVGGNetCompact", "build_official", "new_network"]
 
 StateDict = Mapping[str, torch.Tensor]
@@ -151,7 +149,7 @@ def new_network(arch: str, arch_params: Mapping[str, object]) -> nn.Module:
     return cls(**arch_params)
 
 
-def build_official(arch: str, state_dict: StateDict) -> BuiltNetwork | None:
+def build_official(arch: str, state_dict: StateDict) -> tuple[nn.Module, dict] | None:
     """Build ``arch`` (``"RRDBNet"`` or ``"SRVGGNetCompact"``) from weights in the official key layout.
 
     The hyper-parameters are read from the tensor shapes. The network takes the tensors themselves (a
@@ -162,9 +160,10 @@ def build_official(arch: str, state_dict: StateDict) -> BuiltNetwork | None:
         state_dict: unwrapped weights.
 
     Returns:
-        The network (float32, eval mode, no gradients; named by spandrel's id, as spandrel would build it), or None
-        when ``arch`` is neither of the two or the weights are not exactly its official layout (then spandrel,
-        which knows every variant, decides what they are).
+        ``(network, hyper-parameters)``: the network (float32, eval mode, no gradients) and the keyword arguments
+        it was made with (``num_in_ch``, ``num_out_ch``, ``scale`` or ``upscale``...); None when ``arch`` is
+        neither of the two or the weights are not exactly its official layout (then spandrel, which knows every
+        variant, decides what they are).
     """
     read = _READERS.get(arch)
     params = read(state_dict) if read is not None else None
@@ -177,10 +176,7 @@ def build_official(arch: str, state_dict: StateDict) -> BuiltNetwork | None:
         return None
     module.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True, assign=True)
     module.eval().requires_grad_(False)
-    return BuiltNetwork(module=module, architecture=SPANDREL_ARCHITECTURES[arch],
-                        scale=int(params.get("scale", params.get("upscale"))), input_channels=int(params["num_in_ch"]),
-                        output_channels=int(params["num_out_ch"]),
-                        supports_half=True, supports_bfloat16=True)  # as spandrel judges ESRGAN and Compact
+    return module, params
 
 
 def _read_rrdbnet(state: StateDict) -> dict | None:
