@@ -57,8 +57,11 @@ def test_streamed_plan_holds_a_few_bands_of_the_output_instead_of_all_of_it():
     (10, 4, 20, 20),       # fewer rows than a band
 ])
 def test_a_streamed_band_is_what_the_resizer_emits(height, scale, out_height, rows):
-    from engine.inference.memory_plan import stream_band_rows
+    from engine.inference.memory_plan import STREAM_CHUNK_ROWS, stream_band_rows
+    from engine.upscaler import FINAL_CHUNK_ROWS
     from utils.band_resize import BandResizer
+
+    assert STREAM_CHUNK_ROWS == FINAL_CHUNK_ROWS  # the plan's band is the engine's
 
     assert stream_band_rows(height, scale, out_height) == rows
     if height * scale != out_height:  # the resizer's own band height

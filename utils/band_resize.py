@@ -55,6 +55,13 @@ def resize_rows(src: np.ndarray, dst_size: tuple[int, int], first: int, count: i
     return block[skip:skip + count]
 
 
+def output_step(src_rows: int, dst_rows: int, band_rows: int = BAND_ROWS) -> int:
+    """Output rows per band when ``src_rows`` rows are resized to ``dst_rows``: ``band_rows`` rounded up to the
+    ratio's period (the output rows made from a whole number of source rows). Pure."""
+    period = Fraction(src_rows, dst_rows).denominator
+    return period * max(1, math.ceil(band_rows / period))
+
+
 class BandResizer:
     """Resize a top-to-bottom stream of source rows to ``dst_size`` band by band (see the module docstring).
 
@@ -78,7 +85,7 @@ class BandResizer:
         ratio = Fraction(self.src_h, self.dst_h)
         self.p, self.q = ratio.numerator, ratio.denominator
         self.margin = _margin(self.p)
-        self.out_step = self.q * max(1, math.ceil(band_rows / self.q))
+        self.out_step = output_step(self.src_h, self.dst_h, band_rows)
         self.src_step = self.out_step * self.p // self.q
         self._pending: list[np.ndarray] = []
         self._pending_top = 0  # source row of the first pending row

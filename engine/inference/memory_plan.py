@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 
 MB = 1024 * 1024
 
@@ -215,18 +214,18 @@ STREAM_QUEUE_BANDS = 6
 converted (see :func:`engine.inference.pipeline.enhance_streamed`)."""
 
 STREAM_CHUNK_ROWS = 64
-"""Rows of the bands a streamed job hands on: ``engine.upscaler.FINAL_CHUNK_ROWS`` at the network's scale and
-``utils.band_resize.BAND_ROWS`` at the output's, the latter rounded up to the resize ratio's period."""
+"""Rows of the bands the engine hands on at the network's scale (``engine.upscaler.FINAL_CHUNK_ROWS``)."""
 
 
 def stream_band_rows(height: int, scale: int, out_height: int) -> int:
     """Output rows of one band in flight when a ``height``-row input goes through an ``x scale`` network and is
-    resized to ``out_height`` rows (see :data:`STREAM_CHUNK_ROWS`). Pure."""
+    resized to ``out_height`` rows: the engine's bands, or the resizer's (``utils.band_resize.output_step``)."""
+    from utils.band_resize import output_step
+
     network_rows = height * scale
     if network_rows == out_height:
         return min(out_height, STREAM_CHUNK_ROWS)
-    period = Fraction(network_rows, out_height).denominator  # output rows per whole number of source rows
-    step = period * math.ceil(STREAM_CHUNK_ROWS / period)
+    step = output_step(network_rows, out_height)
     return min(out_height, max(step, math.ceil(STREAM_CHUNK_ROWS * out_height / network_rows)))
 
 
