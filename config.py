@@ -73,6 +73,10 @@ class Config:
     enable_face_enhancement: bool = True
     enable_video: bool = True
     enable_batch: bool = True
+    # The advisor's trial reconstruction (a tie-breaker when the content classifier is unsure) runs when it is
+    # expected to take at most this many seconds; 0 = never. Off by default: measured, it does worse than the
+    # photo model it replaces (README, "Known limits").
+    advisor_trial_seconds: float = 0.0
 
     # Limits
     max_upload_mb: float = 50.0
@@ -114,7 +118,7 @@ class Config:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("rate_limit_per_minute", "min_free_disk_mb", "memory_reserve_mb", "max_job_memory_mb",
-                     "idle_timer_slack_ms"):
+                     "idle_timer_slack_ms", "advisor_trial_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         _check_device(self.device)

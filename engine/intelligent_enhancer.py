@@ -37,7 +37,6 @@ JPEG_DAMAGED = 0.35         # blockiness score above which JPEG artefacts are vi
 SMALL_SIDE = 320            # long side below which ×4 is the natural choice
 LARGE_SIDE = 1600           # long side above which ×2 is usually enough
 MODEL_LOAD_SECONDS = 5.0    # building a network from its weights on the CPU (x4plus measured 3-11 s)
-TRIAL_BUDGET_S = 1.5        # a trial reconstruction runs only when it is expected to take at most this long
 SLOW_SECONDS = 60.0         # a recommendation slower than this on the CPU offers the fast model
 FAST_PHOTO_MODEL = "realesr-general-x4v3"
 FAST_FALLBACK_MODEL = "realesr-animevideov3"
@@ -403,7 +402,7 @@ class IntelligentEnhancer:
     """Analyses images and recommends settings. Holds only read-only facts; safe to share between requests."""
 
     def __init__(self, model_manager=None, config=None, device: str | None = None, calibrate: bool = True,
-                 trial_budget_s: float = TRIAL_BUDGET_S):
+                 trial_budget_s: float | None = None):
         from config import Config
         from engine.advisor.estimates import TimingStore, store_for
 
@@ -413,7 +412,8 @@ class IntelligentEnhancer:
         cache = Path(config.config_dir) / "calibration.json" if config is not None else None
         self.calibrator = ThroughputCalibrator(cache) if calibrate else None
         self.timings = store_for(config) if config is not None else TimingStore(None)
-        self.trial_budget_s = trial_budget_s
+        # a trial reconstruction runs only when it is expected to take at most this long (0: never)
+        self.trial_budget_s = self.config.advisor_trial_seconds if trial_budget_s is None else trial_budget_s
 
     def _face_detector(self):
         """The RetinaFace network when its weights are on this machine (loaded once, by the model manager)."""

@@ -426,11 +426,13 @@ def test_the_trial_takes_the_users_x4_models_of_each_side():
     assert trial_models(specs, ()) == {PHOTO_MODEL: "photo", ANIME_MODEL: "anime"}
 
 
-def test_a_users_model_that_rebuilds_the_trial_crop_best_is_offered_first(tmp_path):
-    """A drawing the classifier is unsure about goes to the trial reconstruction; the user's ×4 photo model joins
-    it. The official models here have random weights of their real architectures (checksums off), so the user's
-    model (nearest-neighbour upsampling) rebuilds the crop best: the side it is on wins, and the advice offers it
-    first, with the margin."""
+@pytest.mark.parametrize("trial_seconds", [30.0, 0.0])
+def test_a_users_model_that_rebuilds_the_trial_crop_best_is_offered_first(tmp_path, trial_seconds):
+    """A drawing the classifier is unsure about goes to the trial reconstruction when the config gives it time
+    (``advisor_trial_seconds``); the user's ×4 photo model joins it. The official models here have random weights
+    of their real architectures (checksums off), so the user's model (nearest-neighbour upsampling) rebuilds the
+    crop best: the side it is on wins, and the advice offers it first, with the margin. With the default config
+    (0 s: no trial) the unsure image gets the photo model and the reason says why."""
     from engine.advisor.trial import ANIME_MODEL, PHOTO_MODEL
     from engine.catalog import CATALOG
     from engine.image_analysis import analyze
@@ -448,8 +450,10 @@ def test_a_users_model_that_rebuilds_the_trial_crop_best_is_offered_first(tmp_pa
         spec = CATALOG[name]
         torch.save({"params_ema": reference_network(spec.arch, spec.arch_params).state_dict()},
                    weights / spec.filename)
-    config = Config.from_env(env={}, dotenv_path=None, weights_dir=weights, config_dir=tmp_path / "cfg",
+    env = {"REALESRGAN_ADVISOR_TRIAL_SECONDS": str(trial_seconds)} if trial_seconds else {}
+    config = Config.from_env(env=env, dotenv_path=None, weights_dir=weights, config_dir=tmp_path / "cfg",
                              download_retries=0, device="cpu", verify_checksums=False)
+    assert config.advisor_trial_seconds == trial_seconds
     manager = ModelManager(config)
     manager.user_catalog.import_model(str(_nearest_x4(tmp_path)), name="tiny-near", kind="photo")
     import cv2
@@ -457,12 +461,17 @@ def test_a_users_model_that_rebuilds_the_trial_crop_best_is_offered_first(tmp_pa
     image = cv2.resize(np.asarray(Image.open(COMIC).convert("RGB")), (64, 96), interpolation=cv2.INTER_AREA)
     assert analyze(image).content_decided_by == "unsure"  # the case the trial is for
 
-    advisor = IntelligentEnhancer(manager, config, device="cpu", trial_budget_s=30)
+    advisor = IntelligentEnhancer(manager, config, device="cpu")
     cache = tmp_path / "cfg" / "calibration.json"
     advisor.calibrator = ThroughputCalibrator(cache)
     cache.parent.mkdir(exist_ok=True)  # every model's speed known: nothing is calibrated here
     cache.write_text(json.dumps({advisor.calibrator.key(n, "cpu"): 1e11 for n in [*CATALOG, "tiny-near"]}))
     advice = advisor.advise(image)
+    if not trial_seconds:
+        assert advice.analysis["content_decided_by"] == "unsure" and advice.analysis["trial"] is None
+        assert advice.settings.model == PHOTO_MODEL and "the safer mistake" in advice.analysis["content_reason"]
+        assert manager.loaded_models() == []  # no model was loaded for a trial
+        return
     assert advice.analysis["content_decided_by"] == "trial"
     scores = advice.analysis["trial"]
     assert set(scores) == {PHOTO_MODEL, ANIME_MODEL, "tiny-near"}
