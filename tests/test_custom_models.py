@@ -426,13 +426,11 @@ def test_the_trial_takes_the_users_x4_models_of_each_side():
     assert trial_models(specs, ()) == {PHOTO_MODEL: "photo", ANIME_MODEL: "anime"}
 
 
-@pytest.mark.parametrize("trial_seconds", [30.0, 0.0])
-def test_a_users_model_that_rebuilds_the_trial_crop_best_is_offered_first(tmp_path, trial_seconds):
-    """A drawing the classifier is unsure about goes to the trial reconstruction when the config gives it time
-    (``advisor_trial_seconds``); the user's ×4 photo model joins it. The official models here have random weights
-    of their real architectures (checksums off), so the user's model (nearest-neighbour upsampling) rebuilds the
-    crop best: the side it is on wins, and the advice offers it first, with the margin. With the default config
-    (0 s: no trial) the unsure image gets the photo model and the reason says why."""
+def _advise_unsure_drawing(tmp_path, env: dict[str, str]):
+    """The advice on a small crop of the comic (a drawing the classifier is unsure about) with the official photo
+    and anime models as random weights of their real architectures (checksums off) and the user's ×4 photo model
+    ``tiny-near`` (nearest-neighbour upsampling) imported; ``env`` is the config's environment. Returns
+    ``(advice, model manager)``."""
     from engine.advisor.trial import ANIME_MODEL, PHOTO_MODEL
     from engine.catalog import CATALOG
     from engine.image_analysis import analyze
@@ -450,10 +448,8 @@ def test_a_users_model_that_rebuilds_the_trial_crop_best_is_offered_first(tmp_pa
         spec = CATALOG[name]
         torch.save({"params_ema": reference_network(spec.arch, spec.arch_params).state_dict()},
                    weights / spec.filename)
-    env = {"REALESRGAN_ADVISOR_TRIAL_SECONDS": str(trial_seconds)} if trial_seconds else {}
     config = Config.from_env(env=env, dotenv_path=None, weights_dir=weights, config_dir=tmp_path / "cfg",
                              download_retries=0, device="cpu", verify_checksums=False)
-    assert config.advisor_trial_seconds == trial_seconds
     manager = ModelManager(config)
     manager.user_catalog.import_model(str(_nearest_x4(tmp_path)), name="tiny-near", kind="photo")
     import cv2
@@ -466,12 +462,16 @@ def test_a_users_model_that_rebuilds_the_trial_crop_best_is_offered_first(tmp_pa
     advisor.calibrator = ThroughputCalibrator(cache)
     cache.parent.mkdir(exist_ok=True)  # every model's speed known: nothing is calibrated here
     cache.write_text(json.dumps({advisor.calibrator.key(n, "cpu"): 1e11 for n in [*CATALOG, "tiny-near"]}))
-    advice = advisor.advise(image)
-    if not trial_seconds:
-        assert advice.analysis["content_decided_by"] == "unsure" and advice.analysis["trial"] is None
-        assert advice.settings.model == PHOTO_MODEL and "the safer mistake" in advice.analysis["content_reason"]
-        assert manager.loaded_models() == []  # no model was loaded for a trial
-        return
+    return advisor.advise(image), manager
+
+
+def test_a_users_model_that_rebuilds_the_trial_crop_best_is_offered_first(tmp_path):
+    """With time for a trial (``REALESRGAN_ADVISOR_TRIAL_SECONDS``), the unsure drawing goes to the trial
+    reconstruction and the user's ×4 photo model joins it; it rebuilds the crop best (the official models have
+    random weights), so its side wins and the advice offers it first, with the margin."""
+    from engine.advisor.trial import ANIME_MODEL, PHOTO_MODEL
+
+    advice, _ = _advise_unsure_drawing(tmp_path, {"REALESRGAN_ADVISOR_TRIAL_SECONDS": "30"})
     assert advice.analysis["content_decided_by"] == "trial"
     scores = advice.analysis["trial"]
     assert set(scores) == {PHOTO_MODEL, ANIME_MODEL, "tiny-near"}
@@ -482,6 +482,19 @@ def test_a_users_model_that_rebuilds_the_trial_crop_best_is_offered_first(tmp_pa
     assert first["model"] == "tiny-near"
     assert f"on a test crop it was {margin:.1f} dB closer than {PHOTO_MODEL}" in first["why"]
     assert any(r.startswith("Try tiny-near, your photo model") for r in advice.reasons)
+
+
+def test_no_trial_by_default_an_unsure_image_gets_the_photo_model(tmp_path):
+    """The default config runs no trial (measured, it does worse than the photo model: README, "Known limits"):
+    the unsure drawing gets the photo model, the reason says why, and no model is loaded for it."""
+    from engine.advisor.trial import PHOTO_MODEL
+
+    advice, manager = _advise_unsure_drawing(tmp_path, {})
+    assert advice.analysis["content_decided_by"] == "unsure" and advice.analysis["trial"] is None
+    reason = advice.analysis["content_reason"]
+    assert advice.settings.model == PHOTO_MODEL and "the safer mistake" in reason
+    assert "trial" not in reason  # not even considered ("No time for a trial..." would mean a budget was set)
+    assert manager.loaded_models() == []
 
 
 # ------------------------------------------------------------------------------------------------ face models
