@@ -43,6 +43,9 @@ def test_one_real_run_corrects_a_busy_calibration():
     # A job 4x as large: between "all fixed" and "all proportional", never the calibration's 4x-slow figure.
     network = model.seconds(3200 * GIGA) - model.seconds(0.0)
     assert 10.0 < network + model.network_fixed < 40.0 and network + model.network_fixed < 3200 / 20
+    # ... and near proportional: the CPU network's time is proportional to its MACs from 64 px up (measured; the
+    # fixed part is milliseconds), so a larger image's estimate from one small run must not fall far short.
+    assert network + model.network_fixed > 0.9 * 40.0
     assert model.spread == UNSURE_SPREAD  # one run: still shown as a range
 
 

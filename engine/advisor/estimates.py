@@ -56,8 +56,12 @@ OVERHEAD_FIXED = 0.2
 #: dominates: ~20 MP/s); what one run's overhead has beyond it is fixed (in a fresh process: mostly imports).
 PRIOR_OVERHEAD_PER_PIXEL = 5e-8
 #: Share of one run's network seconds taken as fixed (first-call set-up of the kernels for a new input shape,
-#: thread start) until runs of two sizes tell it: measured on a 2-core CPU, 96 vs 160 px, it was 50-80%.
-NETWORK_FIXED_SHARE = 0.5
+#: thread start) until runs of two sizes tell it. Measured in fresh CLI processes on a 2-core CPU (2026-12-01,
+#: 64-400 px, bench/eval_estimates.py's images): the network's time is proportional to its MACs at ~100 GMAC/s
+#: from 64 px up, the fitted fixed part 0 s for x4plus and anime_6B and 9 ms for animevideov3. Taking half of a
+#: small run as fixed (this was 0.5, from before the first-run costs were removed) made a 400 px estimate from
+#: a 96 px run 39-44% short.
+NETWORK_FIXED_SHARE = 0.05
 #: A load shorter than this was a cache hit (a dict look-up), not a network build, and is not learned from.
 CACHE_HIT_SECONDS = 0.02
 
