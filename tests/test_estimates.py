@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.advisor.estimates import (FORMAT, KEEP, MIN_SPREAD, NETWORK_FIXED_SHARE, PRIOR_OVERHEAD_PER_PIXEL,
-                                      UNSURE_SPREAD, Observation, TimingStore, fit_timing, job_key, load_key,
-                                      record_job)
+from engine.advisor.estimates import (FORMAT, KEEP, MIN_SPREAD, NETWORK_FIXED_SHARE, ONE_RUN_SPREAD,
+                                      PRIOR_OVERHEAD_PER_PIXEL, UNSURE_SPREAD, Observation, TimingStore, fit_timing,
+                                      job_key, load_key, record_job)
 from engine.intelligent_enhancer import AnalysisNumbers, IntelligentEnhancer, MachineFacts, decide, estimate_range
 
 GIGA = 1e9
@@ -46,7 +46,7 @@ def test_one_real_run_corrects_a_busy_calibration():
     # ... and near proportional: the CPU network's time is proportional to its MACs from 64 px up (measured; the
     # fixed part is milliseconds), so a larger image's estimate from one small run must not fall far short.
     assert network + model.network_fixed > 0.9 * 40.0
-    assert model.spread == UNSURE_SPREAD  # one run: still shown as a range
+    assert model.spread == ONE_RUN_SPREAD < UNSURE_SPREAD  # one run: still a range, narrower than the calibration's
 
 
 def test_one_run_learns_the_rate_whatever_the_overhead_and_load_were():

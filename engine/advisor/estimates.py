@@ -46,8 +46,11 @@ FORMAT = 2
 KEEP = 12
 #: Weight of each older run against the next newer one in the recency-weighted medians.
 RECENCY = 0.8
-#: Relative half-width of the range shown while the estimate rests on fewer than two real runs.
+#: Relative half-width of the range shown while the estimate rests on the calibration alone (no real run).
 UNSURE_SPREAD = 0.5
+#: ... and on one real run: bench/eval_estimates.py measured -9% to -2% (96 -> 160 px) and -7% to -5% (96 ->
+#: 400 px) on a quiet CPU, -14% to +14% on one shared with other jobs.
+ONE_RUN_SPREAD = 0.25
 #: Smallest relative half-width shown once real runs agree.
 MIN_SPREAD = 0.1
 #: Seconds of a job's overhead that do not grow with the pixels (file handling, set-up), assumed before any run.
@@ -137,7 +140,7 @@ def fit_timing(runs: list[Observation], loads: list[float], prior_rate: float, p
         prior_face_seconds: seconds per face until a run with faces is recorded.
 
     Returns:
-        A :class:`TimingModel` (its spread :data:`UNSURE_SPREAD` below two runs).
+        A :class:`TimingModel` (its spread :data:`UNSURE_SPREAD` without a run, :data:`ONE_RUN_SPREAD` with one).
 
     Raises:
         ValueError: ``prior_rate`` is not positive.
@@ -163,7 +166,8 @@ def fit_timing(runs: list[Observation], loads: list[float], prior_rate: float, p
     with_faces = [r.face_seconds / r.faces for r in runs if r.faces > 0 and r.face_seconds > 0]
     face_seconds = median(with_faces) if with_faces else prior_face_seconds
     load = _recent_median(loads) if loads else prior_load
-    model = TimingModel(rate, network_fixed, load, fixed, per_pixel, face_seconds, UNSURE_SPREAD, len(runs))
+    model = TimingModel(rate, network_fixed, load, fixed, per_pixel, face_seconds,
+                        ONE_RUN_SPREAD if runs else UNSURE_SPREAD, len(runs))
     if len(runs) < 2:
         return model
     # How well the parts explain the runs themselves (the load is not part of a run's record).
