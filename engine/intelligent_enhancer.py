@@ -401,8 +401,7 @@ class ThroughputCalibrator:
 class IntelligentEnhancer:
     """Analyses images and recommends settings. Holds only read-only facts; safe to share between requests."""
 
-    def __init__(self, model_manager=None, config=None, device: str | None = None, calibrate: bool = True,
-                 trial_budget_s: float | None = None):
+    def __init__(self, model_manager=None, config=None, device: str | None = None, calibrate: bool = True):
         from config import Config
         from engine.advisor.estimates import TimingStore, store_for
 
@@ -412,8 +411,6 @@ class IntelligentEnhancer:
         cache = Path(config.config_dir) / "calibration.json" if config is not None else None
         self.calibrator = ThroughputCalibrator(cache) if calibrate else None
         self.timings = store_for(config) if config is not None else TimingStore(None)
-        # a trial reconstruction runs only when it is expected to take at most this long (0: never)
-        self.trial_budget_s = self.config.advisor_trial_seconds if trial_budget_s is None else trial_budget_s
 
     def _face_detector(self):
         """The RetinaFace network when its weights are on this machine (loaded once, by the model manager)."""
@@ -546,14 +543,15 @@ class IntelligentEnhancer:
     def _settle_content(self, pixels: np.ndarray, analysis, numbers: AnalysisNumbers, machine: MachineFacts,
                         device, check: Callable[[], None]) -> tuple[AnalysisNumbers, str, object]:
         """An unsure content type is settled by a trial reconstruction when both official models are here and it
-        fits the time budget (the user's ×4 photo/anime models join it when the budget allows); otherwise it stays
-        the photo model, and the reason says why. Returns the numbers, which signal decided the content type, and
-        the :class:`~engine.advisor.trial.TrialResult` (None when no trial ran)."""
+        fits the config's ``advisor_trial_seconds`` (the user's ×4 photo/anime models join it when that allows);
+        otherwise it stays the photo model, and the reason says why. Returns the numbers, which signal decided the
+        content type, and the :class:`~engine.advisor.trial.TrialResult` (None when no trial ran)."""
         from engine.advisor import trial
         from engine.image_analysis import decide_content
 
         unchanged = numbers, analysis.content_decided_by, None
-        if analysis.content_decided_by != "unsure" or self.model_manager is None or self.trial_budget_s <= 0:
+        budget = self.config.advisor_trial_seconds  # the longest a trial may be expected to take; 0: never
+        if analysis.content_decided_by != "unsure" or self.model_manager is None or budget <= 0:
             return unchanged
         official = (trial.PHOTO_MODEL, trial.ANIME_MODEL)
         if not all(self.model_manager.is_available(m) for m in official):
@@ -568,12 +566,12 @@ class IntelligentEnhancer:
                        + (MODEL_LOAD_SECONDS if f"{m}@" not in loaded else 0.0) for m in models)
 
         models = trial.trial_models(catalog.values(), users)
-        if seconds(models) > self.trial_budget_s:  # the official pair alone, then
+        if seconds(models) > budget:  # the official pair alone, then
             models = trial.trial_models(catalog.values(), ())
         expected = seconds(models)
-        if expected > self.trial_budget_s:
+        if expected > budget:
             note = (f"No time for a trial reconstruction (about {expected:.1f} s here, budget "
-                    f"{self.trial_budget_s:.1f} s)")
+                    f"{budget:.1f} s)")
             return dataclasses.replace(numbers, content_reason=f"{numbers.content_reason}. {note}"), "unsure", None
         try:
             rgb = np.ascontiguousarray(_rgb8(pixels))

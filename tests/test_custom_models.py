@@ -377,7 +377,7 @@ def test_the_advisor_calibrates_the_users_models_on_first_use(weights_dir, tmp_p
     calibrator = ThroughputCalibrator(cache)
     cache.write_text(json.dumps({calibrator.key(name, "cpu"): 1e9 for name in CATALOG}))  # the built-ins known
     manager = ModelManager(config)
-    advisor = IntelligentEnhancer(manager, config, device="cpu", trial_budget_s=0)
+    advisor = IntelligentEnhancer(manager, config, device="cpu")  # the default config: no trial
     advisor.calibrator = ThroughputCalibrator(cache, busy_share=0.0)  # kept even when other work shares the CPU
     advice = advisor.advise(_image(64, 48))
     offered = [s.name for s in user_alternatives(advice.analysis["content_type"]) if manager.is_available(s.name)][:2]

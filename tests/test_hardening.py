@@ -406,7 +406,7 @@ def test_a_cancelled_analysis_stops_between_its_stages(rest, tmp_path):
     image = tmp_path / "a.png"
     image.write_bytes(_png(32, 32))
     advisor = IntelligentEnhancer(services.model_manager, services.config.replace(config_dir=tmp_path / "cfg"),
-                                  device="cpu", trial_budget_s=0)
+                                  device="cpu")  # the default config: no trial
     cancel, calibrated = threading.Event(), []
     measure = advisor.calibrator.macs_per_second
 
