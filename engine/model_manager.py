@@ -378,9 +378,10 @@ class ModelManager:
             net = built.module
             if spec.kind == "sr":
                 net = loader.rgb_network(net, built.input_channels, built.output_channels)
-            net = net.to(device=torch_device, dtype=torch_dtype(precision))
             if spec.kind == "sr":
                 net = _prepare(net, torch_device, torch_dtype(precision))
+            else:
+                net = net.to(device=torch_device, dtype=torch_dtype(precision))
             loaded = LoadedModel(spec=spec, net=net, device=torch_device, precision=precision, source=source,
                                  denoise_strength=denoise_strength, architecture=built.architecture)
             if self.config.memory_policy == "keep":
@@ -466,8 +467,8 @@ def set_aside(path: Path) -> Path:
 
 
 def _prepare(net, device, dtype):
-    """Let the tiled engine specialise a freshly loaded network (fusion, memory layout) once per cache entry."""
+    """Let the tiled engine specialise a freshly loaded network (device, precision, memory layout) once per cache
+    entry, in place: nothing else holds it."""
     from engine import upscaler
 
-    prepare = getattr(upscaler, "prepare_for_inference", None)
-    return net if prepare is None else prepare(net, device, dtype)
+    return upscaler.prepare_for_inference(net, device, dtype, in_place=True)

@@ -316,3 +316,7 @@ def test_prepare_for_inference_returns_a_new_faithful_module(archs, photo):
     assert 10 * np.log10(1.0 / np.mean((low - ref) ** 2)) > 35
     with pytest.raises(InvalidSettingsError):
         prepare_for_inference(net, "cpu", torch.int8)
+    owned = prepare_for_inference(_rrdb(archs), "cpu", torch.float32, in_place=False)
+    again = prepare_for_inference(owned, "cpu", torch.bfloat16, in_place=True)  # the model manager's way
+    assert again is owned and not owned.training and next(owned.parameters()).dtype == torch.bfloat16
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in owned.parameters() if p.dim() == 4)
