@@ -74,9 +74,8 @@ class Config:
     enable_video: bool = True
     enable_batch: bool = True
     # The advisor's trial reconstruction (a tie-breaker when the content classifier is unsure) runs when it is
-    # expected to take at most this many seconds; 0 = never. Off by default: measured, it does worse than the
-    # photo model it replaces (README, "Known limits").
-    advisor_trial_seconds: float = 0.0
+    # expected to take at most this many seconds (its models' loads counted until they are loaded); 0 = never.
+    advisor_trial_seconds: float = 1.5
 
     # Limits
     max_upload_mb: float = 50.0

@@ -2,20 +2,23 @@
 
 For every source (one photo, one clip, one synthetic family...), the content classifier is refitted without it and
 its images are classified at every size (long side 128, 160, 240, 360, 512 px, native) and variant (clean, JPEG,
-gray, noise, crop). Printed twice:
+gray, noise, crop). Printed:
 
 * ``classifier``: the sign of the held-out logit alone;
-* ``advisor``: what ``analyze`` decides (:func:`engine.image_analysis.decide_content`): a human face found by the
-  face detector (the same call the face enhancer makes) means photo; an unsure logit (inside
-  +-ANIME_SURE_LOGIT/PHOTO_SURE_LOGIT) means photo unless a trial reconstruction says otherwise (not run here:
-  see ``--trial``).
+* ``advisor``: what ``analyze`` decides (:func:`engine.image_analysis.decide_content`) without a trial: a human face
+  found by the face detector (the same call the face enhancer makes) means photo; an unsure logit (inside
+  +-ANIME_SURE_LOGIT/PHOTO_SURE_LOGIT) means photo;
+* with ``--trial``, the advisor with the trial reconstruction (what the default config runs) settling the unsure
+  samples: its rule (the gap between the compact anime model's and the photo model's rebuilds, weighed with the
+  logit) refitted without the judged source, on the samples of the others whose held-out logit is within
+  +-TRIAL_FIT_BAND; then the rule fitted on all of them, beside the shipped constants.
 
 Then the held-out decisions on the sources added after the features were chosen (``more_sources``), the labelled
 originals in tests/data/advisor with the shipped model (content type and face counts) and the
 noise estimator's rank correlation with synthetic Gaussian sigma.
 
-Run: .venv/bin/python bench/eval_advisor.py [--trial N]   (first run ~3 min on 2 cores: features and face counts
-are cached in $TMPDIR/realesrgan-advisor-eval; --trial N also runs the trial reconstruction on N unsure samples)
+Run: .venv/bin/python bench/eval_advisor.py [--trial]   (first run ~3 min on 2 cores, --trial ~3 min more:
+features, face counts and trial gaps are cached in $TMPDIR/realesrgan-advisor-eval)
 """
 
 from __future__ import annotations
@@ -33,10 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fit_content_type import (  # noqa: E402
-    CACHE, DATA, _feature_version, dataset, leave_one_source_out, more_sources, read_rgb, report, rgb8, samples,
-    sources)
+    CACHE, DATA, _feature_version, dataset, fit_logistic, leave_one_source_out, more_sources, read_rgb, report, rgb8,
+    samples, sources)
 from engine import face_detect  # noqa: E402
-from engine.image_analysis import analyze, decide_content, noise_level, noise_sigma  # noqa: E402
+from engine.image_analysis import (  # noqa: E402
+    TRIAL_BIAS, TRIAL_GAP_WEIGHT, TRIAL_LOGIT_WEIGHT, analyze, decide_content, noise_level, noise_sigma)
+
+TRIAL_FIT_BAND = 2.5  # the trial's rule is fitted on the samples whose held-out logit is within +-this
 
 
 def face_counts() -> np.ndarray:
@@ -61,27 +67,59 @@ def decisions(held_out: np.ndarray, faces: np.ndarray, trial: dict[int, float] |
     return np.array([o[0] for o in out]), np.array([o[1] for o in out])
 
 
-def run_trials(data: dict, held_out: np.ndarray, faces: np.ndarray, limit: int) -> dict[int, float]:
+def trial_gaps(held_out: np.ndarray) -> dict[int, float]:
+    """The trial reconstruction's gap (:attr:`TrialResult.gap_db`) on every sample whose held-out logit is within
+    +-TRIAL_FIT_BAND (cached: ~3 min on 2 cores)."""
     from config import Config
-    from engine.advisor.trial import trial_reconstruction
+    from engine.advisor import trial
     from engine.model_manager import ModelManager
 
+    wanted = set(np.where(np.abs(held_out) < TRIAL_FIT_BAND)[0].tolist())
+    version = hashlib.sha256((_feature_version() + inspect.getsource(trial) + repr(sorted(wanted))).encode()
+                             ).hexdigest()[:12]
+    path = CACHE / f"trial-{version}.json"
+    if path.is_file():
+        return {int(k): v for k, v in json.loads(path.read_text()).items()}
     manager = ModelManager(Config())
-    _, by = decisions(held_out, faces)
-    unsure = np.where(by == "unsure")[0]
-    pick = unsure[np.linspace(0, len(unsure) - 1, min(limit, len(unsure))).astype(int)] if len(unsure) else []
-    wanted = set(int(i) for i in pick)
-    results = {}
+    gaps = {}
     for i, (*_, pixels) in enumerate(samples(sources())):
         if i in wanted:
-            results[i] = trial_reconstruction(rgb8(pixels[..., :3] if pixels.ndim == 3 else pixels), manager
-                                              ).photo_advantage_db
-    return results
+            rgb = rgb8(pixels[..., :3] if pixels.ndim == 3 else pixels)
+            rgb = np.dstack([rgb] * 3) if rgb.ndim == 2 else rgb
+            gaps[i] = trial.trial_reconstruction(rgb, manager).gap_db
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(gaps))
+    return gaps
+
+
+def fit_trial_rule(gap: np.ndarray, logit: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """[gap weight, logit weight, bias] of the trial's rule (each class the same total weight)."""
+    w = np.where(y == 1, 0.5 / y.mean(), 0.5 / (1 - y.mean()))
+    return fit_logistic(np.c_[gap, logit], y, w, l2=1.0)
+
+
+def held_out_trial_decisions(data: dict, held_out: np.ndarray, faces: np.ndarray, gaps: dict[int, float]
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """The advisor's decision with the trial rule refitted without each source (the trial samples of the other
+    sources), applied to the source's unsure samples; returns (score, decided by) as :func:`decisions`."""
+    y, src = data["y"], data["source"]
+    score, by = decisions(held_out, faces)
+    idx = np.array(sorted(gaps))
+    gap = np.array([gaps[i] for i in idx])
+    for name in np.unique(src[idx]):
+        keep = src[idx] != name
+        b = fit_trial_rule(gap[keep], held_out[idx][keep], y[idx][keep])
+        for i, g in zip(idx[~keep], gap[~keep]):
+            if by[i] == "unsure":
+                score[i] = 1.0 if b[0] * g + b[1] * held_out[i] + b[2] > 0 else -1.0
+                by[i] = "trial"
+    return score, by
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trial", type=int, default=0, help="run the trial reconstruction on N unsure samples")
+    parser.add_argument("--trial", action="store_true",
+                        help="also the decision with the trial reconstruction on the unsure samples")
     args = parser.parse_args()
     data = dataset()
     y = data["y"]
@@ -91,22 +129,30 @@ def main() -> None:
     print("== classifier alone, leave one source out ==")
     report(data, held_out, show_misses=0)
     faces = face_counts()
-    trial = run_trials(data, held_out, faces, args.trial) if args.trial else None
-    score, by = decisions(held_out, faces, trial)
-    print("== advisor decision (faces -> photo; unsure -> photo" + (", trial" if trial else "") + ") ==")
-    report(data, score, show_misses=25)
-    right = (score > 0) == (y == 1)
-    for signal in ("faces", "classifier", "unsure", "trial"):
-        m = by == signal
-        if m.any():
-            print(f"decided by {signal:10s}: {m.sum():5d} samples, {right[m].mean():.3f} right")
-    with_face = (faces > 0) & (y == 0)
-    print(f"photos with a detected face: {with_face.sum()} samples, {right[with_face].mean():.3f} right; "
-          f"anime samples with a (false) face: {int(((faces > 0) & (y == 1)).sum())}")
-    if trial:
-        t = np.array(list(trial))
-        print(f"trial reconstruction on {len(t)} unsure samples: "
-              f"{((np.array(list(trial.values())) < 0) == (y[t] == 1)).mean():.3f} right")
+    runs = [("faces -> photo; unsure -> photo", *decisions(held_out, faces))]
+    if args.trial:
+        gaps = trial_gaps(held_out)
+        runs.append(("faces -> photo; unsure -> the trial, its rule refitted without the source",
+                     *held_out_trial_decisions(data, held_out, faces, gaps)))
+    for title, score, by in runs:
+        print(f"== advisor decision ({title}) ==")
+        report(data, score, show_misses=25)
+        right = (score > 0) == (y == 1)
+        for signal in ("faces", "classifier", "unsure", "trial"):
+            m = by == signal
+            if m.any():
+                print(f"decided by {signal:10s}: {m.sum():5d} samples, {right[m].mean():.3f} right")
+        with_face = (faces > 0) & (y == 0)
+        print(f"photos with a detected face: {with_face.sum()} samples, {right[with_face].mean():.3f} right; "
+              f"anime samples with a (false) face: {int(((faces > 0) & (y == 1)).sum())}")
+    if args.trial:
+        idx = np.array(sorted(gaps))
+        gap, label = np.array([gaps[i] for i in idx]), y[idx]
+        b = fit_trial_rule(gap, held_out[idx], label)
+        print(f"trial gap on {len(idx)} samples with |held-out logit| < {TRIAL_FIT_BAND}: median photos "
+              f"{np.median(gap[label == 0]):+.2f} dB, drawings {np.median(gap[label == 1]):+.2f} dB; rule fitted on "
+              f"all: TRIAL_GAP_WEIGHT={b[0]:.2f} TRIAL_LOGIT_WEIGHT={b[1]:.2f} TRIAL_BIAS={b[2]:.2f} (shipped "
+              f"{TRIAL_GAP_WEIGHT}, {TRIAL_LOGIT_WEIGHT}, {TRIAL_BIAS})")
 
     more = np.isin(data["source"], sorted({item[0] for item in more_sources()}))
     if more.any():

@@ -36,7 +36,6 @@ NOISY_LEVEL = 0.16          # noise level 0.16 ≈ Gaussian sigma 8 on 0-255
 JPEG_DAMAGED = 0.35         # blockiness score above which JPEG artefacts are visible
 SMALL_SIDE = 320            # long side below which ×4 is the natural choice
 LARGE_SIDE = 1600           # long side above which ×2 is usually enough
-MODEL_LOAD_SECONDS = 5.0    # building a network from its weights on the CPU (x4plus measured 3-11 s)
 SLOW_SECONDS = 60.0         # a recommendation slower than this on the CPU offers the fast model
 FAST_PHOTO_MODEL = "realesr-general-x4v3"
 FAST_FALLBACK_MODEL = "realesr-animevideov3"
@@ -548,6 +547,7 @@ class IntelligentEnhancer:
         content type, and the :class:`~engine.advisor.trial.TrialResult` (None when no trial ran)."""
         from engine.advisor import trial
         from engine.image_analysis import decide_content
+        from engine.inference import planning
 
         unchanged = numbers, analysis.content_decided_by, None
         budget = self.config.advisor_trial_seconds  # the longest a trial may be expected to take; 0: never
@@ -559,11 +559,14 @@ class IntelligentEnhancer:
         catalog = active_catalog()
         users = [s.name for s in catalog.values() if s.user and self.model_manager.is_available(s.name)]
         side = min(trial.TRIAL_CROP, numbers.width, numbers.height) // trial.TRIAL_SCALE
-        loaded = " ".join(self.model_manager.loaded_models())
 
-        def seconds(models) -> float:
-            return sum(catalog[m].macs_per_pixel * side * side / machine.throughput(m)
-                       + (MODEL_LOAD_SECONDS if f"{m}@" not in loaded else 0.0) for m in models)
+        def seconds(models) -> float:  # each model's run on the crop, and its load (learned; 0 once loaded)
+            total = 0.0
+            for m in models:
+                precision = planning.effective_precision(catalog[m], device.type, "auto")
+                load = self._learned(m, device, precision, False, machine.throughput(m)).load_seconds
+                total += catalog[m].macs_per_pixel * side * side / machine.throughput(m) + load
+            return total
 
         models = trial.trial_models(catalog.values(), users)
         if seconds(models) > budget:  # the official pair alone, then
@@ -581,7 +584,7 @@ class IntelligentEnhancer:
         except Exception as exc:  # noqa: BLE001 - the trial is a tie-breaker; without it the photo model stays
             logger.warning("trial reconstruction failed: %s", exc)
             return unchanged
-        decision = decide_content(float(analysis.content_logit), len(analysis.faces), result.photo_advantage_db)
+        decision = decide_content(float(analysis.content_logit), len(analysis.faces), result.gap_db)
         return dataclasses.replace(numbers, content_type=decision.label, confidence=decision.confidence,
                                    content_reason=decision.reason), decision.decided_by, result
 

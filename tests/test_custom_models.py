@@ -484,17 +484,41 @@ def test_a_users_model_that_rebuilds_the_trial_crop_best_is_offered_first(tmp_pa
     assert any(r.startswith("Try tiny-near, your photo model") for r in advice.reasons)
 
 
-def test_no_trial_by_default_an_unsure_image_gets_the_photo_model(tmp_path):
-    """The default config runs no trial (measured, it does worse than the photo model: README, "Known limits"):
-    the unsure drawing gets the photo model, the reason says why, and no model is loaded for it."""
+def test_with_no_time_for_a_trial_an_unsure_image_gets_the_photo_model(tmp_path):
+    """A trial budget of 0 runs no trial: the unsure drawing gets the photo model, the reason says why, and no
+    model is loaded for it."""
     from engine.advisor.trial import PHOTO_MODEL
 
-    advice, manager = _advise_unsure_drawing(tmp_path, {})
+    advice, manager = _advise_unsure_drawing(tmp_path, {"REALESRGAN_ADVISOR_TRIAL_SECONDS": "0"})
     assert advice.analysis["content_decided_by"] == "unsure" and advice.analysis["trial"] is None
     reason = advice.analysis["content_reason"]
     assert advice.settings.model == PHOTO_MODEL and "the safer mistake" in reason
     assert "trial" not in reason  # not even considered ("No time for a trial..." would mean a budget was set)
     assert manager.loaded_models() == []
+
+
+def test_by_default_an_unsure_image_is_settled_by_the_trial_with_the_real_models(config, tmp_path):
+    """The default config has time for the trial: on the unsure comic crop the photo model and the compact anime
+    model (the bundled weights) rebuild a test crop, and the decision is the trial rule's on that gap, quoted in the
+    reason."""
+    import cv2
+    from PIL import Image
+
+    from engine.advisor.trial import ANIME_MODEL, PHOTO_MODEL
+    from engine.image_analysis import analyze, decide_content
+    from engine.intelligent_enhancer import IntelligentEnhancer
+    from engine.model_manager import ModelManager
+
+    image = cv2.resize(np.asarray(Image.open(COMIC).convert("RGB")), (64, 96), interpolation=cv2.INTER_AREA)
+    analysis = analyze(image)
+    assert analysis.content_decided_by == "unsure" and config.advisor_trial_seconds > 0
+    advice = IntelligentEnhancer(ModelManager(config), config, device="cpu").advise(image)
+    scores = advice.analysis["trial"]
+    assert advice.analysis["content_decided_by"] == "trial" and set(scores) == {PHOTO_MODEL, ANIME_MODEL}
+    gap = scores[ANIME_MODEL] - scores[PHOTO_MODEL]
+    expected = decide_content(analysis.content_logit, 0, gap)
+    assert advice.analysis["content_type"] == expected.label
+    assert f"came {gap:+.1f} dB closer than the photo model" in advice.analysis["content_reason"]
 
 
 # ------------------------------------------------------------------------------------------------ face models

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.advisor.trial import TRIAL_CROP, TrialResult, pick_crop
+from engine.advisor.trial import ANIME_MODEL, PHOTO_MODEL, TRIAL_CROP, TrialResult, pick_crop
 
 
 def test_the_crop_is_the_most_detailed_window():
@@ -23,8 +23,10 @@ def test_small_images_get_a_smaller_crop_and_tiny_ones_are_refused():
         pick_crop(np.zeros((12, 40, 3), np.uint8))
 
 
-def test_the_result_names_the_winner_and_the_margin():
-    result = TrialResult(photo_psnr=27.4, anime_psnr=25.6, crop=(0, 0, 128, 128), seconds=0.4)
-    assert result.winner == "photo" and result.photo_advantage_db == pytest.approx(1.8)
-    assert result.sentence() == "on a test crop the photo model was 1.8 dB closer"
-    assert TrialResult(20.0, 21.5, (0, 0, 64, 64), 0.1).winner == "anime"
+def test_the_gap_is_the_official_pair_s_even_when_a_users_model_leads_a_side():
+    assert TrialResult(photo_psnr=27.4, anime_psnr=25.6, crop=(0, 0, 128, 128), seconds=0.4).gap_db == \
+        pytest.approx(-1.8)
+    scores = {PHOTO_MODEL: 24.0, ANIME_MODEL: 25.5, "4x-mine": 27.0}
+    sides = {PHOTO_MODEL: "photo", ANIME_MODEL: "anime", "4x-mine": "photo"}
+    result = TrialResult(27.0, 25.5, (0, 0, 64, 64), 0.1, scores=scores, sides=sides)
+    assert result.gap_db == pytest.approx(1.5) and result.best("photo") == "4x-mine"
