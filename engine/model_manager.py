@@ -378,7 +378,6 @@ class ModelManager:
             net = built.module
             if spec.kind == "sr":
                 net = loader.rgb_network(net, built.input_channels, built.output_channels)
-            if spec.kind == "sr":
                 net = _prepare(net, torch_device, torch_dtype(precision))
             else:
                 net = net.to(device=torch_device, dtype=torch_dtype(precision))

@@ -467,8 +467,9 @@ def _advise_unsure_drawing(tmp_path, env: dict[str, str]):
 
 def test_a_users_model_that_rebuilds_the_trial_crop_best_is_offered_first(tmp_path):
     """With time for a trial (``REALESRGAN_ADVISOR_TRIAL_SECONDS``), the unsure drawing goes to the trial
-    reconstruction and the user's ×4 photo model joins it; it rebuilds the crop best (the official models have
-    random weights), so its side wins and the advice offers it first, with the margin."""
+    reconstruction and the user's ×4 photo model joins it. The official pair (random weights: the compact model,
+    which adds the upscaled input, far closer than the random RRDBNet) says photo; the user's model rebuilt the crop
+    best on that side, so the advice offers it first, with the margin."""
     from engine.advisor.trial import ANIME_MODEL, PHOTO_MODEL
 
     advice, _ = _advise_unsure_drawing(tmp_path, {"REALESRGAN_ADVISOR_TRIAL_SECONDS": "30"})
