@@ -499,21 +499,26 @@ def test_with_no_time_for_a_trial_an_unsure_image_gets_the_photo_model(tmp_path)
 
 
 def test_by_default_an_unsure_image_is_settled_by_the_trial_with_the_real_models(config, tmp_path):
-    """The default config has time for the trial: on the unsure comic crop the photo model and the compact anime
-    model (the bundled weights) rebuild a test crop, and the decision is the trial rule's on that gap, quoted in the
-    reason."""
+    """The default config has time for the trial on a machine of known speed (no model loaded yet: their loads
+    are counted): on the unsure comic crop the photo model and the compact anime model (the bundled weights)
+    rebuild a test crop, and the decision is the trial rule's on that gap, quoted in the reason."""
     import cv2
     from PIL import Image
 
     from engine.advisor.trial import ANIME_MODEL, PHOTO_MODEL
+    from engine.catalog import CATALOG
     from engine.image_analysis import analyze, decide_content
-    from engine.intelligent_enhancer import IntelligentEnhancer
+    from engine.intelligent_enhancer import IntelligentEnhancer, ThroughputCalibrator
     from engine.model_manager import ModelManager
 
     image = cv2.resize(np.asarray(Image.open(COMIC).convert("RGB")), (64, 96), interpolation=cv2.INTER_AREA)
     analysis = analyze(image)
     assert analysis.content_decided_by == "unsure" and config.advisor_trial_seconds > 0
-    advice = IntelligentEnhancer(ModelManager(config), config, device="cpu").advise(image)
+    advisor = IntelligentEnhancer(ModelManager(config), config, device="cpu")
+    cache = tmp_path / "calibration.json"  # a 2-core CPU's speed, fixed: the budget check does not depend on load
+    advisor.calibrator = ThroughputCalibrator(cache)
+    cache.write_text(json.dumps({advisor.calibrator.key(n, "cpu"): 1e11 for n in CATALOG}))
+    advice = advisor.advise(image)
     scores = advice.analysis["trial"]
     assert advice.analysis["content_decided_by"] == "trial" and set(scores) == {PHOTO_MODEL, ANIME_MODEL}
     gap = scores[ANIME_MODEL] - scores[PHOTO_MODEL]

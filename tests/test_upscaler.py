@@ -320,3 +320,8 @@ def test_prepare_for_inference_returns_a_new_faithful_module(archs, photo):
     again = prepare_for_inference(owned, "cpu", torch.bfloat16, in_place=True)  # the model manager's way
     assert again is owned and not owned.training and next(owned.parameters()).dtype == torch.bfloat16
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in owned.parameters() if p.dim() == 4)
+    source = {k: v.clone() for k, v in net.state_dict().items()}  # as the tensors of a memory-mapped file
+    built = _rrdb(archs)
+    built.load_state_dict(source, assign=True)
+    prepare_for_inference(built, "cpu", torch.float32, in_place=True)
+    assert not {v.data_ptr() for v in source.values()} & {p.data_ptr() for p in built.parameters()}  # unmapped
