@@ -377,10 +377,15 @@ def plan_job(settings: EnhanceSettings, size: tuple[int, int], model_manager, co
             f"{config.max_output_pixels / 1e6:.0f} MP; choose a smaller scale or raise REALESRGAN_MAX_OUTPUT_PIXELS.")
     settings, memory = fit_memory(spec, settings, JobShape(width, height, channels, bit_depth, out_w, out_h),
                                   config, streamed=streamed)
-    logger.info("memory plan for %dx%d -> %dx%d with %s: %s", width, height, out_w, out_h, model_name,
-                memory.describe())
+    logger.debug("memory plan for %dx%d -> %dx%d with %s: %s", width, height, out_w, out_h, model_name,
+                 memory.describe())
     return (Job(settings, model_name, model_manager, config, report, memory), (out_w, out_h),
             ((note,) if note else ()))
+
+
+def _log_plan(job: Job, size: tuple[int, int], out_size: tuple[int, int]) -> None:
+    """One line per image job (the header check before decoding and video frame batches log theirs at debug)."""
+    logger.info("memory plan for %dx%d -> %dx%d with %s: %s", *size, *out_size, job.model_name, job.memory.describe())
 
 
 def fit_memory(spec: ModelSpec, settings: EnhanceSettings, shape: JobShape, config, *, streamed: bool = False):
@@ -471,6 +476,7 @@ def enhance_image(image, settings: EnhanceSettings | None, model_manager, progre
     report(0.02, "Image decoded")
     job, out_size, warnings = plan_job(settings or EnhanceSettings(), (width, height), model_manager, config, report,
                                        channels=pixels.shape[2], bit_depth=loaded_image.bit_depth)
+    _log_plan(job, (width, height), out_size)
 
     channels = pixels.shape[2]
     rgb, alpha = network_input(pixels)
@@ -553,6 +559,7 @@ def enhance_streamed(image, settings: EnhanceSettings | None, model_manager, pat
     settings = (settings or EnhanceSettings()).replace(quality_metrics=False)
     job, out_size, warnings = plan_job(settings, (width, height), model_manager, config, report, channels=channels,
                                        bit_depth=loaded_image.bit_depth, streamed=True)
+    _log_plan(job, (width, height), out_size)
     rgb, _alpha = network_input(pixels)
     blocks: queue.Queue = queue.Queue(maxsize=4)  # bounded: the network waits for the encoder
     stop, done = threading.Event(), object()
