@@ -7,9 +7,10 @@ memory is a sum of parts that each have a known size:
   float32 copy and the prepared one); spandrel's import too when the job needs it (:data:`SPANDREL_BYTES`).
   Measured on CPU in a fresh process (bench/bench_memory.py) with the registry's torch 2.14.1+cu130: importing
   torch alone reaches 704 MB (220 MB of it the CUDA libraries' pages, loaded even without a GPU; 510 MB with the
-  build measured before), a 64x64 ``main.py enhance`` with quality metrics 706-867 MB (realesr-animevideov3; the
-  libraries' file-backed pages vary with the page cache), 1065 MB when it still imported spandrel. The base is
-  taken at the high end, so a plan errs on the safe side.
+  build measured before), a 64x64 ``main.py enhance`` with quality metrics 706-867 MB before the model manager
+  stopped copying the weights, 719 MB after (realesr-animevideov3, three runs; the libraries' file-backed pages
+  vary with the page cache), 1065 MB when it still imported spandrel. The base is that job's peak less its planned
+  parts, so a plan errs on the safe side by about what those parts hold back (measured plan/peak 1.08-1.18x).
 * ``input``: the decoded pixels; images with alpha also their float copies (colour with its transparent pixels
   bled, alpha). Others have none: the engine converts each tile to float as it reads it.
 * ``network``: activations of one forward pass (:func:`engine.upscaler.estimate_memory_bytes`), the tile's
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 
 MB = 1024 * 1024
 
-BASE_PROCESS_BYTES = 816 * MB
+BASE_PROCESS_BYTES = 720 * MB
 """Resident size of a process that has run a small job with quality metrics (torch, runtime, metric networks):
 a 64x64 job's measured peak less its planned metrics, network and bands."""
 
