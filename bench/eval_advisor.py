@@ -57,7 +57,8 @@ def face_counts() -> np.ndarray:
     return counts
 
 
-def decisions(held_out: np.ndarray, faces: np.ndarray, trial: dict[int, float] | None = None) -> np.ndarray:
+def decisions(held_out: np.ndarray, faces: np.ndarray, trial: dict[int, float] | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
     """The advisor's held-out decision per sample as a signed score (> 0 anime), and which signal decided."""
     trial = trial or {}
     out = []

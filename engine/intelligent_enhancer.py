@@ -560,13 +560,14 @@ class IntelligentEnhancer:
         users = [s.name for s in catalog.values() if s.user and self.model_manager.is_available(s.name)]
         side = min(trial.TRIAL_CROP, numbers.width, numbers.height) // trial.TRIAL_SCALE
 
-        def seconds(models) -> float:  # each model's run on the crop, and its load (learned; 0 once loaded)
-            total = 0.0
-            for m in models:
-                precision = planning.effective_precision(catalog[m], device.type, "auto")
-                load = self._learned(m, device, precision, False, machine.throughput(m)).load_seconds
-                total += catalog[m].macs_per_pixel * side * side / machine.throughput(m) + load
-            return total
+        def one(m: str) -> float:  # the model's run on the crop, and its load (learned; 0 once loaded)
+            rate = machine.throughput(m)
+            precision = planning.effective_precision(catalog[m], device.type, "auto")
+            return catalog[m].macs_per_pixel * side * side / rate + self._learned(m, device, precision, False,
+                                                                                  rate).load_seconds
+
+        def seconds(models) -> float:
+            return sum(one(m) for m in models)
 
         models = trial.trial_models(catalog.values(), users)
         if seconds(models) > budget:  # the official pair alone, then

@@ -703,15 +703,17 @@ def prepare_for_inference(net: nn.Module, device: str | torch.device = "cpu",
     """
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise InvalidSettingsError(f"dtype must be float32, float16 or bfloat16, got {dtype}.")
-    prepared = (net if in_place else copy.deepcopy(net)).eval().requires_grad_(False)
-    before = {t.data_ptr() for t in (*prepared.parameters(), *prepared.buffers())}
-    prepared = prepared.to(device=torch.device(device), dtype=dtype, memory_format=torch.channels_last)
-    if in_place:
-        # A network built from a memory-mapped weights file maps it through every tensor .to() left as it was (the
-        # biases, say): those get their own memory, so that the file is unmapped (64 MB of RSS for x4plus).
-        with torch.no_grad():
-            for tensor in (*prepared.parameters(), *prepared.buffers()):
-                if tensor.data_ptr() in before:
-                    tensor.data = tensor.data.clone()
+    if not in_place:
+        prepared = copy.deepcopy(net).eval().requires_grad_(False)
+        return prepared.to(device=torch.device(device), dtype=dtype, memory_format=torch.channels_last)
+    before = {t.data_ptr() for t in (*net.parameters(), *net.buffers())}
+    prepared = net.eval().requires_grad_(False).to(device=torch.device(device), dtype=dtype,
+                                                   memory_format=torch.channels_last)
+    # A network built from a memory-mapped weights file maps it through every tensor .to() left as it was (the
+    # biases, say): those get their own memory, so that the file is unmapped (64 MB of RSS for x4plus).
+    with torch.no_grad():
+        for tensor in (*prepared.parameters(), *prepared.buffers()):
+            if tensor.data_ptr() in before:
+                tensor.data = tensor.data.clone()
     return prepared
 
