@@ -211,13 +211,18 @@ def blend_window(tile_h: int, tile_w: int, overlap: int | Sequence[int], scale: 
         weight is 0 for the outer ``o/4``, then a raised cosine up to 1 at ``3o/4``; the weights of two
         neighbours sharing that overlap sum to 1.
     """
+    wy, wx = _window_axes(tile_h, tile_w, overlap, scale, edges)
+    return np.outer(wy, wx).astype(np.float32)
+
+
+def _window_axes(tile_h: int, tile_w: int, overlap: int | Sequence[int], scale: int,
+                 edges: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 row and column ramps whose outer product is :func:`blend_window` (same arguments)."""
     sides = [overlap] * 4 if isinstance(overlap, int) else list(overlap)
     if len(sides) != 4 or len(edges) != 4:
         raise InvalidSettingsError("overlap and edges take four values: (top, bottom, left, right).")
     top, bottom, left, right = (0 if edge else side * scale for side, edge in zip(sides, edges))
-    wy = _ramp(tile_h * scale, top, bottom)
-    wx = _ramp(tile_w * scale, left, right)
-    return np.outer(wy, wx).astype(np.float32)
+    return _ramp(tile_h * scale, top, bottom), _ramp(tile_w * scale, left, right)
 
 
 # ------------------------------------------------------------------------------------------------ inference
@@ -316,8 +321,9 @@ class BandStream:
     Tiles run in raster order; each tile row's outputs are blended into a float buffer one tile row high (plus
     the overlap carried from the row above, moved up in place), so the float memory is ``(tile + overlap) * scale``
     rows of the output's width, not the whole output; finished rows are given out :data:`FINAL_CHUNK_ROWS` at a
-    time. The arithmetic per pixel is the same as blending the whole image at
-    once (the same windows added in the same order, divided by the same weights), so the result is bit-identical.
+    time. The arithmetic per pixel is the same as blending the whole image at once (the same windows added in the
+    same order, divided by the same weight sums, which are recomputed per band rather than kept: see
+    :class:`_WeightRows`), so the result is bit-identical.
 
     After the iteration, :attr:`stats` holds the run's :class:`UpscaleStats`. On out-of-memory before any band was
     given out, the run restarts with half the tile (down to ``options.min_tile``); after that it raises
@@ -390,37 +396,66 @@ time, so the copies a consumer makes follow the image's width, not the tile's he
 
 
 class _RowBuffer:
-    """One image's blend buffer over output rows ``[top, top + rows)``: weighted sums and their weights.
+    """One image's blend buffer over output rows ``[top, top + rows)``: the tiles' weighted sums.
 
     One buffer serves every tile row of the image: :meth:`advance` moves the rows the next tile row shares with
-    this one (the overlap) to the top and zeroes the rest, so nothing is allocated per tile row.
+    this one (the overlap) to the top and zeroes the rest, so nothing is allocated per tile row. The weights the
+    sums are divided by are not kept: :class:`_WeightRows` recomputes them for each finished band.
     """
 
     def __init__(self, rows: int, width: int):
         self.top = 0
         self.accum = torch.zeros((3, rows, width), dtype=torch.float32)
-        self.weights = torch.zeros((1, rows, width), dtype=torch.float32)
 
     def advance(self, top: int) -> None:
         """Start the tile row whose first output row is ``top`` (rows above it were given out)."""
         rows = self.accum.shape[1]
         offset = top - self.top
         shared = max(0, rows - offset)
-        for buffer in (self.accum, self.weights):
-            if shared:
-                carried = buffer[:, offset:]
-                buffer[:, :shared].copy_(carried.clone() if offset < shared else carried)
-            buffer[:, shared:].zero_()
+        if shared:
+            carried = self.accum[:, offset:]
+            self.accum[:, :shared].copy_(carried.clone() if offset < shared else carried)
+        self.accum[:, shared:].zero_()
         self.top = top
 
-    def final_rows(self, end: int, height: int, width: int):
+    def final_rows(self, end: int, height: int, width: int, weights: _WeightRows):
         """Bands of rows ``[top, min(end, height))`` normalised and clamped: ``(first row, hxWx3 float32)``."""
         count = min(end, height) - self.top
         for first in range(0, count, FINAL_CHUNK_ROWS):
             last = min(count, first + FINAL_CHUNK_ROWS)
             accum = self.accum[:, first:last, :width]  # final rows: normalised in place, nothing else reads them
-            accum.div_(self.weights[:, first:last, :width].clamp_min_(1e-12))
+            accum.div_(weights.rows(self.top + first, self.top + last)[:, :, :width].clamp_min_(1e-12))
             yield self.top + first, np.ascontiguousarray(accum.clamp_(0.0, 1.0).permute(1, 2, 0).numpy())
+
+
+class _WeightRows:
+    """The sums of a plan's blend windows over any run of output rows, computed when those rows are final.
+
+    The windows of the tiles that cover the rows are added in the plan's order, as a weight map kept for the
+    whole image would have added them, so each sum is bit-identical to that map's; keeping no map saves 4 bytes
+    per pixel of the blend buffer (a quarter of it) for a few small products per finished band.
+    """
+
+    def __init__(self, plan: TilePlan, scale: int):
+        self.plan, self.scale = plan, scale
+        self._axes: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def rows(self, first: int, last: int) -> torch.Tensor:
+        """1 x (last - first) x (plan width x scale) float32 weight sums of output rows ``[first, last)``."""
+        scale = self.scale
+        sums = torch.zeros((1, last - first, self.plan.width * scale), dtype=torch.float32)
+        for box in self.plan.boxes:
+            y0 = box.y * scale
+            lo, hi = max(first, y0), min(last, y0 + box.h * scale)
+            if lo >= hi:
+                continue
+            key = (box.h, box.w, box.overlap, box.edges)
+            if key not in self._axes:
+                self._axes[key] = _window_axes(box.h, box.w, box.overlap, scale, box.edges)
+            wy, wx = self._axes[key]
+            window = torch.from_numpy(np.outer(wy[lo - y0:hi - y0], wx).astype(np.float32))
+            sums[0, lo - first:hi - first, box.x * scale:(box.x + box.w) * scale].add_(window)
+        return sums
 
 
 def _whole_rows(tile_out: torch.Tensor, height: int, width: int):
@@ -482,6 +517,7 @@ class _PlanRun:
         channels_last = torch.channels_last
         jobs = [(n, i) for n in range(len(images)) for i in range(len(plan))]  # same-shape tiles of every image
         buffers: dict[int, _RowBuffer] = {}
+        weights = _WeightRows(plan, scale)
         sources: dict[int, _Source] = {}
         for first in range(0, len(jobs), batch_size):
             chunk = jobs[first:first + batch_size]
@@ -506,19 +542,19 @@ class _PlanRun:
                     if buf is None:
                         buffers[n] = _RowBuffer(box.h * scale, out_w)
                     else:  # everything above this tile row is final
-                        yield from ((n, top, rows) for top, rows in buf.final_rows(box.y * scale, height, width))
+                        yield from ((n, top, rows)
+                                    for top, rows in buf.final_rows(box.y * scale, height, width, weights))
                         buf.advance(box.y * scale)
                 buf = buffers[n]
                 ys = slice(box.y * scale - buf.top, (box.y + box.h) * scale - buf.top)
                 xs = slice(box.x * scale, (box.x + box.w) * scale)
                 window = torch.from_numpy(blend_window(box.h, box.w, box.overlap, scale, box.edges))
-                buf.weights[0, ys, xs].add_(window)
                 buf.accum[:, ys, xs].addcmul_(tile_out, window)
                 del window
                 if i == len(plan) - 1:
                     done = buffers.pop(n)
                     sources.pop(n, None)
-                    yield from ((n, top, rows) for top, rows in done.final_rows(height, height, width))
+                    yield from ((n, top, rows) for top, rows in done.final_rows(height, height, width, weights))
             del output
             if self.progress is not None:
                 self.progress(min(first + batch_size, len(jobs)), len(jobs))

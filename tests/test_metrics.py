@@ -103,6 +103,28 @@ def test_exact_nearest_upscale_is_lr_consistent_and_shifted_or_garbled_is_not(ph
     assert result["psnr"] < 20 and result["ssim"] < 0.3
 
 
+@pytest.mark.parametrize("shape", [(600, 257, 3), (523, 300, 1), (12, 40, 3), (300, 11, 3)])
+def test_lr_consistency_in_bands_equals_whole_image_psnr_and_basicsr_ssim(shape):
+    """LR consistency works METRIC_BAND_ROWS rows at a time (bounded memory); its PSNR and SSIM are the
+    whole-image figures: the PSNR of the whole luminance and basicsr's SSIM of it (the reference it follows)."""
+    from utils import metrics
+    from utils.compat import install_torchvision_shim
+
+    install_torchvision_shim()
+    from basicsr.metrics.psnr_ssim import _ssim as basicsr_ssim
+
+    rng = np.random.default_rng(11)
+    base = cv2.GaussianBlur(rng.random(shape[:2]), (0, 0), 3)[:, :, None] * np.array([[[200, 150, 90]]])[..., :shape[2]]
+    original = np.clip(base + rng.normal(0, 6, shape), 0, 255).astype(np.uint8)
+    back = np.clip(original + rng.normal(0, 9, shape), 0, 255).astype(np.uint8)
+    assert shape[0] > metrics.METRIC_BAND_ROWS or min(shape[:2]) < 20  # several bands, or the small edge cases
+    got = metrics._lr_consistency_float(metrics._to_float255(original), metrics._to_float255(back))
+    y_orig = metrics._luminance(metrics._to_float255(original)).astype(np.float64)
+    y_back = metrics._luminance(metrics._to_float255(back)).astype(np.float64)
+    assert got["psnr"] == pytest.approx(10 * np.log10(255 ** 2 / np.mean((y_orig - y_back) ** 2)), rel=1e-12)
+    assert got["ssim"] == pytest.approx(basicsr_ssim(y_orig, y_back), rel=1e-9, abs=1e-12)
+
+
 def test_lr_consistency_handles_uint16_by_dtype(photo):
     photo16 = photo.astype(np.uint16) * 257
     assert lr_consistency(photo16, _nearest_2x(photo16))["psnr"] == PSNR_CAP_DB

@@ -228,37 +228,39 @@ def get_image_info(image: np.ndarray) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- LR consistency
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two float arrays on the 0..255 scale, capped at :data:`PSNR_CAP_DB`."""
-    mse = float(np.mean((a - b) ** 2))
+METRIC_BAND_ROWS = 256
+"""Rows of the input size that LR consistency works on at a time: its float64 luminance and SSIM statistics
+(about ten copies) follow this band, not the image."""
+
+_SSIM_RADIUS = 5
+"""Half the 11x11 SSIM window: a band reads this many rows of context each side, and SSIM is averaged over the
+window positions fully inside the image (as basicsr)."""
+
+
+def _psnr_of_mse(mse: float) -> float:
+    """PSNR in dB on the 0..255 scale for a mean squared error, capped at :data:`PSNR_CAP_DB`."""
     if mse <= 0.0:
         return PSNR_CAP_DB
     return min(PSNR_CAP_DB, 10.0 * math.log10(255.0 * 255.0 / mse))
 
 
-def _ssim(a: np.ndarray, b: np.ndarray) -> float:
+def _ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03) of two ``HxW`` float64
-    images on the 0..255 scale, averaged over the window positions fully inside the image (as basicsr).
-
-    Raises:
-        ValueError: a side is shorter than the 11-pixel window.
-    """
-    if min(a.shape) < 11:
-        raise ValueError(f"SSIM needs at least 11x11 pixels, the input is {a.shape[1]}x{a.shape[0]}")
+    images on the 0..255 scale at the window positions fully inside them: ``(H - 10) x (W - 10)``."""
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    kernel = cv2.getGaussianKernel(11, 1.5)
+    kernel = cv2.getGaussianKernel(2 * _SSIM_RADIUS + 1, 1.5)
     window = np.outer(kernel, kernel.transpose())
+    r = _SSIM_RADIUS
 
     def filt(x: np.ndarray) -> np.ndarray:
-        return cv2.filter2D(x, -1, window)[5:-5, 5:-5]
+        return cv2.filter2D(x, -1, window)[r:-r, r:-r]
 
     mu1, mu2 = filt(a), filt(b)
     mu1_sq, mu2_sq, mu12 = mu1 ** 2, mu2 ** 2, mu1 * mu2
     sigma1_sq = filt(a * a) - mu1_sq
     sigma2_sq = filt(b * b) - mu2_sq
     sigma12 = filt(a * b) - mu12
-    ssim_map = ((2 * mu12 + c1) * (2 * sigma12 + c2)) / ((mu1_sq + mu2_sq + c1) * (sigma1_sq + sigma2_sq + c2))
-    return float(ssim_map.mean())
+    return ((2 * mu12 + c1) * (2 * sigma12 + c2)) / ((mu1_sq + mu2_sq + c1) * (sigma1_sq + sigma2_sq + c2))
 
 
 def lr_consistency(original: np.ndarray, enhanced: np.ndarray) -> dict[str, float | None]:
@@ -312,11 +314,26 @@ def _shrink_bands(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _lr_consistency_float(orig255: np.ndarray, back255: np.ndarray) -> dict[str, float | None]:
-    """:func:`lr_consistency` of the input and the output already shrunk back to its size (float, 0..255)."""
-    orig, back = _match_channels(orig255, back255)
-    y_orig, y_back = _luminance(orig).astype(np.float64), _luminance(back).astype(np.float64)
-    ssim = _ssim(y_orig, y_back) if min(orig.shape[:2]) >= 11 else None
-    return {"psnr": _psnr(y_orig, y_back), "ssim": ssim}
+    """:func:`lr_consistency` of the input and the output already shrunk back to its size (float, 0..255),
+    :data:`METRIC_BAND_ROWS` rows at a time: each band's luminance (with :data:`_SSIM_RADIUS` rows of context each
+    side for SSIM) is the whole image's, so the sums are the whole image's up to their order."""
+    height, width = orig255.shape[:2]
+    radius = _SSIM_RADIUS
+    with_ssim = min(height, width) >= 2 * radius + 1
+    squared = ssim_sum = 0.0
+    for top in range(0, height, METRIC_BAND_ROWS):
+        bottom = min(height, top + METRIC_BAND_ROWS)
+        lo, hi = max(0, top - radius), min(height, bottom + radius)
+        orig, back = _match_channels(orig255[lo:hi], back255[lo:hi])
+        y_orig, y_back = _luminance(orig).astype(np.float64), _luminance(back).astype(np.float64)
+        squared += float(np.sum((y_orig[top - lo:bottom - lo] - y_back[top - lo:bottom - lo]) ** 2))
+        if with_ssim:  # window centres in [top, bottom) that lie >= radius inside the image
+            first, last = max(top, radius), min(bottom, height - radius)
+            if first < last:
+                rows = slice(first - radius - lo, last + radius - lo)
+                ssim_sum += float(np.sum(_ssim_map(y_orig[rows], y_back[rows])))
+    ssim = ssim_sum / ((height - 2 * radius) * (width - 2 * radius)) if with_ssim else None
+    return {"psnr": _psnr_of_mse(squared / (height * width)), "ssim": ssim}
 
 
 # ------------------------------------------------------------------------------------------------------- NIQE

@@ -15,11 +15,14 @@ memory is a sum of parts that each have a known size:
   bled, alpha). Others have none: the engine converts each tile to float as it reads it.
 * ``network``: activations of one forward pass (:func:`engine.upscaler.estimate_memory_bytes`), the tile's
   float input and the tile outputs; on a GPU the activations live in VRAM, checked against free VRAM instead.
-* ``bands``: the blend buffer of one tile row at the network's scale (weighted sums and weights, reused for every
-  tile row: :data:`BAND_BYTES_PER_PIXEL` per pixel) and :data:`STREAM_ROWS` rows of the finished bands' copies
-  (normalised rows, the resizer's context rows, the dtype conversion), which do not grow with the tile.
+* ``bands``: the blend buffer of one tile row at the network's scale (weighted sums, reused for every tile row:
+  :data:`BAND_BYTES_PER_PIXEL` per pixel; the weights are recomputed per band, not kept) and :data:`STREAM_ROWS`
+  rows of the finished bands' copies (normalised rows, the resizer's context rows, the dtype conversion), which do
+  not grow with the tile.
 * ``output``: the preallocated output (the input's channels and depth).
-* ``metrics``: quality metrics work at the input size and on a bounded crop of the output.
+* ``metrics``: quality metrics hold the input and the output shrunk back to it as float RGB
+  (:data:`METRICS_BYTES_PER_PIXEL`), work on bands of those (:data:`METRICS_BAND_BYTES_PER_PIXEL`) and on bounded
+  crops of the output.
 * ``faces``: the face network (:data:`FACE_NETWORK_BYTES`) and, for an output that is not 8-bit RGB, the 8-bit RGB
   copy the identity metric cuts faces from; the faces themselves are pasted into the output in place.
 
@@ -43,16 +46,17 @@ SPANDREL_BYTES = 192 * MB
 network of another architecture than ``engine.models.networks`` builds pay it (counted by architecture: an
 RRDBNet or Compact file that is not in the official key layout goes to spandrel too, unplanned)."""
 
-BAND_BYTES_PER_PIXEL = 16
-"""Host bytes per pixel of a tile row's blend buffer at the network's scale: float32 RGB sums (12 B) and their
-weight (4 B). One buffer serves every tile row (the overlap carried over is moved up in place), and finished rows
-leave it in bands of ``engine.upscaler.FINAL_CHUNK_ROWS`` rows, counted in :data:`STREAM_ROWS`."""
+BAND_BYTES_PER_PIXEL = 12
+"""Host bytes per pixel of a tile row's blend buffer at the network's scale: float32 RGB sums (the weights they
+are divided by are recomputed for each finished band, see ``engine.upscaler._WeightRows``). One buffer serves every
+tile row (the overlap carried over is moved up in place), and finished rows leave it in bands of
+``engine.upscaler.FINAL_CHUNK_ROWS`` rows, counted in :data:`STREAM_ROWS`."""
 
-STREAM_ROWS = 512
-"""Rows of the output's width (at the network's scale, counted at :data:`BAND_BYTES_PER_PIXEL`) that the finished
-bands take on their way out, whatever the tile: one band normalised into an HxWx3 float32 copy, its clipped and
-converted copies (64 rows each), and the resizer's pending source rows with their context and concatenation (up
-to ~2 x 208 rows at x4 -> x2)."""
+STREAM_ROWS = 680
+"""Rows of the output's width (at the network's scale, float32 RGB: :data:`BAND_BYTES_PER_PIXEL`) that the finished
+bands take on their way out, whatever the tile: one band normalised into an HxWx3 float32 copy with its weight
+sums, its clipped and converted copies (64 rows each), and the resizer's pending source rows with their context
+and concatenation (up to ~2 x 208 rows at x4 -> x2)."""
 
 WORKING_SET_BYTES = 384 * MB
 """The most one tile's activations plus its band buffers may take. Larger tiles save only overlap (a few per
@@ -77,6 +81,14 @@ FACE_NETWORK_BYTES = 1100 * MB
 
 METRICS_FIXED_BYTES = 48 * MB
 """The NIQE crops (at most 768x768, a few float copies) and LPIPS at the input size."""
+
+METRICS_BYTES_PER_PIXEL = 24
+"""Per input pixel: the input and the output shrunk back to the input's size, float32 RGB each (LR consistency and
+LPIPS compare these)."""
+
+METRICS_BAND_BYTES_PER_PIXEL = 96
+"""Per pixel of one band of ``utils.metrics.METRIC_BAND_ROWS`` input rows: LR consistency's float64 luminance and
+SSIM statistics (about a dozen copies)."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +144,14 @@ def band_bytes(tile_rows: int, height: int, width: int, scale: int) -> int:
     network; only the bands' copies remain). Pure."""
     rows = min(height, tile_rows) * scale
     return int((rows + min(height * scale, STREAM_ROWS)) * width * scale * BAND_BYTES_PER_PIXEL)
+
+
+def metrics_bytes(width: int, height: int) -> int:
+    """Quality metrics' part of a job with a ``width`` x ``height`` input (see the module docstring). Pure."""
+    from utils.metrics import METRIC_BAND_ROWS
+
+    return int(width * height * METRICS_BYTES_PER_PIXEL + width * min(height, METRIC_BAND_ROWS)
+               * METRICS_BAND_BYTES_PER_PIXEL + METRICS_FIXED_BYTES)
 
 
 def faces_bytes(out_pixels: int, channels: int, sample: int) -> int:
@@ -200,7 +220,7 @@ def plan_memory(shape: JobShape, run: NetworkRun, budget: tuple[int, int], *, qu
         network_bytes=int(tile_outputs + tile_inputs + (0 if on_gpu else run.activation_bytes)),
         band_bytes=band_bytes(read_h if tile else 0, height, width, scale),
         output_bytes=int(out_pixels * shape.channels * sample),
-        metrics_bytes=int(pixels * 48 + METRICS_FIXED_BYTES) if quality_metrics else 0,
+        metrics_bytes=metrics_bytes(width, height) if quality_metrics else 0,
         faces_bytes=faces_bytes(out_pixels, shape.channels, sample) if face_enhance else 0,
         vram_bytes=int(run.activation_bytes + 2 * run.weights_bytes) if on_gpu else 0,
         budget_bytes=int(budget[0]), vram_budget_bytes=int(budget[1]))
