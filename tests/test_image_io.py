@@ -369,6 +369,27 @@ def test_save_reports_bytes_and_leaves_no_temp_files(tmp_path):
     assert save_image(pixels, tmp_path / "out.JPEG").format == "jpg"  # format from the extension
 
 
+def test_saving_a_png_holds_no_copy_of_the_image(tmp_path):
+    """A PNG is compressed from the pixels strip by strip: what Python and numpy allocate while saving stays a small
+    part of the image (an encoder's whole copy or the encoded bytes, about the image's size for noise, would not);
+    the file decodes to the pixels and has the usual permissions of a new file."""
+    import tracemalloc
+
+    pixels = _rng_pixels((1500, 2000, 3), np.uint8)  # noise: the encoded file is as large as the pixels
+    tracemalloc.start()
+    try:
+        saved = save_image(pixels, tmp_path / "noise.png")
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert saved.bytes_written > 0.9 * pixels.nbytes
+    assert peak < 0.5 * pixels.nbytes  # blocks of 64 rows, their filtered copies, ~1 MB of compressed data
+    np.testing.assert_array_equal(load_image(saved.path).pixels, pixels)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (saved.path.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
 def test_failed_write_leaves_existing_file_and_no_temp(tmp_path, monkeypatch):
     target = tmp_path / "keep.png"
     target.write_bytes(b"previous contents")

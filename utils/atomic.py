@@ -6,23 +6,24 @@ temporary file is named ``.<name>.<random>.tmp`` so callers can recognise and cl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> int:
-    """Replace ``path`` with ``data`` atomically; returns the number of bytes written.
-
-    The new file gets the usual permissions (0666 minus the umask). On any failure the temporary file is removed
-    and an existing ``path`` is left as it was.
-    """
+@contextlib.contextmanager
+def replaced_when_complete(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A new file opened for writing beside ``path`` (``.<name>.<random>.tmp``, the usual permissions: 0666 minus
+    the umask), flushed, fsynced and moved over ``path`` when the block completes; removed instead when the block
+    fails, so a failure or a killed process leaves ``path`` as it was, never a partial file."""
     path = Path(path)
     temp = path.parent / f".{path.name[:64]}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    handle = open(temp, "wb", opener=_new_file)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        with handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
@@ -30,6 +31,18 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> int:
         temp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def _new_file(path: str, flags: int) -> int:
+    """``open``'s opener for a file that must not exist yet (0666 minus the umask, as usual for new files)."""
+    return os.open(path, flags | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> int:
+    """Replace ``path`` with ``data`` atomically (see :func:`replaced_when_complete`); returns the number of bytes
+    written."""
+    with replaced_when_complete(path) as handle:
+        handle.write(data)
     return len(data)
 
 

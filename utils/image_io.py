@@ -19,7 +19,7 @@ Nothing here imports ``engine`` or ``ui``; failures raise the domain exceptions 
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
-from utils.atomic import write_atomic
+from utils.atomic import replaced_when_complete, write_atomic
 from utils.errors import InputTooLargeError, InvalidInputError, InvalidSettingsError, UnsupportedFormatError
 from utils.validation import ALLOWED_IMAGE_FORMATS, pixel_limit_message, png_ihdr, probe_image
 
@@ -552,31 +552,42 @@ def encode_image(pixels: np.ndarray, format: str, *, quality: int = 95, icc_prof
         InvalidInputError: pixels of the wrong shape or dtype.
     """
     fmt = normalize_format(format)
+    arr, reduced, flattened = _prepared(pixels, fmt, quality, keep_16bit)
+
+    dropped = False
+    if fmt == "png":
+        buffer = io.BytesIO()
+        _write_png(buffer, _row_blocks(arr), size=(arr.shape[1], arr.shape[0]), channels=arr.shape[2], dtype=arr.dtype,
+                   icc_profile=icc_profile, exif=exif)
+        data = buffer.getvalue()
+    elif arr.dtype == np.uint16 and arr.shape[2] > 1:  # PIL holds 16-bit grayscale only
+        data = _encode_tiff16(arr, icc_profile)
+        if exif:
+            dropped = True
+            logger.warning("16-bit TIFF written without its EXIF (the 16-bit TIFF writer cannot embed it); "
+                           "choose PNG to keep it")
+    else:
+        data = _encode_pil(arr, fmt, int(quality), icc_profile, exif)
+    return EncodedImage(data=data, format=fmt, bit_depth=8 * arr.dtype.itemsize, alpha_flattened=flattened,
+                        reduced_to_8bit=reduced, metadata_dropped=dropped)
+
+
+def _prepared(pixels: np.ndarray, fmt: ImageFormat, quality: int, keep_16bit: bool) -> tuple[np.ndarray, bool, bool]:
+    """The pixels as ``fmt`` holds them: ``(HxWxC array, reduced to 8 bits, alpha flattened onto white)``.
+
+    Raises:
+        InvalidSettingsError: quality out of range. InvalidInputError: pixels of the wrong shape or dtype.
+    """
     if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 1 <= quality <= 100:
         raise InvalidSettingsError(f"The quality must be a whole number from 1 to 100, got {quality!r}.")
     arr = as_pixels(pixels)
-
     reduced = arr.dtype == np.uint16 and (fmt in ("jpg", "webp") or not keep_16bit)
     if reduced:
         arr = to_8bit(arr)
     flattened = fmt == "jpg" and arr.shape[2] in (2, 4)
     if flattened:
         arr = _flatten_on_white(arr)
-
-    dropped = False
-    if arr.dtype == np.uint16 and arr.shape[2] > 1:  # PIL holds 16-bit grayscale only
-        if fmt == "png":
-            data = _add_png_metadata(_encode_png16(arr), icc_profile, exif)
-        else:
-            data = _encode_tiff16(arr, icc_profile)
-            if exif:
-                dropped = True
-                logger.warning("16-bit TIFF written without its EXIF (the 16-bit TIFF writer cannot embed it); "
-                               "choose PNG to keep it")
-    else:
-        data = _encode_pil(arr, fmt, int(quality), icc_profile, exif)
-    return EncodedImage(data=data, format=fmt, bit_depth=8 * arr.dtype.itemsize, alpha_flattened=flattened,
-                        reduced_to_8bit=reduced, metadata_dropped=dropped)
+    return arr, reduced, flattened
 
 
 def _encode_pil(arr: np.ndarray, fmt: ImageFormat, quality: int, icc: bytes | None, exif: bytes | None) -> bytes:
@@ -610,22 +621,6 @@ def _encode_pil(arr: np.ndarray, fmt: ImageFormat, quality: int, icc: bytes | No
     return buffer.getvalue()
 
 
-def _encode_png16(arr: np.ndarray) -> bytes:
-    """16-bit Gray+Alpha, RGB or RGBA PNG. OpenCV writes RGB(A); gray+alpha is written here (colour type 4)."""
-    if arr.shape[2] == 2:
-        height, width = arr.shape[:2]
-        rows = arr.astype(">u2").view(np.uint8).reshape(height, width * 4)
-        raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1)  # filter type 0 per row
-        header = struct.pack(">IIBBBBB", width, height, 16, 4, 0, 0, 0)
-        idat = zlib.compress(raw.tobytes(), PNG_COMPRESS_LEVEL)
-        return _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
-    bgr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR if arr.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
-    ok, buffer = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESS_LEVEL])
-    if not ok:
-        raise RuntimeError(f"OpenCV could not encode a {bgr.shape} 16-bit image as PNG")
-    return buffer.tobytes()
-
-
 def _encode_tiff16(arr: np.ndarray, icc: bytes | None) -> bytes:
     """16-bit RGB(A) TIFF with tifffile, which marks alpha as alpha (ExtraSamples) and embeds ICC profiles.
 
@@ -641,30 +636,15 @@ def _encode_tiff16(arr: np.ndarray, icc: bytes | None) -> bytes:
     return buffer.getvalue()
 
 
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def _add_png_metadata(png: bytes, icc: bytes | None, exif: bytes | None) -> bytes:
-    """Insert iCCP and eXIf chunks right after IHDR (both must precede IDAT)."""
-    if not icc and not exif:
-        return png
-    extra = b""
-    if icc:
-        extra += _png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc))
-    if exif:
-        extra += _png_chunk(b"eXIf", exif[len(_EXIF_PREFIX):] if exif.startswith(_EXIF_PREFIX) else exif)
-    ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR length+type, IHDR data, CRC
-    return png[:ihdr_end] + extra + png[ihdr_end:]
-
-
 # ------------------------------------------------------------------------------------------------------------ save
 def save_image(pixels: np.ndarray, path: str | os.PathLike, *, format: str | None = None, quality: int = 95,
                icc_profile: bytes | None = None, exif: bytes | None = None, keep_16bit: bool = True) -> SavedImage:
     """Encode and write an image atomically: a killed process never leaves a half-written file at ``path``.
 
     The bytes go to a temporary file in the same folder, are flushed and fsynced, then moved over ``path`` with
-    ``os.replace``; on any failure the temporary file is removed and an existing ``path`` is left as it was.
+    ``os.replace``; on any failure the temporary file is removed and an existing ``path`` is left as it was. A PNG
+    is compressed from the pixels strip by strip (:func:`save_png_rows`), so saving it holds no copy of the image
+    (an encoder's whole copy, PIL's 4 bytes per RGB pixel, and the encoded bytes added ~1.4x the pixels' size).
 
     Args:
         pixels: as for :func:`encode_image`.
@@ -682,6 +662,11 @@ def save_image(pixels: np.ndarray, path: str | os.PathLike, *, format: str | Non
     """
     target = Path(path)
     fmt = normalize_format(format if format is not None else target.suffix or "?")
+    if fmt == "png":
+        arr, reduced, _flattened = _prepared(pixels, fmt, quality, keep_16bit)
+        saved = save_png_rows(_row_blocks(arr), target, size=(arr.shape[1], arr.shape[0]), channels=arr.shape[2],
+                              dtype=arr.dtype, icc_profile=icc_profile, exif=exif)
+        return dataclasses.replace(saved, reduced_to_8bit=reduced)
     encoded = encode_image(pixels, fmt, quality=quality, icc_profile=icc_profile, exif=exif, keep_16bit=keep_16bit)
     written = write_atomic(target, encoded.data)
     return SavedImage(path=target, bytes_written=written, format=encoded.format, bit_depth=encoded.bit_depth,
@@ -727,26 +712,6 @@ def _checked_rows(rows: "Iterable[np.ndarray]", size: tuple[int, int], channels:
         raise InvalidInputError(f"The streamed image had {seen} rows, expected {height}.")
 
 
-@contextlib.contextmanager
-def _replaced_when_complete(path: str | os.PathLike) -> "Iterator[str]":
-    """A temporary file name beside ``path``, moved over it (after fsync) once the block completes; removed
-    instead when it fails, so a failure or a killed process leaves no partial file at ``path``."""
-    import tempfile
-
-    target = Path(path)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    os.close(handle)
-    try:
-        yield temp_name
-        with open(temp_name, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(temp_name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
-        raise
-
-
 def save_tiff_strips(rows: "Iterable[np.ndarray]", path: str | os.PathLike, *, size: tuple[int, int],
                      channels: int, dtype, icc_profile: bytes | None = None, rows_per_strip: int = 64) -> SavedImage:
     """Write a TIFF from row blocks that arrive top to bottom, never holding the image whole (peak memory: one
@@ -788,8 +753,8 @@ def save_tiff_strips(rows: "Iterable[np.ndarray]", path: str | os.PathLike, *, s
 
     photometric = "rgb" if channels >= 3 else "minisblack"
     extra = ["unassalpha"] if channels in (2, 4) else None
-    with _replaced_when_complete(path) as temp_name:
-        tifffile.imwrite(temp_name, data=strips(), shape=(height, width, channels), dtype=dtype,
+    with replaced_when_complete(path) as handle:
+        tifffile.imwrite(handle, data=strips(), shape=(height, width, channels), dtype=dtype,
                          photometric=photometric, extrasamples=extra, rowsperstrip=rows_per_strip,
                          compression="zlib", iccprofile=icc_profile or None)
     target = Path(path)
@@ -800,12 +765,8 @@ _PNG_COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # gray, gray+alpha, RGB, RGBA
 _PNG_IDAT_BYTES = 1 << 20  # compressed bytes gathered into one IDAT chunk
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
 def save_png_rows(rows: "Iterable[np.ndarray]", path: str | os.PathLike, *, size: tuple[int, int],
-                  channels: int, dtype, icc_profile: bytes | None = None,
+                  channels: int, dtype, icc_profile: bytes | None = None, exif: bytes | None = None,
                   compress_level: int = PNG_COMPRESS_LEVEL) -> SavedImage:
     """Write a PNG from row blocks that arrive top to bottom, never holding the image whole (peak memory: one
     block and the compressor's window, whatever the image's size).
@@ -822,36 +783,60 @@ def save_png_rows(rows: "Iterable[np.ndarray]", path: str | os.PathLike, *, size
         channels: 1..4 (Gray, Gray+Alpha, RGB, RGBA).
         dtype: uint8 or uint16.
         icc_profile: ICC profile to embed (an ``iCCP`` chunk).
+        exif: EXIF block to embed (an ``eXIf`` chunk), with or without the ``Exif\\0\\0`` prefix.
         compress_level: zlib level 0..9.
 
     Raises:
         InvalidInputError: a block of the wrong shape or dtype, or not exactly ``height`` rows in all.
         OSError: the folder is missing or not writable, the disk is full...
     """
-    width, height = size
     dtype = np.dtype(dtype)
-    blocks = _checked_rows(rows, size, channels, dtype)  # checks the dtype and channels on its first step
-    header = struct.pack(">IIBBBBB", width, height, 8 * dtype.itemsize, _PNG_COLOUR_TYPE.get(channels, 0), 0, 0, 0)
-    with _replaced_when_complete(path) as temp_name, open(temp_name, "wb") as fh:
-        fh.write(_PNG_SIGNATURE + _png_chunk(b"IHDR", header))
-        if icc_profile:
-            fh.write(_png_chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(icc_profile)))
-        deflate, pending, above = zlib.compressobj(compress_level), [], None
-        for block in blocks:
-            data = np.ascontiguousarray(block.astype(">u2", copy=False) if dtype.itemsize == 2 else block)
-            lines = data.reshape(block.shape[0], -1).view(np.uint8)
-            previous = np.empty_like(lines)
-            previous[1:] = lines[:-1]
-            previous[0] = above if above is not None else 0
-            filtered = np.empty((lines.shape[0], lines.shape[1] + 1), np.uint8)
-            filtered[:, 0] = 2  # the Up filter
-            np.subtract(lines, previous, out=filtered[:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG's
-            above = lines[-1].copy()
-            pending.append(deflate.compress(filtered.tobytes()))
-            if sum(map(len, pending)) >= _PNG_IDAT_BYTES:
-                fh.write(_png_chunk(b"IDAT", b"".join(pending)))
-                pending = []
-        pending.append(deflate.flush())
-        fh.write(_png_chunk(b"IDAT", b"".join(pending)) + _png_chunk(b"IEND", b""))
+    with replaced_when_complete(path) as fh:
+        _write_png(fh, rows, size=size, channels=channels, dtype=dtype, icc_profile=icc_profile, exif=exif,
+                   compress_level=compress_level)
     target = Path(path)
     return SavedImage(path=target, bytes_written=target.stat().st_size, format="png", bit_depth=8 * dtype.itemsize)
+
+
+def _write_png(fh: IO[bytes], rows: "Iterable[np.ndarray]", *, size: tuple[int, int], channels: int, dtype: np.dtype,
+               icc_profile: bytes | None, exif: bytes | None, compress_level: int = PNG_COMPRESS_LEVEL) -> None:
+    """The one PNG encoder (see :func:`save_png_rows`): the file's bytes from row blocks, written to ``fh``."""
+    width, height = size
+    blocks = _checked_rows(rows, size, channels, dtype)  # checks the dtype and channels on its first step
+    header = struct.pack(">IIBBBBB", width, height, 8 * dtype.itemsize, _PNG_COLOUR_TYPE.get(channels, 0), 0, 0, 0)
+    fh.write(_PNG_SIGNATURE)
+    _write_chunk(fh, b"IHDR", header)
+    if icc_profile:
+        _write_chunk(fh, b"iCCP", b"icc\x00\x00" + zlib.compress(icc_profile))
+    if exif:
+        _write_chunk(fh, b"eXIf", exif[len(_EXIF_PREFIX):] if exif.startswith(_EXIF_PREFIX) else exif)
+    deflate, pending, above = zlib.compressobj(compress_level), [], None
+    for block in blocks:
+        data = np.ascontiguousarray(block.astype(">u2", copy=False) if dtype.itemsize == 2 else block)
+        lines = data.reshape(block.shape[0], -1).view(np.uint8)
+        previous = np.empty_like(lines)
+        previous[1:] = lines[:-1]
+        previous[0] = above if above is not None else 0
+        filtered = np.empty((lines.shape[0], lines.shape[1] + 1), np.uint8)
+        filtered[:, 0] = 2  # the Up filter
+        np.subtract(lines, previous, out=filtered[:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG's
+        above = lines[-1].copy()
+        pending.append(deflate.compress(filtered.tobytes()))
+        if sum(map(len, pending)) >= _PNG_IDAT_BYTES:
+            _write_chunk(fh, b"IDAT", b"".join(pending))
+            pending = []
+    pending.append(deflate.flush())
+    _write_chunk(fh, b"IDAT", b"".join(pending))
+    _write_chunk(fh, b"IEND", b"")
+
+
+def _write_chunk(fh: IO[bytes], kind: bytes, data: bytes) -> None:
+    """One PNG chunk: length, type, data and the CRC of type and data, written without joining them."""
+    fh.write(struct.pack(">I", len(data)) + kind)
+    fh.write(data)
+    fh.write(struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)) & 0xFFFFFFFF))
+
+
+def _row_blocks(pixels: np.ndarray, rows: int = 64) -> "Iterator[np.ndarray]":
+    """``pixels`` in blocks of ``rows`` rows (views), top to bottom."""
+    return (pixels[top:top + rows] for top in range(0, pixels.shape[0], rows))
