@@ -420,7 +420,7 @@ class IntelligentEnhancer:
     def machine_facts(self, models: tuple[str, ...] = (), check: Callable[[], None] | None = None) -> MachineFacts:
         """What this machine offers: device, free memory, the models here or downloadable, and the throughput of
         ``models`` (calibrated on first use; ``check`` runs before each calibration and may raise to stop)."""
-        from utils.gpu import free_memory_bytes, resolve_device
+        from utils.gpu import cpu_has_fast_bf16, free_memory_bytes, resolve_device
 
         device = resolve_device(self.device_name)
         available, downloadable = set(), set()
@@ -445,7 +445,7 @@ class IntelligentEnhancer:
             macs_per_second=throughput,
             max_output_pixels=self.config.max_output_pixels,
             face_enhancement_enabled=self.config.enable_face_enhancement,
-            cpu_bf16_fast=device.type == "cpu" and _cpu_has_fast_bf16())
+            cpu_bf16_fast=device.type == "cpu" and cpu_has_fast_bf16())
 
     def _own_network(self, model: str, device) -> NetworkSource:
         """The network of a user's model as the engine runs it (loaded by the model manager, never downloaded)."""
@@ -657,16 +657,6 @@ def design_dict(advice: Advice) -> dict:
         "reasoning": list(advice.reasons),
         "analysis": dict(advice.analysis),
     }
-
-
-def _cpu_has_fast_bf16() -> bool:
-    """True when oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX)."""
-    import torch
-
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _rgb8(pixels: np.ndarray) -> np.ndarray:

@@ -224,7 +224,7 @@ class EnhanceSettings:
         kind="choice", choices=PRECISIONS, label="Precision", cli="--precision", rest="precision", stored=True,
         advised=True, labels=MappingProxyType({
             "auto": "Auto (fp16 on capable GPUs, fp32 on CPU)", "fp32": "fp32 (exact, slower on GPU)",
-            "fp16": "fp16 (GPU, fastest)", "bf16": "bf16 (recent GPUs; CPU fast mode)"}),
+            "fp16": "fp16 (GPU, fastest)", "bf16": "bf16 (recent GPUs; CPUs with AVX512-BF16 or AMX)"}),
         help="Inference precision; auto = fp16 on GPUs that support it, fp32 on the CPU."))
     device: str = field(default="auto", metadata=_spec(
         kind="text", check=_check_device, label="Device", cli="--device", stored=True,

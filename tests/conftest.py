@@ -64,6 +64,15 @@ def _isolate_env(monkeypatch, tmp_path):
 
 
 @pytest.fixture
+def native_bf16(monkeypatch):
+    """bf16 as a CPU with bf16 instructions (AVX512-BF16 or AMX) runs it, whatever this host has: for tests of what
+    the engine does with bf16 (elsewhere it runs emulated: slower, the same values)."""
+    from utils import gpu
+
+    monkeypatch.setattr(gpu, "cpu_has_fast_bf16", lambda: True)
+
+
+@pytest.fixture
 def config(tmp_path, shared_weights_dir):
     from config import Config
 

@@ -94,7 +94,7 @@ def test_a_damaged_verdicts_file_means_measuring_again(weights, new_process):
     assert not list(weights.glob(".bf16-*"))  # no temp file left behind
 
 
-def test_warm_up_in_the_background_while_a_request_runs(weights, new_process):
+def test_warm_up_in_the_background_while_a_request_runs(weights, new_process, native_bf16):
     manager = _manager(weights)
     settings = EnhanceSettings(model=FAST, device="cpu", precision="bf16", tile=0, quality_metrics=False,
                                target_width=4000)  # warm-up clears the output size: it stays a small image

@@ -204,7 +204,7 @@ def test_cli_video_resume_with_another_model_starts_over(model_manager_session, 
     assert not any("started over" in w for w in record["warnings"])
 
 
-def test_the_frame_enhancer_keeps_its_notes_once_for_the_video(model_manager_session):
+def test_the_frame_enhancer_keeps_its_notes_once_for_the_video(model_manager_session, native_bf16):
     """What the engine says about the frames (here: bf16 refused as unfaithful) is kept once for the video."""
     from engine.inference import precision_check
 

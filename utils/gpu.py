@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 from dataclasses import asdict, dataclass
@@ -65,6 +66,20 @@ def resolve_device(requested: str = "auto"):
 def default_precision(device) -> Precision:
     """fp16 on CUDA, fp32 on CPU and MPS (bf16 on CPU is an explicit opt-in)."""
     return "fp16" if getattr(device, "type", str(device)).startswith("cuda") else "fp32"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU has bf16 instructions (AVX512-BF16 or AMX) and oneDNN to use them; elsewhere bf16 is
+    emulated and runs several times slower than fp32 (RealESRGAN_x4plus at 256² on a 2-core AVX2 CPU: 169 s against
+    27 s). oneDNN's own "bf16 supported" says yes to any AVX-512 CPU, where it emulates bf16 too."""
+    import torch
+
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return bool(native and torch.backends.mkldnn.is_available())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def torch_dtype(precision: Precision):

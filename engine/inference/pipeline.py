@@ -369,6 +369,8 @@ def plan_job(settings: EnhanceSettings, size: tuple[int, int], model_manager, co
     width, height = size
     model_name, note = planning.route_model(settings.model, settings.requested_scale(width, height),
                                             model_manager.is_available)
+    settings, precision_note = _native_precision(settings, config)
+    notes = tuple(n for n in (note, precision_note) if n)
     spec = model_manager.spec(model_name)
     out_w, out_h, _scale = planning.plan_output_size(width, height, settings, spec.scale)
     if out_w * out_h > config.max_output_pixels:
@@ -379,8 +381,20 @@ def plan_job(settings: EnhanceSettings, size: tuple[int, int], model_manager, co
                                   config, streamed=streamed)
     logger.debug("memory plan for %dx%d -> %dx%d with %s: %s", width, height, out_w, out_h, model_name,
                  memory.describe())
-    return (Job(settings, model_name, model_manager, config, report, memory), (out_w, out_h),
-            ((note,) if note else ()))
+    return Job(settings, model_name, model_manager, config, report, memory), (out_w, out_h), notes
+
+
+NO_NATIVE_BF16 = ("This CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 would run emulated, several times "
+                  "slower than fp32: fp32 was used.")
+
+
+def _native_precision(settings: EnhanceSettings, config) -> tuple[EnhanceSettings, str | None]:
+    """bf16 asked of a CPU without native bf16 runs in fp32, and says so (the note)."""
+    from utils.gpu import cpu_has_fast_bf16
+
+    if settings.precision != "bf16" or job_device(settings, config).type != "cpu" or cpu_has_fast_bf16():
+        return settings, None
+    return settings.replace(precision="fp32"), NO_NATIVE_BF16
 
 
 def _log_plan(job: Job, size: tuple[int, int], out_size: tuple[int, int]) -> None:
