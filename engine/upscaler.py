@@ -440,6 +440,14 @@ class _WeightRows:
         self.plan, self.scale = plan, scale
         self._axes: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
+    def window(self, box: TileBox, rows: slice = slice(None)) -> torch.Tensor:
+        """``box``'s :func:`blend_window` (its ``rows`` only), from ramps computed once per tile geometry."""
+        key = (box.h, box.w, box.overlap, box.edges)
+        if key not in self._axes:
+            self._axes[key] = _window_axes(box.h, box.w, box.overlap, self.scale, box.edges)
+        wy, wx = self._axes[key]
+        return torch.from_numpy(np.outer(wy[rows], wx).astype(np.float32))
+
     def rows(self, first: int, last: int) -> torch.Tensor:
         """1 x (last - first) x (plan width x scale) float32 weight sums of output rows ``[first, last)``."""
         scale = self.scale
@@ -447,14 +455,9 @@ class _WeightRows:
         for box in self.plan.boxes:
             y0 = box.y * scale
             lo, hi = max(first, y0), min(last, y0 + box.h * scale)
-            if lo >= hi:
-                continue
-            key = (box.h, box.w, box.overlap, box.edges)
-            if key not in self._axes:
-                self._axes[key] = _window_axes(box.h, box.w, box.overlap, scale, box.edges)
-            wy, wx = self._axes[key]
-            window = torch.from_numpy(np.outer(wy[lo - y0:hi - y0], wx).astype(np.float32))
-            sums[0, lo - first:hi - first, box.x * scale:(box.x + box.w) * scale].add_(window)
+            if lo < hi:
+                sums[0, lo - first:hi - first, box.x * scale:(box.x + box.w) * scale].add_(
+                    self.window(box, slice(lo - y0, hi - y0)))
         return sums
 
 
@@ -548,9 +551,7 @@ class _PlanRun:
                 buf = buffers[n]
                 ys = slice(box.y * scale - buf.top, (box.y + box.h) * scale - buf.top)
                 xs = slice(box.x * scale, (box.x + box.w) * scale)
-                window = torch.from_numpy(blend_window(box.h, box.w, box.overlap, scale, box.edges))
-                buf.accum[:, ys, xs].addcmul_(tile_out, window)
-                del window
+                buf.accum[:, ys, xs].addcmul_(tile_out, weights.window(box))
                 if i == len(plan) - 1:
                     done = buffers.pop(n)
                     sources.pop(n, None)

@@ -19,7 +19,6 @@ Nothing here imports ``engine`` or ``ui``; failures raise the domain exceptions 
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import os
@@ -557,8 +556,7 @@ def encode_image(pixels: np.ndarray, format: str, *, quality: int = 95, icc_prof
     dropped = False
     if fmt == "png":
         buffer = io.BytesIO()
-        _write_png(buffer, _row_blocks(arr), size=(arr.shape[1], arr.shape[0]), channels=arr.shape[2], dtype=arr.dtype,
-                   icc_profile=icc_profile, exif=exif)
+        _write_png_pixels(buffer, arr, icc_profile, exif)
         data = buffer.getvalue()
     elif arr.dtype == np.uint16 and arr.shape[2] > 1:  # PIL holds 16-bit grayscale only
         data = _encode_tiff16(arr, icc_profile)
@@ -664,9 +662,10 @@ def save_image(pixels: np.ndarray, path: str | os.PathLike, *, format: str | Non
     fmt = normalize_format(format if format is not None else target.suffix or "?")
     if fmt == "png":
         arr, reduced, _flattened = _prepared(pixels, fmt, quality, keep_16bit)
-        saved = save_png_rows(_row_blocks(arr), target, size=(arr.shape[1], arr.shape[0]), channels=arr.shape[2],
-                              dtype=arr.dtype, icc_profile=icc_profile, exif=exif)
-        return dataclasses.replace(saved, reduced_to_8bit=reduced)
+        with replaced_when_complete(target) as fh:
+            _write_png_pixels(fh, arr, icc_profile, exif)
+        return SavedImage(path=target, bytes_written=target.stat().st_size, format="png",
+                          bit_depth=8 * arr.dtype.itemsize, reduced_to_8bit=reduced)
     encoded = encode_image(pixels, fmt, quality=quality, icc_profile=icc_profile, exif=exif, keep_16bit=keep_16bit)
     written = write_atomic(target, encoded.data)
     return SavedImage(path=target, bytes_written=written, format=encoded.format, bit_depth=encoded.bit_depth,
@@ -837,6 +836,8 @@ def _write_chunk(fh: IO[bytes], kind: bytes, data: bytes) -> None:
     fh.write(struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)) & 0xFFFFFFFF))
 
 
-def _row_blocks(pixels: np.ndarray, rows: int = 64) -> "Iterator[np.ndarray]":
-    """``pixels`` in blocks of ``rows`` rows (views), top to bottom."""
-    return (pixels[top:top + rows] for top in range(0, pixels.shape[0], rows))
+def _write_png_pixels(fh: IO[bytes], pixels: np.ndarray, icc_profile: bytes | None, exif: bytes | None) -> None:
+    """:func:`_write_png` of whole ``HxWxC`` pixels, 64 rows (views, no copy) at a time."""
+    height, width, channels = pixels.shape
+    _write_png(fh, (pixels[top:top + 64] for top in range(0, height, 64)), size=(width, height), channels=channels,
+               dtype=pixels.dtype, icc_profile=icc_profile, exif=exif)
