@@ -16,7 +16,7 @@ import pytest
 from bench.fit_content_type import (at_size, balanced_weights, dataset, fit_logistic, jpeg, leave_one_source_out,
                                     logits, read_rgb, synth_cel, synth_lineart)
 from engine.image_analysis import (ANIME_SURE_LOGIT, CONTENT_BIAS, CONTENT_FEATURES, CONTENT_WEIGHTS, analyze,
-                                   content_features, content_logit, content_type, decide_content)
+                                   PHOTO_SURE_LOGIT, content_features, content_logit, content_type, decide_content)
 
 DATA = Path(__file__).parent / "data" / "advisor"
 LABELS = json.loads((DATA / "labels.json").read_text())
@@ -58,6 +58,10 @@ def test_unsure_without_a_trial_is_a_photo_with_the_reason():
     decision = decide_content(ANIME_SURE_LOGIT - 0.1)
     assert decision.label == "photo" and decision.decided_by == "unsure"
     assert "safer mistake" in decision.reason
+    # The photo side of the unsure band is the wider one: drawings read as photo sit at -1 to -2 (gray or noisy
+    # anime frames), where a trial still tells them apart; a surer photo needs none.
+    assert decide_content(-1.5).decided_by == "unsure" and decide_content(-1.5, trial_gap_db=0.0).label == "anime"
+    assert decide_content(-PHOTO_SURE_LOGIT - 0.1, trial_gap_db=0.0).decided_by == "classifier"
 
 
 @pytest.mark.parametrize("logit, gap, label", [(0.3, 2.5, "photo"), (0.3, 0.4, "anime"), (-0.9, 1.0, "photo"),
