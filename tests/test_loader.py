@@ -84,6 +84,33 @@ def test_the_catalog_upscalers_are_the_official_networks_bit_for_bit(tiny):
     assert (ours - spandrels).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("params", [_RRDB_X4, _RRDB_X2], ids=["x4", "x2"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_rrdbnet_upsamples_in_bands_of_rows_with_the_same_output(params, layout, monkeypatch):
+    """The upsampling stage (most of a whole pass's memory) runs on bands of rows with two rows of context each:
+    every band is small, and the output is the official one to the bit, in the input's memory layout."""
+    from engine.models import networks
+
+    official = _reference("RRDBNet", params)
+    net = build_network("RRDBNet", official.state_dict(), params).module
+    x = torch.rand(2, 3, 40 * 4 // params["scale"], 28).contiguous(memory_format=layout)  # body: 40 rows
+    heights: list[int] = []
+    net.conv_hr.register_forward_hook(lambda _m, args, _out: heights.append(args[0].shape[2]))
+    with torch.inference_mode():
+        whole = net(x)
+        monkeypatch.setattr(networks, "TAIL_BAND_BYTES", 1)  # bands of TAIL_MIN_ROWS
+        banded = net(x)
+        expected = official(x)
+    assert heights[0] == 40 * 4  # one band while the stage fits TAIL_BAND_BYTES
+    rows = networks.TAIL_MIN_ROWS
+    assert len(heights) == 1 + 3 and max(heights[1:]) == (rows + 2 * networks.TAIL_HALO) * 4
+    assert torch.equal(banded, whole)
+    if layout == torch.contiguous_format:  # the reference's layout (in NHWC its x2 unshuffle differs in the last bit)
+        assert torch.equal(banded, expected)
+    assert (banded - expected).abs().max().item() <= 1e-5
+    assert banded.is_contiguous(memory_format=layout) and banded.shape == (2, 3, 160, 28 * params["scale"])
+
+
 @pytest.mark.parametrize("arch, params", [
     ("RRDBNet", {**_RRDB_X4, "scale": 1}),  # pixel-unshuffled by 4
     ("RRDBNet", {**_RRDB_X2, "num_in_ch": 1, "num_out_ch": 1, "num_grow_ch": 4}),  # gray

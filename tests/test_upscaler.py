@@ -302,6 +302,28 @@ def test_auto_tile_fits_memory(archs):
     assert auto_tile(_rrdb(archs), 2048, 2048, free_bytes=2 * gib, batch_size=4) < small
 
 
+def test_the_catalogs_rrdbnet_is_planned_with_its_banded_upsampling_stage():
+    """The catalog's RRDBNet upsamples in bands (engine.models.networks), so a pass needs a third of the memory of
+    one that runs that stage whole, as spandrel's build of a user's model does; small images are one band."""
+    import dataclasses
+
+    from engine.catalog import CATALOG
+    from engine.inference.planning import activation_arch
+    from engine.upscaler import estimate_memory_bytes
+
+    banded, whole = estimate_memory_bytes("RRDBNet", 256, 256), estimate_memory_bytes("ESRGAN", 256, 256)
+    assert whole == 10_700 * 256 * 256 and banded < whole / 2
+    assert estimate_memory_bytes("RRDBNet", 64, 64) == estimate_memory_bytes("ESRGAN", 64, 64)
+    assert estimate_memory_bytes("Unknown", 256, 256) == whole
+    gib = 1 << 30
+    assert auto_tile("RRDBNet", 2048, 2048, free_bytes=2 * gib) > auto_tile("ESRGAN", 2048, 2048, free_bytes=2 * gib)
+    assert auto_tile("RRDBNet", 256, 256, free_bytes=1 * gib) == 0 < auto_tile("ESRGAN", 256, 256, free_bytes=gib)
+    official = CATALOG["RealESRGAN_x4plus"]
+    assert activation_arch(official) == "RRDBNet"
+    assert activation_arch(dataclasses.replace(official, name="mine", tag="photo")) == "ESRGAN"
+    assert activation_arch(CATALOG["realesr-animevideov3"]) == "SRVGGNetCompact"
+
+
 def test_prepare_for_inference_returns_a_new_faithful_module(archs, photo):
     net = _rrdb(archs)
     before = {k: v.clone() for k, v in net.state_dict().items()}

@@ -63,6 +63,12 @@ def batch_size_for(device_type: str, settings: EnhanceSettings) -> int:
     return 1 if device_type == "cpu" else settings.batch_size
 
 
+def activation_arch(spec: ModelSpec) -> str:
+    """The name under which :mod:`engine.upscaler` keeps the memory figures of ``spec``'s network: a user's RRDBNet
+    may be built by spandrel, which runs its upsampling stage whole (``"ESRGAN"``). Pure."""
+    return "ESRGAN" if spec.arch == "RRDBNet" and spec.user else spec.arch
+
+
 def overlap_for(spec: ModelSpec, tile: int) -> int:
     """The tile overlap ("auto") for a model and tile: context enough to hide seams at ≤ ~30% extra compute.
 
@@ -116,8 +122,8 @@ def plan_tile(spec: ModelSpec, height: int, width: int, *, device_type: str, pre
 
     dtype = torch_dtype(precision)
     scale = spec.network_scale
-    side = upscaler.auto_tile(spec.arch, height, width, dtype=dtype, free_bytes=free_bytes, scale=scale,
-                              batch_size=batch_size)
+    side = upscaler.auto_tile(activation_arch(spec), height, width, dtype=dtype, free_bytes=free_bytes,
+                              scale=scale, batch_size=batch_size)
     tile = max(side - overlap_for(spec, side), 16) if side else 0  # a tile reads its stride + the overlap
     if device_type == "cpu":
         tile = cpu_cache_tile(spec, height, width, tile, memory_reused=memory_reused)
@@ -157,7 +163,7 @@ def _activation_bytes(spec: ModelSpec, height: int, width: int, tile: int, dtype
     from engine import upscaler
 
     read_h, read_w, _ratio = read_shape(spec, height, width, tile)
-    return upscaler.estimate_memory_bytes(spec.arch, read_h, read_w, dtype, scale=spec.network_scale,
+    return upscaler.estimate_memory_bytes(activation_arch(spec), read_h, read_w, dtype, scale=spec.network_scale,
                                           batch_size=batch_size)
 
 
@@ -243,7 +249,7 @@ def plan_job_memory(spec: ModelSpec, settings: EnhanceSettings, shape, *, device
         tile = int(settings.tile)
     overlap = tile_overlap(spec, tile, settings) if tile else 0
     read_h, read_w, _ratio = read_shape(spec, height, width, tile, overlap)
-    activations = upscaler.estimate_memory_bytes(spec.arch, read_h, read_w, torch_dtype(precision),
+    activations = upscaler.estimate_memory_bytes(activation_arch(spec), read_h, read_w, torch_dtype(precision),
                                                  scale=spec.network_scale, batch_size=batch_size)
     run = NetworkRun(scale=spec.network_scale, tile=tile, overlap=overlap, activation_bytes=activations,
                      weights_bytes=spec.size_bytes or 20 * 2 ** 20, device_type=device.type, read=(read_h, read_w))

@@ -9,7 +9,9 @@ So :func:`build_official` builds these two from the official key layout, and eve
 (:func:`engine.models.loader.build_network`).
 
 The forward passes are the reference ones (BasicSR's ``RRDBNet``, Real-ESRGAN's ``SRVGGNetCompact``) operation
-for operation, so the outputs are bit-identical to the official implementation (``tests/test_loader.py``). The
+for operation, so the outputs are bit-identical to the official implementation (``tests/test_loader.py``); the one
+difference is that RRDBNet's upsampling stage runs on bands of rows with enough context (:func:`tail_rows`), which
+gives the same output and holds a third of the memory. The
 network is made on the meta device and takes the weights' tensors as its parameters (``assign=True``): no random
 initialisation, no copy of a memory-mapped file.
 """
@@ -24,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "RRDBNet", "SRVGGNetCompact", "build_official", "new_network"]
+__all__ = ["ARCHITECTURES", "RRDBNet", "SRVGGNetCompact", "TAIL_BAND_BYTES", "build_official", "new_network",
+           "tail_rows"]
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -98,9 +101,47 @@ class RRDBNet(nn.Module):
             x = F.pixel_unshuffle(x, _UNSHUFFLE[self.scale])
         feat = self.conv_first(x)
         feat = feat + self.conv_body(self.body(feat))
+        height = feat.shape[2]
+        rows = tail_rows(feat)
+        if rows >= height:
+            return self._upsample(feat)
+        layout = torch.channels_last if feat.is_contiguous(memory_format=torch.channels_last) else None
+        out = torch.empty((feat.shape[0], self.conv_last.out_channels, height * 4, feat.shape[3] * 4),
+                          dtype=feat.dtype, device=feat.device, memory_format=layout or torch.contiguous_format)
+        for top in range(0, height, rows):
+            bottom = min(top + rows, height)
+            start, end = max(top - TAIL_HALO, 0), min(bottom + TAIL_HALO, height)
+            out[:, :, top * 4:bottom * 4] = self._upsample(feat[:, :, start:end])[
+                :, :, (top - start) * 4:(bottom - start) * 4]
+        return out
+
+    def _upsample(self, feat: torch.Tensor) -> torch.Tensor:
+        """The upsampling stage: two nearest x2 steps with a convolution each, then two convolutions at x4."""
         feat = self.lrelu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
         feat = self.lrelu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
         return self.conv_last(self.lrelu(self.conv_hr(feat)))
+
+
+TAIL_BAND_BYTES = 48 * 2 ** 20
+"""The most one x4 feature map of :class:`RRDBNet`'s upsampling stage may take: the stage runs on bands of the
+body's output rows that keep each map it makes (64 channels at 16x the pixels, the bulk of the ~10.7 KB per input
+pixel that a whole pass holds) within this, so a pass needs what its body does (~3.1 KB per input pixel) or the
+bands' ~120 MB, whichever is more. The same output (bit for bit on the CPU, ``tests/test_loader.py``): every band
+is computed with :data:`TAIL_HALO` rows of context."""
+
+TAIL_HALO = 2
+"""Input rows of context above and below each band of the upsampling stage: its convolutions reach one pixel at x2
+and three at x4 (1.25 input rows); past that a band's output equals the whole pass's."""
+
+TAIL_MIN_ROWS = 16
+"""The fewest rows a band has (the halo's recomputation then costs at most 25% of the stage, ~2% of the pass)."""
+
+
+def tail_rows(feat: torch.Tensor) -> int:
+    """Rows of the body's output ``feat`` (NxCxHxW) per band of the upsampling stage (H or more: one band). Pure."""
+    batch, channels, _height, width = feat.shape
+    row_bytes = batch * channels * width * 16 * feat.element_size()
+    return max(TAIL_MIN_ROWS, TAIL_BAND_BYTES // max(row_bytes, 1))
 
 
 class SRVGGNetCompact(nn.Module):
