@@ -64,7 +64,7 @@ cent at 256 px and more) but cost memory that grows with the output's width."""
 
 WHOLE_IMAGE_BYTES = WORKING_SET_BYTES
 """The most a small image's untiled activations may take when running it whole saves :data:`WHOLE_IMAGE_GAIN` or
-more of the compute: what one tile's working set may (RealESRGAN_x4plus up to ~350², at 256² ~0.2 GB and 1.43x
+more of the compute: what one tile's working set may (RealESRGAN_x4plus up to ~330², at 256² ~0.24 GB and 1.43x
 faster than 104-px tiles on a 2-core CPU); larger images stream in tiles within :data:`WORKING_SET_BYTES`."""
 
 WHOLE_IMAGE_GAIN = 1.15
