@@ -27,13 +27,15 @@ the one object that carries a run's options.
 Memory model (``auto_tile``)
 ----------------------------
 Peak activation memory grows linearly with the number of input pixels of a forward pass. Measured on CPU
-(growth of peak RSS over one forward pass, torch.inference_mode, fp32, channels_last), per input pixel:
-RRDBNet x4 ~ 10.7 KB run whole (the 4x upsampled 64-channel features dominate), ~3.1 KB as the catalog's network
-runs it on more than ~100² (its upsampling stage in bands of rows, :func:`engine.models.networks.tail_rows`, that
-take at most ~120 MB; one pass of 300² or 480²: 3.0-3.1 KB; a 272x352 tile in the CLI's tile loop: ~3.6 KB);
+(growth of peak RSS over one forward pass of 96x96 and 192x192 inputs, torch.inference_mode, fp32,
+channels_last), per input pixel: RRDBNet x4 ~ 10.7 KB (the 4x upsampled 64-channel features dominate),
 SRVGGNetCompact x4 ~ 0.8-1.4 KB.
-Half/bfloat16 halves them. :data:`ACTIVATION_BYTES_PER_PIXEL` and :data:`BANDED_STAGE_BYTES` hold these
-constants, with a safety factor applied in :func:`auto_tile`.
+Half/bfloat16 halves them. :data:`ACTIVATION_BYTES_PER_PIXEL` holds these constants with a safety factor applied
+in :func:`auto_tile`. The catalog's RRDBNet runs its upsampling stage in bands of rows
+(:func:`engine.models.networks.tail_rows`), so one of its passes holds less (:func:`pass_memory_bytes`, what the
+memory plan counts); tiles are still sized with the whole-pass figure, because in the tile loop a larger tile grew
+the peak by about that much (x4plus on 800x600, ``main.py enhance``: tile 192 instead of 144, +26k input pixels
+per pass, +280 MB, ~10.8 KB each).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ __all__ = [
     "ACTIVATION_BYTES_PER_PIXEL", "bytes_per_pixel", "estimate_memory_bytes", "TileBox", "TilePlan", "TileOptions",
     "UpscaleStats", "RunBatch", "plan_tiles", "blend_window", "upscale_image", "upscale_image_ex", "upscale_images_ex",
     "output_is_bad", "auto_tile", "available_bytes", "prepare_for_inference", "default_run_batch", "Band",
+    "pass_memory_bytes",
     "BandStream", "FINAL_CHUNK_ROWS", "unit_peak", "tile_shape",
 ]
 
@@ -68,16 +71,15 @@ RunBatch = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 """``run_batch(net, batch) -> output``: one forward pass. ``batch`` is BxCxhxw on the device in the compute dtype;
 the output is Bx3x(h*scale)x(w*scale). Injectable so tests (and callers) can wrap the forward pass."""
 
-ACTIVATION_BYTES_PER_PIXEL: dict[str, int] = {"RRDBNet": 3_600, "SRVGGNetCompact": 1_400, "ESRGAN": 10_700}
-"""Peak fp32 activation bytes per *input* pixel of one forward pass (x4 models; see the module docstring):
-``RRDBNet`` is the catalog's network, whose upsampling stage runs in bands (:data:`BANDED_STAGE_BYTES`);
-``ESRGAN`` an RRDBNet that spandrel builds (a user's model in another key layout), which runs that stage whole.
-Other architectures are counted as ``ESRGAN``."""
+ACTIVATION_BYTES_PER_PIXEL: dict[str, int] = {"RRDBNet": 10_700, "SRVGGNetCompact": 1_400}
+"""Peak fp32 activation bytes per *input* pixel of one forward pass (x4 models; see the module docstring)."""
 
-BANDED_STAGE_BYTES: dict[str, tuple[int, int]] = {"RRDBNet": (10_700, 120 * 2 ** 20)}
-"""Per architecture whose upsampling stage runs in bands: (the fp32 bytes per input pixel of a pass whose stage is
-one band, the most a pass with smaller bands takes: two maps of ``engine.models.networks.TAIL_BAND_BYTES`` and
-their context rows). The bands reuse what the body frees, so a pass takes the larger of the two figures."""
+BANDED_PASS_BYTES: dict[str, tuple[int, int]] = {"RRDBNet": (3_600, 120 * 2 ** 20)}
+"""Per architecture whose upsampling stage runs in bands (the catalog's RRDBNet): (fp32 bytes per input pixel of
+the rest of a pass, the most the stage's bands take: two maps of ``engine.models.networks.TAIL_BAND_BYTES`` and
+their context rows). The bands reuse what the body frees, so a pass holds the larger of the two, and never more
+than the whole-pass figure. Measured (growth of peak RSS over one pass): 3.0-3.1 KB per pixel at 300² and 480²,
+1.04 GB instead of 1.43-1.71 GB for ``main.py enhance`` of a 256² photo with x4plus."""
 
 _DEAD_MARGIN_FRACTION = 0.25  # share of an overlap, next to a tile border, that gets zero weight
 
@@ -692,24 +694,29 @@ def bytes_per_pixel(model: str | nn.Module, dtype: torch.dtype = torch.float32, 
     halve the figure.
     """
     arch = _arch_name(model)
-    per_pixel = ACTIVATION_BYTES_PER_PIXEL.get(arch, ACTIVATION_BYTES_PER_PIXEL["ESRGAN"])
-    if arch in ("RRDBNet", "ESRGAN") and scale < 4:  # body on a smaller grid, HR stage scale^2 (unless banded)
-        per_pixel = per_pixel * scale * scale // 16 + (0 if arch in BANDED_STAGE_BYTES else 2_000)
+    per_pixel = ACTIVATION_BYTES_PER_PIXEL.get(arch, ACTIVATION_BYTES_PER_PIXEL["RRDBNet"])
+    if arch == "RRDBNet" and scale < 4:
+        per_pixel = per_pixel * scale * scale // 16 + 2_000  # body on a smaller grid, HR stage scale^2
     return per_pixel * (torch.finfo(dtype).bits // 8) // 4
 
 
 def estimate_memory_bytes(model: str | nn.Module, height: int, width: int, dtype: torch.dtype = torch.float32,
                           scale: int = 4, batch_size: int = 1) -> int:
     """Activation memory for running ``batch_size`` inputs of ``height``×``width`` through ``model`` at once."""
+    return int(bytes_per_pixel(model, dtype, scale) * height * width * batch_size)
+
+
+def pass_memory_bytes(model: str | nn.Module, height: int, width: int, dtype: torch.dtype = torch.float32,
+                      scale: int = 4, batch_size: int = 1) -> int:
+    """What one forward pass of ``batch_size`` inputs of ``height``×``width`` holds: :func:`estimate_memory_bytes`,
+    less for an architecture whose upsampling stage runs in bands (:data:`BANDED_PASS_BYTES`)."""
+    whole = estimate_memory_bytes(model, height, width, dtype, scale, batch_size)
+    if _arch_name(model) not in BANDED_PASS_BYTES:
+        return whole
+    per_pixel, most = BANDED_PASS_BYTES[_arch_name(model)]
     pixels = height * width * batch_size
-    stage_per_pixel, most = _banded_stage(model, dtype, scale)
-    return int(max(bytes_per_pixel(model, dtype, scale) * pixels, min(stage_per_pixel * pixels, most)))
-
-
-def _banded_stage(model: str | nn.Module, dtype: torch.dtype, scale: int) -> tuple[int, int]:
-    """:data:`BANDED_STAGE_BYTES` for ``model`` in ``dtype`` at ``scale`` ((0, 0) for other architectures)."""
-    per_pixel, most = BANDED_STAGE_BYTES.get(_arch_name(model), (0, 0))
-    return per_pixel * scale * scale // 16 * (torch.finfo(dtype).bits // 8) // 4, most
+    per_pixel = per_pixel * (scale * scale if scale < 4 else 16) // 16 * (torch.finfo(dtype).bits // 8) // 4
+    return int(min(whole, max(per_pixel * pixels, most)))
 
 
 def auto_tile(model: str | nn.Module, height: int, width: int, *, free_bytes: int,
@@ -730,11 +737,8 @@ def auto_tile(model: str | nn.Module, height: int, width: int, *, free_bytes: in
     """
     per_pixel = bytes_per_pixel(model, dtype, scale)
     budget = free_bytes * safety
-    if estimate_memory_bytes(model, height, width, dtype, scale, batch_size) <= budget:
+    if height * width * per_pixel <= budget:
         return 0
-    stage_per_pixel, most = _banded_stage(model, dtype, scale)
-    if most > budget:  # the upsampling stage's bands alone would not fit: smaller passes
-        per_pixel = max(per_pixel, stage_per_pixel)
     side = int(math.sqrt(budget / (per_pixel * batch_size)))
     return max(8, side // 8 * 8)
 

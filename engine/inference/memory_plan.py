@@ -62,10 +62,10 @@ WORKING_SET_BYTES = 384 * MB
 """The most one tile's activations plus its band buffers may take. Larger tiles save only overlap (a few per
 cent at 256 px and more) but cost memory that grows with the output's width."""
 
-WHOLE_IMAGE_BYTES = WORKING_SET_BYTES
-"""The most a small image's untiled activations may take when running it whole saves :data:`WHOLE_IMAGE_GAIN` or
-more of the compute: what one tile's working set may (RealESRGAN_x4plus up to ~330², at 256² ~0.24 GB and 1.43x
-faster than 104-px tiles on a 2-core CPU); larger images stream in tiles within :data:`WORKING_SET_BYTES`."""
+WHOLE_IMAGE_BYTES = 1024 * MB
+"""The most a small image's untiled activations may take when running it whole saves
+:data:`WHOLE_IMAGE_GAIN` or more of the compute (RealESRGAN_x4plus at 256²: ~0.7 GB, 1.43x faster than 104-px
+tiles on a 2-core CPU); larger images stream in tiles within :data:`WORKING_SET_BYTES`."""
 
 WHOLE_IMAGE_GAIN = 1.15
 """The tiles' compute over the whole image's (:attr:`engine.upscaler.TilePlan.compute_ratio`) from which a small

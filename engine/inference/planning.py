@@ -122,8 +122,8 @@ def plan_tile(spec: ModelSpec, height: int, width: int, *, device_type: str, pre
 
     dtype = torch_dtype(precision)
     scale = spec.network_scale
-    side = upscaler.auto_tile(activation_arch(spec), height, width, dtype=dtype, free_bytes=free_bytes,
-                              scale=scale, batch_size=batch_size)
+    side = upscaler.auto_tile(spec.arch, height, width, dtype=dtype, free_bytes=free_bytes, scale=scale,
+                              batch_size=batch_size)
     tile = max(side - overlap_for(spec, side), 16) if side else 0  # a tile reads its stride + the overlap
     if device_type == "cpu":
         tile = cpu_cache_tile(spec, height, width, tile, memory_reused=memory_reused)
@@ -163,7 +163,7 @@ def _activation_bytes(spec: ModelSpec, height: int, width: int, tile: int, dtype
     from engine import upscaler
 
     read_h, read_w, _ratio = read_shape(spec, height, width, tile)
-    return upscaler.estimate_memory_bytes(activation_arch(spec), read_h, read_w, dtype, scale=spec.network_scale,
+    return upscaler.estimate_memory_bytes(spec.arch, read_h, read_w, dtype, scale=spec.network_scale,
                                           batch_size=batch_size)
 
 
@@ -249,8 +249,8 @@ def plan_job_memory(spec: ModelSpec, settings: EnhanceSettings, shape, *, device
         tile = int(settings.tile)
     overlap = tile_overlap(spec, tile, settings) if tile else 0
     read_h, read_w, _ratio = read_shape(spec, height, width, tile, overlap)
-    activations = upscaler.estimate_memory_bytes(activation_arch(spec), read_h, read_w, torch_dtype(precision),
-                                                 scale=spec.network_scale, batch_size=batch_size)
+    activations = upscaler.pass_memory_bytes(activation_arch(spec), read_h, read_w, torch_dtype(precision),
+                                             scale=spec.network_scale, batch_size=batch_size)
     run = NetworkRun(scale=spec.network_scale, tile=tile, overlap=overlap, activation_bytes=activations,
                      weights_bytes=spec.size_bytes or 20 * 2 ** 20, device_type=device.type, read=(read_h, read_w))
     plan = plan_memory(shape, run, memory_budget(config, device), quality_metrics=settings.quality_metrics,
