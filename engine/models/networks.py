@@ -105,9 +105,10 @@ class RRDBNet(nn.Module):
         rows = tail_rows(feat)
         if rows >= height:
             return self._upsample(feat)
-        layout = torch.channels_last if feat.is_contiguous(memory_format=torch.channels_last) else None
+        nhwc = feat.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if nhwc else torch.contiguous_format
         out = torch.empty((feat.shape[0], self.conv_last.out_channels, height * 4, feat.shape[3] * 4),
-                          dtype=feat.dtype, device=feat.device, memory_format=layout or torch.contiguous_format)
+                          dtype=feat.dtype, device=feat.device, memory_format=layout)
         for top in range(0, height, rows):
             bottom = min(top + rows, height)
             start, end = max(top - TAIL_HALO, 0), min(bottom + TAIL_HALO, height)
