@@ -22,7 +22,7 @@ from engine.catalog import MergedCatalog, ModelSpec, get_spec, use_user_catalog
 from engine.errors import ChecksumMismatchError, DownloadError, ModelNotAvailableError
 from engine.inference.planning import effective_precision
 from engine.models import loader
-from utils.gpu import Precision, resolve_device, torch_dtype
+from utils.gpu import Precision, release_unusable_cuda_libraries, resolve_device, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class ModelManager:
     def __init__(self, config: Config, catalog: Mapping[str, ModelSpec] | None = None):
         """``catalog`` None: the official catalog and the user's imported models in the weights dir, which then
         become the process's model choices (:func:`engine.catalog.use_user_catalog`)."""
+        release_unusable_cuda_libraries()  # once per process; on a machine without CUDA: 150-250 MB less RSS
         self.config = config
         self.weights_dir = Path(config.weights_dir)
         if catalog is None:

@@ -124,3 +124,71 @@ def test_config_switch_decides_whether_the_cli_sets_the_reuse_up(tmp_path, value
             "with contextlib.redirect_stdout(io.StringIO()):\n    rc = main.main(['models', 'list', '--json'])\n"
             "print(json.dumps({'rc': rc, 'reusing': allocator.reusing_freed_memory()}))")
     assert _python(code, env=env) == {"rc": 0, "reusing": expected and GLIBC}
+
+
+PAGE_OUT = """
+import json, mmap, re, sys
+from utils import allocator
+
+def resident(pattern):
+    total, counting = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split(maxsplit=5)
+        if "-" in head[0] and len(head) >= 5:  # a mapping's first line: range perms offset dev inode [path]
+            counting = len(head) == 6 and bool(pattern.search(head[5].strip()))
+        elif counting and head[0] == "Rss:":
+            total += int(head[1]) * 1024
+    return total
+
+path = sys.argv[1]
+with open(path, "rb") as f:
+    mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+before_sum = sum(mapped[i] for i in range(0, len(mapped), 4096))  # touch every page
+pattern = re.compile(re.escape(path) + "$")
+before = resident(pattern)
+released = allocator.page_out_mapped_files(pattern)
+after = resident(pattern)
+other = allocator.page_out_mapped_files(re.compile("no such file at all$"))
+print(json.dumps({"resident": before, "released": released, "after": after, "other": other,
+                  "same": sum(mapped[i] for i in range(0, len(mapped), 4096)) == before_sum}))
+"""
+
+
+def _filesystem(path) -> str:
+    """The type of the file system ``path`` is on (the longest mount point above it)."""
+    best, kind = "", ""
+    for line in open("/proc/self/mounts", encoding="utf-8"):
+        _device, point, fstype = line.split()[:3]
+        if str(path).startswith(point) and len(point) > len(best):
+            best, kind = point, fstype
+    return kind
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's madvise on Linux")
+def test_page_out_hands_back_a_mapped_file_s_clean_pages_and_keeps_its_contents(tmp_path):
+    """What ``utils.gpu.release_unusable_cuda_libraries`` does to torch's CUDA libraries, on a file of our own
+    (the CUDA libraries' pages may be shared with other processes, which keeps them resident)."""
+    if _filesystem(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("a file in memory has no clean pages to hand back without swap")
+    data = tmp_path / "library.bin"
+    data.write_bytes(bytes(range(256)) * (32 * 4096))  # 32 MB
+    r = _python(PAGE_OUT.replace("sys.argv[1]", repr(str(data))))
+    if r["released"] is None:
+        pytest.skip("this kernel has no MADV_PAGEOUT (Linux < 5.4)")
+    assert r["resident"] >= 30 << 20  # every page touched
+    assert r["after"] <= 2 << 20
+    assert r["released"] >= r["resident"] - r["after"] - (1 << 20)  # what the process's RSS dropped by
+    assert r["same"]  # read back from the file
+    assert r["other"] == 0
+
+
+def test_only_the_cuda_libraries_are_released():
+    from utils.gpu import _CUDA_LIBRARY
+
+    site = "/app/.venv/lib/python3.11/site-packages/"
+    for path in ("nvidia/cu13/lib/libcublasLt.so.13", "nvidia/cudnn/lib/libcudnn.so.9", "torch/lib/libtorch_cuda.so",
+                 "torch/lib/libc10_cuda.so", "cuda/bindings/driver.cpython-311-x86_64-linux-gnu.so"):
+        assert _CUDA_LIBRARY.search(site + path), path
+    for path in ("torch/lib/libtorch_cpu.so", "torch/lib/libc10.so", "torch/lib/libtorch_python.so",
+                 "numpy/_core/_multiarray_umath.cpython-311-x86_64-linux-gnu.so", "cv2/cv2.abi3.so"):
+        assert not _CUDA_LIBRARY.search(site + path), path

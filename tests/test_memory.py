@@ -77,7 +77,7 @@ def test_x4_of_1500x1000_streams_under_a_cap_the_old_engine_s_buffers_exceed():
 # ------------------------------------------------------------------------------------------------ the plan
 def test_plan_grows_with_the_output_and_counts_each_part():
     from engine.inference.memory_plan import (
-        FACE_NETWORK_BYTES, INPUT_BYTES_PER_PIXEL_FLOAT, JobShape, NetworkRun, plan_memory)
+        CUDA_LIBRARIES_BYTES, FACE_NETWORK_BYTES, INPUT_BYTES_PER_PIXEL_FLOAT, JobShape, NetworkRun, plan_memory)
 
     run = NetworkRun(scale=4, tile=128, overlap=16, activation_bytes=50 * MB, weights_bytes=2 * MB)
     small = plan_memory(JobShape(1000, 800, 3, 8, 4000, 3200), run, (8 << 30, 0))
@@ -101,6 +101,10 @@ def test_plan_grows_with_the_output_and_counts_each_part():
     gpu = plan_memory(JobShape(1000, 800, 3, 8, 4000, 3200),
                       NetworkRun(4, 128, 16, 50 * MB, 2 * MB, device_type="cuda"), (8 << 30, 40 * MB))
     assert gpu.vram_bytes > 40 * MB and not gpu.fits  # activations are checked against VRAM
+    # a process that handed the CUDA libraries' pages back (no CUDA here) has a smaller base, nothing else changes
+    released = plan_memory(JobShape(1000, 800, 3, 8, 4000, 3200), run, (8 << 30, 0), cuda_libraries_released=True)
+    assert small.base_bytes - released.base_bytes == CUDA_LIBRARIES_BYTES
+    assert small.peak_bytes - released.peak_bytes == CUDA_LIBRARIES_BYTES
 
 
 def test_choose_tile_keeps_a_wide_image_s_bands_within_the_working_set(model_manager):

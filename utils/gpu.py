@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import platform
+import re
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -61,6 +62,29 @@ def resolve_device(requested: str = "auto"):
                                        "use 'cpu' or 'auto'.")
         return torch.device("cuda", index)
     raise InvalidSettingsError(f"Unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps.")
+
+
+_CUDA_LIBRARY = re.compile(r"/site-packages/(nvidia|cuda)/|/torch/lib/lib[^/]*cuda[^/]*\.so")
+"""Paths of the CUDA libraries that torch's CUDA build loads at import: the nvidia-* and cuda-bindings packages,
+torch's own ``libtorch_cuda.so`` and ``libc10_cuda.so``."""
+
+
+@functools.lru_cache(maxsize=1)
+def release_unusable_cuda_libraries() -> int:
+    """On a machine where CUDA does not work, hand back the resident pages of the CUDA libraries that torch's CUDA
+    build maps at import even there: 150-250 MB of the process's RSS with the registry's torch 2.14.1+cu130,
+    depending on how much of them the page cache held (see ``bench/bench_memory.py``). Returns the bytes released
+    (0 when CUDA works, or where :func:`utils.allocator.page_out_mapped_files` cannot). Once per process; costs
+    nothing later, since a page that is touched again is read back from its file."""
+    import torch
+
+    from utils.allocator import page_out_mapped_files
+
+    if torch.cuda.is_available():
+        return 0
+    released = page_out_mapped_files(_CUDA_LIBRARY) or 0
+    logger.debug("No CUDA here: %d MB of the CUDA libraries' pages handed back", released >> 20)
+    return released
 
 
 def default_precision(device) -> Precision:

@@ -11,6 +11,8 @@ memory is a sum of parts that each have a known size:
   stopped copying the weights, 719 MB after (realesr-animevideov3, three runs; the libraries' file-backed pages
   vary with the page cache), 1065 MB when it still imported spandrel. The base is that job's peak less its planned
   parts, so a plan errs on the safe side by about what those parts hold back (measured plan/peak 1.08-1.18x).
+  Where CUDA does not work the process hands the CUDA libraries' pages back once torch is imported, and the base
+  is :data:`CUDA_LIBRARIES_BYTES` lower (a tiny job then peaks while importing: ~620 MB).
 * ``input``: the decoded pixels; images with alpha also their float copies (colour with its transparent pixels
   bled, alpha). Others have none: the engine converts each tile to float as it reads it.
 * ``network``: activations of one forward pass (:func:`engine.upscaler.estimate_memory_bytes`), the tile's
@@ -40,6 +42,12 @@ MB = 1024 * 1024
 BASE_PROCESS_BYTES = 720 * MB
 """Resident size of a process that has run a small job with quality metrics (torch, runtime, metric networks):
 a 64x64 job's measured peak less its planned metrics, network and bands."""
+
+CUDA_LIBRARIES_BYTES = 170 * MB
+"""What the base holds of the CUDA libraries' pages that torch's CUDA build maps at import, which a machine without
+CUDA hands back (``utils.gpu.release_unusable_cuda_libraries``). Back to back, the same CPU jobs' peaks dropped by
+0.13-0.16 GB (256² x4plus, 2000×1500 ×2) and their file-backed share from 0.37-0.38 to 0.23 GB; it was ~0.40 GB
+when :data:`BASE_PROCESS_BYTES` was measured."""
 
 SPANDREL_BYTES = 192 * MB
 """What importing spandrel adds (its 45 architectures, torchvision, ``torch._dynamo``): jobs with faces or with a
@@ -189,7 +197,8 @@ class NetworkRun:
 
 
 def plan_memory(shape: JobShape, run: NetworkRun, budget: tuple[int, int], *, quality_metrics: bool = True,
-                face_enhance: bool = False, model_alpha: bool = False, spandrel: bool = False) -> MemoryPlan:
+                face_enhance: bool = False, model_alpha: bool = False, spandrel: bool = False,
+                cuda_libraries_released: bool = False) -> MemoryPlan:
     """The peak of one image job (see the module docstring). Pure.
 
     Args:
@@ -198,6 +207,7 @@ def plan_memory(shape: JobShape, run: NetworkRun, budget: tuple[int, int], *, qu
         quality_metrics, face_enhance: whether those stages run; model_alpha: alpha runs through the network
             (its float input adds to the input part; its bands reuse the colour's, one after the other).
         spandrel: the job imports spandrel (faces, or a network the app does not build itself).
+        cuda_libraries_released: the process handed back the CUDA libraries' pages (:data:`CUDA_LIBRARIES_BYTES`).
     """
     width, height, scale, tile = shape.width, shape.height, run.scale, run.tile
     sample = shape.bit_depth // 8
@@ -214,8 +224,9 @@ def plan_memory(shape: JobShape, run: NetworkRun, budget: tuple[int, int], *, qu
     floats = INPUT_BYTES_PER_PIXEL_FLOAT + (12 if model_alpha else 0) if shape.channels in (2, 4) else 0
     input_bytes = pixels * (shape.channels * sample + floats)
     out_pixels = shape.out_width * shape.out_height
+    base = BASE_PROCESS_BYTES - (CUDA_LIBRARIES_BYTES if cuda_libraries_released else 0)
     return MemoryPlan(
-        tile=int(tile), base_bytes=BASE_PROCESS_BYTES + 2 * run.weights_bytes + (SPANDREL_BYTES if spandrel else 0),
+        tile=int(tile), base_bytes=base + 2 * run.weights_bytes + (SPANDREL_BYTES if spandrel else 0),
         input_bytes=int(input_bytes),
         network_bytes=int(tile_outputs + tile_inputs + (0 if on_gpu else run.activation_bytes)),
         band_bytes=band_bytes(read_h if tile else 0, height, width, scale),

@@ -237,7 +237,7 @@ def plan_job_memory(spec: ModelSpec, settings: EnhanceSettings, shape, *, device
     from engine.inference import memory_plan
     from engine.inference.memory_plan import NetworkRun, plan_memory
     from engine.models import networks
-    from utils.gpu import torch_dtype
+    from utils.gpu import release_unusable_cuda_libraries, torch_dtype
 
     height, width = shape.height, shape.width
     precision = effective_precision(spec, device.type, settings.precision)
@@ -256,5 +256,6 @@ def plan_job_memory(spec: ModelSpec, settings: EnhanceSettings, shape, *, device
     plan = plan_memory(shape, run, memory_budget(config, device), quality_metrics=settings.quality_metrics,
                        face_enhance=settings.face_enhance,
                        model_alpha=shape.channels in (2, 4) and settings.alpha_mode == "model",
-                       spandrel=settings.face_enhance or spec.arch not in networks.ARCHITECTURES)
+                       spandrel=settings.face_enhance or spec.arch not in networks.ARCHITECTURES,
+                       cuda_libraries_released=release_unusable_cuda_libraries() > 0)
     return memory_plan.streamed(plan, shape, spec.network_scale) if streamed else plan
