@@ -50,6 +50,7 @@ CASES = {c.name: c for c in (
     Case("1500x1000x4", 1500, 1000, 4),
     Case("2000x1500x4", 2000, 1500, 4),
     Case("2000x1500x2", 2000, 1500, 2),
+    Case("2000x1500x4-jpg", 2000, 1500, 4, output="jpg"),
     Case("256x256x4-x4plus", 256, 256, 4, model="RealESRGAN_x4plus"),
     Case("640x480x4-x4plus", 640, 480, 4, model="RealESRGAN_x4plus"),
     Case("1500x1000x4-stream", 1500, 1000, 4, output="tiff", stream=True),

@@ -84,8 +84,17 @@ def test_plan_grows_with_the_output_and_counts_each_part():
     wide = plan_memory(JobShape(2000, 800, 3, 8, 8000, 3200), run, (8 << 30, 0))
     assert wide.output_bytes == 2 * small.output_bytes == 2 * 4000 * 3200 * 3
     assert wide.band_bytes == 2 * small.band_bytes  # a band spans the width
-    assert small.peak_bytes == sum(getattr(small, f"{p}_bytes") for p in (
-        "base", "input", "network", "band", "output", "metrics", "faces"))
+    # the quality metrics run after the network, in the memory its activations and bands held
+    assert small.peak_bytes == sum(getattr(small, f"{p}_bytes") for p in ("base", "input", "output", "faces")) + max(
+        small.network_bytes + small.band_bytes, small.metrics_bytes)
+    lean = plan_memory(JobShape(1000, 800, 3, 8, 4000, 3200), run, (8 << 30, 0), quality_metrics=False)
+    assert small.metrics_bytes > 0 and lean.metrics_bytes == 0
+    assert small.peak_bytes - lean.peak_bytes == max(0, small.metrics_bytes - small.network_bytes - small.band_bytes)
+    tiny_network = NetworkRun(scale=4, tile=32, overlap=8, activation_bytes=MB, weights_bytes=2 * MB)
+    measured = plan_memory(JobShape(1000, 800, 3, 8, 4000, 3200), tiny_network, (8 << 30, 0))
+    assert measured.metrics_bytes > measured.network_bytes + measured.band_bytes  # then the metrics set the peak
+    assert measured.peak_bytes == sum(getattr(measured, f"{p}_bytes") for p in (
+        "base", "input", "output", "faces", "metrics"))
     deep = plan_memory(JobShape(1000, 800, 3, 16, 4000, 3200), run, (8 << 30, 0))
     assert deep.output_bytes == 2 * small.output_bytes
     # no float copy of the input (the engine converts each tile as it reads it), except with alpha (bled colours)

@@ -38,7 +38,7 @@ def test_streamed_plan_holds_a_few_bands_of_the_output_instead_of_all_of_it():
     shape = JobShape(width=1000, height=800, channels=3, bit_depth=8, out_width=4000, out_height=3200)
     plan = MemoryPlan(tile=200, base_bytes=800 * MB, input_bytes=10 * MB, network_bytes=50 * MB, band_bytes=60 * MB,
                       output_bytes=4000 * 3200 * 3, metrics_bytes=86 * MB, faces_bytes=0, vram_bytes=0,
-                      budget_bytes=1000 * MB)
+                      budget_bytes=940 * MB)
     lean = streamed(plan, shape, scale=4)
     assert (lean.metrics_bytes, lean.faces_bytes) == (0, 0)
     assert lean.output_bytes == 6 * 64 * 4000 * 3  # six bands of 64 output rows
@@ -136,7 +136,7 @@ def test_batch_refuses_an_unfittable_input_before_decoding_and_goes_on(model_man
     folder = tmp_path / "in"
     folder.mkdir()
     small = _image(folder / "a_small.png", 12, 10)
-    big = _image(folder / "b_big.png", 200, 150)
+    big = _image(folder / "b_big.png", 400, 300)  # its output and metrics outgrow the small one's metrics
     small_peak, big_peaks = _peaks(small, model_manager, config)[0], _peaks(big, model_manager, config)
     budget = _between(max(small_peak, big_peaks[1]), big_peaks[0])  # the small fits, the big only streamed
     whole = big.read_bytes()
@@ -157,8 +157,37 @@ def test_batch_refuses_an_unfittable_input_before_decoding_and_goes_on(model_man
     report = run_batch(items, as_tiff, services)
     assert [item.ok for item in report.items] == [True, True]
     assert [item.report.get("streamed", False) for item in report.items] == [False, True]
-    assert report.items[1].report["output_size"] == [400, 300]
+    assert report.items[1].report["output_size"] == [800, 600]
     assert sorted(p.name for p in (tmp_path / "tiff").iterdir()) == ["a_small.tiff", "b_big.tiff"]
+
+
+def test_a_batch_input_that_fits_only_without_its_neighbours_waits_for_the_previous_save(
+        model_manager, config, tmp_path):
+    """In a batch the previous result is saved and measured, and the next input decoded, while the network runs
+    (memory_plan.overlapped); an input whose plan fits only without those runs once the previous one is saved."""
+    from engine.inference import memory_plan
+    from engine.inference.batch import BatchJob, BatchServices, _read, collect_inputs, run_batch
+    from engine.inference.pipeline import plan_input
+    from engine.settings import EnhanceSettings
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        _image(folder / name, 120, 90)
+    settings = EnhanceSettings(**SETTINGS)
+    plan = plan_input(folder / "a.png", settings, model_manager, config)[2]
+    together = memory_plan.overlapped(plan)
+    assert together.held_bytes == plan.output_bytes + plan.metrics_bytes + plan.input_bytes > 0
+    assert together.peak_bytes == plan.peak_bytes + together.held_bytes
+    services = BatchServices(model_manager, _limited(config, _between(plan.peak_bytes, together.peak_bytes)))
+    job = BatchJob(settings=settings, explicit=SETTINGS, output_dir=tmp_path / "out")
+    items = collect_inputs([folder])
+    assert _read(items[0], job, services, overlapped=True).alone
+    assert not _read(items[0], job, services).alone  # one image alone has no neighbours
+    assert not _read(items[0], job, BatchServices(model_manager, config), overlapped=True).alone  # room for all
+    report = run_batch(items, job, services)
+    assert [item.ok for item in report.items] == [True, True, True]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "c.png"]
 
 
 def test_an_auto_job_is_planned_on_the_advice_and_streamed_when_too_large_for_memory(model_manager, config, tmp_path):

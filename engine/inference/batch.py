@@ -189,6 +189,7 @@ class _Read:
     outcome: BatchItem | None = None
     seconds: float = 0.0  # decoding and planning it took
     stream: bool = False  # too large for memory: streamed into the TIFF ``target`` undecoded (loaded is None)
+    alone: bool = False  # fits memory only without its batch neighbours: the previous result is saved first
 
 
 def _failed(label: Path | str, exc: Exception) -> BatchItem:
@@ -211,22 +212,26 @@ def _streamed_format(job: BatchJob, settings: EnhanceSettings) -> str | None:
     return fmt if fmt in STREAMED_FORMATS else None
 
 
-def plan_mode(item: BatchInput, job: BatchJob, settings: EnhanceSettings, services: BatchServices) -> str:
+def plan_mode(item: BatchInput, job: BatchJob, settings: EnhanceSettings, services: BatchServices, *,
+              overlapped: bool = False) -> str:
     """``"memory"`` or ``"stream"`` for one input, from its header alone (no pixel decoded): the output whole in
     RAM when the memory plan fits, else straight into its TIFF or PNG file in strips when that fits
-    (:func:`engine.inference.memory_plan.output_mode`).
+    (:func:`engine.inference.memory_plan.output_mode`). ``overlapped``: the input is one of a batch that saves the
+    previous result while the network runs; ``"alone"`` when the plan fits only without that
+    (:func:`engine.inference.memory_plan.overlapped`).
 
     Raises:
         JobTooLargeError: neither fits; the message says what would (the TIFF or PNG format, a smaller scale).
         InvalidInputError, UnsupportedFormatError, InputTooLargeError: the header is unusable or over the limits.
     """
     from engine.errors import JobTooLargeError
+    from engine.inference import memory_plan
     from engine.inference.memory_plan import output_mode
     from engine.inference.pipeline import plan_input
 
     try:
-        plan_input(item.source, settings, services.model_manager, services.config)
-        return "memory"
+        plan = plan_input(item.source, settings, services.model_manager, services.config)[2]
+        return "alone" if overlapped and not memory_plan.overlapped(plan).fits else "memory"
     except JobTooLargeError as in_memory:
         refusal = in_memory
     to_file, streamable = job.output_file is not None or job.output_dir is not None, not settings.face_enhance
@@ -247,12 +252,12 @@ def plan_mode(item: BatchInput, job: BatchJob, settings: EnhanceSettings, servic
     raise refusal
 
 
-def _read(item: BatchInput, job: BatchJob, services: BatchServices) -> _Read:
+def _read(item: BatchInput, job: BatchJob, services: BatchServices, overlapped: bool = False) -> _Read:
     """Plan one input, decode it and choose its settings and output; never raises (a bad input or a job that cannot
     fit gives a failed item). An input too large for memory whose output is a TIFF or PNG file is streamed
     (``stream``: the streamed path decodes it itself; no decode is kept here). With explicit settings the plan
     comes from the header, before any pixel is decoded; the advisor (``auto``) needs the pixels (within the input
-    limits) and the plan follows its choice, before the network."""
+    limits) and the plan follows its choice, before the network. ``overlapped``: see :func:`plan_mode`."""
     from engine.inference.pipeline import load_input
 
     label = item.source if isinstance(item.source, Path) else item.name
@@ -260,7 +265,8 @@ def _read(item: BatchInput, job: BatchJob, services: BatchServices) -> _Read:
     try:
         loaded = load_input(item.source, services.config) if job.auto else None  # the advisor needs the pixels
         settings, reasons = settings_for(None if loaded is None else loaded.pixels, job, services.advisor)
-        if plan_mode(item, job, settings, services) == "stream":
+        mode = plan_mode(item, job, settings, services, overlapped=overlapped)
+        if mode == "stream":
             fmt = _streamed_format(job, settings)
             target = _own_path(item, job.output_file if job.output_file is not None
                                else job.output_dir / item.rel.with_suffix("." + fmt))
@@ -273,7 +279,7 @@ def _read(item: BatchInput, job: BatchJob, services: BatchServices) -> _Read:
         if target is not None and job.skip_existing and target.exists():
             return _Read(item, label, outcome=BatchItem(label, target, ok=True, skipped=True))
         return _Read(item, label, loaded, settings, reasons, target, fmt,
-                     seconds=time.perf_counter() - started)
+                     seconds=time.perf_counter() - started, alone=mode == "alone")
     except Exception as exc:  # one bad image must not stop the batch; the reason is kept
         return _Read(item, label, outcome=_failed(label, exc))
 
@@ -393,7 +399,8 @@ def run_batch(items: Sequence[BatchInput], job: BatchJob, services: BatchService
 
     with ThreadPoolExecutor(1, thread_name_prefix="batch-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="batch-write") as writer:
-        reads: deque[Future] = deque(reader.submit(_read, item, job, services) for item in items[:max(READ_AHEAD, 1)])
+        reads: deque[Future] = deque(reader.submit(_read, item, job, services, True)
+                                     for item in items[:max(READ_AHEAD, 1)])
         writes: deque[tuple[int, Future]] = deque()  # in input order; outcomes known without saving are ready
 
         def report_ready(wait_for: int) -> None:
@@ -409,17 +416,20 @@ def run_batch(items: Sequence[BatchInput], job: BatchJob, services: BatchService
                 read = reads.popleft().result()
                 following = index + max(READ_AHEAD, 1)
                 if following < total:
-                    reads.append(reader.submit(_read, items[following], job, services))
+                    reads.append(reader.submit(_read, items[following], job, services, True))
                 outcome: Future = Future()
                 if read.outcome is not None:
                     outcome.set_result(read.outcome)
                 else:
+                    if read.alone:
+                        report_ready(0)  # its plan fits only once the previous result is saved and let go
                     result = _enhance(read, services, image_progress(index), cancel)
                     if isinstance(result, BatchItem):
                         outcome.set_result(result)
                     else:
                         report_ready(WRITE_BEHIND - 1)  # a slow disk holds the network back, not memory
                         outcome = writer.submit(_write, read, result, services.config)
+                        result = None  # the writer holds it until saved, and no longer
                 writes.append((index, outcome))
                 report_ready(WRITE_BEHIND)
             report_ready(0)
