@@ -71,19 +71,19 @@ torch's own ``libtorch_cuda.so`` and ``libc10_cuda.so``."""
 
 @functools.lru_cache(maxsize=1)
 def release_unusable_cuda_libraries() -> int:
-    """On a machine where CUDA does not work, hand back the resident pages of the CUDA libraries that torch's CUDA
+    """On a machine where CUDA does not work, let go of the resident pages of the CUDA libraries that torch's CUDA
     build maps at import even there: 150-250 MB of the process's RSS with the registry's torch 2.14.1+cu130,
     depending on how much of them the page cache held (see ``bench/bench_memory.py``). Returns the bytes released
-    (0 when CUDA works, or where :func:`utils.allocator.page_out_mapped_files` cannot). Once per process; costs
-    nothing later, since a page that is touched again is read back from its file."""
+    (0 when CUDA works, or where :func:`utils.allocator.drop_mapped_file_pages` cannot). Once per process; costs
+    nothing later, since a page that is touched again is mapped back from the page cache."""
     import torch
 
-    from utils.allocator import page_out_mapped_files
+    from utils.allocator import drop_mapped_file_pages
 
     if torch.cuda.is_available():
         return 0
-    released = page_out_mapped_files(_CUDA_LIBRARY) or 0
-    logger.debug("No CUDA here: %d MB of the CUDA libraries' pages handed back", released >> 20)
+    released = drop_mapped_file_pages(_CUDA_LIBRARY) or 0
+    logger.debug("No CUDA here: %d MB of the CUDA libraries' pages let go", released >> 20)
     return released
 
 
