@@ -154,18 +154,21 @@ def test_plan_input_reads_the_header_and_refuses_before_decoding(config, model_m
 
 
 # ------------------------------------------------------------------------------------------------ REST
-def test_rest_refuses_a_6300_square_jpeg_bomb_and_keeps_serving(tmp_path, shared_weights_dir):
+def test_rest_refuses_a_6300_square_jpeg_and_a_6000_square_webp_bomb_and_keeps_serving(tmp_path, shared_weights_dir):
     from PIL import Image
 
-    buf = io.BytesIO()
-    Image.new("L", (6300, 6300)).save(buf, "JPEG", quality=1)  # 40 MP, inside the input limit, a few KB
-    bomb = buf.getvalue()
+    bombs = []
+    for side, fmt, mime in ((6300, "JPEG", "image/jpeg"), (6000, "WEBP", "image/webp")):
+        buf = io.BytesIO()
+        Image.new("L", (side, side)).save(buf, fmt, quality=1)  # 36-40 MP, inside the input limit, a few KB
+        bombs.append((side, f"bomb.{fmt.lower()}", buf.getvalue(), mime))
     with serve_app(tmp_path, shared_weights_dir, max_job_memory_mb=1500, device="cpu") as (url, _services):
         with httpx.Client(base_url=url, timeout=120) as client:
-            response = client.post("/api/v1/enhance", files={"file": ("bomb.jpg", bomb, "image/jpeg")},
-                                   data={"model": "realesr-animevideov3", "upscale_factor": "2"})
-            assert response.status_code == 413, response.text
-            body = response.json()
-            assert body["stage"] == "validation" and "memory" in body["error"], body
-            assert "12600" in body["error"] and "Traceback" not in body["error"]
-            assert client.get("/api/v1/health").status_code == 200
+            for side, name, bomb, mime in bombs:
+                response = client.post("/api/v1/enhance", files={"file": (name, bomb, mime)},
+                                       data={"model": "realesr-animevideov3", "upscale_factor": "2"})
+                assert response.status_code == 413, response.text
+                body = response.json()
+                assert body["stage"] == "validation" and "memory" in body["error"], body
+                assert str(2 * side) in body["error"] and "Traceback" not in body["error"]
+                assert client.get("/api/v1/health").status_code == 200
