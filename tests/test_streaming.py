@@ -184,13 +184,42 @@ def test_bounded_metrics_equal_the_whole_image_ones():
     from utils import metrics
 
     rng = np.random.default_rng(4)
-    small = (cv2.GaussianBlur(rng.random((210, 230, 3)), (0, 0), 2) * 255).astype(np.uint8)
-    big = cv2.resize(small, (920, 840), interpolation=cv2.INTER_LANCZOS4)  # > NIQE's 768 crop
-    back = metrics._shrink_bands(big, (210, 230))
-    np.testing.assert_array_equal(back, metrics._shrink_to(metrics._to_float255(big), (210, 230)))
+    small = (cv2.GaussianBlur(rng.random((610, 230, 3)), (0, 0), 2) * 255).astype(np.uint8)  # 3 metric bands
+    big = cv2.resize(small, (920, 2440), interpolation=cv2.INTER_LANCZOS4)  # > NIQE's 768 crop
+    whole_back = metrics._shrink_to(metrics._to_float255(big), small.shape[:2])
+    bands = list(metrics._shrunk_rows(big, small.shape[:2]))
+    assert len(bands) > 1
+    np.testing.assert_array_equal(np.concatenate([rows for _, rows in bands]), whole_back)
+
+    lr, orig_crop, back_crop = metrics._compare_bands(small, big, 300)
+    assert lr == metrics._lr_consistency_float(metrics._to_float255(small), whole_back)  # the same sums, exactly
+    np.testing.assert_array_equal(orig_crop, metrics._centre_crop(metrics._to_float255(small), 300))
+    np.testing.assert_array_equal(back_crop, metrics._centre_crop(whole_back, 300))
+
     got = metrics.quality_metrics(small, big)
+    assert (got["lr_psnr"], got["lr_ssim"]) == (lr["psnr"], lr["ssim"])
     assert got["niqe_output"] == pytest.approx(metrics.niqe(big), abs=0)  # the same centre crop
     assert got["niqe_input"] is not None and got["lr_psnr"] > 30
+
+
+def test_quality_metrics_hold_bands_not_the_input_as_float():
+    """The input and the output shrunk back to it are compared band by band: a tall image's metrics take less
+    than its two whole float copies (the code before held both: 164 MB here)."""
+    import tracemalloc
+
+    from utils import metrics
+
+    small = np.random.default_rng(5).integers(0, 256, (12000, 400, 3), dtype=np.uint8)
+    big = cv2.resize(small, (800, 24000), interpolation=cv2.INTER_NEAREST)
+    whole_floats = small.size * 4 * 2  # float32 input and shrunk output: 115 MB
+    tracemalloc.start()
+    try:
+        got = metrics.quality_metrics(small, big)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got["lr_psnr"] == metrics.PSNR_CAP_DB  # nearest x2 shrinks back to the input exactly
+    assert peak < whole_floats / 1.5, f"{peak / 1e6:.0f} MB"  # 59 MB: bands, the NIQE crops
 
 
 @pytest.mark.parametrize("suffix", [".tiff", ".png"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -32,16 +33,17 @@ def _margin(p: int) -> int:
     return p * math.ceil(8 / p)
 
 
-def resize_rows(src: np.ndarray, dst_size: tuple[int, int], first: int, count: int, interpolation: int
-                ) -> np.ndarray:
-    """Rows ``[first, first + count)`` of ``cv2.resize(src, dst_size, interpolation=interpolation)``, computed
-    from a slice of ``src`` (the rows' sources and their context) only.
+def resize_rows(src: np.ndarray, dst_size: tuple[int, int], first: int, count: int, interpolation: int,
+                convert: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Rows ``[first, first + count)`` of ``cv2.resize(convert(src), dst_size, interpolation=interpolation)``,
+    computed from a slice of ``src`` (the rows' sources and their context) only.
 
     Args:
         src: HxW[xC] float32 image (any array ``cv2.resize`` takes).
         dst_size: (width, height) of the whole resized image.
         first, count: the output rows wanted (0 <= first, first + count <= height).
         interpolation: an OpenCV interpolation flag.
+        convert: applied to the slice before resizing (e.g. to float), so that only the slice is converted.
     """
     dst_w, dst_h = dst_size
     src_h = src.shape[0]
@@ -50,7 +52,8 @@ def resize_rows(src: np.ndarray, dst_size: tuple[int, int], first: int, count: i
     start, end = first // q * q, -(-(first + count) // q) * q
     lo = max(0, start * p // q - _margin(p))
     hi = min(src_h, end * p // q + _margin(p))
-    block = cv2.resize(np.ascontiguousarray(src[lo:hi]), (dst_w, (hi - lo) * q // p), interpolation=interpolation)
+    rows = src[lo:hi] if convert is None else convert(src[lo:hi])
+    block = cv2.resize(np.ascontiguousarray(rows), (dst_w, (hi - lo) * q // p), interpolation=interpolation)
     skip = (start * p // q - lo) * q // p + (first - start)
     return block[skip:skip + count]
 

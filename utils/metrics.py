@@ -45,7 +45,7 @@ import functools
 import logging
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -278,9 +278,7 @@ def lr_consistency(original: np.ndarray, enhanced: np.ndarray) -> dict[str, floa
     Raises:
         TypeError, ValueError: an argument is not a uint8/uint16 image.
     """
-    orig = _to_float255(_check_image(original, "original"))
-    enh = _to_float255(_check_image(enhanced, "enhanced"))
-    return _lr_consistency_float(orig, _shrink_to(enh, orig.shape[:2]))
+    return _compare_bands(_check_image(original, "original"), _check_image(enhanced, "enhanced"))[0]
 
 
 def _shrink_to(image255: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -292,39 +290,99 @@ def _shrink_to(image255: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out[:, :, None] if out.ndim == 2 else out
 
 
-def _shrink_bands(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """:func:`_shrink_to` of ``_to_float255(image)``, made band by band: only a band of the output is ever float.
-
-    ``image`` is HxWxC uint8/uint16; ``size`` = (height, width). Equal to the whole-image result (see
-    :mod:`utils.band_resize`)."""
+def _shrunk_rows(image: np.ndarray, size: tuple[int, int]) -> Iterator[tuple[int, np.ndarray]]:
+    """:func:`_shrink_to` of ``_to_float255(image)`` as ``(first row, float rows)`` bands, top to bottom: only a
+    band of the output is ever float. ``image`` is HxWxC uint8/uint16; ``size`` = (height, width). The rows equal
+    the whole-image result's (see :mod:`utils.band_resize`)."""
     h, w = image.shape[:2]
     if (h, w) == tuple(size):
-        return _to_float255(image)
+        for top in range(0, h, METRIC_BAND_ROWS):
+            yield top, _to_float255(image[top:top + METRIC_BAND_ROWS])
+        return
     resizer = BandResizer((w, h), (size[1], size[0]), interpolation=cv2.INTER_AREA)
-    out = None
     step = max(1, resizer.src_step)
     for top in range(0, h, step):
-        for first, rows in resizer.push(_to_float255(image[top:top + step])):
-            out = out if out is not None else np.empty((size[0], size[1], rows.shape[2]), np.float32)
-            out[first:first + rows.shape[0]] = rows
-    for first, rows in resizer.finish():
-        out = out if out is not None else np.empty((size[0], size[1], rows.shape[2]), np.float32)
-        out[first:first + rows.shape[0]] = rows
-    return out
+        yield from resizer.push(_to_float255(image[top:top + step]))
+    yield from resizer.finish()
+
+
+class _RowWindow:
+    """Rows ``[lo, hi)`` of an image that arrives as ``(first row, rows)`` bands, top to bottom, for windows that
+    only move down: rows above a window are let go."""
+
+    def __init__(self, bands: Iterable[tuple[int, np.ndarray]]):
+        self._bands = iter(bands)
+        self._rows: np.ndarray | None = None
+        self._first = self._end = 0  # the image rows held: [first, end)
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        parts, first = [], lo
+        if self._rows is not None and self._end > lo:
+            parts.append(self._rows[lo - self._first:])
+        while self._end < hi:
+            start, band = next(self._bands)
+            self._end = start + band.shape[0]
+            if self._end > lo:
+                first = first if parts else start
+                parts.append(band)
+        self._rows, self._first = (parts[0] if len(parts) == 1 else np.concatenate(parts)), first
+        return self._rows[lo - first:hi - first]
+
+
+def _compare_bands(original: np.ndarray, enhanced: np.ndarray, crop_side: int = 0
+                   ) -> tuple[dict[str, float | None], np.ndarray | None, np.ndarray | None]:
+    """LR consistency of ``original`` and ``enhanced`` shrunk back to its size, and the centre crops of both at
+    the input size (at most ``crop_side`` a side; None for 0), :data:`METRIC_BAND_ROWS` input rows at a time:
+    only a band of either is ever float (both ``HxWxC`` uint8/uint16, checked).
+
+    Each band's luminance (with :data:`_SSIM_RADIUS` rows of context each side for SSIM) is the whole image's,
+    so the sums are the whole image's up to their order.
+    """
+    height, width = original.shape[:2]
+    back = _RowWindow(_shrunk_rows(enhanced, (height, width)))
+    crop_h, crop_w = min(height, crop_side), min(width, crop_side)
+    crop_top, crop_left = (height - crop_h) // 2, (width - crop_w) // 2
+    crops: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def bands() -> Iterator[tuple[int, int, int, np.ndarray, np.ndarray]]:
+        for top in range(0, height, METRIC_BAND_ROWS):
+            bottom = min(height, top + METRIC_BAND_ROWS)
+            lo, hi = max(0, top - _SSIM_RADIUS), min(height, bottom + _SSIM_RADIUS)
+            orig, shrunk = _to_float255(original[lo:hi]), back.rows(lo, hi)
+            first, last = max(top, crop_top), min(bottom, crop_top + crop_h)
+            if first < last:
+                cut = (slice(first - lo, last - lo), slice(crop_left, crop_left + crop_w))
+                crops.append((orig[cut].copy(), shrunk[cut].copy()))
+            yield top, bottom, lo, orig, shrunk
+
+    lr = _lr_consistency_bands(bands(), height, width)
+    if not crops:
+        return lr, None, None
+    return lr, np.concatenate([a for a, _ in crops]), np.concatenate([b for _, b in crops])
 
 
 def _lr_consistency_float(orig255: np.ndarray, back255: np.ndarray) -> dict[str, float | None]:
-    """:func:`lr_consistency` of the input and the output already shrunk back to its size (float, 0..255),
-    :data:`METRIC_BAND_ROWS` rows at a time: each band's luminance (with :data:`_SSIM_RADIUS` rows of context each
-    side for SSIM) is the whole image's, so the sums are the whole image's up to their order."""
+    """:func:`lr_consistency` of the input and the output already shrunk back to its size (float, 0..255)."""
     height, width = orig255.shape[:2]
+
+    def bands() -> Iterator[tuple[int, int, int, np.ndarray, np.ndarray]]:
+        for top in range(0, height, METRIC_BAND_ROWS):
+            bottom = min(height, top + METRIC_BAND_ROWS)
+            lo, hi = max(0, top - _SSIM_RADIUS), min(height, bottom + _SSIM_RADIUS)
+            yield top, bottom, lo, orig255[lo:hi], back255[lo:hi]
+
+    return _lr_consistency_bands(bands(), height, width)
+
+
+def _lr_consistency_bands(bands: Iterable[tuple[int, int, int, np.ndarray, np.ndarray]], height: int,
+                          width: int) -> dict[str, float | None]:
+    """LR consistency summed over ``(top, bottom, lo, input rows, shrunk output rows)`` bands that cover the
+    ``height`` rows in order, each band's rows starting at ``lo`` with :data:`_SSIM_RADIUS` rows of context."""
     radius = _SSIM_RADIUS
     with_ssim = min(height, width) >= 2 * radius + 1
     squared = ssim_sum = 0.0
-    for top in range(0, height, METRIC_BAND_ROWS):
-        bottom = min(height, top + METRIC_BAND_ROWS)
-        lo, hi = max(0, top - radius), min(height, bottom + radius)
-        orig, back = _match_channels(orig255[lo:hi], back255[lo:hi])
+    for top, bottom, lo, orig_rows, back_rows in bands:
+        orig, back = _match_channels(orig_rows, back_rows)
         y_orig, y_back = _luminance(orig).astype(np.float64), _luminance(back).astype(np.float64)
         squared += float(np.sum((y_orig[top - lo:bottom - lo] - y_back[top - lo:bottom - lo]) ** 2))
         if with_ssim:  # window centres in [top, bottom) that lie >= radius inside the image
@@ -596,12 +654,11 @@ def quality_metrics(original: np.ndarray, enhanced: np.ndarray, *,
         TypeError, ValueError: an image is not a uint8/uint16 image array.
     """
     warnings: list[str] = []
-    orig = _to_float255(_check_image(original, "original"))
+    original = _check_image(original, "original")
     enhanced = _check_image(enhanced, "enhanced")
-    oh, ow = orig.shape[:2]
-    back = _shrink_bands(enhanced, (oh, ow))  # the output at the input size: LR consistency and LPIPS compare this
-
-    lr = _lr_consistency_float(orig, back)
+    oh, ow = original.shape[:2]
+    # The output shrunk back to the input's size is compared band by band; LPIPS gets the centre crops of both.
+    lr, orig_crop, back_crop = _compare_bands(original, enhanced, LPIPS_MAX_SIDE)
     if lr["ssim"] is None:
         warnings.append("LR-consistency SSIM not computed: the input is smaller than 11x11 pixels")
 
@@ -614,7 +671,7 @@ def quality_metrics(original: np.ndarray, enhanced: np.ndarray, *,
         # Only NIQE's centre crop of the output and of the bicubic baseline is ever made (bounded memory).
         crop_h, crop_w = min(h, NIQE_MAX_SIDE), min(w, NIQE_MAX_SIDE)
         top, left = (h - crop_h) // 2, (w - crop_w) // 2
-        upscaled = resize_rows(orig, (w, h), top, crop_h, cv2.INTER_CUBIC)
+        upscaled = resize_rows(original, (w, h), top, crop_h, cv2.INTER_CUBIC, convert=_to_float255)
         if upscaled.ndim == 2:
             upscaled = upscaled[:, :, None]
         upscaled = np.clip(upscaled[:, left:left + crop_w], 0.0, 255.0)
@@ -634,7 +691,7 @@ def quality_metrics(original: np.ndarray, enhanced: np.ndarray, *,
                         f"{LPIPS_MIN_SIDE}x{LPIPS_MIN_SIDE} pixels")
     else:
         try:
-            lpips = _finite_or_none(_lpips_float(orig, back, lpips_network))
+            lpips = _finite_or_none(_lpips_float(orig_crop, back_crop, lpips_network))
         except (ImportError, OSError, RuntimeError, ValueError, KeyError) as exc:
             logger.warning("LPIPS failed: %s", exc)
             warnings.append(f"LPIPS not computed: its network could not be used ({str(exc)[:120]})")
