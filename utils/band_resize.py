@@ -33,8 +33,21 @@ def _margin(p: int) -> int:
     return p * math.ceil(8 / p)
 
 
+def _span(src_len: int, dst_len: int, first: int, count: int) -> tuple[int, int, int, int]:
+    """Along one axis resized from ``src_len`` to ``dst_len`` pixels: the source slice ``[lo, hi)`` (aligned to the
+    ratio's period, with :func:`_margin` pixels of context), its resized length, and where output pixel ``first``
+    lies in it. Pure."""
+    ratio = Fraction(src_len, dst_len)
+    p, q = ratio.numerator, ratio.denominator
+    start, end = first // q * q, -(-(first + count) // q) * q
+    lo = max(0, start * p // q - _margin(p))
+    hi = min(src_len, end * p // q + _margin(p))
+    return lo, hi, (hi - lo) * q // p, (start * p // q - lo) * q // p + (first - start)
+
+
 def resize_rows(src: np.ndarray, dst_size: tuple[int, int], first: int, count: int, interpolation: int,
-                convert: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+                convert: Callable[[np.ndarray], np.ndarray] | None = None,
+                columns: tuple[int, int] | None = None) -> np.ndarray:
     """Rows ``[first, first + count)`` of ``cv2.resize(convert(src), dst_size, interpolation=interpolation)``,
     computed from a slice of ``src`` (the rows' sources and their context) only.
 
@@ -44,18 +57,15 @@ def resize_rows(src: np.ndarray, dst_size: tuple[int, int], first: int, count: i
         first, count: the output rows wanted (0 <= first, first + count <= height).
         interpolation: an OpenCV interpolation flag.
         convert: applied to the slice before resizing (e.g. to float), so that only the slice is converted.
+        columns: ``(first, count)`` of the output columns wanted, computed from a slice of the source's columns
+            the same way; None: every column.
     """
     dst_w, dst_h = dst_size
-    src_h = src.shape[0]
-    ratio = Fraction(src_h, dst_h)
-    p, q = ratio.numerator, ratio.denominator
-    start, end = first // q * q, -(-(first + count) // q) * q
-    lo = max(0, start * p // q - _margin(p))
-    hi = min(src_h, end * p // q + _margin(p))
-    rows = src[lo:hi] if convert is None else convert(src[lo:hi])
-    block = cv2.resize(np.ascontiguousarray(rows), (dst_w, (hi - lo) * q // p), interpolation=interpolation)
-    skip = (start * p // q - lo) * q // p + (first - start)
-    return block[skip:skip + count]
+    lo, hi, height, skip = _span(src.shape[0], dst_h, first, count)
+    left, right, width, skip_x = _span(src.shape[1], dst_w, *columns) if columns else (0, src.shape[1], dst_w, 0)
+    part = src[lo:hi, left:right] if convert is None else convert(src[lo:hi, left:right])
+    block = cv2.resize(np.ascontiguousarray(part), (width, height), interpolation=interpolation)
+    return block[skip:skip + count, skip_x:skip_x + (columns[1] if columns else dst_w)]
 
 
 def output_step(src_rows: int, dst_rows: int, band_rows: int = BAND_ROWS) -> int:
