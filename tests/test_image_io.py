@@ -390,6 +390,38 @@ def test_saving_a_png_holds_no_copy_of_the_image(tmp_path):
     assert (saved.path.stat().st_mode & 0o777) == 0o666 & ~umask
 
 
+def test_saving_a_tiff_and_flattening_for_jpeg_hold_no_whole_copy(tmp_path):
+    """A TIFF is compressed strip by strip as a PNG is (PIL's LZW writer held its copy, the encoded bytes and their
+    copy: 2.7x the pixels); alpha flattened for a JPEG and 16 bits reduced to 8 are converted band by band (the
+    whole image's float copies took 52 bytes a pixel)."""
+    import tracemalloc
+
+    from utils import image_io
+
+    pixels = _rng_pixels((1500, 2000, 3), np.uint8)  # noise: the encoded file is as large as the pixels
+    tracemalloc.start()
+    try:
+        saved = save_image(pixels, tmp_path / "noise.tiff")
+        _current, tiff_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert tiff_peak < 0.5 * pixels.nbytes
+    np.testing.assert_array_equal(load_image(saved.path).pixels, pixels)
+
+    rgba = _rng_pixels((1500, 2000, 4), np.uint16)
+    tracemalloc.start()
+    try:
+        flat = image_io._flatten_on_white(rgba)
+        reduced = image_io.to_8bit(rgba)
+        _current, convert_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert convert_peak < 3 * flat.nbytes  # the two outputs and one band's temporaries
+    colour, alpha = rgba[..., :3].astype(np.float64), rgba[..., 3:].astype(np.float64) / 65535
+    assert np.abs(flat - (colour * alpha + 65535 * (1 - alpha))).max() <= 0.51
+    np.testing.assert_array_equal(reduced, ((rgba.astype(np.uint32) + 128) // 257).astype(np.uint8))
+
+
 def test_failed_write_leaves_existing_file_and_no_temp(tmp_path, monkeypatch):
     target = tmp_path / "keep.png"
     target.write_bytes(b"previous contents")

@@ -19,12 +19,14 @@ Nothing here imports ``engine`` or ``ui``; failures raise the domain exceptions 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import math
 import os
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Literal, Union, get_args
 
@@ -48,6 +50,7 @@ __all__ = [
     "as_pixels",
     "choose_output_format",
     "encode_image",
+    "encoding_bytes",
     "format_of_path",
     "load_image",
     "normalize_format",
@@ -513,20 +516,64 @@ def choose_output_format(requested: str, input_format: str | None, has_alpha: bo
 
 
 # ---------------------------------------------------------------------------------------------------------- encode
+_CONVERT_ROWS = 256
+"""Rows converted at a time by :func:`to_8bit` and :func:`_flatten_on_white`: their wide temporaries (uint32,
+float32) follow this band, not the image (a whole RGBA image flattened for JPEG took 52 bytes per pixel)."""
+
+
+def _by_bands(pixels: np.ndarray, channels: int, dtype, convert) -> np.ndarray:
+    """``convert`` applied to :data:`_CONVERT_ROWS` rows of ``pixels`` at a time, into one ``HxWx channels``
+    array of ``dtype``."""
+    out = np.empty(pixels.shape[:2] + (channels,), dtype)
+    for top in range(0, pixels.shape[0], _CONVERT_ROWS):
+        out[top:top + _CONVERT_ROWS] = convert(pixels[top:top + _CONVERT_ROWS])
+    return out
+
+
 def to_8bit(pixels: np.ndarray) -> np.ndarray:
-    """``uint16`` → ``uint8`` by rounding ``x / 257`` (65535 → 255, 257 → 1); ``uint8`` is returned as is."""
+    """``uint16`` → ``uint8`` by rounding ``x / 257`` (65535 → 255, 257 → 1); ``uint8`` is returned as is.
+    ``HxW`` or ``HxWxC``."""
     if pixels.dtype == np.uint8:
         return pixels
-    return ((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    def reduce(rows: np.ndarray) -> np.ndarray:
+        return ((rows.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+    return _by_bands(pixels, pixels.shape[2], np.uint8, reduce) if pixels.ndim == 3 else reduce(pixels)
 
 
 def _flatten_on_white(pixels: np.ndarray) -> np.ndarray:
     """Composite Gray+Alpha / RGBA onto white; returns Gray / RGB of the same dtype."""
     top = float(np.iinfo(pixels.dtype).max)
-    colour = pixels[..., :-1].astype(np.float32)
-    alpha = pixels[..., -1:].astype(np.float32) / top
-    out = colour * alpha + top * (1.0 - alpha)
-    return np.clip(np.rint(out), 0, top).astype(pixels.dtype)
+
+    def flatten(rows: np.ndarray) -> np.ndarray:
+        colour = rows[..., :-1].astype(np.float32)
+        alpha = rows[..., -1:].astype(np.float32) / top
+        return np.clip(np.rint(colour * alpha + top * (1.0 - alpha)), 0, top)
+
+    return _by_bands(pixels, pixels.shape[2] - 1, pixels.dtype, flatten)
+
+
+_ENCODER_BYTES_PER_PIXEL: dict[ImageFormat, tuple[float, float]] = {
+    "png": (1.0, 1.0), "tiff": (1.0, 1.0), "jpg": (5.0, 1.0), "webp": (13.0, 13.0)}
+"""What encoding holds per pixel besides the pixels, ``(colour, gray)``, measured (peak RSS of
+``encode_image``/``save_image`` on a 3000x3000 x2-upscaled photo): PNG and TIFF compress strip by strip and hold
+their encoded bytes (0.1-0.8 bytes); JPEG goes through PIL's copy of the image (4 bytes per colour pixel; a gray
+one is shared) and holds its encoded bytes (4.6); WebP through PIL's copy and libwebp's ARGB, YUV and token buffers
+(11.7-13.8, whatever the channels; noise-like content takes up to 33, which an upscaler's output is not)."""
+
+
+def encoding_bytes(width: int, height: int, channels: int, bit_depth: int, fmt: str) -> int:
+    """The memory that encoding a ``width`` x ``height`` image of ``channels`` channels and ``bit_depth`` bits as
+    ``fmt`` holds besides its pixels (:data:`_ENCODER_BYTES_PER_PIXEL`, plus the 8-bit or flattened copy that JPEG
+    and WebP make of 16-bit or transparent pixels). Pure."""
+    name = normalize_format(fmt)
+    colour, gray = _ENCODER_BYTES_PER_PIXEL[name]
+    per_pixel = gray if channels in (1, 2) else colour
+    if name in ("jpg", "webp") and bit_depth > 8:
+        per_pixel += channels  # to_8bit's copy
+    if name == "jpg" and channels in (2, 4):
+        per_pixel += channels - 1  # flattened onto white
+    return int(math.ceil(per_pixel * width * height))
 
 
 def encode_image(pixels: np.ndarray, format: str, *, quality: int = 95, icc_profile: bytes | None = None,
@@ -557,6 +604,10 @@ def encode_image(pixels: np.ndarray, format: str, *, quality: int = 95, icc_prof
     if fmt == "png":
         buffer = io.BytesIO()
         _write_png_pixels(buffer, arr, icc_profile, exif)
+        data = buffer.getvalue()
+    elif fmt == "tiff" and _tiff_in_strips(arr, exif):
+        buffer = io.BytesIO()
+        _save_tiff_pixels(arr, buffer, icc_profile)
         data = buffer.getvalue()
     elif arr.dtype == np.uint16 and arr.shape[2] > 1:  # PIL holds 16-bit grayscale only
         data = _encode_tiff16(arr, icc_profile)
@@ -619,6 +670,20 @@ def _encode_pil(arr: np.ndarray, fmt: ImageFormat, quality: int, icc: bytes | No
     return buffer.getvalue()
 
 
+def _tiff_in_strips(pixels: np.ndarray, exif: bytes | None) -> bool:
+    """Whether a TIFF of ``pixels`` is compressed strip by strip (:func:`save_tiff_strips`: no copy of the image,
+    deflate): all but images with EXIF (PIL's writer keeps it, uncompressed) and gray+alpha (16-bit is written as
+    RGBA by :func:`_encode_tiff16`, PIL writes 8-bit)."""
+    return not exif and (pixels.ndim == 2 or pixels.shape[2] != 2)
+
+
+def _save_tiff_pixels(pixels: np.ndarray, target: Path | io.BytesIO, icc_profile: bytes | None) -> SavedImage:
+    """:func:`save_tiff_strips` of whole ``HxWxC`` pixels, 64 rows (views, no copy) at a time."""
+    height, width, channels = pixels.shape
+    return save_tiff_strips((pixels[top:top + 64] for top in range(0, height, 64)), target, size=(width, height),
+                            channels=channels, dtype=pixels.dtype, icc_profile=icc_profile)
+
+
 def _encode_tiff16(arr: np.ndarray, icc: bytes | None) -> bytes:
     """16-bit RGB(A) TIFF with tifffile, which marks alpha as alpha (ExtraSamples) and embeds ICC profiles.
 
@@ -641,8 +706,10 @@ def save_image(pixels: np.ndarray, path: str | os.PathLike, *, format: str | Non
 
     The bytes go to a temporary file in the same folder, are flushed and fsynced, then moved over ``path`` with
     ``os.replace``; on any failure the temporary file is removed and an existing ``path`` is left as it was. A PNG
-    is compressed from the pixels strip by strip (:func:`save_png_rows`), so saving it holds no copy of the image
-    (an encoder's whole copy, PIL's 4 bytes per RGB pixel, and the encoded bytes added ~1.4x the pixels' size).
+    or a TIFF (without EXIF) is compressed from the pixels strip by strip (:func:`save_png_rows`,
+    :func:`save_tiff_strips`), so saving it holds no copy of the image (an encoder's whole copy, PIL's 4 bytes per
+    RGB pixel, and the encoded bytes added ~1.4x the pixels' size for PNG, 2.7x for PIL's LZW TIFF).
+    :func:`encoding_bytes` says what each format holds.
 
     Args:
         pixels: as for :func:`encode_image`.
@@ -666,6 +733,9 @@ def save_image(pixels: np.ndarray, path: str | os.PathLike, *, format: str | Non
             _write_png_pixels(fh, arr, icc_profile, exif)
         return SavedImage(path=target, bytes_written=target.stat().st_size, format="png",
                           bit_depth=8 * arr.dtype.itemsize, reduced_to_8bit=reduced)
+    if fmt == "tiff" and _tiff_in_strips(pixels, exif):
+        arr, reduced, _flattened = _prepared(pixels, fmt, quality, keep_16bit)
+        return replace(_save_tiff_pixels(arr, target, icc_profile), reduced_to_8bit=reduced)
     encoded = encode_image(pixels, fmt, quality=quality, icc_profile=icc_profile, exif=exif, keep_16bit=keep_16bit)
     written = write_atomic(target, encoded.data)
     return SavedImage(path=target, bytes_written=written, format=encoded.format, bit_depth=encoded.bit_depth,
@@ -711,7 +781,7 @@ def _checked_rows(rows: "Iterable[np.ndarray]", size: tuple[int, int], channels:
         raise InvalidInputError(f"The streamed image had {seen} rows, expected {height}.")
 
 
-def save_tiff_strips(rows: "Iterable[np.ndarray]", path: str | os.PathLike, *, size: tuple[int, int],
+def save_tiff_strips(rows: "Iterable[np.ndarray]", path: str | os.PathLike | io.BytesIO, *, size: tuple[int, int],
                      channels: int, dtype, icc_profile: bytes | None = None, rows_per_strip: int = 64) -> SavedImage:
     """Write a TIFF from row blocks that arrive top to bottom, never holding the image whole (peak memory: one
     strip and one block, whatever the image's size).
@@ -722,7 +792,7 @@ def save_tiff_strips(rows: "Iterable[np.ndarray]", path: str | os.PathLike, *, s
 
     Args:
         rows: ``hxWxC`` blocks (any heights, C = ``channels``, of ``dtype``) that together make the image.
-        path: destination; its folder must exist.
+        path: destination; its folder must exist. A ``BytesIO`` is written in place (:func:`encode_image`).
         size: (width, height) of the whole image.
         channels: 1..4 (Gray, Gray+Alpha, RGB, RGBA); alpha is marked as unassociated alpha.
         dtype: uint8 or uint16.
@@ -752,10 +822,12 @@ def save_tiff_strips(rows: "Iterable[np.ndarray]", path: str | os.PathLike, *, s
 
     photometric = "rgb" if channels >= 3 else "minisblack"
     extra = ["unassalpha"] if channels in (2, 4) else None
-    with replaced_when_complete(path) as handle:
+    with (contextlib.nullcontext(path) if isinstance(path, io.BytesIO) else replaced_when_complete(path)) as handle:
         tifffile.imwrite(handle, data=strips(), shape=(height, width, channels), dtype=dtype,
                          photometric=photometric, extrasamples=extra, rowsperstrip=rows_per_strip,
                          compression="zlib", iccprofile=icc_profile or None)
+    if isinstance(path, io.BytesIO):
+        return SavedImage(path=Path(), bytes_written=path.tell(), format="tiff", bit_depth=8 * dtype.itemsize)
     target = Path(path)
     return SavedImage(path=target, bytes_written=target.stat().st_size, format="tiff", bit_depth=8 * dtype.itemsize)
 
