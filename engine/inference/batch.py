@@ -167,11 +167,17 @@ def _own_path(item: BatchInput, target: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------ running
 def settings_for(pixels, job: BatchJob, advisor) -> tuple[EnhanceSettings, tuple[str, ...]]:
-    """The settings for one image: with ``auto`` the advisor's choices under the user's explicit values."""
+    """The settings for one image: with ``auto`` the advisor's choices under the user's explicit values; a job with
+    an output file writes the format its extension names (:func:`_target`), which the memory plan counts."""
+    from utils.image_io import format_of_path
+
     if not job.auto:
-        return merge(None, job.explicit, job.settings), ()
-    advice = advisor.advise(pixels, scale=job.explicit.get("outscale"))
-    return merge(advice, job.explicit, job.settings), advice.reasons
+        settings, reasons = merge(None, job.explicit, job.settings), ()
+    else:
+        advice = advisor.advise(pixels, scale=job.explicit.get("outscale"))
+        settings, reasons = merge(advice, job.explicit, job.settings), advice.reasons
+    fmt = format_of_path(job.output_file) if job.output_file is not None else None
+    return (settings.replace(output_format=fmt) if fmt else settings), reasons
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,13 @@ memory is a sum of parts that each have a known size:
   rows of the finished bands' copies (normalised rows, the resizer's context rows, the dtype conversion), which do
   not grow with the tile.
 * ``output``: the preallocated output (the input's channels and depth).
-* ``metrics``: quality metrics hold the input and the output shrunk back to it as float RGB
-  (:data:`METRICS_BYTES_PER_PIXEL`), work on bands of those (:data:`METRICS_BAND_BYTES_PER_PIXEL`) and on bounded
-  crops of the output. They run after the network, in the memory its activations and bands held, so the peak
-  counts the larger of the two (:attr:`MemoryPlan.peak_bytes`).
-* ``held`` (a batch that overlaps): the previous image's output and metrics, and the next input
+* ``metrics``: quality metrics compare the input and the output shrunk back to it band by band
+  (:data:`METRICS_BAND_BYTES_PER_PIXEL`, and the output's rows that the band is shrunk from) and work on bounded
+  crops of the output (:data:`METRICS_FIXED_BYTES`). They run after the network, in the memory its activations and
+  bands held, so the peak counts the larger of the two (:attr:`MemoryPlan.peak_bytes`).
+* ``encode``: writing the output whole in its format (``utils.image_io.encoding_bytes``: PIL's copy and libwebp's
+  buffers for JPEG and WebP, the encoded bytes), after the metrics, in the same freed memory.
+* ``held`` (a batch that overlaps): the previous image's output and its metrics or encoding, and the next input
   (:func:`overlapped`).
 * ``faces``: the face network (:data:`FACE_NETWORK_BYTES`) and, for an output that is not 8-bit RGB, the 8-bit RGB
   copy the identity metric cuts faces from; the faces themselves are pasted into the output in place.
@@ -91,15 +93,12 @@ FACE_NETWORK_BYTES = 1100 * MB
 512x512 face's forward pass (``ru_maxrss`` around ``engine.models.loader.face_forward``, torch 2.14, 2 threads)."""
 
 METRICS_FIXED_BYTES = 48 * MB
-"""The NIQE crops (at most 768x768, a few float copies) and LPIPS at the input size."""
-
-METRICS_BYTES_PER_PIXEL = 24
-"""Per input pixel: the input and the output shrunk back to the input's size, float32 RGB each (LR consistency and
-LPIPS compare these)."""
+"""The NIQE crops (at most 768x768, a few float copies: 40 MB traced) and LPIPS's centre crops (at most 1024x1024)
+and its activations on them."""
 
 METRICS_BAND_BYTES_PER_PIXEL = 96
 """Per pixel of one band of ``utils.metrics.METRIC_BAND_ROWS`` input rows: LR consistency's float64 luminance and
-SSIM statistics (about a dozen copies)."""
+SSIM statistics (about a dozen copies), and the band's input and shrunk output as float."""
 
 
 @dataclass(frozen=True)
@@ -122,14 +121,16 @@ class MemoryPlan:
     budget_bytes: int
     vram_budget_bytes: int = 0
     held_bytes: int = 0  # a batch's neighbours while this network runs (see :func:`overlapped`)
+    encode_bytes: int = 0  # writing the output whole in its format, after the metrics
 
     @property
     def peak_bytes(self) -> int:
         """Everything held at once, except that the quality metrics run after the network and its bands are freed,
-        in that memory: the larger of the two counts (bench/bench_memory.py, six in-memory CPU cases: plan over
-        measured peak 1.18-1.25x when both were counted, 1.04-1.17x now)."""
+        in that memory, and the encoding after them: the largest of the three counts (bench/bench_memory.py, six
+        in-memory CPU cases: plan over measured peak 1.18-1.25x when the network and the metrics were both
+        counted, 1.04-1.17x with the larger)."""
         return (self.base_bytes + self.input_bytes + self.output_bytes + self.faces_bytes + self.held_bytes
-                + max(self.network_bytes + self.band_bytes, self.metrics_bytes))
+                + max(self.network_bytes + self.band_bytes, self.metrics_bytes, self.encode_bytes))
 
     @property
     def fits(self) -> bool:
@@ -141,7 +142,7 @@ class MemoryPlan:
         parts = ", ".join(f"{name} {value / MB:.0f} MB" for name, value in (
             ("output", self.output_bytes), ("bands", self.band_bytes), ("network", self.network_bytes),
             ("input", self.input_bytes), ("metrics after the network", self.metrics_bytes),
-            ("faces", self.faces_bytes), ("the batch's previous and next images", self.held_bytes),
+            ("encoding after the metrics", self.encode_bytes), ("faces", self.faces_bytes), ("the batch's previous and next images", self.held_bytes),
             ("runtime", self.base_bytes)) if value)
         vram = f"; VRAM {self.vram_bytes / MB:.0f} MB" if self.vram_bytes else ""
         tile = f"tile {self.tile}" if self.tile else "whole image"
@@ -151,7 +152,7 @@ class MemoryPlan:
         return {"peak_mb": round(self.peak_bytes / MB, 1), "budget_mb": round(self.budget_bytes / MB, 1),
                 "vram_mb": round(self.vram_bytes / MB, 1), "tile": self.tile, "fits": self.fits,
                 "parts_mb": {name: round(getattr(self, f"{name}_bytes") / MB, 1) for name in (
-                    "base", "input", "network", "band", "output", "metrics", "faces", "held")}}
+                    "base", "input", "network", "band", "output", "metrics", "encode", "faces", "held")}}
 
 
 def band_bytes(tile_rows: int, height: int, width: int, scale: int) -> int:
@@ -162,12 +163,21 @@ def band_bytes(tile_rows: int, height: int, width: int, scale: int) -> int:
     return int((rows + min(height * scale, STREAM_ROWS)) * width * scale * BAND_BYTES_PER_PIXEL)
 
 
-def metrics_bytes(width: int, height: int) -> int:
-    """Quality metrics' part of a job with a ``width`` x ``height`` input (see the module docstring). Pure."""
-    from utils.metrics import METRIC_BAND_ROWS
+def metrics_bytes(width: int, height: int, out_width: int, out_height: int) -> int:
+    """Quality metrics' part of a job with a ``width`` x ``height`` input and an ``out_width`` x ``out_height``
+    output (see the module docstring): a band of the input, the output's rows it is shrunk from (float RGB, the
+    resizer's pending rows and their joined copy) and the crops. Pure."""
+    import cv2
 
-    return int(width * height * METRICS_BYTES_PER_PIXEL + width * min(height, METRIC_BAND_ROWS)
-               * METRICS_BAND_BYTES_PER_PIXEL + METRICS_FIXED_BYTES)
+    from utils.band_resize import BandResizer
+    from utils.metrics import METRIC_BAND_ROWS, METRIC_SHRINK_ROWS
+
+    shrink_rows = 0
+    if (out_width, out_height) != (width, height):
+        shrink_rows = BandResizer((out_width, out_height), (width, height), band_rows=METRIC_SHRINK_ROWS,
+                                  interpolation=cv2.INTER_AREA).buffer_rows
+    return int(width * min(height, METRIC_BAND_ROWS) * METRICS_BAND_BYTES_PER_PIXEL
+               + 2 * shrink_rows * out_width * 3 * 4 + METRICS_FIXED_BYTES)
 
 
 def faces_bytes(out_pixels: int, channels: int, sample: int) -> int:
@@ -178,7 +188,8 @@ def faces_bytes(out_pixels: int, channels: int, sample: int) -> int:
 
 @dataclass(frozen=True)
 class JobShape:
-    """The sizes a job's memory follows: the decoded input (channels 1..4, 8 or 16 bits) and the output."""
+    """The sizes a job's memory follows: the decoded input (channels 1..4, 8 or 16 bits), the output and the format
+    it is written in whole (``utils.image_io.encoding_bytes``; "" for none: a video frame, a streamed file)."""
 
     width: int
     height: int
@@ -186,6 +197,7 @@ class JobShape:
     bit_depth: int
     out_width: int
     out_height: int
+    output_format: str = ""
 
 
 @dataclass(frozen=True)
@@ -217,6 +229,8 @@ def plan_memory(shape: JobShape, run: NetworkRun, budget: tuple[int, int], *, qu
         spandrel: the job imports spandrel (faces, or a network the app does not build itself).
         cuda_libraries_released: the process handed back the CUDA libraries' pages (:data:`CUDA_LIBRARIES_BYTES`).
     """
+    from utils.image_io import encoding_bytes
+
     width, height, scale, tile = shape.width, shape.height, run.scale, run.tile
     sample = shape.bit_depth // 8
     pixels = width * height
@@ -239,7 +253,9 @@ def plan_memory(shape: JobShape, run: NetworkRun, budget: tuple[int, int], *, qu
         network_bytes=int(tile_outputs + tile_inputs + (0 if on_gpu else run.activation_bytes)),
         band_bytes=band_bytes(read_h if tile else 0, height, width, scale),
         output_bytes=int(out_pixels * shape.channels * sample),
-        metrics_bytes=metrics_bytes(width, height) if quality_metrics else 0,
+        metrics_bytes=metrics_bytes(width, height, shape.out_width, shape.out_height) if quality_metrics else 0,
+        encode_bytes=encoding_bytes(shape.out_width, shape.out_height, shape.channels, shape.bit_depth,
+                                    shape.output_format) if shape.output_format else 0,
         faces_bytes=faces_bytes(out_pixels, shape.channels, sample) if face_enhance else 0,
         vram_bytes=int(run.activation_bytes + 2 * run.weights_bytes) if on_gpu else 0,
         budget_bytes=int(budget[0]), vram_budget_bytes=int(budget[1]))
@@ -270,24 +286,24 @@ def stream_band_rows(height: int, scale: int, out_height: int) -> int:
 
 
 def streamed(plan: MemoryPlan, shape: JobShape, scale: int) -> MemoryPlan:
-    """The plan of the same job written straight into a file in strips: no output array, no quality metrics and no
-    faces (a streamed output does neither), only :data:`STREAM_QUEUE_BANDS` bands of output rows in flight
-    (:func:`stream_band_rows`, whatever the tile). Pure."""
+    """The plan of the same job written straight into a file in strips: no output array, no quality metrics, no
+    faces (a streamed output does neither) and no whole encoding, only :data:`STREAM_QUEUE_BANDS` bands of output
+    rows in flight (:func:`stream_band_rows`, whatever the tile). Pure."""
     from dataclasses import replace
 
     sample = shape.bit_depth // 8
     rows = stream_band_rows(shape.height, scale, shape.out_height)
     return replace(plan, output_bytes=int(STREAM_QUEUE_BANDS * rows * shape.out_width * shape.channels * sample),
-                   metrics_bytes=0, faces_bytes=0)
+                   metrics_bytes=0, faces_bytes=0, encode_bytes=0)
 
 
 def overlapped(plan: MemoryPlan) -> MemoryPlan:
     """The plan of the same job in a batch that overlaps (``engine.inference.batch.run_batch``): while its network
-    runs, the previous image's result is saved and measured (its output and metrics) and the next input is decoded
-    (its pixels), counted as an image of the same size on either side. Pure."""
+    runs, the previous image's result is measured and saved (its output, and its metrics or its encoding) and the
+    next input is decoded (its pixels), counted as an image of the same size on either side. Pure."""
     from dataclasses import replace
 
-    return replace(plan, held_bytes=plan.output_bytes + plan.metrics_bytes + plan.input_bytes)
+    return replace(plan, held_bytes=plan.output_bytes + max(plan.metrics_bytes, plan.encode_bytes) + plan.input_bytes)
 
 
 def output_mode(fits_in_memory: bool, fits_streamed: bool, *, to_stream_file: bool, streamable: bool = True) -> str:

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -354,13 +354,15 @@ def measure(job: Job, original: np.ndarray, enhanced: np.ndarray, source: str | 
 
 
 # ------------------------------------------------------------------------------------------------ one image
-def plan_job(settings: EnhanceSettings, size: tuple[int, int], model_manager, config, report: Reporter, *,
-             channels: int = 3, bit_depth: int = 8, streamed: bool = False
+def plan_job(settings: EnhanceSettings, size: tuple[int, int], model_manager, config, *, channels: int = 3,
+             bit_depth: int = 8, input_format: str | None = None, streamed: bool = False
              ) -> tuple[Job, tuple[int, int], tuple[str, ...]]:
     """Route the model, plan the output size and the job's memory; refuse an output over the configured limit or
     a job whose memory plan cannot fit this machine (before any pixel buffer of the job is allocated).
-    ``size``: the input's (width, height); ``streamed``: plan the output written into a file in strips
-    (:func:`enhance_streamed`).
+    ``size``: the input's (width, height); ``input_format``: its file format (with the settings it decides the
+    format the output is encoded in, whose memory is planned); ``streamed``: plan the output written into a file
+    in strips (:func:`enhance_streamed`). The job reports to no one: give it the caller's ``Reporter`` with
+    ``dataclasses.replace``.
 
     Raises:
         InputTooLargeError: the output is over ``max_output_pixels``.
@@ -377,11 +379,14 @@ def plan_job(settings: EnhanceSettings, size: tuple[int, int], model_manager, co
         raise InputTooLargeError(
             f"The output would be {out_w}×{out_h} = {out_w * out_h / 1e6:.0f} MP, over the limit of "
             f"{config.max_output_pixels / 1e6:.0f} MP; choose a smaller scale or raise REALESRGAN_MAX_OUTPUT_PIXELS.")
-    settings, memory = fit_memory(spec, settings, JobShape(width, height, channels, bit_depth, out_w, out_h),
-                                  config, streamed=streamed)
+    from utils.image_io import choose_output_format
+
+    encoded_as = choose_output_format(settings.output_format, input_format, channels in (2, 4), bit_depth)
+    shape = JobShape(width, height, channels, bit_depth, out_w, out_h, encoded_as)
+    settings, memory = fit_memory(spec, settings, shape, config, streamed=streamed)
     logger.debug("memory plan for %dx%d -> %dx%d with %s: %s", width, height, out_w, out_h, model_name,
                  memory.describe())
-    return Job(settings, model_name, model_manager, config, report, memory), (out_w, out_h), notes
+    return Job(settings, model_name, model_manager, config, Reporter(), memory), (out_w, out_h), notes
 
 
 NO_NATIVE_BF16 = ("This CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 would run emulated, several times "
@@ -469,8 +474,9 @@ def plan_input(source, settings: EnhanceSettings, model_manager, config, *, stre
     mode = header.mode
     channels = {"L": 1, "LA": 2, "RGBA": 4, "PA": 4}.get(mode, 1 if mode.startswith("I;16") else 3)
     bit_depth = 16 if "16" in mode else 8
-    job, out_size, _notes = plan_job(settings, (header.width, header.height), model_manager, config, Reporter(),
-                                     channels=channels, bit_depth=bit_depth, streamed=streamed)
+    job, out_size, _notes = plan_job(settings, (header.width, header.height), model_manager, config,
+                                     channels=channels, bit_depth=bit_depth, input_format=header.format,
+                                     streamed=streamed)
     return job.model_name, out_size, job.memory
 
 
@@ -488,8 +494,10 @@ def enhance_image(image, settings: EnhanceSettings | None, model_manager, progre
     height, width = pixels.shape[:2]
     timings["decode"] = time.perf_counter() - t0
     report(0.02, "Image decoded")
-    job, out_size, warnings = plan_job(settings or EnhanceSettings(), (width, height), model_manager, config, report,
-                                       channels=pixels.shape[2], bit_depth=loaded_image.bit_depth)
+    job, out_size, warnings = plan_job(settings or EnhanceSettings(), (width, height), model_manager, config,
+                                       channels=pixels.shape[2], bit_depth=loaded_image.bit_depth,
+                                       input_format=loaded_image.format)
+    job = replace(job, report=report)
     _log_plan(job, (width, height), out_size)
 
     channels = pixels.shape[2]
@@ -571,8 +579,9 @@ def enhance_streamed(image, settings: EnhanceSettings | None, model_manager, pat
         raise InvalidSettingsError("A streamed output takes gray or RGB images without face restoration; "
                                    "enhance images with alpha or faces in memory.")
     settings = (settings or EnhanceSettings()).replace(quality_metrics=False)
-    job, out_size, warnings = plan_job(settings, (width, height), model_manager, config, report, channels=channels,
+    job, out_size, warnings = plan_job(settings, (width, height), model_manager, config, channels=channels,
                                        bit_depth=loaded_image.bit_depth, streamed=True)
+    job = replace(job, report=report)
     _log_plan(job, (width, height), out_size)
     rgb, _alpha = network_input(pixels)
     blocks: queue.Queue = queue.Queue(maxsize=4)  # bounded: the network waits for the encoder
@@ -681,7 +690,7 @@ class FrameEnhancer:
                 self._add(r.warnings)
             return [r.pixels for r in results]
         height, width = frames[0].shape[:2]
-        job, out_size, notes = plan_job(self.settings, (width, height), self.model_manager, self.config, Reporter())
+        job, out_size, notes = plan_job(self.settings, (width, height), self.model_manager, self.config)
         canvases = [streaming.OutputCanvas(out_size, 3, np.uint8) for _ in frames]
         run = upscale_rgb(job, list(frames), (0.0, 1.0), lambda src_size: streaming.FanOut(
             [canvas.colour_writer(src_size, image=n) for n, canvas in enumerate(canvases)]))
