@@ -51,6 +51,7 @@ CASES = {c.name: c for c in (
     Case("2000x1500x4", 2000, 1500, 4),
     Case("2000x1500x2", 2000, 1500, 2),
     Case("2000x1500x4-jpg", 2000, 1500, 4, output="jpg"),
+    Case("2000x1500x4-webp", 2000, 1500, 4, output="webp"),
     Case("256x256x4-x4plus", 256, 256, 4, model="RealESRGAN_x4plus"),
     Case("640x480x4-x4plus", 640, 480, 4, model="RealESRGAN_x4plus"),
     Case("1500x1000x4-stream", 1500, 1000, 4, output="tiff", stream=True),
@@ -130,9 +131,10 @@ def plan_estimate(case: Case, image: Path, checkout: Path) -> int | None:
     """The memory plan's peak for the case, in bytes, as the checkout computes it (None when it has no plan)."""
     code = ("import json; from config import Config; from engine.model_manager import ModelManager;"
             "from engine.settings import EnhanceSettings; from engine.inference.pipeline import plan_input;"
-            "c=Config(); s=EnhanceSettings(model=%r, outscale=%r, device='cpu', quality_metrics=%r);"
-            "print(plan_input(%r, s, ModelManager(c), c%s)[2].peak_bytes)" % (
-                case.model, case.scale, not case.stream, str(image), ", streamed=True" if case.stream else ""))
+            "c=Config(); s=EnhanceSettings(model=%r, outscale=%r, device='cpu', quality_metrics=%r,"
+            " output_format=%r); print(plan_input(%r, s, ModelManager(c), c%s)[2].peak_bytes)" % (
+                case.model, case.scale, not case.stream, case.output, str(image),
+                ", streamed=True" if case.stream else ""))
     done = subprocess.run([sys.executable, "-c", code], cwd=checkout, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(checkout)))
     lines = done.stdout.strip().splitlines()
