@@ -139,6 +139,36 @@ def test_one_pixel_images(shape, dtype, fmt):
 
 
 # ----------------------------------------------------------------------------------------------- lossy formats
+def _riff_chunks(data: bytes) -> dict[bytes, bytes]:
+    chunks, at = {}, 12
+    while at < len(data):
+        size = int.from_bytes(data[at + 4:at + 8], "little")
+        chunks[data[at:at + 4]] = data[at + 8:at + 8 + size]
+        at += 8 + size + (size & 1)
+    return chunks
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_webp_is_the_bitstream_pil_writes_with_less_memory(channels):
+    """WebP goes through OpenCV's libwebp (straight to YUV, no ARGB copy): its VP8 and alpha chunks are those of PIL's
+    encoder at the same quality and method, and its ICC and EXIF chunks PIL's too."""
+    import cv2
+
+    rng = np.random.default_rng(channels)
+    smooth = cv2.GaussianBlur(rng.integers(0, 256, (96, 130, 4), dtype=np.uint8), (0, 0), 2)
+    pixels = smooth[..., :channels] if channels != 2 else smooth[..., [0, 3]]
+    icc, exif = _srgb_icc(), _exif(1, "Kept")
+    ours = _riff_chunks(encode_image(pixels, "webp", quality=90, icc_profile=icc, exif=exif).data)
+    im = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+    im = im.convert({1: "RGB", 2: "RGBA"}[channels]) if channels < 3 else im
+    buffer = io.BytesIO()
+    im.save(buffer, "WEBP", quality=90, method=4, icc_profile=icc, exif=exif)
+    pil = _riff_chunks(buffer.getvalue())
+    for kind in (b"VP8 ", b"ALPH", b"ICCP", b"EXIF"):
+        assert ours.get(kind) == pil.get(kind), kind
+    assert (b"ALPH" in ours) == (channels in (2, 4))
+
+
 def test_jpeg_flattens_alpha_onto_white_and_says_so():
     pixels = np.zeros((8, 8, 4), np.uint8)
     pixels[..., 0] = 255  # red...

@@ -122,13 +122,13 @@ def test_plan_counts_encoding_the_output_after_the_metrics():
     from engine.inference.memory_plan import JobShape, NetworkRun, plan_memory
     from utils.image_io import encoding_bytes
 
-    run = NetworkRun(scale=4, tile=128, overlap=16, activation_bytes=50 * MB, weights_bytes=2 * MB)
+    run = NetworkRun(scale=4, tile=128, overlap=16, activation_bytes=10 * MB, weights_bytes=2 * MB)
     plans = {fmt: plan_memory(JobShape(1000, 800, 3, 8, 4000, 3200, fmt), run, (8 << 30, 0))
              for fmt in ("", "png", "jpg", "webp")}
     assert plans[""].encode_bytes == 0
     assert plans["png"].encode_bytes == 4000 * 3200 < plans["jpg"].encode_bytes < plans["webp"].encode_bytes
     webp = plans["webp"]
-    assert webp.encode_bytes == encoding_bytes(4000, 3200, 3, 8, "webp") == 13 * 4000 * 3200
+    assert webp.encode_bytes == encoding_bytes(4000, 3200, 3, 8, "webp") == 8 * 4000 * 3200
     assert webp.encode_bytes > max(webp.network_bytes + webp.band_bytes, webp.metrics_bytes)  # then it sets the peak
     assert webp.peak_bytes == sum(getattr(webp, f"{p}_bytes") for p in ("base", "input", "output", "encode"))
     assert plans["png"].peak_bytes == plans[""].peak_bytes  # under the network's share: no change
@@ -138,7 +138,7 @@ def test_plan_counts_encoding_the_output_after_the_metrics():
     # a batch's previous image is measured, then encoded, while this network runs: the larger of the two
     assert memory_plan.overlapped(webp).held_bytes == webp.output_bytes + webp.encode_bytes + webp.input_bytes
     # 16-bit or transparent pixels are first copied to 8 bits or flattened for the lossy formats
-    assert encoding_bytes(100, 100, 4, 16, "jpg") == 100 * 100 * (5 + 4 + 3)
+    assert encoding_bytes(100, 100, 4, 16, "jpg") == 100 * 100 * (8 + 4)
     assert encoding_bytes(100, 100, 1, 8, "jpg") == encoding_bytes(100, 100, 1, 16, "png") == 100 * 100
 
 
@@ -152,14 +152,30 @@ def test_the_output_format_the_job_writes_is_planned(config, model_manager):
     from engine.settings import EnhanceSettings
 
     buf = io.BytesIO()
-    Image.new("RGB", (2000, 1500)).save(buf, "WEBP", quality=5)
+    Image.new("RGB", (2000, 2000)).save(buf, "WEBP", quality=5)
     settings = EnhanceSettings(model="realesr-animevideov3", outscale=4, device="cpu")
     webp = plan_input(buf.getvalue(), settings, model_manager, config)[2]
     png = plan_input(buf.getvalue(), settings.replace(output_format="png"), model_manager, config)[2]
-    assert webp.encode_bytes == 13 * 8000 * 6000 and png.encode_bytes == 8000 * 6000
-    assert webp.peak_bytes > png.peak_bytes  # 624 MB of encoding outweigh the network's share
+    assert webp.encode_bytes == 8 * 8000 * 8000 and png.encode_bytes == 8000 * 8000
+    assert webp.peak_bytes > png.peak_bytes  # 512 MB of encoding outweigh the network's share
     job = BatchJob(settings=settings.replace(output_format="png"), explicit={}, output_file=Path("out.webp"))
     assert settings_for(None, job, None)[0].output_format == "webp"
+
+
+def test_an_output_its_format_cannot_hold_is_refused_before_any_work(config, model_manager):
+    """WebP holds 16383 pixels a side: a 5000-pixel-wide WebP at x4 is refused from its header, with what to do."""
+    from PIL import Image
+
+    from engine.inference.pipeline import plan_input
+    from engine.settings import EnhanceSettings
+    from utils.errors import InvalidSettingsError
+
+    buf = io.BytesIO()
+    Image.new("RGB", (5000, 100)).save(buf, "WEBP", quality=5)
+    settings = EnhanceSettings(model="realesr-animevideov3", outscale=4, device="cpu")
+    with pytest.raises(InvalidSettingsError, match="16383 pixels a side.*20000×400.*PNG or TIFF"):
+        plan_input(buf.getvalue(), settings, model_manager, config)
+    assert plan_input(buf.getvalue(), settings.replace(output_format="png"), model_manager, config)[1] == (20000, 400)
 
 
 def test_choose_tile_keeps_a_wide_image_s_bands_within_the_working_set(model_manager):
@@ -208,7 +224,7 @@ def test_rest_refuses_a_6300_square_jpeg_and_a_6000_square_webp_bomb_and_keeps_s
         buf = io.BytesIO()
         Image.new("L", (side, side)).save(buf, fmt, quality=1)  # 36-40 MP, inside the input limit, a few KB
         bombs.append((side, f"bomb.{fmt.lower()}", buf.getvalue(), mime))
-    # planned at 1.05 and 2.8 GB (the WebP output encoded whole: 13 bytes a pixel), over this server's budget
+    # planned at 1.05 and 2.1 GB (the WebP output encoded whole: 8 bytes a pixel), over this server's budget
     with serve_app(tmp_path, shared_weights_dir, max_job_memory_mb=900, device="cpu") as (url, _services):
         with httpx.Client(base_url=url, timeout=120) as client:
             for side, name, bomb, mime in bombs:

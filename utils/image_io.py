@@ -45,9 +45,11 @@ __all__ = [
     "EncodedImage",
     "ImageFormat",
     "LoadedImage",
+    "MAX_SIDE",
     "SavedImage",
     "apply_orientation",
     "as_pixels",
+    "check_encodable",
     "choose_output_format",
     "encode_image",
     "encoding_bytes",
@@ -553,26 +555,42 @@ def _flatten_on_white(pixels: np.ndarray) -> np.ndarray:
     return _by_bands(pixels, pixels.shape[2] - 1, pixels.dtype, flatten)
 
 
-_ENCODER_BYTES_PER_PIXEL: dict[ImageFormat, tuple[float, float]] = {
-    "png": (1.0, 1.0), "tiff": (1.0, 1.0), "jpg": (5.0, 1.0), "webp": (13.0, 13.0)}
-"""What encoding holds per pixel besides the pixels, ``(colour, gray)``, measured (peak RSS of
-``encode_image``/``save_image`` on a 3000x3000 x2-upscaled photo): PNG and TIFF compress strip by strip and hold
-their encoded bytes (0.1-0.8 bytes); JPEG goes through PIL's copy of the image (4 bytes per colour pixel; a gray
-one is shared) and holds its encoded bytes (4.6); WebP through PIL's copy and libwebp's ARGB, YUV and token buffers
-(11.7-13.8, whatever the channels; noise-like content takes up to 33, which an upscaler's output is not)."""
+_ENCODER_BYTES_PER_PIXEL: dict[ImageFormat, tuple[float, float, float, float]] = {
+    "png": (1, 1, 1, 1), "tiff": (1, 1, 1, 1), "jpg": (1, 2, 5, 8), "webp": (7, 14, 8, 14)}
+"""What encoding an 8-bit image holds per pixel besides its pixels, by channels (gray, gray+alpha, RGB, RGBA),
+measured (peak RSS of ``encode_image``/``save_image`` on a 3000x3000 x2-upscaled photo): PNG and TIFF compress
+strip by strip and hold their encoded bytes (0.1-0.8 bytes); JPEG goes through PIL's copy of the image (4 bytes per
+colour pixel; a gray one is shared), alpha first flattened onto white (a copy), and holds its encoded bytes (RGB
+4.6, RGBA 6.4); WebP through a BGR(A) copy and libwebp's YUV and token buffers (:func:`_encode_webp`: gray 6.5,
+RGB 7.2, RGBA 13.7; noise-like content takes up to 30, which an upscaler's output is not)."""
+
+
+MAX_SIDE: dict[ImageFormat, int] = {"jpg": 65500, "webp": 16383}
+"""The longest side each format can hold (libjpeg's and libwebp's limits); PNG and TIFF hold any output."""
+
+
+def check_encodable(width: int, height: int, fmt: str) -> None:
+    """Refuse an output size its format cannot hold, before anything is computed for it.
+
+    Raises:
+        InvalidSettingsError: the output's longer side is over :data:`MAX_SIDE` for ``fmt``.
+    """
+    name = normalize_format(fmt)
+    limit = MAX_SIDE.get(name)
+    if limit is not None and max(width, height) > limit:
+        raise InvalidSettingsError(
+            f"A {name.upper()} image holds at most {limit} pixels a side, and this output would be {width}×{height}. "
+            f"Choose PNG or TIFF (output format png or tiff), or a smaller scale.")
 
 
 def encoding_bytes(width: int, height: int, channels: int, bit_depth: int, fmt: str) -> int:
     """The memory that encoding a ``width`` x ``height`` image of ``channels`` channels and ``bit_depth`` bits as
-    ``fmt`` holds besides its pixels (:data:`_ENCODER_BYTES_PER_PIXEL`, plus the 8-bit or flattened copy that JPEG
-    and WebP make of 16-bit or transparent pixels). Pure."""
+    ``fmt`` holds besides its pixels (:data:`_ENCODER_BYTES_PER_PIXEL`, plus the 8-bit copy that JPEG and WebP make
+    of 16-bit pixels). Pure."""
     name = normalize_format(fmt)
-    colour, gray = _ENCODER_BYTES_PER_PIXEL[name]
-    per_pixel = gray if channels in (1, 2) else colour
+    per_pixel = _ENCODER_BYTES_PER_PIXEL[name][channels - 1]
     if name in ("jpg", "webp") and bit_depth > 8:
         per_pixel += channels  # to_8bit's copy
-    if name == "jpg" and channels in (2, 4):
-        per_pixel += channels - 1  # flattened onto white
     return int(math.ceil(per_pixel * width * height))
 
 
@@ -639,10 +657,36 @@ def _prepared(pixels: np.ndarray, fmt: ImageFormat, quality: int, keep_16bit: bo
     return arr, reduced, flattened
 
 
+def _encode_webp(arr: np.ndarray, quality: int, icc: bytes | None, exif: bytes | None) -> bytes:
+    """Lossy WebP (method 4) through OpenCV's libwebp, which imports the pixels straight into YUV: 4-7 bytes per
+    pixel where PIL's encoder (its copy, libwebp's ARGB, YUV and tokens) held 12-14. The same VP8 and alpha
+    bitstreams as PIL at the same quality, and the same ICC and EXIF chunks (compared byte for byte)."""
+    channels = arr.shape[2]
+    if channels == 3:
+        pixels = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    elif channels == 4:
+        pixels = cv2.cvtColor(arr, cv2.COLOR_RGBA2BGRA)
+    elif channels == 2:
+        pixels = np.concatenate([arr[..., :1]] * 3 + [arr[..., 1:]], axis=2)  # gray+alpha as BGRA
+    else:
+        pixels = arr[..., 0]  # OpenCV expands gray itself
+    kinds, chunks = [], []
+    if icc:
+        kinds.append(cv2.IMAGE_METADATA_ICCP)
+        chunks.append(np.frombuffer(icc, np.uint8))
+    if exif:  # a WebP EXIF chunk holds the TIFF structure without the JPEG marker's prefix
+        kinds.append(cv2.IMAGE_METADATA_EXIF)
+        chunks.append(np.frombuffer(exif[len(_EXIF_PREFIX):] if exif.startswith(_EXIF_PREFIX) else exif, np.uint8))
+    ok, data = cv2.imencodeWithMetadata(".webp", pixels, kinds, chunks, [cv2.IMWRITE_WEBP_QUALITY, quality])
+    if not ok:
+        raise ValueError(f"The WebP encoder failed on a {arr.shape[1]}x{arr.shape[0]} image.")
+    return data.tobytes()
+
+
 def _encode_pil(arr: np.ndarray, fmt: ImageFormat, quality: int, icc: bytes | None, exif: bytes | None) -> bytes:
+    if fmt == "webp":
+        return _encode_webp(arr, quality, icc, exif)
     im = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)  # 16-bit gray becomes PIL's I;16
-    if fmt == "webp" and im.mode in ("L", "LA"):
-        im = im.convert("RGBA" if im.mode == "LA" else "RGB")
     options: dict[str, object] = {}
     if icc:
         options["icc_profile"] = icc
@@ -650,8 +694,6 @@ def _encode_pil(arr: np.ndarray, fmt: ImageFormat, quality: int, icc: bytes | No
         options["exif"] = exif if exif.startswith(_EXIF_PREFIX) else _EXIF_PREFIX + exif
     if fmt == "jpg":
         options.update(quality=quality, subsampling=0 if quality >= 90 else 2)
-    elif fmt == "webp":
-        options.update(quality=quality, method=4)
     elif fmt == "png":
         options.update(compress_level=PNG_COMPRESS_LEVEL)
     elif fmt == "tiff":

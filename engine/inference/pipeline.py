@@ -366,6 +366,7 @@ def plan_job(settings: EnhanceSettings, size: tuple[int, int], model_manager, co
 
     Raises:
         InputTooLargeError: the output is over ``max_output_pixels``.
+        InvalidSettingsError: the output's format cannot hold its size (WebP, JPEG).
         JobTooLargeError: even with small tiles the planned peak passes the memory budget.
     """
     width, height = size
@@ -379,9 +380,11 @@ def plan_job(settings: EnhanceSettings, size: tuple[int, int], model_manager, co
         raise InputTooLargeError(
             f"The output would be {out_w}×{out_h} = {out_w * out_h / 1e6:.0f} MP, over the limit of "
             f"{config.max_output_pixels / 1e6:.0f} MP; choose a smaller scale or raise REALESRGAN_MAX_OUTPUT_PIXELS.")
-    from utils.image_io import choose_output_format
+    from utils.image_io import check_encodable, choose_output_format
 
     encoded_as = choose_output_format(settings.output_format, input_format, channels in (2, 4), bit_depth)
+    if not streamed:
+        check_encodable(out_w, out_h, encoded_as)
     shape = JobShape(width, height, channels, bit_depth, out_w, out_h, encoded_as)
     settings, memory = fit_memory(spec, settings, shape, config, streamed=streamed)
     logger.debug("memory plan for %dx%d -> %dx%d with %s: %s", width, height, out_w, out_h, model_name,
