@@ -653,7 +653,8 @@ def quality_metrics(original: np.ndarray, enhanced: np.ndarray, *,
 
     Returns:
         ``lr_psnr`` (dB, capped at 100), ``lr_ssim``, ``niqe_input`` (bicubic-upscaled input), ``niqe_output``,
-        ``lpips`` (input against the output at the input size), ``identity_similarity`` (mean over pairs) and ``identity_similarity_per_face``, each None
+        ``lpips`` (input against the output at the input size), ``identity_similarity`` (mean over pairs) and
+        ``identity_similarity_per_face``, each None
         when not computable, and ``warnings``: a list of human-readable reasons (and a low-identity warning).
 
     Raises:

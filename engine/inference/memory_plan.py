@@ -142,7 +142,8 @@ class MemoryPlan:
         parts = ", ".join(f"{name} {value / MB:.0f} MB" for name, value in (
             ("output", self.output_bytes), ("bands", self.band_bytes), ("network", self.network_bytes),
             ("input", self.input_bytes), ("metrics after the network", self.metrics_bytes),
-            ("encoding after the metrics", self.encode_bytes), ("faces", self.faces_bytes), ("the batch's previous and next images", self.held_bytes),
+            ("encoding after the metrics", self.encode_bytes), ("faces", self.faces_bytes),
+            ("the batch's previous and next images", self.held_bytes),
             ("runtime", self.base_bytes)) if value)
         vram = f"; VRAM {self.vram_bytes / MB:.0f} MB" if self.vram_bytes else ""
         tile = f"tile {self.tile}" if self.tile else "whole image"
@@ -189,7 +190,7 @@ def faces_bytes(out_pixels: int, channels: int, sample: int) -> int:
 @dataclass(frozen=True)
 class JobShape:
     """The sizes a job's memory follows: the decoded input (channels 1..4, 8 or 16 bits), the output and the format
-    it is written in whole (``utils.image_io.encoding_bytes``; "" for none: a video frame, a streamed file)."""
+    it is written in whole (``utils.image_io.encoding_bytes``; "" when nothing is encoded whole)."""
 
     width: int
     height: int

@@ -350,7 +350,8 @@ def measure(job: Job, original: np.ndarray, enhanced: np.ndarray, source: str | 
                      identity_network=network(IDENTITY_MODEL) if face_pairs else None,
                      face_pairs=list(face_pairs))
     return calculate_image_metrics(original, enhanced, original_bytes=None, enhanced_bytes=None,
-                                   quality=job.settings.quality_metrics, **extra) | ({"source": source} if source else {})
+                                   quality=job.settings.quality_metrics, **extra) | (
+                                       {"source": source} if source else {})
 
 
 # ------------------------------------------------------------------------------------------------ one image
@@ -431,7 +432,8 @@ def fit_memory(spec: ModelSpec, settings: EnhanceSettings, shape: JobShape, conf
              if smaller.vram_bytes > smaller.vram_budget_bytes else
              f"{gigabytes(smaller.peak_bytes)} of RAM at its peak, {gigabytes(smaller.budget_bytes)} available")
     raise JobTooLargeError(
-        f"This job ({shape.width}×{shape.height} → {shape.out_width}×{shape.out_height}) would need {where} ({smaller.describe()}). "
+        f"This job ({shape.width}×{shape.height} → {shape.out_width}×{shape.out_height}) would need {where} "
+        f"({smaller.describe()}). "
         f"Choose a smaller scale or a smaller image, turn off quality metrics, or free memory "
         f"(REALESRGAN_MEMORY_RESERVE_MB, REALESRGAN_MAX_JOB_MEMORY_MB set the budget).",
         actual=smaller.peak_bytes, limit=smaller.budget_bytes)
