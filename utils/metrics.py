@@ -351,9 +351,7 @@ def _compare_bands(original: np.ndarray, enhanced: np.ndarray, crop_side: int = 
     crops: list[tuple[np.ndarray, np.ndarray]] = []
 
     def bands() -> Iterator[tuple[int, int, int, np.ndarray, np.ndarray]]:
-        for top in range(0, height, METRIC_BAND_ROWS):
-            bottom = min(height, top + METRIC_BAND_ROWS)
-            lo, hi = max(0, top - _SSIM_RADIUS), min(height, bottom + _SSIM_RADIUS)
+        for top, bottom, lo, hi in _band_spans(height):
             orig, shrunk = _to_float255(original[lo:hi]), back.rows(lo, hi)
             first, last = max(top, crop_top), min(bottom, crop_top + crop_h)
             if first < last:
@@ -371,13 +369,16 @@ def _lr_consistency_float(orig255: np.ndarray, back255: np.ndarray) -> dict[str,
     """:func:`lr_consistency` of the input and the output already shrunk back to its size (float, 0..255)."""
     height, width = orig255.shape[:2]
 
-    def bands() -> Iterator[tuple[int, int, int, np.ndarray, np.ndarray]]:
-        for top in range(0, height, METRIC_BAND_ROWS):
-            bottom = min(height, top + METRIC_BAND_ROWS)
-            lo, hi = max(0, top - _SSIM_RADIUS), min(height, bottom + _SSIM_RADIUS)
-            yield top, bottom, lo, orig255[lo:hi], back255[lo:hi]
+    bands = ((top, bottom, lo, orig255[lo:hi], back255[lo:hi]) for top, bottom, lo, hi in _band_spans(height))
+    return _lr_consistency_bands(bands, height, width)
 
-    return _lr_consistency_bands(bands(), height, width)
+
+def _band_spans(height: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(top, bottom, lo, hi)`` of each band of :data:`METRIC_BAND_ROWS` rows: its rows ``[top, bottom)`` and
+    the rows ``[lo, hi)`` it reads, with :data:`_SSIM_RADIUS` rows of context each side."""
+    for top in range(0, height, METRIC_BAND_ROWS):
+        bottom = min(height, top + METRIC_BAND_ROWS)
+        yield top, bottom, max(0, top - _SSIM_RADIUS), min(height, bottom + _SSIM_RADIUS)
 
 
 def _lr_consistency_bands(bands: Iterable[tuple[int, int, int, np.ndarray, np.ndarray]], height: int,
