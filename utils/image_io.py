@@ -19,14 +19,13 @@ Nothing here imports ``engine`` or ``ui``; failures raise the domain exceptions 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import math
 import os
 import struct
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Literal, Union, get_args
 
@@ -625,8 +624,10 @@ def encode_image(pixels: np.ndarray, format: str, *, quality: int = 95, icc_prof
         data = buffer.getvalue()
     elif fmt == "tiff" and _tiff_in_strips(arr, exif):
         buffer = io.BytesIO()
-        _save_tiff_pixels(arr, buffer, icc_profile)
+        _write_tiff_pixels(buffer, arr, icc_profile)
         data = buffer.getvalue()
+    elif fmt == "webp":
+        data = _encode_webp(arr, int(quality), icc_profile, exif)
     elif arr.dtype == np.uint16 and arr.shape[2] > 1:  # PIL holds 16-bit grayscale only
         data = _encode_tiff16(arr, icc_profile)
         if exif:
@@ -685,8 +686,6 @@ def _encode_webp(arr: np.ndarray, quality: int, icc: bytes | None, exif: bytes |
 
 
 def _encode_pil(arr: np.ndarray, fmt: ImageFormat, quality: int, icc: bytes | None, exif: bytes | None) -> bytes:
-    if fmt == "webp":
-        return _encode_webp(arr, quality, icc, exif)
     im = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)  # 16-bit gray becomes PIL's I;16
     options: dict[str, object] = {}
     if icc:
@@ -718,13 +717,6 @@ def _tiff_in_strips(pixels: np.ndarray, exif: bytes | None) -> bool:
     deflate): all but images with EXIF (PIL's writer keeps it, uncompressed) and gray+alpha (16-bit is written as
     RGBA by :func:`_encode_tiff16`, PIL writes 8-bit)."""
     return not exif and (pixels.ndim == 2 or pixels.shape[2] != 2)
-
-
-def _save_tiff_pixels(pixels: np.ndarray, target: Path | io.BytesIO, icc_profile: bytes | None) -> SavedImage:
-    """:func:`save_tiff_strips` of whole ``HxWxC`` pixels, 64 rows (views, no copy) at a time."""
-    height, width, channels = pixels.shape
-    return save_tiff_strips((pixels[top:top + 64] for top in range(0, height, 64)), target, size=(width, height),
-                            channels=channels, dtype=pixels.dtype, icc_profile=icc_profile)
 
 
 def _encode_tiff16(arr: np.ndarray, icc: bytes | None) -> bytes:
@@ -778,7 +770,10 @@ def save_image(pixels: np.ndarray, path: str | os.PathLike, *, format: str | Non
                           bit_depth=8 * arr.dtype.itemsize, reduced_to_8bit=reduced)
     if fmt == "tiff" and _tiff_in_strips(pixels, exif):
         arr, reduced, _flattened = _prepared(pixels, fmt, quality, keep_16bit)
-        return replace(_save_tiff_pixels(arr, target, icc_profile), reduced_to_8bit=reduced)
+        with replaced_when_complete(target) as fh:
+            _write_tiff_pixels(fh, arr, icc_profile)
+        return SavedImage(path=target, bytes_written=target.stat().st_size, format="tiff",
+                          bit_depth=8 * arr.dtype.itemsize, reduced_to_8bit=reduced)
     encoded = encode_image(pixels, fmt, quality=quality, icc_profile=icc_profile, exif=exif, keep_16bit=keep_16bit)
     written = write_atomic(target, encoded.data)
     return SavedImage(path=target, bytes_written=written, format=encoded.format, bit_depth=encoded.bit_depth,
@@ -824,7 +819,7 @@ def _checked_rows(rows: "Iterable[np.ndarray]", size: tuple[int, int], channels:
         raise InvalidInputError(f"The streamed image had {seen} rows, expected {height}.")
 
 
-def save_tiff_strips(rows: "Iterable[np.ndarray]", path: str | os.PathLike | io.BytesIO, *, size: tuple[int, int],
+def save_tiff_strips(rows: "Iterable[np.ndarray]", path: str | os.PathLike, *, size: tuple[int, int],
                      channels: int, dtype, icc_profile: bytes | None = None, rows_per_strip: int = 64) -> SavedImage:
     """Write a TIFF from row blocks that arrive top to bottom, never holding the image whole (peak memory: one
     strip and one block, whatever the image's size).
@@ -835,7 +830,7 @@ def save_tiff_strips(rows: "Iterable[np.ndarray]", path: str | os.PathLike | io.
 
     Args:
         rows: ``hxWxC`` blocks (any heights, C = ``channels``, of ``dtype``) that together make the image.
-        path: destination; its folder must exist. A ``BytesIO`` is written in place (:func:`encode_image`).
+        path: destination; its folder must exist.
         size: (width, height) of the whole image.
         channels: 1..4 (Gray, Gray+Alpha, RGB, RGBA); alpha is marked as unassociated alpha.
         dtype: uint8 or uint16.
@@ -846,6 +841,17 @@ def save_tiff_strips(rows: "Iterable[np.ndarray]", path: str | os.PathLike | io.
         InvalidInputError: a block of the wrong shape or dtype, or not exactly ``height`` rows in all.
         OSError: the folder is missing or not writable, the disk is full...
     """
+    with replaced_when_complete(path) as handle:
+        _write_tiff(handle, rows, size=size, channels=channels, dtype=dtype, icc_profile=icc_profile,
+                    rows_per_strip=rows_per_strip)
+    target = Path(path)
+    return SavedImage(path=target, bytes_written=target.stat().st_size, format="tiff",
+                      bit_depth=8 * np.dtype(dtype).itemsize)
+
+
+def _write_tiff(fh: IO[bytes], rows: "Iterable[np.ndarray]", *, size: tuple[int, int], channels: int, dtype,
+                icc_profile: bytes | None, rows_per_strip: int = 64) -> None:
+    """The TIFF of :func:`save_tiff_strips`, written to ``fh``: deflate strips compressed as the rows arrive."""
     import tifffile
 
     width, height = size
@@ -865,14 +871,16 @@ def save_tiff_strips(rows: "Iterable[np.ndarray]", path: str | os.PathLike | io.
 
     photometric = "rgb" if channels >= 3 else "minisblack"
     extra = ["unassalpha"] if channels in (2, 4) else None
-    with (contextlib.nullcontext(path) if isinstance(path, io.BytesIO) else replaced_when_complete(path)) as handle:
-        tifffile.imwrite(handle, data=strips(), shape=(height, width, channels), dtype=dtype,
-                         photometric=photometric, extrasamples=extra, rowsperstrip=rows_per_strip,
-                         compression="zlib", iccprofile=icc_profile or None)
-    if isinstance(path, io.BytesIO):
-        return SavedImage(path=Path(), bytes_written=path.tell(), format="tiff", bit_depth=8 * dtype.itemsize)
-    target = Path(path)
-    return SavedImage(path=target, bytes_written=target.stat().st_size, format="tiff", bit_depth=8 * dtype.itemsize)
+    tifffile.imwrite(fh, data=strips(), shape=(height, width, channels), dtype=dtype, photometric=photometric,
+                     extrasamples=extra, rowsperstrip=rows_per_strip, compression="zlib",
+                     iccprofile=icc_profile or None)
+
+
+def _write_tiff_pixels(fh: IO[bytes], pixels: np.ndarray, icc_profile: bytes | None) -> None:
+    """:func:`_write_tiff` of whole ``HxWxC`` pixels, 64 rows (views, no copy) at a time."""
+    height, width, channels = pixels.shape
+    _write_tiff(fh, (pixels[top:top + 64] for top in range(0, height, 64)), size=(width, height),
+                channels=channels, dtype=pixels.dtype, icc_profile=icc_profile)
 
 
 _PNG_COLOUR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # gray, gray+alpha, RGB, RGBA
