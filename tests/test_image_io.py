@@ -502,6 +502,19 @@ def test_choose_output_format(requested, input_format, has_alpha, bit_depth, exp
     assert choose_output_format(requested, input_format, has_alpha, bit_depth) == expected
 
 
+@pytest.mark.parametrize("requested, input_format, size, expected", [
+    ("auto", "WEBP", (16383, 9), "webp"),
+    ("auto", "WEBP", (9, 16384), "png"),
+    ("auto", "JPEG", (65500, 9), "jpg"),
+    ("auto", "JPEG", (65501, 9), "png"),
+    ("auto", "PNG", (70000, 9), "png"),
+    ("webp", "WEBP", (16384, 9), "webp"),  # an explicit choice stays: check_encodable refuses it with what to do
+])
+def test_choose_output_format_automatic_falls_back_to_png_for_sizes_a_format_cannot_hold(
+        requested, input_format, size, expected):
+    assert choose_output_format(requested, input_format, False, 8, size) == expected
+
+
 def test_choose_output_format_refuses_unknown():
     with pytest.raises(InvalidSettingsError, match="png, jpg, webp, tiff"):
         choose_output_format("gif", "PNG", False, 8)

@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, serve_app
@@ -163,7 +164,8 @@ def test_the_output_format_the_job_writes_is_planned(config, model_manager):
 
 
 def test_an_output_its_format_cannot_hold_is_refused_before_any_work(config, model_manager):
-    """WebP holds 16383 pixels a side: a 5000-pixel-wide WebP at x4 is refused from its header, with what to do."""
+    """WebP holds 16383 pixels a side: a 5000-pixel-wide WebP at x4 asked for as WebP is refused from its header,
+    with what to do; with the automatic format the plan writes it as PNG."""
     from PIL import Image
 
     from engine.inference.pipeline import plan_input
@@ -172,10 +174,38 @@ def test_an_output_its_format_cannot_hold_is_refused_before_any_work(config, mod
 
     buf = io.BytesIO()
     Image.new("RGB", (5000, 100)).save(buf, "WEBP", quality=5)
-    settings = EnhanceSettings(model="realesr-animevideov3", outscale=4, device="cpu")
+    settings = EnhanceSettings(model="realesr-animevideov3", outscale=4, device="cpu", output_format="webp")
     with pytest.raises(InvalidSettingsError, match="16383 pixels a side.*20000×400.*PNG or TIFF"):
         plan_input(buf.getvalue(), settings, model_manager, config)
-    assert plan_input(buf.getvalue(), settings.replace(output_format="png"), model_manager, config)[1] == (20000, 400)
+    _model, size, auto = plan_input(buf.getvalue(), settings.replace(output_format="auto"), model_manager, config)
+    assert size == (20000, 400) and auto.encode_bytes == 20000 * 400  # PNG's 1 byte a pixel, not WebP's 8
+
+
+def test_an_automatic_webp_output_too_wide_for_webp_is_saved_as_png_with_a_note(tmp_path, model_manager):
+    """A batch with the automatic format keeps a WebP input's format unless the output is wider than WebP holds:
+    then the file is a PNG (its name says so) and the item's warnings say why."""
+    from PIL import Image
+
+    from engine.inference.batch import BatchJob, BatchServices, collect_inputs, run_batch
+    from engine.settings import EnhanceSettings
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (6, 4100, 3), dtype=np.uint8)).save(src / "wide.webp", quality=80)
+    Image.fromarray(rng.integers(0, 256, (6, 40, 3), dtype=np.uint8)).save(src / "small.webp", quality=80)
+    settings = EnhanceSettings(model="realesr-animevideov3", outscale=4, device="cpu", tile=0,
+                               quality_metrics=False)
+    report = run_batch(collect_inputs([src]), BatchJob(settings=settings, output_dir=tmp_path / "out"),
+                       BatchServices(model_manager, model_manager.config))
+    by_name = {Path(item.input).name: item for item in report.items}
+    assert all(item.ok for item in report.items), [item.error for item in report.items]
+    wide, small = by_name["wide.webp"], by_name["small.webp"]
+    assert wide.output.name == "wide.png" and small.output.name == "small.webp"
+    with Image.open(wide.output) as saved:
+        assert (saved.format, saved.size) == ("PNG", (16400, 24))
+    assert any("WEBP image holds at most 16383 pixels" in w and "saved as PNG" in w for w in wide.report["warnings"])
+    assert not any("saved as PNG" in w for w in small.report["warnings"])
 
 
 def test_choose_tile_keeps_a_wide_image_s_bands_within_the_working_set(model_manager):

@@ -494,11 +494,18 @@ def format_of_path(path: str | os.PathLike) -> ImageFormat | None:
     return _FORMAT_NAMES.get(Path(path).suffix.lower().lstrip("."))
 
 
-def choose_output_format(requested: str, input_format: str | None, has_alpha: bool, bit_depth: int) -> ImageFormat:
+MAX_SIDE: dict[ImageFormat, int] = {"jpg": 65500, "webp": 16383}
+"""The longest side each format can hold (libjpeg's and libwebp's limits); PNG and TIFF hold any output."""
+
+
+def choose_output_format(requested: str, input_format: str | None, has_alpha: bool, bit_depth: int,
+                         size: tuple[int, int] | None = None) -> ImageFormat:
     """Pick the output format. An explicit request wins; ``"auto"`` keeps quality and the user's choice.
 
     ``"auto"``: 16-bit → png; JPEG input without alpha → jpg; WebP input → webp (it holds alpha); anything else
-    (PNG, TIFF, BMP, arrays, alpha) → png, which is lossless and holds alpha and 16 bits.
+    (PNG, TIFF, BMP, arrays, alpha) → png, which is lossless and holds alpha and 16 bits. An output ``size``
+    (width, height) that the chosen format cannot hold (:data:`MAX_SIDE`: a WebP over 16383 px) → png as well;
+    an explicit request for such a format is refused by :func:`check_encodable`.
 
     Raises:
         InvalidSettingsError: ``requested`` is not auto, png, jpg/jpeg, webp or tiff/tif.
@@ -509,11 +516,14 @@ def choose_output_format(requested: str, input_format: str | None, has_alpha: bo
     source = {"JPG": "JPEG", "MPO": "JPEG", "TIF": "TIFF"}.get(source, source)
     if bit_depth > 8:
         return "png"
+    chosen: ImageFormat = "png"
     if source == "JPEG" and not has_alpha:
-        return "jpg"
-    if source == "WEBP":
-        return "webp"
-    return "png"
+        chosen = "jpg"
+    elif source == "WEBP":
+        chosen = "webp"
+    if size is not None and max(size) > MAX_SIDE.get(chosen, max(size)):
+        return "png"
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------------------- encode
@@ -562,10 +572,6 @@ strip by strip and hold their encoded bytes (0.1-0.8 bytes); JPEG goes through P
 colour pixel; a gray one is shared), alpha first flattened onto white (a copy), and holds its encoded bytes (RGB
 4.6, RGBA 6.4); WebP through a BGR(A) copy and libwebp's YUV and token buffers (:func:`_encode_webp`: gray 6.5,
 RGB 7.2, RGBA 13.7; noise-like content takes up to 30, which an upscaler's output is not)."""
-
-
-MAX_SIDE: dict[ImageFormat, int] = {"jpg": 65500, "webp": 16383}
-"""The longest side each format can hold (libjpeg's and libwebp's limits); PNG and TIFF hold any output."""
 
 
 def check_encodable(width: int, height: int, fmt: str) -> None:

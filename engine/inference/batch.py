@@ -145,8 +145,10 @@ def output_path_for(source: Path, target: Path) -> Path:
     return target
 
 
-def _target(item: BatchInput, job: BatchJob, settings: EnhanceSettings, loaded) -> tuple[Path | None, str]:
-    """Where one output goes and in which format ("auto" keeps what the input needs: alpha, 16 bits)."""
+def _target(item: BatchInput, job: BatchJob, settings: EnhanceSettings, loaded,
+            out_size: tuple[int, int]) -> tuple[Path | None, str]:
+    """Where one output goes and in which format ("auto" keeps what the input needs: alpha, 16 bits, and a format
+    that holds the output's size)."""
     from utils.image_io import choose_output_format, format_of_path
 
     if job.output_file is not None:
@@ -155,7 +157,7 @@ def _target(item: BatchInput, job: BatchJob, settings: EnhanceSettings, loaded) 
             raise InvalidSettingsError(f"Unknown output extension {job.output_file.suffix!r}: use .png, .jpg, .webp "
                                     "or .tiff.")
         return _own_path(item, job.output_file), fmt
-    fmt = choose_output_format(settings.output_format, loaded.format, loaded.has_alpha, loaded.bit_depth)
+    fmt = choose_output_format(settings.output_format, loaded.format, loaded.has_alpha, loaded.bit_depth, out_size)
     if job.output_dir is None:
         return None, fmt
     return _own_path(item, job.output_dir / item.rel.with_suffix("." + fmt)), fmt
@@ -219,12 +221,12 @@ def _streamed_format(job: BatchJob, settings: EnhanceSettings) -> str | None:
 
 
 def plan_mode(item: BatchInput, job: BatchJob, settings: EnhanceSettings, services: BatchServices, *,
-              overlapped: bool = False) -> str:
-    """``"memory"`` or ``"stream"`` for one input, from its header alone (no pixel decoded): the output whole in
-    RAM when the memory plan fits, else straight into its TIFF or PNG file in strips when that fits
-    (:func:`engine.inference.memory_plan.output_mode`). ``overlapped``: the input is one of a batch that saves the
-    previous result while the network runs; ``"alone"`` when the plan fits only without that
-    (:func:`engine.inference.memory_plan.overlapped`).
+              overlapped: bool = False) -> tuple[str, tuple[int, int] | None]:
+    """``"memory"`` or ``"stream"`` for one input, from its header alone (no pixel decoded), and the output's size
+    (None when streamed): the output whole in RAM when the memory plan fits, else straight into its TIFF or PNG file
+    in strips when that fits (:func:`engine.inference.memory_plan.output_mode`). ``overlapped``: the input is one
+    of a batch that saves the previous result while the network runs; ``"alone"`` when the plan fits only without
+    that (:func:`engine.inference.memory_plan.overlapped`).
 
     Raises:
         JobTooLargeError: neither fits; the message says what would (the TIFF or PNG format, a smaller scale).
@@ -236,8 +238,8 @@ def plan_mode(item: BatchInput, job: BatchJob, settings: EnhanceSettings, servic
     from engine.inference.pipeline import plan_input
 
     try:
-        plan = plan_input(item.source, settings, services.model_manager, services.config)[2]
-        return "alone" if overlapped and not memory_plan.overlapped(plan).fits else "memory"
+        _model, out_size, plan = plan_input(item.source, settings, services.model_manager, services.config)
+        return ("alone" if overlapped and not memory_plan.overlapped(plan).fits else "memory"), out_size
     except JobTooLargeError as in_memory:
         refusal = in_memory
     to_file, streamable = job.output_file is not None or job.output_dir is not None, not settings.face_enhance
@@ -249,7 +251,7 @@ def plan_mode(item: BatchInput, job: BatchJob, settings: EnhanceSettings, servic
     mode = output_mode(False, fits_streamed, to_stream_file=_streamed_format(job, settings) is not None,
                        streamable=streamable)
     if mode != "refuse":
-        return mode
+        return mode, None
     if fits_streamed:  # a file in another format: as a TIFF or PNG it would fit
         raise JobTooLargeError(
             f"{refusal} Written as TIFF or PNG it would fit: choose one of those output formats (CLI: --format "
@@ -271,7 +273,7 @@ def _read(item: BatchInput, job: BatchJob, services: BatchServices, overlapped: 
     try:
         loaded = load_input(item.source, services.config) if job.auto else None  # the advisor needs the pixels
         settings, reasons = settings_for(None if loaded is None else loaded.pixels, job, services.advisor)
-        mode = plan_mode(item, job, settings, services, overlapped=overlapped)
+        mode, out_size = plan_mode(item, job, settings, services, overlapped=overlapped)
         if mode == "stream":
             fmt = _streamed_format(job, settings)
             target = _own_path(item, job.output_file if job.output_file is not None
@@ -281,7 +283,7 @@ def _read(item: BatchInput, job: BatchJob, services: BatchServices, overlapped: 
             return _Read(item, label, None, settings, reasons, target, fmt, stream=True,
                          seconds=time.perf_counter() - started)
         loaded = loaded if loaded is not None else load_input(item.source, services.config)
-        target, fmt = _target(item, job, settings, loaded)
+        target, fmt = _target(item, job, settings, loaded, out_size)
         if target is not None and job.skip_existing and target.exists():
             return _Read(item, label, outcome=BatchItem(label, target, ok=True, skipped=True))
         return _Read(item, label, loaded, settings, reasons, target, fmt,

@@ -60,15 +60,7 @@ def output_format_for(result: EnhanceResult, requested: str | None = None) -> st
     from utils.image_io import choose_output_format
 
     return choose_output_format(requested or result.settings.output_format, result.input_format,
-                                result.mode in ("LA", "RGBA"), result.bit_depth)
-
-
-def extension_for(path: Path, settings: EnhanceSettings) -> str:
-    """The output file's extension for an input file, before decoding it (``.bmp`` inputs become ``.png``)."""
-    if settings.output_format != "auto":
-        return "." + settings.output_format
-    ext = path.suffix.lower()
-    return {".jpeg": ".jpg", ".tif": ".tiff", ".bmp": ".png"}.get(ext, ext if ext in IMAGE_EXTENSIONS else ".png")
+                                result.mode in ("LA", "RGBA"), result.bit_depth, result.size)
 
 
 def save_result(result: EnhanceResult, path: str | Path, *, original_bytes: int | None = None,
