@@ -437,6 +437,20 @@ class ModelManager:
         precision = effective_precision(spec, torch_device.type, precision)
         return (spec.name, str(torch_device), precision, denoise_strength) in self._cache
 
+    def held_bytes(self, job_model: str, *, faces: bool = False) -> int:
+        """Host bytes of the networks this manager keeps loaded that a job on ``job_model`` does not use: other
+        models, and the face networks when the job restores no faces. What a long-lived app holds besides a job's
+        memory plan (:attr:`engine.inference.memory_plan.MemoryPlan.cached_bytes`). Not counted: ``job_model``
+        itself in any precision and the metric networks (the plan's runtime holds them), networks on a GPU (VRAM)."""
+        unused = {"metric"} | ({"face", "detector", "parser"} if faces else set())
+        total = 0
+        for loaded in list(self._cache.values()):
+            if loaded.spec.name == job_model or loaded.spec.kind in unused or loaded.device.type != "cpu":
+                continue
+            tensors = [*loaded.net.parameters(), *loaded.net.buffers()]
+            total += sum(t.numel() * t.element_size() for t in tensors)
+        return total
+
     def loaded_models(self) -> list[str]:
         return [f"{k[0]}@{k[1]}/{k[2]}" + (f"/dn{k[3]}" if k[3] is not None else "") for k in list(self._cache)]
 

@@ -181,6 +181,28 @@ def test_an_output_its_format_cannot_hold_is_refused_before_any_work(config, mod
     assert size == (20000, 400) and auto.encode_bytes == 20000 * 400  # PNG's 1 byte a pixel, not WebP's 8
 
 
+def test_the_plan_counts_the_networks_a_long_lived_app_keeps_loaded(config, model_manager):
+    """A server that ran other models keeps them loaded, and its budget counts what the process holds: a job's peak
+    counts them too, but not the job's own model (in the runtime) nor networks nobody loaded."""
+    from PIL import Image
+
+    from engine.inference.pipeline import plan_input
+    from engine.settings import EnhanceSettings
+
+    buf = io.BytesIO()
+    Image.new("RGB", (200, 150)).save(buf, "PNG")
+    settings = EnhanceSettings(model="realesr-animevideov3", outscale=2, device="cpu", precision="fp32", tile=0)
+    alone = plan_input(buf.getvalue(), settings, model_manager, config)[2]
+    model_manager.load_model("realesr-animevideov3", "cpu", "fp32", allow_download=False)
+    assert plan_input(buf.getvalue(), settings, model_manager, config)[2].cached_bytes == alone.cached_bytes == 0
+    other = model_manager.load_model("realesr-animevideov3-x2", "cpu", "fp32", allow_download=False).net
+    other_bytes = sum(t.numel() * t.element_size() for t in [*other.parameters(), *other.buffers()])
+    held = plan_input(buf.getvalue(), settings, model_manager, config)[2]
+    assert held.cached_bytes == other_bytes > 2_000_000
+    assert held.peak_bytes == alone.peak_bytes + other_bytes
+    assert "other loaded models 2 MB" in held.describe() and held.as_dict()["parts_mb"]["cached"] > 2
+
+
 def test_an_automatic_webp_output_too_wide_for_webp_is_saved_as_png_with_a_note(tmp_path, model_manager):
     """A batch with the automatic format keeps a WebP input's format unless the output is wider than WebP holds:
     then the file is a PNG (its name says so) and the item's warnings say why."""

@@ -30,6 +30,9 @@ memory is a sum of parts that each have a known size:
   buffers for JPEG and WebP, the encoded bytes), after the metrics, in the same freed memory.
 * ``held`` (a batch that overlaps): the previous image's output and its metrics or encoding, and the next input
   (:func:`overlapped`).
+* ``cached`` (a long-lived app): the networks the model manager keeps loaded that the job does not use (other
+  models, a face network when it restores no faces: ``engine.model_manager.ModelManager.held_bytes``); the budget
+  (``engine.inference.planning.memory_budget``) counts what the process holds already, so the peak must too.
 * ``faces``: the face network (:data:`FACE_NETWORK_BYTES`) and, for an output that is not 8-bit RGB, the 8-bit RGB
   copy the identity metric cuts faces from; the faces themselves are pasted into the output in place.
 
@@ -122,6 +125,7 @@ class MemoryPlan:
     vram_budget_bytes: int = 0
     held_bytes: int = 0  # a batch's neighbours while this network runs (see :func:`overlapped`)
     encode_bytes: int = 0  # writing the output whole in its format, after the metrics
+    cached_bytes: int = 0  # networks a long-lived process keeps loaded that this job does not use
 
     @property
     def peak_bytes(self) -> int:
@@ -129,8 +133,8 @@ class MemoryPlan:
         in that memory, and the encoding after them: the largest of the three counts (bench/bench_memory.py, six
         in-memory CPU cases: plan over measured peak 1.18-1.25x when the network and the metrics were both
         counted, 1.04-1.17x with the larger)."""
-        return (self.base_bytes + self.input_bytes + self.output_bytes + self.faces_bytes + self.held_bytes
-                + max(self.network_bytes + self.band_bytes, self.metrics_bytes, self.encode_bytes))
+        return (self.base_bytes + self.cached_bytes + self.input_bytes + self.output_bytes + self.faces_bytes
+                + self.held_bytes + max(self.network_bytes + self.band_bytes, self.metrics_bytes, self.encode_bytes))
 
     @property
     def fits(self) -> bool:
@@ -144,7 +148,7 @@ class MemoryPlan:
             ("input", self.input_bytes), ("metrics after the network", self.metrics_bytes),
             ("encoding after the metrics", self.encode_bytes), ("faces", self.faces_bytes),
             ("the batch's previous and next images", self.held_bytes),
-            ("runtime", self.base_bytes)) if value)
+            ("other loaded models", self.cached_bytes), ("runtime", self.base_bytes)) if value)
         vram = f"; VRAM {self.vram_bytes / MB:.0f} MB" if self.vram_bytes else ""
         tile = f"tile {self.tile}" if self.tile else "whole image"
         return f"peak RAM {self.peak_bytes / MB:.0f} MB ({parts}){vram}, {tile}"
@@ -153,7 +157,8 @@ class MemoryPlan:
         return {"peak_mb": round(self.peak_bytes / MB, 1), "budget_mb": round(self.budget_bytes / MB, 1),
                 "vram_mb": round(self.vram_bytes / MB, 1), "tile": self.tile, "fits": self.fits,
                 "parts_mb": {name: round(getattr(self, f"{name}_bytes") / MB, 1) for name in (
-                    "base", "input", "network", "band", "output", "metrics", "encode", "faces", "held")}}
+                    "base", "input", "network", "band", "output", "metrics", "encode", "faces", "held",
+                    "cached")}}
 
 
 def band_bytes(tile_rows: int, height: int, width: int, scale: int) -> int:

@@ -7,7 +7,7 @@ it returns and the advisor shows the same number.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from engine.catalog import ModelSpec
@@ -228,11 +228,13 @@ def memory_budget(config, device=None) -> tuple[int, int]:
     return max(host, 0), vram
 
 
-def plan_job_memory(spec: ModelSpec, settings: EnhanceSettings, shape, *, device, config, streamed: bool = False):
+def plan_job_memory(spec: ModelSpec, settings: EnhanceSettings, shape, *, device, config, streamed: bool = False,
+                    cached_bytes: int = 0):
     """The :class:`~engine.inference.memory_plan.MemoryPlan` of one image job of ``shape`` (a
     :class:`~engine.inference.memory_plan.JobShape`) on ``device`` now: the tile the engine will run
     (``choose_tile`` for ``tile=auto``) and this machine's budget; ``streamed``: the output goes straight into a
-    file in strips (:func:`~engine.inference.memory_plan.streamed`)."""
+    file in strips (:func:`~engine.inference.memory_plan.streamed`); ``cached_bytes``: networks the process keeps
+    loaded that the job does not use (``ModelManager.held_bytes``)."""
     from engine import upscaler
     from engine.inference import memory_plan
     from engine.inference.memory_plan import NetworkRun, plan_memory
@@ -258,4 +260,5 @@ def plan_job_memory(spec: ModelSpec, settings: EnhanceSettings, shape, *, device
                        model_alpha=shape.channels in (2, 4) and settings.alpha_mode == "model",
                        spandrel=settings.face_enhance or spec.arch not in networks.ARCHITECTURES,
                        cuda_libraries_released=release_unusable_cuda_libraries() > 0)
+    plan = replace(plan, cached_bytes=int(cached_bytes))
     return memory_plan.streamed(plan, shape, spec.network_scale) if streamed else plan
