@@ -211,6 +211,25 @@ def test_enhance_returns_the_image_at_the_requested_size(client, api_env):
     assert _all_files(config.output_dir) + _all_files(config.temp_dir) == before == []
 
 
+def test_the_success_body_streams_its_base64_in_chunks_with_the_exact_length(client, monkeypatch):
+    """The same JSON, its base64 text made a chunk at a time (here 111 bytes of image per chunk: dozens of chunks,
+    none padded but the last, which strict base64 checks), sent with its exact Content-Length, not chunked."""
+    from ui import rest_api
+
+    monkeypatch.setattr(rest_api, "BASE64_CHUNK_BYTES", 111)
+    response = client.post("/api/v1/enhance", files=_files(_png(32, 24)),
+                           data={"model": FAST_MODEL, "upscale_factor": "2"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert "transfer-encoding" not in response.headers
+    body = response.json()
+    assert list(body) == ["status", "data"] and body["status"] == "success"
+    image = base64.b64decode(body["data"]["restored_image"], validate=True)
+    assert len(image) == body["data"]["metrics"]["enhanced_bytes"] > 10 * 111
+    assert Image.open(io.BytesIO(image)).size == (64, 48)
+
+
 def test_enhance_jpeg_output_and_uploads_over_a_megabyte_stay_in_memory(client, monkeypatch):
     """Starlette spools uploads over 1 MB to a temp file; the API must not (a 1.5 MB+ upload, no temp file)."""
     created: list[str] = []
