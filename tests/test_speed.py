@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -158,6 +159,46 @@ def test_an_overlapped_batch_gives_the_serial_outputs_in_order(tmp_path, model_m
     for a, b in zip(serial.items, overlapped.items):
         if a.ok:
             assert a.output.read_bytes() == b.output.read_bytes() and a.output.name == b.output.name
+
+
+def test_metrics_measured_behind_by_the_writer_are_the_same_as_in_the_network_s_thread(
+        tmp_path, model_manager_session, monkeypatch):
+    """With ``measure_behind`` (the default on a GPU) the writer thread measures each result's quality before saving
+    it, while the network runs the next image: the same metrics, warnings and files as when the network's thread
+    measures them (the default on the CPU)."""
+    from engine.inference import pipeline
+    from engine.inference.batch import BatchServices, collect_inputs, run_batch
+
+    measured_on: list[str] = []
+    real_measure = pipeline.measure
+
+    def measure(*args, **kwargs):
+        measured_on.append(threading.current_thread().name)
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "measure", measure)
+    items = collect_inputs([_folder(tmp_path, 4, broken_at=1)])
+    services = BatchServices(model_manager_session, model_manager_session.config)
+    reports, threads = {}, {}
+    for behind in (False, True):
+        measured_on.clear()
+        job = _job(tmp_path / f"out-{behind}")
+        job = dataclasses.replace(job, settings=job.settings.replace(quality_metrics=True))
+        reports[behind] = run_batch(items, job, services, measure_behind=behind)
+        threads[behind] = set(measured_on)
+        assert len(measured_on) == 3  # the broken input never reaches the network
+    assert threads[False] == {threading.main_thread().name}
+    assert all(name.startswith("batch-write") for name in threads[True])
+    for here, behind in zip(reports[False].items, reports[True].items):
+        assert here.ok == behind.ok and here.error == behind.error
+        if here.ok:
+            assert here.output.read_bytes() == behind.output.read_bytes()
+            numbers = {k: v for k, v in here.report["metrics"].items() if isinstance(v, float)}
+            assert "lr_psnr" in numbers and "metrics" in behind.report["timings"]
+            assert {k: behind.report["metrics"][k] for k in numbers} == pytest.approx(numbers, rel=1e-9)
+            assert {k: v for k, v in behind.report["metrics"].items() if k not in numbers} == {
+                k: v for k, v in here.report["metrics"].items() if k not in numbers}
+            assert behind.report["warnings"] == here.report["warnings"]
 
 
 def test_the_reader_stays_at_most_read_ahead_inputs_before_the_network(tmp_path, model_manager_session):

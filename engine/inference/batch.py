@@ -168,6 +168,20 @@ def _own_path(item: BatchInput, target: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ running
+def _measures_behind(measure_behind: bool | None, read: _Read, services: BatchServices) -> bool:
+    """Whether an overlapped batch leaves this input's quality metrics to the writer (see :func:`run_batch`)."""
+    if read.settings is None or not read.settings.quality_metrics:
+        return False
+    if measure_behind is not None:
+        return measure_behind
+    from engine.inference.pipeline import job_device
+
+    try:
+        return job_device(read.settings, services.config).type != "cpu"
+    except InvalidSettingsError:  # the network's own planning reports it
+        return False
+
+
 def settings_for(pixels, job: BatchJob, advisor) -> tuple[EnhanceSettings, tuple[str, ...]]:
     """The settings for one image: with ``auto`` the advisor's choices under the user's explicit values; a job with
     an output file writes the format its extension names (:func:`_target`), which the memory plan counts."""
@@ -292,9 +306,10 @@ def _read(item: BatchInput, job: BatchJob, services: BatchServices, overlapped: 
         return _Read(item, label, outcome=_failed(label, exc))
 
 
-def _enhance(read: _Read, services: BatchServices, progress, cancel) -> EnhanceResult | BatchItem:
+def _enhance(read: _Read, services: BatchServices, progress, cancel, *,
+             defer_metrics: bool = False) -> EnhanceResult | BatchItem:
     """The network part of one input (under the device slot): its result, or the failed item (or, streamed, the
-    finished item); cancelling raises."""
+    finished item); cancelling raises. ``defer_metrics``: the quality metrics are left to :func:`_write`."""
     from engine.inference.pipeline import enhance_image
 
     try:
@@ -302,7 +317,7 @@ def _enhance(read: _Read, services: BatchServices, progress, cancel) -> EnhanceR
             if read.stream:
                 return _stream(read, services, progress, cancel)
             return enhance_image(read.loaded, read.settings, services.model_manager, progress,
-                                 config=services.config, cancel=cancel)
+                                 config=services.config, cancel=cancel, defer_metrics=defer_metrics)
     except CancelledError:
         raise
     except Exception as exc:  # one bad image must not stop the batch; the reason is kept
@@ -326,7 +341,14 @@ def _stream(read: _Read, services: BatchServices, progress, cancel) -> BatchItem
 
 
 def _write(read: _Read, result: EnhanceResult, config) -> BatchItem:
-    """Save one result where the job says (or keep it in memory); never raises (the item records why)."""
+    """Measure one result's quality if that was deferred, and save it where the job says (or keep it in memory);
+    never raises (the item records why)."""
+    from engine.inference.pipeline import finish_metrics
+
+    try:
+        result = finish_metrics(result)
+    except Exception as exc:  # as a failure inside enhance_image would: this item only
+        return _failed(read.label, exc)
     report = result.report() | {"input": str(read.label)}
     if read.target is None:
         return BatchItem(read.label, None, ok=True, report=report, reasons=read.reasons, result=result)
@@ -363,7 +385,8 @@ WRITE_BEHIND = 1
 
 def run_batch(items: Sequence[BatchInput], job: BatchJob, services: BatchServices, *,
               progress: BatchProgress | None = None, cancel: threading.Event | None = None,
-              on_item: Callable[[BatchItem], None] | None = None, overlap: bool = True) -> BatchReport:
+              on_item: Callable[[BatchItem], None] | None = None, overlap: bool = True,
+              measure_behind: bool | None = None) -> BatchReport:
     """Enhance every input in order, continuing past failures; ``on_item`` sees each item as it finishes, in order,
     on the caller's thread.
 
@@ -371,7 +394,9 @@ def run_batch(items: Sequence[BatchInput], job: BatchJob, services: BatchService
     saved by two helper threads while the network works on the current one (at most :data:`READ_AHEAD` inputs
     ahead and :data:`WRITE_BEHIND` results behind): the device never waits for the disk. Each helper is one
     thread doing mostly single-threaded decoding and encoding, so on a CPU-only machine it takes little from the
-    network's threads.
+    network's threads. ``measure_behind``: the quality metrics of the previous result are measured by the writer
+    too, before its save (None: when the network runs on a GPU, which would otherwise wait for them; on the CPU
+    they would take the network's cores, so the network's thread measures them).
 
     Raises:
         CancelledError: ``cancel`` was set (the items done so far are saved, and reported to ``on_item``).
@@ -431,7 +456,8 @@ def run_batch(items: Sequence[BatchInput], job: BatchJob, services: BatchService
                 else:
                     if read.alone:
                         report_ready(0)  # its plan fits only once the previous result is saved and let go
-                    result = _enhance(read, services, image_progress(index), cancel)
+                    result = _enhance(read, services, image_progress(index), cancel,
+                                      defer_metrics=_measures_behind(measure_behind, read, services))
                     if isinstance(result, BatchItem):
                         outcome.set_result(result)
                     else:

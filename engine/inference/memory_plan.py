@@ -28,8 +28,8 @@ memory is a sum of parts that each have a known size:
   bands held, so the peak counts the larger of the two (:attr:`MemoryPlan.peak_bytes`).
 * ``encode``: writing the output whole in its format (``utils.image_io.encoding_bytes``: PIL's copy and libwebp's
   buffers for JPEG and WebP, the encoded bytes), after the metrics, in the same freed memory.
-* ``held`` (a batch that overlaps): the previous image's output and its metrics or encoding, and the next input
-  (:func:`overlapped`).
+* ``held`` (a batch that overlaps): the previous image's output, its input (its metrics may be measured there) and
+  its metrics or encoding, and the next input (:func:`overlapped`).
 * ``cached`` (a long-lived app): the networks the model manager keeps loaded that the job does not use (other
   models, a face network when it restores no faces: ``engine.model_manager.ModelManager.held_bytes``); the budget
   (``engine.inference.planning.memory_budget``) counts what the process holds already, so the peak must too.
@@ -305,11 +305,13 @@ def streamed(plan: MemoryPlan, shape: JobShape, scale: int) -> MemoryPlan:
 
 def overlapped(plan: MemoryPlan) -> MemoryPlan:
     """The plan of the same job in a batch that overlaps (``engine.inference.batch.run_batch``): while its network
-    runs, the previous image's result is measured and saved (its output, and its metrics or its encoding) and the
-    next input is decoded (its pixels), counted as an image of the same size on either side. Pure."""
+    runs, the previous image's result is measured and saved (its output and input, and its metrics or its
+    encoding) and the next input is decoded (its pixels), counted as an image of the same size on either side.
+    Pure."""
     from dataclasses import replace
 
-    return replace(plan, held_bytes=plan.output_bytes + max(plan.metrics_bytes, plan.encode_bytes) + plan.input_bytes)
+    return replace(plan, held_bytes=plan.output_bytes + max(plan.metrics_bytes, plan.encode_bytes)
+                   + 2 * plan.input_bytes)
 
 
 def output_mode(fits_in_memory: bool, fits_streamed: bool, *, to_stream_file: bool, streamable: bool = True) -> str:

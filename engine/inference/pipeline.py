@@ -494,9 +494,39 @@ def plan_input(source, settings: EnhanceSettings, model_manager, config, *, stre
     return job.model_name, out_size, job.memory
 
 
+@dataclass(frozen=True)
+class PendingMetrics:
+    """What measuring a result's quality needs besides its pixels, kept when :func:`enhance_image` defers it."""
+
+    job: Job
+    original: np.ndarray
+    source_name: str | None
+    face_pairs: tuple = ()
+
+
+def _measured(pending: PendingMetrics, out_pixels: np.ndarray) -> tuple[dict, tuple[str, ...], float]:
+    """(metrics, the warnings they raise for the user, seconds)."""
+    started = time.perf_counter()
+    metrics = measure(pending.job, pending.original, out_pixels, pending.source_name, pending.face_pairs)
+    warnings = tuple(w for w in metrics.get("warnings", ()) if w.startswith("identity similarity") and "below" in w)
+    return metrics, warnings, time.perf_counter() - started
+
+
+def finish_metrics(result: EnhanceResult) -> EnhanceResult:
+    """``result`` with its quality metrics, when :func:`enhance_image` deferred them (``defer_metrics``: the batch
+    runner measures in its writer thread while the device runs the next image); else ``result`` itself."""
+    pending = result.pending_metrics
+    if pending is None:
+        return result
+    metrics, warnings, seconds = _measured(pending, result.pixels)
+    return replace(result, metrics=metrics, warnings=tuple(dict.fromkeys(result.warnings + warnings)),
+                   timings=result.timings | {"metrics": seconds}, pending_metrics=None)
+
+
 def enhance_image(image, settings: EnhanceSettings | None, model_manager, progress: ProgressFn | None = None, *,
-                  config=None, cancel: threading.Event | None = None) -> EnhanceResult:
-    """Enhance one image (see :func:`engine.processor.enhance_image_direct`, its public name)."""
+                  config=None, cancel: threading.Event | None = None, defer_metrics: bool = False) -> EnhanceResult:
+    """Enhance one image (see :func:`engine.processor.enhance_image_direct`, its public name). ``defer_metrics``:
+    return before the quality metrics, which :func:`finish_metrics` measures later (the input is kept until then)."""
     from config import Config
 
     config = config if config is not None else Config()
@@ -539,11 +569,12 @@ def enhance_image(image, settings: EnhanceSettings | None, model_manager, progre
         timings["faces"] = time.perf_counter() - t3
     out_pixels = canvas.pixels
 
-    report(0.92, "Measuring quality")
-    t4 = time.perf_counter()
-    metrics = measure(job, pixels, out_pixels, loaded_image.source_name, faces.pairs)
-    warnings += tuple(w for w in metrics.get("warnings", ()) if w.startswith("identity similarity") and "below" in w)
-    timings["metrics"] = time.perf_counter() - t4
+    pending, metrics = PendingMetrics(job, pixels, loaded_image.source_name, tuple(faces.pairs)), {}
+    if not defer_metrics:
+        report(0.92, "Measuring quality")
+        metrics, measured_warnings, timings["metrics"] = _measured(pending, out_pixels)
+        warnings += measured_warnings
+        pending = None
     from utils.gpu import clear_cache
 
     clear_cache()
@@ -555,7 +586,8 @@ def enhance_image(image, settings: EnhanceSettings | None, model_manager, progre
         warnings=tuple(dict.fromkeys(warnings)), metrics=metrics, input_size=(width, height),
         faces_detected=faces.detected, faces_restored=faces.restored, face_detector=faces.detector,
         face_crops=faces.crops, icc_profile=loaded_image.icc_profile if keep else None,
-        exif=loaded_image.exif if keep else None, input_format=loaded_image.format, settings=job.settings)
+        exif=loaded_image.exif if keep else None, input_format=loaded_image.format, settings=job.settings,
+        pending_metrics=pending)
 
 
 def enhance_streamed(image, settings: EnhanceSettings | None, model_manager, path,

@@ -39,6 +39,7 @@ class EnhanceResult:
     exif: bytes | None = None
     input_format: str | None = None
     settings: EnhanceSettings = field(default_factory=EnhanceSettings)
+    pending_metrics: object = None  # quality metrics still to measure (engine.inference.pipeline.finish_metrics)
 
     @property
     def size(self) -> tuple[int, int]:
