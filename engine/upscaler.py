@@ -41,6 +41,7 @@ per pass, +280 MB, ~10.8 KB each).
 from __future__ import annotations
 
 import copy
+from collections import deque
 import logging
 import math
 import operator
@@ -272,6 +273,9 @@ class TileOptions:
         dtype: the network's parameter dtype: float32, float16 or bfloat16.
         pad_multiple: the network needs input sizes divisible by this (RRDBNet x2: 2, x1: 4).
         min_tile: smallest tile the out-of-memory fallback tries (>= 8).
+        in_flight: forward passes started before the oldest one's output is blended: None is 1 on CUDA (the GPU
+            computes the next batch while the CPU blends this one) and 0 elsewhere (on the CPU the blend would
+            take the network's cores, and an output more would be held).
 
     Raises:
         InvalidSettingsError: (a ``ValueError``) a value out of range; the message names the field.
@@ -285,6 +289,7 @@ class TileOptions:
     dtype: torch.dtype = torch.float32
     pad_multiple: int = 1
     min_tile: int = 32
+    in_flight: int | None = None
 
     def __post_init__(self) -> None:
         for name, minimum, meaning in (("scale", 1, "output/input size ratio"),
@@ -294,6 +299,9 @@ class TileOptions:
                                        ("pad_multiple", 1, "input size multiple the network needs"),
                                        ("min_tile", 8, "smallest tile of the out-of-memory fallback")):
             object.__setattr__(self, name, _whole_number(name, getattr(self, name), minimum, meaning))
+        if self.in_flight is not None:
+            object.__setattr__(self, "in_flight", _whole_number("in_flight", self.in_flight, 0,
+                                                                "forward passes started ahead of the blending"))
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError) as error:
@@ -513,6 +521,34 @@ class _Source:
         return tensor.expand(-1, 3, -1, -1) if tensor.shape[1] == 1 else tensor
 
 
+def _launch(run_batch: RunBatch, net: nn.Module, parts: list[torch.Tensor],
+            options: TileOptions) -> Callable[[], torch.Tensor]:
+    """Start one forward pass on ``parts`` (1x3xhxw float tiles on the CPU); returns what waits for its output as a
+    float32 CPU tensor. On CUDA nothing waits here: the tiles go up from pinned memory and the output comes back
+    into pinned memory without blocking, an event marking when it is there, so the host can blend the previous
+    batch while the GPU computes this one. Elsewhere the pass runs now (the CPU is the device)."""
+    cuda = options.device.type == "cuda"
+    batch = torch.cat(parts)
+    if cuda:
+        batch = batch.pin_memory()
+    batch = batch.to(device=options.device, dtype=options.dtype, non_blocking=cuda)
+    output = run_batch(net, batch.contiguous(memory_format=torch.channels_last))
+    if not cuda:
+        ready = output.to(device="cpu", dtype=torch.float32)
+        return lambda: ready
+    output = output.float()
+    host = torch.empty(output.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(output, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> torch.Tensor:
+        copied.synchronize()
+        return host
+
+    return wait
+
+
 class _PlanRun:
     """Iterates the bands of one tiling plan; :attr:`batches` counts the forward calls made."""
 
@@ -529,27 +565,17 @@ class _PlanRun:
         blended = len(plan) > 1
         first_of_row = {i for i, box in enumerate(plan.boxes) if i == 0 or plan.boxes[i - 1].y != box.y}
         multiple = options.pad_multiple
-        channels_last = torch.channels_last
         jobs = [(n, i) for n in range(len(images)) for i in range(len(plan))]  # same-shape tiles of every image
         buffers: dict[int, _RowBuffer] = {}
         weights = _WeightRows(plan, scale)
         sources: dict[int, _Source] = {}
-        for first in range(0, len(jobs), batch_size):
-            chunk = jobs[first:first + batch_size]
-            boxes = [plan.boxes[i] for _, i in chunk]
-            parts = []
-            for (n, _), b in zip(chunk, boxes):
-                if n not in sources:
-                    sources[n] = _Source(images[n], multiple)
-                parts.append(sources[n].tile(b))
-            batch = torch.cat(parts).to(device=options.device, dtype=options.dtype)
-            batch = batch.contiguous(memory_format=channels_last)
-            output = self.run_batch(net, batch).to(device="cpu", dtype=torch.float32)
-            del batch, parts
-            self.batches += 1
+        in_flight = options.in_flight if options.in_flight is not None else int(options.device.type == "cuda")
+        launched: deque = deque()  # (first job, chunk, boxes, wait for the output), in order
+
+        def blend(first: int, chunk: list, boxes: list, wait: Callable[[], torch.Tensor]):
+            output = wait()
             for (n, i), box, tile_out in zip(chunk, boxes, output):
                 if not blended:  # one tile: its output is the image
-                    sources.pop(n, None)
                     yield from ((n, top, rows) for top, rows in _whole_rows(tile_out, height, width))
                     continue
                 if i in first_of_row:
@@ -566,11 +592,28 @@ class _PlanRun:
                 buf.accum[:, ys, xs].addcmul_(tile_out, weights.window(box))
                 if i == len(plan) - 1:
                     done = buffers.pop(n)
-                    sources.pop(n, None)
                     yield from ((n, top, rows) for top, rows in done.final_rows(height, height, width, weights))
             del output
             if self.progress is not None:
                 self.progress(min(first + batch_size, len(jobs)), len(jobs))
+
+        for first in range(0, len(jobs), batch_size):
+            chunk = jobs[first:first + batch_size]
+            boxes = [plan.boxes[i] for _, i in chunk]
+            parts = []
+            for (n, i), b in zip(chunk, boxes):
+                if n not in sources:
+                    sources[n] = _Source(images[n], multiple)
+                parts.append(sources[n].tile(b))
+                if i == len(plan) - 1:  # its last tile is cut: the padded copy can go
+                    sources.pop(n)
+            launched.append((first, chunk, boxes, _launch(self.run_batch, net, parts, options)))
+            del parts
+            self.batches += 1
+            if len(launched) > in_flight:
+                yield from blend(*launched.popleft())
+        while launched:
+            yield from blend(*launched.popleft())
 
 
 def _run_plan(net: nn.Module, images: Sequence[np.ndarray], plan: TilePlan, options: TileOptions,

@@ -200,6 +200,37 @@ def test_progress_reports_every_batch(archs, photo):
     assert calls == [(2, 4), (4, 4)]  # 64 px at stride 32: 2×2 tiles, two per batch
 
 
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_passes_started_ahead_of_the_blending_give_the_same_bands(archs, photo, in_flight):
+    """``in_flight`` (1 by default on CUDA: the GPU runs the next batch while the CPU blends this one) starts that
+    many forward passes before the oldest one's output is blended, and the output is bit-identical to blending each
+    pass at once (the default elsewhere), across tile rows and across two images sharing batches."""
+    from engine.upscaler import upscale_images_ex
+
+    net = prepare_for_inference(_srvgg(archs))
+    images = [photo[:100, :130], photo[90:190, 60:190]]  # 4x5 tiles each: 14 batches of 3, one shared by both
+    events: list[str] = []
+
+    def run_batch(net_, batch):
+        events.append("pass")
+        return net_(batch)
+
+    def run(ahead):
+        events.clear()
+        options = TileOptions(scale=4, tile=32, overlap=8, batch_size=3, in_flight=ahead)
+        outputs, stats = upscale_images_ex(net, images, options, run_batch=run_batch,
+                                           progress=lambda done, total: events.append("blend"))
+        return outputs, stats, list(events)
+
+    (at_once, stats, serial), (ahead, ahead_stats, overlapped) = run(0), run(in_flight)
+    assert stats.batches == ahead_stats.batches > in_flight + 1
+    assert serial == ["pass", "blend"] * stats.batches
+    assert overlapped[:in_flight + 2] == ["pass"] * (in_flight + 1) + ["blend"]
+    assert overlapped.count("pass") == overlapped.count("blend") == stats.batches
+    for want, got in zip(at_once, ahead):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_two_threads_share_one_net(archs, photo):
     net = prepare_for_inference(_srvgg(archs))
     images = [photo[:48, :64], photo[100:164, 50:98]]
@@ -234,7 +265,7 @@ def test_tile_options_are_validated_on_construction():
     assert options.device == torch.device("cpu") and type(options.scale) is int
     assert options.overlap == 96  # larger than the tile is allowed: the run clamps it to the tile
     for field, value in (("scale", 0), ("tile", -1), ("overlap", -8), ("batch_size", 0), ("pad_multiple", 0),
-                         ("min_tile", 4), ("tile", 32.0), ("batch_size", True)):
+                         ("min_tile", 4), ("tile", 32.0), ("batch_size", True), ("in_flight", -1)):
         with pytest.raises(ValueError, match=f"TileOptions.{field} .* must be a whole number"):
             TileOptions(**{"scale": 4, field: value})
     with pytest.raises(InvalidSettingsError, match="TileOptions.device"):
