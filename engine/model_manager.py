@@ -73,11 +73,14 @@ class LoadedModel:
 class ModelManager:
     """Finds, downloads, verifies and caches models. Thread-safe; one instance serves the whole app."""
 
-    def __init__(self, config: Config, catalog: Mapping[str, ModelSpec] | None = None):
+    def __init__(self, config: Config, catalog: Mapping[str, ModelSpec] | None = None, *, host_bytes: int = 0):
         """``catalog`` None: the official catalog and the user's imported models in the weights dir, which then
-        become the process's model choices (:func:`engine.catalog.use_user_catalog`)."""
+        become the process's model choices (:func:`engine.catalog.use_user_catalog`). ``host_bytes``: what the
+        process holds besides the engine (the web app: ``engine.inference.memory_plan.APP_RUNTIME_BYTES``), counted
+        in every job's memory plan by :meth:`held_bytes`."""
         release_unusable_cuda_libraries()  # once per process; on a machine without CUDA: 150-250 MB less RSS
         self.config = config
+        self.host_bytes = int(host_bytes)
         self.weights_dir = Path(config.weights_dir)
         if catalog is None:
             from engine.models.user_catalog import user_catalog_for
@@ -438,12 +441,13 @@ class ModelManager:
         return (spec.name, str(torch_device), precision, denoise_strength) in self._cache
 
     def held_bytes(self, job_model: str, *, faces: bool = False) -> int:
-        """Host bytes of the networks this manager keeps loaded that a job on ``job_model`` does not use: other
-        models, and the face networks when the job restores no faces. What a long-lived app holds besides a job's
-        memory plan (:attr:`engine.inference.memory_plan.MemoryPlan.cached_bytes`). Not counted: ``job_model``
-        itself in any precision and the metric networks (the plan's runtime holds them), networks on a GPU (VRAM)."""
+        """Host bytes a job on ``job_model`` finds held besides its own memory plan
+        (:attr:`engine.inference.memory_plan.MemoryPlan.cached_bytes`): :attr:`host_bytes`, and the networks this
+        manager keeps loaded that the job does not use (other models, the face networks when the job restores no
+        faces). Not counted: ``job_model`` itself in any precision and the metric networks (the plan's runtime holds
+        them), networks on a GPU (VRAM)."""
         unused = {"metric"} | ({"face", "detector", "parser"} if faces else set())
-        total = 0
+        total = self.host_bytes
         for loaded in list(self._cache.values()):
             if loaded.spec.name == job_model or loaded.spec.kind in unused or loaded.device.type != "cpu":
                 continue

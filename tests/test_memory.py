@@ -200,7 +200,26 @@ def test_the_plan_counts_the_networks_a_long_lived_app_keeps_loaded(config, mode
     held = plan_input(buf.getvalue(), settings, model_manager, config)[2]
     assert held.cached_bytes == other_bytes > 2_000_000
     assert held.peak_bytes == alone.peak_bytes + other_bytes
-    assert "other loaded models 2 MB" in held.describe() and held.as_dict()["parts_mb"]["cached"] > 2
+    assert "other loaded models and the web app 2 MB" in held.describe()
+    assert held.as_dict()["parts_mb"]["cached"] > 2
+
+
+def test_the_web_app_s_model_manager_plans_the_server_s_own_memory(tmp_path, shared_weights_dir):
+    """The app's services build a model manager that counts the web server (Gradio, FastAPI) in every plan."""
+    from PIL import Image
+
+    from engine.inference.memory_plan import APP_RUNTIME_BYTES
+    from engine.inference.pipeline import plan_input
+    from engine.settings import EnhanceSettings
+    from tests.conftest import app_config
+    from ui.services import create_services
+
+    services = create_services(app_config(tmp_path, shared_weights_dir))
+    buf = io.BytesIO()
+    Image.new("RGB", (200, 150)).save(buf, "PNG")
+    settings = EnhanceSettings(model="realesr-animevideov3", outscale=2, device="cpu", tile=0)
+    plan = plan_input(buf.getvalue(), settings, services.model_manager, services.config)[2]
+    assert plan.cached_bytes == APP_RUNTIME_BYTES and "the web app 160 MB" in plan.describe()
 
 
 def test_an_automatic_webp_output_too_wide_for_webp_is_saved_as_png_with_a_note(tmp_path, model_manager):

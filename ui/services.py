@@ -31,8 +31,10 @@ class Services:
 
 def create_services(config: Config) -> Services:
     """Build the shared objects for ``config`` (creates the app's folders)."""
+    from engine.inference.memory_plan import APP_RUNTIME_BYTES
+
     config.ensure_directories()
-    manager = ModelManager(config)
+    manager = ModelManager(config, host_bytes=APP_RUNTIME_BYTES)
     return Services(
         config=config,
         model_manager=manager,

@@ -30,8 +30,9 @@ memory is a sum of parts that each have a known size:
   buffers for JPEG and WebP, the encoded bytes), after the metrics, in the same freed memory.
 * ``held`` (a batch that overlaps): the previous image's output, its input (its metrics may be measured there) and
   its metrics or encoding, and the next input (:func:`overlapped`).
-* ``cached`` (a long-lived app): the networks the model manager keeps loaded that the job does not use (other
-  models, a face network when it restores no faces: ``engine.model_manager.ModelManager.held_bytes``); the budget
+* ``cached`` (a long-lived app): what the process holds besides the runtime and the job: the networks the model
+  manager keeps loaded that the job does not use (other models, a face network when it restores no faces) and, in
+  the web app, its server (:data:`APP_RUNTIME_BYTES`): ``engine.model_manager.ModelManager.held_bytes``. The budget
   (``engine.inference.planning.memory_budget``) counts what the process holds already, so the peak must too.
 * ``faces``: the face network (:data:`FACE_NETWORK_BYTES`) and, for an output that is not 8-bit RGB, the 8-bit RGB
   copy the identity metric cuts faces from; the faces themselves are pasted into the output in place.
@@ -50,6 +51,12 @@ MB = 1024 * 1024
 BASE_PROCESS_BYTES = 720 * MB
 """Resident size of a process that has run a small job with quality metrics (torch, runtime, metric networks):
 a 64x64 job's measured peak less its planned metrics, network and bands."""
+
+APP_RUNTIME_BYTES = 160 * MB
+"""What the web app's process holds besides the CLI's runtime (:data:`BASE_PROCESS_BYTES`): Gradio, FastAPI and
+uvicorn with the app's UI modules (144 MB of RSS to import, measured) and their running state; a server after the
+warm-up held 698 MB, of it 64 MB the warm-up's network, against ~475 MB for a fresh CLI process. The model manager
+the app creates counts it (``ModelManager(host_bytes=...)``)."""
 
 CUDA_LIBRARIES_BYTES = 250 * MB
 """What the base holds of the CUDA libraries' pages that torch's CUDA build maps at import, which a machine without
@@ -148,7 +155,7 @@ class MemoryPlan:
             ("input", self.input_bytes), ("metrics after the network", self.metrics_bytes),
             ("encoding after the metrics", self.encode_bytes), ("faces", self.faces_bytes),
             ("the batch's previous and next images", self.held_bytes),
-            ("other loaded models", self.cached_bytes), ("runtime", self.base_bytes)) if value)
+            ("other loaded models and the web app", self.cached_bytes), ("runtime", self.base_bytes)) if value)
         vram = f"; VRAM {self.vram_bytes / MB:.0f} MB" if self.vram_bytes else ""
         tile = f"tile {self.tile}" if self.tile else "whole image"
         return f"peak RAM {self.peak_bytes / MB:.0f} MB ({parts}){vram}, {tile}"
