@@ -155,8 +155,9 @@ def decide(a: AnalysisNumbers, machine: MachineFacts, requested_scale: float | N
            tile_for: callable = None) -> Advice:
     """The advisor's rules. Pure: same numbers in, same advice out.
 
-    ``tile_for(model) -> (tile, memory_mb)`` gives the tile that fits this device (0 = whole image) and the memory
-    it needs; None means whole image with a rough estimate.
+    ``tile_for(model) -> TileChoice`` gives the tile the engine will run on this device (0 = whole image), the
+    memory it needs and what limited it (:class:`engine.inference.planning.TileChoice`); None means whole image with
+    a rough estimate.
     """
     reasons: list[str] = []
     alternatives: list[dict] = []
@@ -229,9 +230,16 @@ def decide(a: AnalysisNumbers, machine: MachineFacts, requested_scale: float | N
                    else f"{'CPU' if on_cpu else machine.device}: full precision (fp32)")
 
     # Tile and estimates.
-    tile, memory_mb = (tile_for(model) if tile_for else (0, _rough_memory_mb(model, a.width, a.height)))
-    reasons.append("The whole image fits in memory: no tiling" if tile == 0
-                   else f"Tiles of {tile} px fit the free memory ({machine.free_memory_bytes / 2**30:.1f} GB)")
+    from engine.inference.memory_plan import WORKING_SET_BYTES
+    from engine.inference.planning import TileChoice
+
+    choice = tile_for(model) if tile_for else TileChoice(0, int(_rough_memory_mb(model, a.width, a.height) * 2**20))
+    tile, memory_mb = choice.tile, choice.memory_bytes / 2**20
+    reasons.append("The whole image fits in memory: no tiling" if tile == 0 else {
+        "cache": f"Tiles of {tile} px: on this CPU small tiles stay in its caches and run faster",
+        "working set": f"Tiles of {tile} px keep one row of tiles within {WORKING_SET_BYTES / 2**20:.0f} MB of "
+                       f"working memory (larger ones save little compute and cost memory)",
+    }.get(choice.limit, f"Tiles of {tile} px fit the free memory ({machine.free_memory_bytes / 2**30:.1f} GB)"))
     seconds, low, high = estimate_range(model, a.width, a.height, machine, a.faces, face_enhance, outscale=scale)
     timing = machine.timing.get(model)
     if timing is not None and timing.observations >= 2 and timing.spread <= 0.25:
@@ -506,13 +514,12 @@ class IntelligentEnhancer:
         machine = self.machine_facts(tuple(m for m in candidates if self.calibrator is not None), stop.check)
         device = resolve_device(self.device_name)
 
-        def tile_for(model: str) -> tuple[int, float]:
+        def tile_for(model: str) -> planning.TileChoice:
             spec = active_catalog()[model]
             precision = planning.effective_precision(spec, device.type, "auto")
             batch_size = planning.batch_size_for(device.type, EnhanceSettings())
-            choice = planning.choose_tile(spec, numbers.height, numbers.width, device=device, precision=precision,
-                                          batch_size=batch_size, config=self.config)
-            return choice.tile, choice.memory_bytes / 2**20
+            return planning.choose_tile(spec, numbers.height, numbers.width, device=device, precision=precision,
+                                        batch_size=batch_size, config=self.config)
 
         numbers, decided_by, tried = self._settle_content(pixels, analysis, numbers, machine, device, stop.check)
         machine = dataclasses.replace(machine, timing=self._timing(machine, device, tile_for))
@@ -596,7 +603,7 @@ class IntelligentEnhancer:
         out = {}
         for model in machine.macs_per_second:
             precision = planning.effective_precision(active_catalog()[model], device.type, "auto")
-            out[model] = self._learned(model, device, precision, tile_for(model)[0] > 0, machine.throughput(model))
+            out[model] = self._learned(model, device, precision, tile_for(model).tile > 0, machine.throughput(model))
         return out
 
     def _policy(self, model: str, device, width: int, height: int) -> tuple[str, bool]:

@@ -14,6 +14,7 @@ from PIL import Image
 from engine.advisor.estimates import (FORMAT, KEEP, MIN_SPREAD, NETWORK_FIXED_SHARE, ONE_RUN_SPREAD,
                                       PRIOR_OVERHEAD_PER_PIXEL, UNSURE_SPREAD, Observation, TimingStore, fit_timing,
                                       job_key, load_key, record_job)
+from engine.inference.planning import TileChoice
 from engine.intelligent_enhancer import AnalysisNumbers, IntelligentEnhancer, MachineFacts, decide, estimate_range
 
 GIGA = 1e9
@@ -198,10 +199,11 @@ def test_the_advisor_shows_a_range_until_runs_agree_then_one_figure():
                               blur=0.1, width=300, height=400)
     base = dict(device="cpu", free_memory_bytes=8 * 2**30, available_models=frozenset({"RealESRGAN_x4plus"}),
                 downloadable_models=frozenset(), macs_per_second={"RealESRGAN_x4plus": 20 * GIGA})
-    unsure = decide(numbers, MachineFacts(**base), tile_for=lambda m: (0, 1.0))
+    unsure = decide(numbers, MachineFacts(**base), tile_for=lambda m: TileChoice(0, 2**20))
     assert any(" to " in r and "calibration" in r for r in unsure.reasons)
     learned = fit_timing([run(m, 80, pixels_mp=m / 100) for m in (500, 1000, 2000)], [], prior_rate=20 * GIGA)
-    sure = decide(numbers, MachineFacts(**base, timing={"RealESRGAN_x4plus": learned}), tile_for=lambda m: (0, 1.0))
+    sure = decide(numbers, MachineFacts(**base, timing={"RealESRGAN_x4plus": learned}),
+                  tile_for=lambda m: TileChoice(0, 2**20))
     assert any("learned from 3 runs" in r for r in sure.reasons)
     seconds, low, high = estimate_range("RealESRGAN_x4plus", 300, 400, MachineFacts(**base,
                                         timing={"RealESRGAN_x4plus": learned}))

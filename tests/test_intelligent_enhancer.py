@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from engine.inference.planning import TileChoice
 from engine.intelligent_enhancer import (AnalysisNumbers, MachineFacts, choose_scale, decide, denoise_from_noise,
                                          estimate_seconds)
 
@@ -28,7 +29,7 @@ def photo(**kw) -> AnalysisNumbers:
 
 
 def no_tile(_model):
-    return 0, 100.0
+    return TileChoice(0, 100 * 2**20)
 
 
 def test_anime_gets_the_anime_model_with_a_plain_reason():
@@ -99,10 +100,21 @@ def test_big_image_on_cpu_offers_the_fast_model_with_times():
 def test_gpu_gets_half_precision_and_no_slow_warning():
     gpu = MachineFacts(device="cuda:0", free_memory_bytes=8 * 2**30, available_models=OFFLINE,
                        downloadable_models=DOWNLOADABLE, macs_per_second={"RealESRGAN_x4plus": 30e12})
-    advice = decide(photo(width=1400, height=1000), gpu, tile_for=lambda m: (512, 900.0))
+    advice = decide(photo(width=1400, height=1000), gpu, tile_for=lambda m: TileChoice(512, 900 * 2**20))
     assert advice.settings.precision == "fp16"
     assert advice.analysis["optimal_tile"] == 512 and advice.estimated_memory_mb == 900.0
     assert not advice.alternatives
+    assert any(r.startswith("Tiles of 512 px fit the free memory (8.0 GB)") for r in advice.reasons)
+
+
+@pytest.mark.parametrize("limit, says", [
+    ("cache", "Tiles of 128 px: on this CPU small tiles stay in its caches"),
+    ("working set", "Tiles of 128 px keep one row of tiles within 384 MB of working memory"),
+    ("memory", "Tiles of 128 px fit the free memory"),
+])
+def test_the_tile_reason_names_what_limited_the_tile(limit, says):
+    advice = decide(photo(width=1400, height=1000), cpu(), tile_for=lambda m: TileChoice(128, 300 * 2**20, limit))
+    assert sum(r.startswith(says) for r in advice.reasons) == 1, advice.reasons
 
 
 def test_missing_preferred_model_falls_back_to_an_available_one():

@@ -261,6 +261,9 @@ def test_choose_tile_keeps_a_wide_image_s_bands_within_the_working_set(model_man
     wide = planning.plan_tile(spec, 1000, 6000, device_type="cpu", precision="fp32", batch_size=1,
                               free_bytes=64 << 30, memory_reused=True)
     assert 0 < wide.tile < (narrow.tile or 1000)
+    small = planning.plan_tile(spec, 150, 200, device_type="cpu", precision="fp32", batch_size=1,
+                               free_bytes=64 << 30, memory_reused=True)
+    assert (wide.limit, small.tile, small.limit) == ("working set", 0, "memory")  # what the advisor's reason names
     rows, _cols, ratio = planning.read_shape(spec, 1000, 6000, wide.tile)
     assert wide.memory_bytes + band_bytes(rows, 1000, 6000, 4) <= WORKING_SET_BYTES
     assert planning.working_set_bytes(spec, 1000, 6000, wide.tile, torch.float32, 1) <= WORKING_SET_BYTES

@@ -106,10 +106,14 @@ def cpu_cache_tile(spec: ModelSpec, height: int, width: int, memory_tile: int, m
 
 @dataclass(frozen=True)
 class TileChoice:
-    """The tile (stride; 0 = whole image) a job runs with, and the activation memory it plans for."""
+    """The tile (stride; 0 = whole image) a job runs with, the activation memory it plans for, and what limited it:
+    ``"memory"`` (what fits the free memory, or the whole image), ``"cache"`` (a CPU's faster small tiles) or
+    ``"working set"`` (one tile row's activations and blend buffers within
+    :data:`~engine.inference.memory_plan.WORKING_SET_BYTES`)."""
 
     tile: int
     memory_bytes: int
+    limit: str = "memory"
 
 
 def plan_tile(spec: ModelSpec, height: int, width: int, *, device_type: str, precision: str, batch_size: int,
@@ -125,12 +129,15 @@ def plan_tile(spec: ModelSpec, height: int, width: int, *, device_type: str, pre
     side = upscaler.auto_tile(spec.arch, height, width, dtype=dtype, free_bytes=free_bytes, scale=scale,
                               batch_size=batch_size)
     tile = max(side - overlap_for(spec, side), 16) if side else 0  # a tile reads its stride + the overlap
+    limit = "memory"
     if device_type == "cpu":
-        tile = cpu_cache_tile(spec, height, width, tile, memory_reused=memory_reused)
-    tile = _within_working_set(spec, height, width, tile, dtype, batch_size)
+        cached = cpu_cache_tile(spec, height, width, tile, memory_reused=memory_reused)
+        limit, tile = ("cache" if cached != tile else limit), cached
+    bounded = _within_working_set(spec, height, width, tile, dtype, batch_size)
+    limit, tile = ("working set" if bounded != tile else limit), bounded
     if tile and side == 0 and _whole_is_worth_it(spec, height, width, tile, dtype, batch_size):
-        tile = 0
-    return TileChoice(int(tile), int(_activation_bytes(spec, height, width, tile, dtype, batch_size)))
+        limit, tile = "memory", 0
+    return TileChoice(int(tile), int(_activation_bytes(spec, height, width, tile, dtype, batch_size)), limit)
 
 
 def _whole_is_worth_it(spec: ModelSpec, height: int, width: int, tile: int, dtype, batch_size: int) -> bool:
