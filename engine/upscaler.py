@@ -41,11 +41,11 @@ per pass, +280 MB, ~10.8 KB each).
 from __future__ import annotations
 
 import copy
-from collections import deque
 import logging
 import math
 import operator
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
 

@@ -15,9 +15,9 @@ Mounted on the same FastAPI app as the web UI with :func:`install_api`. The cont
 
 Nothing is written to disk: uploads are parsed into memory (the multipart parser never spools to a temp file)
 and the result is encoded in memory. The success body is streamed (:func:`image_response`): the image's base64
-text is made a chunk at a time as the client reads it, never held whole. Request bodies are capped by :class:`BodySizeLimitMiddleware` while they
-stream, before anything reads them whole. Inference runs in a worker thread while holding a slot of the
-device's :class:`~engine.concurrency.DeviceLimiter`.
+text is made a chunk at a time as the client reads it, never held whole. Request bodies are capped by
+:class:`BodySizeLimitMiddleware` while they stream, before anything reads them whole. Inference runs in a worker
+thread while holding a slot of the device's :class:`~engine.concurrency.DeviceLimiter`.
 """
 
 from __future__ import annotations
