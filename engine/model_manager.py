@@ -77,7 +77,7 @@ class ModelManager:
         """``catalog`` None: the official catalog and the user's imported models in the weights dir, which then
         become the process's model choices (:func:`engine.catalog.use_user_catalog`). ``host_bytes``: what the
         process holds besides the engine (the web app: ``engine.inference.memory_plan.APP_RUNTIME_BYTES``), counted
-        in every job's memory plan by :meth:`held_bytes`."""
+        in every job's memory plan by :meth:`resident_bytes`."""
         release_unusable_cuda_libraries()  # once per process; on a machine without CUDA: 150-250 MB less RSS
         self.config = config
         self.host_bytes = int(host_bytes)
@@ -440,9 +440,9 @@ class ModelManager:
         precision = effective_precision(spec, torch_device.type, precision)
         return (spec.name, str(torch_device), precision, denoise_strength) in self._cache
 
-    def held_bytes(self, job_model: str, *, faces: bool = False) -> int:
+    def resident_bytes(self, job_model: str, *, faces: bool = False) -> int:
         """Host bytes a job on ``job_model`` finds held besides its own memory plan
-        (:attr:`engine.inference.memory_plan.MemoryPlan.cached_bytes`): :attr:`host_bytes`, and the networks this
+        (:attr:`engine.inference.memory_plan.MemoryPlan.resident_bytes`): :attr:`host_bytes`, and the networks this
         manager keeps loaded that the job does not use (other models, the face networks when the job restores no
         faces). Not counted: ``job_model`` itself in any precision and the metric networks (the plan's runtime holds
         them), networks on a GPU (VRAM)."""

@@ -194,14 +194,14 @@ def test_the_plan_counts_the_networks_a_long_lived_app_keeps_loaded(config, mode
     settings = EnhanceSettings(model="realesr-animevideov3", outscale=2, device="cpu", precision="fp32", tile=0)
     alone = plan_input(buf.getvalue(), settings, model_manager, config)[2]
     model_manager.load_model("realesr-animevideov3", "cpu", "fp32", allow_download=False)
-    assert plan_input(buf.getvalue(), settings, model_manager, config)[2].cached_bytes == alone.cached_bytes == 0
+    assert plan_input(buf.getvalue(), settings, model_manager, config)[2].resident_bytes == alone.resident_bytes == 0
     other = model_manager.load_model("realesr-animevideov3-x2", "cpu", "fp32", allow_download=False).net
     other_bytes = sum(t.numel() * t.element_size() for t in [*other.parameters(), *other.buffers()])
     held = plan_input(buf.getvalue(), settings, model_manager, config)[2]
-    assert held.cached_bytes == other_bytes > 2_000_000
+    assert held.resident_bytes == other_bytes > 2_000_000
     assert held.peak_bytes == alone.peak_bytes + other_bytes
     assert "other loaded models and the web app 2 MB" in held.describe()
-    assert held.as_dict()["parts_mb"]["cached"] > 2
+    assert held.as_dict()["parts_mb"]["resident"] > 2
 
 
 def test_the_web_app_s_model_manager_plans_the_server_s_own_memory(tmp_path, shared_weights_dir):
@@ -219,7 +219,7 @@ def test_the_web_app_s_model_manager_plans_the_server_s_own_memory(tmp_path, sha
     Image.new("RGB", (200, 150)).save(buf, "PNG")
     settings = EnhanceSettings(model="realesr-animevideov3", outscale=2, device="cpu", tile=0)
     plan = plan_input(buf.getvalue(), settings, services.model_manager, services.config)[2]
-    assert plan.cached_bytes == APP_RUNTIME_BYTES and "the web app 160 MB" in plan.describe()
+    assert plan.resident_bytes == APP_RUNTIME_BYTES and "the web app 160 MB" in plan.describe()
 
 
 def test_an_automatic_webp_output_too_wide_for_webp_is_saved_as_png_with_a_note(tmp_path, model_manager):

@@ -30,10 +30,11 @@ memory is a sum of parts that each have a known size:
   buffers for JPEG and WebP, the encoded bytes), after the metrics, in the same freed memory.
 * ``held`` (a batch that overlaps): the previous image's output, its input (its metrics may be measured there) and
   its metrics or encoding, and the next input (:func:`overlapped`).
-* ``cached`` (a long-lived app): what the process holds besides the runtime and the job: the networks the model
-  manager keeps loaded that the job does not use (other models, a face network when it restores no faces) and, in
-  the web app, its server (:data:`APP_RUNTIME_BYTES`): ``engine.model_manager.ModelManager.held_bytes``. The budget
-  (``engine.inference.planning.memory_budget``) counts what the process holds already, so the peak must too.
+* ``resident`` (a long-lived app): what the process holds besides the runtime and the job: the networks the
+  model manager keeps loaded that the job does not use (other models, a face network when it restores no faces)
+  and, in the web app, its server (:data:`APP_RUNTIME_BYTES`): ``engine.model_manager.ModelManager.resident_bytes``.
+  The budget (``engine.inference.planning.memory_budget``) counts what the process holds already, so the peak must
+  too.
 * ``faces``: the face network (:data:`FACE_NETWORK_BYTES`) and, for an output that is not 8-bit RGB, the 8-bit RGB
   copy the identity metric cuts faces from; the faces themselves are pasted into the output in place.
 
@@ -132,7 +133,7 @@ class MemoryPlan:
     vram_budget_bytes: int = 0
     held_bytes: int = 0  # a batch's neighbours while this network runs (see :func:`overlapped`)
     encode_bytes: int = 0  # writing the output whole in its format, after the metrics
-    cached_bytes: int = 0  # networks a long-lived process keeps loaded that this job does not use
+    resident_bytes: int = 0  # what a long-lived process holds that this job does not use (see ``resident`` above)
 
     @property
     def peak_bytes(self) -> int:
@@ -140,7 +141,7 @@ class MemoryPlan:
         in that memory, and the encoding after them: the largest of the three counts (bench/bench_memory.py, six
         in-memory CPU cases: plan over measured peak 1.18-1.25x when the network and the metrics were both
         counted, 1.04-1.17x with the larger)."""
-        return (self.base_bytes + self.cached_bytes + self.input_bytes + self.output_bytes + self.faces_bytes
+        return (self.base_bytes + self.resident_bytes + self.input_bytes + self.output_bytes + self.faces_bytes
                 + self.held_bytes + max(self.network_bytes + self.band_bytes, self.metrics_bytes, self.encode_bytes))
 
     @property
@@ -155,7 +156,7 @@ class MemoryPlan:
             ("input", self.input_bytes), ("metrics after the network", self.metrics_bytes),
             ("encoding after the metrics", self.encode_bytes), ("faces", self.faces_bytes),
             ("the batch's previous and next images", self.held_bytes),
-            ("other loaded models and the web app", self.cached_bytes), ("runtime", self.base_bytes)) if value)
+            ("other loaded models and the web app", self.resident_bytes), ("runtime", self.base_bytes)) if value)
         vram = f"; VRAM {self.vram_bytes / MB:.0f} MB" if self.vram_bytes else ""
         tile = f"tile {self.tile}" if self.tile else "whole image"
         return f"peak RAM {self.peak_bytes / MB:.0f} MB ({parts}){vram}, {tile}"
@@ -165,7 +166,7 @@ class MemoryPlan:
                 "vram_mb": round(self.vram_bytes / MB, 1), "tile": self.tile, "fits": self.fits,
                 "parts_mb": {name: round(getattr(self, f"{name}_bytes") / MB, 1) for name in (
                     "base", "input", "network", "band", "output", "metrics", "encode", "faces", "held",
-                    "cached")}}
+                    "resident")}}
 
 
 def band_bytes(tile_rows: int, height: int, width: int, scale: int) -> int:

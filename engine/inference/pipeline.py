@@ -391,8 +391,8 @@ def plan_job(settings: EnhanceSettings, size: tuple[int, int], model_manager, co
     if not streamed:
         check_encodable(out_w, out_h, encoded_as)
     shape = JobShape(width, height, channels, bit_depth, out_w, out_h, encoded_as)
-    held = model_manager.held_bytes(model_name, faces=settings.face_enhance)
-    settings, memory = fit_memory(spec, settings, shape, config, streamed=streamed, cached_bytes=held)
+    resident = model_manager.resident_bytes(model_name, faces=settings.face_enhance)
+    settings, memory = fit_memory(spec, settings, shape, config, streamed=streamed, resident_bytes=resident)
     logger.debug("memory plan for %dx%d -> %dx%d with %s: %s", width, height, out_w, out_h, model_name,
                  memory.describe())
     return Job(settings, model_name, model_manager, config, Reporter(), memory), (out_w, out_h), notes
@@ -417,9 +417,9 @@ def _log_plan(job: Job, size: tuple[int, int], out_size: tuple[int, int]) -> Non
 
 
 def fit_memory(spec: ModelSpec, settings: EnhanceSettings, shape: JobShape, config, *, streamed: bool = False,
-               cached_bytes: int = 0):
+               resident_bytes: int = 0):
     """The settings the job runs with (a smaller tile when that makes it fit) and its memory plan
-    (``cached_bytes``: see :func:`engine.inference.planning.plan_job_memory`).
+    (``resident_bytes``: see :func:`engine.inference.planning.plan_job_memory`).
 
     Raises:
         JobTooLargeError: it does not fit even with 64-pixel tiles.
@@ -429,12 +429,12 @@ def fit_memory(spec: ModelSpec, settings: EnhanceSettings, shape: JobShape, conf
 
     device = job_device(settings, config)
     memory = planning.plan_job_memory(spec, settings, shape, device=device, config=config, streamed=streamed,
-                                      cached_bytes=cached_bytes)
+                                      resident_bytes=resident_bytes)
     if memory.fits:
         return settings, memory
     small = settings.replace(tile=64)
     smaller = planning.plan_job_memory(spec, small, shape, device=device, config=config, streamed=streamed,
-                                       cached_bytes=cached_bytes)
+                                       resident_bytes=resident_bytes)
     if smaller.fits:
         return small, smaller
     where = (f"{gigabytes(smaller.vram_bytes)} of VRAM, {gigabytes(smaller.vram_budget_bytes)} free"

@@ -132,9 +132,11 @@ def plan_tile(spec: ModelSpec, height: int, width: int, *, device_type: str, pre
     limit = "memory"
     if device_type == "cpu":
         cached = cpu_cache_tile(spec, height, width, tile, memory_reused=memory_reused)
-        limit, tile = ("cache" if cached != tile else limit), cached
+        if cached != tile:
+            limit, tile = "cache", cached
     bounded = _within_working_set(spec, height, width, tile, dtype, batch_size)
-    limit, tile = ("working set" if bounded != tile else limit), bounded
+    if bounded != tile:
+        limit, tile = "working set", bounded
     if tile and side == 0 and _whole_is_worth_it(spec, height, width, tile, dtype, batch_size):
         limit, tile = "memory", 0
     return TileChoice(int(tile), int(_activation_bytes(spec, height, width, tile, dtype, batch_size)), limit)
@@ -236,12 +238,12 @@ def memory_budget(config, device=None) -> tuple[int, int]:
 
 
 def plan_job_memory(spec: ModelSpec, settings: EnhanceSettings, shape, *, device, config, streamed: bool = False,
-                    cached_bytes: int = 0):
+                    resident_bytes: int = 0):
     """The :class:`~engine.inference.memory_plan.MemoryPlan` of one image job of ``shape`` (a
     :class:`~engine.inference.memory_plan.JobShape`) on ``device`` now: the tile the engine will run
     (``choose_tile`` for ``tile=auto``) and this machine's budget; ``streamed``: the output goes straight into a
-    file in strips (:func:`~engine.inference.memory_plan.streamed`); ``cached_bytes``: networks the process keeps
-    loaded that the job does not use (``ModelManager.held_bytes``)."""
+    file in strips (:func:`~engine.inference.memory_plan.streamed`); ``resident_bytes``: what the process holds that
+    the job does not use (``ModelManager.resident_bytes``: other loaded networks, the web server)."""
     from engine import upscaler
     from engine.inference import memory_plan
     from engine.inference.memory_plan import NetworkRun, plan_memory
@@ -267,5 +269,5 @@ def plan_job_memory(spec: ModelSpec, settings: EnhanceSettings, shape, *, device
                        model_alpha=shape.channels in (2, 4) and settings.alpha_mode == "model",
                        spandrel=settings.face_enhance or spec.arch not in networks.ARCHITECTURES,
                        cuda_libraries_released=release_unusable_cuda_libraries() > 0)
-    plan = replace(plan, cached_bytes=int(cached_bytes))
+    plan = replace(plan, resident_bytes=int(resident_bytes))
     return memory_plan.streamed(plan, shape, spec.network_scale) if streamed else plan
