@@ -361,6 +361,12 @@ class ThroughputCalibrator:
         with self._lock:
             return self._load().get(self.key(model, device))
 
+    def device_rates(self, device) -> list[float]:
+        """Every MAC/s measured earlier on ``device``, any model (memory or cache file); never measures."""
+        head, tail = self.key("\0", device).split("\0")
+        with self._lock:
+            return [v for k, v in self._load().items() if k.startswith(head) and k.endswith(tail)]
+
     def _measure(self, model: str, device, network: NetworkSource | None = None) -> tuple[float, bool]:
         """(MAC/s, whether the machine was busy during the run)."""
         import torch
@@ -462,10 +468,13 @@ class IntelligentEnhancer:
             return loaded.net, loaded.dtype
         return load
 
-    def cached_estimate_seconds(self, model: str, width: int, height: int, outscale: float = 4.0) -> float | None:
+    def cached_estimate_seconds(self, model: str, width: int, height: int, outscale: float = 4.0, *,
+                                calibrate: bool = False) -> float | None:
         """Seconds a job of ``model`` on a ``width``×``height`` input would take here: from the runs learned on
-        this machine (model load counted unless it is loaded), else from the calibration already measured; None
-        when there is neither (or the model is not in the catalog). Cheap: no model runs."""
+        this machine (model load counted unless it is loaded), else from the model's calibration, else from the
+        fastest throughput measured on this device with another model (:meth:`_device_rate`); None when there is
+        none of these (or the model is not in the catalog). Cheap: no model runs, unless ``calibrate`` asks to
+        measure the model's throughput when nothing on this device is known."""
         from utils.gpu import resolve_device
 
         if model not in CATALOG:
@@ -474,12 +483,60 @@ class IntelligentEnhancer:
         precision, tiled = self._policy(model, device, width, height)
         runs = self.timings.observations(job_key(device_kind(device), model, precision, tiled))
         throughput = self.calibrator.cached(model, device) if self.calibrator is not None else None
-        if not runs and not throughput:
+        if runs:
+            throughput = throughput or runs[-1].macs / runs[-1].network_seconds
+        else:
+            throughput = throughput or self._device_rate(device)
+            if throughput is None and calibrate and self.calibrator is not None:
+                throughput = self.calibrator.macs_per_second(model, device)
+        if not throughput:
             return None
-        rate = throughput or runs[-1].macs / runs[-1].network_seconds
-        timing = self._learned(model, device, precision, tiled, rate)
+        timing = self._learned(model, device, precision, tiled, throughput)
         return float(timing.seconds(CATALOG[model].macs_per_pixel * width * height * 1.1,
                                     width * height * outscale * outscale))
+
+    def check_time_limit(self, model: str, width: int, height: int, limit: float | None, *,
+                         outscale: float | None = None, calibrate: bool = False, fastest: bool = False) -> None:
+        """Refuse a job whose estimate (:meth:`cached_estimate_seconds`) is over ``limit`` seconds (a server's
+        per-job limit; None or 0: no limit). ``outscale`` None: the model's own scale. ``fastest``: ``model`` is
+        the fastest the advisor could still choose, so the estimate is the least the job could take.
+
+        Raises:
+            InputTooLargeError: over the limit; the message says what to change.
+        """
+        from utils.errors import InputTooLargeError
+
+        if not limit or model not in CATALOG:
+            return
+        seconds = self.cached_estimate_seconds(model, width, height, outscale or CATALOG[model].scale,
+                                               calibrate=calibrate)
+        if seconds is None or seconds <= limit:
+            return
+        how = f"even with the fastest model, {model}," if fastest else f"with {model}"
+        raise InputTooLargeError(
+            f"This {width}×{height} image {how} would take about {seconds:.0f} s here, over this server's limit "
+            f"of {limit:g} s per job. Send a smaller image or choose a faster model, or ask the operator to raise "
+            "REALESRGAN_JOB_TIME_LIMIT_SECONDS.", actual=round(seconds), limit=limit)
+
+    def fastest_model(self) -> str | None:
+        """The available super-resolution model of the catalog with the fewest MACs per input pixel (whatever the
+        advisor chooses costs at least as much), or None when none is here."""
+        if self.model_manager is not None:
+            available = [s.name for s in self.model_manager.list_models() if s.available]
+        else:
+            available = [n for n, spec in CATALOG.items() if spec.bundled is not None]
+        models = [n for n in available if n in CATALOG and CATALOG[n].kind == "sr"]
+        return min(models, key=lambda n: CATALOG[n].macs_per_pixel, default=None)
+
+    def _device_rate(self, device) -> float | None:
+        """The fastest MAC/s measured on ``device`` with any model, by a calibration or a real run. The catalog's
+        networks run at much the same MAC/s on one device (the 2-core CPU's calibrations: 79-91 GMAC/s for five
+        of them), so it stands in for a model not measured yet; the fastest, so an estimate from it errs short
+        and a refusal from it is sure."""
+        rates = self.timings.device_rates(device_kind(device))
+        if self.calibrator is not None:
+            rates += self.calibrator.device_rates(device)
+        return max(rates, default=None)
 
     def advise(self, image, scale: float | None = None, cancel: threading.Event | None = None) -> Advice:
         """Analyse ``image`` (a path, PIL image or ``HxWxC`` array) and recommend settings for it on this machine.

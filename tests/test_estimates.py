@@ -218,3 +218,76 @@ def test_a_calibration_is_kept_only_when_the_process_got_its_cores():
     assert not starved(cpu_seconds=1.3, wall_seconds=1.0, threads=2)  # 65%: a little noise
     assert starved(cpu_seconds=0.5, wall_seconds=1.0, threads=2)  # another program held a core and more
     assert not starved(cpu_seconds=0.0, wall_seconds=0.0, threads=2)  # nothing timed
+
+
+# ------------------------------------------------------------------------------------------------ the time limit
+def _calibrated(config, rates: dict[str, float]):
+    """``config``'s calibration cache holding ``rates`` (MAC/s per model, on the CPU), as calibrations save it."""
+    from engine.intelligent_enhancer import ThroughputCalibrator
+
+    path = config.config_dir / "calibration.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({ThroughputCalibrator(path).key(m, "cpu"): r for m, r in rates.items()}))
+
+
+def test_a_model_not_measured_yet_is_estimated_from_the_fastest_rate_measured_on_this_device(config, model_manager):
+    from engine.catalog import CATALOG
+
+    x4plus = "RealESRGAN_x4plus"
+    _calibrated(config, {FAST: 40 * GIGA, "RealESRGAN_x2plus": 10 * GIGA})
+    advisor = IntelligentEnhancer(model_manager, config, device="cpu")
+    assert advisor.calibrator.cached(x4plus, "cpu") is None
+    seconds = advisor.cached_estimate_seconds(x4plus, 400, 300)
+    network = CATALOG[x4plus].macs_per_pixel * 400 * 300 * 1.1 / (40 * GIGA)  # at the fastest rate, not 10
+    assert network < seconds < network * 1.5
+    # A real run of another model counts too, under its own key: the faster of the two is taken.
+    advisor.timings.add(job_key("cpu", "RealESRGAN_x2plus", "fp32", tiled=False), run(800, 80))
+    assert advisor.cached_estimate_seconds(x4plus, 400, 300) < network * 0.6
+    assert not model_manager.loaded_models()  # no model ran to estimate
+
+
+def test_the_time_limit_check_refuses_with_what_to_change_and_measures_only_when_asked(config, model_manager):
+    from utils.errors import InputTooLargeError
+
+    advisor = IntelligentEnhancer(model_manager, config, device="cpu")
+    advisor.check_time_limit(FAST, 6000, 6000, 1.0)  # nothing measured on this device: no figure, no refusal
+    assert advisor.calibrator.cached(FAST, "cpu") is None
+    with pytest.raises(InputTooLargeError, match="limit of 1 s per job") as refused:
+        advisor.check_time_limit(FAST, 6000, 6000, 1.0, calibrate=True)  # measured now (~0.1 s), then refused
+    assert advisor.calibrator.cached(FAST, "cpu") is not None
+    assert "6000×6000" in str(refused.value) and "REALESRGAN_JOB_TIME_LIMIT_SECONDS" in str(refused.value)
+    advisor.check_time_limit(FAST, 16, 16, 600.0)  # within the limit
+    advisor.check_time_limit(FAST, 6000, 6000, 0)  # no limit
+    with pytest.raises(InputTooLargeError, match="even with the fastest model, realesr-animevideov3,"):
+        advisor.check_time_limit(advisor.fastest_model(), 6000, 6000, 1.0, fastest=True)
+
+
+def test_the_fastest_model_is_the_cheapest_super_resolution_network_here(config, model_manager):
+    from engine.catalog import CATALOG
+
+    advisor = IntelligentEnhancer(model_manager, config, device="cpu", calibrate=False)
+    fastest = advisor.fastest_model()
+    available = [s.name for s in model_manager.list_models() if s.available and CATALOG[s.name].kind == "sr"]
+    assert fastest in available and fastest.startswith("realesr-animevideov3")
+    assert all(CATALOG[fastest].macs_per_pixel <= CATALOG[n].macs_per_pixel for n in available)
+
+
+def test_a_batch_with_a_time_limit_refuses_an_image_estimated_over_it_before_running_it(tmp_path, config,
+                                                                                        model_manager):
+    from engine.inference.batch import BatchJob, BatchServices, collect_inputs, run_batch
+    from engine.settings import EnhanceSettings
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (64, 48)).save(src / "a.png")
+    Image.new("RGB", (2000, 1500)).save(src / "b.png")
+    _calibrated(config, {FAST: 10 * GIGA})  # a slow machine on record: a ~0.5 s, b over 3 minutes
+    settings = EnhanceSettings(model=FAST, device="cpu", precision="fp32", quality_metrics=False)
+    advisor = IntelligentEnhancer(model_manager, config, device="cpu")
+    services = BatchServices(model_manager, config, advisor, time_limit=2.0)
+    report = run_batch(collect_inputs([src]), BatchJob(settings=settings, output_dir=tmp_path / "out"), services)
+    small, large = report.items
+    assert small.ok and not large.ok
+    assert "limit of 2 s per job" in large.error and "2000×1500" in large.error
+    assert type(large.exception).__name__ == "InputTooLargeError"  # the REST API answers it 413
+    assert not (tmp_path / "out" / "b.png").exists()

@@ -7,6 +7,7 @@ here asserts on elapsed time: waits are for a condition, with a generous timeout
 
 from __future__ import annotations
 
+import io
 import socket
 import time
 from pathlib import Path
@@ -527,6 +528,63 @@ def test_rest_refuses_up_front_a_job_estimated_over_the_time_limit(tmp_path, sha
         assert "limit of 5 s" in body["error"] and "smaller image" in body["error"], body
         assert services.limiter.running == 0 and services.limiter.waiting == 0
         assert manager.loaded_models() == []  # no model ran to estimate
+
+
+def test_rest_refuses_up_front_a_job_without_a_model_that_even_the_fastest_model_cannot_finish(tmp_path,
+                                                                                                shared_weights_dir):
+    """Without ``model`` the advisor chooses in the job; the least any choice costs (the fastest model here, at the
+    rate measured on this device with another model) is checked before queueing."""
+    import dataclasses
+    import json
+
+    from config import Config
+    from engine.intelligent_enhancer import IntelligentEnhancer, ThroughputCalibrator
+    from engine.model_manager import ModelManager
+
+    config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=tmp_path / "out",
+                             temp_dir=tmp_path / "tmp", config_dir=tmp_path / "cfg", log_dir=tmp_path / "logs",
+                             download_retries=0, device="cpu", job_time_limit_seconds=5)
+    config.ensure_directories()
+    calibration = tmp_path / "cfg" / "calibration.json"  # only the photo model measured, on a slow machine
+    calibration.write_text(json.dumps({ThroughputCalibrator(calibration).key("RealESRGAN_x4plus", "cpu"): 1e6}))
+    manager = ModelManager(config)
+    services = dataclasses.replace(_services(config, manager),
+                                   advisor=IntelligentEnhancer(model_manager=manager, config=config))
+    with serve(services) as url, httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/api/v1/enhance", files=_files(_png(64, 64)))
+        body = _assert_error(r, 413, "validation")
+        assert "even with the fastest model, realesr-animevideov3," in body["error"], body
+        assert "limit of 5 s" in body["error"] and services.limiter.running == 0
+        assert manager.loaded_models() == []  # neither the advisor nor a model ran
+
+
+def test_rest_refuses_in_the_job_what_nothing_measured_could_check_up_front(tmp_path, shared_weights_dir):
+    """Nothing measured on this device yet: the up-front check has no figure, so the job measures the model's
+    throughput before its network runs (a 128-pixel calibration) and refuses what is estimated over the limit."""
+    import dataclasses
+
+    from PIL import Image
+
+    from config import Config
+    from engine.intelligent_enhancer import IntelligentEnhancer
+    from engine.model_manager import ModelManager
+
+    config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=tmp_path / "out",
+                             temp_dir=tmp_path / "tmp", config_dir=tmp_path / "cfg", log_dir=tmp_path / "logs",
+                             download_retries=0, device="cpu", job_time_limit_seconds=30)
+    config.ensure_directories()
+    manager = ModelManager(config)
+    advisor = IntelligentEnhancer(model_manager=manager, config=config)
+    services = dataclasses.replace(_services(config, manager), advisor=advisor)
+    buf = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(buf, "JPEG", quality=1)  # ~25 TMAC: minutes even at 200 GMAC/s
+    with serve(services) as url, httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/api/v1/enhance", files=_files(buf.getvalue(), "big.jpg", "image/jpeg"),
+                   data={"model": FAST_MODEL, "upscale_factor": "1"})
+        body = _assert_error(r, 413, "validation")
+        assert "6000×6000" in body["error"] and "limit of 30 s" in body["error"], body
+        assert advisor.calibrator.cached(FAST_MODEL, "cpu") is not None  # measured in the job
+        assert services.limiter.running == 0 and c.get("/api/v1/health").status_code == 200
 
 
 def test_the_job_watch_turns_a_stop_after_its_time_limit_into_the_time_limit_error():

@@ -327,23 +327,23 @@ def check_upload(data: bytes, config) -> "ImageHeader":
 
 
 def check_time_estimate(services: "Services", header: "ImageHeader", explicit: Mapping[str, Any]) -> None:
-    """Refuse up front a job whose estimate (this machine's measured throughput) exceeds the per-job time limit.
+    """Refuse up front a job whose estimate (this machine's measured throughput) exceeds the per-job time limit:
+    with the model the client named, else with the fastest model here (the least any choice of the advisor
+    costs; the advisor's own choice is checked in the job, before its network runs: ``BatchServices.time_limit``).
 
-    Only when the client named the model and a calibration exists: no model runs just to estimate.
+    Only from what was measured already: no model runs just to estimate.
 
     Raises:
         InputTooLargeError: the estimate is over ``job_time_limit_seconds`` (413; the message says what to change).
     """
-    limit = services.config.job_time_limit_seconds
-    model = explicit.get("model")
-    if not model or not limit or services.advisor is None:
+    if services.advisor is None:
         return
-    seconds = services.advisor.cached_estimate_seconds(str(model), header.width, header.height)
-    if seconds is not None and seconds > limit:
-        raise InputTooLargeError(
-            f"This {header.width}×{header.height} image with {model} would take about {seconds:.0f} s here, over "
-            f"this server's limit of {limit:g} s per job. Send a smaller image or choose a faster model, or ask "
-            "the operator to raise REALESRGAN_JOB_TIME_LIMIT_SECONDS.")
+    model = explicit.get("model") or services.advisor.fastest_model()
+    if model:
+        services.advisor.check_time_limit(str(model), header.width, header.height,
+                                          services.config.job_time_limit_seconds,
+                                          outscale=explicit.get("outscale"),
+                                          fastest="model" not in explicit)
 
 
 def _json_safe(value: Any) -> Any:
@@ -382,7 +382,8 @@ def run_enhance_job(services: "Services", data: bytes, explicit: Mapping[str, An
     started = time.perf_counter()
     job = processor.BatchJob(settings=EnhanceSettings.from_mapping(explicit), explicit=dict(explicit),
                              auto="model" not in explicit)
-    engine_services = processor.BatchServices(services.model_manager, config, services.advisor)
+    engine_services = processor.BatchServices(services.model_manager, config, services.advisor,
+                                              time_limit=config.job_time_limit_seconds)
     item = processor.run_batch([processor.BatchInput(data, Path("upload"))], job, engine_services,
                                cancel=cancel).items[0]
     if not item.ok:

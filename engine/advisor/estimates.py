@@ -226,6 +226,13 @@ class TimingStore:
             self._refresh()
             return [Observation(m, n, p, o, int(f), fs) for m, n, p, o, f, fs in self._runs.get(key, [])]
 
+    def device_rates(self, device: str) -> list[float]:
+        """MAC/s of the newest run of every key of ``device`` (a :func:`device_kind`), any model."""
+        with self._lock:
+            self._refresh()
+            return [runs[-1][0] / runs[-1][1] for key, runs in self._runs.items()
+                    if key.split("|", 1)[0] == device and runs and runs[-1][1] > 0]
+
     def loads(self, key: str) -> list[float]:
         with self._lock:
             self._refresh()

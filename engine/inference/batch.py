@@ -55,12 +55,14 @@ class BatchJob:
 @dataclass(frozen=True)
 class BatchServices:
     """The long-lived objects a batch runs on. ``slot`` is held around each image (the app's device limiter, so
-    other users get turns between the images of a long batch)."""
+    other users get turns between the images of a long batch). ``time_limit``: the seconds one image may take (a
+    server's per-job limit); an image the advisor estimates over it fails before its network runs."""
 
     model_manager: object
     config: object
     advisor: object | None = None
     slot: Callable[[], AbstractContextManager] = contextlib.nullcontext
+    time_limit: float | None = None
 
 
 @dataclass(frozen=True)
@@ -235,9 +237,10 @@ def _streamed_format(job: BatchJob, settings: EnhanceSettings) -> str | None:
 
 
 def plan_mode(item: BatchInput, job: BatchJob, settings: EnhanceSettings, services: BatchServices, *,
-              overlapped: bool = False) -> tuple[str, tuple[int, int] | None]:
-    """``"memory"`` or ``"stream"`` for one input, from its header alone (no pixel decoded), and the output's size
-    (None when streamed): the output whole in RAM when the memory plan fits, else straight into its TIFF or PNG file
+              overlapped: bool = False) -> tuple[str, tuple[int, int] | None, str]:
+    """``"memory"`` or ``"stream"`` for one input, from its header alone (no pixel decoded), the output's size
+    (None when streamed) and the model the job runs: the output whole in RAM when the memory plan fits, else
+    straight into its TIFF or PNG file
     in strips when that fits (:func:`engine.inference.memory_plan.output_mode`). ``overlapped``: the input is one
     of a batch that saves the previous result while the network runs; ``"alone"`` when the plan fits only without
     that (:func:`engine.inference.memory_plan.overlapped`).
@@ -252,20 +255,20 @@ def plan_mode(item: BatchInput, job: BatchJob, settings: EnhanceSettings, servic
     from engine.inference.pipeline import plan_input
 
     try:
-        _model, out_size, plan = plan_input(item.source, settings, services.model_manager, services.config)
-        return ("alone" if overlapped and not memory_plan.overlapped(plan).fits else "memory"), out_size
+        model, out_size, plan = plan_input(item.source, settings, services.model_manager, services.config)
+        return ("alone" if overlapped and not memory_plan.overlapped(plan).fits else "memory"), out_size, model
     except JobTooLargeError as in_memory:
         refusal = in_memory
     to_file, streamable = job.output_file is not None or job.output_dir is not None, not settings.face_enhance
-    fits_streamed = False
+    fits_streamed, model = False, None
     if to_file and streamable:
         with contextlib.suppress(JobTooLargeError):
-            plan_input(item.source, settings, services.model_manager, services.config, streamed=True)
+            model = plan_input(item.source, settings, services.model_manager, services.config, streamed=True)[0]
             fits_streamed = True
     mode = output_mode(False, fits_streamed, to_stream_file=_streamed_format(job, settings) is not None,
                        streamable=streamable)
     if mode != "refuse":
-        return mode, None
+        return mode, None, model
     if fits_streamed:  # a file in another format: as a TIFF or PNG it would fit
         raise JobTooLargeError(
             f"{refusal} Written as TIFF or PNG it would fit: choose one of those output formats (CLI: --format "
@@ -287,7 +290,8 @@ def _read(item: BatchInput, job: BatchJob, services: BatchServices, overlapped: 
     try:
         loaded = load_input(item.source, services.config) if job.auto else None  # the advisor needs the pixels
         settings, reasons = settings_for(None if loaded is None else loaded.pixels, job, services.advisor)
-        mode, out_size = plan_mode(item, job, settings, services, overlapped=overlapped)
+        mode, out_size, model = plan_mode(item, job, settings, services, overlapped=overlapped)
+        _check_time(item, loaded, model, settings, services)
         if mode == "stream":
             fmt = _streamed_format(job, settings)
             target = _own_path(item, job.output_file if job.output_file is not None
@@ -304,6 +308,26 @@ def _read(item: BatchInput, job: BatchJob, services: BatchServices, overlapped: 
                      seconds=time.perf_counter() - started, alone=mode == "alone")
     except Exception as exc:  # one bad image must not stop the batch; the reason is kept
         return _Read(item, label, outcome=_failed(label, exc))
+
+
+def _check_time(item: BatchInput, loaded, model: str, settings: EnhanceSettings, services: BatchServices) -> None:
+    """Refuse an input the advisor estimates over ``services.time_limit`` with ``model`` (its throughput measured
+    now when nothing on this device is known yet), before it is decoded (``loaded``: None) or enhanced.
+
+    Raises:
+        InputTooLargeError: over the limit (the message says what to change).
+    """
+    from utils.validation import probe_image
+
+    if not services.time_limit or services.advisor is None:
+        return
+    if loaded is not None:
+        height, width = loaded.pixels.shape[:2]
+    else:
+        header = probe_image(item.source, max_pixels=services.config.max_input_pixels)
+        width, height = header.width, header.height
+    services.advisor.check_time_limit(model, width, height, services.time_limit, calibrate=True,
+                                      outscale=settings.requested_scale(width, height))
 
 
 def _enhance(read: _Read, services: BatchServices, progress, cancel, *,
