@@ -4,8 +4,10 @@ it learned. No timing is asserted: observations are given numbers, a real run is
 
 from __future__ import annotations
 
+import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,6 +185,22 @@ def test_a_real_run_records_its_stages_and_the_load_is_counted_until_loaded(tmp_
     learned = advisor._learned(FAST, "cpu", "fp32", False, 1e9)
     assert learned.load_seconds == 0.0  # loaded now: not counted
     assert advisor.cached_estimate_seconds(FAST, 16, 12) is not None  # the REST check has a figure now
+
+
+def test_a_job_kept_in_memory_is_learned_too(tmp_path, config, model_manager):
+    """The REST API's jobs keep their result in memory (no output file): they teach the estimates as saved ones."""
+    from engine.inference.batch import BatchInput, BatchJob, BatchServices, run_batch
+    from engine.settings import EnhanceSettings
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(buf, "PNG")
+    settings = EnhanceSettings(model=FAST, device="cpu", precision="fp32", tile=0, quality_metrics=False)
+    item = run_batch([BatchInput(buf.getvalue(), Path("upload"))], BatchJob(settings=settings),
+                     BatchServices(model_manager, config)).items[0]
+    assert item.ok and item.output is None and item.result is not None
+    runs = IntelligentEnhancer(model_manager, config, calibrate=False).timings.observations(
+        job_key("cpu", FAST, "fp32", tiled=False))
+    assert len(runs) == 1 and runs[0].output_pixels == 64 * 48 and runs[0].network_seconds > 0
 
 
 def test_the_advisor_counts_the_load_only_when_the_model_is_not_loaded(config, model_manager):

@@ -309,6 +309,22 @@ def test_cancel_stops_an_image_job_with_a_readable_message(services, small_png):
     assert isinstance(event, threading.Event) and token.start() is not event  # each job gets a fresh flag
 
 
+def test_an_image_job_teaches_the_advisors_time_estimates(services, small_png):
+    from engine.advisor.estimates import device_kind, job_key, store_for
+    from ui.tab_image import enhance_file
+
+    def key(report: dict) -> str:
+        return job_key(device_kind(report["device"]), report["model"], report["precision"], bool(report["tile"]))
+
+    store = store_for(services.config)
+    first = enhance_file(services, small_png, {"model": "realesr-animevideov3-x2"}).report
+    seen = store.observations(key(first))
+    assert seen and seen[-1].output_pixels == first["output_size"][0] * first["output_size"][1]
+    second = enhance_file(services, small_png, {"model": "realesr-animevideov3-x2"}).report
+    assert key(second) == key(first) and store.observations(key(first)) != seen  # one more run learned
+    assert store.observations(key(first))[-1].network_seconds > 0
+
+
 def test_presets_overview_lists_builtins_and_user_presets(tmp_path):
     from engine.settings_manager import BUILTIN_PRESETS, SettingsManager
     from ui.tab_presets import presets_overview

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -16,6 +17,7 @@ from typing import Callable, Mapping
 import gradio as gr
 import numpy as np
 
+from engine.advisor.estimates import record_job
 from engine.processor import EnhanceResult, enhance_image_direct, save_result
 from engine.settings import Advice
 from ui import form as form_mod
@@ -116,6 +118,7 @@ def enhance_file(services, path: str | Path, settings: Mapping[str, object], *, 
     enhance_settings = form_mod.to_enhance_settings(settings)
     report = progress or (lambda _fraction, _message: None)
     with device_slot(services, notify=lambda text: report(0.0, text)):
+        started = time.perf_counter()
         result = enhance_image_direct(str(path), enhance_settings, services.model_manager, report, config=config,
                                       cancel=cancel)
     stem = Path(name or path.name).stem or "image"
@@ -126,6 +129,7 @@ def enhance_file(services, path: str | Path, settings: Mapping[str, object], *, 
     ext = {"jpeg": "jpg"}.get(fmt, fmt)
     saved, metrics, notes = save_result(result, folder / f"{stem}_enhanced.{ext}",
                                         original_bytes=path.stat().st_size)
+    record_job(config, result, time.perf_counter() - started)  # the advisor's estimates learn from every run
     from utils.errors import scrub_paths
 
     full_report = result.report() | {"metrics": metrics, "output_name": saved.name,

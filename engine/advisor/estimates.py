@@ -1,6 +1,7 @@
 """Time estimates that learn from real runs, stage by stage.
 
-Every finished enhancement (``engine.inference.batch`` reports it through :func:`record_job`) adds one
+Every finished enhancement (the batch runner's, saved or kept in memory for the REST API, and the web app's image
+job report it through :func:`record_job`) adds one
 :class:`Observation` to its key (device, model, precision, tile policy), with the job's stages timed apart by the
 pipeline (``EnhanceResult.timings``):
 

@@ -374,7 +374,8 @@ def _write(read: _Read, result: EnhanceResult, config) -> BatchItem:
     except Exception as exc:  # as a failure inside enhance_image would: this item only
         return _failed(read.label, exc)
     report = result.report() | {"input": str(read.label)}
-    if read.target is None:
+    if read.target is None:  # kept in memory: its caller encodes it (the REST API), which is not counted
+        _learn(config, read, result, 0.0)
         return BatchItem(read.label, None, ok=True, report=report, reasons=read.reasons, result=result)
     started = time.perf_counter()
     try:
@@ -383,10 +384,16 @@ def _write(read: _Read, result: EnhanceResult, config) -> BatchItem:
         saved, metrics, notes = save_result(result, read.target, original_bytes=size, output_format=read.fmt)
     except Exception as exc:  # a full disk or a bad output path fails this item only
         return _failed(read.label, exc)
-    if config is not None:  # the advisor's estimates learn from real runs (record_job splits the stages)
-        record_job(config, result, read.seconds + sum(result.timings.values()) + time.perf_counter() - started)
+    _learn(config, read, result, time.perf_counter() - started)
     report |= {"output": str(saved), "metrics": metrics, "warnings": report["warnings"] + notes}
     return BatchItem(read.label, saved, ok=True, report=report, reasons=read.reasons)
+
+
+def _learn(config, read: _Read, result: EnhanceResult, save_seconds: float) -> None:
+    """The advisor's time estimates learn from every real run (:func:`engine.advisor.estimates.record_job` splits
+    its stages): reading and planning, the pipeline's stages and the save."""
+    if config is not None:
+        record_job(config, result, read.seconds + sum(result.timings.values()) + save_seconds)
 
 
 def run_item(item: BatchInput, job: BatchJob, services: BatchServices, *,
