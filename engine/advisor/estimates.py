@@ -1,9 +1,8 @@
 """Time estimates that learn from real runs, stage by stage.
 
 Every finished enhancement (the batch runner's, saved or kept in memory for the REST API, and the web app's image
-job report it through :func:`record_job`) adds one
-:class:`Observation` to its key (device, model, precision, tile policy), with the job's stages timed apart by the
-pipeline (``EnhanceResult.timings``):
+job report it through :func:`record_job`) adds one :class:`Observation` to its key (device, model, precision, tile
+policy), with the job's stages timed apart by the pipeline (``EnhanceResult.timings``):
 
 * the **network** (``inference``): a fixed part (the kernels' set-up for a new input shape, :data:`NETWORK_FIXED_SHARE`
   of one run until runs of two sizes tell it by Theil-Sen) plus MACs at a rate learned from one run — a
