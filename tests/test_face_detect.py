@@ -155,6 +155,37 @@ def test_retinaface_branch_boxes_and_landmarks(retinaface):
         assert 0.8 <= face.score <= 1.0
 
 
+def test_retinaface_runs_on_a_bounded_copy_of_a_large_image_and_answers_in_its_pixels(retinaface, monkeypatch):
+    """A 40 MP upload would have held ~8 GB in RetinaFace at its own size: it sees a shrunk copy (the cap is made
+    small here so the random-weight network runs fast), and the faces come back in the input's pixels."""
+    from engine import face_detect
+
+    monkeypatch.setattr(face_detect, "RETINAFACE_CONFIDENCE", 0.5)  # random weights: detections to compare
+    monkeypatch.setattr(face_detect, "RETINAFACE_MAX_PIXELS", 160 * 120)
+    image = cv2.resize(read_rgb("Blake_Lively.jpg"), (480, 360), interpolation=cv2.INTER_AREA)
+    seen: list[tuple[int, int]] = []
+    hook = retinaface.register_forward_pre_hook(lambda _module, args: seen.append(tuple(args[0].shape[-2:])))
+    try:
+        found = detect_faces(image, retinaface=retinaface)
+        assert seen == [(120, 160)]  # the network saw the shrunk copy only
+        small = face_detect._detect_retinaface(cv2.resize(image, (160, 120), interpolation=cv2.INTER_AREA),
+                                               retinaface)
+    finally:
+        hook.remove()
+    small.sort(key=lambda f: -f.score)
+    kept = [f for f in small if min(f.width, f.height) * 3 >= 16]  # detect_faces' min_size, in the input's pixels
+    assert len(found.faces) == len(kept) > 0
+    for face, ref in zip(found.faces, kept):
+        assert face.score == ref.score
+        np.testing.assert_allclose([face.x0, face.y0, face.x1, face.y1],
+                                   [ref.x0 * 3, ref.y0 * 3, min(480, ref.x1 * 3), min(360, ref.y1 * 3)], atol=1e-3)
+        np.testing.assert_allclose(np.array(face.landmarks), np.array(ref.landmarks) * 3, atol=1e-3)
+        assert 0 <= face.x0 < face.x1 <= 480 and 0 <= face.y0 < face.y1 <= 360
+    assert len(seen) == 2
+    gray = detect_faces(image[:, :, 1], retinaface=retinaface)  # gray input: the same path, three equal channels
+    assert gray.detector == "retinaface"
+
+
 def test_retinaface_decoding_matches_facexlib(retinaface, monkeypatch):
     """Our stateless decoding gives facexlib's ``RetinaFace.detect_faces`` boxes, scores and landmarks (a lower
     confidence threshold on both, so random weights give detections to compare)."""
