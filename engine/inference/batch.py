@@ -240,10 +240,9 @@ def plan_mode(item: BatchInput, job: BatchJob, settings: EnhanceSettings, servic
               overlapped: bool = False) -> tuple[str, tuple[int, int] | None, str]:
     """``"memory"`` or ``"stream"`` for one input, from its header alone (no pixel decoded), the output's size
     (None when streamed) and the model the job runs: the output whole in RAM when the memory plan fits, else
-    straight into its TIFF or PNG file
-    in strips when that fits (:func:`engine.inference.memory_plan.output_mode`). ``overlapped``: the input is one
-    of a batch that saves the previous result while the network runs; ``"alone"`` when the plan fits only without
-    that (:func:`engine.inference.memory_plan.overlapped`).
+    straight into its TIFF or PNG file in strips when that fits (:func:`engine.inference.memory_plan.output_mode`).
+    ``overlapped``: the input is one of a batch that saves the previous result while the network runs; ``"alone"``
+    when the plan fits only without that (:func:`engine.inference.memory_plan.overlapped`).
 
     Raises:
         JobTooLargeError: neither fits; the message says what would (the TIFF or PNG format, a smaller scale).
