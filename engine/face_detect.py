@@ -129,14 +129,14 @@ def detect_faces(
     Raises:
         InvalidInputError: the image is empty or not 2-D/3-D.
     """
-    rgb = _as_rgb8(image)
+    pixels = _as_8bit(image)
     if max_faces is not None and max_faces < 0:
         raise ValueError(f"max_faces must be >= 0 or None, got {max_faces}.")
     if retinaface is not None:
-        faces = _detect_retinaface_bounded(rgb, retinaface)
+        faces = _detect_retinaface_bounded(pixels, retinaface)
         detector = "retinaface"
     else:
-        faces = _detect_cascade(rgb)
+        faces = _detect_cascade(_gray(pixels))
         detector = "lbp-cascade"
     faces = [f for f in faces if min(f.width, f.height) >= min_size]
     faces.sort(key=lambda f: -f.score)
@@ -145,8 +145,8 @@ def detect_faces(
     return FaceDetection(faces=tuple(faces), detector=detector)
 
 
-def _as_rgb8(image: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 RGB from gray/RGB/RGBA uint8/uint16 (dtype decides the range, never the values)."""
+def _as_8bit(image: np.ndarray) -> np.ndarray:
+    """HxWxC uint8 (C 1, 3 or 4) from gray/RGB/RGBA uint8/uint16 (dtype decides the range, never the values)."""
     if not isinstance(image, np.ndarray) or image.ndim not in (2, 3) or image.size == 0:
         raise InvalidInputError("Expected a non-empty HxW or HxWxC image array.")
     if image.ndim == 3 and image.shape[2] not in (1, 3, 4):
@@ -155,9 +155,22 @@ def _as_rgb8(image: np.ndarray) -> np.ndarray:
         image = (image.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
     elif image.dtype != np.uint8:
         raise InvalidInputError(f"Expected uint8 or uint16 pixels, got {image.dtype}.")
-    if image.ndim == 2 or image.shape[2] == 1:
-        return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_GRAY2RGB)  # np.repeat took 0.4 s at 40 MP
-    return np.ascontiguousarray(image[:, :, :3])
+    return image if image.ndim == 3 else image[:, :, None]
+
+
+def _rgb(pixels: np.ndarray) -> np.ndarray:
+    """HxWx3 RGB of :func:`_as_8bit` pixels (gray expanded by OpenCV: ``np.repeat`` took 0.4 s at 40 MP)."""
+    if pixels.shape[2] == 1:
+        return cv2.cvtColor(np.ascontiguousarray(pixels[:, :, 0]), cv2.COLOR_GRAY2RGB)
+    return np.ascontiguousarray(pixels[:, :, :3])
+
+
+def _gray(pixels: np.ndarray) -> np.ndarray:
+    """HxW gray of :func:`_as_8bit` pixels; a gray image as it is (OpenCV's RGB to gray of three equal channels
+    gives them back exactly: its weights sum to 1 in fixed point)."""
+    if pixels.shape[2] == 1:
+        return np.ascontiguousarray(pixels[:, :, 0])
+    return cv2.cvtColor(np.ascontiguousarray(pixels[:, :, :3]), cv2.COLOR_RGB2GRAY)
 
 
 def _cascade():
@@ -207,8 +220,7 @@ def cluster_windows(boxes: np.ndarray, *, iou: float = CLUSTER_IOU) -> list[tupl
     return [(boxes[idx].mean(axis=0), len(idx)) for idx in groups.values()]
 
 
-def _detect_cascade(rgb: np.ndarray) -> list[FaceBox]:
-    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+def _detect_cascade(gray: np.ndarray) -> list[FaceBox]:
     h, w = gray.shape
     scale = min(1.0, CASCADE_WORKING_SIDE / max(h, w))
     if scale < 1.0:
@@ -251,13 +263,16 @@ RETINAFACE_CONFIDENCE = 0.8
 RETINAFACE_NMS_IOU = 0.4
 
 
-def _detect_retinaface_bounded(rgb: np.ndarray, model) -> list[FaceBox]:
-    """:func:`_detect_retinaface` on a copy of at most :data:`RETINAFACE_MAX_PIXELS`, in ``rgb``'s pixels."""
-    h, w = rgb.shape[:2]
+def _detect_retinaface_bounded(pixels: np.ndarray, model) -> list[FaceBox]:
+    """:func:`_detect_retinaface` on a copy of :func:`_as_8bit` ``pixels`` of at most :data:`RETINAFACE_MAX_PIXELS`
+    (shrunk before a gray image is made RGB), in ``pixels``' coordinates."""
+    h, w = pixels.shape[:2]
     scale = min(1.0, (RETINAFACE_MAX_PIXELS / (h * w)) ** 0.5)
     if scale == 1.0:
-        return _detect_retinaface(rgb, model)
-    small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        return _detect_retinaface(_rgb(pixels), model)
+    small = cv2.resize(np.ascontiguousarray(pixels), (max(1, round(w * scale)), max(1, round(h * scale))),
+                       interpolation=cv2.INTER_AREA)
+    small = _rgb(small if small.ndim == 3 else small[:, :, None])
     sx, sy = w / small.shape[1], h / small.shape[0]
     return [FaceBox(f.x0 * sx, f.y0 * sy, min(float(w), f.x1 * sx), min(float(h), f.y1 * sy), f.score,
                     tuple((x * sx, y * sy) for x, y in f.landmarks) if f.landmarks else None)

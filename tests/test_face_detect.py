@@ -181,9 +181,16 @@ def test_retinaface_runs_on_a_bounded_copy_of_a_large_image_and_answers_in_its_p
                                    [ref.x0 * 3, ref.y0 * 3, min(480, ref.x1 * 3), min(360, ref.y1 * 3)], atol=1e-3)
         np.testing.assert_allclose(np.array(face.landmarks), np.array(ref.landmarks) * 3, atol=1e-3)
         assert 0 <= face.x0 < face.x1 <= 480 and 0 <= face.y0 < face.y1 <= 360
-    assert len(seen) == 2
-    gray = detect_faces(image[:, :, 1], retinaface=retinaface)  # gray input: the same path, three equal channels
-    assert gray.detector == "retinaface"
+    gray = image[:, :, 1]  # gray: shrunk before it is made RGB, the same faces as its RGB copy
+    assert detect_faces(gray, retinaface=retinaface) == detect_faces(np.repeat(gray[:, :, None], 3, axis=2),
+                                                                     retinaface=retinaface)
+
+
+def test_a_gray_image_gives_the_faces_of_its_rgb_copy_without_making_one():
+    gray = cv2.cvtColor(read_rgb("Adele_crop.png"), cv2.COLOR_RGB2GRAY)
+    found = detect_faces(gray)
+    assert found == detect_faces(np.repeat(gray[:, :, None], 3, axis=2)) == detect_faces(gray[:, :, None])
+    assert found.faces and found.detector == "lbp-cascade"
 
 
 def test_retinaface_decoding_matches_facexlib(retinaface, monkeypatch):
