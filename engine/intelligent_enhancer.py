@@ -437,15 +437,7 @@ class IntelligentEnhancer:
         from utils.gpu import cpu_has_fast_bf16, free_memory_bytes, resolve_device
 
         device = resolve_device(self.device_name)
-        available, downloadable = set(), set()
-        if self.model_manager is not None:
-            for status in self.model_manager.list_models():
-                if status.available:
-                    available.add(status.name)
-                if status.url:
-                    downloadable.add(status.name)
-        else:
-            available = {n for n, s in CATALOG.items() if s.bundled is not None}
+        available, downloadable = self._models_here()
         throughput = {}
         if self.calibrator is not None:
             for model in models:
@@ -460,6 +452,14 @@ class IntelligentEnhancer:
             max_output_pixels=self.config.max_output_pixels,
             face_enhancement_enabled=self.config.enable_face_enhancement,
             cpu_bf16_fast=device.type == "cpu" and cpu_has_fast_bf16())
+
+    def _models_here(self) -> tuple[set[str], set[str]]:
+        """(the models whose weights are here, those that can be downloaded); without a model manager, the
+        catalog's bundled models."""
+        if self.model_manager is None:
+            return {n for n, s in CATALOG.items() if s.bundled is not None}, set()
+        statuses = self.model_manager.list_models()
+        return {s.name for s in statuses if s.available}, {s.name for s in statuses if s.url}
 
     def _own_network(self, model: str, device) -> NetworkSource:
         """The network of a user's model as the engine runs it (loaded by the model manager, never downloaded)."""
@@ -521,12 +521,8 @@ class IntelligentEnhancer:
     def fastest_model(self) -> str | None:
         """The available super-resolution model of the catalog with the fewest MACs per input pixel (whatever the
         advisor chooses costs at least as much), or None when none is here."""
-        if self.model_manager is not None:
-            available = [s.name for s in self.model_manager.list_models() if s.available]
-        else:
-            available = [n for n, spec in CATALOG.items() if spec.bundled is not None]
-        models = [n for n in available if n in CATALOG and CATALOG[n].kind == "sr"]
-        return min(models, key=lambda n: CATALOG[n].macs_per_pixel, default=None)
+        models = [n for n in self._models_here()[0] if n in CATALOG and CATALOG[n].kind == "sr"]
+        return min(sorted(models), key=lambda n: CATALOG[n].macs_per_pixel, default=None)
 
     def _device_rate(self, device) -> float | None:
         """The fastest MAC/s measured on ``device`` with any model, by a calibration or a real run. The catalog's

@@ -267,7 +267,10 @@ def test_a_model_not_measured_yet_is_estimated_from_the_fastest_rate_measured_on
 def test_the_time_limit_check_refuses_with_what_to_change_and_measures_only_when_asked(config, model_manager):
     from utils.errors import InputTooLargeError
 
+    from engine.intelligent_enhancer import ThroughputCalibrator
+
     advisor = IntelligentEnhancer(model_manager, config, device="cpu")
+    advisor.calibrator = ThroughputCalibrator(config.config_dir / "calibration.json", busy_share=0)  # kept if busy
     advisor.check_time_limit(FAST, 6000, 6000, 1.0)  # nothing measured on this device: no figure, no refusal
     assert advisor.calibrator.cached(FAST, "cpu") is None
     with pytest.raises(InputTooLargeError, match="limit of 1 s per job") as refused:

@@ -568,7 +568,7 @@ def test_rest_refuses_in_the_job_what_nothing_measured_could_check_up_front(tmp_
     from PIL import Image
 
     from config import Config
-    from engine.intelligent_enhancer import IntelligentEnhancer
+    from engine.intelligent_enhancer import IntelligentEnhancer, ThroughputCalibrator
     from engine.model_manager import ModelManager
 
     config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=tmp_path / "out",
@@ -577,6 +577,7 @@ def test_rest_refuses_in_the_job_what_nothing_measured_could_check_up_front(tmp_
     config.ensure_directories()
     manager = ModelManager(config)
     advisor = IntelligentEnhancer(model_manager=manager, config=config)
+    advisor.calibrator = ThroughputCalibrator(tmp_path / "cfg" / "calibration.json", busy_share=0)  # kept if busy
     services = dataclasses.replace(_services(config, manager), advisor=advisor)
     buf = io.BytesIO()
     Image.new("L", (6000, 6000)).save(buf, "JPEG", quality=1)  # ~25 TMAC: minutes even at 200 GMAC/s
