@@ -24,7 +24,7 @@ from engine.advisor.estimates import UNSURE_SPREAD, TimingModel, device_kind, jo
 from engine.catalog import CATALOG, DEFAULT_FACE_MODEL, active_catalog, user_alternatives
 from engine.settings import Advice, EnhanceSettings
 from utils.atomic import write_atomic
-from utils.errors import CancelledError
+from utils.errors import CancelledError, InputTooLargeError
 
 logger = logging.getLogger(__name__)
 
@@ -159,45 +159,13 @@ def decide(a: AnalysisNumbers, machine: MachineFacts, requested_scale: float | N
     memory it needs and what limited it (:class:`engine.inference.planning.TileChoice`); None means whole image with
     a rough estimate.
     """
-    reasons: list[str] = []
     alternatives: list[dict] = []
     on_cpu = machine.device == "cpu"
 
-    # Model by content and damage.
-    damaged = a.noise_level >= NOISY_LEVEL or a.jpeg_artifacts >= JPEG_DAMAGED
-    denoise = 0.5
-    if a.content_type == "anime":
-        model, missing = _pick_available("RealESRGAN_x4plus_anime_6B", machine, FAST_FALLBACK_MODEL)
-        why = a.content_reason or f"Flat colours and hard edges ({a.confidence:.0%} sure it is anime/illustration)"
-        reasons.append(f"{why}: anime model")
-    elif damaged:
-        if a.content_reason:
-            reasons.append(a.content_reason)
-        what = "noise" if a.noise_level >= NOISY_LEVEL else "JPEG artefacts"
-        denoise = denoise_from_noise(a.noise_level, a.jpeg_artifacts)
-        if FAST_PHOTO_MODEL in machine.available_models:
-            model, missing = FAST_PHOTO_MODEL, None
-            reasons.append(f"Visible {what} (noise level {a.noise_level:.2f}, JPEG {a.jpeg_artifacts:.2f}): "
-                           f"{FAST_PHOTO_MODEL} with denoise strength {denoise:.2f}")
-        else:
-            model, missing = _pick_available("RealESRGAN_x4plus", machine, FAST_FALLBACK_MODEL)
-            if FAST_PHOTO_MODEL in machine.downloadable_models:
-                reasons.append(f"Visible {what}: {FAST_PHOTO_MODEL} with denoise {denoise:.2f} would be best, but "
-                               "its weights are not downloaded (System Info tab, or: python main.py models download "
-                               f"{FAST_PHOTO_MODEL}); RealESRGAN_x4plus also removes noise")
-            else:
-                reasons.append(f"Visible {what}: RealESRGAN_x4plus removes it along the way")
-    else:
-        model, missing = _pick_available("RealESRGAN_x4plus", machine, FAST_FALLBACK_MODEL)
-        why = a.content_reason or f"Natural photo ({a.confidence:.0%} sure)"
-        reasons.append(f"{why}; clean: RealESRGAN_x4plus for the best detail")
-    if missing:
-        reasons.append(f"{missing} is not available here, so {model} is recommended instead")
-
+    model, denoise, reasons = _content_model(a, machine)
     scale, why_scale = choose_scale(a.width, a.height, machine.max_output_pixels, requested_scale)
     reasons.append(why_scale)
-    if scale <= 2 and "RealESRGAN_x2plus" in machine.available_models and a.content_type != "anime" \
-            and model == "RealESRGAN_x4plus":
+    if _native_x2(model, a, machine, scale):
         model = "RealESRGAN_x2plus"
         reasons.append("×2 output: the native ×2 model is used (4× less compute than ×4 then resize)")
 
@@ -278,6 +246,62 @@ def decide(a: AnalysisNumbers, machine: MachineFacts, requested_scale: float | N
     return Advice(settings=settings, reasons=tuple(reasons), estimated_seconds=round(seconds, 2),
                   estimated_memory_mb=round(memory_mb, 1), alternatives=tuple(alternatives),
                   analysis={"optimal_tile": int(tile), "estimated_range": [round(low, 1), round(high, 1)]})
+
+
+def _content_model(a: AnalysisNumbers, machine: MachineFacts) -> tuple[str, float, list[str]]:
+    """The model for the image's content and damage, its denoise strength and why (:func:`decide`'s first rule)."""
+    reasons = []
+    damaged = a.noise_level >= NOISY_LEVEL or a.jpeg_artifacts >= JPEG_DAMAGED
+    denoise = 0.5
+    if a.content_type == "anime":
+        model, missing = _pick_available("RealESRGAN_x4plus_anime_6B", machine, FAST_FALLBACK_MODEL)
+        why = a.content_reason or f"Flat colours and hard edges ({a.confidence:.0%} sure it is anime/illustration)"
+        reasons.append(f"{why}: anime model")
+    elif damaged:
+        if a.content_reason:
+            reasons.append(a.content_reason)
+        what = "noise" if a.noise_level >= NOISY_LEVEL else "JPEG artefacts"
+        denoise = denoise_from_noise(a.noise_level, a.jpeg_artifacts)
+        if FAST_PHOTO_MODEL in machine.available_models:
+            model, missing = FAST_PHOTO_MODEL, None
+            reasons.append(f"Visible {what} (noise level {a.noise_level:.2f}, JPEG {a.jpeg_artifacts:.2f}): "
+                           f"{FAST_PHOTO_MODEL} with denoise strength {denoise:.2f}")
+        else:
+            model, missing = _pick_available("RealESRGAN_x4plus", machine, FAST_FALLBACK_MODEL)
+            if FAST_PHOTO_MODEL in machine.downloadable_models:
+                reasons.append(f"Visible {what}: {FAST_PHOTO_MODEL} with denoise {denoise:.2f} would be best, but "
+                               "its weights are not downloaded (System Info tab, or: python main.py models download "
+                               f"{FAST_PHOTO_MODEL}); RealESRGAN_x4plus also removes noise")
+            else:
+                reasons.append(f"Visible {what}: RealESRGAN_x4plus removes it along the way")
+    else:
+        model, missing = _pick_available("RealESRGAN_x4plus", machine, FAST_FALLBACK_MODEL)
+        why = a.content_reason or f"Natural photo ({a.confidence:.0%} sure)"
+        reasons.append(f"{why}; clean: RealESRGAN_x4plus for the best detail")
+    if missing:
+        reasons.append(f"{missing} is not available here, so {model} is recommended instead")
+    return model, denoise, reasons
+
+
+def _native_x2(model: str, a: AnalysisNumbers, machine: MachineFacts, scale: float) -> bool:
+    """At ×2 or less a photo's x4plus gives way to the native ×2 model when it is here."""
+    return (scale <= 2 and "RealESRGAN_x2plus" in machine.available_models and a.content_type != "anime"
+            and model == "RealESRGAN_x4plus")
+
+
+def advisable_models(machine: MachineFacts, width: int, height: int,
+                     requested_scale: float | None = None) -> tuple[frozenset[str], float]:
+    """The models :func:`decide` may recommend here for a ``width``×``height`` image whatever its content (photo,
+    damaged photo, drawing), and the scale they would run at: known from the header alone, so the least an
+    automatic job can cost is known before any pixel is decoded."""
+    scale = choose_scale(width, height, machine.max_output_pixels, requested_scale)[0]
+    models = set()
+    for content, noise in (("photo", 0.0), ("photo", 1.0), ("anime", 0.0)):
+        a = AnalysisNumbers(content_type=content, confidence=1.0, faces=0, noise_level=noise, jpeg_artifacts=0.0,
+                            blur=0.0, width=width, height=height)
+        model = _content_model(a, machine)[0]
+        models.add("RealESRGAN_x2plus" if _native_x2(model, a, machine, scale) else model)
+    return frozenset(models), scale
 
 
 def _rough_memory_mb(model: str, width: int, height: int) -> float:
@@ -496,31 +520,57 @@ class IntelligentEnhancer:
                                     width * height * outscale * outscale))
 
     def check_time_limit(self, model: str, width: int, height: int, limit: float | None, *,
-                         outscale: float | None = None, calibrate: bool = False, fastest: bool = False) -> None:
-        """Refuse a job whose estimate (:meth:`cached_estimate_seconds`) is over ``limit`` seconds (a server's
-        per-job limit; None or 0: no limit). ``outscale`` None: the model's own scale. ``fastest``: ``model`` is
-        the fastest the advisor could still choose, so the estimate is the least the job could take.
+                         outscale: float | None = None, calibrate: bool = False) -> None:
+        """Refuse a job of ``model`` whose estimate (:meth:`cached_estimate_seconds`) is over ``limit`` seconds (a
+        server's per-job limit; None or 0: no limit). ``outscale`` None: the model's own scale.
 
         Raises:
             InputTooLargeError: over the limit; the message says what to change.
         """
-        from utils.errors import InputTooLargeError
-
         if not limit or model not in CATALOG:
             return
-        seconds = self.cached_estimate_seconds(model, width, height, outscale or CATALOG[model].scale,
-                                               calibrate=calibrate)
-        if seconds is None or seconds <= limit:
+        outscale = outscale or CATALOG[model].scale
+        seconds = self.cached_estimate_seconds(model, width, height, outscale, calibrate=calibrate)
+        if seconds is not None and seconds > limit:
+            raise self._time_limit_error(f"with {model}", model, (width, height), seconds, limit, outscale)
+
+    def check_auto_time_limit(self, width: int, height: int, limit: float | None,
+                              outscale: float | None = None) -> None:
+        """Refuse, from the image's size alone, an automatic job that no model the advisor may choose for it
+        (:func:`advisable_models`) could finish within ``limit`` seconds. Only from what was measured already (no
+        model runs); the advisor's actual choice is checked again once the image is analysed.
+
+        Raises:
+            InputTooLargeError: even the quickest of them is over the limit; the message names a model that would
+                fit when one is here.
+        """
+        if not limit:
             return
-        how = f"even with the fastest model, {model}," if fastest else f"with {model}"
-        raise InputTooLargeError(
-            f"This {width}×{height} image {how} would take about {seconds:.0f} s here, over this server's limit "
-            f"of {limit:g} s per job. Send a smaller image or choose a faster model, or ask the operator to raise "
-            "REALESRGAN_JOB_TIME_LIMIT_SECONDS.", actual=round(seconds), limit=limit)
+        models, scale = advisable_models(self.machine_facts(), width, height, outscale)
+        estimates = {m: self.cached_estimate_seconds(m, width, height, scale) for m in models if m in CATALOG}
+        if not estimates or None in estimates.values():
+            return
+        least = min(sorted(estimates), key=estimates.get)
+        if estimates[least] > limit:
+            raise self._time_limit_error(f"with {least}, the quickest model the advisor would choose for it,",
+                                         least, (width, height), estimates[least], limit, scale)
+
+    def _time_limit_error(self, how: str, model: str, size: tuple[int, int], seconds: float, limit: float,
+                          outscale: float) -> InputTooLargeError:
+        """The refusal of a job estimated at ``seconds`` over ``limit`` (``how``: "with MODEL"), naming the
+        fastest model here when it would fit."""
+        fastest = self.fastest_model()
+        quick = None if fastest in (None, model) else self.cached_estimate_seconds(fastest, *size, outscale)
+        change = (f"Choose a faster model ({fastest} would take about {quick:.0f} s) or send a smaller image"
+                  if quick is not None and quick <= limit else "Send a smaller image or choose a faster model")
+        return InputTooLargeError(
+            f"This {size[0]}×{size[1]} image {how} would take about {seconds:.0f} s here, over this server's limit "
+            f"of {limit:g} s per job. {change}, or ask the operator to raise REALESRGAN_JOB_TIME_LIMIT_SECONDS.",
+            actual=round(seconds), limit=limit)
 
     def fastest_model(self) -> str | None:
-        """The available super-resolution model of the catalog with the fewest MACs per input pixel (whatever the
-        advisor chooses costs at least as much), or None when none is here."""
+        """The available super-resolution model of the catalog with the fewest MACs per input pixel, or None when
+        none is here."""
         models = [n for n in self._models_here()[0] if n in CATALOG and CATALOG[n].kind == "sr"]
         return min(sorted(models), key=lambda n: CATALOG[n].macs_per_pixel, default=None)
 

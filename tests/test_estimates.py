@@ -279,8 +279,29 @@ def test_the_time_limit_check_refuses_with_what_to_change_and_measures_only_when
     assert "6000×6000" in str(refused.value) and "REALESRGAN_JOB_TIME_LIMIT_SECONDS" in str(refused.value)
     advisor.check_time_limit(FAST, 16, 16, 600.0)  # within the limit
     advisor.check_time_limit(FAST, 6000, 6000, 0)  # no limit
-    with pytest.raises(InputTooLargeError, match="even with the fastest model, realesr-animevideov3,"):
-        advisor.check_time_limit(advisor.fastest_model(), 6000, 6000, 1.0, fastest=True)
+
+
+def test_an_automatic_job_is_refused_from_its_size_when_nothing_the_advisor_may_choose_fits(config, model_manager):
+    from utils.errors import InputTooLargeError
+
+    _calibrated(config, {"RealESRGAN_x4plus": 1 * GIGA, "RealESRGAN_x4plus_anime_6B": 1 * GIGA, FAST: 1000 * GIGA})
+    advisor = IntelligentEnhancer(model_manager, config, device="cpu")
+    with pytest.raises(InputTooLargeError, match="with RealESRGAN_x4plus_anime_6B, the quickest model the advisor "
+                                                 "would choose for it,") as refused:
+        advisor.check_auto_time_limit(1000, 1000, 60.0)  # anime_6B at 1 GMAC/s: hours
+    assert f"Choose a faster model ({FAST} would take about" in str(refused.value)  # it fits: the way out
+    advisor.check_auto_time_limit(16, 16, 60.0)  # seconds: within the limit
+    advisor.check_auto_time_limit(1000, 1000, None)  # no limit
+    with pytest.raises(InputTooLargeError) as refused:
+        advisor.check_auto_time_limit(6000, 6000, 1.0)  # nothing here fits: no model to suggest
+    assert "Send a smaller image or choose a faster model" in str(refused.value)
+    assert not model_manager.loaded_models()  # no model ran, no pixel decoded
+
+
+def test_an_automatic_job_is_not_refused_up_front_before_anything_was_measured(config, model_manager):
+    advisor = IntelligentEnhancer(model_manager, config, device="cpu")
+    advisor.check_auto_time_limit(6000, 6000, 1.0)  # no figure: the job measures its model before it runs
+    assert advisor.calibrator.cached(FAST, "cpu") is None and not model_manager.loaded_models()
 
 
 def test_the_fastest_model_is_the_cheapest_super_resolution_network_here(config, model_manager):

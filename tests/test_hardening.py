@@ -532,10 +532,10 @@ def test_rest_refuses_up_front_a_job_estimated_over_the_time_limit(tmp_path, sha
         assert manager.loaded_models() == []  # no model ran to estimate
 
 
-def test_rest_refuses_up_front_a_job_without_a_model_that_even_the_fastest_model_cannot_finish(tmp_path,
-                                                                                                shared_weights_dir):
-    """Without ``model`` the advisor chooses in the job; the least any choice costs (the fastest model here, at the
-    rate measured on this device with another model) is checked before queueing."""
+def test_rest_refuses_up_front_a_job_without_a_model_that_no_choice_of_the_advisor_can_finish(tmp_path,
+                                                                                              shared_weights_dir):
+    """Without ``model`` the advisor chooses in the job; the least any of its choices costs for an image of this
+    size (at the rate measured on this device with another model) is checked before queueing, from the header."""
     import dataclasses
     import json
 
@@ -555,7 +555,7 @@ def test_rest_refuses_up_front_a_job_without_a_model_that_even_the_fastest_model
     with serve(services) as url, httpx.Client(base_url=url, timeout=60) as c:
         r = c.post("/api/v1/enhance", files=_files(_png(64, 64)))
         body = _assert_error(r, 413, "validation")
-        assert "even with the fastest model, realesr-animevideov3," in body["error"], body
+        assert "with RealESRGAN_x4plus_anime_6B, the quickest model the advisor would choose" in body["error"], body
         assert "limit of 5 s" in body["error"] and services.limiter.running == 0
         assert manager.loaded_models() == []  # neither the advisor nor a model ran
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from engine.inference.planning import TileChoice
-from engine.intelligent_enhancer import (AnalysisNumbers, MachineFacts, choose_scale, decide, denoise_from_noise,
-                                         estimate_seconds)
+from engine.intelligent_enhancer import (AnalysisNumbers, MachineFacts, advisable_models, choose_scale, decide,
+                                         denoise_from_noise, estimate_seconds)
 
 OFFLINE = frozenset({"RealESRGAN_x4plus", "RealESRGAN_x4plus_anime_6B", "realesr-animevideov3",
                      "realesr-animevideov3-x2", "realesr-animevideov3-x3"})
@@ -51,6 +51,30 @@ def test_noisy_photo_uses_general_model_when_available_with_denoise_from_noise()
     loud = decide(photo(noise_level=0.6), machine, tile_for=no_tile)
     assert quiet.settings.model == loud.settings.model == "realesr-general-x4v3"
     assert quiet.settings.denoise_strength < loud.settings.denoise_strength <= 1.0
+
+
+@pytest.mark.parametrize("available", [
+    OFFLINE, OFFLINE | {"realesr-general-x4v3", "RealESRGAN_x2plus"}, frozenset({"realesr-animevideov3"})])
+@pytest.mark.parametrize("width, height, scale", [(640, 480, None), (640, 480, 2.0), (3000, 2000, None),
+                                                  (100, 80, 1.5)])
+def test_what_the_advisor_may_choose_for_a_size_covers_every_choice_it_makes(available, width, height, scale):
+    """Known from the size alone (no pixel), so an automatic job's least cost is known before its decode."""
+    machine = cpu(available=available)
+    models, advised_scale = advisable_models(machine, width, height, scale)
+    for content in ("photo", "anime"):
+        for noise, jpeg, faces in ((0.0, 0.0, 0), (0.6, 0.0, 2), (0.02, 0.9, 0), (0.3, 0.5, 1)):
+            advice = decide(photo(content_type=content, noise_level=noise, jpeg_artifacts=jpeg, faces=faces,
+                                  width=width, height=height), machine, requested_scale=scale, tile_for=no_tile)
+            assert advice.settings.model in models, (content, noise, jpeg)
+            assert advice.settings.outscale == advised_scale
+
+
+def test_what_the_advisor_may_choose_is_only_what_it_chooses():
+    assert advisable_models(cpu(), 640, 480)[0] == {"RealESRGAN_x4plus", "RealESRGAN_x4plus_anime_6B"}
+    richer = cpu(available=OFFLINE | {"realesr-general-x4v3", "RealESRGAN_x2plus"})
+    assert advisable_models(richer, 640, 480, 2.0)[0] == {"RealESRGAN_x2plus", "realesr-general-x4v3",
+                                                          "RealESRGAN_x4plus_anime_6B"}
+    assert advisable_models(cpu(available=frozenset({"realesr-animevideov3"})), 64, 64)[0] == {"realesr-animevideov3"}
 
 
 def test_noisy_photo_without_general_weights_says_how_to_get_them():

@@ -328,22 +328,22 @@ def check_upload(data: bytes, config) -> "ImageHeader":
 
 def check_time_estimate(services: "Services", header: "ImageHeader", explicit: Mapping[str, Any]) -> None:
     """Refuse up front a job whose estimate (this machine's measured throughput) exceeds the per-job time limit:
-    with the model the client named, else with the fastest model here (the least any choice of the advisor
-    costs; the advisor's own choice is checked in the job, before its network runs: ``BatchServices.time_limit``).
+    with the model the client named, else with the quickest model the advisor may choose for an image of this size
+    (its actual choice is checked in the job, before its network runs: ``BatchServices.time_limit``).
 
-    Only from what was measured already: no model runs just to estimate.
+    Only from what was measured already: no model runs just to estimate, and no pixel is decoded.
 
     Raises:
         InputTooLargeError: the estimate is over ``job_time_limit_seconds`` (413; the message says what to change).
     """
     if services.advisor is None:
         return
-    model = explicit.get("model") or services.advisor.fastest_model()
-    if model:
-        services.advisor.check_time_limit(str(model), header.width, header.height,
-                                          services.config.job_time_limit_seconds,
-                                          outscale=explicit.get("outscale"),
-                                          fastest="model" not in explicit)
+    limit, outscale = services.config.job_time_limit_seconds, explicit.get("outscale")
+    if explicit.get("model"):
+        services.advisor.check_time_limit(str(explicit["model"]), header.width, header.height, limit,
+                                          outscale=outscale)
+    else:
+        services.advisor.check_auto_time_limit(header.width, header.height, limit, outscale)
 
 
 def _json_safe(value: Any) -> Any:
