@@ -325,6 +325,29 @@ def test_an_image_job_teaches_the_advisors_time_estimates(services, small_png):
     assert store.observations(key(first))[-1].network_seconds > 0
 
 
+def test_web_jobs_estimated_over_the_time_limit_are_refused_before_they_run(tmp_path, shared_weights_dir,
+                                                                             small_png):
+    from config import Config
+    from engine.intelligent_enhancer import ThroughputCalibrator
+    from ui.services import create_services
+    from ui.tab_batch import enhance_uploads
+    from ui.tab_image import enhance_file
+
+    config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=tmp_path / "out",
+                             temp_dir=tmp_path / "tmp", config_dir=tmp_path / "cfg", log_dir=tmp_path / "logs",
+                             download_retries=0, device="cpu", job_time_limit_seconds=5)
+    config.ensure_directories()
+    calibration = config.config_dir / "calibration.json"  # a slow machine on record: 1 kMAC/s
+    calibration.write_text(json.dumps({ThroughputCalibrator(calibration).key("realesr-animevideov3-x2", "cpu"): 1e3}))
+    services = create_services(config)
+    with pytest.raises(InputTooLargeError, match="40×32 image with realesr-animevideov3-x2 would take about"):
+        enhance_file(services, small_png, {"model": "realesr-animevideov3-x2"})
+    outcome = enhance_uploads(services, [(small_png, "small.png")], {"model": "realesr-animevideov3-x2"}, False)
+    assert outcome.outputs == () and "limit of 5 s per job" in outcome.failures[0][1], outcome.failures  # a batch too
+    assert services.model_manager.loaded_models() == []  # refused before its network was loaded
+    assert not any((tmp_path / "out").rglob("*_enhanced.*"))
+
+
 def test_presets_overview_lists_builtins_and_user_presets(tmp_path):
     from engine.settings_manager import BUILTIN_PRESETS, SettingsManager
     from ui.tab_presets import presets_overview

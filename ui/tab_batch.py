@@ -104,7 +104,8 @@ def enhance_uploads(services, uploads: Sequence[tuple[Path, str]], settings: Map
         if inputs:
             job = batch_job(settings, auto, folder)
             engine_services = BatchServices(services.model_manager, config, services.advisor,
-                                            slot=lambda: device_slot(services))  # other users get turns
+                                            slot=lambda: device_slot(services),  # other users get turns
+                                            time_limit=config.job_time_limit_seconds)  # refused, not cut off
             items = run_batch([BatchInput(p, Path(p.name)) for p in inputs], job, engine_services,
                               progress=progress, cancel=cancel).items
     outputs = tuple((Path(i.output), f"{i.input.name} → {Path(i.output).name}")

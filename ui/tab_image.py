@@ -111,11 +111,15 @@ def enhance_file(services, path: str | Path, settings: Mapping[str, object], *, 
 
     Returns:
         An :class:`ImageJob` with the saved file, previews and the report.
+
+    Raises:
+        InputTooLargeError: over the upload limits, or estimated over the per-job time limit (before it queues).
     """
     config = services.config
     path = Path(path)
-    check_image_upload(path, config)
+    header = check_image_upload(path, config)
     enhance_settings = form_mod.to_enhance_settings(settings)
+    _check_time(services, header, enhance_settings)
     report = progress or (lambda _fraction, _message: None)
     with device_slot(services, notify=lambda text: report(0.0, text)):
         started = time.perf_counter()
@@ -137,6 +141,23 @@ def enhance_file(services, path: str | Path, settings: Mapping[str, object], *, 
     before, after = _previews(path, result, config)
     return ImageJob(output=Path(saved), before=before, after=after, report=full_report,
                     summary=result_markdown(full_report), warnings=tuple(full_report["warnings"]))
+
+
+def _check_time(services, header, settings) -> None:
+    """Refuse at once, from the header, a job estimated over the per-job time limit (the model the settings route
+    to, at what was measured here; nothing runs to estimate) rather than stop it when the limit passes.
+
+    Raises:
+        InputTooLargeError: over the limit; the message says what to change.
+    """
+    from engine.inference.planning import route_model
+
+    if services.advisor is None:
+        return
+    outscale = settings.requested_scale(header.width, header.height)
+    model = route_model(settings.model, outscale, services.model_manager.is_available)[0]
+    services.advisor.check_time_limit(model, header.width, header.height, services.config.job_time_limit_seconds,
+                                      outscale=outscale)
 
 
 def _display_rgb(pixels: np.ndarray) -> np.ndarray:
