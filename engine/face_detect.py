@@ -16,6 +16,7 @@ at most :data:`RETINAFACE_MAX_PIXELS`, so its memory and time are bounded whatev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -57,7 +58,8 @@ CONTAINMENT_MERGE = 0.5
 # template used for alignment, rescaled to a square detector box).
 _LANDMARK_FRACTIONS: Landmarks = ((0.31, 0.38), (0.69, 0.38), (0.50, 0.58), (0.35, 0.78), (0.65, 0.78))
 
-_local = threading.local()
+_free_cascades: list = []  # loaded cascades not in use (see _cascade)
+_cascades_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -173,16 +175,22 @@ def _gray(pixels: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(pixels[:, :, :3]), cv2.COLOR_RGB2GRAY)
 
 
+@contextlib.contextmanager
 def _cascade():
-    """This thread's LBP cascade (skimage's Cascade is not documented as re-entrant, so no sharing)."""
-    cascade = getattr(_local, "cascade", None)
+    """An LBP cascade for this call alone (skimage's Cascade is not documented as re-entrant, so no sharing), kept
+    for the next call: loading one takes ~6 ms, and detection may run on a fresh thread beside other work."""
+    with _cascades_lock:
+        cascade = _free_cascades.pop() if _free_cascades else None
     if cascade is None:
         from skimage.data import lbp_frontal_face_cascade_filename
         from skimage.feature import Cascade
 
         cascade = Cascade(lbp_frontal_face_cascade_filename())
-        _local.cascade = cascade
-    return cascade
+    try:
+        yield cascade
+    finally:
+        with _cascades_lock:
+            _free_cascades.append(cascade)
 
 
 def _box_overlaps(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -229,15 +237,10 @@ def _detect_cascade(gray: np.ndarray) -> list[FaceBox]:
     if side < CASCADE_WINDOW:
         return []
     # intersection_score_threshold=1.0: skimage merges only identical windows, so the clustering below sees them all.
-    raw = _cascade().detect_multi_scale(
-        gray,
-        scale_factor=CASCADE_SCALE_FACTOR,
-        step_ratio=CASCADE_STEP_RATIO,
-        min_size=(CASCADE_WINDOW, CASCADE_WINDOW),
-        max_size=(side, side),
-        min_neighbor_number=0,
-        intersection_score_threshold=1.0,
-    )
+    with _cascade() as cascade:
+        raw = cascade.detect_multi_scale(gray, scale_factor=CASCADE_SCALE_FACTOR, step_ratio=CASCADE_STEP_RATIO,
+                                         min_size=(CASCADE_WINDOW, CASCADE_WINDOW), max_size=(side, side),
+                                         min_neighbor_number=0, intersection_score_threshold=1.0)
     if not raw:
         return []
     boxes = np.array([(d["c"], d["r"], d["c"] + d["width"], d["r"] + d["height"]) for d in raw], np.float64)

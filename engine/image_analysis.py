@@ -31,6 +31,7 @@ known limits.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -541,23 +542,25 @@ def analyze(
         InvalidInputError: empty or malformed input.
     """
     image = _check(image)
-    prep = _prepare(image)
-    logit = content_logit(_content_features(prep))
-    sigma = _noise_sigma(prep)
-    faces: tuple[FaceBox, ...] = ()
-    detector = None
-    if detect_faces_too:
-        # The very call the face enhancer makes on the same pixels, so the count shown is the count restored.
-        detection = detect_faces(image, retinaface=retinaface)
-        faces, detector = detection.faces, detection.detector
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="analysis-faces") as pool:
+        # Face detection (the slowest part; its loops run without the GIL) runs beside the measurements: the very
+        # call the face enhancer makes on the same pixels, so the count shown is the count restored.
+        detection = pool.submit(detect_faces, image, retinaface=retinaface) if detect_faces_too else None
+        prep = _prepare(image)
+        logit = content_logit(_content_features(prep))
+        sigma = _noise_sigma(prep)
+        blocking, blur = _jpeg_blockiness(prep), _blur_level(prep)
+        found = detection.result() if detection else None
+    faces: tuple[FaceBox, ...] = found.faces if found else ()
+    detector = found.detector if found else None
     decision = decide_content(logit, len(faces))
     return ImageAnalysis(
         content_type=decision.label,
         confidence=decision.confidence,
         noise_level=float(min(1.0, max(0.0, sigma / NOISE_SIGMA_FULL_SCALE))),
         noise_sigma=sigma,
-        jpeg_artifacts=_jpeg_blockiness(prep),
-        blur=_blur_level(prep),
+        jpeg_artifacts=blocking,
+        blur=blur,
         width=int(image.shape[1]),
         height=int(image.shape[0]),
         bit_depth=bit_depth(image),
