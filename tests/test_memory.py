@@ -272,6 +272,24 @@ def test_choose_tile_keeps_a_wide_image_s_bands_within_the_working_set(model_man
         assert not fits or planning.read_shape(spec, 1000, 6000, other)[2] >= ratio, (other, wide.tile, ratio)
 
 
+@pytest.mark.parametrize("model", ["RealESRGAN_x4plus", "realesr-animevideov3", "RealESRGAN_x4plus_anime_6B"])
+def test_the_tiles_that_fit_the_working_set_are_the_smallest_ones(model):
+    """What lets the tile search stop at the first tile that does not fit: every smaller tile fits, every larger
+    one does not (a larger tile reads at least as much)."""
+    import torch
+
+    from engine.catalog import CATALOG
+    from engine.inference import planning
+    from engine.inference.memory_plan import WORKING_SET_BYTES
+
+    spec = CATALOG[model]
+    for height, width in ((1000, 6000), (1632, 1224), (3000, 3000), (480, 7000)):
+        for dtype, batch_size in ((torch.float32, 1), (torch.float16, 4)):
+            fits = [planning.working_set_bytes(spec, height, width, t, dtype, batch_size) <= WORKING_SET_BYTES
+                    for t in range(32, max(height, width) + 1, 8)]
+            assert fits == sorted(fits, reverse=True), (height, width, dtype)
+
+
 def test_plan_input_reads_the_header_and_refuses_before_decoding(config, model_manager):
     from PIL import Image
 

@@ -6,6 +6,7 @@ it returns and the advisor shows the same number.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -198,7 +199,9 @@ def _within_working_set(spec: ModelSpec, height: int, width: int, tile: int, dty
     if fits(tile):
         return tile
     largest = min(tile, max(height, width)) if tile else max(height, width)
-    fitting = [t for t in range(32, largest + 1, 8) if fits(t)]
+    candidates = range(32, largest + 1, 8)
+    # A larger tile reads at least as much (its overlap grows with it), so the tiles that fit come first.
+    fitting = candidates[:bisect.bisect_left(candidates, True, key=lambda t: not fits(t))]
     if not fitting:
         return 32
     return min(fitting, key=lambda t: (read_shape(spec, height, width, t)[2], -t))
