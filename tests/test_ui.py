@@ -330,16 +330,21 @@ def test_web_jobs_estimated_over_the_time_limit_are_refused_before_they_run(tmp_
     from config import Config
     from engine.intelligent_enhancer import ThroughputCalibrator
     from ui.services import create_services
+    from engine.catalog import CATALOG
     from ui.tab_batch import enhance_uploads
-    from ui.tab_image import enhance_file
+    from ui.tab_image import advice_markdown, analyze_file, enhance_file
 
     config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=tmp_path / "out",
                              temp_dir=tmp_path / "tmp", config_dir=tmp_path / "cfg", log_dir=tmp_path / "logs",
                              download_retries=0, device="cpu", job_time_limit_seconds=5)
     config.ensure_directories()
-    calibration = config.config_dir / "calibration.json"  # a slow machine on record: 1 kMAC/s
-    calibration.write_text(json.dumps({ThroughputCalibrator(calibration).key("realesr-animevideov3-x2", "cpu"): 1e3}))
+    calibration = config.config_dir / "calibration.json"  # a slow machine on record: 1 kMAC/s for every model
+    calibration.write_text(json.dumps({ThroughputCalibrator(calibration).key(name, "cpu"): 1e3
+                                       for name, spec in CATALOG.items() if spec.kind == "sr"}))
     services = create_services(config)
+    advice = analyze_file(services, small_png)  # the advisor says so before Enhance is pressed
+    assert advice["time_limit"].startswith("Enhance would be refused. This 40×32 image with "), advice["time_limit"]
+    assert "**Time limit:** Enhance would be refused." in advice_markdown(advice)
     with pytest.raises(InputTooLargeError, match="40×32 image with realesr-animevideov3-x2 would take about"):
         enhance_file(services, small_png, {"model": "realesr-animevideov3-x2"})
     outcome = enhance_uploads(services, [(small_png, "small.png")], {"model": "realesr-animevideov3-x2"}, False)

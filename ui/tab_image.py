@@ -18,6 +18,7 @@ import gradio as gr
 import numpy as np
 
 from engine.advisor.estimates import record_job
+from engine.errors import InputTooLargeError
 from engine.processor import EnhanceResult, enhance_image_direct, save_result
 from engine.settings import Advice
 from ui import form as form_mod
@@ -55,11 +56,12 @@ def analyze_file(services, path: str | Path, scale: float | None = None, cancel=
         InputTooLargeError / UnsupportedFormatError / InvalidInputError: the upload is refused.
         QueueFullError: the device's slots and wait line are full.
     """
-    check_image_upload(path, services.config)
+    header = check_image_upload(path, services.config)
     with device_slot(services):  # decoding and analysing are admitted like enhancement (QueueFullError: busy)
         advice = services.advisor.advise(str(path), scale=scale, cancel=cancel)
     result = json.loads(json.dumps(advice.as_dict(), default=str))  # JSON-safe (numpy numbers, tuples)
     result["memory"] = memory_summary(services, path, advice.settings)
+    result["time_limit"] = time_limit_summary(services, header, advice.settings)
     return result
 
 
@@ -74,6 +76,16 @@ def memory_summary(services, path: str | Path, settings) -> str:
     except EngineError as exc:
         return scrub_paths(str(exc))
     return f"{size[0]}×{size[1]} output, {plan.describe()}"
+
+
+def time_limit_summary(services, header, settings) -> str | None:
+    """Why Enhance with ``settings`` would be refused for taking longer than the per-job time limit, and what to
+    change (the check :func:`enhance_file` makes); None when it fits or nothing was measured."""
+    try:
+        _check_time(services, header, settings)
+    except InputTooLargeError as exc:
+        return f"Enhance would be refused. {exc}"
+    return None
 
 
 def advice_markdown(advice: Mapping) -> str:
@@ -91,6 +103,8 @@ def advice_markdown(advice: Mapping) -> str:
         lines[-1] += f" — about {float(a['estimated_seconds']):.0f} s on {a.get('device', 'this machine')}."
     if advice.get("memory"):
         lines.append(f"**Memory:** {advice['memory']}.")
+    if advice.get("time_limit"):
+        lines.append(f"**Time limit:** {advice['time_limit']}")
     reasons = advice.get("reasoning") or []
     if reasons:
         lines.append("**Why:**\n" + "\n".join(f"- {r}" for r in reasons))
