@@ -81,6 +81,8 @@ class ModelManager:
         release_unusable_cuda_libraries()  # once per process; on a machine without CUDA: 150-250 MB less RSS
         self.config = config
         self.host_bytes = int(host_bytes)
+        self._held_bytes = 0  # see holding()
+        self._held_guard = threading.Lock()
         self.weights_dir = Path(config.weights_dir)
         if catalog is None:
             from engine.models.user_catalog import user_catalog_for
@@ -444,16 +446,29 @@ class ModelManager:
         """Host bytes a job on ``job_model`` finds held besides its own memory plan
         (:attr:`engine.inference.memory_plan.MemoryPlan.resident_bytes`): :attr:`host_bytes`, and the networks this
         manager keeps loaded that the job does not use (other models, the face networks when the job restores no
-        faces). Not counted: ``job_model`` itself in any precision and the metric networks (the plan's runtime holds
-        them), networks on a GPU (VRAM)."""
+        faces), and what is held meanwhile (:meth:`holding`: a server's uploads). Not counted: ``job_model`` itself in
+        any precision and the metric networks (the plan's runtime holds them), networks on a GPU (VRAM)."""
         unused = {"metric"} | ({"face", "detector", "parser"} if faces else set())
-        total = self.host_bytes
+        total = self.host_bytes + self._held_bytes
         for loaded in list(self._cache.values()):
             if loaded.spec.name == job_model or loaded.spec.kind in unused or loaded.device.type != "cpu":
                 continue
             tensors = [*loaded.net.parameters(), *loaded.net.buffers()]
             total += sum(t.numel() * t.element_size() for t in tensors)
         return total
+
+    @contextlib.contextmanager
+    def holding(self, nbytes: int) -> Iterator[None]:
+        """Count ``nbytes`` the process holds while the block runs (an upload kept in memory for its job, up to the
+        upload limit) in :meth:`resident_bytes`: in the memory plan of its own job and of every job planned
+        meanwhile."""
+        with self._held_guard:
+            self._held_bytes += int(nbytes)
+        try:
+            yield
+        finally:
+            with self._held_guard:
+                self._held_bytes -= int(nbytes)
 
     def loaded_models(self) -> list[str]:
         return [f"{k[0]}@{k[1]}/{k[2]}" + (f"/dn{k[3]}" if k[3] is not None else "") for k in list(self._cache)]

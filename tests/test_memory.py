@@ -200,8 +200,16 @@ def test_the_plan_counts_the_networks_a_long_lived_app_keeps_loaded(config, mode
     held = plan_input(buf.getvalue(), settings, model_manager, config)[2]
     assert held.resident_bytes == other_bytes > 2_000_000
     assert held.peak_bytes == alone.peak_bytes + other_bytes
-    assert "other loaded models and the web app 2 MB" in held.describe()
+    assert "the app's other models, server and uploads 2 MB" in held.describe()
     assert held.as_dict()["parts_mb"]["resident"] > 2
+    with model_manager.holding(40 << 20):  # a server's upload kept in memory for its job
+        uploaded = plan_input(buf.getvalue(), settings, model_manager, config)[2]
+        with model_manager.holding(10 << 20), pytest.raises(RuntimeError):  # a job that fails gives its share back
+            assert plan_input(buf.getvalue(), settings, model_manager, config)[2].resident_bytes == \
+                other_bytes + (50 << 20)
+            raise RuntimeError("the job failed")
+    assert uploaded.peak_bytes == held.peak_bytes + (40 << 20)
+    assert plan_input(buf.getvalue(), settings, model_manager, config)[2].resident_bytes == other_bytes
 
 
 def test_the_web_app_s_model_manager_plans_the_server_s_own_memory(tmp_path, shared_weights_dir):
@@ -219,7 +227,8 @@ def test_the_web_app_s_model_manager_plans_the_server_s_own_memory(tmp_path, sha
     Image.new("RGB", (200, 150)).save(buf, "PNG")
     settings = EnhanceSettings(model="realesr-animevideov3", outscale=2, device="cpu", tile=0)
     plan = plan_input(buf.getvalue(), settings, services.model_manager, services.config)[2]
-    assert plan.resident_bytes == APP_RUNTIME_BYTES and "the web app 160 MB" in plan.describe()
+    assert plan.resident_bytes == APP_RUNTIME_BYTES
+    assert "the app's other models, server and uploads 160 MB" in plan.describe()
 
 
 def test_an_automatic_webp_output_too_wide_for_webp_is_saved_as_png_with_a_note(tmp_path, model_manager):

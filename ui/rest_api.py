@@ -384,8 +384,9 @@ def run_enhance_job(services: "Services", data: bytes, explicit: Mapping[str, An
                              auto="model" not in explicit)
     engine_services = processor.BatchServices(services.model_manager, config, services.advisor,
                                               time_limit=config.job_time_limit_seconds)
-    item = processor.run_batch([processor.BatchInput(data, Path("upload"))], job, engine_services,
-                               cancel=cancel).items[0]
+    with services.model_manager.holding(len(data)):  # the upload stays in memory until the job is done
+        item = processor.run_batch([processor.BatchInput(data, Path("upload"))], job, engine_services,
+                                   cancel=cancel).items[0]
     if not item.ok:
         raise api_error(item.exception or RuntimeError(item.error)) from None
     result = item.result

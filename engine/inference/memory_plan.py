@@ -32,7 +32,8 @@ memory is a sum of parts that each have a known size:
   its metrics or encoding, and the next input (:func:`overlapped`).
 * ``resident`` (a long-lived app): what the process holds besides the runtime and the job: the networks the
   model manager keeps loaded that the job does not use (other models, a face network when it restores no faces)
-  and, in the web app, its server (:data:`APP_RUNTIME_BYTES`): ``engine.model_manager.ModelManager.resident_bytes``.
+  and, in the web app, its server (:data:`APP_RUNTIME_BYTES`) and the REST uploads held for their jobs:
+  ``engine.model_manager.ModelManager.resident_bytes``.
   The budget (``engine.inference.planning.memory_budget``) counts what the process holds already, so the peak must
   too.
 * ``faces``: the face network (:data:`FACE_NETWORK_BYTES`) and, for an output that is not 8-bit RGB, the 8-bit RGB
@@ -156,7 +157,8 @@ class MemoryPlan:
             ("input", self.input_bytes), ("metrics after the network", self.metrics_bytes),
             ("encoding after the metrics", self.encode_bytes), ("faces", self.faces_bytes),
             ("the batch's previous and next images", self.held_bytes),
-            ("other loaded models and the web app", self.resident_bytes), ("runtime", self.base_bytes)) if value)
+            ("the app's other models, server and uploads", self.resident_bytes), ("runtime", self.base_bytes))
+            if value)
         vram = f"; VRAM {self.vram_bytes / MB:.0f} MB" if self.vram_bytes else ""
         tile = f"tile {self.tile}" if self.tile else "whole image"
         return f"peak RAM {self.peak_bytes / MB:.0f} MB ({parts}){vram}, {tile}"
