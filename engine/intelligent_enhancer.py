@@ -574,6 +574,18 @@ class IntelligentEnhancer:
         models = [n for n in self._models_here()[0] if n in CATALOG and CATALOG[n].kind == "sr"]
         return min(sorted(models), key=lambda n: CATALOG[n].macs_per_pixel, default=None)
 
+    def measure_device_rate(self) -> float | None:
+        """Time the fastest model here once (a 128-pixel calibration, ~0.2 s on a CPU) when nothing was measured on
+        this device, so a time limit can be checked from a server's first request (:meth:`_device_rate`). Returns
+        the device's rate, None when nothing could be measured (no calibrator or no model here)."""
+        from utils.gpu import resolve_device
+
+        device = resolve_device(self.device_name)
+        fastest = self.fastest_model()
+        if self._device_rate(device) is None and self.calibrator is not None and fastest is not None:
+            self.calibrator.macs_per_second(fastest, device)
+        return self._device_rate(device)
+
     def _device_rate(self, device) -> float | None:
         """The fastest MAC/s measured on ``device`` with any model, by a calibration or a real run. The catalog's
         networks run at much the same MAC/s on one device (the 2-core CPU's calibrations: 79-91 GMAC/s for five

@@ -353,6 +353,30 @@ def test_web_jobs_estimated_over_the_time_limit_are_refused_before_they_run(tmp_
     assert not any((tmp_path / "out").rglob("*_enhanced.*"))
 
 
+def test_the_warm_up_measures_the_device_so_the_first_request_is_checked_against_the_time_limit(tmp_path,
+                                                                                                  shared_weights_dir):
+    from config import Config
+    from engine.intelligent_enhancer import ThroughputCalibrator
+    from ui.app import start_warm_up
+    from ui.services import create_services
+
+    config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=tmp_path / "out",
+                             temp_dir=tmp_path / "tmp", config_dir=tmp_path / "cfg", log_dir=tmp_path / "logs",
+                             download_retries=0, device="cpu", job_time_limit_seconds=60)
+    config.ensure_directories()
+    services = create_services(config)
+    advisor = services.advisor
+    advisor.calibrator = ThroughputCalibrator(config.config_dir / "calibration.json", busy_share=0)  # kept if busy
+    assert advisor.calibrator.device_rates("cpu") == []  # a fresh machine: nothing measured
+    start_warm_up(services).join(timeout=300)
+    assert [advisor.calibrator.cached(advisor.fastest_model(), "cpu")] == advisor.calibrator.device_rates("cpu")
+    advisor.check_auto_time_limit(16, 16, 60)  # a figure now: small images pass, large ones are refused
+    with pytest.raises(InputTooLargeError, match="the quickest model the advisor would choose"):
+        advisor.check_auto_time_limit(6000, 6000, 60)
+    start_warm_up(services).join(timeout=300)  # a second launch measures nothing more
+    assert len(advisor.calibrator.device_rates("cpu")) == 1
+
+
 def test_presets_overview_lists_builtins_and_user_presets(tmp_path):
     from engine.settings_manager import BUILTIN_PRESETS, SettingsManager
     from ui.tab_presets import presets_overview

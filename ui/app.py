@@ -191,7 +191,8 @@ def install_access_gate(app, config) -> None:
 def start_warm_up(services) -> threading.Thread:
     """In the background: prepare the offline weights and REALESRGAN_WARM_MODELS, then run the last-used settings'
     model once on a small image (:func:`engine.processor.warm_up`), so the first Enhance after launch does not pay
-    the one-time costs. A request meanwhile simply runs (it waits for a model being loaded)."""
+    the one-time costs, and measure this device's throughput if nothing was (so the per-job time limit is checked
+    up front from the first request). A request meanwhile simply runs (it waits for a model being loaded)."""
     from engine.processor import warm_up
     from engine.settings import EnhanceSettings
     from ui.services import warm_models
@@ -205,6 +206,8 @@ def start_warm_up(services) -> threading.Thread:
         except Exception as exc:  # the first request loads the model itself and reports what is wrong
             logger.warning("warm-up of the default model failed: %s", exc)
             return
+        if services.advisor is not None:
+            services.advisor.measure_device_rate()  # the time limit checked up front from the first request
         loaded = ", ".join(services.model_manager.loaded_models()) or settings.model  # "auto" resolved
         logger.info("warmed up %s in %.1f s", loaded, time.perf_counter() - started)
 
