@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_user import free_port, load, wait_for_log  # noqa: E402  (this folder is on sys.path when run as a script)
+from bench_user import app_env, free_port, load, wait_for_log  # noqa: E402  (this folder is on sys.path when run as a script)
 
 
 def bombs() -> dict[str, tuple[bytes, str]]:
@@ -76,16 +75,8 @@ def main() -> None:
     weights = args.weights_dir or Config.from_env().weights_dir
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        own_weights = tmp / "weights"
-        own_weights.mkdir()
-        for path in Path(weights).glob("*.pth"):
-            (own_weights / path.name).symlink_to(path.resolve())
         port, log = free_port(), tmp / "app.log"
-        env = os.environ | {"REALESRGAN_WEIGHTS_DIR": str(own_weights), "REALESRGAN_OUTPUT_DIR": str(tmp / "o"),
-                            "REALESRGAN_TEMP_DIR": str(tmp / "t"), "REALESRGAN_CONFIG_DIR": str(tmp / "c"),
-                            "REALESRGAN_LOG_DIR": str(tmp / "l"), "REALESRGAN_DEVICE": "cpu",
-                            "REALESRGAN_DOWNLOAD_RETRIES": "0", "REALESRGAN_PORT": str(port),
-                            "PYTHONPATH": str(ROOT)}
+        env = app_env(tmp, weights) | {"REALESRGAN_PORT": str(port)}
         with log.open("w") as sink:
             proc = subprocess.Popen([sys.executable, "main.py", "ui"], cwd=ROOT, stdout=sink,
                                     stderr=subprocess.STDOUT, env=env)

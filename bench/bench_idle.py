@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_user import free_port, load, wait_for_log  # noqa: E402  (this folder is on sys.path when run as a script)
+from bench_user import app_env, free_port, load, wait_for_log  # noqa: E402  (this folder is on sys.path when run as a script)
 
 MODEL = "realesr-animevideov3"
 
@@ -127,14 +127,7 @@ def main() -> None:
           f"{f'{args.size}² rest':>9} {'outside job':>11}  threads by slack (µs: count)")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        own_weights = tmp / "weights"  # links to the weights; what the app writes (bf16 verdicts) stays here
-        own_weights.mkdir()
-        for path in Path(weights).glob("*.pth"):
-            (own_weights / path.name).symlink_to(path.resolve())
-        env = os.environ | {"REALESRGAN_WEIGHTS_DIR": str(own_weights), "REALESRGAN_OUTPUT_DIR": str(tmp / "o"),
-                            "REALESRGAN_TEMP_DIR": str(tmp / "t"), "REALESRGAN_CONFIG_DIR": str(tmp / "c"),
-                            "REALESRGAN_LOG_DIR": str(tmp / "l"), "REALESRGAN_DEVICE": "cpu",
-                            "REALESRGAN_DOWNLOAD_RETRIES": "0", "PYTHONPATH": str(ROOT)}
+        env = app_env(tmp, weights)
         for slack in args.slacks:
             r = run_one(slack, env, tmp / "app.log", args.seconds, args.requests, args.size)
             small, large = r["latencies"][32], r["latencies"][args.size]

@@ -155,6 +155,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def app_env(tmp: Path, weights: Path) -> dict:
+    """The environment of an app that keeps everything in ``tmp`` (its own folders), with the weights in
+    ``weights`` linked in: what the app writes (bf16 verdicts, calibrations) stays in ``tmp``."""
+    own_weights = tmp / "weights"
+    own_weights.mkdir()
+    for path in Path(weights).glob("*.pth"):
+        (own_weights / path.name).symlink_to(path.resolve())
+    return os.environ | {"REALESRGAN_WEIGHTS_DIR": str(own_weights), "REALESRGAN_OUTPUT_DIR": str(tmp / "o"),
+                         "REALESRGAN_TEMP_DIR": str(tmp / "t"), "REALESRGAN_CONFIG_DIR": str(tmp / "c"),
+                         "REALESRGAN_LOG_DIR": str(tmp / "l"), "REALESRGAN_DEVICE": "cpu",
+                         "REALESRGAN_DOWNLOAD_RETRIES": "0", "PYTHONPATH": str(ROOT)}
+
+
 def wait_for_log(proc: subprocess.Popen, log: Path, *needles: str, timeout: float = 600) -> None:
     """Wait until the app's ``log`` holds one of ``needles``; raise when the app exits first or after ``timeout``."""
     deadline = time.monotonic() + timeout
