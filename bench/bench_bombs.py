@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_user import app_env, free_port, load, wait_for_log  # noqa: E402  (this folder is on sys.path when run as a script)
+from bench_user import add_weights_option, app_env, free_port, load, wait_for_log  # noqa: E402  (this folder is on sys.path when run as a script)
 
 
 def bombs() -> dict[str, tuple[bytes, str]]:
@@ -66,17 +66,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="times each request is sent")
     parser.add_argument("--cap-gb", type=float, default=6.0, help="server RSS at which the watchdog kills it")
-    parser.add_argument("--weights-dir", type=Path, default=None,
-                        help="where the offline weights are (default: the app's weights dir)")
+    add_weights_option(parser)
     args = parser.parse_args()
-
-    from config import Config
-
-    weights = args.weights_dir or Config.from_env().weights_dir
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         port, log = free_port(), tmp / "app.log"
-        env = app_env(tmp, weights) | {"REALESRGAN_PORT": str(port)}
+        env = app_env(tmp, args.weights_dir) | {"REALESRGAN_PORT": str(port)}
         with log.open("w") as sink:
             proc = subprocess.Popen([sys.executable, "main.py", "ui"], cwd=ROOT, stdout=sink,
                                     stderr=subprocess.STDOUT, env=env)

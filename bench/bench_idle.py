@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_user import app_env, free_port, load, wait_for_log  # noqa: E402  (this folder is on sys.path when run as a script)
+from bench_user import add_weights_option, app_env, free_port, load, wait_for_log  # noqa: E402  (this folder is on sys.path when run as a script)
 
 MODEL = "realesr-animevideov3"
 
@@ -114,20 +114,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="idle measurement per slack")
     parser.add_argument("--requests", type=int, default=4, help="requests of each size per slack")
     parser.add_argument("--size", type=int, default=128, help="side of the compute-bound request's image")
-    parser.add_argument("--weights-dir", type=Path, default=None,
-                        help="where the offline weights are (default: the app's weights dir)")
+    add_weights_option(parser)
     args = parser.parse_args()
-
-    from config import Config
-
-    weights = args.weights_dir or Config.from_env().weights_dir
     print(f"{MODEL} over REST, {args.requests} requests of 32² and {args.size}², idle over {args.seconds:g} s "
           f"({load()})")
     print(f"{'slack ms':>8} {'idle %core':>10} {'exact':>6} {'32² first':>9} {'32² rest':>8} {f'{args.size}² first':>10} "
           f"{f'{args.size}² rest':>9} {'outside job':>11}  threads by slack (µs: count)")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        env = app_env(tmp, weights)
+        env = app_env(tmp, args.weights_dir)
         for slack in args.slacks:
             r = run_one(slack, env, tmp / "app.log", args.seconds, args.requests, args.size)
             small, large = r["latencies"][32], r["latencies"][args.size]

@@ -155,9 +155,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def app_env(tmp: Path, weights: Path) -> dict:
+def add_weights_option(parser) -> None:
+    """``--weights-dir`` for a bench that starts the app (:func:`app_env`)."""
+    parser.add_argument("--weights-dir", type=Path, default=None,
+                        help="where the offline weights are (default: the app's weights dir)")
+
+
+def app_env(tmp: Path, weights: Path | None) -> dict:
     """The environment of an app that keeps everything in ``tmp`` (its own folders), with the weights in
-    ``weights`` linked in: what the app writes (bf16 verdicts, calibrations) stays in ``tmp``."""
+    ``weights`` (None: the app's weights dir) linked in: what the app writes (bf16 verdicts, calibrations) stays in
+    ``tmp``."""
+    from config import Config
+
+    weights = weights or Config.from_env().weights_dir
     own_weights = tmp / "weights"
     own_weights.mkdir()
     for path in Path(weights).glob("*.pth"):
