@@ -121,11 +121,56 @@ def test_the_analysis_finds_the_faces_the_detector_finds_with_the_cascades_it_lo
     image = read_rgb("Blake_Lively.jpg")
     direct = detect_faces(image)
     assert direct.faces
-    loaded = list(face_detect._free_cascades)  # at least the one the direct call used, given back
+    loaded = {id(c) for c in face_detect._free_cascades}  # at least the ones the direct call used, given back
     for _ in range(3):
         analysis = analyze(image)
         assert analysis.faces == direct.faces and analysis.face_detector == direct.detector
-    assert face_detect._free_cascades == loaded  # the same ones, none loaded again
+    assert {id(c) for c in face_detect._free_cascades} == loaded  # the same ones, none loaded again
+
+
+@pytest.mark.parametrize("name", ["00.jpg", "children-alpha.png", "onepiece_105.jpg"])
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_the_scan_shared_over_threads_finds_the_windows_of_one_whole_scan(monkeypatch, name, threads):
+    """However many threads share the cascade's scales, the raw windows are skimage's own whole scan's, in its
+    order (the clustering, and so the faces, depend on that order)."""
+    from skimage.data import lbp_frontal_face_cascade_filename
+    from skimage.feature import Cascade
+
+    from engine import face_detect
+
+    gray = cv2.cvtColor(np.ascontiguousarray(read_rgb(name)[:, :, :3]), cv2.COLOR_RGB2GRAY)
+    height, width = gray.shape
+    scale = face_detect.CASCADE_WORKING_SIDE / max(height, width)
+    gray = cv2.resize(gray, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+    side = min(gray.shape)
+    whole = Cascade(lbp_frontal_face_cascade_filename()).detect_multi_scale(
+        gray, scale_factor=face_detect.CASCADE_SCALE_FACTOR, step_ratio=face_detect.CASCADE_STEP_RATIO,
+        min_size=(face_detect.CASCADE_WINDOW,) * 2, max_size=(side, side), min_neighbor_number=0,
+        intersection_score_threshold=1.0)
+    assert whole  # something to compare
+    monkeypatch.setattr(face_detect, "_scan_threads", lambda: threads)
+    assert face_detect._scan(gray, side) == whole
+
+
+def test_scales_are_shared_out_once_each_and_evenly_by_their_windows():
+    from engine.face_detect import CASCADE_STEP_RATIO, CASCADE_WINDOW, share_scales
+
+    factors = np.array([1.2 ** i for i in range(16)], np.float32)
+    counts = []
+    for f in factors:
+        size, step = int(CASCADE_WINDOW * f), round(f * CASCADE_STEP_RATIO)
+        counts.append(-(-(512 - size) // step) * -(-(384 - size) // step))
+    assert share_scales(factors, 512, 384, 1) == [tuple(range(16))]
+    for threads in (2, 3, 4):
+        shares = share_scales(factors, 512, 384, threads)
+        assert len(shares) == threads
+        assert sorted(i for share in shares for i in share) == list(range(16))
+        assert all(list(share) == sorted(share) for share in shares)
+        loads = [sum(counts[i] for i in share) for share in shares]
+        assert max(loads) <= sum(counts) / threads + max(counts)  # the greedy rule's bound
+        assert max(loads) < 0.6 * sum(counts)  # a real share: one thread alone would do it all
+    assert share_scales(factors[:2], 512, 384, 4) == [(0,), (1,)]  # no empty shares
+    assert share_scales(factors, 10, 10, 2) == [tuple(range(16))]  # no window fits: nothing to share
 
 
 def test_estimate_landmarks_proportions():
