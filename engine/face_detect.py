@@ -269,6 +269,8 @@ def _scan(gray: np.ndarray, max_side: int) -> list[dict]:
         first.scales = None
         factors = first._get_valid_scale_factors(scan["min_size"], scan["max_size"], CASCADE_SCALE_FACTOR)
     shares = share_scales(factors, gray.shape[0], gray.shape[1], _scan_threads())
+    if not shares:  # no scale fits (a window as large as the image's short side): nothing to scan
+        return []
     with _cascades(len(shares)) as cascades:
         for cascade, share in zip(cascades, shares):
             cascade.scales = share if len(shares) > 1 else None

@@ -171,6 +171,13 @@ def test_scales_are_shared_out_once_each_and_evenly_by_their_windows():
         assert max(loads) < 0.6 * sum(counts)  # a real share: one thread alone would do it all
     assert share_scales(factors[:2], 512, 384, 4) == [(0,), (1,)]  # no empty shares
     assert share_scales(factors, 10, 10, 2) == [tuple(range(16))]  # no window fits: nothing to share
+    assert share_scales(factors[:0], 512, 384, 2) == []
+
+
+@pytest.mark.parametrize("side", [24, 25, 28, 29, 30])
+def test_images_about_the_cascade_window_get_no_faces(side):
+    """Sides from the window's 24 px up: at first no scale fits (the scan has nothing to share out), then one."""
+    assert detect_faces(np.full((side, side, 3), 128, np.uint8)) == FaceDetection(faces=(), detector="lbp-cascade")
 
 
 def test_estimate_landmarks_proportions():
