@@ -32,7 +32,8 @@ Source = Literal["weights_dir", "bundled", "package", "missing"]
 _BUNDLED_SUFFIX = ".ncnn.pth"
 #: Helper networks held channels-last on a CPU, where oneDNN runs their convolutions faster that way (2 cores, the
 #: size each runs at): RetinaFace on a 1 MP photo 2.4-2.5 s instead of 3.0-3.4 s, ParseNet on a 512² face 5.6 s
-#: instead of 6.3-6.6 s. Not GFPGAN (its modulated convolutions hold 5-D weights).
+#: instead of 6.3-6.6 s. Not GFPGAN: its modulated convolutions hold 5-D weights, and its forward flattens features
+#: with ``.view``, which channels-last activations break.
 CHANNELS_LAST_ON_CPU = frozenset({"detector", "parser"})
 
 
