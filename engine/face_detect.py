@@ -267,7 +267,10 @@ def _scan(gray: np.ndarray, max_side: int) -> list[dict]:
             "min_neighbor_number": 0, "intersection_score_threshold": 1.0}
     with _cascades(1) as (first,):
         first.scales = None
-        factors = first._get_valid_scale_factors(scan["min_size"], scan["max_size"], CASCADE_SCALE_FACTOR)
+        try:
+            factors = first._get_valid_scale_factors(scan["min_size"], scan["max_size"], CASCADE_SCALE_FACTOR)
+        except AttributeError:  # a scikit-image that derives its scales some other way: one whole scan
+            return first.detect_multi_scale(gray, **scan)
     shares = share_scales(factors, gray.shape[0], gray.shape[1], _scan_threads())
     if not shares:  # no scale fits (a window as large as the image's short side): nothing to scan
         return []
