@@ -377,6 +377,28 @@ def test_the_warm_up_measures_the_device_so_the_first_request_is_checked_against
     assert len(advisor.calibrator.device_rates("cpu")) == 1
 
 
+def test_the_warm_up_sets_up_the_analysis_face_detector_whatever_model_the_settings_name(tmp_path, shared_weights_dir,
+                                                                                          monkeypatch):
+    """Settings naming a model run no analysis in the model's warm-up: the face detector is set up all the same, so
+    the first Analyze after launch does not wait ~0.5 s for scikit-image's imports and the cascades."""
+    from config import Config
+    from engine import face_detect
+    from engine.settings_manager import DEFAULT_SETTINGS
+    from ui.app import start_warm_up
+    from ui.services import create_services
+
+    config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=tmp_path / "out",
+                             temp_dir=tmp_path / "tmp", config_dir=tmp_path / "cfg", log_dir=tmp_path / "logs",
+                             download_retries=0, device="cpu")
+    config.ensure_directories()
+    services = create_services(config)
+    services.settings.save_settings({**DEFAULT_SETTINGS, "model": "realesr-animevideov3"})
+    monkeypatch.setattr(face_detect, "_free_cascades", [])  # none loaded yet, as in a fresh process
+    start_warm_up(services).join(timeout=300)
+    assert services.model_manager.loaded_models() == ["realesr-animevideov3@cpu/fp32"]  # the named model, no advisor
+    assert len(face_detect._free_cascades) >= face_detect._scan_threads()
+
+
 def test_presets_overview_lists_builtins_and_user_presets(tmp_path):
     from engine.settings_manager import BUILTIN_PRESETS, SettingsManager
     from ui.tab_presets import presets_overview

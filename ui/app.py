@@ -191,8 +191,11 @@ def install_access_gate(app, config) -> None:
 def start_warm_up(services) -> threading.Thread:
     """In the background: prepare the offline weights and REALESRGAN_WARM_MODELS, then run the last-used settings'
     model once on a small image (:func:`engine.processor.warm_up`), so the first Enhance after launch does not pay
-    the one-time costs, and measure this device's throughput if nothing was (so the per-job time limit is checked
-    up front from the first request). A request meanwhile simply runs (it waits for a model being loaded)."""
+    the one-time costs, measure this device's throughput if nothing was (so the per-job time limit is checked
+    up front from the first request) and set up the analysis' face detector (so the first Analyze does not wait
+    for it, whatever model the settings name). A request meanwhile simply runs (it waits for a model being
+    loaded)."""
+    from engine import face_detect
     from engine.processor import warm_up
     from engine.settings import EnhanceSettings
     from ui.services import warm_models
@@ -208,6 +211,7 @@ def start_warm_up(services) -> threading.Thread:
             return
         if services.advisor is not None:
             services.advisor.measure_device_rate()  # the time limit checked up front from the first request
+        face_detect.warm_up()  # the first Analyze, or an automatic job, does not wait for the cascade's set-up
         loaded = ", ".join(services.model_manager.loaded_models()) or settings.model  # "auto" resolved
         logger.info("warmed up %s in %.1f s", loaded, time.perf_counter() - started)
 
