@@ -39,6 +39,9 @@ LARGE_SIDE = 1600           # long side above which ×2 is usually enough
 SLOW_SECONDS = 60.0         # a recommendation slower than this on the CPU offers the fast model
 FAST_PHOTO_MODEL = "realesr-general-x4v3"
 FAST_FALLBACK_MODEL = "realesr-animevideov3"
+#: The catalog's models every advice estimates (tile and time), besides the user's own models for the content.
+ADVISED_MODELS = ("RealESRGAN_x4plus", "RealESRGAN_x4plus_anime_6B", FAST_PHOTO_MODEL, FAST_FALLBACK_MODEL,
+                  "RealESRGAN_x2plus")
 GFPGAN_MACS_PER_FACE = 197_800_000_000
 """GFPGANv1Clean on one 512×512 face, counted by torch's FLOP counter (as a user's face model is measured at import).
 Conv-module hooks counted 42.8 G: they miss the StyleGAN decoder's modulated convolutions (``F.conv2d`` calls);
@@ -586,6 +589,14 @@ class IntelligentEnhancer:
             self.calibrator.macs_per_second(fastest, device)
         return self._device_rate(device)
 
+    def calibrate_advised_models(self) -> None:
+        """Calibrate the models every advice estimates that were not measured on this device yet: the first time on
+        a machine ~15 s on a 2-core CPU, later nothing (the figures are kept). The app's warm-up calls this in the
+        background, so that the first Analyze after an install does not wait for it, whatever model the settings
+        name."""
+        if self.calibrator is not None:
+            self.machine_facts(ADVISED_MODELS)
+
     def _device_rate(self, device) -> float | None:
         """The fastest MAC/s measured on ``device`` with any model, by a calibration or a real run. The catalog's
         networks run at much the same MAC/s on one device (the 2-core CPU's calibrations: 79-91 GMAC/s for five
@@ -621,8 +632,7 @@ class IntelligentEnhancer:
             blur=float(analysis.blur), width=int(analysis.width), height=int(analysis.height),
             bit_depth=int(analysis.bit_depth), has_alpha=bool(analysis.has_alpha),
             content_reason=analysis.content_reason)
-        candidates = ("RealESRGAN_x4plus", "RealESRGAN_x4plus_anime_6B", FAST_PHOTO_MODEL, FAST_FALLBACK_MODEL,
-                      "RealESRGAN_x2plus")
+        candidates = ADVISED_MODELS
         if self.model_manager is not None:  # the user's own models for this content, calibrated on first use
             candidates += tuple([s.name for s in user_alternatives(numbers.content_type)
                                  if self.model_manager.is_available(s.name)][:2])

@@ -192,9 +192,10 @@ def start_warm_up(services) -> threading.Thread:
     """In the background: prepare the offline weights and REALESRGAN_WARM_MODELS, then run the last-used settings'
     model once on a small image (:func:`engine.processor.warm_up`), so the first Enhance after launch does not pay
     the one-time costs, measure this device's throughput if nothing was (so the per-job time limit is checked
-    up front from the first request) and set up the analysis' face detector (so the first Analyze does not wait
-    for it, whatever model the settings name). A request meanwhile simply runs (it waits for a model being
-    loaded)."""
+    up front from the first request), set up the analysis' face detector and calibrate the models the advisor
+    estimates (so the first Analyze does not wait for them, whatever model the settings name: ~15 s of
+    calibrations on a 2-core CPU the first time after an install). A request meanwhile simply runs (it waits for
+    a model being loaded or calibrated)."""
     from engine import face_detect
     from engine.processor import warm_up
     from engine.settings import EnhanceSettings
@@ -212,6 +213,8 @@ def start_warm_up(services) -> threading.Thread:
         if services.advisor is not None:
             services.advisor.measure_device_rate()  # the time limit checked up front from the first request
         face_detect.warm_up()  # the first Analyze, or an automatic job, does not wait for the cascade's set-up
+        if services.advisor is not None:
+            services.advisor.calibrate_advised_models()  # nor, after an install, for the models' calibrations
         loaded = ", ".join(services.model_manager.loaded_models()) or settings.model  # "auto" resolved
         logger.info("warmed up %s in %.1f s", loaded, time.perf_counter() - started)
 
