@@ -160,9 +160,7 @@ def warm_up() -> None:
     """Pay the cascade's one-time costs now, which the first analysis would otherwise wait for: scikit-image's
     imports and one loaded cascade per scan thread (~0.5 s on 2 cores; a 2 MP analysis then takes ~190 ms the first
     time instead of ~600 ms). The app's warm-up calls this."""
-    with _cascades(_scan_threads()):
-        pass  # loaded, and given back to the free list
-    detect_faces(np.full((64, 64, 3), 128, np.uint8))  # the scan's own first calls
+    detect_faces(np.full((64, 64, 3), 128, np.uint8))  # a scan borrows, so loads, one cascade per thread
 
 
 def _as_8bit(image: np.ndarray) -> np.ndarray:
@@ -274,22 +272,20 @@ def _scan(gray: np.ndarray, max_side: int) -> list[dict]:
     scan = {"scale_factor": CASCADE_SCALE_FACTOR, "step_ratio": CASCADE_STEP_RATIO,
             "min_size": (CASCADE_WINDOW, CASCADE_WINDOW), "max_size": (max_side, max_side),
             "min_neighbor_number": 0, "intersection_score_threshold": 1.0}
-    with _cascades(1) as (first,):
-        first.scales = None
+    with _cascades(_scan_threads()) as cascades:
+        for cascade in cascades:
+            cascade.scales = None
         try:
-            factors = first._get_valid_scale_factors(scan["min_size"], scan["max_size"], CASCADE_SCALE_FACTOR)
+            factors = cascades[0]._get_valid_scale_factors(scan["min_size"], scan["max_size"], CASCADE_SCALE_FACTOR)
         except AttributeError:  # a scikit-image that derives its scales some other way: one whole scan
-            return first.detect_multi_scale(gray, **scan)
-    shares = share_scales(factors, gray.shape[0], gray.shape[1], _scan_threads())
-    if not shares:  # no scale fits (a window as large as the image's short side): nothing to scan
-        return []
-    with _cascades(len(shares)) as cascades:
-        for cascade, share in zip(cascades, shares):
-            cascade.scales = share if len(shares) > 1 else None
-        if len(shares) == 1:
             return cascades[0].detect_multi_scale(gray, **scan)
+        shares = share_scales(factors, gray.shape[0], gray.shape[1], len(cascades))
+        if len(shares) <= 1:  # one thread, or one scale (none: a window as large as the short side, no scan)
+            return cascades[0].detect_multi_scale(gray, **scan) if shares else []
+        for cascade, share in zip(cascades, shares):
+            cascade.scales = share
         with ThreadPoolExecutor(max_workers=len(shares) - 1, thread_name_prefix="face-scan") as pool:
-            others = [pool.submit(c.detect_multi_scale, gray, **scan) for c in cascades[1:]]
+            others = [pool.submit(c.detect_multi_scale, gray, **scan) for c in cascades[1:len(shares)]]
             raw = cascades[0].detect_multi_scale(gray, **scan)
             for other in others:
                 raw += other.result()
