@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import InputTooLargeError, InvalidInputError, InvalidSettingsError, UnsupportedFormatError
+from tests.conftest import app_config
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -327,16 +328,13 @@ def test_an_image_job_teaches_the_advisors_time_estimates(services, small_png):
 
 def test_web_jobs_estimated_over_the_time_limit_are_refused_before_they_run(tmp_path, shared_weights_dir,
                                                                              small_png):
-    from config import Config
     from engine.intelligent_enhancer import ThroughputCalibrator
     from ui.services import create_services
     from engine.catalog import CATALOG
     from ui.tab_batch import enhance_uploads
     from ui.tab_image import advice_markdown, analyze_file, enhance_file
 
-    config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=tmp_path / "out",
-                             temp_dir=tmp_path / "tmp", config_dir=tmp_path / "cfg", log_dir=tmp_path / "logs",
-                             download_retries=0, device="cpu", job_time_limit_seconds=5)
+    config = app_config(tmp_path, shared_weights_dir, device="cpu", job_time_limit_seconds=5)
     config.ensure_directories()
     calibration = config.config_dir / "calibration.json"  # a slow machine on record: 1 kMAC/s for every model
     calibration.write_text(json.dumps({ThroughputCalibrator(calibration).key(name, "cpu"): 1e3
@@ -355,14 +353,11 @@ def test_web_jobs_estimated_over_the_time_limit_are_refused_before_they_run(tmp_
 
 def test_the_warm_up_measures_the_device_so_the_first_request_is_checked_against_the_time_limit(tmp_path,
                                                                                                   shared_weights_dir):
-    from config import Config
     from engine.intelligent_enhancer import ThroughputCalibrator
     from ui.app import start_warm_up
     from ui.services import create_services
 
-    config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=tmp_path / "out",
-                             temp_dir=tmp_path / "tmp", config_dir=tmp_path / "cfg", log_dir=tmp_path / "logs",
-                             download_retries=0, device="cpu", job_time_limit_seconds=60)
+    config = app_config(tmp_path, shared_weights_dir, device="cpu", job_time_limit_seconds=60)
     config.ensure_directories()
     services = create_services(config)
     advisor = services.advisor
@@ -384,7 +379,6 @@ def test_the_warm_up_prepares_the_first_analyze_whatever_model_the_settings_name
     """Settings naming a model run no advice in the model's warm-up: the face detector is set up and the advised
     models calibrated all the same, so the first Analyze after an install waits for neither (~0.5 s for
     scikit-image's imports and the cascades, ~15 s of calibrations on a 2-core CPU)."""
-    from config import Config
     from engine import face_detect
     from engine.intelligent_enhancer import ADVISED_MODELS, ThroughputCalibrator
     from engine.settings_manager import DEFAULT_SETTINGS
@@ -392,9 +386,7 @@ def test_the_warm_up_prepares_the_first_analyze_whatever_model_the_settings_name
     from ui.services import create_services
     from ui.tab_image import analyze_file
 
-    config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=tmp_path / "out",
-                             temp_dir=tmp_path / "tmp", config_dir=tmp_path / "cfg", log_dir=tmp_path / "logs",
-                             download_retries=0, device="cpu")
+    config = app_config(tmp_path, shared_weights_dir, device="cpu")
     config.ensure_directories()
     services = create_services(config)
     services.settings.save_settings({**DEFAULT_SETTINGS, "model": "realesr-animevideov3"})
