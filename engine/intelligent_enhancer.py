@@ -336,9 +336,35 @@ def starved(cpu_seconds: float, wall_seconds: float, threads: int, share: float 
     return wall_seconds > 0 and cpu_seconds < share * wall_seconds * max(1, threads)
 
 
+def rate_class(model: str) -> tuple:
+    """The catalog's models whose networks run at one MAC/s on a device share a class: one architecture of one
+    width (RRDBNet with 64 features and a growth of 32; SRVGGNetCompact with 64 features and PReLU), whose layers
+    have the same shapes and differ only in how many there are and in the scale. A 2-core CPU measured them within
+    10% of each other (x4plus 66-71 GMAC/s, anime_6B 71-76, x2plus 74-77; general-x4v3 83-92, animevideov3
+    82-93), well inside the spread of one calibration over a day. A user's model is a class of its own: only its
+    own weights build its network."""
+    spec = active_catalog()[model]
+    if spec.user:
+        return ("user", model)
+    params = spec.arch_params
+    return (spec.arch, params.get("num_feat"), params.get("num_grow_ch"), params.get("act_type"))
+
+
+def rate_siblings(model: str) -> list[str]:
+    """The models of ``model``'s :func:`rate_class` (itself included), quickest to time first (fewest MACs per
+    input pixel, then by name)."""
+    catalog = active_catalog()
+    cls = rate_class(model)
+    siblings = [name for name in catalog if rate_class(name) == cls]
+    return sorted(siblings, key=lambda name: (catalog[name].macs_per_pixel, name))
+
+
 class ThroughputCalibrator:
     """Measures MAC/s of a model's architecture on a device with a short run of random weights (speed does not
-    depend on the weights) on a ``size`` x ``size`` input, cached in memory and in ``cache_file``.
+    depend on the weights) on a ``size`` x ``size`` input, cached in memory and in ``cache_file``. One measurement
+    serves every model of its :func:`rate_class`: the quickest of them is timed (RealESRGAN_x2plus for x4plus and
+    anime_6B: ~1 s instead of ~4.5 s for x4plus on a 2-core CPU), so a first advice on a fresh install calibrates
+    two networks, not five.
 
     It is only the prior: real runs replace it (:mod:`engine.advisor.estimates`). A CPU measurement during which
     the process did not get its cores (:func:`starved`: another job or program was running) is used for this call
@@ -366,27 +392,38 @@ class ThroughputCalibrator:
         return f"v3|{device}|{model}|{self.size}"
 
     def macs_per_second(self, model: str, device, network: NetworkSource | None = None) -> float:
-        """MAC/s of ``model`` on ``device``: from the cache, else measured now (and kept unless the machine was
+        """MAC/s of ``model`` on ``device``: from the cache (its own figure or one of its :func:`rate_class`), else
+        measured now on the quickest model of its class (and kept, under that model's name, unless the machine was
         busy). ``network`` gives the network to time (a user's model, whose architecture only its own weights
         build: ``(module, dtype)`` as the engine runs it); without it a random-weight network of the catalog's
         architecture is timed."""
-        key = self.key(model, device)
         with self._lock:
             values = self._load()
-            if key in values:
-                return values[key]
-            value, busy = self._measure(model, device, network)
+            known = self._known(values, model, device)
+            if known is not None:
+                return known
+            timed = model if network is not None else rate_siblings(model)[0]
+            value, busy = self._measure(timed, device, network)
             if busy:
-                logger.info("machine busy: calibration of %s not stored", model)
+                logger.info("machine busy: calibration of %s not stored", timed)
                 return value
-            values[key] = value
+            values[self.key(timed, device)] = value
             self._save(values)
             return value
 
     def cached(self, model: str, device) -> float | None:
-        """The MAC/s measured earlier for ``model`` on ``device`` (memory or cache file), or None; never measures."""
+        """The MAC/s measured earlier for ``model``, or for a model of its :func:`rate_class`, on ``device``
+        (memory or cache file), or None; never measures."""
         with self._lock:
-            return self._load().get(self.key(model, device))
+            return self._known(self._load(), model, device)
+
+    def _known(self, values: dict[str, float], model: str, device) -> float | None:
+        """``model``'s own figure in ``values``, else the first of its class's (quickest to time first)."""
+        for name in (model, *rate_siblings(model)):
+            value = values.get(self.key(name, device))
+            if value is not None:
+                return value
+        return None
 
     def device_rates(self, device) -> list[float]:
         """Every MAC/s measured earlier on ``device``, any model (memory or cache file); never measures."""
@@ -423,7 +460,9 @@ class ThroughputCalibrator:
         on_cpu = getattr(device, "type", str(device)) == "cpu"
         busy = on_cpu and starved(cpu_seconds, seconds, torch.get_num_threads(), self.busy_share)
         value = spec.macs_per_pixel * side * side / max(seconds, 1e-6)
-        logger.info("calibrated %s on %s: %.1f GMAC/s%s", model, device, value / 1e9,
+        others = [name for name in rate_siblings(model) if name != model] if network is None else []
+        logger.info("calibrated %s on %s: %.1f GMAC/s%s%s", model, device, value / 1e9,
+                    f" (for {', '.join(others)} too: the same layers)" if others else "",
                     " (machine busy: not kept)" if busy else "")
         return value, busy
 
@@ -591,7 +630,8 @@ class IntelligentEnhancer:
 
     def calibrate_advised_models(self) -> None:
         """Calibrate the models every advice estimates that were not measured on this device yet: the first time on
-        a machine ~15 s on a 2-core CPU, later nothing (the figures are kept). The app's warm-up calls this in the
+        a machine ~1.5 s on a 2-core CPU (one network of each :func:`rate_class`), later nothing (the figures are
+        kept). The app's warm-up calls this in the
         background, so that the first Analyze after an install does not wait for it, whatever model the settings
         name."""
         if self.calibrator is not None:

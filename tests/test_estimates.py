@@ -238,6 +238,35 @@ def test_a_calibration_is_kept_only_when_the_process_got_its_cores():
     assert not starved(cpu_seconds=0.0, wall_seconds=0.0, threads=2)  # nothing timed
 
 
+def test_one_calibration_serves_every_model_of_its_class(config):
+    """The catalog's RRDBNets share one measured rate (the same layers), and so do its compact networks: the
+    quickest of a class is timed, once; a model's own figure, when one was kept, wins."""
+    from engine.intelligent_enhancer import ThroughputCalibrator, rate_class, rate_siblings
+
+    x4plus, anime, x2plus = "RealESRGAN_x4plus", "RealESRGAN_x4plus_anime_6B", "RealESRGAN_x2plus"
+    assert rate_siblings(x4plus)[0] == x2plus  # 4.5 M MACs per input pixel, the fewest of its class
+    assert {anime, "RealESRNet_x4plus"} <= set(rate_siblings(x4plus)) and FAST not in rate_siblings(x4plus)
+    assert rate_class("realesr-general-x4v3") == rate_class(FAST) != rate_class(x4plus)
+    path = config.config_dir / "calibration.json"
+    calibrator = ThroughputCalibrator(path, size=32, busy_share=0)  # small, and kept whatever the load
+    timed = []
+    measure = calibrator._measure
+
+    def spy(model, device, network=None):
+        timed.append(model)
+        return measure(model, device, network)
+
+    calibrator._measure = spy
+    rate = calibrator.macs_per_second(x4plus, "cpu")
+    assert timed == [x2plus] and rate > 0
+    assert [calibrator.macs_per_second(m, "cpu") for m in (anime, x2plus, "RealESRNet_x4plus")] == [rate] * 3
+    assert timed == [x2plus] and calibrator.cached(FAST, "cpu") is None  # another class: nothing known
+    assert list(json.loads(path.read_text())) == [calibrator.key(x2plus, "cpu")]  # kept under the timed model
+    _calibrated(config, {x4plus: 1 * GIGA, x2plus: 5 * GIGA})
+    kept = ThroughputCalibrator(path)
+    assert kept.cached(x4plus, "cpu") == 1 * GIGA and kept.cached(anime, "cpu") == 5 * GIGA
+
+
 # ------------------------------------------------------------------------------------------------ the time limit
 def _calibrated(config, rates: dict[str, float]):
     """``config``'s calibration cache holding ``rates`` (MAC/s per model, on the CPU), as calibrations save it."""
@@ -252,7 +281,7 @@ def test_a_model_not_measured_yet_is_estimated_from_the_fastest_rate_measured_on
     from engine.catalog import CATALOG
 
     x4plus = "RealESRGAN_x4plus"
-    _calibrated(config, {FAST: 40 * GIGA, "RealESRGAN_x2plus": 10 * GIGA})
+    _calibrated(config, {FAST: 40 * GIGA, "realesr-general-x4v3": 10 * GIGA})  # no RRDBNet measured
     advisor = IntelligentEnhancer(model_manager, config, device="cpu")
     assert advisor.calibrator.cached(x4plus, "cpu") is None
     seconds = advisor.cached_estimate_seconds(x4plus, 400, 300)

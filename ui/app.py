@@ -193,8 +193,8 @@ def start_warm_up(services) -> threading.Thread:
     model once on a small image (:func:`engine.processor.warm_up`), so the first Enhance after launch does not pay
     the one-time costs, measure this device's throughput if nothing was (so the per-job time limit is checked
     up front from the first request), set up the analysis' face detector and calibrate the models the advisor
-    estimates (so the first Analyze does not wait for them, whatever model the settings name: ~15 s of
-    calibrations on a 2-core CPU the first time after an install). A request meanwhile simply runs (it waits for
+    estimates (so the first Analyze does not wait for them, whatever model the settings name: ~1.5 s of
+    calibrations on a 2-core CPU the first time after an install, one network of each architecture). A request meanwhile simply runs (it waits for
     a model being loaded or calibrated)."""
     from engine import face_detect
     from engine.processor import warm_up
