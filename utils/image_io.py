@@ -546,6 +546,9 @@ def to_8bit(pixels: np.ndarray) -> np.ndarray:
     ``HxW`` or ``HxWxC``."""
     if pixels.dtype == np.uint8:
         return pixels
+    if pixels.ndim == 2:
+        return to_8bit(pixels[:, :, None])[:, :, 0]
+
     def reduce(rows: np.ndarray) -> np.ndarray:
         return ((rows.astype(np.uint32) + 128) // 257).astype(np.uint8)
 
