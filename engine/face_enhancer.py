@@ -278,7 +278,8 @@ def _background_from_upscaler(image_hwc: np.ndarray, upscaler: Upscaler) -> np.n
 
 
 # ------------------------------------------------------------------------------------------------ detection
-def _detect(rgb: np.ndarray, model_manager: ModelManager, device: str) -> tuple[list[DetectedFace], str]:
+def _detect(rgb: np.ndarray, model_manager: ModelManager, device: str):
+    """The faces of ``rgb`` (an ``engine.face_detect.FaceDetection``): RetinaFace when its weights are here."""
     from engine.face_detect import detect_faces
 
     try:
@@ -286,7 +287,11 @@ def _detect(rgb: np.ndarray, model_manager: ModelManager, device: str) -> tuple[
     except ModelNotAvailableError as exc:  # weights present but unusable: the cascade still works
         logger.warning("RetinaFace unusable (%s); detecting faces with the built-in cascade", exc)
         retinaface = None
-    detection = detect_faces(rgb, retinaface=retinaface)
+    return detect_faces(rgb, retinaface=retinaface)
+
+
+def _detected(detection) -> list[DetectedFace]:
+    """The faces of a detection with the landmarks alignment needs (estimated from the box when it has none)."""
     faces = []
     for fb in detection.faces:
         box = (float(fb.x0), float(fb.y0), float(fb.x1), float(fb.y1))
@@ -294,7 +299,7 @@ def _detect(rgb: np.ndarray, model_manager: ModelManager, device: str) -> tuple[
         marks = (landmarks_from_box(box) if marks is None
                  else np.asarray(marks, dtype=np.float32).reshape(5, 2))
         faces.append(DetectedFace(box=box, score=float(fb.score), landmarks=marks))
-    return faces, detection.detector
+    return faces
 
 
 # ------------------------------------------------------------------------------------------------- ParseNet
@@ -423,7 +428,7 @@ class _FaceModel:
 # ----------------------------------------------------------------------------------------------------- public
 @dataclass(frozen=True)
 class FaceRun:
-    """Where and how the face model runs, and where the faces go.
+    """Where and how the face model runs, which faces it restores, and where they go.
 
     Attributes:
         device: "cpu", "cuda", "cuda:N", "mps", "auto" or a ``torch.device``.
@@ -433,6 +438,9 @@ class FaceRun:
         in_place: paste the faces into the ``background`` given to :func:`enhance_faces` itself, which the result's
             image then is: only the faces' regions are touched and no copy of the output is made (the engine's
             output canvas). Off: the background is copied first.
+        detection: the faces found on the image already (an ``engine.face_detect.FaceDetection``: the advisor's,
+            made by the same :func:`~engine.face_detect.detect_faces` call on the same pixels), restored without
+            detecting them again; None detects them.
     """
 
     device: object = "cpu"
@@ -440,6 +448,7 @@ class FaceRun:
     allow_cpu_fallback: bool = True
     allow_download: bool = False
     in_place: bool = False
+    detection: object = None
 
 
 def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upscaler: Upscaler | None = None, *,
@@ -456,8 +465,8 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
             Lanczos to the same size).
         settings: the face settings (model, strength, limits, crop export).
         model_manager: where the face model (and optional RetinaFace/ParseNet weights) come from.
-        run: device, precision, CPU fallback, downloads, and whether to paste into ``background`` itself
-            (:class:`FaceRun`).
+        run: device, precision, CPU fallback, downloads, the faces when they were found already, and whether to
+            paste into ``background`` itself (:class:`FaceRun`).
         content_type: the advisor's content class; with "anime" the faces the detector finds are still restored
             (a detected human face is evidence of a photo), with a note saying so.
         progress: called as ``progress(done, total)`` after each face.
@@ -503,7 +512,8 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
     h, w = image_hwc.shape[:2]
     out_h, out_w = bg.shape[:2]
     rgb = _to_rgb(image_hwc)
-    faces, detector = _detect(rgb, model_manager, str(torch_device))
+    detection = run.detection if run.detection is not None else _detect(rgb, model_manager, str(torch_device))
+    faces, detector = _detected(detection), detection.detector
     detected = len(faces)
     if not faces:
         why = (" (the image also looks like anime/illustration, which GFPGAN does not know)"

@@ -654,6 +654,7 @@ class IntelligentEnhancer:
         ``cancel`` (a server's time limit, a client gone) is checked between the stages (decode, analysis, each
         model's calibration, each trial model): :class:`~utils.errors.CancelledError` once it is set.
         """
+        from engine.face_detect import FaceDetection
         from engine.image_analysis import analyze
         from engine.inference import planning
         from engine.inference.pipeline import Reporter
@@ -709,7 +710,8 @@ class IntelligentEnhancer:
             "trial": None if tried is None else {name: round(db, 2) for name, db in tried.scores.items()},
             "analysis_ms": round((time.perf_counter() - start) * 1000, 1),
         }
-        return dataclasses.replace(advice, analysis=record)
+        faces = FaceDetection(tuple(analysis.faces), analysis.face_detector) if analysis.face_detector else None
+        return dataclasses.replace(advice, analysis=record, faces=faces)
 
     def _settle_content(self, pixels: np.ndarray, analysis, numbers: AnalysisNumbers, machine: MachineFacts,
                         device, check: Callable[[], None]) -> tuple[AnalysisNumbers, str, object]:

@@ -324,7 +324,9 @@ class Advice:
     """The advisor's recommendation for one image on this machine.
 
     ``settings`` is complete; ``decided`` names the settings the advisor chose (the others are defaults).
-    ``analysis`` is the JSON-safe measurement record shown to the user.
+    ``analysis`` is the JSON-safe measurement record shown to the user. ``faces`` is the face detection of the
+    pixels it analysed (an ``engine.face_detect.FaceDetection``), which a job on those very pixels restores
+    instead of detecting them again; it is not part of the JSON form (None once read back from it).
     """
 
     settings: EnhanceSettings
@@ -334,6 +336,7 @@ class Advice:
     estimated_memory_mb: float = 0.0
     alternatives: tuple[Mapping[str, Any], ...] = ()
     decided: frozenset[str] = ADVISED
+    faces: Any = field(default=None, compare=False, repr=False)
 
     def as_dict(self) -> dict:
         """JSON form (CLI ``--json``, the UI): settings by their field names, reasons, analysis, estimates."""

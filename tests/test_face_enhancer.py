@@ -359,3 +359,35 @@ def test_face_crops_are_saved_next_to_the_output(full, tmp_path):
     assert [p.name for p in paths] == [f"holiday.out_face{i:02d}.png" for i in range(1, len(full.crops) + 1)]
     for path, crop in zip(paths, full.crops):
         assert np.array_equal(np.asarray(Image.open(path)), crop)
+
+
+def test_an_automatic_job_restores_the_faces_the_advisor_found_without_detecting_them_again(
+        tmp_path, config, model_manager, monkeypatch):
+    """The advice's face detection of the decoded pixels goes with the job: the face enhancer restores those faces
+    and does not run the detector again (RetinaFace takes seconds a photo on a CPU), so the count the advice
+    shows is the count the job reports."""
+    from engine import face_detect, image_analysis
+    from engine.inference.batch import BatchJob, BatchServices, collect_inputs, run_batch
+    from engine.intelligent_enhancer import IntelligentEnhancer
+    from engine.settings import EnhanceSettings
+
+    found = []
+    detect = face_detect.detect_faces
+
+    def counted(*args, **kwargs):
+        detection = detect(*args, **kwargs)
+        found.append(len(detection.faces))
+        return detection
+
+    monkeypatch.setattr(face_detect, "detect_faces", counted)  # the face enhancer's
+    monkeypatch.setattr(image_analysis, "detect_faces", counted)  # the advisor's analysis
+    advisor = IntelligentEnhancer(model_manager=model_manager, config=config, calibrate=False)
+    services = BatchServices(model_manager, config, advisor)
+    settings = EnhanceSettings(model="realesr-animevideov3", device="cpu", tile=0, quality_metrics=False)
+    job = BatchJob(settings=settings, output_dir=tmp_path / "out", auto=True,
+                   explicit={"model": "realesr-animevideov3", "outscale": 2})
+    report = run_batch(collect_inputs([PHOTO]), job, services)
+    item = report.items[0]
+    assert item.ok, item.error
+    assert found == [item.report["faces_detected"]] and found[0] >= 1  # one detection: the advisor's
+    assert any("face enhancement on" in r for r in item.reasons), item.reasons

@@ -184,18 +184,20 @@ def _measures_behind(measure_behind: bool | None, read: _Read, services: BatchSe
         return False
 
 
-def settings_for(pixels, job: BatchJob, advisor) -> tuple[EnhanceSettings, tuple[str, ...]]:
-    """The settings for one image: with ``auto`` the advisor's choices under the user's explicit values; a job with
-    an output file writes the format its extension names (:func:`_target`), which the memory plan counts."""
+def settings_for(pixels, job: BatchJob, advisor) -> tuple[EnhanceSettings, tuple[str, ...], object]:
+    """The settings for one image, their reasons and the faces found on ``pixels`` (with ``auto``: the advisor's
+    choices under the user's explicit values, and its face detection, which the job restores without detecting
+    again; else None); a job with an output file writes the format its extension names (:func:`_target`), which
+    the memory plan counts."""
     from utils.image_io import format_of_path
 
     if not job.auto:
-        settings, reasons = merge(None, job.explicit, job.settings), ()
+        settings, reasons, faces = merge(None, job.explicit, job.settings), (), None
     else:
         advice = advisor.advise(pixels, scale=job.explicit.get("outscale"))
-        settings, reasons = merge(advice, job.explicit, job.settings), advice.reasons
+        settings, reasons, faces = merge(advice, job.explicit, job.settings), advice.reasons, advice.faces
     fmt = format_of_path(job.output_file) if job.output_file is not None else None
-    return (settings.replace(output_format=fmt) if fmt else settings), reasons
+    return (settings.replace(output_format=fmt) if fmt else settings), reasons, faces
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,7 @@ class _Read:
     seconds: float = 0.0  # decoding and planning it took
     stream: bool = False  # too large for memory: streamed into the TIFF ``target`` undecoded (loaded is None)
     alone: bool = False  # fits memory only without its batch neighbours: the previous result is saved first
+    faces: object = None  # the advisor's engine.face_detect.FaceDetection of ``loaded``'s pixels (auto), or None
 
 
 def _failed(label: Path | str, exc: Exception) -> BatchItem:
@@ -288,7 +291,7 @@ def _read(item: BatchInput, job: BatchJob, services: BatchServices, overlapped: 
     started = time.perf_counter()
     try:
         loaded = load_input(item.source, services.config) if job.auto else None  # the advisor needs the pixels
-        settings, reasons = settings_for(None if loaded is None else loaded.pixels, job, services.advisor)
+        settings, reasons, faces = settings_for(None if loaded is None else loaded.pixels, job, services.advisor)
         mode, out_size, model = plan_mode(item, job, settings, services, overlapped=overlapped)
         _check_time(item, loaded, model, settings, services)
         if mode == "stream":
@@ -304,7 +307,7 @@ def _read(item: BatchInput, job: BatchJob, services: BatchServices, overlapped: 
         if target is not None and job.skip_existing and target.exists():
             return _Read(item, label, outcome=BatchItem(label, target, ok=True, skipped=True))
         return _Read(item, label, loaded, settings, reasons, target, fmt,
-                     seconds=time.perf_counter() - started, alone=mode == "alone")
+                     seconds=time.perf_counter() - started, alone=mode == "alone", faces=faces)
     except Exception as exc:  # one bad image must not stop the batch; the reason is kept
         return _Read(item, label, outcome=_failed(label, exc))
 
@@ -340,7 +343,8 @@ def _enhance(read: _Read, services: BatchServices, progress, cancel, *,
             if read.stream:
                 return _stream(read, services, progress, cancel)
             return enhance_image(read.loaded, read.settings, services.model_manager, progress,
-                                 config=services.config, cancel=cancel, defer_metrics=defer_metrics)
+                                 config=services.config, cancel=cancel, defer_metrics=defer_metrics,
+                                 detection=read.faces)
     except CancelledError:
         raise
     except Exception as exc:  # one bad image must not stop the batch; the reason is kept

@@ -301,10 +301,11 @@ class FaceOutcome:
 
 
 def restore_faces(job: Job, pixels: np.ndarray, rgb_in: np.ndarray, canvas: "streaming.OutputCanvas",
-                  run: Run) -> FaceOutcome:
+                  run: Run, detection=None) -> FaceOutcome:
     """Detect faces on the decoded input ``pixels`` and paste the restored ones into the canvas in place: only the
     faces' regions are touched, no copy of the output is made (8-bit faces, scaled on a 16-bit output, gray on a
-    gray one; alpha is kept). ``rgb_in`` is the network's source, for the content guess."""
+    gray one; alpha is kept). ``rgb_in`` is the network's source, for the content guess. ``detection``: the
+    ``engine.face_detect.FaceDetection`` of ``pixels`` made already (the advisor's), restored as it is."""
     from engine import face_enhancer
 
     settings = job.settings
@@ -324,7 +325,7 @@ def restore_faces(job: Job, pixels: np.ndarray, rgb_in: np.ndarray, canvas: "str
         pixels, canvas.pixels, settings=face_settings, model_manager=job.model_manager, content_type=content_type,
         run=face_enhancer.FaceRun(device=run.device, precision=run.precision,
                                   allow_cpu_fallback=job.config.allow_cpu_fallback, allow_download=True,
-                                  in_place=True))
+                                  in_place=True, detection=detection))
     return FaceOutcome(result.faces_detected, result.faces_restored, result.detector, tuple(result.crops),
                        tuple(result.identity_pairs), tuple(result.warnings))
 
@@ -524,9 +525,12 @@ def finish_metrics(result: EnhanceResult) -> EnhanceResult:
 
 
 def enhance_image(image, settings: EnhanceSettings | None, model_manager, progress: ProgressFn | None = None, *,
-                  config=None, cancel: threading.Event | None = None, defer_metrics: bool = False) -> EnhanceResult:
+                  config=None, cancel: threading.Event | None = None, defer_metrics: bool = False,
+                  detection=None) -> EnhanceResult:
     """Enhance one image (see :func:`engine.processor.enhance_image_direct`, its public name). ``defer_metrics``:
-    return before the quality metrics, which :func:`finish_metrics` measures later (the input is kept until then)."""
+    return before the quality metrics, which :func:`finish_metrics` measures later (the input is kept until then).
+    ``detection``: the advisor's ``engine.face_detect.FaceDetection`` of these pixels, restored without
+    detecting them again (the count the advice showed is the count restored)."""
     from config import Config
 
     config = config if config is not None else Config()
@@ -564,7 +568,7 @@ def enhance_image(image, settings: EnhanceSettings | None, model_manager, progre
     if job.settings.face_enhance:
         t3 = time.perf_counter()
         report(0.8, "Restoring faces")
-        faces = restore_faces(job, pixels, rgb, canvas, run)
+        faces = restore_faces(job, pixels, rgb, canvas, run, detection)
         warnings += faces.warnings
         timings["faces"] = time.perf_counter() - t3
     out_pixels = canvas.pixels
