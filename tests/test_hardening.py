@@ -17,7 +17,7 @@ import pytest
 
 from engine.concurrency import DeviceLimiter
 from engine.errors import QueueFullError
-from tests.conftest import serve_app
+from tests.conftest import app_config, serve_app
 from tests.test_rest_api import FAST_MODEL, _assert_error, _files, _png, _services, serve
 
 
@@ -31,13 +31,10 @@ def _wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None
 @pytest.fixture(scope="module")
 def rest(tmp_path_factory, shared_weights_dir):
     """The REST API alone on a loopback port (fast model loaded); yields (url, services)."""
-    from config import Config
     from engine.model_manager import ModelManager
 
     root = tmp_path_factory.mktemp("hardening")
-    config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=root / "out",
-                             temp_dir=root / "tmp", config_dir=root / "cfg", log_dir=root / "logs",
-                             download_retries=0, max_upload_mb=4.0, device="cpu")
+    config = app_config(root, shared_weights_dir, max_upload_mb=4.0, device="cpu")
     config.ensure_directories()
     manager = ModelManager(config)
     manager.load_model(FAST_MODEL, "cpu")
@@ -274,7 +271,6 @@ def _job_folder(root: Path, name: str, size: int, age_hours: float, now: float) 
 
 def test_job_folders_expire_by_age_then_by_size_oldest_first(tmp_path, shared_weights_dir):
     from engine.retention import job_roots, sweep
-    from tests.conftest import app_config
 
     config = app_config(tmp_path, shared_weights_dir, retention_hours=24, retention_max_mb=1.0)
     web, gradio_cache = job_roots(config)
@@ -294,7 +290,6 @@ def test_job_folders_expire_by_age_then_by_size_oldest_first(tmp_path, shared_we
 def test_a_new_web_job_sweeps_expired_results(tmp_path, shared_weights_dir):
     """Results were never cleaned up: starting a job now removes folders past the retention age."""
     from engine import retention
-    from tests.conftest import app_config
     from ui.uploads import new_output_dir
 
     config = app_config(tmp_path, shared_weights_dir, retention_hours=1, min_free_disk_mb=0)
@@ -306,7 +301,6 @@ def test_a_new_web_job_sweeps_expired_results(tmp_path, shared_weights_dir):
 
 def test_new_work_is_refused_when_the_disk_is_nearly_full(tmp_path, shared_weights_dir):
     from engine.errors import EngineError
-    from tests.conftest import app_config
     from ui.uploads import new_output_dir
     from utils.errors import DiskFullError, error_kind
 
@@ -444,7 +438,6 @@ def test_uploads_are_refused_with_507_while_the_disk_is_nearly_full(tmp_path, sh
 
     from fastapi import FastAPI
 
-    from tests.conftest import app_config
     from ui.access import AccessGate
 
     app = FastAPI()
@@ -511,13 +504,10 @@ def test_rest_refuses_up_front_a_job_estimated_over_the_time_limit(tmp_path, sha
     import dataclasses
     import json
 
-    from config import Config
     from engine.intelligent_enhancer import IntelligentEnhancer, ThroughputCalibrator
     from engine.model_manager import ModelManager
 
-    config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=tmp_path / "out",
-                             temp_dir=tmp_path / "tmp", config_dir=tmp_path / "cfg", log_dir=tmp_path / "logs",
-                             download_retries=0, device="cpu", job_time_limit_seconds=5)
+    config = app_config(tmp_path, shared_weights_dir, device="cpu", job_time_limit_seconds=5)
     config.ensure_directories()
     # A slow machine on record: 1 MMAC/s for the fast model (as a calibration would have saved it).
     calibration = tmp_path / "cfg" / "calibration.json"
@@ -540,13 +530,10 @@ def test_rest_refuses_up_front_a_job_without_a_model_that_no_choice_of_the_advis
     import dataclasses
     import json
 
-    from config import Config
     from engine.intelligent_enhancer import IntelligentEnhancer, ThroughputCalibrator
     from engine.model_manager import ModelManager
 
-    config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=tmp_path / "out",
-                             temp_dir=tmp_path / "tmp", config_dir=tmp_path / "cfg", log_dir=tmp_path / "logs",
-                             download_retries=0, device="cpu", job_time_limit_seconds=5)
+    config = app_config(tmp_path, shared_weights_dir, device="cpu", job_time_limit_seconds=5)
     config.ensure_directories()
     calibration = tmp_path / "cfg" / "calibration.json"  # only the photo model measured, on a slow machine
     calibration.write_text(json.dumps({ThroughputCalibrator(calibration).key("RealESRGAN_x4plus", "cpu"): 1e6}))
@@ -568,13 +555,10 @@ def test_rest_refuses_in_the_job_what_nothing_measured_could_check_up_front(tmp_
 
     from PIL import Image
 
-    from config import Config
     from engine.intelligent_enhancer import IntelligentEnhancer, ThroughputCalibrator
     from engine.model_manager import ModelManager
 
-    config = Config.from_env(env={}, dotenv_path=None, weights_dir=shared_weights_dir, output_dir=tmp_path / "out",
-                             temp_dir=tmp_path / "tmp", config_dir=tmp_path / "cfg", log_dir=tmp_path / "logs",
-                             download_retries=0, device="cpu", job_time_limit_seconds=30)
+    config = app_config(tmp_path, shared_weights_dir, device="cpu", job_time_limit_seconds=30)
     config.ensure_directories()
     manager = ModelManager(config)
     advisor = IntelligentEnhancer(model_manager=manager, config=config)
