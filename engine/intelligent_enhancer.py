@@ -631,9 +631,8 @@ class IntelligentEnhancer:
     def calibrate_advised_models(self) -> None:
         """Calibrate the models every advice estimates that were not measured on this device yet: the first time on
         a machine ~1.5 s on a 2-core CPU (one network of each :func:`rate_class`), later nothing (the figures are
-        kept). The app's warm-up calls this in the
-        background, so that the first Analyze after an install does not wait for it, whatever model the settings
-        name."""
+        kept). The app's warm-up calls this in the background, so that the first Analyze after an install does not
+        wait for it, whatever model the settings name."""
         if self.calibrator is not None:
             self.machine_facts(ADVISED_MODELS)
 
