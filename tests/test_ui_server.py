@@ -100,3 +100,31 @@ def _file(path: Path):
     from gradio_client import handle_file
 
     return handle_file(str(path))
+
+
+def test_the_rest_api_and_the_access_gate_are_in_place_before_the_server_answers(tmp_path, shared_weights_dir,
+                                                                                 monkeypatch):
+    """Added once ``launch()`` had returned, they missed the server's first ~40 ms: a POST to /api/v1 right after
+    the UI's first 200 got 404, and the UI answered without the access gate. They are installed in the server's
+    own start-up (its lifespan), which runs before it accepts a connection: in the server's thread, not in the
+    caller's after the launch."""
+    import threading
+
+    import httpx
+
+    from ui import app as app_module
+    from ui.access import API_KEY_HEADER
+
+    installed_on = []
+    install = app_module.install_access_gate
+
+    def recorded(app, config):
+        installed_on.append(threading.current_thread())
+        install(app, config)
+
+    monkeypatch.setattr(app_module, "install_access_gate", recorded)
+    with serve_app(tmp_path, shared_weights_dir, api_key="k3y") as (url, _services):
+        assert len(installed_on) == 1 and installed_on[0] is not threading.current_thread()
+        health = httpx.get(url.rstrip("/") + "/api/v1/health", headers={API_KEY_HEADER: "k3y"}, timeout=10)
+        assert health.status_code == 200
+        assert httpx.post(url.rstrip("/") + "/api/v1/enhance", timeout=10).status_code == 401  # the gate is on

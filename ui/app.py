@@ -8,6 +8,7 @@ present, and blocks until interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -154,13 +155,21 @@ def start(services, *, prevent_thread_lock: bool = True, **overrides):
     remove_stale_temp_dirs(config)
     demo = configure_queue(build_app(services), config)
     kwargs = launch_kwargs(config) | overrides
+
+    @contextlib.asynccontextmanager
+    async def before_serving(app):
+        # The server's start-up, before it accepts a connection: no request can reach the UI without the access
+        # gate, or find /api/v1 missing (added after launch(), the UI answered ~40 ms before the API existed).
+        install_rest_api(app, services)
+        install_access_gate(app, config)
+        yield
+
+    kwargs["app_kwargs"] = {**kwargs.get("app_kwargs", {}), "lifespan": before_serving}
     # The server's threads (its event loop and the workers that loop starts) inherit a timer slack, so Gradio's
     # queue, which polls every 1 ms, lets an idle app sleep (utils.power says why requests and compute are not
     # slowed); this thread keeps its own.
     with timer_slack_for_new_threads(config.idle_timer_slack_ms / 1000):
         app, local_url, share_url = demo.launch(prevent_thread_lock=prevent_thread_lock, **kwargs)
-    install_rest_api(app, services)
-    install_access_gate(app, config)
     logger.info("web UI at %s%s", local_url, f" (public link {share_url})" if share_url else "")
     return demo, app, local_url
 
@@ -172,8 +181,8 @@ def install_rest_api(app, services) -> bool:
     except ImportError as exc:
         logger.info("REST API not installed (%s)", exc)
         return False
-    # Gradio's app has started; let the API add routes and middleware (Starlette rebuilds its stack on the next
-    # request when it is reset).
+    # The server's start-up has built the middleware stack already; let the API add routes and middleware (Starlette
+    # rebuilds its stack on the next request when it is reset).
     app.middleware_stack = None
     rest_api.install_api(app, services)
     return True
