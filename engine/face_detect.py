@@ -174,11 +174,10 @@ def _check_pixels(image: np.ndarray) -> None:
 
 
 def _as_8bit(image: np.ndarray) -> np.ndarray:
-    """HxWxC uint8 (C 1, 3 or 4) from gray/RGB/RGBA uint8/uint16 (dtype decides the range, never the values:
-    :func:`utils.image_io.to_8bit`, band by band)."""
+    """HxWxC uint8 (C 1, 3 or 4) from pixels :func:`_check_pixels` accepted (dtype decides the range, never the
+    values: :func:`utils.image_io.to_8bit`, band by band)."""
     from utils.image_io import to_8bit
 
-    _check_pixels(image)
     return to_8bit(image if image.ndim == 3 else image[:, :, None])
 
 
