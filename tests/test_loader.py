@@ -111,6 +111,34 @@ def test_rrdbnet_upsamples_in_bands_of_rows_with_the_same_output(params, layout,
     assert banded.is_contiguous(memory_format=layout) and banded.shape == (2, 3, 160, 28 * params["scale"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_rrdbnet_dense_blocks_write_their_outputs_in_place_with_the_reference_values(dtype, layout, batch):
+    """Inference skips torch.cat (each activated output goes straight into the next convolution's input): the
+    same values as BasicSR's ops to the bit in either layout and precision; with autograd, the reference ops."""
+    from engine.models import networks
+
+    official = _reference("RRDBNet", {**_RRDB_X4, "num_feat": 16, "num_grow_ch": 8, "num_block": 2})
+    net = build_network("RRDBNet", official.state_dict(), _RRDB_X4 | {"num_feat": 16, "num_grow_ch": 8,
+                                                                      "num_block": 2}).module.to(dtype)
+    x = torch.rand(batch, 3, 12, 20).to(dtype).contiguous(memory_format=layout)
+    cats: list[int] = []
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "cat", lambda *a, **k: cats.append(1) or torch._C._VariableFunctions.cat(*a, **k))
+        fast = net(x)
+        assert not cats
+        patch.setattr(networks._DenseBlock, "forward", networks._DenseBlock._reference)
+        reference = net(x)
+    assert len(cats) == 4 * 3 * 2  # four per dense block: the reference ops were the ones measured against
+    assert torch.equal(fast, reference) and fast.dtype == dtype
+    trainable = build_network("RRDBNet", official.state_dict(), _RRDB_X4 | {"num_feat": 16, "num_grow_ch": 8,
+                                                                            "num_block": 2}).module
+    leaf = torch.rand(1, 3, 12, 20, requires_grad=True)
+    trainable(leaf).sum().backward()  # out= writes would raise here
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("arch, params", [
     ("RRDBNet", {**_RRDB_X4, "scale": 1}),  # pixel-unshuffled by 4
     ("RRDBNet", {**_RRDB_X2, "num_in_ch": 1, "num_out_ch": 1, "num_grow_ch": 4}),  # gray

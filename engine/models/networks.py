@@ -8,10 +8,11 @@ So :func:`build_official` builds these two from the official key layout, and eve
 8x RRDBNets, Compact networks without PReLU, every community architecture) still goes to spandrel
 (:func:`engine.models.loader.build_network`).
 
-The forward passes are the reference ones (BasicSR's ``RRDBNet``, Real-ESRGAN's ``SRVGGNetCompact``) operation
-for operation, so the outputs are bit-identical to the official implementation (``tests/test_loader.py``); the one
-difference is that RRDBNet's upsampling stage runs on bands of rows with enough context (:func:`tail_rows`), which
-gives the same output and holds a third of the memory. The
+The forward passes compute the reference ones (BasicSR's ``RRDBNet``, Real-ESRGAN's ``SRVGGNetCompact``) operation
+for operation, so the outputs are bit-identical to the official implementation (``tests/test_loader.py``); two
+differences: RRDBNet's upsampling stage runs on bands of rows with enough context (:func:`tail_rows`), which
+gives the same output and holds a third of the memory, and its dense blocks write each output into the next
+convolution's input instead of concatenating (when autograd does not record). The
 network is made on the meta device and takes the weights' tensors as its parameters (``assign=True``): no random
 initialisation, no copy of a memory-mapped file.
 """
@@ -47,12 +48,44 @@ class _DenseBlock(nn.Module):
         self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.conv1.weight.requires_grad):
+            return self._reference(x)
+        # Inference: each convolution's activated output is written once, straight into the next convolution's
+        # input (after a copy of the earlier channels) instead of four torch.cat of fresh tensors. The same values;
+        # cat, leaky_relu and the residual went from 1.9 to 1.1 s of a 256² x4plus pass in fp32 NHWC on 2 cores,
+        # the pass 4-5% faster (3% in bf16). One NCHW image keeps every input as a prefix of one buffer.
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        prefixes = layout == torch.contiguous_format and x.shape[0] == 1
+        whole = _new_like(x, self.conv5.in_channels, layout)
+        if prefixes:
+            whole[:, :x.shape[1]].copy_(x)
+        features = x
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
+            width = features.shape[1]
+            grown = width + conv.out_channels
+            if prefixes or grown == whole.shape[1]:
+                merged = whole[:, :grown]
+            else:
+                merged = _new_like(x, grown, layout)
+            if not prefixes:
+                merged[:, :width].copy_(features)
+            torch.ops.aten.leaky_relu.out(conv(features), 0.2, out=merged[:, width:])
+            features = merged
+        return self.conv5(features).mul_(0.2).add_(x)
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
+        """BasicSR's forward, op for op (what autograd records)."""
         x1 = self.lrelu(self.conv1(x))
         x2 = self.lrelu(self.conv2(torch.cat((x, x1), 1)))
         x3 = self.lrelu(self.conv3(torch.cat((x, x1, x2), 1)))
         x4 = self.lrelu(self.conv4(torch.cat((x, x1, x2, x3), 1)))
         x5 = self.conv5(torch.cat((x, x1, x2, x3, x4), 1))
         return x5 * 0.2 + x
+
+
+def _new_like(x: torch.Tensor, channels: int, layout: torch.memory_format) -> torch.Tensor:
+    """An uninitialised ``x`` with ``channels`` channels in ``layout``."""
+    return torch.empty((x.shape[0], channels, *x.shape[2:]), dtype=x.dtype, device=x.device, memory_format=layout)
 
 
 class _RRDB(nn.Module):
@@ -65,7 +98,10 @@ class _RRDB(nn.Module):
         self.rdb3 = _DenseBlock(num_feat, num_grow_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rdb3(self.rdb2(self.rdb1(x))) * 0.2 + x
+        out = self.rdb3(self.rdb2(self.rdb1(x)))
+        if torch.is_grad_enabled() and out.requires_grad:
+            return out * 0.2 + x
+        return out.mul_(0.2).add_(x)  # the same values without a second fresh tensor
 
 
 class RRDBNet(nn.Module):
