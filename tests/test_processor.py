@@ -338,7 +338,7 @@ def test_metrics_are_reported(manager, tmp_path):
     json.dumps(result.report(), allow_nan=False)
 
 
-def test_batch_continues_past_a_corrupt_file_and_mirrors_folders(manager, tmp_path):
+def test_batch_continues_past_a_corrupt_file_and_mirrors_folders(manager, tmp_path, caplog):
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
     Image.fromarray(crop(DATA / "upscaler" / "ost_009_crop192.png", 16)).save(src / "a.png")
@@ -347,10 +347,15 @@ def test_batch_continues_past_a_corrupt_file_and_mirrors_folders(manager, tmp_pa
     (src / "Thumbs.db").write_bytes(b"x")
     (src / ".DS_Store").write_bytes(b"x")
     (src / "notes.txt").write_text("not an image")
+    Image.new("P", (4, 4)).save(src / "sub" / "anim.gif")
     seen = []
     job = BatchJob(settings=fast(), output_dir=tmp_path / "out")
-    report = process_batch([src], job, lambda i, n, name, f: seen.append((i, n)), model_manager=manager,
-                           recursive=True)
+    with caplog.at_level("WARNING", logger="engine.inference.batch"):
+        report = process_batch([src], job, lambda i, n, name, f: seen.append((i, n)), model_manager=manager,
+                               recursive=True)
+    left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert left_out == ["2 files in in left out, not a format this app reads (PNG, JPEG, WebP, TIFF, BMP): "
+                        "notes.txt, sub/anim.gif"]  # named, so nothing vanishes unsaid; system files unmentioned
     assert report.summary() == "2 successful, 1 failed"
     assert report.failures[0].input.name == "broken.png" and report.failures[0].error
     assert (tmp_path / "out" / "a.png").is_file() and (tmp_path / "out" / "sub" / "b.jpg").is_file()

@@ -119,17 +119,27 @@ class BatchReport:
 def collect_inputs(inputs: Iterable[str | Path], recursive: bool = False) -> list[BatchInput]:
     """Expand files and folders into inputs (each with its path relative to its root), skipping non-images.
 
-    System files (Thumbs.db, .DS_Store, hidden files) and files whose extension is not an image are left out.
+    System files (Thumbs.db, .DS_Store, hidden files) are left out silently; other files whose extension is not
+    an image this app reads (a GIF, a text file) are left out with a warning that names them.
     """
     found: list[BatchInput] = []
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
             walker = path.rglob("*") if recursive else path.glob("*")
+            left_out: list[str] = []
             for item in sorted(walker):
                 rel = item.relative_to(path)
-                if item.is_file() and item.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(rel):
+                if not item.is_file() or _hidden(rel):
+                    continue
+                if item.suffix.lower() in IMAGE_EXTENSIONS:
                     found.append(BatchInput(item, rel))
+                else:
+                    left_out.append(str(rel))
+            if left_out:
+                logger.warning("%d file%s in %s left out, not a format this app reads (PNG, JPEG, WebP, TIFF, BMP): "
+                               "%s%s", len(left_out), "s" if len(left_out) > 1 else "", path.name or path,
+                               ", ".join(left_out[:5]), ", ..." if len(left_out) > 5 else "")
         else:
             found.append(BatchInput(path, Path(path.name)))
     return found
