@@ -282,12 +282,20 @@ def _detect(rgb: np.ndarray, model_manager: ModelManager, device: str):
     """The faces of ``rgb`` (an ``engine.face_detect.FaceDetection``): RetinaFace when its weights are here."""
     from engine.face_detect import detect_faces
 
+    return detect_faces(rgb, retinaface=face_detector(model_manager, device))
+
+
+def face_detector(model_manager: ModelManager | None, device: str | object):
+    """The RetinaFace network on ``device`` when its weights are on this machine (built once by the model manager,
+    so the advisor and the face enhancer share it); None when they are not or are unusable (then the built-in
+    cascade detects, with a warning for damaged weights)."""
+    if model_manager is None:
+        return None
     try:
-        retinaface = model_manager.local_network(RETINAFACE_MODEL, device)
+        return model_manager.local_network(RETINAFACE_MODEL, device)
     except ModelNotAvailableError as exc:  # weights present but unusable: the cascade still works
         logger.warning("RetinaFace unusable (%s); detecting faces with the built-in cascade", exc)
-        retinaface = None
-    return detect_faces(rgb, retinaface=retinaface)
+        return None
 
 
 def _detected(detection) -> list[DetectedFace]:

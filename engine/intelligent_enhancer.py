@@ -492,10 +492,12 @@ class IntelligentEnhancer:
         self.timings = store_for(config) if config is not None else TimingStore(None)
 
     def _face_detector(self):
-        """The RetinaFace network when its weights are on this machine (loaded once, by the model manager)."""
-        if self.model_manager is None:
-            return None
-        return self.model_manager.local_network("detection_Resnet50_Final")
+        """The RetinaFace network when its weights are on this machine, on the device the jobs run on: on a GPU
+        the analysis detects there, with the very network the face enhancer uses."""
+        from engine.face_enhancer import face_detector
+        from utils.gpu import resolve_device
+
+        return face_detector(self.model_manager, resolve_device(self.device_name))
 
     def machine_facts(self, models: tuple[str, ...] = (), check: Callable[[], None] | None = None) -> MachineFacts:
         """What this machine offers: device, free memory, the models here or downloadable, and the throughput of

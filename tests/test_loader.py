@@ -302,6 +302,23 @@ def test_retinaface_is_built_once_for_many_images_and_both_callers(helper_weight
     assert manager.loaded_models() == ["detection_Resnet50_Final@cpu/fp32"]
 
 
+def test_damaged_retinaface_weights_leave_both_callers_the_cascade_with_a_warning(tmp_path, caplog):
+    """The advisor gets its detector where the face enhancer does (one function, the jobs' device): unusable
+    weights give the built-in cascade and a warning in both, not a failed analysis."""
+    from engine.face_enhancer import FaceSettings, enhance_faces
+    from engine.intelligent_enhancer import IntelligentEnhancer
+
+    (tmp_path / CATALOG["detection_Resnet50_Final"].filename).write_bytes(b"PK\x03\x04 not a weights file")
+    manager = unverified_manager(tmp_path)
+    image = _image("blake_lively_245.png")
+    with caplog.at_level("WARNING", logger="engine.face_enhancer"):
+        advice = IntelligentEnhancer(model_manager=manager, calibrate=False).advise(image)
+        result = enhance_faces(image, _bicubic_x2(image), settings=FaceSettings(strength=0.0), model_manager=manager)
+    assert advice.analysis["face_detector"] == "lbp-cascade" and advice.analysis["faces"] >= 1
+    assert result.detector == "lbp-cascade"
+    assert sum("RetinaFace unusable" in r.getMessage() for r in caplog.records) == 2
+
+
 def test_parsenet_is_built_once_for_many_images(helper_weights_dir, tmp_path, monkeypatch):
     """No RetinaFace here (the cascade finds the faces), a quarter-width GFPGAN restores them, ParseNet masks
     every face of both images: one construction."""
