@@ -143,8 +143,8 @@ def detect_faces(
     _check_pixels(image)
     if max_faces is not None and max_faces < 0:
         raise ValueError(f"max_faces must be >= 0 or None, got {max_faces}.")
-    if retinaface is not None:
-        faces = _detect_retinaface_bounded(_as_8bit(image), retinaface)
+    faces = _retinaface_or_none(image, retinaface) if retinaface is not None else None
+    if faces is not None:
         detector = "retinaface"
     else:
         faces = _detect_cascade(_gray8(image))
@@ -154,6 +154,21 @@ def detect_faces(
     if max_faces is not None:
         faces = faces[:max_faces]
     return FaceDetection(faces=tuple(faces), detector=detector)
+
+
+def _retinaface_or_none(image: np.ndarray, retinaface) -> list[FaceBox] | None:
+    """RetinaFace's faces; None when its device is out of memory (a GPU busy with another job: the cascade then
+    detects, with a warning, instead of the job failing)."""
+    from utils.gpu import is_out_of_memory
+
+    try:
+        return _detect_retinaface_bounded(_as_8bit(image), retinaface)
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        logger.warning("RetinaFace ran out of memory on %s; detecting faces with the built-in cascade",
+                       next(retinaface.parameters()).device)
+        return None
 
 
 def warm_up() -> None:

@@ -319,6 +319,35 @@ def test_damaged_retinaface_weights_leave_both_callers_the_cascade_with_a_warnin
     assert sum("RetinaFace unusable" in r.getMessage() for r in caplog.records) == 2
 
 
+def test_retinaface_out_of_memory_leaves_the_cascade_with_a_warning(helper_weights_dir, caplog):
+    """A device without room for RetinaFace's pass (a GPU busy with another job; raised here by a hook, as CUDA
+    raises it) gives the cascade's faces and a warning, not a failed analysis or job."""
+    from engine.face_detect import detect_faces
+
+    net = unverified_manager(helper_weights_dir).local_network("detection_Resnet50_Final")
+    image = _image("blake_lively_245.png")
+
+    def failing(error: Exception):
+        def hook(_module, _args):
+            raise error
+        return hook
+
+    hook = net.register_forward_pre_hook(failing(torch.OutOfMemoryError("CUDA out of memory. Tried 2.00 GiB")))
+    try:
+        with caplog.at_level("WARNING", logger="engine.face_detect"):
+            found = detect_faces(image, retinaface=net)
+    finally:
+        hook.remove()
+    assert found.detector == "lbp-cascade" and found.faces == detect_faces(image).faces and found.faces
+    assert any("RetinaFace ran out of memory" in r.getMessage() for r in caplog.records)
+    hook = net.register_forward_pre_hook(failing(RuntimeError("another failure")))
+    try:
+        with pytest.raises(RuntimeError, match="another failure"):  # anything else still surfaces
+            detect_faces(image, retinaface=net)
+    finally:
+        hook.remove()
+
+
 def test_parsenet_is_built_once_for_many_images(helper_weights_dir, tmp_path, monkeypatch):
     """No RetinaFace here (the cascade finds the faces), a quarter-width GFPGAN restores them, ParseNet masks
     every face of both images: one construction."""
