@@ -143,6 +143,7 @@ class DeviceLimiter:
         self.concurrency = int(concurrency)
         self.max_queue = int(max_queue)
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when the last job leaves
         self._queue: deque[Ticket] = deque()
         self._running = 0
         self._average = float(default_job_seconds)
@@ -167,6 +168,12 @@ class DeviceLimiter:
             return LimiterStats(running=self._running, waiting=len(self._queue), concurrency=self.concurrency,
                                 max_queue=self.max_queue, average_job_seconds=self._average,
                                 seconds_per_completion=self._seconds_per_completion())
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no job runs or waits (background work that should not take a job's cores: the app's
+        warm-up calibrations). Returns False when ``timeout`` seconds passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._running == 0 and not self._queue, timeout)
 
     def position(self, ticket: Ticket | None = None) -> int:
         """Line position of ``ticket`` (0 = running or gone, 1 = next); with no ticket, where a newcomer would
@@ -261,6 +268,8 @@ class DeviceLimiter:
                     self._queue.remove(ticket)
             while self._running < self.concurrency and self._queue:
                 self._grant(self._queue.popleft())
+            if self._running == 0 and not self._queue:
+                self._idle.notify_all()
 
     def _record(self, started: float, finished: float) -> None:
         self._drain.append(max(0.0, finished - max(started, self._last_finish)))

@@ -630,13 +630,14 @@ class IntelligentEnhancer:
             self.calibrator.macs_per_second(fastest, device)
         return self._device_rate(device)
 
-    def calibrate_advised_models(self) -> None:
+    def calibrate_advised_models(self, before_each: Callable[[], None] | None = None) -> None:
         """Calibrate the models every advice estimates that were not measured on this device yet: the first time on
         a machine ~1.5 s on a 2-core CPU (one network of each :func:`rate_class`), later nothing (the figures are
         kept). The app's warm-up calls this in the background, so that the first Analyze after an install does not
-        wait for it, whatever model the settings name."""
+        wait for it, whatever model the settings name; ``before_each`` runs before each model (the warm-up waits
+        there while a job runs)."""
         if self.calibrator is not None:
-            self.machine_facts(ADVISED_MODELS)
+            self.machine_facts(ADVISED_MODELS, check=before_each)
 
     def _device_rate(self, device) -> float | None:
         """The fastest MAC/s measured on ``device`` with any model, by a calibration or a real run. The catalog's

@@ -39,6 +39,23 @@ def test_first_ticket_runs_at_once_and_slot_is_returned():
     assert (limiter.running, limiter.waiting) == (0, 0)
 
 
+def test_wait_idle_returns_once_no_job_runs_or_waits():
+    """Background work (the app's warm-up calibrations) waits for the jobs running and the line behind them."""
+    limiter = DeviceLimiter(concurrency=1, max_queue=2)
+    assert limiter.wait_idle(timeout=0)  # idle: at once
+    first = limiter.try_acquire()
+    second = limiter.try_acquire()  # waits in line behind the first
+    assert not limiter.wait_idle(timeout=0.01)
+    woke = threading.Event()
+    waiter = threading.Thread(target=lambda: limiter.wait_idle() and woke.set())
+    waiter.start()
+    first.release()  # the second job now runs: still not idle
+    assert second.granted and not woke.wait(0.05)
+    second.release()
+    waiter.join(timeout=10)
+    assert woke.is_set() and limiter.wait_idle(timeout=0)
+
+
 def test_never_more_than_concurrency_jobs_at_once():
     limiter = DeviceLimiter(concurrency=2, max_queue=20)
     lock = threading.Lock()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 import zipfile
 import zlib
 from pathlib import Path
@@ -372,6 +373,40 @@ def test_the_warm_up_measures_the_device_so_the_first_request_is_checked_against
         advisor.check_auto_time_limit(6000, 6000, 60)
     start_warm_up(services).join(timeout=300)  # a second launch measures nothing more
     assert advisor.calibrator.device_rates("cpu") == measured
+
+
+def test_the_warm_up_leaves_its_calibrations_until_no_job_runs(tmp_path, shared_weights_dir, monkeypatch):
+    """A request that arrives while the app warms up gets the cores: the face detector's set-up and the advised
+    models' calibrations (work for later requests) wait while a job holds the device, then run."""
+    from engine import face_detect
+    from engine.intelligent_enhancer import ADVISED_MODELS, ThroughputCalibrator
+    from engine.settings_manager import DEFAULT_SETTINGS
+    from ui.app import start_warm_up
+    from ui.services import create_services
+
+    config = app_config(tmp_path, shared_weights_dir, device="cpu")
+    config.ensure_directories()
+    services = create_services(config)
+    services.settings.save_settings({**DEFAULT_SETTINGS, "model": "realesr-animevideov3"})
+    calibrator = services.advisor.calibrator = ThroughputCalibrator(
+        config.config_dir / "calibration.json", size=32, busy_share=0)
+    monkeypatch.setattr(face_detect, "_free_cascades", [])
+    reached = threading.Event()
+    wait_idle = services.limiter.wait_idle
+
+    def observed(timeout=None):
+        reached.set()
+        return wait_idle(timeout)
+
+    monkeypatch.setattr(services.limiter, "wait_idle", observed)
+    with services.limiter.slot():  # a job runs
+        thread = start_warm_up(services)
+        assert reached.wait(timeout=300)  # the model is warm; what serves later requests waits
+        assert thread.is_alive() and face_detect._free_cascades == []
+        assert calibrator.cached("RealESRGAN_x4plus", "cpu") is None
+    thread.join(timeout=300)
+    assert not thread.is_alive() and face_detect._free_cascades
+    assert all(calibrator.cached(model, "cpu") for model in ADVISED_MODELS)
 
 
 def test_the_warm_up_prepares_the_first_analyze_whatever_model_the_settings_name(tmp_path, shared_weights_dir,
