@@ -374,7 +374,8 @@ class ThroughputCalibrator:
 
     def __init__(self, cache_file: Path | None = None, size: int = 128, busy_share: float = BUSY_CPU_SHARE):
         self.cache_file, self.size, self.busy_share = cache_file, size, busy_share
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the figures: held for reads and writes only, never while a network runs
+        self._measuring = threading.Lock()  # one timed run at a time (two would share the cores and both read slow)
         self._values: dict[str, float] | None = None
 
     def _load(self) -> dict[str, float]:
@@ -396,10 +397,13 @@ class ThroughputCalibrator:
         measured now on the quickest model of its class (and kept, under that model's name, unless the machine was
         busy). ``network`` gives the network to time (a user's model, whose architecture only its own weights
         build: ``(module, dtype)`` as the engine runs it); without it a random-weight network of the catalog's
-        architecture is timed."""
-        with self._lock:
-            values = self._load()
-            known = self._known(values, model, device)
+        architecture is timed. Reading the figures (:meth:`cached`, :meth:`device_rates`: a server's up-front
+        checks, in its event loop) never waits for a measurement."""
+        known = self.cached(model, device)
+        if known is not None:
+            return known
+        with self._measuring:
+            known = self.cached(model, device)  # measured by another thread meanwhile
             if known is not None:
                 return known
             timed = model if network is not None else rate_siblings(model)[0]
@@ -407,8 +411,10 @@ class ThroughputCalibrator:
             if busy:
                 logger.info("machine busy: calibration of %s not stored", timed)
                 return value
-            values[self.key(timed, device)] = value
-            self._save(values)
+            with self._lock:
+                values = self._load()
+                values[self.key(timed, device)] = value
+                self._save(values)
             return value
 
     def cached(self, model: str, device) -> float | None:

@@ -267,6 +267,48 @@ def test_one_calibration_serves_every_model_of_its_class(config):
     assert kept.cached(x4plus, "cpu") == 1 * GIGA and kept.cached(anime, "cpu") == 5 * GIGA
 
 
+def test_reading_the_figures_never_waits_for_a_calibration_in_progress(config):
+    """A server's up-front time-limit check reads the figures in its event loop while the warm-up or an Analyze
+    calibrates: the read answers at once (it waited on the lock a measurement held for seconds on a CPU, and the
+    event loop waited with it); a second caller of the same class waits and measures nothing more."""
+    import threading
+
+    import torch
+
+    from engine.intelligent_enhancer import ThroughputCalibrator
+
+    calibrator = ThroughputCalibrator(config.config_dir / "calibration.json", size=16, busy_share=0)
+    calibrator.macs_per_second(FAST, "cpu")  # a figure of another class is known
+    entered, go = threading.Event(), threading.Event()
+    net = torch.nn.Conv2d(3, 3, 3, padding=1).eval()
+
+    def slow_source():  # the user's network: built (here: held until the reads are done) inside the measurement
+        entered.set()
+        go.wait()
+        return net, torch.float32
+
+    first, second, answers = [], [], []
+    measuring = threading.Thread(target=lambda: first.append(
+        calibrator.macs_per_second("RealESRGAN_x4plus", "cpu", slow_source)))
+    measuring.start()
+    try:
+        assert entered.wait(timeout=60)
+        reader = threading.Thread(target=lambda: answers.append(
+            (calibrator.cached(FAST, "cpu"), calibrator.cached("RealESRGAN_x4plus", "cpu"),
+             len(calibrator.device_rates("cpu")))))
+        reader.start()
+        reader.join(timeout=60)  # a hang guard: the measurement is held until go is set
+        assert answers and answers[0][0] > 0 and answers[0][1:] == (None, 1)  # answered while the run is held
+        waiting = threading.Thread(target=lambda: second.append(
+            calibrator.macs_per_second("RealESRGAN_x4plus", "cpu")))
+        waiting.start()
+    finally:
+        go.set()
+    measuring.join(timeout=60)
+    waiting.join(timeout=60)
+    assert first and second == first  # the waiter took the figure just measured
+
+
 # ------------------------------------------------------------------------------------------------ the time limit
 def _calibrated(config, rates: dict[str, float]):
     """``config``'s calibration cache holding ``rates`` (MAC/s per model, on the CPU), as calibrations save it."""
