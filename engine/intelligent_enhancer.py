@@ -48,6 +48,10 @@ Conv-module hooks counted 42.8 G: they miss the StyleGAN decoder's modulated con
 one face takes 3.95 s on a 2-core AVX2 CPU where RealESRGAN_x4plus runs 76 GMAC/s, i.e. 1.3x these MACs' time
 (the estimates count 1.5x)."""
 _DEFAULT_MACS_PER_SECOND = {"cpu": 100e9, "cuda": 20e12, "mps": 2e12}
+SLOWEST_MACS_PER_SECOND = 5e9
+"""A floor under any device's throughput (the catalog's networks run at 40-90 GMAC/s on a 2-core x86 laptop): a
+job whose network would end within half a time limit even at this rate passes :meth:`IntelligentEnhancer.
+check_time_limit` without a calibration (the job's own watch still enforces the limit)."""
 
 
 @dataclass(frozen=True)
@@ -572,7 +576,9 @@ class IntelligentEnhancer:
     def check_time_limit(self, model: str, width: int, height: int, limit: float | None, *,
                          outscale: float | None = None, calibrate: bool = False) -> None:
         """Refuse a job of ``model`` whose estimate (:meth:`cached_estimate_seconds`) is over ``limit`` seconds (a
-        server's per-job limit; None or 0: no limit). ``outscale`` None: the model's own scale.
+        server's per-job limit; None or 0: no limit). ``outscale`` None: the model's own scale. ``calibrate``:
+        measure the model's class when nothing is known here, unless the job is surely within the limit
+        (:data:`SLOWEST_MACS_PER_SECOND`).
 
         Raises:
             InputTooLargeError: over the limit; the message says what to change.
@@ -580,7 +586,10 @@ class IntelligentEnhancer:
         if not limit or model not in CATALOG:
             return
         outscale = outscale or CATALOG[model].scale
-        seconds = self.cached_estimate_seconds(model, width, height, outscale, calibrate=calibrate)
+        seconds = self.cached_estimate_seconds(model, width, height, outscale)
+        surely_within = CATALOG[model].macs_per_pixel * width * height / SLOWEST_MACS_PER_SECOND <= limit / 2
+        if seconds is None and calibrate and not surely_within:  # a first request on a fresh install: no wait
+            seconds = self.cached_estimate_seconds(model, width, height, outscale, calibrate=True)
         if seconds is not None and seconds > limit:
             raise self._time_limit_error(f"with {model}", model, (width, height), seconds, limit, outscale)
 

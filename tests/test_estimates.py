@@ -344,6 +344,10 @@ def test_the_time_limit_check_refuses_with_what_to_change_and_measures_only_when
     advisor.calibrator = ThroughputCalibrator(config.config_dir / "calibration.json", busy_share=0)  # kept if busy
     advisor.check_time_limit(FAST, 6000, 6000, 1.0)  # nothing measured on this device: no figure, no refusal
     assert advisor.calibrator.cached(FAST, "cpu") is None
+    # Asked to measure, a job that ends within half the limit even at SLOWEST_MACS_PER_SECOND is not: the first
+    # request on a fresh install does not wait for a calibration of its model (x4plus's: 1.5-3.7 s here).
+    advisor.check_time_limit("RealESRGAN_x4plus", 256, 256, 600.0, calibrate=True)
+    assert advisor.calibrator.device_rates("cpu") == []
     with pytest.raises(InputTooLargeError, match="limit of 1 s per job") as refused:
         advisor.check_time_limit(FAST, 6000, 6000, 1.0, calibrate=True)  # measured now (~0.1 s), then refused
     assert advisor.calibrator.cached(FAST, "cpu") is not None

@@ -204,8 +204,8 @@ def start_warm_up(services) -> threading.Thread:
     up front from the first request), set up the analysis' face detector and calibrate the models the advisor
     estimates (so the first Analyze does not wait for them, whatever model the settings name: ~1.5 s of
     calibrations on a 2-core CPU the first time after an install, one network of each architecture). A request meanwhile simply runs (it waits for
-    a model being loaded or calibrated); the face detector's set-up and the calibrations wait while jobs run or
-    wait, so they do not take a first request's cores."""
+    a model being loaded or calibrated); the device's measurement, the face detector's set-up and the calibrations
+    wait while jobs run or wait, so they do not take a first request's cores."""
     from engine import face_detect
     from engine.processor import warm_up
     from engine.settings import EnhanceSettings
@@ -220,10 +220,10 @@ def start_warm_up(services) -> threading.Thread:
         except Exception as exc:  # the first request loads the model itself and reports what is wrong
             logger.warning("warm-up of the default model failed: %s", exc)
             return
-        if services.advisor is not None:
-            services.advisor.measure_device_rate()  # the time limit checked up front from the first request
         # What follows serves later requests only: it waits while a job runs instead of taking the job's cores.
         services.limiter.wait_idle()
+        if services.advisor is not None:  # the time limit checked up front from the first request (after a job,
+            services.advisor.measure_device_rate()  # whose run is measured, nothing is left to measure)
         face_detect.warm_up()  # the first Analyze, or an automatic job, does not wait for the cascade's set-up
         if services.advisor is not None:  # nor, after an install, for the models' calibrations
             services.advisor.calibrate_advised_models(before_each=services.limiter.wait_idle)
