@@ -50,8 +50,8 @@ one face takes 3.95 s on a 2-core AVX2 CPU where RealESRGAN_x4plus runs 76 GMAC/
 _DEFAULT_MACS_PER_SECOND = {"cpu": 100e9, "cuda": 20e12, "mps": 2e12}
 SLOWEST_MACS_PER_SECOND = 5e9
 """A floor under any device's throughput (the catalog's networks run at 40-90 GMAC/s on a 2-core x86 laptop): a
-job whose network would end within half a time limit even at this rate passes :meth:`IntelligentEnhancer.
-check_time_limit` without a calibration (the job's own watch still enforces the limit)."""
+job whose network would end within half a time limit even at this rate passes
+:meth:`IntelligentEnhancer.check_time_limit` without a calibration (the job's own watch still enforces the limit)."""
 
 
 @dataclass(frozen=True)
