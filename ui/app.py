@@ -198,14 +198,14 @@ def install_access_gate(app, config) -> None:
 
 
 def start_warm_up(services) -> threading.Thread:
-    """In the background: prepare the offline weights and REALESRGAN_WARM_MODELS, then run the last-used settings'
-    model once on a small image (:func:`engine.processor.warm_up`), so the first Enhance after launch does not pay
-    the one-time costs, measure this device's throughput if nothing was (so the per-job time limit is checked
-    up front from the first request), set up the analysis' face detector and calibrate the models the advisor
-    estimates (so the first Analyze does not wait for them, whatever model the settings name: ~1.5 s of
-    calibrations on a 2-core CPU the first time after an install, one network of each architecture). A request meanwhile simply runs (it waits for
-    a model being loaded or calibrated); the device's measurement, the face detector's set-up and the calibrations
-    wait while jobs run or wait, so they do not take a first request's cores."""
+    """In the background, so the first Enhance and the first Analyze after launch pay no one-time costs:
+
+    1. prepare the offline weights and REALESRGAN_WARM_MODELS, and run the last-used settings' model once on a
+       small image (:func:`engine.processor.warm_up`); a request meanwhile waits only for a model being loaded;
+    2. once no job runs or waits (these serve later requests and must not take a job's cores): measure this
+       device's throughput if nothing was (so the per-job time limit is checked up front), set up the analysis'
+       face detector and calibrate the models the advisor estimates (~1.5 s on a 2-core CPU the first time after
+       an install, one network of each architecture), waiting again before each calibration."""
     from engine import face_detect
     from engine.processor import warm_up
     from engine.settings import EnhanceSettings
