@@ -13,7 +13,8 @@ gray, noise, crop). Printed:
   logit) refitted without the judged source, on the samples of the others whose held-out logit is within
   +-TRIAL_FIT_BAND; then the rule fitted on all of them, beside the shipped constants.
 
-Then the held-out decisions on the sources added after the features were chosen (``more_sources``), the labelled
+Then the held-out decisions on the sources added after the features were chosen (``more_sources``), the shipped
+advisor's decisions on images outside its fit (``debian_sources``: wallpapers from the Debian archive), the labelled
 originals in tests/data/advisor with the shipped model (content type and face counts) and the
 noise estimator's rank correlation with synthetic Gaussian sigma.
 
@@ -36,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fit_content_type import (  # noqa: E402
-    CACHE, DATA, _feature_version, dataset, fit_logistic, leave_one_source_out, more_sources, read_rgb, report, rgb8,
-    samples, sources)
+    CACHE, DATA, _feature_version, dataset, debian_sources, fit_logistic, leave_one_source_out, more_sources, read_rgb,
+    report, rgb8, samples, sources)
 from engine import face_detect  # noqa: E402
 from engine.image_analysis import (  # noqa: E402
     TRIAL_BIAS, TRIAL_GAP_WEIGHT, TRIAL_LOGIT_WEIGHT, analyze, decide_content, noise_level, noise_sigma)
@@ -117,6 +118,36 @@ def held_out_trial_decisions(data: dict, held_out: np.ndarray, faces: np.ndarray
     return score, by
 
 
+def unseen_decisions(trial_too: bool) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray] | None:
+    """The shipped advisor's decisions on :func:`debian_sources` (images outside the fit, the evaluation set's sizes
+    and variants): :func:`analyze` (faces, then the classifier; unsure reads photo), and with ``trial_too`` the
+    trial reconstruction with the shipped rule on its unsure samples, as the advisor runs it. Returns (the samples'
+    labels and names as :func:`dataset` has them, score without a trial, score with one), None without the images."""
+    from config import Config
+    from engine.advisor import trial
+    from engine.model_manager import ModelManager
+
+    items = debian_sources()
+    if not items:
+        return None
+    manager = ModelManager(Config()) if trial_too else None
+    rows: dict[str, list] = {k: [] for k in ("y", "source", "name", "size", "variant")}
+    plain, tried = [], []
+    for source, label, name, size, kind, pixels in samples(items):
+        result = analyze(pixels)
+        score = 1.0 if result.content_type == "anime" else -1.0
+        plain.append(score)
+        if manager is not None and result.content_decided_by == "unsure":
+            rgb = rgb8(pixels[..., :3] if pixels.ndim == 3 else pixels)
+            gap = trial.trial_reconstruction(np.dstack([rgb] * 3) if rgb.ndim == 2 else rgb, manager).gap_db
+            score = 1.0 if decide_content(result.content_logit, 0, gap).label == "anime" else -1.0
+        tried.append(score)
+        for key, value in zip(rows, (label == "anime", source, name, size, kind)):
+            rows[key].append(value)
+    data = {k: np.array(v, dtype=float if k == "y" else None) for k, v in rows.items()}
+    return data, np.array(plain), np.array(tried)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trial", action="store_true",
@@ -159,6 +190,16 @@ def main() -> None:
     if more.any():
         print("== the sources added after the features were chosen (bench/fit_content_type.more_sources), held out ==")
         report({k: v[more] for k, v in data.items()}, score[more], show_misses=0)
+
+    unseen = unseen_decisions(args.trial)
+    if unseen is not None:
+        data_u, plain, tried = unseen
+        print("== images the shipped model never saw (Debian's wallpapers: bench/fit_content_type.DEBIAN_IMAGES), "
+              "shipped advisor without a trial ==")
+        report(data_u, plain, show_misses=0)
+        if args.trial:
+            print("== the same, with the trial on its unsure samples ==")
+            report(data_u, tried, show_misses=0)
 
     print("== labelled originals (tests/data/advisor), shipped model ==")
     labels = json.loads((DATA / "labels.json").read_text())

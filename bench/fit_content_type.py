@@ -15,6 +15,9 @@ The set is generated on the fly from public images that are on this machine offl
   tower and CGI still (photos); the Hugging Face logo, networkx plots, node.js charts, Debian doc diagrams and
   screenshots, Adwaita icons (drawings).
 
+Not in the set, so never in a fit: 19 images from the Debian archive (:data:`DEBIAN_IMAGES`, fetched once with
+``apt-get download``), on which ``bench/eval_advisor.py`` judges the shipped advisor as on images it never saw.
+
 Each image is made at long sides 128, 160, 240, 360 and 512 px and native (INTER_AREA), and at each size as
 ``clean``, re-compressed ``jpeg`` (quality 30-95, fixed per image and size), ``gray``, Gaussian ``noise``
 (sigma 4-10) and a random half ``crop``. Scikit-image's images not used: chessboard, color, phantom (synthetic test
@@ -30,6 +33,7 @@ $TMPDIR/realesrgan-advisor-eval; prints the fitted coefficients to pin in engine
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -234,6 +238,53 @@ def more_sources() -> list[Item]:
         ("icons", "anime", Path("/usr/share/icons/Adwaita/512x512/devices/audio-headphones.png")),
     ]
     return [(source, label, path.name, read_rgb(path)) for source, label, path in table if path.is_file()]
+
+
+#: Images the shipped model never saw (:func:`debian_sources`; not in :func:`sources`, so not in the fit): KDE
+#: Plasma's wallpapers (each by another author, so each is a source of its own) and Debian's "spacefun" theme, from
+#: the Debian archive. Labelled by eye before any was classified; the abstract
+#: renders (gradients, low-poly shading, painterly textures: Autumn, Elarun, Opal, Volna and the rest) are left out
+#: as neither class. Photos: a pier, fog on a lake, boats at dusk, a leaf, an office block (black and white), a
+#: sky, grass, a forest path, a lake at night, cups. Drawings: flat vector scenes, a cartoon dragon, a rocket.
+DEBIAN_PACKAGES = ("plasma-workspace-wallpapers", "desktop-base")
+DEBIAN_IMAGES = {
+    **{name: "photo" for name in ("BytheWater", "ColdRipple", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey",
+                                  "Kite", "OneStandsOut", "Path", "summer_1am", "ColorfulCups")},
+    **{name: "anime" for name in ("FlyingKonqui", "SafeLanding", "Altai", "Canopee", "Cascade", "Kokkini",
+                                  "Patak")}}
+DEBIAN_SPACEFUN = "usr/share/desktop-base/spacefun-theme/grub/grub-16x9.png"
+
+
+def debian_files() -> Path | None:
+    """:data:`DEBIAN_PACKAGES` unpacked under ``CACHE/debian`` (fetched once with ``apt-get download`` from the
+    Debian archive, ~100 MB); None, with a warning, when they can't be had (no apt, no archive)."""
+    root = CACHE / "debian"
+    if (root / DEBIAN_SPACEFUN).is_file():
+        return root
+    debs = CACHE / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=debs, check=True, capture_output=True)
+        for deb in sorted(debs.glob("*.deb")):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        logging.getLogger(__name__).warning("the Debian images can't be had (%s): their evaluation is left out", exc)
+        return None
+    return root if (root / DEBIAN_SPACEFUN).is_file() else None
+
+
+def debian_sources() -> list[Item]:
+    """The :data:`DEBIAN_IMAGES` wallpapers (their smallest raster file) and the spacefun drawing; [] without
+    them."""
+    root = debian_files()
+    if root is None:
+        return []
+    items: list[Item] = [("spacefun", "anime", "spacefun", read_rgb(root / DEBIAN_SPACEFUN))]
+    for name, label in DEBIAN_IMAGES.items():
+        files = [f for f in (root / "usr/share/wallpapers" / name / "contents/images").iterdir() if f.suffix != ".svg"]
+        smallest = min(files, key=lambda f: (f.stat().st_size, f.name))
+        items.append(("wp_" + name, label, name, read_rgb(smallest)))
+    return items
 
 
 # ------------------------------------------------------------------------------------------ sizes and variants
