@@ -146,6 +146,7 @@ class DeviceLimiter:
         self._idle = threading.Condition(self._lock)  # notified when the last job leaves
         self._queue: deque[Ticket] = deque()
         self._running = 0
+        self._granted = 0  # jobs given a slot since start
         self._average = float(default_job_seconds)
         self._finished = 0
         self._numbers = itertools.count(1)
@@ -162,6 +163,12 @@ class DeviceLimiter:
     @property
     def waiting(self) -> int:
         return len(self._queue)
+
+    @property
+    def granted(self) -> int:
+        """How many jobs were given a slot since start (background work compares it before and after, to know
+        whether a job ran meanwhile)."""
+        return self._granted
 
     def stats(self) -> LimiterStats:
         with self._lock:
@@ -241,6 +248,7 @@ class DeviceLimiter:
     # ------------------------------------------------------------------ internals (lock held)
     def _grant(self, ticket: Ticket) -> None:
         self._running += 1
+        self._granted += 1
         ticket._started_at = self._clock()
         ticket._ready.set()
 

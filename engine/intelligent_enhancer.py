@@ -84,6 +84,9 @@ class MachineFacts:
     face_enhancement_enabled: bool = True
     cpu_bf16_fast: bool = False  # the CPU has native bf16 (AVX512-BF16/AMX): the bf16 fast mode pays off
     timing: Mapping[str, TimingModel] = field(default_factory=dict)  # per model, learned from real runs
+    # The models whose MAC/s is a stand-in (the fastest rate measured here with another model, else the device's
+    # default): nothing of their rate_class was measured on this device yet, and this advice did not wait for it.
+    rough_rates: frozenset[str] = frozenset()
 
     def throughput(self, model: str) -> float:
         kind = self.device.split(":")[0]
@@ -222,7 +225,8 @@ def decide(a: AnalysisNumbers, machine: MachineFacts, requested_scale: float | N
                        f"(learned from {timing.observations} runs here)")
     else:
         basis = (f"from {timing.observations} run here" if timing is not None and timing.observations
-                 else "from a short calibration; it improves after each real run")
+                 else "rough: this model's speed is not measured here yet; it improves after each real run"
+                 if model in machine.rough_rates else "from a short calibration; it improves after each real run")
         reasons.append(f"Estimated time on {machine.device}: {_human_seconds(low)} to {_human_seconds(high)} "
                        f"({basis})")
 
@@ -396,13 +400,16 @@ class ThroughputCalibrator:
         """The cache file's key of a measurement (its format's version, device, model, calibration size)."""
         return f"v3|{device}|{model}|{self.size}"
 
-    def macs_per_second(self, model: str, device, network: NetworkSource | None = None) -> float:
+    def macs_per_second(self, model: str, device, network: NetworkSource | None = None,
+                        keep: Callable[[], bool] | None = None) -> float:
         """MAC/s of ``model`` on ``device``: from the cache (its own figure or one of its :func:`rate_class`), else
         measured now on the quickest model of its class (and kept, under that model's name, unless the machine was
         busy). ``network`` gives the network to time (a user's model, whose architecture only its own weights
         build: ``(module, dtype)`` as the engine runs it); without it a random-weight network of the catalog's
-        architecture is timed. Reading the figures (:meth:`cached`, :meth:`device_rates`: a server's up-front
-        checks, in its event loop) never waits for a measurement."""
+        architecture is timed. ``keep``, asked after the timed run, False: another job of this process shared the
+        device meanwhile (which :func:`starved` cannot see), so the figure is not kept either. Reading the figures
+        (:meth:`cached`, :meth:`device_rates`: a server's up-front checks, in its event loop) never waits for a
+        measurement."""
         known = self.cached(model, device)
         if known is not None:
             return known
@@ -412,8 +419,10 @@ class ThroughputCalibrator:
                 return known
             timed = model if network is not None else rate_siblings(model)[0]
             value, busy = self._measure(timed, device, network)
-            if busy:
-                logger.info("machine busy: calibration of %s not stored", timed)
+            shared = keep is not None and not keep()
+            if busy or shared:
+                logger.info("%s: calibration of %s not stored", "a job shared the device" if shared else "machine busy",
+                            timed)
                 return value
             with self._lock:
                 values = self._load()
@@ -490,7 +499,13 @@ class ThroughputCalibrator:
 class IntelligentEnhancer:
     """Analyses images and recommends settings. Holds only read-only facts; safe to share between requests."""
 
-    def __init__(self, model_manager=None, config=None, device: str | None = None, calibrate: bool = True):
+    def __init__(self, model_manager=None, config=None, device: str | None = None, calibrate: bool = True,
+                 measure_in_advice: bool = True):
+        """``calibrate``: measure models' throughput at all (False: the device's defaults and real runs only).
+        ``measure_in_advice``: an advice measures a model whose class nothing measured here yet before it answers
+        (the CLI); False: it answers at once with a stand-in rate (:attr:`MachineFacts.rough_rates`), for an app
+        whose warm-up calibrates them in the background (:meth:`calibrate_advised_models`), so that the first
+        request after an install does not wait for calibrations (~4 s on a 2-core CPU)."""
         from config import Config
         from engine.advisor.estimates import TimingStore, store_for
 
@@ -499,6 +514,7 @@ class IntelligentEnhancer:
         self.device_name = device or self.config.device
         cache = Path(config.config_dir) / "calibration.json" if config is not None else None
         self.calibrator = ThroughputCalibrator(cache) if calibrate else None
+        self.measure_in_advice = measure_in_advice
         self.timings = store_for(config) if config is not None else TimingStore(None)
 
     def _face_detector(self):
@@ -509,27 +525,37 @@ class IntelligentEnhancer:
 
         return face_detector(self.model_manager, resolve_device(self.device_name))
 
-    def machine_facts(self, models: tuple[str, ...] = (), check: Callable[[], None] | None = None) -> MachineFacts:
+    def machine_facts(self, models: tuple[str, ...] = (), check: Callable[[], None] | None = None,
+                      measure: bool = True, keep: Callable[[], bool] | None = None) -> MachineFacts:
         """What this machine offers: device, free memory, the models here or downloadable, and the throughput of
-        ``models`` (calibrated on first use; ``check`` runs before each calibration and may raise to stop)."""
+        ``models``: calibrated on first use (``check`` runs before each calibration and may raise to stop), or with
+        ``measure`` False a stand-in for a model not measured yet (the fastest rate measured on this device,
+        :meth:`_device_rate`, else the device's default), named in ``rough_rates``. ``keep``: see
+        :meth:`ThroughputCalibrator.macs_per_second`."""
         from utils.gpu import cpu_has_fast_bf16, free_memory_bytes, resolve_device
 
         device = resolve_device(self.device_name)
         available, downloadable = self._models_here()
-        throughput = {}
+        throughput, rough = {}, set()
         if self.calibrator is not None:
             for model in models:
+                if not measure and self.calibrator.cached(model, device) is None:
+                    rough.add(model)
+                    stand_in = self._device_rate(device)
+                    if stand_in is not None:
+                        throughput[model] = stand_in
+                    continue
                 if check is not None:
                     check()
                 own = self._own_network(model, device) if active_catalog()[model].user else None
-                throughput[model] = self.calibrator.macs_per_second(model, device, own)
+                throughput[model] = self.calibrator.macs_per_second(model, device, own, keep)
         return MachineFacts(
             device=str(device), free_memory_bytes=int(free_memory_bytes(device)),
             available_models=frozenset(available), downloadable_models=frozenset(downloadable),
             macs_per_second=throughput,
             max_output_pixels=self.config.max_output_pixels,
             face_enhancement_enabled=self.config.enable_face_enhancement,
-            cpu_bf16_fast=device.type == "cpu" and cpu_has_fast_bf16())
+            cpu_bf16_fast=device.type == "cpu" and cpu_has_fast_bf16(), rough_rates=frozenset(rough))
 
     def _models_here(self) -> tuple[set[str], set[str]]:
         """(the models whose weights are here, those that can be downloaded); without a model manager, the
@@ -633,26 +659,29 @@ class IntelligentEnhancer:
         models = [n for n in self._models_here()[0] if n in CATALOG and CATALOG[n].kind == "sr"]
         return min(sorted(models), key=lambda n: CATALOG[n].macs_per_pixel, default=None)
 
-    def measure_device_rate(self) -> float | None:
+    def measure_device_rate(self, keep: Callable[[], bool] | None = None) -> float | None:
         """Time the fastest model here once (a 128-pixel calibration, ~0.2 s on a CPU) when nothing was measured on
         this device, so a time limit can be checked from a server's first request (:meth:`_device_rate`). Returns
-        the device's rate, None when nothing could be measured (no calibrator or no model here)."""
+        the device's rate, None when nothing could be measured (no calibrator or no model here) or kept (``keep``:
+        see :meth:`ThroughputCalibrator.macs_per_second`)."""
         from utils.gpu import resolve_device
 
         device = resolve_device(self.device_name)
         fastest = self.fastest_model()
         if self._device_rate(device) is None and self.calibrator is not None and fastest is not None:
-            self.calibrator.macs_per_second(fastest, device)
+            self.calibrator.macs_per_second(fastest, device, keep=keep)
         return self._device_rate(device)
 
-    def calibrate_advised_models(self, before_each: Callable[[], None] | None = None) -> None:
+    def calibrate_advised_models(self, before_each: Callable[[], None] | None = None,
+                                 keep: Callable[[], bool] | None = None) -> None:
         """Calibrate the models every advice estimates that were not measured on this device yet: the first time on
         a machine ~1.5 s on a 2-core CPU (one network of each :func:`rate_class`), later nothing (the figures are
-        kept). The app's warm-up calls this in the background, so that the first Analyze after an install does not
-        wait for it, whatever model the settings name; ``before_each`` runs before each model (the warm-up waits
-        there while a job runs)."""
+        kept). The app's warm-up calls this in the background, so that no advice waits for it (the app's advisor
+        answers with stand-in rates until then, ``measure_in_advice``); ``before_each`` runs before each model (the
+        warm-up waits there while a job runs) and ``keep`` after each measurement (False: a job started meanwhile
+        and shared the cores, so the figure is not kept)."""
         if self.calibrator is not None:
-            self.machine_facts(ADVISED_MODELS, check=before_each)
+            self.machine_facts(ADVISED_MODELS, check=before_each, keep=keep)
 
     def _device_rate(self, device) -> float | None:
         """The fastest MAC/s measured on ``device`` with any model, by a calibration or a real run. The catalog's
@@ -694,7 +723,8 @@ class IntelligentEnhancer:
         if self.model_manager is not None:  # the user's own models for this content, calibrated on first use
             candidates += tuple([s.name for s in user_alternatives(numbers.content_type)
                                  if self.model_manager.is_available(s.name)][:2])
-        machine = self.machine_facts(tuple(m for m in candidates if self.calibrator is not None), stop.check)
+        machine = self.machine_facts(tuple(m for m in candidates if self.calibrator is not None), stop.check,
+                                     measure=self.measure_in_advice)
         device = resolve_device(self.device_name)
 
         def tile_for(model: str) -> planning.TileChoice:
@@ -785,7 +815,7 @@ class IntelligentEnhancer:
         from engine.inference import planning
 
         out = {}
-        for model in machine.macs_per_second:
+        for model in (*machine.macs_per_second, *sorted(machine.rough_rates - set(machine.macs_per_second))):
             precision = planning.effective_precision(active_catalog()[model], device.type, "auto")
             out[model] = self._learned(model, device, precision, tile_for(model).tile > 0, machine.throughput(model))
         return out

@@ -39,6 +39,18 @@ def test_first_ticket_runs_at_once_and_slot_is_returned():
     assert (limiter.running, limiter.waiting) == (0, 0)
 
 
+def test_granted_counts_the_jobs_given_a_slot():
+    """Background work compares it before and after to know whether a job ran meanwhile."""
+    limiter = DeviceLimiter(concurrency=1, max_queue=2)
+    assert limiter.granted == 0
+    first, second = limiter.try_acquire(), limiter.try_acquire()
+    assert limiter.granted == 1  # the second waits in line
+    first.release()
+    assert limiter.granted == 2 and second.granted
+    second.release()
+    assert limiter.granted == 2
+
+
 def test_wait_idle_returns_once_no_job_runs_or_waits():
     """Background work (the app's warm-up calibrations) waits for the jobs running and the line behind them."""
     limiter = DeviceLimiter(concurrency=1, max_queue=2)

@@ -18,6 +18,7 @@ from engine.advisor.estimates import (FORMAT, KEEP, MIN_SPREAD, NETWORK_FIXED_SH
                                       job_key, load_key, record_job)
 from engine.inference.planning import TileChoice
 from engine.intelligent_enhancer import AnalysisNumbers, IntelligentEnhancer, MachineFacts, decide, estimate_range
+from tests.conftest import DATA
 
 GIGA = 1e9
 MP = 1e6
@@ -333,6 +334,33 @@ def test_a_model_not_measured_yet_is_estimated_from_the_fastest_rate_measured_on
     advisor.timings.add(job_key("cpu", "RealESRGAN_x2plus", "fp32", tiled=False), run(800, 80))
     assert advisor.cached_estimate_seconds(x4plus, 400, 300) < network * 0.6
     assert not model_manager.loaded_models()  # no model ran to estimate
+
+
+def test_an_app_advice_answers_at_once_with_a_stand_in_rate_and_says_it_is_rough(config, model_manager):
+    """The app's advisor (its warm-up calibrates in the background) never measures inside an advice: a first
+    automatic request after an install waited ~4 s for two calibrations."""
+    from engine.intelligent_enhancer import ThroughputCalibrator
+
+    photo = np.asarray(Image.open(DATA / "advisor" / "OST_009.png").convert("RGB").resize((96, 64)))
+    advisor = IntelligentEnhancer(model_manager, config, device="cpu", measure_in_advice=False)
+    advice = advisor.advise(photo)
+    assert advisor.calibrator.device_rates("cpu") == [] and not (config.config_dir / "calibration.json").exists()
+    model = advice.settings.model
+    assert any("rough: this model's speed is not measured here yet" in r for r in advice.reasons), advice.reasons
+    assert advice.estimated_seconds > 0
+    # A rate measured here with another model (the warm-up's device measurement) stands in for an unmeasured class.
+    _calibrated(config, {FAST: 40 * GIGA})
+    advisor = IntelligentEnhancer(model_manager, config, device="cpu", measure_in_advice=False)
+    facts = advisor.machine_facts((model, FAST), measure=False)
+    assert facts.macs_per_second == {model: 40 * GIGA, FAST: 40 * GIGA} and facts.rough_rates == {model}
+    # The CLI's advisor measures before it answers, as the warm-up does (a tiny calibration, kept whatever the load).
+    advisor.calibrator = ThroughputCalibrator(config.config_dir / "calibration.json", size=16, busy_share=0)
+    facts = advisor.machine_facts((model, FAST))
+    assert facts.rough_rates == frozenset() and advisor.calibrator.cached(model, "cpu") not in (None, 40 * GIGA)
+    # A measurement that another job of this process shared (``keep`` says so) is used for the call, not kept.
+    shared = ThroughputCalibrator(config.config_dir / "shared.json", size=16, busy_share=0)
+    assert shared.macs_per_second(FAST, "cpu", keep=lambda: False) > 0 and shared.cached(FAST, "cpu") is None
+    assert not (config.config_dir / "shared.json").exists()
 
 
 def test_the_time_limit_check_refuses_with_what_to_change_and_measures_only_when_asked(config, model_manager):

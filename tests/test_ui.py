@@ -409,6 +409,37 @@ def test_the_warm_up_leaves_its_calibrations_until_no_job_runs(tmp_path, shared_
     assert all(calibrator.cached(model, "cpu") for model in ADVISED_MODELS)
 
 
+def test_a_warm_up_calibration_that_a_job_shared_is_not_kept(tmp_path, shared_weights_dir, monkeypatch):
+    """A job that starts during a background calibration shares the cores with it (in one process, so the load
+    check cannot see it): that figure is not kept; the calibrations on an idle device are."""
+    from engine.intelligent_enhancer import ADVISED_MODELS, ThroughputCalibrator, rate_class, rate_siblings
+    from engine.settings_manager import DEFAULT_SETTINGS
+    from ui.app import start_warm_up
+    from ui.services import create_services
+
+    config = app_config(tmp_path, shared_weights_dir, device="cpu")
+    config.ensure_directories()
+    services = create_services(config)
+    services.settings.save_settings({**DEFAULT_SETTINGS, "model": "realesr-animevideov3"})
+    calibrator = services.advisor.calibrator = ThroughputCalibrator(
+        config.config_dir / "calibration.json", size=32, busy_share=0)
+    spoiled = rate_siblings("RealESRGAN_x4plus")[0]  # the network timed for the RRDBNets
+    measured = []
+    measure = calibrator._measure
+
+    def a_job_starts_during(model, device, network=None):
+        if model == spoiled:
+            services.limiter.try_acquire().release()  # a short job, started and ended during the timed run
+        measured.append(model)
+        return measure(model, device, network)
+
+    monkeypatch.setattr(calibrator, "_measure", a_job_starts_during)
+    start_warm_up(services).join(timeout=300)
+    assert spoiled in measured and calibrator.cached(spoiled, "cpu") is None  # measured, not kept
+    others = [m for m in ADVISED_MODELS if rate_class(m) != rate_class(spoiled)]
+    assert others and all(calibrator.cached(m, "cpu") for m in others)
+
+
 def test_the_warm_up_prepares_the_first_analyze_whatever_model_the_settings_name(tmp_path, shared_weights_dir,
                                                                                    monkeypatch, small_png):
     """Settings naming a model run no advice in the model's warm-up: the face detector is set up and the advised

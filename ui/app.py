@@ -205,7 +205,8 @@ def start_warm_up(services) -> threading.Thread:
     2. once no job runs or waits (these serve later requests and must not take a job's cores): measure this
        device's throughput if nothing was (so the per-job time limit is checked up front), set up the analysis'
        face detector and calibrate the models the advisor estimates (~1.5 s on a 2-core CPU the first time after
-       an install, one network of each architecture), waiting again before each calibration."""
+       an install, one network of each architecture), waiting again before each calibration; a figure that a job
+       started during is not kept (it shared the cores)."""
     from engine import face_detect
     from engine.processor import warm_up
     from engine.settings import EnhanceSettings
@@ -220,13 +221,23 @@ def start_warm_up(services) -> threading.Thread:
         except Exception as exc:  # the first request loads the model itself and reports what is wrong
             logger.warning("warm-up of the default model failed: %s", exc)
             return
-        # What follows serves later requests only: it waits while a job runs instead of taking the job's cores.
-        services.limiter.wait_idle()
+        # What follows serves later requests only: it waits while a job runs instead of taking the job's cores, and
+        # a measurement that a job started during (sharing the cores) is not kept.
+        quiet_from = [0]  # jobs granted when the last wait ended
+
+        def wait_quiet() -> None:
+            services.limiter.wait_idle()
+            quiet_from[0] = services.limiter.granted
+
+        def undisturbed() -> bool:
+            return services.limiter.granted == quiet_from[0] and services.limiter.running == 0
+
+        wait_quiet()
         if services.advisor is not None:  # the time limit checked up front from the first request (after a job,
-            services.advisor.measure_device_rate()  # whose run is measured, nothing is left to measure)
+            services.advisor.measure_device_rate(keep=undisturbed)  # whose run is measured, nothing is left to do)
         face_detect.warm_up()  # the first Analyze, or an automatic job, does not wait for the cascade's set-up
         if services.advisor is not None:  # nor, after an install, for the models' calibrations
-            services.advisor.calibrate_advised_models(before_each=services.limiter.wait_idle)
+            services.advisor.calibrate_advised_models(before_each=wait_quiet, keep=undisturbed)
         loaded = ", ".join(services.model_manager.loaded_models()) or settings.model  # "auto" resolved
         logger.info("warmed up %s in %.1f s", loaded, time.perf_counter() - started)
 

@@ -38,7 +38,8 @@ def create_services(config: Config) -> Services:
     return Services(
         config=config,
         model_manager=manager,
-        advisor=IntelligentEnhancer(model_manager=manager, config=config),
+        # The warm-up (ui.app.start_warm_up) calibrates the advised models in the background: an advice never waits.
+        advisor=IntelligentEnhancer(model_manager=manager, config=config, measure_in_advice=False),
         settings=SettingsManager(config.config_dir),
         limiter=DeviceLimiter(concurrency=config.concurrency_per_device, max_queue=config.max_queue_size),
     )
