@@ -503,7 +503,8 @@ class IntelligentEnhancer:
                  measure_in_advice: bool = True):
         """``calibrate``: measure models' throughput at all (False: the device's defaults and real runs only).
         ``measure_in_advice``: an advice measures a model whose class nothing measured here yet before it answers
-        (the CLI); False: it answers at once with a stand-in rate (:attr:`MachineFacts.rough_rates`), for an app
+        (the CLI); False: it answers at once with a stand-in rate for a catalog model (:attr:`MachineFacts.rough_rates`;
+        a user's model is measured either way), for an app
         whose warm-up calibrates them in the background (:meth:`calibrate_advised_models`), so that the first
         request after an install does not wait for calibrations (~4 s on a 2-core CPU)."""
         from config import Config
@@ -529,8 +530,9 @@ class IntelligentEnhancer:
                       measure: bool = True, keep: Callable[[], bool] | None = None) -> MachineFacts:
         """What this machine offers: device, free memory, the models here or downloadable, and the throughput of
         ``models``: calibrated on first use (``check`` runs before each calibration and may raise to stop), or with
-        ``measure`` False a stand-in for a model not measured yet (the fastest rate measured on this device,
-        :meth:`_device_rate`, else the device's default), named in ``rough_rates``. ``keep``: see
+        ``measure`` False a stand-in for a catalog model not measured yet (the fastest rate measured on this device,
+        :meth:`_device_rate`, else the device's default), named in ``rough_rates``; a user's model, whose speed no
+        other network tells, is measured all the same. ``keep``: see
         :meth:`ThroughputCalibrator.macs_per_second`."""
         from utils.gpu import cpu_has_fast_bf16, free_memory_bytes, resolve_device
 
@@ -539,7 +541,8 @@ class IntelligentEnhancer:
         throughput, rough = {}, set()
         if self.calibrator is not None:
             for model in models:
-                if not measure and self.calibrator.cached(model, device) is None:
+                user = active_catalog()[model].user  # its own class, so no stand-in: measured on first use
+                if not measure and not user and self.calibrator.cached(model, device) is None:
                     rough.add(model)
                     stand_in = self._device_rate(device)
                     if stand_in is not None:
@@ -547,7 +550,7 @@ class IntelligentEnhancer:
                     continue
                 if check is not None:
                     check()
-                own = self._own_network(model, device) if active_catalog()[model].user else None
+                own = self._own_network(model, device) if user else None
                 throughput[model] = self.calibrator.macs_per_second(model, device, own, keep)
         return MachineFacts(
             device=str(device), free_memory_bytes=int(free_memory_bytes(device)),

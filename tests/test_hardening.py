@@ -408,10 +408,10 @@ def test_a_cancelled_analysis_stops_between_its_stages(rest, tmp_path):
     cancel, calibrated = threading.Event(), []
     measure = advisor.calibrator.macs_per_second
 
-    def first_then_cancel(model, device, network=None):  # the real calibration runs; the client goes away
+    def first_then_cancel(model, device, network=None, keep=None):  # the real calibration runs; the client leaves
         calibrated.append(model)
         cancel.set()
-        return measure(model, device, network)
+        return measure(model, device, network, keep)
 
     advisor.calibrator.macs_per_second = first_then_cancel
     with pytest.raises(CancelledError):
