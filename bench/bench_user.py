@@ -337,11 +337,11 @@ def main() -> None:
                     if idle is not None:
                         print(f"idle CPU of the app after the requests: {idle:.2f}% of a core over "
                               f"{args.idle_seconds:.0f} s ({load()})")
-            # An automatic job (no model named) on a fresh install: its advice estimates the advised models, whose
-            # calibrations the warm-up makes in the background.
+            # An automatic job (no model named) on a fresh install (as every REST row: no config dir): its advice
+            # estimates the advised models, whose calibrations the warm-up makes in the background.
             shutil.rmtree(tmp / "c", ignore_errors=True)
             (first, second), _ = rest_requests(env, paths[0], "fp32", 0, tmp / "app.log", model=None)
-            table.row("ours REST fp32, automatic, fresh install: first request, sent at once", first,
+            table.row("ours REST fp32 automatic: first request, sent at once", first,
                       official_times[0], "fp32", note=load())
             table.row("ours REST fp32, automatic: second request", second, official_times[1], "fp32",
                       note=f"first = {first / second:.2f}x the second")
