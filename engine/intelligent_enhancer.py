@@ -676,15 +676,20 @@ class IntelligentEnhancer:
         return self._device_rate(device)
 
     def calibrate_advised_models(self, before_each: Callable[[], None] | None = None,
-                                 keep: Callable[[], bool] | None = None) -> None:
+                                 keep: Callable[[], bool] | None = None) -> bool:
         """Calibrate the models every advice estimates that were not measured on this device yet: the first time on
         a machine ~1.5 s on a 2-core CPU (one network of each :func:`rate_class`), later nothing (the figures are
         kept). The app's warm-up calls this in the background, so that no advice waits for it (the app's advisor
         answers with stand-in rates until then, ``measure_in_advice``); ``before_each`` runs before each model (the
         warm-up waits there while a job runs) and ``keep`` after each measurement (False: a job started meanwhile
-        and shared the cores, so the figure is not kept)."""
-        if self.calibrator is not None:
-            self.machine_facts(ADVISED_MODELS, check=before_each, keep=keep)
+        and shared the cores, so the figure is not kept). Returns whether every advised model has a kept figure."""
+        from utils.gpu import resolve_device
+
+        if self.calibrator is None:
+            return False
+        self.machine_facts(ADVISED_MODELS, check=before_each, keep=keep)
+        device = resolve_device(self.device_name)
+        return all(self.calibrator.cached(model, device) is not None for model in ADVISED_MODELS)
 
     def _device_rate(self, device) -> float | None:
         """The fastest MAC/s measured on ``device`` with any model, by a calibration or a real run. The catalog's

@@ -411,7 +411,7 @@ def test_the_warm_up_leaves_its_calibrations_until_no_job_runs(tmp_path, shared_
 
 def test_a_warm_up_calibration_that_a_job_shared_is_not_kept(tmp_path, shared_weights_dir, monkeypatch):
     """A job that starts during a background calibration shares the cores with it (in one process, so the load
-    check cannot see it): that figure is not kept; the calibrations on an idle device are."""
+    check cannot see it): that figure is not kept, and it is measured again once the device is quiet."""
     from engine.intelligent_enhancer import ADVISED_MODELS, ThroughputCalibrator, rate_class, rate_siblings
     from engine.settings_manager import DEFAULT_SETTINGS
     from ui.app import start_warm_up
@@ -427,17 +427,17 @@ def test_a_warm_up_calibration_that_a_job_shared_is_not_kept(tmp_path, shared_we
     measured = []
     measure = calibrator._measure
 
-    def a_job_starts_during(model, device, network=None):
-        if model == spoiled:
+    def a_job_starts_during_the_first(model, device, network=None):
+        if model == spoiled and spoiled not in measured:
             services.limiter.try_acquire().release()  # a short job, started and ended during the timed run
         measured.append(model)
         return measure(model, device, network)
 
-    monkeypatch.setattr(calibrator, "_measure", a_job_starts_during)
+    monkeypatch.setattr(calibrator, "_measure", a_job_starts_during_the_first)
     start_warm_up(services).join(timeout=300)
-    assert spoiled in measured and calibrator.cached(spoiled, "cpu") is None  # measured, not kept
-    others = [m for m in ADVISED_MODELS if rate_class(m) != rate_class(spoiled)]
-    assert others and all(calibrator.cached(m, "cpu") for m in others)
+    assert measured.count(spoiled) == 2  # not kept, so measured again once the device was quiet
+    assert all(calibrator.cached(m, "cpu") for m in ADVISED_MODELS)
+    assert all(measured.count(m) == 1 for m in measured if rate_class(m) != rate_class(spoiled))
 
 
 def test_the_warm_up_prepares_the_first_analyze_whatever_model_the_settings_name(tmp_path, shared_weights_dir,

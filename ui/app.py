@@ -197,6 +197,11 @@ def install_access_gate(app, config) -> None:
     app.add_middleware(AccessGate, gradio_app=app, config=config)
 
 
+#: How often the warm-up tries the advisor's calibrations when jobs keep spoiling them (each try measures only what
+#: is missing); after that the advice's stand-in rates and the real runs' figures serve.
+CALIBRATION_ATTEMPTS = 3
+
+
 def start_warm_up(services) -> threading.Thread:
     """In the background, so the first Enhance and the first Analyze after launch pay no one-time costs:
 
@@ -206,7 +211,7 @@ def start_warm_up(services) -> threading.Thread:
        device's throughput if nothing was (so the per-job time limit is checked up front), set up the analysis'
        face detector and calibrate the models the advisor estimates (~1.5 s on a 2-core CPU the first time after
        an install, one network of each architecture), waiting again before each calibration; a figure that a job
-       started during is not kept (it shared the cores)."""
+       started during is not kept (it shared the cores) and is measured again at the next quiet moment."""
     from engine import face_detect
     from engine.processor import warm_up
     from engine.settings import EnhanceSettings
@@ -236,8 +241,10 @@ def start_warm_up(services) -> threading.Thread:
         if services.advisor is not None:  # the time limit checked up front from the first request (after a job,
             services.advisor.measure_device_rate(keep=undisturbed)  # whose run is measured, nothing is left to do)
         face_detect.warm_up()  # the first Analyze, or an automatic job, does not wait for the cascade's set-up
-        if services.advisor is not None:  # nor, after an install, for the models' calibrations
-            services.advisor.calibrate_advised_models(before_each=wait_quiet, keep=undisturbed)
+        if services.advisor is not None:  # nor, after an install, for the models' calibrations (tried again when
+            for _attempt in range(CALIBRATION_ATTEMPTS):  # a job spoiled one)
+                if services.advisor.calibrate_advised_models(before_each=wait_quiet, keep=undisturbed):
+                    break
         loaded = ", ".join(services.model_manager.loaded_models()) or settings.model  # "auto" resolved
         logger.info("warmed up %s in %.1f s", loaded, time.perf_counter() - started)
 
