@@ -375,21 +375,29 @@ def test_the_warm_up_measures_the_device_so_the_first_request_is_checked_against
     assert advisor.calibrator.device_rates("cpu") == measured
 
 
-def test_the_warm_up_leaves_its_calibrations_until_no_job_runs(tmp_path, shared_weights_dir, monkeypatch):
-    """A request that arrives while the app warms up gets the cores: the face detector's set-up and the advised
-    models' calibrations (work for later requests) wait while a job holds the device, then run."""
-    from engine import face_detect
-    from engine.intelligent_enhancer import ADVISED_MODELS, ThroughputCalibrator
+def _warm_up_services(tmp_path, shared_weights_dir):
+    """The app's services on a fresh config whose settings name the small model, with a small calibrator kept
+    whatever the load (quick); returns (services, calibrator)."""
+    from engine.intelligent_enhancer import ThroughputCalibrator
     from engine.settings_manager import DEFAULT_SETTINGS
-    from ui.app import start_warm_up
     from ui.services import create_services
 
     config = app_config(tmp_path, shared_weights_dir, device="cpu")
     config.ensure_directories()
     services = create_services(config)
     services.settings.save_settings({**DEFAULT_SETTINGS, "model": "realesr-animevideov3"})
-    calibrator = services.advisor.calibrator = ThroughputCalibrator(
-        config.config_dir / "calibration.json", size=32, busy_share=0)
+    services.advisor.calibrator = ThroughputCalibrator(config.config_dir / "calibration.json", size=32, busy_share=0)
+    return services, services.advisor.calibrator
+
+
+def test_the_warm_up_leaves_its_calibrations_until_no_job_runs(tmp_path, shared_weights_dir, monkeypatch):
+    """A request that arrives while the app warms up gets the cores: the face detector's set-up and the advised
+    models' calibrations (work for later requests) wait while a job holds the device, then run."""
+    from engine import face_detect
+    from engine.intelligent_enhancer import ADVISED_MODELS
+    from ui.app import start_warm_up
+
+    services, calibrator = _warm_up_services(tmp_path, shared_weights_dir)
     monkeypatch.setattr(face_detect, "_free_cascades", [])
     reached = threading.Event()
     wait_idle = services.limiter.wait_idle
@@ -412,17 +420,10 @@ def test_the_warm_up_leaves_its_calibrations_until_no_job_runs(tmp_path, shared_
 def test_a_warm_up_calibration_that_a_job_shared_is_not_kept(tmp_path, shared_weights_dir, monkeypatch):
     """A job that starts during a background calibration shares the cores with it (in one process, so the load
     check cannot see it): that figure is not kept, and it is measured again once the device is quiet."""
-    from engine.intelligent_enhancer import ADVISED_MODELS, ThroughputCalibrator, rate_class, rate_siblings
-    from engine.settings_manager import DEFAULT_SETTINGS
+    from engine.intelligent_enhancer import ADVISED_MODELS, rate_class, rate_siblings
     from ui.app import start_warm_up
-    from ui.services import create_services
 
-    config = app_config(tmp_path, shared_weights_dir, device="cpu")
-    config.ensure_directories()
-    services = create_services(config)
-    services.settings.save_settings({**DEFAULT_SETTINGS, "model": "realesr-animevideov3"})
-    calibrator = services.advisor.calibrator = ThroughputCalibrator(
-        config.config_dir / "calibration.json", size=32, busy_share=0)
+    services, calibrator = _warm_up_services(tmp_path, shared_weights_dir)
     spoiled = rate_siblings("RealESRGAN_x4plus")[0]  # the network timed for the RRDBNets
     measured = []
     measure = calibrator._measure
@@ -446,18 +447,11 @@ def test_the_warm_up_prepares_the_first_analyze_whatever_model_the_settings_name
     models calibrated all the same, so the first Analyze after an install waits for neither (~0.5 s for
     scikit-image's imports and the cascades, ~15 s of calibrations on a 2-core CPU)."""
     from engine import face_detect
-    from engine.intelligent_enhancer import ADVISED_MODELS, ThroughputCalibrator
-    from engine.settings_manager import DEFAULT_SETTINGS
+    from engine.intelligent_enhancer import ADVISED_MODELS
     from ui.app import start_warm_up
-    from ui.services import create_services
     from ui.tab_image import analyze_file
 
-    config = app_config(tmp_path, shared_weights_dir, device="cpu")
-    config.ensure_directories()
-    services = create_services(config)
-    services.settings.save_settings({**DEFAULT_SETTINGS, "model": "realesr-animevideov3"})
-    calibrator = services.advisor.calibrator = ThroughputCalibrator(  # small and kept whatever the load: quick
-        config.config_dir / "calibration.json", size=32, busy_share=0)
+    services, calibrator = _warm_up_services(tmp_path, shared_weights_dir)
     monkeypatch.setattr(face_detect, "_free_cascades", [])  # none loaded yet, as in a fresh process
     start_warm_up(services).join(timeout=300)
     assert services.model_manager.loaded_models() == ["realesr-animevideov3@cpu/fp32"]  # the named model, no advice
