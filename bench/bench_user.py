@@ -343,7 +343,7 @@ def main() -> None:
             (first, second), _ = rest_requests(env, paths[0], "fp32", 0, tmp / "app.log", model=None)
             table.row("ours REST fp32 automatic: first request, sent at once", first,
                       official_times[0], "fp32", note=load())
-            table.row("ours REST fp32, automatic: second request", second, official_times[1], "fp32",
+            table.row("ours REST fp32 automatic: second request", second, official_times[1], "fp32",
                       note=f"first = {first / second:.2f}x the second")
 
 if __name__ == "__main__":

@@ -242,10 +242,10 @@ def more_sources() -> list[Item]:
 
 #: Images the shipped model never saw (:func:`debian_sources`; not in :func:`sources`, so not in the fit): KDE
 #: Plasma's wallpapers (each by another author, so each is a source of its own) and Debian's "spacefun" theme, from
-#: the Debian archive. Labelled by eye before any was classified; the abstract
-#: renders (gradients, low-poly shading, painterly textures: Autumn, Elarun, Opal, Volna and the rest) are left out
-#: as neither class. Photos: a pier, fog on a lake, boats at dusk, a leaf, an office block (black and white), a
-#: sky, grass, a forest path, a lake at night, cups. Drawings: flat vector scenes, a cartoon dragon, a rocket.
+#: the Debian archive. Labelled by eye before any was classified; the abstract renders (gradients, low-poly
+#: shading, painterly textures: Autumn, Elarun, Opal, Volna and the rest) are left out as neither class. Photos: a
+#: pier, fog on a lake, boats at dusk, a leaf, an office block (black and white), a sky, grass, a forest path, a
+#: lake at night, cups. Drawings: flat vector scenes, a cartoon dragon, a rocket.
 DEBIAN_PACKAGES = ("plasma-workspace-wallpapers", "desktop-base")
 DEBIAN_IMAGES = {
     **{name: "photo" for name in ("BytheWater", "ColdRipple", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey",
