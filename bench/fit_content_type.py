@@ -267,6 +267,7 @@ def debian_files() -> Path | None:
         subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=debs, check=True, capture_output=True)
         for deb in sorted(debs.glob("*.deb")):
             subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, capture_output=True)
+            deb.unlink()  # unpacked: the archive is not read again
     except (OSError, subprocess.CalledProcessError) as exc:
         logging.getLogger(__name__).warning("the Debian images can't be had (%s): their evaluation is left out", exc)
         return None
