@@ -543,15 +543,15 @@ class IntelligentEnhancer:
             for model in models:
                 user = active_catalog()[model].user  # its own class, so no stand-in: measured on first use
                 if not measure and not user and self.calibrator.cached(model, device) is None:
-                    rough.add(model)
-                    stand_in = self._device_rate(device)
-                    if stand_in is not None:
-                        throughput[model] = stand_in
+                    rough.add(model)  # its stand-in below
                     continue
                 if check is not None:
                     check()
                 own = self._own_network(model, device) if user else None
                 throughput[model] = self.calibrator.macs_per_second(model, device, own, keep)
+            stand_in = self._device_rate(device) if rough else None  # read once, whatever the number of models
+            if stand_in is not None:
+                throughput.update(dict.fromkeys(rough, stand_in))
         return MachineFacts(
             device=str(device), free_memory_bytes=int(free_memory_bytes(device)),
             available_models=frozenset(available), downloadable_models=frozenset(downloadable),
