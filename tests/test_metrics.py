@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import cv2
@@ -196,6 +198,16 @@ def test_niqe_same_for_uint16_and_gray_consistent(photo):
 def test_niqe_rejects_too_small_images():
     with pytest.raises(ValueError, match="at least"):
         niqe(np.zeros((100, 300, 3), np.uint8))
+
+
+def test_niqe_of_flat_colour_blocks_is_nan_without_a_warning():
+    """A drawing whose every block holds a flat fill (a logo upscaled): no block has NIQE's features, so the score
+    is undefined. It was NaN with numpy's "Degrees of freedom <= 0" warning printed on the CLI's stderr."""
+    image = np.zeros((192, 256, 3), np.uint8)
+    image[:, :128], image[:, 128:], image[:32] = (255, 0, 0), (0, 0, 255), (0, 255, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(niqe(image))
 
 
 # ---------------------------------------------------------------------------------------------- combined output

@@ -518,8 +518,11 @@ def _niqe_of_luminance(y: np.ndarray) -> float:
             rows, columns = _matlab_half_weights(image.shape[0]), _matlab_half_weights(image.shape[1])
             image = rows @ (image / np.float32(255.0)) @ columns.T * np.float32(255.0)
     distorted = np.concatenate(features, axis=1)
+    usable = distorted[~np.isnan(distorted).any(axis=1)]
+    if len(usable) < 2:  # flat-colour blocks have no scale, so no covariance (basicsr's SVD fails there)
+        return math.nan
     mu_distorted = np.nanmean(distorted, axis=0)
-    cov_distorted = np.cov(distorted[~np.isnan(distorted).any(axis=1)], rowvar=False)
+    cov_distorted = np.cov(usable, rowvar=False)
     difference = (mu_pristine - mu_distorted).ravel()
     return float(np.sqrt(difference @ np.linalg.pinv((cov_pristine + cov_distorted) / 2) @ difference))
 
