@@ -394,11 +394,13 @@ def add_cli_arguments(parser: argparse.ArgumentParser, names: Collection[str] | 
     """Add a flag for each setting with a ``cli`` name (all, or ``names``), with type, choices and help from
     :data:`FIELDS`. Every flag defaults to None so :func:`explicit_from_cli` sees what the user typed; ``defaults``
     gives a subcommand its own starting values (``video`` starts from realesr-animevideov3 ×2)."""
-    sizes = parser.add_mutually_exclusive_group()
+    sizes = None  # made only when a size flag joins it: argparse cannot print the help of an empty group
     for name, spec in FIELDS.items():
         if spec.cli is None or (names is not None and name not in names):
             continue
-        target = sizes if name in ("target_width", "target_height", "max_side") else parser
+        target = parser
+        if name in ("target_width", "target_height", "max_side"):
+            sizes = target = sizes or parser.add_mutually_exclusive_group()
         help_text = f"{spec.help} Accepts {spec.describe()}."
         if defaults and name in defaults:
             help_text += f" Default: {defaults[name]}."

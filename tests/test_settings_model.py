@@ -121,6 +121,27 @@ def test_argparse_choices_equal_the_models():
             assert tuple(actions[name].choices) == spec.choice_values()
 
 
+@pytest.mark.parametrize("command", ["enhance", "analyze", "video", "models", "ui"])
+def test_every_subcommand_prints_its_help(command):
+    """``main.py video --help`` crashed with argparse's "empty group" traceback: the video command offers no size
+    flag, and the size flags' mutually exclusive group was made empty."""
+    from main import build_parser
+
+    subcommand = build_parser()._subparsers._group_actions[0].choices[command]
+    assert subcommand.format_help().startswith(f"usage: main.py {command}")
+
+
+def test_the_size_flags_stay_exclusive(capsys):
+    from main import build_parser
+
+    parser = build_parser()
+    assert "[--width TARGET_WIDTH | --height TARGET_HEIGHT | --max-side MAX_SIDE]" in " ".join(
+        parser._subparsers._group_actions[0].choices["enhance"].format_usage().split())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["enhance", "x.png", "-o", "y.png", "--width", "64", "--max-side", "64"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_openapi_enums_and_ranges_equal_the_models(config):
     from fastapi import FastAPI
 
