@@ -176,11 +176,22 @@ class DeviceLimiter:
                                 max_queue=self.max_queue, average_job_seconds=self._average,
                                 seconds_per_completion=self._seconds_per_completion())
 
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until no job runs or waits (background work that should not take a job's cores: the app's
-        warm-up calibrations). Returns False when ``timeout`` seconds passed first."""
+    def wait_idle(self, timeout: float | None = None, settle: float = 0.0) -> bool:
+        """Block until no job runs or waits, and none has finished for ``settle`` seconds (background work that
+        should not take a job's cores: the app's warm-up calibrations; ``settle`` keeps it from starting in the
+        moment between a client's back-to-back requests). Returns False when ``timeout`` seconds passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
-            return self._idle.wait_for(lambda: self._running == 0 and not self._queue, timeout)
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not self._idle.wait_for(lambda: self._running == 0 and not self._queue, left):
+                    return False
+                quiet_for = settle - (self._clock() - self._last_finish)
+                if quiet_for <= 0:
+                    return True
+                if deadline is not None and deadline - time.monotonic() <= 0:
+                    return False
+                self._idle.wait(quiet_for if deadline is None else min(quiet_for, deadline - time.monotonic()))
 
     def position(self, ticket: Ticket | None = None) -> int:
         """Line position of ``ticket`` (0 = running or gone, 1 = next); with no ticket, where a newcomer would

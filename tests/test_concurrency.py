@@ -68,6 +68,34 @@ def test_wait_idle_returns_once_no_job_runs_or_waits():
     assert woke.is_set() and limiter.wait_idle(timeout=0)
 
 
+def test_wait_idle_with_settle_waits_that_long_after_the_last_job_even_one_that_came_between():
+    """The warm-up's background work starts only after a quiet spell, not in the moment between a client's
+    back-to-back requests: never before ``settle`` seconds after the last job ended, a job that came between
+    starting the spell again."""
+    now = [0.0]
+    limiter = DeviceLimiter(concurrency=1, max_queue=2, clock=lambda: now[0])
+    assert limiter.wait_idle(timeout=0, settle=10)  # no job ever ran: nothing to settle
+    limiter.try_acquire().release()  # a job ends at 0
+    now[0] = 9.9
+    assert not limiter.wait_idle(timeout=0, settle=10)
+    now[0] = 10.0
+    assert limiter.wait_idle(timeout=0, settle=10)
+    limiter.try_acquire().release()  # another request, at 10: the spell starts again
+    now[0] = 19.9
+    assert not limiter.wait_idle(timeout=0, settle=10)
+    now[0] = 20.0
+    assert limiter.wait_idle(timeout=0, settle=10)
+
+
+def test_wait_idle_with_settle_blocks_until_the_spell_is_over():
+    """(A lower bound only: a busy machine can make the wait longer, never shorter.)"""
+    limiter = DeviceLimiter(concurrency=1, max_queue=2)
+    ended = time.monotonic()
+    limiter.try_acquire().release()
+    assert limiter.wait_idle(settle=0.3)
+    assert time.monotonic() - ended >= 0.3
+
+
 def test_never_more_than_concurrency_jobs_at_once():
     limiter = DeviceLimiter(concurrency=2, max_queue=20)
     lock = threading.Lock()

@@ -395,16 +395,19 @@ def test_the_warm_up_leaves_its_calibrations_until_no_job_runs(tmp_path, shared_
     models' calibrations (work for later requests) wait while a job holds the device, then run."""
     from engine import face_detect
     from engine.intelligent_enhancer import ADVISED_MODELS
-    from ui.app import start_warm_up
+    from ui.app import WARM_UP_SETTLE_SECONDS, start_warm_up
 
     services, calibrator = _warm_up_services(tmp_path, shared_weights_dir)
     monkeypatch.setattr(face_detect, "_free_cascades", [])
     reached = threading.Event()
     wait_idle = services.limiter.wait_idle
 
-    def observed(timeout=None):
+    settles = []
+
+    def observed(timeout=None, settle=0.0):
+        settles.append(settle)
         reached.set()
-        return wait_idle(timeout)
+        return wait_idle(timeout, settle)
 
     monkeypatch.setattr(services.limiter, "wait_idle", observed)
     with services.limiter.slot():  # a job runs
@@ -415,6 +418,7 @@ def test_the_warm_up_leaves_its_calibrations_until_no_job_runs(tmp_path, shared_
     thread.join(timeout=300)
     assert not thread.is_alive() and face_detect._free_cascades
     assert all(calibrator.cached(model, "cpu") for model in ADVISED_MODELS)
+    assert set(settles) == {WARM_UP_SETTLE_SECONDS}  # and not in the moment between two requests
 
 
 def test_a_warm_up_calibration_that_a_job_shared_is_not_kept(tmp_path, shared_weights_dir, monkeypatch):

@@ -200,6 +200,9 @@ def install_access_gate(app, config) -> None:
 #: How often the warm-up tries the advisor's calibrations when jobs keep spoiling them (each try measures only what
 #: is missing); after that the advice's stand-in rates and the real runs' figures serve.
 CALIBRATION_ATTEMPTS = 3
+#: Seconds without a job before the warm-up's background work starts: a client's next request usually follows the
+#: last within a fraction of a second, and would otherwise share its first seconds with a calibration.
+WARM_UP_SETTLE_SECONDS = 2.0
 
 
 def start_warm_up(services) -> threading.Thread:
@@ -207,11 +210,12 @@ def start_warm_up(services) -> threading.Thread:
 
     1. prepare the offline weights and REALESRGAN_WARM_MODELS, and run the last-used settings' model once on a
        small image (:func:`engine.processor.warm_up`); a request meanwhile waits only for a model being loaded;
-    2. once no job runs or waits (these serve later requests and must not take a job's cores): measure this
-       device's throughput if nothing was (so the per-job time limit is checked up front), set up the analysis'
-       face detector and calibrate the models the advisor estimates (~1.5 s on a 2-core CPU the first time after
-       an install, one network of each architecture), waiting again before each calibration; a figure that a job
-       started during is not kept (it shared the cores) and is measured again at the next quiet moment."""
+    2. once no job runs or waits, nor has for :data:`WARM_UP_SETTLE_SECONDS` (these serve later requests and must
+       not take a job's cores): measure this device's throughput if nothing was (so the per-job time limit is
+       checked up front), set up the analysis' face detector and calibrate the models the advisor estimates (~1.5 s
+       on a 2-core CPU the first time after an install, one network of each architecture), waiting again before
+       each calibration; a figure that a job started during is not kept (it shared the cores) and is measured
+       again at the next quiet moment."""
     from engine import face_detect
     from engine.processor import warm_up
     from engine.settings import EnhanceSettings
@@ -231,7 +235,7 @@ def start_warm_up(services) -> threading.Thread:
         quiet_from = [0]  # jobs granted when the last wait ended
 
         def wait_quiet() -> None:
-            services.limiter.wait_idle()
+            services.limiter.wait_idle(settle=WARM_UP_SETTLE_SECONDS)
             quiet_from[0] = services.limiter.granted
 
         def undisturbed() -> bool:
