@@ -1,4 +1,4 @@
-"""The labelled content-type set, and the fit of the content-type logistic in engine/image_analysis.py.
+"""The labelled content-type set, and the fit of the content classifier in engine/image_analysis.py.
 
 The set is generated on the fly from public images that are on this machine offline (nothing of it goes into git):
 
@@ -27,7 +27,7 @@ Protocol (leave one SOURCE out): for each source (all images of one origin: one 
 photo), fit the model on all other sources and classify every size and variant of the held-out source.
 
 Run: .venv/bin/python bench/fit_content_type.py    (first run ~2 min on 2 cores; features cached in
-$TMPDIR/realesrgan-advisor-eval; prints the fitted coefficients to pin in engine/image_analysis.py)
+$TMPDIR/realesrgan-advisor-eval; prints the fitted classifier to pin in engine/image_analysis.py)
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine import image_analysis  # noqa: E402
-from engine.image_analysis import CONTENT_FEATURES, content_features  # noqa: E402
+from engine.image_analysis import (CONTENT_CLASSIFIER, CONTENT_FEATURES, ContentClassifier,  # noqa: E402
+                                   content_features)
 
 SHARED = Path("/work/shared/testdata")
 DATA = ROOT / "tests" / "data" / "advisor"
@@ -60,6 +61,12 @@ SK_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.pn
              "moon.png", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg", "text.png")
 
 Item = tuple[str, str, str, np.ndarray]  # (source, label, name, pixels)
+# The classifier's fit (:func:`fit_classifier`). Held out by source over seeds 0-4: 3 units 88.5-89.6%, 4 units
+# 88.6-88.7%, against 87.3% for a logistic regression on the same features (the classifier before).
+HIDDEN_UNITS = 3
+WEIGHT_DECAY = 1e-3
+FIT_STEPS = 300
+FIT_LEARNING_RATE = 0.02
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -432,23 +439,59 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, l2: float = 1.0) -
     return np.r_[weights, b[-1] - (weights * mu).sum()]
 
 
-def logits(x: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.c_[x, np.ones(len(x))] @ b
+def fit_classifier(x: np.ndarray, y: np.ndarray, w: np.ndarray, units: int = HIDDEN_UNITS, seed: int = 0
+                   ) -> ContentClassifier:
+    """Weighted fit of the content classifier (one hidden layer of ``units`` tanh units, see
+    :class:`engine.image_analysis.ContentClassifier`): cross-entropy plus :data:`WEIGHT_DECAY` on the weights, by
+    :data:`FIT_STEPS` full-batch Adam steps from a seeded start, on standardised features. The short fit and the
+    decay keep it smooth (held out by source it beats a longer fit). Returns weights for the raw features, ready to
+    pin in code."""
+    import torch
+
+    mu, sd = x.mean(0), x.std(0) + 1e-9
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.tensor((x - mu) / sd, dtype=torch.float64)
+    target, weight = torch.tensor(y, dtype=torch.float64), torch.tensor(w / w.mean(), dtype=torch.float64)
+    hidden = torch.randn(x.shape[1], units, generator=generator, dtype=torch.float64) / x.shape[1] ** 0.5
+    output = torch.randn(units, generator=generator, dtype=torch.float64) / units ** 0.5
+    params = [hidden.requires_grad_(), torch.zeros(units, dtype=torch.float64, requires_grad=True),
+              output.requires_grad_(), torch.zeros((), dtype=torch.float64, requires_grad=True)]
+    optimiser = torch.optim.Adam(params, lr=FIT_LEARNING_RATE)
+    for _ in range(FIT_STEPS):
+        optimiser.zero_grad()
+        logit = torch.tanh(z @ params[0] + params[1]) @ params[2] + params[3]
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(logit, target, reduction="none") * weight).mean()
+        (loss + WEIGHT_DECAY * ((params[0] ** 2).sum() + (params[2] ** 2).sum())).backward()
+        optimiser.step()
+    hidden_std, hidden_bias, output, output_bias = (p.detach().numpy() for p in params)
+    hidden_raw = hidden_std / sd[:, None]  # the standardisation folded into the first layer
+    return ContentClassifier(hidden=hidden_raw, hidden_bias=hidden_bias - mu @ hidden_raw, output=output,
+                             output_bias=float(output_bias))
 
 
-def leave_one_source_out(data: dict[str, np.ndarray], fit: Callable[..., np.ndarray] = fit_logistic) -> np.ndarray:
-    """Held-out logit of every sample, from a model fitted without any sample of its source."""
+def leave_one_source_out(data: dict[str, np.ndarray], fit: Callable[..., ContentClassifier] = fit_classifier
+                         ) -> np.ndarray:
+    """Held-out logit of every sample, from a classifier fitted without any sample of its source."""
     x, y, src = data["x"], data["y"], data["source"]
     out_logits = np.zeros(len(y))
     for name in np.unique(src):
         out = src == name
-        b = fit(x[~out], y[~out], balanced_weights(y[~out], src[~out]))
-        out_logits[out] = logits(x[out], b)
+        out_logits[out] = fit(x[~out], y[~out], balanced_weights(y[~out], src[~out])).logits(x[out])
     return out_logits
 
 
 def shipped_logits(data: dict[str, np.ndarray]) -> np.ndarray:
-    return np.array([image_analysis.content_logit(dict(zip(CONTENT_FEATURES, row))) for row in data["x"]])
+    return CONTENT_CLASSIFIER.logits(data["x"])
+
+
+def pinned(classifier: ContentClassifier) -> str:
+    """The classifier as Python source to pin in engine/image_analysis.py."""
+    rows = "\n".join(f"        [{', '.join(f'{v:.6g}' for v in row)}],  # {name}"
+                      for name, row in zip(CONTENT_FEATURES, classifier.hidden))
+    return (f"CONTENT_CLASSIFIER = ContentClassifier(\n    hidden=np.array([\n{rows}\n    ]),\n"
+            f"    hidden_bias=np.array([{', '.join(f'{v:.6g}' for v in classifier.hidden_bias)}]),\n"
+            f"    output=np.array([{', '.join(f'{v:.6g}' for v in classifier.output)}]),\n"
+            f"    output_bias={classifier.output_bias:.6g},\n)")
 
 
 def report(data: dict[str, np.ndarray], held_out: np.ndarray, show_misses: int = 40) -> dict[str, float]:
@@ -485,10 +528,8 @@ def main() -> None:
           f"({int(data['y'].sum())} anime, {int((1 - data['y']).sum())} photo)")
     print("== leave one source out ==")
     report(data, leave_one_source_out(data))
-    b = fit_logistic(data["x"], data["y"], balanced_weights(data["y"], data["source"]))
-    print("== fit on all sources: pin these in engine/image_analysis.py ==")
-    print("CONTENT_WEIGHTS = {" + ", ".join(f'"{k}": {v:.4g}' for k, v in zip(CONTENT_FEATURES, b)) + "}")
-    print(f"CONTENT_BIAS = {b[-1]:.4g}")
+    print("== fit on all sources: pin this in engine/image_analysis.py ==")
+    print(pinned(fit_classifier(data["x"], data["y"], balanced_weights(data["y"], data["source"]))))
     right = (shipped_logits(data) > 0) == (data["y"] == 1)
     print(f"shipped weights on the same data (not held out): {right.mean():.3f}")
 

@@ -11,21 +11,22 @@ Content type ("anime" covers cartoons, cel animation, line art, logos and flat-c
 
 1. **faces**: a human face found by the face detector (the same :func:`engine.face_detect.detect_faces` call the
    face enhancer makes on the same pixels) makes it a photo;
-2. **classifier**: a logistic regression on the 15 features of :data:`CONTENT_FEATURES`, measured at two fixed
-   scales whatever the input size: a copy whose long side is :data:`CONTENT_SIDE` and one of
-   :data:`CONTENT_SMALL_SIDE` (suffix ``_128``; smaller inputs at their own size), after a 3x3 median (which
-   removes sensor noise, grain and JPEG mosquito noise but keeps edges); transparent pixels are left out. Edge
-   profile (share of hard edges, how sharp an edge is), flat regions, colour counts (whole image, per 4x4 block,
-   commonest colours and grey levels, hue clusters), thin dark outlines and the texture left after denoising:
-   see :func:`_scale_measures`. It decides when sure (log-odds beyond +-``ANIME_SURE_LOGIT``/``PHOTO_SURE_LOGIT``);
+2. **classifier**: a small network (:class:`ContentClassifier`: three tanh units) on the 15 features of
+   :data:`CONTENT_FEATURES`, measured at two fixed scales whatever the input size: a copy whose long side is
+   :data:`CONTENT_SIDE` and one of :data:`CONTENT_SMALL_SIDE` (suffix ``_128``; smaller inputs at their own
+   size), after a 3x3 median (which removes sensor noise, grain and JPEG mosquito noise but keeps edges);
+   transparent pixels are left out. Edge profile (share of hard edges, how sharp an edge is), flat regions,
+   colour counts (whole image, per 4x4 block, commonest colours and grey levels, hue clusters), thin dark outlines
+   and the texture left after denoising: see :func:`_scale_measures`. It decides when sure (log-odds beyond
+   +``ANIME_SURE_LOGIT`` or below -``PHOTO_SURE_LOGIT``);
 3. **trial** (run by the advisor, :mod:`engine.advisor.trial`, when the classifier is unsure and there is time):
    which of the photo and anime models rebuilds a 4x-shrunk crop better. Unsure without a trial: photo, the
    safer mistake (the photo model on a drawing softens it a little; the anime model on a photo paints it).
 
-The weights come from ``bench/fit_content_type.py`` (source-balanced logistic regression on 2035 samples: 53
-sources at 6 sizes and 5 variants). Held out by source (``bench/eval_advisor.py``) the classifier alone is right
-on 87% of samples (86% at 128 px, 90% at 360 px, 87% native); the README gives the decision's figures and the
-known limits.
+The weights come from ``bench/fit_content_type.py`` (source-balanced fit on 2035 samples: 53 sources at 6 sizes
+and 5 variants). Held out by source (``bench/eval_advisor.py``) the classifier alone is right on 89% of samples (86%
+at 128 px, 92% at 360 px, 90% native; a logistic regression on the same features, the classifier before: 87%); the
+README gives the decision's figures and the known limits.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from engine.face_detect import FaceBox, detect_faces
 
 __all__ = [
     "CONTENT_FEATURES",
+    "ContentClassifier",
     "ContentDecision",
     "ContentType",
     "decide_content",
@@ -67,40 +69,75 @@ WORKING_SIDE = 512
 NATIVE_CROP = 768
 #: Noise sigma (0-255 scale) that maps to noise_level 1.0: level = clip(sigma / NOISE_SIGMA_FULL_SCALE, 0, 1).
 NOISE_SIGMA_FULL_SCALE = 50.0
-#: Content-type logistic (see module docstring): log-odds of "anime" = bias + sum(weight * feature). Fitted by
-#: ``bench/fit_content_type.py`` (source-balanced logistic regression); leave-one-source-out figures are there.
+#: The content classifier's inputs (see module docstring and :func:`_scale_measures`), in the order of
+#: :attr:`ContentClassifier.hidden`'s rows.
 CONTENT_FEATURES = ("hard_edge_share", "edge_sharpness", "colour_count_128", "colour_count", "flat_blocks_128",
                     "texture_residual", "thin_dark_share", "hard_edge_share_128", "hue_concentration",
                     "hue_concentration_128", "palette_share", "luma_peaks", "local_colours", "flat_share_128",
                     "coloured_share")
-CONTENT_WEIGHTS: dict[str, float] = {
-    "hard_edge_share": 17.96, "edge_sharpness": 57.07, "colour_count_128": 8.398, "colour_count": -13.37,
-    "flat_blocks_128": 14.29, "texture_residual": 6.38, "thin_dark_share": 2.561, "hard_edge_share_128": 11.04,
-    "hue_concentration": 0.445, "hue_concentration_128": 1.126, "palette_share": -20.01, "luma_peaks": 24.64,
-    "local_colours": -11.49, "flat_share_128": -8.341, "coloured_share": -0.9128}
-CONTENT_BIAS = -27.07
+
+
+@dataclass(frozen=True)
+class ContentClassifier:
+    """The content-type classifier: one hidden layer of tanh units on the raw :data:`CONTENT_FEATURES` values.
+    Log-odds of "anime" = output_bias + output . tanh(hidden_bias + features @ hidden)."""
+
+    hidden: np.ndarray  # (features, units): rows in CONTENT_FEATURES order
+    hidden_bias: np.ndarray  # (units,)
+    output: np.ndarray  # (units,)
+    output_bias: float
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """Log-odds of anime of each row of ``features`` (N x len(CONTENT_FEATURES), raw values). Pure."""
+        units = np.tanh(np.asarray(features, dtype=np.float64) @ self.hidden + self.hidden_bias)
+        return units @ self.output + self.output_bias
+
+
+#: The shipped classifier, fitted by ``bench/fit_content_type.py`` (source-balanced; its leave-one-source-out
+#: figures are there and in the module docstring).
+CONTENT_CLASSIFIER = ContentClassifier(
+    hidden=np.array([
+        [1.83772, 6.8512, 4.1543],  # hard_edge_share
+        [19.9153, 35.5583, -3.10107],  # edge_sharpness
+        [4.21399, 1.89253, 1.73746],  # colour_count_128
+        [0.231357, -3.96669, 1.61578],  # colour_count
+        [1.70464, 1.91137, 4.10597],  # flat_blocks_128
+        [0.863979, 2.76412, 0.478379],  # texture_residual
+        [1.76559, -0.0250979, 0.498734],  # thin_dark_share
+        [2.07865, 1.4554, 7.02873],  # hard_edge_share_128
+        [0.381, -0.0571005, -0.687437],  # hue_concentration
+        [0.380337, 0.0815661, 0.117621],  # hue_concentration_128
+        [-0.927138, -3.80363, -1.09346],  # palette_share
+        [3.21326, 5.23387, 2.06771],  # luma_peaks
+        [-0.284143, -0.707523, -2.36366],  # local_colours
+        [-0.652426, -0.734888, 0.0798006],  # flat_share_128
+        [-0.490183, -0.579023, 0.212888],  # coloured_share
+    ]),
+    hidden_bias=np.array([-12.5279, -14.1365, -3.93264]),
+    output=np.array([1.92678, 2.41441, 1.62956]),
+    output_bias=-0.228502,
+)
+
 #: The classifier decides "anime" only above this log-odds and "photo" only below minus PHOTO_SURE_LOGIT; between
 #: them it is unsure, and a trial reconstruction (when there is time) or the photo model (the safer mistake)
-#: decides. Chosen on the leave-one-source-out logits and trial gaps of bench/eval_advisor.py: the photo side is
-#: wider because drawings the classifier calls photo (gray or noisy anime frames) sit at -1 to -2, where the trial
-#: still tells them apart, while a wider anime side would send photos that read +1 to +2 (brick, coins) to a trial
-#: that calls half of them drawings. Held out, -2 instead of -1 took the default decision from 91.1% to 91.6%
-#: (drawings 89.7% -> 91.0%) at the cost of a trial on 17% of samples instead of 12%; without a trial nothing
-#: changes (unsure reads photo either way).
+#: decides. Chosen on the leave-one-source-out logits and trial gaps of bench/eval_advisor.py (2035 samples), with
+#: the trial / without one: -1 to +1 gives 92.0% / 87.7% with a trial on 10% of samples; a wider photo side gains
+#: nothing (-2: 91.9%, 15%); a narrower anime side (+0.5) 92.0% / 89.2% but calls more photos drawings without a
+#: trial (93.1% of photos right instead of 94.0%); a wider one (+2) 92.6% / 84.5%, a trial on 17%.
 ANIME_SURE_LOGIT = 1.0
-PHOTO_SURE_LOGIT = 2.0
+PHOTO_SURE_LOGIT = 1.0
 #: The trial reconstruction's rule for an unsure image (:func:`decide_content`): log-odds of anime =
 #: TRIAL_GAP_WEIGHT * gap + TRIAL_LOGIT_WEIGHT * logit + TRIAL_BIAS, where gap (dB) is how much closer the compact
 #: anime model rebuilt the shrunk test crop than the photo model (:mod:`engine.advisor.trial`). The photo model's
-#: invented texture misses a photo's real texture, so on photos the compact model leads by more (median 1.7 dB on
-#: the labelled set) than on drawings (0.7 dB). Fitted by ``bench/eval_advisor.py --trial`` on the 564 samples
-#: whose held-out logit is within +-2.5; held out by source it settles 79% of the 348 unsure samples (log-odds -2
-#: to +1) right (the photo model alone: 45%).
-TRIAL_GAP_WEIGHT = -1.54
-TRIAL_LOGIT_WEIGHT = 0.71
-TRIAL_BIAS = 2.11
+#: invented texture misses a photo's real texture, so on photos the compact model leads by more (median 1.8 dB on
+#: the labelled set) than on drawings (0.7 dB). Fitted by ``bench/eval_advisor.py --trial`` on the 592 samples
+#: whose held-out logit is within +-2.5; held out by source it settles 71% of the 212 unsure samples
+#: (log-odds -1 to +1) right (the photo model alone: 30%).
+TRIAL_GAP_WEIGHT = -1.06
+TRIAL_LOGIT_WEIGHT = 0.68
+TRIAL_BIAS = 1.43
 #: Median gap (dB) of photos and of drawings on the labelled set, quoted in the reason.
-TRIAL_TYPICAL_GAP = {"photo": 1.7, "anime": 0.7}
+TRIAL_TYPICAL_GAP = {"photo": 1.8, "anime": 0.7}
 #: Confidence reported for a photo decided by a detected human face.
 FACE_EVIDENCE = 0.95
 #: Long side (pixels) of the copy the content features are measured on, whatever the input size (smaller inputs
@@ -355,8 +392,8 @@ def _per_block(values: np.ndarray, opaque: np.ndarray, size: int, measure) -> fl
 
 
 def content_logit(features: dict[str, float]) -> float:
-    """Log-odds of "anime" from :func:`content_features` values (pure; weights in ``CONTENT_WEIGHTS``)."""
-    return CONTENT_BIAS + sum(CONTENT_WEIGHTS[name] * features[name] for name in CONTENT_FEATURES)
+    """Log-odds of "anime" from :func:`content_features` values (pure; the classifier is ``CONTENT_CLASSIFIER``)."""
+    return float(CONTENT_CLASSIFIER.logits(np.array([[features[name] for name in CONTENT_FEATURES]]))[0])
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,15 @@ def _image(width: int, height: int, channels: int = 3, seed: int = 0) -> np.ndar
     return image.reshape(height, width, channels) if channels == 1 else image
 
 
+def _photo(width: int, height: int) -> np.ndarray:
+    """A real photo (Real-ESRGAN's OST_009 sample) at width x height."""
+    import cv2
+    from PIL import Image
+
+    image = np.asarray(Image.open(Path(__file__).resolve().parent / "data" / "advisor" / "OST_009.png").convert("RGB"))
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+
+
 # ------------------------------------------------------------------------------------------------ import, detect
 def test_the_cli_import_detects_architecture_scale_and_channels(weights_dir, model_files):
     from engine.models.user_catalog import UserCatalog
@@ -379,7 +388,9 @@ def test_the_advisor_calibrates_the_users_models_on_first_use(weights_dir, tmp_p
     manager = ModelManager(config)
     advisor = IntelligentEnhancer(manager, config, device="cpu")  # the default config: no trial
     advisor.calibrator = ThroughputCalibrator(cache, busy_share=0.0)  # kept even when other work shares the CPU
-    advice = advisor.advise(_image(64, 48))
+    photo = _photo(64, 48)  # the user's two photo/general models are offered for it
+    advice = advisor.advise(photo)
+    assert advice.analysis["content_type"] == "photo"
     offered = [s.name for s in user_alternatives(advice.analysis["content_type"]) if manager.is_available(s.name)][:2]
     assert len(offered) == 2
     measured = json.loads(cache.read_text())
@@ -387,7 +398,7 @@ def test_the_advisor_calibrates_the_users_models_on_first_use(weights_dir, tmp_p
         assert measured[calibrator.key(name, "cpu")] > 0 and f"{name}@" in " ".join(manager.loaded_models())
     assert {alt["model"] for alt in advice.alternatives} >= set(offered)
     advisor.calibrator._measure = None  # a second advice measures nothing: it would fail here
-    assert advisor.advise(_image(64, 48)).alternatives == advice.alternatives
+    assert advisor.advise(photo).alternatives == advice.alternatives
 
 
 # ------------------------------------------------------------------------------------------------ trial
@@ -454,7 +465,7 @@ def _advise_unsure_drawing(tmp_path, env: dict[str, str]):
     manager.user_catalog.import_model(str(_nearest_x4(tmp_path)), name="tiny-near", kind="photo")
     import cv2
 
-    image = cv2.resize(np.asarray(Image.open(COMIC).convert("RGB")), (64, 96), interpolation=cv2.INTER_AREA)
+    image = cv2.resize(np.asarray(Image.open(COMIC).convert("RGB")), (80, 120), interpolation=cv2.INTER_AREA)
     assert analyze(image).content_decided_by == "unsure"  # the case the trial is for
 
     advisor = IntelligentEnhancer(manager, config, device="cpu")
@@ -511,7 +522,7 @@ def test_by_default_an_unsure_image_is_settled_by_the_trial_with_the_real_models
     from engine.intelligent_enhancer import IntelligentEnhancer, ThroughputCalibrator
     from engine.model_manager import ModelManager
 
-    image = cv2.resize(np.asarray(Image.open(COMIC).convert("RGB")), (64, 96), interpolation=cv2.INTER_AREA)
+    image = cv2.resize(np.asarray(Image.open(COMIC).convert("RGB")), (80, 120), interpolation=cv2.INTER_AREA)
     analysis = analyze(image)
     assert analysis.content_decided_by == "unsure" and config.advisor_trial_seconds > 0
     advisor = IntelligentEnhancer(ModelManager(config), config, device="cpu")
