@@ -531,7 +531,7 @@ def main() -> None:
     print("== fit on all sources: pin this in engine/image_analysis.py ==")
     print(pinned(fit_classifier(data["x"], data["y"], balanced_weights(data["y"], data["source"]))))
     right = (shipped_logits(data) > 0) == (data["y"] == 1)
-    print(f"shipped weights on the same data (not held out): {right.mean():.3f}")
+    print(f"shipped classifier on the same data (not held out): {right.mean():.3f}")
 
 
 if __name__ == "__main__":

@@ -480,6 +480,10 @@ class ModelManager:
     def loaded_models(self) -> list[str]:
         return [f"{k[0]}@{k[1]}/{k[2]}" + (f"/dn{k[3]}" if k[3] is not None else "") for k in list(self._cache)]
 
+    def loaded_names(self, device: str, precision: str) -> list[str]:
+        """The models loaded on ``device`` (e.g. "cpu") in ``precision``, oldest first, each once."""
+        return list(dict.fromkeys(k[0] for k in list(self._cache) if k[1] == device and k[2] == precision))
+
     def unload_model(self, name: str, device: str | None = None, precision: str | None = None) -> int:
         """Drop cached copies of ``name`` (all devices/precisions unless given). Returns how many."""
         keys = [k for k in list(self._cache) if k[0] == name and (device is None or k[1] == str(device))

@@ -467,6 +467,34 @@ def test_the_warm_up_prepares_the_first_analyze_whatever_model_the_settings_name
     assert calibrator.device_rates("cpu") == measured
 
 
+def test_on_a_cpu_with_native_bf16_the_warm_up_checks_bf16_so_the_first_bf16_request_does_not(
+        tmp_path, shared_weights_dir, monkeypatch):
+    """Where the advice offers bf16 as the fast mode (native bf16 on the CPU; said so here, whatever this CPU), the
+    warm-up measures the warmed-up model's bf16 verdict and keeps it on disk; the first bf16 request finds it and
+    probes nothing, and the bf16 copy the check loaded is not left in memory."""
+    from engine.inference import precision_check
+    from engine.settings import EnhanceSettings
+    from ui.app import check_bf16_in_background, start_warm_up
+    from utils import gpu
+
+    services, _ = _warm_up_services(tmp_path, shared_weights_dir)
+    verdicts = tmp_path / "verdicts.json"
+    monkeypatch.setattr(precision_check, "verdicts_path", lambda manager: verdicts)  # not the shared weights dir
+    monkeypatch.setattr(precision_check, "_bf16_verdicts", {})  # nor this process's earlier verdicts
+    monkeypatch.setattr(gpu, "cpu_has_fast_bf16", lambda: True)
+    probes = precision_check.probe_runs
+    start_warm_up(services).join(timeout=300)
+    assert precision_check.probe_runs == probes + 1
+    key = precision_check.verdict_key("realesr-animevideov3", EnhanceSettings().denoise_strength)
+    assert precision_check.read_verdicts(verdicts)[key] >= precision_check.BF16_MIN_PSNR
+    assert services.model_manager.loaded_models() == ["realesr-animevideov3@cpu/fp32"]
+    monkeypatch.setattr(precision_check, "_bf16_verdicts", {})  # a new process: the verdict comes from the disk
+    precision_check.bf16_psnr(services.model_manager, "realesr-animevideov3", EnhanceSettings().denoise_strength)
+    assert precision_check.probe_runs == probes + 1
+    monkeypatch.setattr(gpu, "cpu_has_fast_bf16", lambda: False)  # elsewhere bf16 is not offered: nothing checked
+    assert check_bf16_in_background(services.model_manager, EnhanceSettings()) == []
+
+
 def test_presets_overview_lists_builtins_and_user_presets(tmp_path):
     from engine.settings_manager import BUILTIN_PRESETS, SettingsManager
     from ui.tab_presets import presets_overview
