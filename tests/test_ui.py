@@ -474,7 +474,7 @@ def test_on_a_cpu_with_native_bf16_the_warm_up_checks_bf16_so_the_first_bf16_req
     probes nothing, and the bf16 copy the check loaded is not left in memory."""
     from engine.inference import precision_check
     from engine.settings import EnhanceSettings
-    from ui.app import check_bf16_in_background, start_warm_up
+    from ui.app import start_warm_up
     from utils import gpu
 
     services, _ = _warm_up_services(tmp_path, shared_weights_dir)
@@ -492,7 +492,7 @@ def test_on_a_cpu_with_native_bf16_the_warm_up_checks_bf16_so_the_first_bf16_req
     precision_check.bf16_psnr(services.model_manager, "realesr-animevideov3", EnhanceSettings().denoise_strength)
     assert precision_check.probe_runs == probes + 1
     monkeypatch.setattr(gpu, "cpu_has_fast_bf16", lambda: False)  # elsewhere bf16 is not offered: nothing checked
-    assert check_bf16_in_background(services.model_manager, EnhanceSettings()) == []
+    assert precision_check.check_loaded_models(services.model_manager, 0.5) == []
 
 
 def test_presets_overview_lists_builtins_and_user_presets(tmp_path):

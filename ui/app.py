@@ -205,32 +205,6 @@ CALIBRATION_ATTEMPTS = 3
 WARM_UP_SETTLE_SECONDS = 2.0
 
 
-def check_bf16_in_background(model_manager, settings, before_each=lambda: None) -> list[str]:
-    """On a CPU that computes bf16 natively, where the advice offers bf16 as the fast mode, measure the bf16
-    verdict (:func:`engine.inference.precision_check.bf16_psnr`: kept on disk per model, torch and CPU) of the
-    models loaded for the CPU in fp32, calling ``before_each`` before each; the bf16 copy the check loads is
-    dropped again unless it was loaded before. The first bf16 request after an install then does not pay the check
-    (~3 s of CPU for RealESRGAN_x4plus on 2 cores). Returns the models checked; a failure is logged (the request
-    checks again and reports it)."""
-    from engine.inference.precision_check import bf16_psnr
-    from utils import gpu
-
-    if not gpu.cpu_has_fast_bf16():
-        return []
-    checked = []
-    for name in model_manager.loaded_names("cpu", "fp32"):
-        had_bf16 = name in model_manager.loaded_names("cpu", "bf16")
-        before_each()
-        try:
-            bf16_psnr(model_manager, name, settings.denoise_strength)
-            checked.append(name)
-        except Exception as exc:  # the request runs the check again and reports what is wrong
-            logger.warning("bf16 check of %s in the background failed: %s", name, exc)
-        if not had_bf16:
-            model_manager.unload_model(name, "cpu", "bf16")
-    return checked
-
-
 def start_warm_up(services) -> threading.Thread:
     """In the background, so the first Enhance and the first Analyze after launch pay no one-time costs:
 
@@ -242,8 +216,9 @@ def start_warm_up(services) -> threading.Thread:
        on a 2-core CPU the first time after an install, one network of each architecture), waiting again before
        each calibration; a figure that a job started during is not kept (it shared the cores) and is measured
        again at the next quiet moment; on a CPU with native bf16, check bf16 against fp32 for the warmed-up model
-       (:func:`check_bf16_in_background`)."""
+       (:func:`engine.inference.precision_check.check_loaded_models`)."""
     from engine import face_detect
+    from engine.inference import precision_check
     from engine.processor import warm_up
     from engine.settings import EnhanceSettings
     from ui.services import warm_models
@@ -276,7 +251,7 @@ def start_warm_up(services) -> threading.Thread:
             for _attempt in range(CALIBRATION_ATTEMPTS):  # a job spoiled one)
                 if services.advisor.calibrate_advised_models(before_each=wait_quiet, keep=undisturbed):
                     break
-        check_bf16_in_background(services.model_manager, settings, before_each=wait_quiet)
+        precision_check.check_loaded_models(services.model_manager, settings.denoise_strength, before_each=wait_quiet)
         loaded = ", ".join(services.model_manager.loaded_models()) or settings.model  # "auto" resolved
         logger.info("warmed up %s in %.1f s", loaded, time.perf_counter() - started)
 
