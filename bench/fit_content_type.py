@@ -486,11 +486,13 @@ def shipped_logits(data: dict[str, np.ndarray]) -> np.ndarray:
 
 def pinned(classifier: ContentClassifier) -> str:
     """The classifier as Python source to pin in engine/image_analysis.py."""
-    rows = "\n".join(f"        [{', '.join(f'{v:.6g}' for v in row)}],  # {name}"
-                      for name, row in zip(CONTENT_FEATURES, classifier.hidden))
+    def numbers(values) -> str:
+        return ", ".join(f"{v:.6g}" for v in values)
+
+    rows = "\n".join(f"        [{numbers(row)}],  # {name}" for name, row in zip(CONTENT_FEATURES, classifier.hidden))
     return (f"CONTENT_CLASSIFIER = ContentClassifier(\n    hidden=np.array([\n{rows}\n    ]),\n"
-            f"    hidden_bias=np.array([{', '.join(f'{v:.6g}' for v in classifier.hidden_bias)}]),\n"
-            f"    output=np.array([{', '.join(f'{v:.6g}' for v in classifier.output)}]),\n"
+            f"    hidden_bias=np.array([{numbers(classifier.hidden_bias)}]),\n"
+            f"    output=np.array([{numbers(classifier.output)}]),\n"
             f"    output_bias={classifier.output_bias:.6g},\n)")
 
 

@@ -102,13 +102,18 @@ def _image(width: int, height: int, channels: int = 3, seed: int = 0) -> np.ndar
     return image.reshape(height, width, channels) if channels == 1 else image
 
 
-def _photo(width: int, height: int) -> np.ndarray:
-    """A real photo (Real-ESRGAN's OST_009 sample) at width x height."""
+def _advisor_image(name: str, width: int, height: int) -> np.ndarray:
+    """tests/data/advisor/``name`` as RGB, resized to width x height."""
     import cv2
     from PIL import Image
 
-    image = np.asarray(Image.open(Path(__file__).resolve().parent / "data" / "advisor" / "OST_009.png").convert("RGB"))
+    image = np.asarray(Image.open(Path(__file__).resolve().parent / "data" / "advisor" / name).convert("RGB"))
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def _unsure_comic() -> np.ndarray:
+    """A small crop of Real-ESRGAN's comic: a drawing the classifier is unsure about."""
+    return _advisor_image("comic_lq.png", 80, 120)
 
 
 # ------------------------------------------------------------------------------------------------ import, detect
@@ -388,7 +393,7 @@ def test_the_advisor_calibrates_the_users_models_on_first_use(weights_dir, tmp_p
     manager = ModelManager(config)
     advisor = IntelligentEnhancer(manager, config, device="cpu")  # the default config: no trial
     advisor.calibrator = ThroughputCalibrator(cache, busy_share=0.0)  # kept even when other work shares the CPU
-    photo = _photo(64, 48)  # the user's two photo/general models are offered for it
+    photo = _advisor_image("OST_009.png", 64, 48)  # a real photo: the user's two photo/general models are offered for it
     advice = advisor.advise(photo)
     assert advice.analysis["content_type"] == "photo"
     offered = [s.name for s in user_alternatives(advice.analysis["content_type"]) if manager.is_available(s.name)][:2]
@@ -402,7 +407,6 @@ def test_the_advisor_calibrates_the_users_models_on_first_use(weights_dir, tmp_p
 
 
 # ------------------------------------------------------------------------------------------------ trial
-COMIC = Path(__file__).resolve().parent / "data" / "advisor" / "comic_lq.png"
 
 
 def _nearest_x4(folder: Path) -> Path:
@@ -448,7 +452,6 @@ def _advise_unsure_drawing(tmp_path, env: dict[str, str]):
     from engine.intelligent_enhancer import IntelligentEnhancer, ThroughputCalibrator
     from engine.model_manager import ModelManager
     from engine.models.loader import reference_network
-    from PIL import Image
 
     from config import Config
 
@@ -463,9 +466,7 @@ def _advise_unsure_drawing(tmp_path, env: dict[str, str]):
                              download_retries=0, device="cpu", verify_checksums=False)
     manager = ModelManager(config)
     manager.user_catalog.import_model(str(_nearest_x4(tmp_path)), name="tiny-near", kind="photo")
-    import cv2
-
-    image = cv2.resize(np.asarray(Image.open(COMIC).convert("RGB")), (80, 120), interpolation=cv2.INTER_AREA)
+    image = _unsure_comic()
     assert analyze(image).content_decided_by == "unsure"  # the case the trial is for
 
     advisor = IntelligentEnhancer(manager, config, device="cpu")
@@ -513,16 +514,13 @@ def test_by_default_an_unsure_image_is_settled_by_the_trial_with_the_real_models
     """The default config has time for the trial on a machine of known speed (no model loaded yet: their loads
     are counted): on the unsure comic crop the photo model and the compact anime model (the bundled weights)
     rebuild a test crop, and the decision is the trial rule's on that gap, quoted in the reason."""
-    import cv2
-    from PIL import Image
-
     from engine.advisor.trial import ANIME_MODEL, PHOTO_MODEL
     from engine.catalog import CATALOG
     from engine.image_analysis import analyze, decide_content
     from engine.intelligent_enhancer import IntelligentEnhancer, ThroughputCalibrator
     from engine.model_manager import ModelManager
 
-    image = cv2.resize(np.asarray(Image.open(COMIC).convert("RGB")), (80, 120), interpolation=cv2.INTER_AREA)
+    image = _unsure_comic()
     analysis = analyze(image)
     assert analysis.content_decided_by == "unsure" and config.advisor_trial_seconds > 0
     advisor = IntelligentEnhancer(ModelManager(config), config, device="cpu")
