@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fit_content_type import (  # noqa: E402
-    CACHE, DATA, _feature_version, dataset, debian_sources, fit_logistic, leave_one_source_out, more_sources, read_rgb,
-    report, rgb8, samples, sources)
+    CACHE, DATA, DEBIAN_FIT_IMAGES, _feature_version, dataset, debian_sources, fit_logistic, leave_one_source_out,
+    more_sources, read_rgb, report, rgb8, samples, sources)
 from engine import face_detect  # noqa: E402
 from engine.image_analysis import (  # noqa: E402
     TRIAL_BIAS, TRIAL_GAP_WEIGHT, TRIAL_LOGIT_WEIGHT, analyze, decide_content, noise_level, noise_sigma)
@@ -187,9 +187,15 @@ def main() -> None:
               f"{TRIAL_GAP_WEIGHT}, {TRIAL_LOGIT_WEIGHT}, {TRIAL_BIAS})")
 
     more = np.isin(data["source"], sorted({item[0] for item in more_sources()}))
-    if more.any():
-        print("== the sources added after the features were chosen (bench/fit_content_type.more_sources), held out ==")
-        report({k: v[more] for k, v in data.items()}, score[more], show_misses=0)
+    debian_fit = np.isin(data["source"], sorted({source for source, *_ in DEBIAN_FIT_IMAGES}))
+    for title, group in (("the sources added after the features were chosen (bench/fit_content_type.more_sources)",
+                          more),
+                         ("Debian's photos and anime art (bench/fit_content_type.DEBIAN_FIT_IMAGES)", debian_fit),
+                         ("the sources before Debian's joined the fit (to compare with figures before 2026-12-03)",
+                          ~debian_fit)):
+        if group.any() and not group.all():
+            print(f"== {title}, held out, the last decision above ==")
+            report({k: v[group] for k, v in data.items()}, score[group], show_misses=0)
 
     unseen = unseen_decisions(args.trial)
     if unseen is not None:

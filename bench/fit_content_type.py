@@ -14,9 +14,12 @@ The set is generated on the fly from public images that are on this machine offl
 * more, added after the feature set was chosen (:func:`more_sources`): matplotlib's Grace Hopper, gradio's cheetah,
   tower and CGI still (photos); the Hugging Face logo, networkx plots, node.js charts, Debian doc diagrams and
   screenshots, Adwaita icons (drawings).
+* more from the Debian archive (:data:`DEBIAN_FIT_IMAGES`, fetched once with ``apt-get download``; left out with a
+  warning where it can't be had): MATE's nature wallpapers, KDE Palapeli's puzzle photos and Ren'Py's demo
+  backgrounds (21 photos), Ren'Py's anime character sprites, a concert scene and its launch image (drawings).
 
-Not in the set, so never in a fit: 19 images from the Debian archive (:data:`DEBIAN_IMAGES`, fetched once with
-``apt-get download``), on which ``bench/eval_advisor.py`` judges the shipped advisor as on images it never saw.
+Not in the set, so never in a fit: 19 images from other Debian packages (:data:`DEBIAN_IMAGES`, fetched the same
+way), on which ``bench/eval_advisor.py`` judges the shipped advisor as on images it never saw.
 
 Each image is made at long sides 128, 160, 240, 360 and 512 px and native (INTER_AREA), and at each size as
 ``clean``, re-compressed ``jpeg`` (quality 30-95, fixed per image and size), ``gray``, Gaussian ``noise``
@@ -207,7 +210,7 @@ def sources() -> list[Item]:
                   for n in ("onepiece_000", "onepiece_105", "onepiece_135")]
     for family, draw in SYNTHETIC.items():
         items += [(family, "anime", f"{family}_{seed}", draw(seed)) for seed in range(3)]
-    return items + more_sources()
+    return items + more_sources() + debian_fit_sources()
 
 
 def more_sources() -> list[Item]:
@@ -247,6 +250,43 @@ def more_sources() -> list[Item]:
     return [(source, label, path.name, read_rgb(path)) for source, label, path in table if path.is_file()]
 
 
+#: Debian packages whose images joined the fit after the unseen set below was first judged (:func:`debian_fit_sources`;
+#: labelled by eye before any was classified): MATE's nature wallpapers (12 photos: a water drop, leaves, grass,
+#: flowers, a ladybird, a storm over a road, dandelion seeds, weathered wood), KDE Palapeli's puzzle photos (a
+#: castle, a bridge at night, citrus slices, a bee, a chameleon), Ren'Py's demo backgrounds (photos: a lava tube,
+#: Washington, the White House, a country road) and its anime art (drawings: character sprites of the demo and of
+#: "The Question", a concert scene, the launch image). The Question's backgrounds (photos painted over by a filter)
+#: are left out as neither class.
+DEBIAN_FIT_PACKAGES = ("mate-backgrounds", "palapeli-data", "renpy-demo", "renpy-thequestion")
+_RENPY = "usr/share/games/renpy"
+DEBIAN_FIT_IMAGES = (
+    *((f"mate_{name.lower()}", "photo", f"usr/share/backgrounds/mate/nature/{name}.jpg")
+      for name in ("Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm",
+                   "TwoWings", "Wood", "YellowFlower")),
+    *((f"palapeli_{name}", "photo", f"usr/share/palapeli/collection/{name}.jpg")
+      for name in ("castle-maintenon", "cincinnati-bridge", "citrus-fruits", "european-honey-bee",
+                   "panther-chameleon-female")),
+    *((f"renpy_{name}", "photo", f"{_RENPY}/demo/game/images/bg {name}.jpg") for name in ("cave", "washington",
+                                                                                          "whitehouse")),
+    ("renpy_road", "photo", f"{_RENPY}/demo/game/gui/main_menu.jpg"),
+    *(("renpy_sylvie", "anime", f"{_RENPY}/the_question/game/images/sylvie {name}.png")
+      for name in ("green smile", "blue giggle", "green surprised", "blue normal")),
+    *(("renpy_eileen", "anime", f"{_RENPY}/demo/game/images/{name}.png")
+      for name in ("eileen happy", "eileen concerned", "lucy happy", "lucy mad")),
+    ("renpy_concert", "anime", f"{_RENPY}/demo/game/images/concert1.png"),
+    ("renpy_launch", "anime", f"{_RENPY}/the_question/ios-launchimage.png"),
+)
+
+
+def debian_fit_sources() -> list[Item]:
+    """The :data:`DEBIAN_FIT_IMAGES`; [] (with a warning) without the Debian archive."""
+    root = debian_files(DEBIAN_FIT_PACKAGES, DEBIAN_FIT_IMAGES[0][2], "debian-fit")
+    if root is None:
+        return []
+    return [(source, label, Path(path).stem, read_rgb(root / path)) for source, label, path in DEBIAN_FIT_IMAGES
+            if (root / path).is_file()]
+
+
 #: Images the shipped model never saw (:func:`debian_sources`; not in :func:`sources`, so not in the fit): KDE
 #: Plasma's wallpapers (each by another author, so each is a source of its own) and Debian's "spacefun" theme, from
 #: the Debian archive. Labelled by eye before any was classified; the abstract renders (gradients, low-poly
@@ -262,23 +302,25 @@ DEBIAN_IMAGES = {
 DEBIAN_SPACEFUN = "usr/share/desktop-base/spacefun-theme/grub/grub-16x9.png"
 
 
-def debian_files() -> Path | None:
-    """:data:`DEBIAN_PACKAGES` unpacked under ``CACHE/debian`` (fetched once with ``apt-get download`` from the
-    Debian archive, ~100 MB); None, with a warning, when they can't be had (no apt, no archive)."""
-    root = CACHE / "debian"
-    if (root / DEBIAN_SPACEFUN).is_file():
+def debian_files(packages: tuple[str, ...] = DEBIAN_PACKAGES, marker: str = DEBIAN_SPACEFUN,
+                 into: str = "debian") -> Path | None:
+    """``packages`` unpacked under ``CACHE/into`` (fetched once with ``apt-get download`` from the Debian archive);
+    None, with a warning, when they can't be had (no apt, no archive). ``marker`` is a file that shows they are."""
+    root = CACHE / into
+    if (root / marker).is_file():
         return root
-    debs = CACHE / "debs"
+    debs = CACHE / f"debs-{into}"
     debs.mkdir(parents=True, exist_ok=True)
     try:
-        subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=debs, check=True, capture_output=True)
+        subprocess.run(["apt-get", "download", *packages], cwd=debs, check=True, capture_output=True)
         for deb in sorted(debs.glob("*.deb")):
             subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, capture_output=True)
             deb.unlink()  # unpacked: the archive is not read again
     except (OSError, subprocess.CalledProcessError) as exc:
-        logging.getLogger(__name__).warning("the Debian images can't be had (%s): their evaluation is left out", exc)
+        logging.getLogger(__name__).warning("the Debian images of %s can't be had (%s): they are left out",
+                                            ", ".join(packages), exc)
         return None
-    return root if (root / DEBIAN_SPACEFUN).is_file() else None
+    return root if (root / marker).is_file() else None
 
 
 def debian_sources() -> list[Item]:
@@ -374,7 +416,8 @@ def _feature_version() -> str:
                                                    image_analysis._per_block, image_analysis._prepare))
     code += repr((CONTENT_FEATURES, image_analysis.CONTENT_SIDE, image_analysis.CONTENT_SMALL_SIDE,
                   image_analysis.WORKING_SIDE, image_analysis.EDGE_MIN_STEP, image_analysis.HARD_EDGE_STEP))
-    code += "".join(inspect.getsource(f) for f in (variant, synth_shaded, sources, more_sources))
+    code += "".join(inspect.getsource(f) for f in (variant, synth_shaded, sources, more_sources, debian_fit_sources))
+    code += repr(DEBIAN_FIT_IMAGES)
     return hashlib.sha256(code.encode()).hexdigest()[:12]
 
 

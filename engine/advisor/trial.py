@@ -3,7 +3,7 @@
 A crop of the image's most detailed area is shrunk 4x (area averaging, as a camera or a thumbnailer would) and
 upscaled back with both models, each scored by PSNR on luminance (borders left out). The measure is not "the closer
 one knows this kind of picture": measured on the labelled set, the photo model's invented texture misses a photo's
-real texture, so the compact model comes closer on photos (a median 1.7 dB) than on drawings (0.7 dB), and
+real texture, so the compact model comes closer on photos (a median 1.7 dB) than on drawings (0.8 dB), and
 :func:`engine.image_analysis.decide_content` weighs that gap with the classifier's logit. It is the tie-breaker the
 advisor uses when its content classifier is unsure.
 
