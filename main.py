@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     enhance = sub.add_parser("enhance", help="upscale images")
     enhance.add_argument("inputs", nargs="+", help="image files or folders")
-    enhance.add_argument("-o", "--output", required=True, help="output file (one input) or folder")
+    enhance.add_argument("-o", "--output", default="results",
+                         help="output file (one input) or folder (default: results, as the official inference script)")
     add_cli_arguments(enhance)
     enhance.add_argument("--auto", action="store_true",
                          help="let the advisor choose settings for each image (the flags you give still win)")
@@ -55,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     video = sub.add_parser("video", help="upscale a video")
     video.add_argument("input")
-    video.add_argument("-o", "--output", required=True)
+    video.add_argument("-o", "--output", default=None,
+                       help="the file to write: .mp4, .m4v, .mov, .mkv or .webm (default: results/NAME_out.mp4, "
+                            "as the official video script)")
     add_cli_arguments(video, VIDEO_SETTINGS, defaults=VIDEO_DEFAULTS)
     video.add_argument("--codec", default="h264", choices=("h264", "h265", "vp9"))
     video.add_argument("--crf", type=int, default=18)
@@ -299,6 +302,7 @@ def cmd_video(args, config) -> int:
     from engine.video import VideoLimits, VideoRunOptions, upscale_video
 
     settings, video_settings = video_settings_from_args(args)
+    output = Path(args.output) if args.output else Path("results") / f"{Path(args.input).stem}_out.mp4"
     manager = ModelManager(config)
     enhancer = make_frame_enhancer(manager, settings, config)  # carries the settings that key --resume
     limits = VideoLimits.from_config(config)
@@ -308,7 +312,7 @@ def cmd_video(args, config) -> int:
             bar.n = p.frames_done
             bar.set_postfix_str(f"{p.fps:.2f} fps, ETA {p.eta_seconds or 0:.0f} s")
             bar.refresh()
-        result = upscale_video(args.input, args.output, enhancer, video_settings, limits=limits,
+        result = upscale_video(args.input, output, enhancer, video_settings, limits=limits,
                                options=VideoRunOptions(resume=args.resume), progress=progress)
     record = {"input": args.input, "output": str(result.output), "frames": result.frames,
               "seconds": round(result.seconds, 2), "fps": round(result.fps, 3), "model": settings.model,

@@ -419,3 +419,6 @@ def test_cli_enhance_json_and_exit_status(manager, tmp_path):
     single = _cli(tmp_path, manager.weights_dir, "enhance", str(good), "-o", str(tmp_path / "one.webp"), "--model", FAST, "--scale", "2")
     assert single.returncode == 0, single.stderr[-2000:]
     assert Image.open(tmp_path / "one.webp").size == (32, 32)
+    default = _cli(tmp_path, manager.weights_dir, "enhance", str(good), "--model", FAST, "--scale", "2")
+    assert default.returncode == 0, default.stderr[-2000:]  # no -o: results/ in the working folder, as the official
+    assert Image.open(tmp_path / "results" / "good.png").size == (32, 32)

@@ -37,9 +37,9 @@ def test_cli_video_doubles_size_keeps_frames_fps_and_audio(model_manager_session
     from tests.test_model_manager import _clean_env
 
     source = probe_video(CLIP, LIMITS)
-    out = tmp_path / "out.mp4"
+    out = tmp_path / "results" / f"{CLIP.stem}_out.mp4"  # no -o: as the official video script
     env = _clean_env(tmp_path) | {"REALESRGAN_WEIGHTS_DIR": str(model_manager_session.weights_dir)}
-    done = subprocess.run([sys.executable, str(ROOT / "main.py"), "video", str(CLIP), "-o", str(out), "--model",
+    done = subprocess.run([sys.executable, str(ROOT / "main.py"), "video", str(CLIP), "--model",
                            "realesr-animevideov3-x2", "--scale", "2", "--tile", "0", "--batch-frames", "4", "--json"],
                           capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -252,14 +252,14 @@ def check_png_chunks(fp: IO[bytes], size: int, ihdr: tuple[int, int, int, int]) 
             raise InvalidInputError(
                 f"The PNG image could not be decoded; it may be damaged or not an image (a "
                 f"{kind.decode('latin-1')!r} chunk claims {_format_megabytes(length)}, more than the whole file of "
-                f"{_format_megabytes(size)}). Re-export the image and upload it again.")
+                f"{_format_megabytes(size)}). Re-export the image and try again.")
         if kind == b"IDAT":
             idat_total += length
             if idat_total > idat_budget:
                 raise InvalidInputError(
                     f"The PNG image could not be decoded; it may be damaged or not an image (it holds "
                     f"{_format_megabytes(idat_total)} of compressed pixels, more than its {ihdr[0]}×{ihdr[1]} "
-                    "pixels can need). Re-export the image and upload it again.")
+                    "pixels can need). Re-export the image and try again.")
         if kind == b"IEND":
             break
         offset += 12 + length
@@ -268,7 +268,8 @@ def check_png_chunks(fp: IO[bytes], size: int, ihdr: tuple[int, int, int, int]) 
 
 def _probe_stream(fp: IO[bytes], size: int, max_pixels: int | None) -> ImageHeader:
     if size == 0:
-        raise InvalidInputError("The file is empty (0 bytes); upload the image again.")
+        raise InvalidInputError("The file is empty (0 bytes): it may not have finished copying or downloading. "
+                                "Choose it again once it has.")
     prefix = fp.read(32)
     fp.seek(0)
 
@@ -413,7 +414,8 @@ def validate_video_file(path: str | os.PathLike, max_bytes: int) -> Path:
         raise InvalidInputError(f"Not a regular file: {p}; choose a video file.")
     size = p.stat().st_size
     if size == 0:
-        raise InvalidInputError(f"The video file {p.name} is empty (0 bytes); upload it again.")
+        raise InvalidInputError(f"The video file {p.name} is empty (0 bytes): it may not have finished copying or "
+                                "downloading. Choose it again once it has.")
     if size > max_bytes:
         raise InputTooLargeError(f"The video is too large: {_format_megabytes(size)}; the limit is "
                                  f"{_format_megabytes(max_bytes)}. Trim or compress it first, or raise "
