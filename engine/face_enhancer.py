@@ -531,9 +531,22 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
     notes = []
     if content_type == "anime" and not settings.force_on_anime:
         # A content guess never skips faces the detector found: a detected human face is evidence of a photo
-        # (the advisor decides the same way, engine.image_analysis.decide_content).
-        notes.append(f"The image looked like a drawing, but the {detector} detector found {detected} human "
-                     f"face{'s' if detected > 1 else ''}: restored as a photo.")
+        # (the advisor decides the same way, engine.image_analysis.decide_content). A face drawn like the image
+        # it is in is not (engine.image_analysis.drawn_faces).
+        from engine.image_analysis import drawn_faces, pixels_logit
+
+        drawn = {id(box) for box in drawn_faces(rgb, detection.faces, pixels_logit(rgb))}
+        faces = [face for face, box in zip(faces, detection.faces) if id(box) not in drawn]
+        if drawn:
+            plural = len(drawn) > 1
+            notes.append(f"{len(drawn)} face{'s' if plural else ''} found look{'' if plural else 's'} drawn, like "
+                         "the image: left as the upscale (GFPGAN is made for photos; \"Restore faces on drawings\", "
+                         "--force-faces, restores them).")
+        if faces:
+            notes.append(f"The image looked like a drawing, but the {detector} detector found {len(faces)} human "
+                         f"face{'s' if len(faces) > 1 else ''}: restored as a photo.")
+        else:
+            return finish(out, detected, 0, detector, notes)
     chosen, selection_warnings = select_faces(faces, w, h, only_center_face=settings.only_center_face,
                                               max_faces=settings.max_faces)
     warnings = notes + list(selection_warnings)

@@ -10,7 +10,8 @@ Content type ("anime" covers cartoons, cel animation, line art, logos and flat-c
 :func:`decide_content` from three signals, and the decision says which one decided:
 
 1. **faces**: a human face found by the face detector (the same :func:`engine.face_detect.detect_faces` call the
-   face enhancer makes on the same pixels) makes it a photo;
+   face enhancer makes on the same pixels) makes it a photo, unless the face is drawn like the image it is in
+   (:func:`drawn_faces`: the image and the face's own pixels read as a drawing);
 2. **classifier**: a small network (:class:`ContentClassifier`: three tanh units) on the 15 features of
    :data:`CONTENT_FEATURES`, measured at two fixed scales whatever the input size: a copy whose long side is
    :data:`CONTENT_SIDE` and one of :data:`CONTENT_SMALL_SIDE` (suffix ``_128``; smaller inputs at their own
@@ -32,6 +33,7 @@ at 128 px, 94% at 360 px and native; on the 53 sources of the fit before Debian'
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -48,6 +50,7 @@ __all__ = [
     "ContentDecision",
     "ContentType",
     "decide_content",
+    "drawn_faces",
     "ImageAnalysis",
     "analyze",
     "bit_depth",
@@ -59,6 +62,7 @@ __all__ = [
     "jpeg_blockiness",
     "noise_level",
     "noise_sigma",
+    "pixels_logit",
 ]
 
 ContentType = Literal["anime", "photo"]
@@ -140,6 +144,16 @@ TRIAL_BIAS = 1.23
 TRIAL_TYPICAL_GAP = {"photo": 1.7, "anime": 0.8}
 #: Confidence reported for a photo decided by a detected human face.
 FACE_EVIDENCE = 0.95
+#: A face the detector finds is a drawn one, not evidence of a photo (:func:`drawn_faces`), when the whole image
+#: already reads as a drawing (log-odds over ANIME_SURE_LOGIT), the face box is at least DRAWN_FACE_MIN_SIDE pixels
+#: a side and the classifier reads the box itself as a drawing (log-odds over DRAWN_FACE_LOGIT). On the labelled
+#: set (bench/eval_advisor.py, the classifier refitted without each source) that clears 6 of the 10 anime samples
+#: whose characters' faces the detector finds (Ren'Py's Eileen, One Piece); the photos' faces of 64 px and more in
+#: images that read as drawings read -2.5 or lower themselves. A photo's face under 64 px reads up to +1.1 (too few
+#: pixels to tell skin from a fill), and a whole photo's face up to +2.3 (scikit-image's astronaut, whose image
+#: reads -2.1), so neither signal is trusted alone.
+DRAWN_FACE_MIN_SIDE = 64
+DRAWN_FACE_LOGIT = 1.0
 #: Long side (pixels) of the copy the content features are measured on, whatever the input size (smaller inputs
 #: are measured at their own size), so a feature means the same on a 12 MP photo and on its thumbnail.
 CONTENT_SIDE = 384
@@ -176,6 +190,7 @@ class ImageAnalysis:
     content_logit: float = 0.0  # the classifier's log-odds of anime
     content_decided_by: str = "classifier"  # which signal decided content_type (see ContentDecision)
     content_reason: str = ""
+    drawn_faces: int = 0  # of ``faces``, those that are drawn like the image (:func:`drawn_faces`)
 
 
 # --------------------------------------------------------------------------------------------- input handling
@@ -407,7 +422,8 @@ class ContentDecision:
     reason: str
 
 
-def decide_content(logit: float, faces: int = 0, trial_gap_db: float | None = None) -> ContentDecision:
+def decide_content(logit: float, faces: int = 0, trial_gap_db: float | None = None, drawn: int = 0
+                   ) -> ContentDecision:
     """Combine the classifier, the face detector and an optional trial reconstruction (pure).
 
     Args:
@@ -415,6 +431,8 @@ def decide_content(logit: float, faces: int = 0, trial_gap_db: float | None = No
         faces: human faces the face detector found (any face is strong evidence of a photo).
         trial_gap_db: PSNR of the compact anime model's rebuild of a test crop minus the photo model's
             (:attr:`engine.advisor.trial.TrialResult.gap_db`), or None when no trial was run.
+        drawn: faces the detector found that are drawn (:func:`drawn_faces`; not counted in ``faces``), for the
+            reason.
 
     Returns:
         A :class:`ContentDecision`; ``reason`` is a sentence for the user.
@@ -424,8 +442,10 @@ def decide_content(logit: float, faces: int = 0, trial_gap_db: float | None = No
         return ContentDecision("photo", max(1.0 - p_anime, FACE_EVIDENCE), "faces",
                                f"{faces} human face{'s' if faces > 1 else ''} found: a photo")
     if logit > ANIME_SURE_LOGIT:
+        faces_too = (f"; the {drawn} face{'s' if drawn > 1 else ''} found look{'' if drawn > 1 else 's'} drawn too"
+                     if drawn else "")
         return ContentDecision("anime", p_anime, "classifier",
-                               f"Flat colours and hard edges ({p_anime:.0%} sure it is anime/illustration)")
+                               f"Flat colours and hard edges ({p_anime:.0%} sure it is anime/illustration){faces_too}")
     if logit < -PHOTO_SURE_LOGIT:
         return ContentDecision("photo", 1.0 - p_anime, "classifier",
                                f"Natural textures and soft edges ({1.0 - p_anime:.0%} sure it is a photo)")
@@ -464,10 +484,40 @@ def content_type(image: np.ndarray) -> tuple[ContentType, float]:
 
 
 def _content_type(prep: _Prepared, image: np.ndarray) -> tuple[ContentType, float]:
-    decision = decide_content(content_logit(_content_features(prep)))
+    logit = content_logit(_content_features(prep))
+    decision = decide_content(logit)
     if decision.label == "anime":  # a human face overrules the pixels (same detector call as analyze)
-        decision = decide_content(content_logit(_content_features(prep)), len(detect_faces(image).faces))
+        faces = detect_faces(image).faces
+        decision = decide_content(logit, len(faces) - len(drawn_faces(image, faces, logit)))
     return decision.label, decision.confidence
+
+
+def pixels_logit(image: np.ndarray) -> float:
+    """:func:`content_logit` of an image's pixels (log-odds of anime)."""
+    return content_logit(content_features(image))
+
+
+def drawn_faces(image: np.ndarray, faces: Sequence[FaceBox], logit: float,
+                crop_logit: Callable[[np.ndarray], float] = pixels_logit) -> tuple[FaceBox, ...]:
+    """The faces among ``faces`` that are drawn, like the image they are in (see :data:`DRAWN_FACE_LOGIT`): they
+    are no evidence of a photo, and GFPGAN is not for them. Pure.
+
+    Args:
+        image: the pixels the faces were found on (as :func:`analyze`).
+        faces: the detector's faces on ``image``.
+        logit: :func:`content_logit` of the whole image.
+        crop_logit: the log-odds of anime of a face box's pixels (the evaluation passes a refitted classifier).
+    """
+    if logit <= ANIME_SURE_LOGIT:
+        return ()
+    h, w = image.shape[:2]
+    drawn = []
+    for face in faces:
+        x0, y0 = max(0, int(face.x0)), max(0, int(face.y0))
+        x1, y1 = min(w, int(math.ceil(face.x1))), min(h, int(math.ceil(face.y1)))
+        if min(x1 - x0, y1 - y0) >= DRAWN_FACE_MIN_SIDE and crop_logit(image[y0:y1, x0:x1]) > DRAWN_FACE_LOGIT:
+            drawn.append(face)
+    return tuple(drawn)
 
 
 # --------------------------------------------------------------------------------------------- noise, blocking, blur
@@ -590,7 +640,8 @@ def analyze(
         found = detection.result() if detection else None
     faces: tuple[FaceBox, ...] = found.faces if found else ()
     detector = found.detector if found else None
-    decision = decide_content(logit, len(faces))
+    drawn = drawn_faces(image, faces, logit)
+    decision = decide_content(logit, len(faces) - len(drawn), drawn=len(drawn))
     return ImageAnalysis(
         content_type=decision.label,
         confidence=decision.confidence,
@@ -607,4 +658,5 @@ def analyze(
         content_logit=logit,
         content_decided_by=decision.decided_by,
         content_reason=decision.reason,
+        drawn_faces=len(drawn),
     )

@@ -814,7 +814,8 @@ class IntelligentEnhancer:
         except Exception as exc:  # noqa: BLE001 - the trial is a tie-breaker; without it the photo model stays
             logger.warning("trial reconstruction failed: %s", exc)
             return unchanged
-        decision = decide_content(float(analysis.content_logit), len(analysis.faces), result.gap_db)
+        decision = decide_content(float(analysis.content_logit), len(analysis.faces) - analysis.drawn_faces,
+                                  result.gap_db)
         return dataclasses.replace(numbers, content_type=decision.label, confidence=decision.confidence,
                                    content_reason=decision.reason), decision.decided_by, result
 

@@ -30,6 +30,7 @@ FACES = Path(__file__).resolve().parent / "data" / "faces"
 PHOTO = FACES / "blake_lively_245.png"  # one face, 245x162 RGB
 GRAY = FACES / "00017_gray_250.png"  # two faces, 250x176 grey
 RGBA = FACES / "children_alpha_283.png"  # five children, 283x175 RGBA with transparency
+DRAWN = FACES.parent / "advisor" / "onepiece_000_q60.png"  # a One Piece frame whose character's face is detected
 SCALE = 2
 
 
@@ -304,6 +305,23 @@ def test_a_content_guess_never_skips_faces_the_detector_found(manager, photo):
     plain = enhance_faces(drawing, bicubic_x2(drawing), settings=FaceSettings(), model_manager=manager,
                           content_type="anime")
     assert plain.faces_detected == 0 and any("No face" in w and "anime" in w for w in plain.warnings)
+
+
+def test_a_drawn_face_is_left_as_the_upscale_unless_forced(manager):
+    """A face drawn like the image it is in (engine.image_analysis.drawn_faces) is not restored on a drawing: GFPGAN
+    would paint a human face on the character. Forced, it is."""
+    from engine.image_analysis import content_type
+
+    image = _read(DRAWN)
+    guess, _ = content_type(image)
+    left = enhance_faces(image, bicubic_x2(image), settings=FaceSettings(strength=0.5), model_manager=manager,
+                         content_type=guess)
+    assert guess == "anime" and (left.faces_detected, left.faces_restored) == (1, 0)
+    assert any("looks drawn" in w and "--force-faces" in w for w in left.warnings)
+    assert np.array_equal(left.image, bicubic_x2(image))
+    forced = enhance_faces(image, bicubic_x2(image), settings=FaceSettings(strength=0.5, force_on_anime=True),
+                           model_manager=manager, content_type=None)
+    assert (forced.faces_detected, forced.faces_restored) == (1, 1)
 
 
 def test_astronaut_at_200_px_the_count_shown_is_the_count_restored(manager):

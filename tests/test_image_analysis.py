@@ -10,13 +10,17 @@ import numpy as np
 import pytest
 
 from engine.errors import InvalidInputError
+from engine.face_detect import FaceBox
 from engine.image_analysis import (
+    ANIME_SURE_LOGIT,
+    DRAWN_FACE_LOGIT,
     ImageAnalysis,
     analyze,
     bit_depth,
     blur_level,
     content_features,
     content_type,
+    drawn_faces,
     has_alpha,
     jpeg_blockiness,
     noise_level,
@@ -83,6 +87,32 @@ def test_anime_survives_crop_and_recompression(name):
     h, w = image.shape[:2]
     assert content_type(image[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4])[0] == "anime"
     assert content_type(jpeg(image, 60))[0] == "anime"
+
+
+def test_a_drawn_face_is_no_evidence_of_a_photo():
+    """The face detector finds the character's face (112 px) in a recompressed One Piece frame; a found face made
+    any image a photo, so the photo model and GFPGAN would have painted it. The face reads as drawn, like the image."""
+    image = read_rgb("onepiece_000_q60.png")
+    result = analyze(image)
+    assert len(result.faces) == 1 and result.drawn_faces == 1
+    assert (result.content_type, result.content_decided_by) == ("anime", "classifier")
+    assert "face found looks drawn" in result.content_reason
+    assert content_type(image)[0] == "anime"  # what the pipeline hands the face enhancer
+
+
+def test_drawn_faces_needs_the_image_the_face_and_its_size_to_agree():
+    image = np.zeros((200, 200, 3), np.uint8)
+    big, small = FaceBox(10, 10, 110, 110, 0.5), FaceBox(130, 130, 180, 180, 0.5)
+    crops = []
+
+    def drawing(crop: np.ndarray) -> float:
+        crops.append(crop.shape)
+        return 3.0
+
+    assert drawn_faces(image, [big, small], 2.0, drawing) == (big,)  # a 50 px face is never judged
+    assert crops == [(100, 100, 3)]  # the box's own pixels
+    assert drawn_faces(image, [big], ANIME_SURE_LOGIT, drawing) == ()  # the image is not surely a drawing
+    assert drawn_faces(image, [big], 2.0, lambda crop: DRAWN_FACE_LOGIT) == ()  # the face does not read drawn
 
 
 @pytest.mark.parametrize("name", ["10045.png", "baboon.png", "OST_009.png"])
