@@ -6,8 +6,9 @@ gray, noise, crop). Printed:
 
 * ``classifier``: the sign of the held-out logit alone;
 * ``advisor``: what ``analyze`` decides (:func:`engine.image_analysis.decide_content`) without a trial: a human face
-  found by the face detector (the same call the face enhancer makes) means photo; an unsure logit (inside
-  +-ANIME_SURE_LOGIT/PHOTO_SURE_LOGIT) means photo;
+  found by the face detector (the same call the face enhancer makes) means photo, unless it is drawn like the image
+  (:func:`engine.image_analysis.drawn_faces`, the face's pixels read by the refitted classifier); an unsure logit
+  (inside +-ANIME_SURE_LOGIT/PHOTO_SURE_LOGIT) means photo;
 * with ``--trial``, the advisor with the trial reconstruction (what the default config runs) settling the unsure
   samples: its rule (the gap between the compact anime model's and the photo model's rebuilds, weighed with the
   logit) refitted without the judged source, on the samples of the others whose held-out logit is within
