@@ -26,6 +26,7 @@ features, face counts and trial gaps are cached in $TMPDIR/realesrgan-advisor-ev
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import inspect
 import json
@@ -42,8 +43,8 @@ from bench.fit_content_type import (  # noqa: E402
     fit_logistic, leave_one_source_out, more_sources, read_rgb, report, rgb8, samples, sources)
 from engine import face_detect, image_analysis  # noqa: E402
 from engine.image_analysis import (  # noqa: E402
-    CONTENT_FEATURES, TRIAL_BIAS, TRIAL_GAP_WEIGHT, TRIAL_LOGIT_WEIGHT, analyze, content_features, decide_content,
-    drawn_faces, noise_level, noise_sigma)
+    TRIAL_BIAS, TRIAL_GAP_WEIGHT, TRIAL_LOGIT_WEIGHT, analyze, decide_content, drawn_faces, noise_level, noise_sigma,
+    pixels_logit)
 
 TRIAL_FIT_BAND = 2.5  # the trial's rule is fitted on the samples whose held-out logit is within +-this
 
@@ -78,12 +79,8 @@ def human_face_counts(data: dict, held_out: np.ndarray, faces: np.ndarray) -> np
         if source not in refitted:
             keep = src != source
             refitted[source] = fit_classifier(x[keep], y[keep], balanced_weights(y[keep], src[keep]))
-
-        def crop_logit(crop: np.ndarray, classifier=refitted[source]) -> float:
-            features = content_features(crop)
-            return float(classifier.logits(np.array([[features[name] for name in CONTENT_FEATURES]]))[0])
-
         found = face_detect.detect_faces(pixels).faces
+        crop_logit = functools.partial(pixels_logit, classifier=refitted[source])
         human[i] = len(found) - len(drawn_faces(pixels, found, float(held_out[i]), crop_logit))
     CACHE.mkdir(parents=True, exist_ok=True)
     np.save(path, human)

@@ -535,8 +535,8 @@ def enhance_faces(image: np.ndarray, background: np.ndarray | None = None, upsca
         # it is in is not (engine.image_analysis.drawn_faces).
         from engine.image_analysis import drawn_faces, pixels_logit
 
-        drawn = {id(box) for box in drawn_faces(rgb, detection.faces, pixels_logit(rgb))}
-        faces = [face for face, box in zip(faces, detection.faces) if id(box) not in drawn]
+        drawn = drawn_faces(rgb, detection.faces, pixels_logit(rgb))
+        faces = [face for face, box in zip(faces, detection.faces) if box not in drawn]
         if drawn:
             plural = len(drawn) > 1
             notes.append(f"{len(drawn)} face{'s' if plural else ''} found look{'' if plural else 's'} drawn, like "

@@ -406,9 +406,11 @@ def _per_block(values: np.ndarray, opaque: np.ndarray, size: int, measure) -> fl
     return float(np.mean(measure(chosen)))
 
 
-def content_logit(features: dict[str, float]) -> float:
-    """Log-odds of "anime" from :func:`content_features` values (pure; the classifier is ``CONTENT_CLASSIFIER``)."""
-    return float(CONTENT_CLASSIFIER.logits(np.array([[features[name] for name in CONTENT_FEATURES]]))[0])
+def content_logit(features: dict[str, float], classifier: ContentClassifier | None = None) -> float:
+    """Log-odds of "anime" from :func:`content_features` values (pure; ``classifier`` defaults to
+    ``CONTENT_CLASSIFIER``, the evaluation passes refitted ones)."""
+    classifier = CONTENT_CLASSIFIER if classifier is None else classifier
+    return float(classifier.logits(np.array([[features[name] for name in CONTENT_FEATURES]]))[0])
 
 
 @dataclass(frozen=True)
@@ -492,9 +494,9 @@ def _content_type(prep: _Prepared, image: np.ndarray) -> tuple[ContentType, floa
     return decision.label, decision.confidence
 
 
-def pixels_logit(image: np.ndarray) -> float:
+def pixels_logit(image: np.ndarray, classifier: ContentClassifier | None = None) -> float:
     """:func:`content_logit` of an image's pixels (log-odds of anime)."""
-    return content_logit(content_features(image))
+    return content_logit(content_features(image), classifier)
 
 
 def drawn_faces(image: np.ndarray, faces: Sequence[FaceBox], logit: float,
