@@ -40,10 +40,11 @@ class Case:
     output: str = "png"  # output file extension
     extra: tuple[str, ...] = ()
     stream: bool = False  # through pipeline.enhance_streamed (the output never whole in memory), not the CLI
+    alpha: bool = False  # an RGBA PNG input (a soft-edged transparent shape) instead of an RGB JPEG
 
     @property
     def output_bytes(self) -> int:
-        return int(round(self.width * self.scale)) * int(round(self.height * self.scale)) * 3
+        return int(round(self.width * self.scale)) * int(round(self.height * self.scale)) * (4 if self.alpha else 3)
 
 
 CASES = {c.name: c for c in (
@@ -52,6 +53,9 @@ CASES = {c.name: c for c in (
     Case("2000x1500x2", 2000, 1500, 2),
     Case("2000x1500x4-jpg", 2000, 1500, 4, output="jpg"),
     Case("2000x1500x4-webp", 2000, 1500, 4, output="webp"),
+    Case("1000x1000x4-rgba-webp", 1000, 1000, 4, output="webp", alpha=True),  # 4000²: alpha compressed
+    Case("1500x1000x4-rgba-webp", 1500, 1000, 4, output="webp", alpha=True),  # over 4096²: alpha uncompressed
+    Case("1500x1000x4-rgba-png", 1500, 1000, 4, output="png", alpha=True),
     Case("256x256x4-x4plus", 256, 256, 4, model="RealESRGAN_x4plus"),
     Case("640x480x4-x4plus", 640, 480, 4, model="RealESRGAN_x4plus"),
     Case("1500x1000x4-stream", 1500, 1000, 4, output="tiff", stream=True),
@@ -63,13 +67,20 @@ CASES = {c.name: c for c in (
 
 
 def make_input(case: Case, folder: Path) -> Path:
-    """A JPEG of smooth gradients and edges (content does not change memory; decoding cost is realistic)."""
+    """A JPEG of smooth gradients and edges (content does not change memory; decoding cost is realistic); with
+    ``alpha``, a PNG whose alpha is an ellipse with a soft edge."""
     import numpy as np
     from PIL import Image
 
     y, x = np.mgrid[0:case.height, 0:case.width]
     rgb = np.stack([(x * 255 // max(case.width - 1, 1)), (y * 255 // max(case.height - 1, 1)),
                     ((x // 37 + y // 23) % 2) * 200 + 20], axis=2).astype(np.uint8)
+    if case.alpha:
+        radius = np.hypot((x - case.width / 2) / case.width, (y - case.height / 2) / case.height)
+        alpha = np.clip((0.45 - radius) * 2000, 0, 255).astype(np.uint8)
+        path = folder / f"{case.name}.png"
+        Image.fromarray(np.dstack([rgb, alpha])).save(path)
+        return path
     path = folder / f"{case.name}.jpg"
     Image.fromarray(rgb).save(path, quality=90)
     return path

@@ -169,6 +169,41 @@ def test_webp_is_the_bitstream_pil_writes_with_less_memory(channels):
     assert (b"ALPH" in ours) == (channels in (2, 4))
 
 
+@pytest.mark.parametrize("channels", [3, 4])
+def test_webp_encodes_lent_pixels_in_place_and_gives_them_back(channels):
+    """``in_place`` (the engine's results): red and blue are swapped in the pixels for libwebp and back, instead of
+    a BGR(A) copy: the same file, the pixels as they were, also when encoding fails, and no copy allocated."""
+    import tracemalloc
+
+    import cv2
+    from utils import image_io
+
+    rng = np.random.default_rng(channels)
+    smooth = cv2.GaussianBlur(rng.integers(0, 256, (600, 200, 4), dtype=np.uint8), (0, 0), 2)
+    pixels = np.ascontiguousarray(smooth[..., :channels])  # 600 rows: the swap goes in several bands
+    before = pixels.copy()
+    copied = encode_image(pixels, "webp", quality=90).data
+    tracemalloc.start()
+    try:
+        lent = encode_image(pixels, "webp", quality=90, in_place=True).data
+        lent_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        encode_image(pixels, "webp", quality=90)
+        copy_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert lent == copied
+    np.testing.assert_array_equal(pixels, before)
+    assert copy_peak >= pixels.nbytes > 4 * lent_peak  # numpy's allocations: the copy, or the encoded bytes only
+    with pytest.raises(RuntimeError):
+        with image_io._red_blue_swapped(pixels) as swapped:
+            assert swapped is pixels
+            np.testing.assert_array_equal(pixels[..., 0], before[..., 2])
+            np.testing.assert_array_equal(pixels[..., 2], before[..., 0])
+            raise RuntimeError("the encoder failed")
+    np.testing.assert_array_equal(pixels, before)
+
+
 def test_jpeg_flattens_alpha_onto_white_and_says_so():
     pixels = np.zeros((8, 8, 4), np.uint8)
     pixels[..., 0] = 255  # red...
@@ -513,6 +548,64 @@ def test_choose_output_format(requested, input_format, has_alpha, bit_depth, exp
 def test_choose_output_format_automatic_falls_back_to_png_for_sizes_a_format_cannot_hold(
         requested, input_format, size, expected):
     assert choose_output_format(requested, input_format, False, 8, size) == expected
+
+
+def test_an_automatic_transparent_webp_too_large_to_compress_its_alpha_goes_to_png():
+    """libwebp's alpha compressor holds ~24 bytes a pixel: over 4096² an automatic transparent WebP is a PNG, and
+    the reason says so; opaque WebPs and explicit requests stay WebP."""
+    from utils.image_io import WEBP_COMPRESSED_ALPHA_PIXELS, auto_format_change
+
+    assert WEBP_COMPRESSED_ALPHA_PIXELS == 4096 * 4096
+    assert choose_output_format("auto", "WEBP", True, 8, (4096, 4096)) == "webp"
+    assert choose_output_format("auto", "WEBP", True, 8, (4097, 4096)) == "png"
+    assert choose_output_format("auto", "WEBP", False, 8, (8000, 8000)) == "webp"
+    assert choose_output_format("webp", "PNG", True, 8, (8000, 8000)) == "webp"
+    assert "24 bytes of memory a pixel" in auto_format_change("webp", (8000, 8000), True)
+    assert "at most 16383 pixels a side" in auto_format_change("webp", (16384, 9), False)
+    assert auto_format_change("webp", (4096, 4096), True) is None and auto_format_change("png", (9, 9), True) is None
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+@pytest.mark.parametrize("lent", [True, False])
+def test_a_webp_s_alpha_can_be_stored_uncompressed(channels, lent):
+    """Over :data:`WEBP_COMPRESSED_ALPHA_PIXELS` a WebP's alpha goes uncompressed into its ALPH chunk (the colour is
+    encoded opaque): PIL and OpenCV read the alpha exactly and the metadata as given, and lent pixels come back."""
+    import cv2
+    from utils import image_io
+
+    rng = np.random.default_rng(channels)
+    smooth = cv2.GaussianBlur(rng.integers(0, 256, (301, 157, 4), dtype=np.uint8), (0, 0), 2)
+    pixels = np.ascontiguousarray(smooth if channels == 4 else smooth[..., [0, 3]])
+    before = pixels.copy()
+    icc, exif = _srgb_icc(), _exif(1, "Kept")
+    data = image_io._encode_webp(pixels, 90, icc, exif, reorder=lent, compress_alpha=False)
+    np.testing.assert_array_equal(pixels, before)
+    chunks = _riff_chunks(data)
+    assert list(chunks) == [b"VP8X", b"ICCP", b"ALPH", b"VP8 ", b"EXIF"]
+    assert chunks[b"VP8X"][0] == 0x20 | 0x10 | 0x08 and chunks[b"ALPH"][0] == 0  # ICC, alpha, EXIF; raw alpha
+    assert len(data) == 8 + int.from_bytes(data[4:8], "little")
+    with Image.open(io.BytesIO(data)) as im:
+        decoded = np.asarray(im.convert("RGBA"))
+        assert im.info["icc_profile"] == icc and im.getexif()[0x010F] == "Kept"
+    np.testing.assert_array_equal(decoded[..., 3], pixels[..., -1])
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)[..., 3],
+                                  pixels[..., -1])
+    colour = pixels[..., :3] if channels == 4 else np.repeat(pixels[..., :1], 3, axis=2)
+    error = decoded[..., :3].astype(float) - colour
+    assert 10 * np.log10(255.0 ** 2 / np.mean(error ** 2)) > 35  # the colour is the lossy VP8 at quality 90
+    compressed = _riff_chunks(image_io._encode_webp(pixels, 90, icc, exif, reorder=lent))
+    assert compressed[b"ALPH"][0] & 3 == 1 and len(compressed[b"ALPH"]) < len(chunks[b"ALPH"])  # VP8L-compressed
+
+
+def test_an_explicit_webp_over_the_limit_stores_its_alpha_uncompressed_and_says_so(tmp_path):
+    pixels = np.zeros((4097, 4096, 4), np.uint8)  # one row over 4096²
+    pixels[1000:3000, 1000:3000] = 200
+    saved = save_image(pixels, tmp_path / "big.webp", in_place=True)
+    assert saved.alpha_uncompressed and any("transparency was stored uncompressed" in w for w in saved.warnings)
+    data = saved.path.read_bytes()
+    assert _riff_chunks(data)[b"ALPH"][0] == 0 and saved.bytes_written == len(data) > 4097 * 4096
+    with Image.open(saved.path) as im:
+        np.testing.assert_array_equal(np.asarray(im)[..., 3], pixels[..., 3])
 
 
 def test_choose_output_format_refuses_unknown():

@@ -127,15 +127,19 @@ def test_plan_counts_encoding_the_output_after_the_metrics():
     plans = {fmt: plan_memory(JobShape(1000, 800, 3, 8, 4000, 3200, fmt), run, (8 << 30, 0))
              for fmt in ("", "png", "jpg", "webp")}
     assert plans[""].encode_bytes == 0
-    assert plans["png"].encode_bytes == 4000 * 3200 < plans["jpg"].encode_bytes < plans["webp"].encode_bytes
-    webp = plans["webp"]
-    assert webp.encode_bytes == encoding_bytes(4000, 3200, 3, 8, "webp") == 8 * 4000 * 3200
+    assert plans["png"].encode_bytes == 4000 * 3200 < plans["webp"].encode_bytes < plans["jpg"].encode_bytes
+    # WebP holds libwebp's YUV planes (the engine lends it its pixels, no BGR copy); its lossless alpha encoder more
+    assert plans["webp"].encode_bytes == encoding_bytes(4000, 3200, 3, 8, "webp") == 2 * 4000 * 3200
+    assert plans["jpg"].encode_bytes == encoding_bytes(4000, 3200, 3, 8, "jpg") == 5 * 4000 * 3200
+    rgba = JobShape(1000, 800, 4, 8, 4000, 3200, "webp")
+    webp = plan_memory(rgba, run, (8 << 30, 0))
+    assert webp.encode_bytes == encoding_bytes(4000, 3200, 4, 8, "webp") == 27 * 4000 * 3200
     assert webp.encode_bytes > max(webp.network_bytes + webp.band_bytes, webp.metrics_bytes)  # then it sets the peak
     assert webp.peak_bytes == sum(getattr(webp, f"{p}_bytes") for p in ("base", "input", "output", "encode"))
     assert plans["png"].peak_bytes == plans[""].peak_bytes  # under the network's share: no change
     assert "encoding after the metrics" in webp.describe() and webp.as_dict()["parts_mb"]["encode"] > 0
     # streamed into a file in strips: nothing is encoded whole
-    assert memory_plan.streamed(webp, JobShape(1000, 800, 3, 8, 4000, 3200, "webp"), 4).encode_bytes == 0
+    assert memory_plan.streamed(webp, rgba, 4).encode_bytes == 0
     # a batch's previous image is measured, then encoded, while this network runs: the larger of the two
     assert memory_plan.overlapped(webp).held_bytes == webp.output_bytes + webp.encode_bytes + 2 * webp.input_bytes
     # 16-bit or transparent pixels are first copied to 8 bits or flattened for the lossy formats
@@ -144,21 +148,29 @@ def test_plan_counts_encoding_the_output_after_the_metrics():
 
 
 def test_the_output_format_the_job_writes_is_planned(config, model_manager):
-    """The plan of a job follows the format its output is encoded in: "auto" keeps a WebP input's format, an explicit
-    format wins, a batch's output file decides by its extension."""
+    """The plan of a job follows the format its output is encoded in: "auto" keeps a WebP input's format (a PNG
+    when its alpha is too large to compress within the goal), an explicit format wins, a batch's output file decides
+    by its extension."""
     from PIL import Image
 
     from engine.inference.batch import BatchJob, settings_for
-    from engine.inference.pipeline import plan_input
+    from engine.inference.pipeline import plan_input, plan_job
     from engine.settings import EnhanceSettings
 
     buf = io.BytesIO()
-    Image.new("RGB", (2000, 2000)).save(buf, "WEBP", quality=5)
+    Image.new("RGBA", (1000, 1000)).save(buf, "WEBP", quality=5)
     settings = EnhanceSettings(model="realesr-animevideov3", outscale=4, device="cpu")
     webp = plan_input(buf.getvalue(), settings, model_manager, config)[2]
     png = plan_input(buf.getvalue(), settings.replace(output_format="png"), model_manager, config)[2]
-    assert webp.encode_bytes == 8 * 8000 * 8000 and png.encode_bytes == 8000 * 8000
-    assert webp.peak_bytes > png.peak_bytes  # 512 MB of encoding outweigh the network's share
+    assert webp.encode_bytes == 27 * 4000 * 4000 and png.encode_bytes == 4000 * 4000
+    assert webp.peak_bytes > png.peak_bytes  # libwebp's alpha encoder (0.4 GB) outweighs the network's share
+    # 4100² is over 4096²: "auto" writes a PNG and says why; an explicit WebP stores its alpha uncompressed
+    big = dict(channels=4, input_format="WEBP")
+    job, _size, notes = plan_job(settings.replace(outscale=4.1), (1000, 1000), model_manager, config, **big)
+    assert job.memory.encode_bytes == 4100 * 4100 and any("saved as PNG" in n for n in notes), notes
+    job, _size, notes = plan_job(settings.replace(outscale=4.1, output_format="webp"), (1000, 1000),
+                                 model_manager, config, **big)
+    assert job.memory.encode_bytes == 4 * 4100 * 4100 and not any("saved as PNG" in n for n in notes)
     job = BatchJob(settings=settings.replace(output_format="png"), explicit={}, output_file=Path("out.webp"))
     assert settings_for(None, job, None)[0].output_format == "webp"
 

@@ -400,7 +400,7 @@ def run_enhance_job(services: "Services", data: bytes, explicit: Mapping[str, An
 
     try:
         encoded = encode_image(result.pixels, processor.output_format_for(result), quality=settings.quality,
-                               icc_profile=result.icc_profile, exif=result.exif)
+                               icc_profile=result.icc_profile, exif=result.exif, in_place=True)
     except Exception as exc:  # encoder failures are ours, not the client's
         raise api_error(exc, "encode") from None
 

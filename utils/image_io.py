@@ -25,6 +25,7 @@ import math
 import os
 import struct
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Literal, Union, get_args
@@ -46,8 +47,10 @@ __all__ = [
     "LoadedImage",
     "MAX_SIDE",
     "SavedImage",
+    "WEBP_COMPRESSED_ALPHA_PIXELS",
     "apply_orientation",
     "as_pixels",
+    "auto_format_change",
     "check_encodable",
     "choose_output_format",
     "encode_image",
@@ -138,18 +141,20 @@ class LoadedImage:
 
 @dataclass(frozen=True, kw_only=True)
 class FormatLosses:
-    """What writing an image in its format could not keep (shared by :class:`EncodedImage` and
-    :class:`SavedImage`).
+    """What writing an image in its format could not keep, or kept otherwise than usual (shared by
+    :class:`EncodedImage` and :class:`SavedImage`).
 
     Attributes:
         alpha_flattened: alpha was composited onto white because the format (JPEG) cannot hold it.
         reduced_to_8bit: a 16-bit input was written with 8 bits (JPEG/WebP, or ``keep_16bit=False``).
         metadata_dropped: an EXIF block was given but the writer could not embed it (16-bit colour TIFF).
+        alpha_uncompressed: a WebP larger than :data:`WEBP_COMPRESSED_ALPHA_PIXELS` holds its alpha uncompressed.
     """
 
     alpha_flattened: bool = False
     reduced_to_8bit: bool = False
     metadata_dropped: bool = False
+    alpha_uncompressed: bool = False
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -162,6 +167,9 @@ class FormatLosses:
             out.append("the 16-bit image was saved with 8 bits per channel (choose PNG or TIFF to keep 16 bits)")
         if self.metadata_dropped:
             out.append("the EXIF data could not be embedded in a 16-bit TIFF (choose PNG to keep it)")
+        if self.alpha_uncompressed:
+            out.append("the WebP's transparency was stored uncompressed (1 byte a pixel, a larger file): "
+                       "compressing it at this size would take libwebp about 24 bytes of memory a pixel")
         return tuple(out)
 
 
@@ -504,8 +512,9 @@ def choose_output_format(requested: str, input_format: str | None, has_alpha: bo
 
     ``"auto"``: 16-bit → png; JPEG input without alpha → jpg; WebP input → webp (it holds alpha); anything else
     (PNG, TIFF, BMP, arrays, alpha) → png, which is lossless and holds alpha and 16 bits. An output ``size``
-    (width, height) that the chosen format cannot hold (:data:`MAX_SIDE`: a WebP over 16383 px) → png as well;
-    an explicit request for such a format is refused by :func:`check_encodable`.
+    (width, height) that the chosen format cannot hold (:data:`MAX_SIDE`: a WebP over 16383 px), or a transparent
+    WebP too large to compress its alpha within the memory goal (:func:`auto_format_change`) → png as well; an
+    explicit request for a format too small is refused by :func:`check_encodable`.
 
     Raises:
         InvalidSettingsError: ``requested`` is not auto, png, jpg/jpeg, webp or tiff/tif.
@@ -521,9 +530,23 @@ def choose_output_format(requested: str, input_format: str | None, has_alpha: bo
         chosen = "jpg"
     elif source == "WEBP":
         chosen = "webp"
-    if size is not None and max(size) > MAX_SIDE.get(chosen, max(size)):
+    if size is not None and auto_format_change(chosen, size, has_alpha):
         return "png"
     return chosen
+
+
+def auto_format_change(chosen: ImageFormat, size: tuple[int, int], has_alpha: bool) -> str | None:
+    """Why the automatic format ``chosen`` gives way to PNG for an output of ``size`` (width, height), or None:
+    ``chosen`` cannot hold the size (:data:`MAX_SIDE`), or it is a transparent WebP over
+    :data:`WEBP_COMPRESSED_ALPHA_PIXELS`. Pure."""
+    width, height = size
+    limit = MAX_SIDE.get(chosen)
+    if limit is not None and max(width, height) > limit:
+        return f"A {chosen.upper()} image holds at most {limit} pixels a side and this output is {width}×{height}"
+    if chosen == "webp" and has_alpha and width * height > WEBP_COMPRESSED_ALPHA_PIXELS:
+        return (f"Compressing the transparency of a {width}×{height} WebP would take libwebp about 24 bytes of "
+                f"memory a pixel")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------- encode
@@ -568,13 +591,21 @@ def _flatten_on_white(pixels: np.ndarray) -> np.ndarray:
 
 
 _ENCODER_BYTES_PER_PIXEL: dict[ImageFormat, tuple[float, float, float, float]] = {
-    "png": (1, 1, 1, 1), "tiff": (1, 1, 1, 1), "jpg": (1, 2, 5, 8), "webp": (7, 14, 8, 14)}
+    "png": (1, 1, 1, 1), "tiff": (1, 1, 1, 1), "jpg": (1, 2, 5, 8), "webp": (6, 31, 2, 27)}
 """What encoding an 8-bit image holds per pixel besides its pixels, by channels (gray, gray+alpha, RGB, RGBA),
-measured (peak RSS of ``encode_image``/``save_image`` on a 3000x3000 x2-upscaled photo): PNG and TIFF compress
-strip by strip and hold their encoded bytes (0.1-0.8 bytes); JPEG goes through PIL's copy of the image (4 bytes per
-colour pixel; a gray one is shared), alpha first flattened onto white (a copy), and holds its encoded bytes (RGB
-4.6, RGBA 6.4); WebP through a BGR(A) copy and libwebp's YUV and token buffers (:func:`_encode_webp`: gray 6.5,
-RGB 7.2, RGBA 13.7; noise-like content takes up to 30, which an upscaler's output is not)."""
+measured (peak RSS of ``encode_image``/``save_image`` on 3000x3000 upscaled images): PNG and TIFF compress strip by
+strip and hold their encoded bytes (0.1-0.8 bytes); JPEG goes through PIL's copy of the image (4 bytes per colour
+pixel; a gray one is shared), alpha first flattened onto white (a copy), and holds its encoded bytes (RGB 4.6,
+RGBA 6.4). WebP, as the engine saves its results (``in_place``, :func:`_encode_webp`): libwebp's YUV planes and
+tokens (RGB 1.7, gray 5.3 with OpenCV's BGR expansion); alpha adds libwebp's lossless alpha encoder, ~24 bytes a
+pixel whatever the alpha (a hard mask, a gradient, a sprite's: RGBA 26.2, gray+alpha 30.2 with its BGRA
+expansion). Without ``in_place`` RGB(A) adds its BGR(A) copy (3-4 bytes)."""
+
+
+_WEBP_RAW_ALPHA_BYTES_PER_PIXEL = {2: 6, 4: 4}
+"""What a WebP with uncompressed alpha holds per pixel besides its pixels (gray+alpha, RGBA; measured at 5000²:
+5.2 and 3.4): the colour's encoding (libwebp's YUV planes and tokens, gray expanded to BGR), the alpha plane's copy
+and the file being put together."""
 
 
 def check_encodable(width: int, height: int, fmt: str) -> None:
@@ -597,13 +628,15 @@ def encoding_bytes(width: int, height: int, channels: int, bit_depth: int, fmt: 
     of 16-bit pixels). Pure."""
     name = normalize_format(fmt)
     per_pixel = _ENCODER_BYTES_PER_PIXEL[name][channels - 1]
+    if name == "webp" and channels in (2, 4) and width * height > WEBP_COMPRESSED_ALPHA_PIXELS:
+        per_pixel = _WEBP_RAW_ALPHA_BYTES_PER_PIXEL[channels]
     if name in ("jpg", "webp") and bit_depth > 8:
         per_pixel += channels  # to_8bit's copy
     return int(math.ceil(per_pixel * width * height))
 
 
 def encode_image(pixels: np.ndarray, format: str, *, quality: int = 95, icc_profile: bytes | None = None,
-                 exif: bytes | None = None, keep_16bit: bool = True) -> EncodedImage:
+                 exif: bytes | None = None, keep_16bit: bool = True, in_place: bool = False) -> EncodedImage:
     """Encode pixels in memory.
 
     Args:
@@ -615,6 +648,9 @@ def encode_image(pixels: np.ndarray, format: str, *, quality: int = 95, icc_prof
         exif: EXIF block to embed, with or without the ``Exif\\0\\0`` prefix (all formats except 16-bit colour
             TIFF, where it is dropped and ``metadata_dropped`` is set).
         keep_16bit: write ``uint16`` pixels as 16-bit PNG/TIFF; False writes 8 bits.
+        in_place: the WebP encoder may swap red and blue in ``pixels`` while it runs, and swaps them back before
+            it returns (also when it fails), instead of holding a BGR copy (3-4 bytes a pixel). Only for pixels no
+            other thread reads meanwhile: the engine's own results.
 
     Returns:
         The bytes and what had to change (alpha flattened onto white for JPEG, 16 → 8 bits, metadata dropped).
@@ -626,7 +662,7 @@ def encode_image(pixels: np.ndarray, format: str, *, quality: int = 95, icc_prof
     fmt = normalize_format(format)
     arr, reduced, flattened = _prepared(pixels, fmt, quality, keep_16bit)
 
-    dropped = False
+    dropped = raw_alpha = False
     if fmt == "png":
         buffer = io.BytesIO()
         _write_png_pixels(buffer, arr, icc_profile, exif)
@@ -636,7 +672,10 @@ def encode_image(pixels: np.ndarray, format: str, *, quality: int = 95, icc_prof
         _write_tiff_pixels(buffer, arr, icc_profile)
         data = buffer.getvalue()
     elif fmt == "webp":
-        data = _encode_webp(arr, int(quality), icc_profile, exif)
+        # a copy of the caller's pixels (16 bits made 8) is ours to reorder, theirs only when lent
+        raw_alpha = arr.shape[2] in (2, 4) and arr.shape[0] * arr.shape[1] > WEBP_COMPRESSED_ALPHA_PIXELS
+        data = _encode_webp(arr, int(quality), icc_profile, exif,
+                            reorder=in_place or not np.may_share_memory(arr, pixels), compress_alpha=not raw_alpha)
     elif arr.dtype == np.uint16 and arr.shape[2] > 1:  # PIL holds 16-bit grayscale only
         data = _encode_tiff16(arr, icc_profile)
         if exif:
@@ -646,7 +685,7 @@ def encode_image(pixels: np.ndarray, format: str, *, quality: int = 95, icc_prof
     else:
         data = _encode_pil(arr, fmt, int(quality), icc_profile, exif)
     return EncodedImage(data=data, format=fmt, bit_depth=8 * arr.dtype.itemsize, alpha_flattened=flattened,
-                        reduced_to_8bit=reduced, metadata_dropped=dropped)
+                        reduced_to_8bit=reduced, metadata_dropped=dropped, alpha_uncompressed=raw_alpha)
 
 
 def _prepared(pixels: np.ndarray, fmt: ImageFormat, quality: int, keep_16bit: bool) -> tuple[np.ndarray, bool, bool]:
@@ -667,20 +706,25 @@ def _prepared(pixels: np.ndarray, fmt: ImageFormat, quality: int, keep_16bit: bo
     return arr, reduced, flattened
 
 
-def _encode_webp(arr: np.ndarray, quality: int, icc: bytes | None, exif: bytes | None) -> bytes:
-    """Lossy WebP (method 4) through OpenCV's libwebp, which imports the pixels straight into YUV: 7.2 bytes per RGB
-    pixel (gray 6.5) where PIL's encoder (its copy, libwebp's ARGB, YUV and tokens) held 12.3 (11.7); RGBA holds
-    13.7 either way. The same VP8 and alpha bitstreams as PIL at the same quality, and the same ICC and EXIF
-    chunks (compared byte for byte)."""
+WEBP_COMPRESSED_ALPHA_PIXELS = 4096 * 4096
+"""The largest WebP (in pixels) whose alpha is compressed. libwebp's lossless alpha encoder holds ~24 bytes a pixel
+whatever the alpha (0.4 GB at 4096²), which over ~30 MP takes a job past 1 GB + twice its output's bytes. Larger
+transparent outputs go to PNG when the format is automatic (:func:`auto_format_change`); an explicit WebP stores its
+alpha uncompressed (an ALPH chunk of 1 byte a pixel, :func:`_with_raw_alpha`): encoding then holds ~4 bytes a
+pixel, and the file is larger (25.9 MB for a 5000² upscaled drawing with a round mask, whose PNG is 9.1 MB)."""
+
+
+def _encode_webp(arr: np.ndarray, quality: int, icc: bytes | None, exif: bytes | None, *, reorder: bool,
+                 compress_alpha: bool = True) -> bytes:
+    """Lossy WebP (method 4) through OpenCV's libwebp, which imports BGR(A) pixels straight into YUV; ``reorder``:
+    ``arr``'s red and blue are swapped in place for it and back (:func:`_red_blue_swapped`) instead of copied.
+    Besides the pixels it holds libwebp's YUV planes and tokens (RGB ~2 bytes a pixel, the BGR copy 3 more) and,
+    for alpha, the lossless encoder's buffers (~24 bytes a pixel whatever the alpha: :data:`_ENCODER_BYTES_PER_PIXEL`)
+    where PIL's encoder (its copy, libwebp's ARGB, YUV and tokens) held 12.3 for RGB. The same VP8 and alpha
+    bitstreams as PIL at the same quality, and the same ICC and EXIF chunks (compared byte for byte).
+    ``compress_alpha`` False: the colour is encoded opaque (libwebp leaves out the alpha of an opaque image) and the
+    alpha added uncompressed (see :data:`WEBP_COMPRESSED_ALPHA_PIXELS`)."""
     channels = arr.shape[2]
-    if channels == 3:
-        pixels = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
-    elif channels == 4:
-        pixels = cv2.cvtColor(arr, cv2.COLOR_RGBA2BGRA)
-    elif channels == 2:
-        pixels = np.concatenate([arr[..., :1]] * 3 + [arr[..., 1:]], axis=2)  # gray+alpha as BGRA
-    else:
-        pixels = arr[..., 0]  # OpenCV expands gray itself
     kinds, chunks = [], []
     if icc:
         kinds.append(cv2.IMAGE_METADATA_ICCP)
@@ -688,10 +732,93 @@ def _encode_webp(arr: np.ndarray, quality: int, icc: bytes | None, exif: bytes |
     if exif:  # a WebP EXIF chunk holds the TIFF structure without the JPEG marker's prefix
         kinds.append(cv2.IMAGE_METADATA_EXIF)
         chunks.append(np.frombuffer(exif[len(_EXIF_PREFIX):] if exif.startswith(_EXIF_PREFIX) else exif, np.uint8))
-    ok, data = cv2.imencodeWithMetadata(".webp", pixels, kinds, chunks, [cv2.IMWRITE_WEBP_QUALITY, quality])
-    if not ok:
-        raise ValueError(f"The WebP encoder failed on a {arr.shape[1]}x{arr.shape[0]} image.")
-    return data.tobytes()
+
+    def encoded(pixels: np.ndarray) -> bytes:
+        ok, data = cv2.imencodeWithMetadata(".webp", pixels, kinds, chunks, [cv2.IMWRITE_WEBP_QUALITY, quality])
+        if not ok:
+            raise ValueError(f"The WebP encoder failed on a {arr.shape[1]}x{arr.shape[0]} image.")
+        return data.tobytes()
+
+    lend = channels in (3, 4) and reorder and arr.flags.c_contiguous
+    if channels in (2, 4) and not compress_alpha:
+        if lend:
+            alpha = arr[..., 3].copy()
+            try:
+                arr[..., 3] = 255
+                with _red_blue_swapped(arr):
+                    colour = encoded(arr)
+            finally:
+                arr[..., 3] = alpha
+        else:
+            alpha = arr[..., -1]
+            colour = encoded(cv2.cvtColor(arr, cv2.COLOR_RGBA2BGR) if channels == 4
+                             else np.ascontiguousarray(arr[..., 0]))
+        return _with_raw_alpha(colour, alpha)
+    if lend:
+        with _red_blue_swapped(arr):
+            return encoded(arr)
+    if channels == 3:
+        return encoded(cv2.cvtColor(arr, cv2.COLOR_RGB2BGR))
+    if channels == 4:
+        return encoded(cv2.cvtColor(arr, cv2.COLOR_RGBA2BGRA))
+    if channels == 2:
+        return encoded(np.concatenate([arr[..., :1]] * 3 + [arr[..., 1:]], axis=2))  # gray+alpha as BGRA
+    return encoded(arr[..., 0])  # OpenCV expands gray itself
+
+
+_WEBP_CHUNK_ORDER = (b"VP8X", b"ICCP", b"ALPH", b"VP8 ", b"EXIF", b"XMP ")
+_VP8X_FLAGS = {b"ICCP": 0x20, b"ALPH": 0x10, b"EXIF": 0x08, b"XMP ": 0x04}
+
+
+def _with_raw_alpha(webp: bytes, alpha: np.ndarray) -> bytes:
+    """An opaque lossy WebP (``webp``, its ``VP8`` chunk and any metadata) with ``alpha`` (``HxW`` uint8) added as
+    an uncompressed ALPH chunk, in the extended format's order (VP8X first, with the alpha flag)."""
+    chunks: dict[bytes, bytes] = {}
+    at = 12
+    while at + 8 <= len(webp):
+        size = int.from_bytes(webp[at + 4:at + 8], "little")
+        chunks[webp[at:at + 4]] = webp[at + 8:at + 8 + size]
+        at += 8 + size + (size & 1)
+    if b"VP8 " not in chunks:
+        raise ValueError("The WebP encoder wrote no lossy colour chunk to add the alpha to.")
+    height, width = alpha.shape
+    flags = sum(bit for kind, bit in _VP8X_FLAGS.items() if kind in chunks or kind == b"ALPH")
+    chunks[b"VP8X"] = bytes([flags, 0, 0, 0]) + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    sizes = {kind: len(chunks[kind]) for kind in _WEBP_CHUNK_ORDER if kind in chunks}
+    sizes[b"ALPH"] = 1 + width * height  # a header byte (no pre-processing, no filter, no compression), the plane
+    out = bytearray(12 + sum(8 + size + (size & 1) for size in sizes.values()))  # zeros: the pads and ALPH's header
+    out[:12] = b"RIFF" + (len(out) - 8).to_bytes(4, "little") + b"WEBP"
+    at = 12
+    for kind in (kind for kind in _WEBP_CHUNK_ORDER if kind in sizes):
+        out[at:at + 8] = kind + sizes[kind].to_bytes(4, "little")
+        if kind == b"ALPH":
+            out[at + 9:at + 8 + sizes[kind]] = memoryview(np.ascontiguousarray(alpha)).cast("B")
+        else:
+            out[at + 8:at + 8 + sizes[kind]] = chunks[kind]
+        at += 8 + sizes[kind] + (sizes[kind] & 1)
+    return bytes(out)
+
+
+_SWAP_ROWS = 256
+"""Rows of the bands :func:`_red_blue_swapped` reorders at a time (OpenCV's in-place conversion of a band)."""
+
+
+@contextmanager
+def _red_blue_swapped(pixels: np.ndarray) -> Iterator[np.ndarray]:
+    """RGB(A) ``pixels`` (C-contiguous) as BGR(A) in place for the ``with`` block, then as they were, also when the
+    block raises or is interrupted part-way through the swap (only the rows swapped are swapped back)."""
+    code = cv2.COLOR_RGB2BGR if pixels.shape[2] == 3 else cv2.COLOR_RGBA2BGRA
+    done = 0
+    try:
+        while done < pixels.shape[0]:
+            band = pixels[done:done + _SWAP_ROWS]
+            cv2.cvtColor(band, code, dst=band)
+            done += band.shape[0]
+        yield pixels
+    finally:
+        for top in range(0, done, _SWAP_ROWS):
+            band = pixels[top:min(top + _SWAP_ROWS, done)]
+            cv2.cvtColor(band, code, dst=band)
 
 
 def _encode_pil(arr: np.ndarray, fmt: ImageFormat, quality: int, icc: bytes | None, exif: bytes | None) -> bytes:
@@ -745,7 +872,8 @@ def _encode_tiff16(arr: np.ndarray, icc: bytes | None) -> bytes:
 
 # ------------------------------------------------------------------------------------------------------------ save
 def save_image(pixels: np.ndarray, path: str | os.PathLike, *, format: str | None = None, quality: int = 95,
-               icc_profile: bytes | None = None, exif: bytes | None = None, keep_16bit: bool = True) -> SavedImage:
+               icc_profile: bytes | None = None, exif: bytes | None = None, keep_16bit: bool = True,
+               in_place: bool = False) -> SavedImage:
     """Encode and write an image atomically: a killed process never leaves a half-written file at ``path``.
 
     The bytes go to a temporary file in the same folder, are flushed and fsynced, then moved over ``path`` with
@@ -759,7 +887,7 @@ def save_image(pixels: np.ndarray, path: str | os.PathLike, *, format: str | Non
         pixels: as for :func:`encode_image`.
         path: destination; its folder must exist.
         format: png, jpg, webp or tiff; None to take it from the extension of ``path``.
-        quality, icc_profile, exif, keep_16bit: as for :func:`encode_image`.
+        quality, icc_profile, exif, keep_16bit, in_place: as for :func:`encode_image`.
 
     Returns:
         The path, the number of bytes written and the flags of :class:`EncodedImage`.
@@ -783,11 +911,12 @@ def save_image(pixels: np.ndarray, path: str | os.PathLike, *, format: str | Non
             _write_tiff_pixels(fh, arr, icc_profile)
         return SavedImage(path=target, bytes_written=target.stat().st_size, format="tiff",
                           bit_depth=8 * arr.dtype.itemsize, reduced_to_8bit=reduced)
-    encoded = encode_image(pixels, fmt, quality=quality, icc_profile=icc_profile, exif=exif, keep_16bit=keep_16bit)
+    encoded = encode_image(pixels, fmt, quality=quality, icc_profile=icc_profile, exif=exif, keep_16bit=keep_16bit,
+                           in_place=in_place)
     written = write_atomic(target, encoded.data)
     return SavedImage(path=target, bytes_written=written, format=encoded.format, bit_depth=encoded.bit_depth,
                       alpha_flattened=encoded.alpha_flattened, reduced_to_8bit=encoded.reduced_to_8bit,
-                      metadata_dropped=encoded.metadata_dropped)
+                      metadata_dropped=encoded.metadata_dropped, alpha_uncompressed=encoded.alpha_uncompressed)
 
 
 # ------------------------------------------------------------------------------------------------ streamed TIFF

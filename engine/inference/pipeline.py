@@ -381,13 +381,13 @@ def plan_job(settings: EnhanceSettings, size: tuple[int, int], model_manager, co
         raise InputTooLargeError(
             f"The output would be {out_w}×{out_h} = {out_w * out_h / 1e6:.0f} MP, over the limit of "
             f"{config.max_output_pixels / 1e6:.0f} MP; choose a smaller scale or raise REALESRGAN_MAX_OUTPUT_PIXELS.")
-    from utils.image_io import MAX_SIDE, check_encodable, choose_output_format
+    from utils.image_io import auto_format_change, check_encodable, choose_output_format
 
     alpha = channels in (2, 4)
     kept = choose_output_format(settings.output_format, input_format, alpha, bit_depth)
     encoded_as = choose_output_format(settings.output_format, input_format, alpha, bit_depth, (out_w, out_h))
-    format_note = (f"A {kept.upper()} image holds at most {MAX_SIDE.get(kept)} pixels a side and this output is "
-                   f"{out_w}×{out_h}: it is saved as PNG." if encoded_as != kept else None)
+    change = auto_format_change(kept, (out_w, out_h), alpha) if encoded_as != kept else None
+    format_note = f"{change}: it is saved as PNG." if change else None
     notes = tuple(n for n in (note, precision_note, format_note) if n)
     if not streamed:
         check_encodable(out_w, out_h, encoded_as)

@@ -66,7 +66,10 @@ def output_format_for(result: EnhanceResult, requested: str | None = None) -> st
 
 def save_result(result: EnhanceResult, path: str | Path, *, original_bytes: int | None = None,
                 output_format: str | None = None) -> tuple[Path, dict, list[str]]:
-    """Write the result atomically; returns (path, updated metrics with file sizes, warnings from the format)."""
+    """Write the result atomically; returns (path, updated metrics with file sizes, warnings from the format).
+
+    The result's pixels are lent to the encoder (``utils.image_io.save_image``'s ``in_place``: a WebP swaps red
+    and blue in place and back rather than copying them), so no other thread may read them meanwhile."""
     from utils.image_io import save_image
     from utils.metrics import file_metrics
 
@@ -74,7 +77,7 @@ def save_result(result: EnhanceResult, path: str | Path, *, original_bytes: int 
     fmt = output_format or output_format_for(result)
     path.parent.mkdir(parents=True, exist_ok=True)
     saved = save_image(result.pixels, path, format=fmt, quality=result.settings.quality,
-                       icc_profile=result.icc_profile, exif=result.exif)
+                       icc_profile=result.icc_profile, exif=result.exif, in_place=True)
     notes = [w[:1].upper() + w[1:] + "." for w in saved.warnings]
     metrics = dict(result.metrics)
     metrics.update(file_metrics((result.input_size[0], result.input_size[1]), result.size, original_bytes,
