@@ -169,10 +169,11 @@ def test_webp_is_the_bitstream_pil_writes_with_less_memory(channels):
     assert (b"ALPH" in ours) == (channels in (2, 4))
 
 
-@pytest.mark.parametrize("channels", [3, 4])
-def test_webp_encodes_lent_pixels_in_place_and_gives_them_back(channels):
-    """``in_place`` (the engine's results): red and blue are swapped in the pixels for libwebp and back, instead of
-    a BGR(A) copy: the same file, the pixels as they were, also when encoding fails, and no copy allocated."""
+@pytest.mark.parametrize("fmt, channels", [("webp", 3), ("webp", 4), ("jpg", 3)])
+def test_lent_pixels_are_encoded_in_place_and_given_back(fmt, channels):
+    """``in_place`` (the engine's results): red and blue are swapped in the pixels for libwebp or libjpeg and back,
+    instead of a BGR(A) copy: the same file, the pixels as they were, also when encoding fails, and no copy
+    allocated."""
     import tracemalloc
 
     import cv2
@@ -182,13 +183,13 @@ def test_webp_encodes_lent_pixels_in_place_and_gives_them_back(channels):
     smooth = cv2.GaussianBlur(rng.integers(0, 256, (600, 200, 4), dtype=np.uint8), (0, 0), 2)
     pixels = np.ascontiguousarray(smooth[..., :channels])  # 600 rows: the swap goes in several bands
     before = pixels.copy()
-    copied = encode_image(pixels, "webp", quality=90).data
+    copied = encode_image(pixels, fmt, quality=90).data
     tracemalloc.start()
     try:
-        lent = encode_image(pixels, "webp", quality=90, in_place=True).data
+        lent = encode_image(pixels, fmt, quality=90, in_place=True).data
         lent_peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.reset_peak()
-        encode_image(pixels, "webp", quality=90)
+        encode_image(pixels, fmt, quality=90)
         copy_peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -202,6 +203,39 @@ def test_webp_encodes_lent_pixels_in_place_and_gives_them_back(channels):
             np.testing.assert_array_equal(pixels[..., 2], before[..., 0])
             raise RuntimeError("the encoder failed")
     np.testing.assert_array_equal(pixels, before)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+@pytest.mark.parametrize("quality", [95, 80])
+def test_jpeg_is_the_file_pil_writes_without_its_copy(channels, quality):
+    """JPEG goes through OpenCV's libjpeg-turbo row by row: byte for byte the file PIL writes (4:4:4 from quality 90,
+    4:2:0 below, the same ICC and EXIF segments); transparent pixels are flattened onto white first."""
+    import cv2
+
+    rng = np.random.default_rng(channels)
+    smooth = cv2.GaussianBlur(rng.integers(0, 256, (96, 130, 4), dtype=np.uint8), (0, 0), 2)
+    pixels = smooth[..., :channels] if channels != 2 else smooth[..., [0, 3]]
+    icc, exif = _srgb_icc(), _exif(1, "Kept")
+    for meta in ({}, {"icc_profile": icc, "exif": exif}):
+        ours = encode_image(pixels, "jpg", quality=quality, **meta)
+        flat = load_image(encode_image(pixels, "png").data).pixels
+        if channels in (2, 4):  # PIL's side of the comparison: the same flattening onto white
+            flat = np.clip(np.rint(flat[..., :-1] * (flat[..., -1:] / 255.0) + 255 * (1 - flat[..., -1:] / 255.0)),
+                           0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        if flat.shape[2] == 1:  # one component has no subsampling (PIL's option only marks its SOF 2x2)
+            Image.fromarray(flat[..., 0]).save(buffer, "JPEG", quality=quality, **meta)
+        else:
+            Image.fromarray(flat).save(buffer, "JPEG", quality=quality, subsampling=0 if quality >= 90 else 2, **meta)
+        assert ours.data == buffer.getvalue()
+        assert ours.alpha_flattened == (channels in (2, 4))
+
+
+def test_a_jpeg_icc_profile_too_large_for_one_segment_is_still_embedded():
+    pixels = np.full((8, 8, 3), 100, np.uint8)
+    icc = _srgb_icc() + bytes(70000)  # over one APP2 segment: PIL splits it, OpenCV cannot
+    with Image.open(io.BytesIO(encode_image(pixels, "jpg", icc_profile=icc).data)) as im:
+        assert im.info["icc_profile"] == icc
 
 
 def test_jpeg_flattens_alpha_onto_white_and_says_so():

@@ -591,15 +591,15 @@ def _flatten_on_white(pixels: np.ndarray) -> np.ndarray:
 
 
 _ENCODER_BYTES_PER_PIXEL: dict[ImageFormat, tuple[float, float, float, float]] = {
-    "png": (1, 1, 1, 1), "tiff": (1, 1, 1, 1), "jpg": (1, 2, 5, 8), "webp": (6, 31, 2, 27)}
+    "png": (1, 1, 1, 1), "tiff": (1, 1, 1, 1), "jpg": (1, 2, 1, 5), "webp": (6, 31, 2, 27)}
 """What encoding an 8-bit image holds per pixel besides its pixels, by channels (gray, gray+alpha, RGB, RGBA),
-measured (peak RSS of ``encode_image``/``save_image`` on 3000x3000 upscaled images): PNG and TIFF compress strip by
-strip and hold their encoded bytes (0.1-0.8 bytes); JPEG goes through PIL's copy of the image (4 bytes per colour
-pixel; a gray one is shared), alpha first flattened onto white (a copy), and holds its encoded bytes (RGB 4.6,
-RGBA 6.4). WebP, as the engine saves its results (``in_place``, :func:`_encode_webp`): libwebp's YUV planes and
-tokens (RGB 1.7, gray 5.3 with OpenCV's BGR expansion); alpha adds libwebp's lossless alpha encoder, ~24 bytes a
-pixel whatever the alpha (a hard mask, a gradient, a sprite's: RGBA 26.2, gray+alpha 30.2 with its BGRA
-expansion). Without ``in_place`` RGB(A) adds its BGR(A) copy (3-4 bytes)."""
+measured (peak RSS of ``encode_image``/``save_image`` on 3000² and 5000² upscaled images), as the engine saves its
+results (``in_place``): PNG and TIFF compress strip by strip and hold their encoded bytes (0.1-0.8 bytes); so does
+JPEG (:func:`_encode_jpeg`: 0.1; PIL's copy held 3.4 more), alpha first flattened onto white (a copy: RGBA 4.6,
+gray+alpha 1.3; 6.3 through PIL). WebP (:func:`_encode_webp`) holds libwebp's YUV planes and tokens (RGB 1.7,
+gray 5.3 with OpenCV's BGR expansion); alpha adds libwebp's lossless alpha encoder, ~24 bytes a pixel whatever the
+alpha (a hard mask, a gradient, a sprite's: RGBA 26.2, gray+alpha 30.2 with its BGRA expansion). Without
+``in_place`` RGB(A) JPEG and WebP add their BGR(A) copy (3-4 bytes)."""
 
 
 _WEBP_RAW_ALPHA_BYTES_PER_PIXEL = {2: 6, 4: 4}
@@ -648,9 +648,9 @@ def encode_image(pixels: np.ndarray, format: str, *, quality: int = 95, icc_prof
         exif: EXIF block to embed, with or without the ``Exif\\0\\0`` prefix (all formats except 16-bit colour
             TIFF, where it is dropped and ``metadata_dropped`` is set).
         keep_16bit: write ``uint16`` pixels as 16-bit PNG/TIFF; False writes 8 bits.
-        in_place: the WebP encoder may swap red and blue in ``pixels`` while it runs, and swaps them back before
-            it returns (also when it fails), instead of holding a BGR copy (3-4 bytes a pixel). Only for pixels no
-            other thread reads meanwhile: the engine's own results.
+        in_place: the WebP and JPEG encoders may swap red and blue in ``pixels`` while they run, and swap them
+            back before returning (also when they fail), instead of holding a BGR copy (3-4 bytes a pixel). Only
+            for pixels no other thread reads meanwhile: the engine's own results.
 
     Returns:
         The bytes and what had to change (alpha flattened onto white for JPEG, 16 → 8 bits, metadata dropped).
@@ -672,10 +672,13 @@ def encode_image(pixels: np.ndarray, format: str, *, quality: int = 95, icc_prof
         _write_tiff_pixels(buffer, arr, icc_profile)
         data = buffer.getvalue()
     elif fmt == "webp":
-        # a copy of the caller's pixels (16 bits made 8) is ours to reorder, theirs only when lent
+        # a copy of the caller's pixels (16 bits made 8, alpha flattened) is ours to reorder, theirs only when lent
         raw_alpha = arr.shape[2] in (2, 4) and arr.shape[0] * arr.shape[1] > WEBP_COMPRESSED_ALPHA_PIXELS
         data = _encode_webp(arr, int(quality), icc_profile, exif,
                             reorder=in_place or not np.may_share_memory(arr, pixels), compress_alpha=not raw_alpha)
+    elif fmt == "jpg" and _jpeg_metadata_fits_one_segment(icc_profile, exif):
+        data = _encode_jpeg(arr, int(quality), icc_profile, exif,
+                            reorder=in_place or not np.may_share_memory(arr, pixels))
     elif arr.dtype == np.uint16 and arr.shape[2] > 1:  # PIL holds 16-bit grayscale only
         data = _encode_tiff16(arr, icc_profile)
         if exif:
@@ -725,19 +728,9 @@ def _encode_webp(arr: np.ndarray, quality: int, icc: bytes | None, exif: bytes |
     ``compress_alpha`` False: the colour is encoded opaque (libwebp leaves out the alpha of an opaque image) and the
     alpha added uncompressed (see :data:`WEBP_COMPRESSED_ALPHA_PIXELS`)."""
     channels = arr.shape[2]
-    kinds, chunks = [], []
-    if icc:
-        kinds.append(cv2.IMAGE_METADATA_ICCP)
-        chunks.append(np.frombuffer(icc, np.uint8))
-    if exif:  # a WebP EXIF chunk holds the TIFF structure without the JPEG marker's prefix
-        kinds.append(cv2.IMAGE_METADATA_EXIF)
-        chunks.append(np.frombuffer(exif[len(_EXIF_PREFIX):] if exif.startswith(_EXIF_PREFIX) else exif, np.uint8))
 
     def encoded(pixels: np.ndarray) -> bytes:
-        ok, data = cv2.imencodeWithMetadata(".webp", pixels, kinds, chunks, [cv2.IMWRITE_WEBP_QUALITY, quality])
-        if not ok:
-            raise ValueError(f"The WebP encoder failed on a {arr.shape[1]}x{arr.shape[0]} image.")
-        return data.tobytes()
+        return _opencv_encode(".webp", pixels, icc, exif, [cv2.IMWRITE_WEBP_QUALITY, quality])
 
     lend = channels in (3, 4) and reorder and arr.flags.c_contiguous
     if channels in (2, 4) and not compress_alpha:
@@ -764,6 +757,52 @@ def _encode_webp(arr: np.ndarray, quality: int, icc: bytes | None, exif: bytes |
     if channels == 2:
         return encoded(np.concatenate([arr[..., :1]] * 3 + [arr[..., 1:]], axis=2))  # gray+alpha as BGRA
     return encoded(arr[..., 0])  # OpenCV expands gray itself
+
+
+def _opencv_encode(extension: str, pixels: np.ndarray, icc: bytes | None, exif: bytes | None,
+                   params: list[int]) -> bytes:
+    """``pixels`` (BGR(A) or gray) encoded by OpenCV as ``extension``, with the ICC profile and EXIF block given.
+
+    Raises:
+        ValueError: the encoder failed.
+    """
+    kinds, chunks = [], []
+    if icc:
+        kinds.append(cv2.IMAGE_METADATA_ICCP)
+        chunks.append(np.frombuffer(icc, np.uint8))
+    if exif:  # OpenCV takes the TIFF structure without the JPEG marker's prefix, as a WebP EXIF chunk holds it
+        kinds.append(cv2.IMAGE_METADATA_EXIF)
+        chunks.append(np.frombuffer(exif[len(_EXIF_PREFIX):] if exif.startswith(_EXIF_PREFIX) else exif, np.uint8))
+    ok, data = cv2.imencodeWithMetadata(extension, pixels, kinds, chunks, params)
+    if not ok:
+        name = {".webp": "WebP", ".jpg": "JPEG"}.get(extension, extension)
+        raise ValueError(f"The {name} encoder failed on a {pixels.shape[1]}x{pixels.shape[0]} image.")
+    return data.tobytes()
+
+
+_JPEG_ONE_SEGMENT = {"icc": 65519, "exif": 65527}
+"""The largest ICC profile and EXIF block (without its prefix) one JPEG APPn segment holds (65533 bytes less the
+segment's signature); PIL splits a larger profile over several segments, OpenCV does not."""
+
+
+def _jpeg_metadata_fits_one_segment(icc: bytes | None, exif: bytes | None) -> bool:
+    tiff = (exif[len(_EXIF_PREFIX):] if exif.startswith(_EXIF_PREFIX) else exif) if exif else b""
+    return len(icc or b"") <= _JPEG_ONE_SEGMENT["icc"] and len(tiff) <= _JPEG_ONE_SEGMENT["exif"]
+
+
+def _encode_jpeg(arr: np.ndarray, quality: int, icc: bytes | None, exif: bytes | None, *, reorder: bool) -> bytes:
+    """Baseline JPEG through OpenCV's libjpeg-turbo, 4:4:4 from quality 90 and 4:2:0 below: byte for byte the file
+    PIL writes (the same tables, JFIF, EXIF and ICC segments), compressed row by row from the pixels, so it holds
+    only its encoded bytes where PIL held its copy of the image (4 bytes a pixel) too. Gray or RGB ``arr``
+    (alpha is flattened first); ``reorder`` as for :func:`_encode_webp`."""
+    sampling = cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444 if quality >= 90 else cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, sampling]
+    if arr.shape[2] == 1:
+        return _opencv_encode(".jpg", arr[..., 0], icc, exif, params)
+    if reorder and arr.flags.c_contiguous:
+        with _red_blue_swapped(arr):
+            return _opencv_encode(".jpg", arr, icc, exif, params)
+    return _opencv_encode(".jpg", cv2.cvtColor(arr, cv2.COLOR_RGB2BGR), icc, exif, params)
 
 
 _WEBP_CHUNK_ORDER = (b"VP8X", b"ICCP", b"ALPH", b"VP8 ", b"EXIF", b"XMP ")
