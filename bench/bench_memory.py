@@ -56,6 +56,7 @@ CASES = {c.name: c for c in (
     Case("1000x1000x4-rgba-webp", 1000, 1000, 4, output="webp", alpha=True),  # 4000²: alpha compressed
     Case("1500x1000x4-rgba-webp", 1500, 1000, 4, output="webp", alpha=True),  # over 4096²: alpha uncompressed
     Case("1500x1000x4-rgba-png", 1500, 1000, 4, output="png", alpha=True),
+    Case("4000x4000x4-rgba-webp", 4000, 4000, 4, output="webp", alpha=True),  # 16000², near WebP's largest
     Case("256x256x4-x4plus", 256, 256, 4, model="RealESRGAN_x4plus"),
     Case("640x480x4-x4plus", 640, 480, 4, model="RealESRGAN_x4plus"),
     Case("1500x1000x4-stream", 1500, 1000, 4, output="tiff", stream=True),

@@ -642,6 +642,21 @@ def test_an_explicit_webp_over_the_limit_stores_its_alpha_uncompressed_and_says_
         np.testing.assert_array_equal(np.asarray(im)[..., 3], pixels[..., 3])
 
 
+def test_an_image_libwebp_cannot_encode_is_saved_as_png_and_nothing_is_lost(tmp_path):
+    """libwebp refuses some images (over 16383 px a side; very large detailed ones overflow its 512 KB first
+    partition, found on a 16000² output after minutes of work): the result is written as PNG instead, and says so."""
+    pixels = np.random.default_rng(5).integers(0, 256, (3, 16384, 3), dtype=np.uint8)
+    before = pixels.copy()
+    saved = save_image(pixels, tmp_path / "wide.webp", in_place=True)
+    assert saved.path == tmp_path / "wide.png" and saved.format == "png" and saved.webp_failed
+    assert any("saved as PNG instead" in w for w in saved.warnings)
+    assert not (tmp_path / "wide.webp").exists()
+    np.testing.assert_array_equal(load_image(saved.path).pixels, before)
+    np.testing.assert_array_equal(pixels, before)  # the lent pixels were given back
+    encoded = encode_image(pixels, "webp")
+    assert encoded.format == "png" and encoded.webp_failed
+
+
 def test_choose_output_format_refuses_unknown():
     with pytest.raises(InvalidSettingsError, match="png, jpg, webp, tiff"):
         choose_output_format("gif", "PNG", False, 8)

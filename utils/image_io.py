@@ -26,7 +26,7 @@ import os
 import struct
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Literal, Union, get_args
 
@@ -149,12 +149,14 @@ class FormatLosses:
         reduced_to_8bit: a 16-bit input was written with 8 bits (JPEG/WebP, or ``keep_16bit=False``).
         metadata_dropped: an EXIF block was given but the writer could not embed it (16-bit colour TIFF).
         alpha_uncompressed: a WebP larger than :data:`WEBP_COMPRESSED_ALPHA_PIXELS` holds its alpha uncompressed.
+        webp_failed: libwebp could not encode the image, so it was written as PNG.
     """
 
     alpha_flattened: bool = False
     reduced_to_8bit: bool = False
     metadata_dropped: bool = False
     alpha_uncompressed: bool = False
+    webp_failed: bool = False
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -170,6 +172,10 @@ class FormatLosses:
         if self.alpha_uncompressed:
             out.append("the WebP's transparency was stored uncompressed (1 byte a pixel, a larger file): "
                        "compressing it at this size would take libwebp about 24 bytes of memory a pixel")
+        if self.webp_failed:
+            out.append("libwebp could not encode this image (a WebP holds at most 16383 pixels a side, and its "
+                       "first partition at most 512 KB, which very large detailed images overflow), so it was saved "
+                       "as PNG instead")
         return tuple(out)
 
 
@@ -674,8 +680,17 @@ def encode_image(pixels: np.ndarray, format: str, *, quality: int = 95, icc_prof
     elif fmt == "webp":
         # a copy of the caller's pixels (16 bits made 8, alpha flattened) is ours to reorder, theirs only when lent
         raw_alpha = arr.shape[2] in (2, 4) and arr.shape[0] * arr.shape[1] > WEBP_COMPRESSED_ALPHA_PIXELS
-        data = _encode_webp(arr, int(quality), icc_profile, exif,
-                            reorder=in_place or not np.may_share_memory(arr, pixels), compress_alpha=not raw_alpha)
+        try:
+            data = _encode_webp(arr, int(quality), icc_profile, exif,
+                                reorder=in_place or not np.may_share_memory(arr, pixels), compress_alpha=not raw_alpha)
+        except _EncoderFailed:
+            # libwebp's VP8 holds the modes of every 16x16 block in its first partition, at most 512 KB: some
+            # outputs over ~120 MP overflow it (a 16000² upscaled gradient did, 11000² did not). Nothing is lost.
+            logger.warning("libwebp could not encode a %dx%d image; it is written as PNG", arr.shape[1],
+                           arr.shape[0])
+            del arr
+            png = encode_image(pixels, "png", icc_profile=icc_profile, exif=exif, keep_16bit=keep_16bit)
+            return replace(png, webp_failed=True)
     elif fmt == "jpg" and _jpeg_metadata_fits_one_segment(icc_profile, exif):
         data = _encode_jpeg(arr, int(quality), icc_profile, exif,
                             reorder=in_place or not np.may_share_memory(arr, pixels))
@@ -764,7 +779,7 @@ def _opencv_encode(extension: str, pixels: np.ndarray, icc: bytes | None, exif: 
     """``pixels`` (BGR(A) or gray) encoded by OpenCV as ``extension``, with the ICC profile and EXIF block given.
 
     Raises:
-        ValueError: the encoder failed.
+        _EncoderFailed: the encoder failed.
     """
     kinds, chunks = [], []
     if icc:
@@ -776,8 +791,12 @@ def _opencv_encode(extension: str, pixels: np.ndarray, icc: bytes | None, exif: 
     ok, data = cv2.imencodeWithMetadata(extension, pixels, kinds, chunks, params)
     if not ok:
         name = {".webp": "WebP", ".jpg": "JPEG"}.get(extension, extension)
-        raise ValueError(f"The {name} encoder failed on a {pixels.shape[1]}x{pixels.shape[0]} image.")
+        raise _EncoderFailed(f"The {name} encoder failed on a {pixels.shape[1]}x{pixels.shape[0]} image.")
     return data.tobytes()
+
+
+class _EncoderFailed(ValueError):
+    """OpenCV's encoder returned no image (it logs libwebp's or libjpeg's reason itself)."""
 
 
 _JPEG_ONE_SEGMENT = {"icc": 65519, "exif": 65527}
@@ -929,7 +948,8 @@ def save_image(pixels: np.ndarray, path: str | os.PathLike, *, format: str | Non
         quality, icc_profile, exif, keep_16bit, in_place: as for :func:`encode_image`.
 
     Returns:
-        The path, the number of bytes written and the flags of :class:`EncodedImage`.
+        The path, the number of bytes written and the flags of :class:`EncodedImage`. An image libwebp cannot
+        encode is written as PNG, at ``path`` with the suffix ``.png`` (``webp_failed``).
 
     Raises:
         InvalidSettingsError: unknown format (or extension) or quality out of range.
@@ -952,10 +972,13 @@ def save_image(pixels: np.ndarray, path: str | os.PathLike, *, format: str | Non
                           bit_depth=8 * arr.dtype.itemsize, reduced_to_8bit=reduced)
     encoded = encode_image(pixels, fmt, quality=quality, icc_profile=icc_profile, exif=exif, keep_16bit=keep_16bit,
                            in_place=in_place)
+    if encoded.webp_failed:  # the bytes are a PNG: so is the file's name
+        target = target.with_suffix(".png")
     written = write_atomic(target, encoded.data)
     return SavedImage(path=target, bytes_written=written, format=encoded.format, bit_depth=encoded.bit_depth,
                       alpha_flattened=encoded.alpha_flattened, reduced_to_8bit=encoded.reduced_to_8bit,
-                      metadata_dropped=encoded.metadata_dropped, alpha_uncompressed=encoded.alpha_uncompressed)
+                      metadata_dropped=encoded.metadata_dropped, alpha_uncompressed=encoded.alpha_uncompressed,
+                      webp_failed=encoded.webp_failed)
 
 
 # ------------------------------------------------------------------------------------------------ streamed TIFF
