@@ -76,6 +76,13 @@ _FORMAT_NAMES: dict[str, ImageFormat] = {
 }
 _PIL_SAVE_NAME: dict[ImageFormat, str] = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP", "tiff": "TIFF"}
 _EXIF_PREFIX = b"Exif\x00\x00"
+
+
+def _exif_tiff(exif: bytes) -> bytes:
+    """An EXIF block without the JPEG marker's ``Exif\\0\\0`` prefix: the TIFF structure itself."""
+    return exif[len(_EXIF_PREFIX):] if exif.startswith(_EXIF_PREFIX) else exif
+
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_COMPRESS_LEVEL = 4
 """zlib level of every PNG written (8 and 16 bits, whole or streamed). On a 1024² photo output, level 4 encodes
@@ -437,7 +444,7 @@ def _reset_orientation(exif: bytes | None) -> bytes | None:
         parsed = Image.Exif()
         parsed.load(exif)
         if parsed.get(_ORIENTATION_TAG, 1) == 1:
-            return exif if exif.startswith(_EXIF_PREFIX) else _EXIF_PREFIX + exif
+            return _EXIF_PREFIX + _exif_tiff(exif)
         parsed[_ORIENTATION_TAG] = 1
         return parsed.tobytes()
     except Exception as exc:  # a damaged EXIF block must not cost the user the image
@@ -747,9 +754,8 @@ def _encode_webp(arr: np.ndarray, quality: int, icc: bytes | None, exif: bytes |
     def encoded(pixels: np.ndarray) -> bytes:
         return _opencv_encode(".webp", pixels, icc, exif, [cv2.IMWRITE_WEBP_QUALITY, quality])
 
-    lend = channels in (3, 4) and reorder and arr.flags.c_contiguous
     if channels in (2, 4) and not compress_alpha:
-        if lend:
+        if channels == 4 and reorder and arr.flags.c_contiguous:
             alpha = arr[..., 3].copy()
             try:
                 arr[..., 3] = 255
@@ -762,13 +768,9 @@ def _encode_webp(arr: np.ndarray, quality: int, icc: bytes | None, exif: bytes |
             colour = encoded(cv2.cvtColor(arr, cv2.COLOR_RGBA2BGR) if channels == 4
                              else np.ascontiguousarray(arr[..., 0]))
         return _with_raw_alpha(colour, alpha)
-    if lend:
-        with _red_blue_swapped(arr):
-            return encoded(arr)
-    if channels == 3:
-        return encoded(cv2.cvtColor(arr, cv2.COLOR_RGB2BGR))
-    if channels == 4:
-        return encoded(cv2.cvtColor(arr, cv2.COLOR_RGBA2BGRA))
+    if channels in (3, 4):
+        with _as_bgr(arr, reorder) as bgr:
+            return encoded(bgr)
     if channels == 2:
         return encoded(np.concatenate([arr[..., :1]] * 3 + [arr[..., 1:]], axis=2))  # gray+alpha as BGRA
     return encoded(arr[..., 0])  # OpenCV expands gray itself
@@ -787,7 +789,7 @@ def _opencv_encode(extension: str, pixels: np.ndarray, icc: bytes | None, exif: 
         chunks.append(np.frombuffer(icc, np.uint8))
     if exif:  # OpenCV takes the TIFF structure without the JPEG marker's prefix, as a WebP EXIF chunk holds it
         kinds.append(cv2.IMAGE_METADATA_EXIF)
-        chunks.append(np.frombuffer(exif[len(_EXIF_PREFIX):] if exif.startswith(_EXIF_PREFIX) else exif, np.uint8))
+        chunks.append(np.frombuffer(_exif_tiff(exif), np.uint8))
     ok, data = cv2.imencodeWithMetadata(extension, pixels, kinds, chunks, params)
     if not ok:
         name = {".webp": "WebP", ".jpg": "JPEG"}.get(extension, extension)
@@ -799,14 +801,13 @@ class _EncoderFailed(ValueError):
     """OpenCV's encoder returned no image (it logs libwebp's or libjpeg's reason itself)."""
 
 
-_JPEG_ONE_SEGMENT = {"icc": 65519, "exif": 65527}
+_JPEG_SEGMENT_ICC_BYTES, _JPEG_SEGMENT_EXIF_BYTES = 65519, 65527
 """The largest ICC profile and EXIF block (without its prefix) one JPEG APPn segment holds (65533 bytes less the
 segment's signature); PIL splits a larger profile over several segments, OpenCV does not."""
 
 
 def _jpeg_metadata_fits_one_segment(icc: bytes | None, exif: bytes | None) -> bool:
-    tiff = (exif[len(_EXIF_PREFIX):] if exif.startswith(_EXIF_PREFIX) else exif) if exif else b""
-    return len(icc or b"") <= _JPEG_ONE_SEGMENT["icc"] and len(tiff) <= _JPEG_ONE_SEGMENT["exif"]
+    return len(icc or b"") <= _JPEG_SEGMENT_ICC_BYTES and len(_exif_tiff(exif or b"")) <= _JPEG_SEGMENT_EXIF_BYTES
 
 
 def _encode_jpeg(arr: np.ndarray, quality: int, icc: bytes | None, exif: bytes | None, *, reorder: bool) -> bytes:
@@ -818,10 +819,8 @@ def _encode_jpeg(arr: np.ndarray, quality: int, icc: bytes | None, exif: bytes |
     params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, sampling]
     if arr.shape[2] == 1:
         return _opencv_encode(".jpg", arr[..., 0], icc, exif, params)
-    if reorder and arr.flags.c_contiguous:
-        with _red_blue_swapped(arr):
-            return _opencv_encode(".jpg", arr, icc, exif, params)
-    return _opencv_encode(".jpg", cv2.cvtColor(arr, cv2.COLOR_RGB2BGR), icc, exif, params)
+    with _as_bgr(arr, reorder) as bgr:
+        return _opencv_encode(".jpg", bgr, icc, exif, params)
 
 
 _WEBP_CHUNK_ORDER = (b"VP8X", b"ICCP", b"ALPH", b"VP8 ", b"EXIF", b"XMP ")
@@ -862,6 +861,17 @@ _SWAP_ROWS = 256
 
 
 @contextmanager
+def _as_bgr(arr: np.ndarray, reorder: bool) -> Iterator[np.ndarray]:
+    """RGB(A) ``arr`` as OpenCV's encoders take it, BGR(A): ``arr`` itself with red and blue swapped in place for
+    the ``with`` block when ``reorder`` (and it is C-contiguous), else a copy."""
+    if reorder and arr.flags.c_contiguous:
+        with _red_blue_swapped(arr):
+            yield arr
+    else:
+        yield cv2.cvtColor(arr, cv2.COLOR_RGB2BGR if arr.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
+
+
+@contextmanager
 def _red_blue_swapped(pixels: np.ndarray) -> Iterator[np.ndarray]:
     """RGB(A) ``pixels`` (C-contiguous) as BGR(A) in place for the ``with`` block, then as they were, also when the
     block raises or is interrupted part-way through the swap (only the rows swapped are swapped back)."""
@@ -885,7 +895,7 @@ def _encode_pil(arr: np.ndarray, fmt: ImageFormat, quality: int, icc: bytes | No
     if icc:
         options["icc_profile"] = icc
     if exif:
-        options["exif"] = exif if exif.startswith(_EXIF_PREFIX) else _EXIF_PREFIX + exif
+        options["exif"] = _EXIF_PREFIX + _exif_tiff(exif)
     if fmt == "jpg":
         options.update(quality=quality, subsampling=0 if quality >= 90 else 2)
     elif fmt == "png":
@@ -1131,7 +1141,7 @@ def _write_png(fh: IO[bytes], rows: "Iterable[np.ndarray]", *, size: tuple[int, 
     if icc_profile:
         _write_chunk(fh, b"iCCP", b"icc\x00\x00" + zlib.compress(icc_profile))
     if exif:
-        _write_chunk(fh, b"eXIf", exif[len(_EXIF_PREFIX):] if exif.startswith(_EXIF_PREFIX) else exif)
+        _write_chunk(fh, b"eXIf", _exif_tiff(exif))
     deflate, pending, above = zlib.compressobj(compress_level), [], None
     for block in blocks:
         data = np.ascontiguousarray(block.astype(">u2", copy=False) if dtype.itemsize == 2 else block)
