@@ -180,8 +180,11 @@ def test_lent_pixels_are_encoded_in_place_and_given_back(fmt, channels):
     from utils import image_io
 
     rng = np.random.default_rng(channels)
-    smooth = cv2.GaussianBlur(rng.integers(0, 256, (600, 200, 4), dtype=np.uint8), (0, 0), 2)
-    pixels = np.ascontiguousarray(smooth[..., :channels])  # 600 rows: the swap goes in several bands
+    # 1200 rows: the swap goes in several bands; smooth, as an upscale is, so the encoded bytes (all that the lent
+    # path allocates, twice: OpenCV's array and its bytes) stay a few per cent of the pixels, and what other threads
+    # allocate meanwhile has megabytes of room
+    smooth = cv2.GaussianBlur(rng.integers(0, 256, (1200, 800, 4), dtype=np.uint8), (0, 0), 8)
+    pixels = np.ascontiguousarray(smooth[..., :channels])
     before = pixels.copy()
     copied = encode_image(pixels, fmt, quality=90).data
     tracemalloc.start()
