@@ -15,9 +15,9 @@ gray, noise, crop). Printed:
   +-TRIAL_FIT_BAND; then the rule fitted on all of them, beside the shipped constants.
 
 Then the held-out decisions on the sources added after the features were chosen (``more_sources``), the shipped
-advisor's decisions on images outside its fit (``debian_sources``: wallpapers from the Debian archive), the labelled
-originals in tests/data/advisor with the shipped model (content type and face counts) and the
-noise estimator's rank correlation with synthetic Gaussian sigma.
+advisor's decisions on images outside its fit (``debian_sources``: wallpapers, game art and sky photos from the
+Debian archive), the labelled originals in tests/data/advisor with the shipped model (content type and face counts)
+and the noise estimator's rank correlation with synthetic Gaussian sigma.
 
 Run: .venv/bin/python bench/eval_advisor.py [--trial]   (first run ~3 min on 2 cores, --trial ~3 min more:
 features, face counts and trial gaps are cached in $TMPDIR/realesrgan-advisor-eval)
@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fit_content_type import (  # noqa: E402
-    CACHE, DATA, DEBIAN_FIT_IMAGES, _feature_version, balanced_weights, dataset, debian_sources, fit_classifier,
-    fit_logistic, leave_one_source_out, more_sources, read_rgb, report, rgb8, samples, sources)
+    CACHE, DATA, DEBIAN_FIT_IMAGES, DEBIAN_MORE_IMAGES, _feature_version, balanced_weights, dataset, debian_sources,
+    fit_classifier, fit_logistic, leave_one_source_out, more_sources, read_rgb, report, rgb8, samples, sources)
 from engine import face_detect, image_analysis  # noqa: E402
 from engine.image_analysis import (  # noqa: E402
     TRIAL_BIAS, TRIAL_GAP_WEIGHT, TRIAL_LOGIT_WEIGHT, analyze, decide_content, drawn_faces, noise_level, noise_sigma,
@@ -233,12 +233,20 @@ def main() -> None:
     unseen = unseen_decisions(args.trial)
     if unseen is not None:
         data_u, plain, tried = unseen
-        print("== images the shipped model never saw (Debian's wallpapers: bench/fit_content_type.DEBIAN_IMAGES), "
-              "shipped advisor without a trial ==")
-        report(data_u, plain, show_misses=0)
-        if args.trial:
-            print("== the same, with the trial on its unsure samples ==")
-            report(data_u, tried, show_misses=0)
+        later = np.isin(data_u["source"], sorted({source for source, *_ in DEBIAN_MORE_IMAGES}))
+        for title, group in (("all of them", np.ones(len(later), bool)),
+                             ("KDE's wallpapers and spacefun (DEBIAN_IMAGES, to compare with figures before "
+                              "2026-12-03 17:00)", ~later),
+                             ("Stellarium, SuperTux, Frozen Bubble, UKUI, GNOME (DEBIAN_MORE_IMAGES)", later)):
+            if not group.any():
+                continue
+            subset = {k: v[group] for k, v in data_u.items()}
+            print(f"== images the shipped model never saw (bench/fit_content_type.debian_sources): {title}; "
+                  "shipped advisor without a trial ==")
+            report(subset, plain[group], show_misses=0)
+            if args.trial:
+                print("== the same, with the trial on its unsure samples ==")
+                report(subset, tried[group], show_misses=0)
 
     print("== labelled originals (tests/data/advisor), shipped model ==")
     labels = json.loads((DATA / "labels.json").read_text())

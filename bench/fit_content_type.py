@@ -18,8 +18,9 @@ The set is generated on the fly from public images that are on this machine offl
   warning where it can't be had): MATE's nature wallpapers, KDE Palapeli's puzzle photos and Ren'Py's demo
   backgrounds (21 photos), Ren'Py's anime character sprites, a concert scene and its launch image (drawings).
 
-Not in the set, so never in a fit: 19 images from other Debian packages (:data:`DEBIAN_IMAGES`, fetched the same
-way), on which ``bench/eval_advisor.py`` judges the shipped advisor as on images it never saw.
+Not in the set, so never in a fit: 19 + 23 images from other Debian packages (:data:`DEBIAN_IMAGES`,
+:data:`DEBIAN_MORE_IMAGES`, fetched the same way), on which ``bench/eval_advisor.py`` judges the shipped advisor
+as on images it never saw.
 
 Each image is made at long sides 128, 160, 240, 360 and 512 px and native (INTER_AREA), and at each size as
 ``clean``, re-compressed ``jpeg`` (quality 30-95, fixed per image and size), ``gray``, Gaussian ``noise``
@@ -323,17 +324,54 @@ def debian_files(packages: tuple[str, ...] = DEBIAN_PACKAGES, marker: str = DEBI
     return root if (root / marker).is_file() else None
 
 
+#: More images the shipped model never saw (:func:`debian_sources`), chosen on 2026-12-03 after the model was fitted
+#: and labelled by eye before any was classified: photos from Stellarium (a Mars panorama, a field, snowy firs, and
+#: one photographer's deep-sky photos: galaxies, a globular cluster, a nebula) and drawings from SuperTux (painted
+#: backgrounds; sprites), Frozen Bubble (rendered cartoon penguins) and the UKUI and GNOME wallpapers (flat vector
+#: scenes with gradients, a cartoon dragon, a glowing creature, a flat desk of icons). Images from one project in one
+#: style are one source; UKUI's and GNOME's abstract 3D renders are left out as neither class. Fitting on them too was
+#: tried (2026-12-03): the 78 sources held out went from 90.9% to 88.3% (classifier alone) while these stayed at 62%.
+DEBIAN_MORE_PACKAGES = ("stellarium-data", "supertux-data", "frozen-bubble-data", "ukui-wallpapers",
+                        "gnome-backgrounds")
+_STELLARIUM, _SUPERTUX = "usr/share/stellarium", "usr/share/games/supertux2/images"
+DEBIAN_MORE_IMAGES = (
+    ("stellarium_mars", "photo", f"{_STELLARIUM}/landscapes/mars/mars.png"),
+    ("stellarium_garching", "photo", f"{_STELLARIUM}/landscapes/garching/garching-gl2.png"),
+    ("stellarium_hurricane", "photo", f"{_STELLARIUM}/landscapes/hurricane/hurricane1.png"),
+    *(("stellarium_deep_sky", "photo", f"{_STELLARIUM}/nebulae/default/{name}.png")
+      for name in ("m51-vasey", "n7000", "m31", "sh2-188-vasey")),
+    *(("supertux_backgrounds", "anime", f"{_SUPERTUX}/background/{name}")
+      for name in ("BlueRock_Forest/blue-middle.jpg", "forest/forest2_para.png", "ghostforest/ghostforest.jpg",
+                   "nightsky/nightsky.png", "christmas/intro.jpg")),
+    *(("supertux_sprites", "anime", f"{_SUPERTUX}/creatures/{name}.png")
+      for name in ("yeti/busted3", "ghosttree/ghosttree")),
+    *(("frozen_bubble", "anime", f"usr/share/games/frozen-bubble/gfx/{name}.png")
+      for name in ("back_one_player", "back_hiscores")),
+    *(("ukui_flat", "anime", f"usr/share/backgrounds/{name}.png") for name in ("city", "desert", "rollpaper")),
+    ("ukui_calla", "anime", "usr/share/backgrounds/calla.png"),
+    ("ukui_goldfish", "anime", "usr/share/backgrounds/goldfish.png"),
+    ("ukui_firstgeneration", "anime", "usr/share/backgrounds/firstgeneration.jpg"),
+    ("ukui_mouse", "anime", "usr/share/backgrounds/the-mouse.jpg"),
+    ("gnome_pixels", "anime", "usr/share/backgrounds/gnome/pixels-l.webp"),
+)
+
+
 def debian_sources() -> list[Item]:
-    """The :data:`DEBIAN_IMAGES` wallpapers (their smallest raster file) and the spacefun drawing; [] without
-    them."""
+    """The :data:`DEBIAN_IMAGES` wallpapers (their smallest raster file), the spacefun drawing and the
+    :data:`DEBIAN_MORE_IMAGES`; a group that can't be had is left out (with a warning)."""
+    items: list[Item] = []
     root = debian_files()
-    if root is None:
-        return []
-    items: list[Item] = [("spacefun", "anime", "spacefun", read_rgb(root / DEBIAN_SPACEFUN))]
-    for name, label in DEBIAN_IMAGES.items():
-        files = [f for f in (root / "usr/share/wallpapers" / name / "contents/images").iterdir() if f.suffix != ".svg"]
-        smallest = min(files, key=lambda f: (f.stat().st_size, f.name))
-        items.append(("wp_" + name, label, name, read_rgb(smallest)))
+    if root is not None:
+        items.append(("spacefun", "anime", "spacefun", read_rgb(root / DEBIAN_SPACEFUN)))
+        for name, label in DEBIAN_IMAGES.items():
+            files = [f for f in (root / "usr/share/wallpapers" / name / "contents/images").iterdir()
+                     if f.suffix != ".svg"]
+            smallest = min(files, key=lambda f: (f.stat().st_size, f.name))
+            items.append(("wp_" + name, label, name, read_rgb(smallest)))
+    root = debian_files(DEBIAN_MORE_PACKAGES, DEBIAN_MORE_IMAGES[0][2], "debian-more")
+    if root is not None:
+        items += [(source, label, Path(path).stem, read_rgb(root / path)) for source, label, path in DEBIAN_MORE_IMAGES
+                  if (root / path).is_file()]
     return items
 
 
