@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import struct
@@ -35,7 +36,10 @@ def _rng_pixels(shape, dtype, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
 
 
+@functools.cache
 def _srgb_icc() -> bytes:
+    """One sRGB profile for the whole run: lcms stamps each profile it makes with the time, so two made a second
+    apart differ (a comparison of a written profile with a new one failed when a second boundary fell between)."""
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
