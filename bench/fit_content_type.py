@@ -18,7 +18,7 @@ The set is generated on the fly from public images that are on this machine offl
   warning where it can't be had): MATE's nature wallpapers, KDE Palapeli's puzzle photos and Ren'Py's demo
   backgrounds (21 photos), Ren'Py's anime character sprites, a concert scene and its launch image (drawings).
 
-Not in the set, so never in a fit: 19 + 23 images from other Debian packages (:data:`DEBIAN_IMAGES`,
+Not in the set, so never in a fit: 19 + 24 images from other Debian packages (:data:`DEBIAN_IMAGES`,
 :data:`DEBIAN_MORE_IMAGES`, fetched the same way), on which ``bench/eval_advisor.py`` judges the shipped advisor
 as on images it never saw.
 
@@ -281,10 +281,16 @@ DEBIAN_FIT_IMAGES = (
 
 def debian_fit_sources() -> list[Item]:
     """The :data:`DEBIAN_FIT_IMAGES`; [] (with a warning) without the Debian archive."""
-    root = debian_files(DEBIAN_FIT_PACKAGES, DEBIAN_FIT_IMAGES[0][2], "debian-fit")
+    return _debian_items(DEBIAN_FIT_PACKAGES, DEBIAN_FIT_IMAGES, "debian-fit")
+
+
+def _debian_items(packages: tuple[str, ...], images: tuple[tuple[str, str, str], ...], into: str) -> list[Item]:
+    """``images`` (source, label, path inside the packages) read from ``packages`` unpacked under ``CACHE/into``
+    (:func:`debian_files`); [] (with a warning) without the Debian archive; a path the packages lack is skipped."""
+    root = debian_files(packages, images[0][2], into)
     if root is None:
         return []
-    return [(source, label, Path(path).stem, read_rgb(root / path)) for source, label, path in DEBIAN_FIT_IMAGES
+    return [(source, label, Path(path).stem, read_rgb(root / path)) for source, label, path in images
             if (root / path).is_file()]
 
 
@@ -368,11 +374,7 @@ def debian_sources() -> list[Item]:
                      if f.suffix != ".svg"]
             smallest = min(files, key=lambda f: (f.stat().st_size, f.name))
             items.append(("wp_" + name, label, name, read_rgb(smallest)))
-    root = debian_files(DEBIAN_MORE_PACKAGES, DEBIAN_MORE_IMAGES[0][2], "debian-more")
-    if root is not None:
-        items += [(source, label, Path(path).stem, read_rgb(root / path)) for source, label, path in DEBIAN_MORE_IMAGES
-                  if (root / path).is_file()]
-    return items
+    return items + _debian_items(DEBIAN_MORE_PACKAGES, DEBIAN_MORE_IMAGES, "debian-more")
 
 
 # ------------------------------------------------------------------------------------------ sizes and variants
@@ -454,7 +456,8 @@ def _feature_version() -> str:
                                                    image_analysis._per_block, image_analysis._prepare))
     code += repr((CONTENT_FEATURES, image_analysis.CONTENT_SIDE, image_analysis.CONTENT_SMALL_SIDE,
                   image_analysis.WORKING_SIDE, image_analysis.EDGE_MIN_STEP, image_analysis.HARD_EDGE_STEP))
-    code += "".join(inspect.getsource(f) for f in (variant, synth_shaded, sources, more_sources, debian_fit_sources))
+    code += "".join(inspect.getsource(f) for f in (variant, synth_shaded, sources, more_sources, debian_fit_sources,
+                                                   _debian_items))
     code += repr(DEBIAN_FIT_IMAGES)
     return hashlib.sha256(code.encode()).hexdigest()[:12]
 

@@ -676,6 +676,8 @@ def encode_image(pixels: np.ndarray, format: str, *, quality: int = 95, icc_prof
     arr, reduced, flattened = _prepared(pixels, fmt, quality, keep_16bit)
 
     dropped = raw_alpha = False
+    # a copy of the caller's pixels (16 bits made 8, alpha flattened) is ours to reorder, theirs only when lent
+    reorder = in_place or not np.may_share_memory(arr, pixels)
     if fmt == "png":
         buffer = io.BytesIO()
         _write_png_pixels(buffer, arr, icc_profile, exif)
@@ -685,11 +687,9 @@ def encode_image(pixels: np.ndarray, format: str, *, quality: int = 95, icc_prof
         _write_tiff_pixels(buffer, arr, icc_profile)
         data = buffer.getvalue()
     elif fmt == "webp":
-        # a copy of the caller's pixels (16 bits made 8, alpha flattened) is ours to reorder, theirs only when lent
         raw_alpha = arr.shape[2] in (2, 4) and arr.shape[0] * arr.shape[1] > WEBP_COMPRESSED_ALPHA_PIXELS
         try:
-            data = _encode_webp(arr, int(quality), icc_profile, exif,
-                                reorder=in_place or not np.may_share_memory(arr, pixels), compress_alpha=not raw_alpha)
+            data = _encode_webp(arr, int(quality), icc_profile, exif, reorder=reorder, compress_alpha=not raw_alpha)
         except _EncoderFailed:
             # libwebp's VP8 holds the modes of every 16x16 block in its first partition, at most 512 KB: some
             # outputs over ~120 MP overflow it (a 16000² upscaled gradient did, 11000² did not). Nothing is lost.
@@ -699,8 +699,7 @@ def encode_image(pixels: np.ndarray, format: str, *, quality: int = 95, icc_prof
             png = encode_image(pixels, "png", icc_profile=icc_profile, exif=exif, keep_16bit=keep_16bit)
             return replace(png, webp_failed=True)
     elif fmt == "jpg" and _jpeg_metadata_fits_one_segment(icc_profile, exif):
-        data = _encode_jpeg(arr, int(quality), icc_profile, exif,
-                            reorder=in_place or not np.may_share_memory(arr, pixels))
+        data = _encode_jpeg(arr, int(quality), icc_profile, exif, reorder=reorder)
     elif arr.dtype == np.uint16 and arr.shape[2] > 1:  # PIL holds 16-bit grayscale only
         data = _encode_tiff16(arr, icc_profile)
         if exif:
