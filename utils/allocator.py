@@ -5,7 +5,7 @@ threads other than the main one allocate from their own arenas, which do the sam
 a 64 MB heap. A super-resolution network allocates tensors of that size at every layer (64 channels × a 512² tile
 × 4 bytes = 67 MB; RRDBNet's upsampling stages are 16× larger), so each layer pays one page fault per 4 KB page,
 the kernel zeroing each page, before any arithmetic: 30% to 90% of a forward pass, measured on realesr-animevideov3
-at 512² and RRDBNet at 160² (see ``bench/README.md``).
+at 512² and RRDBNet at 160² (see ``bench/HISTORY.md``, bench_upscale.py).
 
 :func:`reuse_freed_memory` tells glibc to serve large blocks from its heap, never to return freed memory to the
 system by itself, and to keep all threads on one arena, so the second layer and every later tile reuse pages
