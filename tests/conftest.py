@@ -16,6 +16,22 @@ DATA = Path(__file__).resolve().parent / "data"
 _SESSION_WEIGHTS: Path | None = None
 
 
+@contextlib.contextmanager
+def serve_folder(folder: Path):
+    """A loopback HTTP server for the files in ``folder``; yields its base URL (no trailing slash)."""
+    import http.server
+    import threading
+
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(folder), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as s:

@@ -7,12 +7,9 @@ hash mismatch are refused with messages that say why. No network.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import http.server
 import json
 import pickle
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,7 @@ import pytest
 import torch
 
 from engine.errors import ChecksumMismatchError, InvalidInputError, InvalidSettingsError
+from tests.conftest import serve_folder
 from tests.test_model_manager import _Evil
 
 
@@ -278,19 +276,6 @@ def test_a_damaged_catalog_file_is_ignored_for_reading_and_refuses_writes(tmp_pa
 
 
 # ------------------------------------------------------------------------------------------------ REST
-@contextlib.contextmanager
-def _file_server(folder: Path):
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(folder), **k)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_the_rest_api_imports_by_upload_and_url_enhances_and_removes(tmp_path, model_files, face_files):
     import base64
     import io
@@ -306,7 +291,7 @@ def test_the_rest_api_imports_by_upload_and_url_enhances_and_removes(tmp_path, m
                              output_dir=tmp_path / "out", config_dir=tmp_path / "cfg", log_dir=tmp_path / "logs",
                              download_retries=0, download_timeout=5.0, device="cpu")
     manager = _manager(tmp_path / "w")
-    with serve(_services(config, manager)) as url, _file_server(model_files["tiny-span"].parent) as files, \
+    with serve(_services(config, manager)) as url, serve_folder(model_files["tiny-span"].parent) as files, \
             httpx.Client(base_url=url, timeout=120) as client:
         upload = model_files["tiny-swinir-st"]
         response = client.post("/api/v1/models/import", files={"file": (upload.name, upload.read_bytes())},
