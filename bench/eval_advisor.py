@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.fit_content_type import (  # noqa: E402
     CACHE, DATA, DEBIAN_FIT_IMAGES, DEBIAN_MORE_IMAGES, _feature_version, balanced_weights, dataset, debian_sources,
-    fit_classifier, fit_logistic, leave_one_source_out, more_sources, read_rgb, report, rgb8, samples, sources)
+    fit_classifier, fit_logistic, fit_shipped_scene_head, held_out_logits, more_sources, read_rgb, report, rgb8, samples,
+    sources)
 from engine import face_detect, image_analysis  # noqa: E402
 from engine.image_analysis import (  # noqa: E402
     TRIAL_BIAS, TRIAL_GAP_WEIGHT, TRIAL_LOGIT_WEIGHT, analyze, decide_content, drawn_faces, noise_level, noise_sigma,
@@ -66,7 +67,8 @@ def human_face_counts(data: dict, held_out: np.ndarray, faces: np.ndarray) -> np
     the classifier refitted without the sample's source, as ``held_out`` is (cached: ~2 min)."""
     rule = (inspect.getsource(face_detect) + inspect.getsource(drawn_faces)
             + repr((image_analysis.ANIME_SURE_LOGIT, image_analysis.DRAWN_FACE_MIN_SIDE,
-                    image_analysis.DRAWN_FACE_LOGIT)))
+                    image_analysis.DRAWN_FACE_LOGIT, image_analysis.MEASURES_WEIGHT))
+            + inspect.getsource(fit_shipped_scene_head) + inspect.getsource(held_out_logits))
     version = hashlib.sha256((_feature_version() + rule).encode()).hexdigest()[:12]
     path = CACHE / f"human-faces-{version}.npy"
     if path.is_file():
@@ -78,9 +80,10 @@ def human_face_counts(data: dict, held_out: np.ndarray, faces: np.ndarray) -> np
             continue
         if source not in refitted:
             keep = src != source
-            refitted[source] = fit_classifier(x[keep], y[keep], balanced_weights(y[keep], src[keep]))
+            refitted[source] = (fit_classifier(x[keep], y[keep], balanced_weights(y[keep], src[keep])),
+                                fit_shipped_scene_head(data, keep))
         found = face_detect.detect_faces(pixels).faces
-        crop_logit = functools.partial(pixels_logit, classifier=refitted[source])
+        crop_logit = functools.partial(pixels_logit, classifier=refitted[source][0], head=refitted[source][1])
         human[i] = len(found) - len(drawn_faces(pixels, found, float(held_out[i]), crop_logit))
     CACHE.mkdir(parents=True, exist_ok=True)
     np.save(path, human)
@@ -186,8 +189,8 @@ def main() -> None:
     y = data["y"]
     print(f"{len(y)} samples from {len(np.unique(data['source']))} sources "
           f"({int(y.sum())} anime, {int((1 - y).sum())} photo)")
-    held_out = leave_one_source_out(data)
-    print("== classifier alone, leave one source out ==")
+    held_out = held_out_logits(data)
+    print("== content log-odds alone (the measures' classifier and the scene head), leave one source out ==")
     report(data, held_out, show_misses=0)
     found = face_counts()
     faces = human_face_counts(data, held_out, found)

@@ -51,9 +51,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine import image_analysis  # noqa: E402
-from engine.image_analysis import (CONTENT_CLASSIFIER, CONTENT_FEATURES, ContentClassifier,  # noqa: E402
-                                   content_features)
+from engine import image_analysis, scene_net  # noqa: E402
+from engine.image_analysis import (CONTENT_CLASSIFIER, CONTENT_FEATURES, MEASURES_WEIGHT,  # noqa: E402
+                                   SCENE_MIN_SIDE, ContentClassifier, content_features)
+from engine.scene_net import SceneHead  # noqa: E402
 
 SHARED = Path("/work/shared/testdata")
 DATA = ROOT / "tests" / "data" / "advisor"
@@ -71,6 +72,8 @@ HIDDEN_UNITS = 3
 WEIGHT_DECAY = 1e-3
 FIT_STEPS = 300
 FIT_LEARNING_RATE = 0.02
+SCENE_COMPONENTS = 16  # the scene head: a logistic on the first principal components of the 1280 features
+SCENE_L2 = 10.0
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -457,14 +460,18 @@ def _feature_version() -> str:
     code += repr((CONTENT_FEATURES, image_analysis.CONTENT_SIDE, image_analysis.CONTENT_SMALL_SIDE,
                   image_analysis.WORKING_SIDE, image_analysis.EDGE_MIN_STEP, image_analysis.HARD_EDGE_STEP))
     code += "".join(inspect.getsource(f) for f in (variant, synth_shaded, sources, more_sources, debian_fit_sources,
-                                                   _debian_items))
+                                                   _debian_items, dataset))
     code += repr(DEBIAN_FIT_IMAGES)
+    code += inspect.getsource(scene_net) + inspect.getsource(image_analysis._prepare)
+    code += hashlib.sha256(scene_net.BACKBONE_PATH.read_bytes()).hexdigest()
     return hashlib.sha256(code.encode()).hexdigest()[:12]
 
 
 def dataset(items: list[Item] | None = None, cache: bool = True, sizes: tuple[int, ...] = SIZES,
             kinds: tuple[str, ...] = VARIANTS) -> dict[str, np.ndarray]:
-    """Features of every sample: ``x`` (N x F), ``y`` (1 = anime), ``source``, ``name``, ``size``, ``variant``.
+    """Features of every sample: ``x`` (N x F, the measures), ``scene`` (N x 1280, :func:`engine.scene_net.
+    scene_features`), ``y`` (1 = anime), ``source``, ``name``, ``size``, ``variant``, ``side`` (the sample's long
+    side in pixels).
 
     The full set (``items`` None) is cached under ``CACHE`` keyed by the feature code; a given ``items`` is not.
     """
@@ -473,16 +480,19 @@ def dataset(items: list[Item] | None = None, cache: bool = True, sizes: tuple[in
     if cache and path.is_file():
         loaded = np.load(path)
         return {k: loaded[k] for k in loaded.files}
-    rows: dict[str, list] = {k: [] for k in ("x", "y", "source", "name", "size", "variant")}
+    rows: dict[str, list] = {k: [] for k in ("x", "scene", "y", "source", "name", "size", "variant", "side")}
     for source, label, name, size, kind, pixels in samples(sources() if items is None else items, sizes, kinds):
         f = content_features(pixels)
         rows["x"].append([f[k] for k in CONTENT_FEATURES])
+        prep = image_analysis._prepare(pixels)
+        rows["scene"].append(scene_net.scene_features(prep.content_rgb, prep.content_alpha))
         rows["y"].append(label == "anime")
         rows["source"].append(source)
         rows["name"].append(name)
         rows["size"].append(size)
         rows["variant"].append(kind)
-    data = {k: np.array(v, dtype=float if k in ("x", "y") else None) for k, v in rows.items()}
+        rows["side"].append(max(pixels.shape[:2]))
+    data = {k: np.array(v, dtype=float if k in ("x", "scene", "y") else None) for k, v in rows.items()}
     if cache:
         CACHE.mkdir(parents=True, exist_ok=True)
         np.savez(path, **data)
@@ -553,15 +563,57 @@ def fit_classifier(x: np.ndarray, y: np.ndarray, w: np.ndarray, units: int = HID
                              output_bias=float(output_bias))
 
 
+def fit_scene_head(x: np.ndarray, y: np.ndarray, w: np.ndarray, components: int = SCENE_COMPONENTS,
+                   l2: float = SCENE_L2) -> SceneHead:
+    """The scene head (:class:`engine.scene_net.SceneHead`): a weighted logistic regression on the first
+    ``components`` principal components of the scene features ``x`` (N x 1280), folded into one weight per
+    feature. Few components and a firm penalty: held out by source it beats the full 1280 (which fit the sources'
+    looks, not the kind of image)."""
+    mean = x.mean(0)
+    _u, _s, vt = np.linalg.svd(x - mean, full_matrices=False)
+    basis = vt[:components].T
+    b = fit_logistic((x - mean) @ basis, y, w, l2=l2)
+    weight = basis @ b[:-1]
+    return SceneHead(weight, float(b[-1] - mean @ weight))
+
+
 def leave_one_source_out(data: dict[str, np.ndarray], fit: Callable[..., ContentClassifier] = fit_classifier
                          ) -> np.ndarray:
-    """Held-out logit of every sample, from a classifier fitted without any sample of its source."""
+    """Held-out logit of the measures' classifier on every sample, fitted without any sample of its source."""
     x, y, src = data["x"], data["y"], data["source"]
     out_logits = np.zeros(len(y))
     for name in np.unique(src):
         out = src == name
         out_logits[out] = fit(x[~out], y[~out], balanced_weights(y[~out], src[~out])).logits(x[out])
     return out_logits
+
+
+def scene_rows(data: dict[str, np.ndarray]) -> np.ndarray:
+    """The samples the scene network reads (long side SCENE_MIN_SIDE or more; the measures decide the others)."""
+    return data["side"] >= SCENE_MIN_SIDE
+
+
+def fit_shipped_scene_head(data: dict[str, np.ndarray], keep: np.ndarray | None = None) -> SceneHead:
+    """The scene head fitted on the samples it reads (of those in ``keep``), source-balanced."""
+    rows = scene_rows(data) if keep is None else scene_rows(data) & keep
+    y, src = data["y"][rows], data["source"][rows]
+    return fit_scene_head(data["scene"][rows], y, balanced_weights(y, src))
+
+
+def scene_held_out(data: dict[str, np.ndarray]) -> np.ndarray:
+    """Held-out logit of the scene head on every sample, fitted without any sample of its source."""
+    out_logits = np.zeros(len(data["y"]))
+    for name in np.unique(data["source"]):
+        out = data["source"] == name
+        out_logits[out] = fit_shipped_scene_head(data, ~out).logits(data["scene"][out])
+    return out_logits
+
+
+def held_out_logits(data: dict[str, np.ndarray]) -> np.ndarray:
+    """The content log-odds as the advisor computes it (:func:`engine.image_analysis.pixels_logit`), both signals
+    fitted without the sample's source (the measures alone under SCENE_MIN_SIDE)."""
+    measures = leave_one_source_out(data)
+    return np.where(scene_rows(data), MEASURES_WEIGHT * measures + scene_held_out(data), measures)
 
 
 def shipped_logits(data: dict[str, np.ndarray]) -> np.ndarray:
@@ -612,8 +664,16 @@ def main() -> None:
     data = dataset()
     print(f"{len(data['y'])} samples from {len(np.unique(data['source']))} sources "
           f"({int(data['y'].sum())} anime, {int((1 - data['y']).sum())} photo)")
-    print("== leave one source out ==")
-    report(data, leave_one_source_out(data))
+    print("== leave one source out: the measures' classifier ==")
+    report(data, leave_one_source_out(data), show_misses=0)
+    print(f"== leave one source out: the scene head (on the samples of {SCENE_MIN_SIDE} px and more) ==")
+    rows = scene_rows(data)
+    report({k: v[rows] for k, v in data.items()}, scene_held_out(data)[rows], show_misses=0)
+    print(f"== leave one source out: both ({MEASURES_WEIGHT} x measures + scene) ==")
+    report(data, held_out_logits(data))
+    head = fit_shipped_scene_head(data)
+    np.savez(scene_net.HEAD_PATH, weight=head.weight, bias=np.float64(head.bias))
+    print(f"== fit on all sources: the scene head written to {scene_net.HEAD_PATH.relative_to(ROOT)} ==")
     print("== fit on all sources: pin this in engine/image_analysis.py ==")
     print(pinned(fit_classifier(data["x"], data["y"], balanced_weights(data["y"], data["source"]))))
     right = (shipped_logits(data) > 0) == (data["y"] == 1)

@@ -18,8 +18,11 @@ Content type ("anime" covers cartoons, cel animation, line art, logos and flat-c
    size), after a 3x3 median (which removes sensor noise, grain and JPEG mosquito noise but keeps edges);
    transparent pixels are left out. Edge profile (share of hard edges, how sharp an edge is), flat regions,
    colour counts (whole image, per 4x4 block, commonest colours and grey levels, hue clusters), thin dark outlines
-   and the texture left after denoising: see :func:`_scale_measures`. It decides when sure (log-odds beyond
-   +``ANIME_SURE_LOGIT`` or below -``PHOTO_SURE_LOGIT``);
+   and the texture left after denoising: see :func:`_scale_measures`. To its log-odds (times
+   :data:`MEASURES_WEIGHT`) the **scene network** adds its own: a linear head on the features of a MobileNetV2
+   trained on many photos and drawings (:mod:`engine.scene_net`), which knows painted and shaded drawings that the
+   measures take for photos. The sum decides when sure (beyond +``ANIME_SURE_LOGIT`` or below
+   -``PHOTO_SURE_LOGIT``). Images under :data:`SCENE_MIN_SIDE` px get the measures alone;
 3. **trial** (run by the advisor, :mod:`engine.advisor.trial`, when the classifier is unsure and there is time):
    which of the photo and anime models rebuilds a 4x-shrunk crop better. Unsure without a trial: photo, the
    safer mistake (the photo model on a drawing softens it a little; the anime model on a photo paints it).
@@ -43,6 +46,7 @@ import numpy as np
 
 from engine.errors import InvalidInputError
 from engine.face_detect import FaceBox, detect_faces
+from engine.scene_net import SceneHead, scene_features, scene_head
 
 __all__ = [
     "CONTENT_FEATURES",
@@ -63,6 +67,7 @@ __all__ = [
     "noise_level",
     "noise_sigma",
     "pixels_logit",
+    "scene_logit",
 ]
 
 ContentType = Literal["anime", "photo"]
@@ -122,24 +127,33 @@ CONTENT_CLASSIFIER = ContentClassifier(
     output_bias=-0.703058,
 )
 
+#: The content log-odds of anime is MEASURES_WEIGHT x the measures' classifier (CONTENT_CLASSIFIER) plus the scene
+#: network's head (:mod:`engine.scene_net`). Chosen with bench/eval_advisor.py on held-out sources and on images no
+#: fit has seen (bench/HISTORY.md#the-settings-advisor).
+MEASURES_WEIGHT = 0.75
+#: Under this long side the measures' classifier decides alone (its log-odds unweighted): the scene network would
+#: see the image blown up 2x or more, and nothing that small was in its head's fit (Real-ESRGAN's 60x90 comic reads
+#: +2.8 to the measures and -2.2 to the network).
+SCENE_MIN_SIDE = 128
 #: The classifier decides "anime" only above this log-odds and "photo" only below minus PHOTO_SURE_LOGIT; between
 #: them it is unsure, and a trial reconstruction (when there is time) or the photo model (the safer mistake)
 #: decides. Chosen on the leave-one-source-out logits and trial gaps of bench/eval_advisor.py (2960 samples), with
 #: the trial / without one: -1 to +1 gives 91.9% / 88.9% with a trial on 10% of samples; a wider photo side gains
 #: nothing (-2: 91.8%, a trial on 17%), nor a wider band (-2 to +2: 91.9% / 84.3%, 24%); a narrower anime side
 #: (+0.5) 91.9% / 89.7% but calls more photos drawings (92.8% of photos right with a trial instead of 93.1%).
+#: Those figures are the measures' alone; with the scene network -1 to +1 gives 94.7% / 94.4%, a trial on 7%.
 ANIME_SURE_LOGIT = 1.0
 PHOTO_SURE_LOGIT = 1.0
 #: The trial reconstruction's rule for an unsure image (:func:`decide_content`): log-odds of anime =
 #: TRIAL_GAP_WEIGHT * gap + TRIAL_LOGIT_WEIGHT * logit + TRIAL_BIAS, where gap (dB) is how much closer the compact
 #: anime model rebuilt the shrunk test crop than the photo model (:mod:`engine.advisor.trial`). The photo model's
 #: invented texture misses a photo's real texture, so on photos the compact model leads by more (median 1.7 dB on
-#: the labelled set) than on drawings (0.8 dB). Fitted by ``bench/eval_advisor.py --trial`` on the 999 samples
-#: whose held-out logit is within +-2.5; held out by source it settles 70% of the 290 unsure samples
-#: (log-odds -1 to +1) right (the photo model alone: 40%).
-TRIAL_GAP_WEIGHT = -0.86
-TRIAL_LOGIT_WEIGHT = 0.93
-TRIAL_BIAS = 1.23
+#: the labelled set) than on drawings (0.8 dB). Fitted by ``bench/eval_advisor.py --trial`` on the 466 samples
+#: whose held-out log-odds (both signals) is within +-2.5; held out by source it settles 73% of the 206 unsure
+#: samples (log-odds -1 to +1) right (the photo model alone: 68%).
+TRIAL_GAP_WEIGHT = -0.77
+TRIAL_LOGIT_WEIGHT = 0.83
+TRIAL_BIAS = 1.00
 #: Median gap (dB) of photos and of drawings on the labelled set, quoted in the reason.
 TRIAL_TYPICAL_GAP = {"photo": 1.7, "anime": 0.8}
 #: Confidence reported for a photo decided by a detected human face.
@@ -486,7 +500,7 @@ def content_type(image: np.ndarray) -> tuple[ContentType, float]:
 
 
 def _content_type(prep: _Prepared, image: np.ndarray) -> tuple[ContentType, float]:
-    logit = content_logit(_content_features(prep))
+    logit = _logit(prep)
     decision = decide_content(logit)
     if decision.label == "anime":  # a human face overrules the pixels (same detector call as analyze)
         faces = detect_faces(image).faces
@@ -494,9 +508,28 @@ def _content_type(prep: _Prepared, image: np.ndarray) -> tuple[ContentType, floa
     return decision.label, decision.confidence
 
 
-def pixels_logit(image: np.ndarray, classifier: ContentClassifier | None = None) -> float:
-    """:func:`content_logit` of an image's pixels (log-odds of anime)."""
-    return content_logit(content_features(image), classifier)
+def pixels_logit(image: np.ndarray, classifier: ContentClassifier | None = None, head: SceneHead | None = None
+                 ) -> float:
+    """The content log-odds of anime of an image's pixels, both signals (:func:`content_logit` of its measures
+    weighted by :data:`MEASURES_WEIGHT`, plus :func:`scene_logit`); ``classifier`` and ``head`` default to the
+    shipped ones (the evaluation passes refitted ones)."""
+    return _logit(_prepare(image), classifier, head)
+
+
+def scene_logit(rgb: np.ndarray, alpha: np.ndarray | None = None, head: SceneHead | None = None) -> float:
+    """Log-odds of anime from the scene network (:mod:`engine.scene_net`) on HxWx3 RGB (0-255) with optional
+    alpha in [0, 1]; ``head`` defaults to the shipped one. Pure."""
+    head = scene_head() if head is None else head
+    return float(head.logits(scene_features(rgb, alpha)[None])[0])
+
+
+def _logit(prep: _Prepared, classifier: ContentClassifier | None = None, head: SceneHead | None = None) -> float:
+    """The content log-odds of anime: both signals, on the CONTENT_SIDE copy (the measures alone under
+    SCENE_MIN_SIDE)."""
+    measures = content_logit(_content_features(prep), classifier)
+    if max(prep.content_rgb.shape[:2]) < SCENE_MIN_SIDE:
+        return measures
+    return MEASURES_WEIGHT * measures + scene_logit(prep.content_rgb, prep.content_alpha, head)
 
 
 def drawn_faces(image: np.ndarray, faces: Sequence[FaceBox], logit: float,
@@ -636,7 +669,7 @@ def analyze(
         # call the face enhancer makes on the same pixels, so the count shown is the count restored.
         detection = pool.submit(detect_faces, image, retinaface=retinaface) if detect_faces_too else None
         prep = _prepare(image)
-        logit = content_logit(_content_features(prep))
+        logit = _logit(prep)
         sigma = _noise_sigma(prep)
         blocking, blur = _jpeg_blockiness(prep), _blur_level(prep)
         found = detection.result() if detection else None

@@ -11,14 +11,19 @@ import base64
 import hashlib
 import io
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bench import scene_backbone
+from bench.fit_content_type import read_rgb
 from engine import scene_net
+from engine.image_analysis import (MEASURES_WEIGHT, SCENE_MIN_SIDE, _prepare, analyze, content_features,
+                                   content_logit, pixels_logit, scene_logit)
 from tests.conftest import serve_folder
 
+DATA = Path(__file__).parent / "data" / "advisor"
 
 # nsfwjs' MobileNetV2 in TensorFlow.js on x[i] = ((i * 2654435761) % 1000) / 1000 over its 1x224x224x3 input:
 # Drawing, Hentai, Neutral, Porn, Sexy.
@@ -59,6 +64,26 @@ def test_the_input_is_the_whole_image_squeezed_with_transparency_on_white():
     assert x.shape == (224, 224, 3) and x.dtype == np.float32
     assert x[:, :100].max() == 0.0 and x[:, 124:].min() == pytest.approx(1.0)  # opaque black | transparent -> white
     assert scene_net.network_input(np.full((40, 60, 3), 255, np.uint8)).min() == pytest.approx(1.0)  # enlarged
+
+
+def test_the_advisor_adds_the_scene_head_to_the_measures():
+    image = read_rgb(DATA / "0014.jpg")
+    prep = _prepare(image)
+    expected = MEASURES_WEIGHT * content_logit(content_features(image)) + scene_logit(prep.content_rgb,
+                                                                                       prep.content_alpha)
+    assert pixels_logit(image) == pytest.approx(expected, abs=1e-9)
+    assert analyze(image, detect_faces_too=False).content_logit == pytest.approx(expected, abs=1e-9)
+    # The shipped head reads a Real-ESRGAN anime frame as a drawing and a landscape photo as a photo.
+    assert scene_logit(prep.content_rgb) > 0
+    photo = _prepare(read_rgb(DATA / "OST_009.png"))
+    assert scene_logit(photo.content_rgb) < 0
+
+
+def test_an_image_under_the_scene_networks_minimum_gets_the_measures_alone():
+    small = read_rgb(DATA / "comic_lq.png")  # 60x90: the network would see it blown up 2.5x
+    assert max(small.shape[:2]) < SCENE_MIN_SIDE
+    assert pixels_logit(small) == pytest.approx(content_logit(content_features(small)), abs=1e-9)
+    assert analyze(small, detect_faces_too=False).content_type == "anime"
 
 
 # ------------------------------------------------------------------------------------------------ the converter

@@ -217,7 +217,7 @@ def start_warm_up(services) -> threading.Thread:
        each calibration; a figure that a job started during is not kept (it shared the cores) and is measured
        again at the next quiet moment; on a CPU with native bf16, check bf16 against fp32 for the warmed-up model
        (:func:`engine.inference.precision_check.check_loaded_models`)."""
-    from engine import face_detect
+    from engine import face_detect, scene_net
     from engine.inference import precision_check
     from engine.processor import warm_up
     from engine.settings import EnhanceSettings
@@ -247,6 +247,7 @@ def start_warm_up(services) -> threading.Thread:
         if services.advisor is not None:  # the time limit checked up front from the first request (after a job,
             services.advisor.measure_device_rate(keep=undisturbed)  # whose run is measured, nothing is left to do)
         face_detect.warm_up()  # the first Analyze, or an automatic job, does not wait for the cascade's set-up
+        scene_net.warm_up()  # nor for the scene network's weights
         if services.advisor is not None:  # nor, after an install, for the models' calibrations (tried again when
             for _attempt in range(CALIBRATION_ATTEMPTS):  # a job spoiled one)
                 if services.advisor.calibrate_advised_models(before_each=wait_quiet, keep=undisturbed):
