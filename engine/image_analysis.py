@@ -30,7 +30,9 @@ Content type ("anime" covers cartoons, cel animation, line art, logos and flat-c
 The weights come from ``bench/fit_content_type.py`` (source-balanced fit on 2960 samples: 78 sources at 6 sizes
 and 5 variants). Held out by source (``bench/eval_advisor.py``) the classifier alone is right on 91% of samples (87%
 at 128 px, 94% at 360 px and native; on the 53 sources of the fit before Debian's photos and anime art joined it
-92.5%, against 89% then); the README gives the decision's figures and the known limits.
+92.5%, against 89% then). With the scene network's head added (fitted by the same script, held out the same way),
+both readings are right on 93%, and images no fit has seen go from 55% to 63% right (without a trial); the README
+gives the decision's figures and the known limits.
 """
 
 from __future__ import annotations
