@@ -203,7 +203,8 @@ class ImageAnalysis:
     has_alpha: bool
     faces: tuple[FaceBox, ...]
     face_detector: str | None  # None when face detection was not run
-    content_logit: float = 0.0  # the classifier's log-odds of anime
+    content_logit: float = 0.0  # the content log-odds of anime (both readings)
+    content_scene_logit: float | None = None  # the scene network's part of it (None under SCENE_MIN_SIDE)
     content_decided_by: str = "classifier"  # which signal decided content_type (see ContentDecision)
     content_reason: str = ""
     drawn_faces: int = 0  # of ``faces``, those that are drawn like the image (:func:`drawn_faces`)
@@ -440,8 +441,8 @@ class ContentDecision:
     reason: str
 
 
-def decide_content(logit: float, faces: int = 0, trial_gap_db: float | None = None, drawn: int = 0
-                   ) -> ContentDecision:
+def decide_content(logit: float, faces: int = 0, trial_gap_db: float | None = None, drawn: int = 0,
+                   scene: float | None = None) -> ContentDecision:
     """Combine the classifier, the face detector and an optional trial reconstruction (pure).
 
     Args:
@@ -451,6 +452,8 @@ def decide_content(logit: float, faces: int = 0, trial_gap_db: float | None = No
             (:attr:`engine.advisor.trial.TrialResult.gap_db`), or None when no trial was run.
         drawn: faces the detector found that are drawn (:func:`drawn_faces`; not counted in ``faces``), for the
             reason.
+        scene: the scene network's part of ``logit`` (:attr:`ImageAnalysis.content_scene_logit`), for the reason:
+            it names the reading that weighed more, and both.
 
     Returns:
         A :class:`ContentDecision`; ``reason`` is a sentence for the user.
@@ -459,14 +462,18 @@ def decide_content(logit: float, faces: int = 0, trial_gap_db: float | None = No
     if faces > 0:
         return ContentDecision("photo", max(1.0 - p_anime, FACE_EVIDENCE), "faces",
                                f"{faces} human face{'s' if faces > 1 else ''} found: a photo")
+    readings = "" if scene is None else f"; edges and colours {logit - scene:+.1f}, scene network {scene:+.1f}"
+    scene_led = scene is not None and abs(scene) > abs(logit - scene)
     if logit > ANIME_SURE_LOGIT:
         faces_too = (f"; the {drawn} face{'s' if drawn > 1 else ''} found look{'' if drawn > 1 else 's'} drawn too"
                      if drawn else "")
+        look = "A drawing to the scene network" if scene_led else "Flat colours and hard edges"
         return ContentDecision("anime", p_anime, "classifier",
-                               f"Flat colours and hard edges ({p_anime:.0%} sure it is anime/illustration){faces_too}")
+                               f"{look} ({p_anime:.0%} sure it is anime/illustration{readings}){faces_too}")
     if logit < -PHOTO_SURE_LOGIT:
+        look = "A photograph to the scene network" if scene_led else "Natural textures and soft edges"
         return ContentDecision("photo", 1.0 - p_anime, "classifier",
-                               f"Natural textures and soft edges ({1.0 - p_anime:.0%} sure it is a photo)")
+                               f"{look} ({1.0 - p_anime:.0%} sure it is a photo{readings})")
     if trial_gap_db is not None:
         p_trial = _sigmoid(TRIAL_GAP_WEIGHT * trial_gap_db + TRIAL_LOGIT_WEIGHT * logit + TRIAL_BIAS)
         label: ContentType = "anime" if p_trial > 0.5 else "photo"
@@ -526,12 +533,18 @@ def scene_logit(rgb: np.ndarray, alpha: np.ndarray | None = None, head: SceneHea
 
 
 def _logit(prep: _Prepared, classifier: ContentClassifier | None = None, head: SceneHead | None = None) -> float:
-    """The content log-odds of anime: both signals, on the CONTENT_SIDE copy (the measures alone under
+    """The content log-odds of anime: both readings, on the CONTENT_SIDE copy (the measures alone under
     SCENE_MIN_SIDE)."""
+    return sum(part for part in _readings(prep, classifier, head) if part is not None)
+
+
+def _readings(prep: _Prepared, classifier: ContentClassifier | None = None, head: SceneHead | None = None
+              ) -> tuple[float, float | None]:
+    """(the measures' part of the content log-odds, the scene network's part or None under SCENE_MIN_SIDE)."""
     measures = content_logit(_content_features(prep), classifier)
     if max(prep.content_rgb.shape[:2]) < SCENE_MIN_SIDE:
-        return measures
-    return MEASURES_WEIGHT * measures + scene_logit(prep.content_rgb, prep.content_alpha, head)
+        return measures, None
+    return MEASURES_WEIGHT * measures, scene_logit(prep.content_rgb, prep.content_alpha, head)
 
 
 def drawn_faces(image: np.ndarray, faces: Sequence[FaceBox], logit: float,
@@ -671,14 +684,15 @@ def analyze(
         # call the face enhancer makes on the same pixels, so the count shown is the count restored.
         detection = pool.submit(detect_faces, image, retinaface=retinaface) if detect_faces_too else None
         prep = _prepare(image)
-        logit = _logit(prep)
+        measures, scene = _readings(prep)
+        logit = measures + (scene or 0.0)
         sigma = _noise_sigma(prep)
         blocking, blur = _jpeg_blockiness(prep), _blur_level(prep)
         found = detection.result() if detection else None
     faces: tuple[FaceBox, ...] = found.faces if found else ()
     detector = found.detector if found else None
     drawn = drawn_faces(image, faces, logit)
-    decision = decide_content(logit, len(faces) - len(drawn), drawn=len(drawn))
+    decision = decide_content(logit, len(faces) - len(drawn), drawn=len(drawn), scene=scene)
     return ImageAnalysis(
         content_type=decision.label,
         confidence=decision.confidence,
@@ -693,6 +707,7 @@ def analyze(
         faces=faces,
         face_detector=detector,
         content_logit=logit,
+        content_scene_logit=scene,
         content_decided_by=decision.decided_by,
         content_reason=decision.reason,
         drawn_faces=len(drawn),

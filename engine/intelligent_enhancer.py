@@ -751,6 +751,8 @@ class IntelligentEnhancer:
             "content_type": numbers.content_type, "confidence": round(numbers.confidence, 3),
             "content_decided_by": decided_by, "content_reason": numbers.content_reason,
             "content_logit": round(float(analysis.content_logit), 2),
+            "content_scene_logit": (None if analysis.content_scene_logit is None
+                                    else round(float(analysis.content_scene_logit), 2)),
             "faces": numbers.faces,
             "face_boxes": [[round(float(v), 1) for v in (f.x0, f.y0, f.x1, f.y1)] for f in analysis.faces],
             "face_sizes": [round(float(min(f.x1 - f.x0, f.y1 - f.y0)), 1) for f in analysis.faces],
@@ -815,7 +817,7 @@ class IntelligentEnhancer:
             logger.warning("trial reconstruction failed: %s", exc)
             return unchanged
         decision = decide_content(float(analysis.content_logit), len(analysis.faces) - analysis.drawn_faces,
-                                  result.gap_db)
+                                  result.gap_db, scene=analysis.content_scene_logit)
         return dataclasses.replace(numbers, content_type=decision.label, confidence=decision.confidence,
                                    content_reason=decision.reason), decision.decided_by, result
 

@@ -32,6 +32,7 @@ def test_analyze_json_has_the_designs_shape_and_plain_reasons(tmp_path, model_ma
     assert {"content_type", "faces", "noise_level", "resolution", "optimal_tile", "confidence", "jpeg_artifacts",
             "blur", "estimated_seconds", "estimated_memory_mb", "device"} <= set(analysis)
     assert analysis["content_type"] == "photo" and analysis["faces"] >= 1
+    assert isinstance(analysis["content_scene_logit"], float)  # the scene network's part of content_logit
     assert settings["face_enhance"] is True and settings["model"] == "RealESRGAN_x4plus"
     assert len(analysis["face_boxes"]) == analysis["faces"]
     assert analysis["estimated_seconds"] > 0 and analysis["device"] == "cpu"

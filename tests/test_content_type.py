@@ -56,6 +56,16 @@ def test_sure_classifier_decides_and_says_so():
     assert (photo.label, photo.decided_by) == ("photo", "classifier") and photo.confidence > 0.99
 
 
+def test_the_reason_names_the_reading_that_weighed_more_and_both():
+    led_by_scene = decide_content(3.0, scene=2.5)
+    assert led_by_scene.reason.startswith("A drawing to the scene network")
+    assert "edges and colours +0.5, scene network +2.5" in led_by_scene.reason
+    assert decide_content(3.0, scene=0.5).reason.startswith("Flat colours and hard edges")
+    assert decide_content(-4.0, scene=-3.0).reason.startswith("A photograph to the scene network")
+    assert decide_content(-4.0, scene=-1.0).reason.startswith("Natural textures and soft edges")
+    assert "scene network" not in decide_content(3.0).reason  # not read (a small image)
+
+
 def test_unsure_without_a_trial_is_a_photo_with_the_reason():
     decision = decide_content(ANIME_SURE_LOGIT - 0.1)
     assert decision.label == "photo" and decision.decided_by == "unsure"
