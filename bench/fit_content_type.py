@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from engine import image_analysis, scene_net  # noqa: E402
 from engine.image_analysis import (CONTENT_CLASSIFIER, CONTENT_FEATURES, MEASURES_WEIGHT,  # noqa: E402
-                                   SCENE_MIN_SIDE, ContentClassifier, content_features)
+                                   SCENE_MIN_SIDE, ContentClassifier)
 from engine.scene_net import SceneHead  # noqa: E402
 
 SHARED = Path("/work/shared/testdata")
@@ -482,9 +482,9 @@ def dataset(items: list[Item] | None = None, cache: bool = True, sizes: tuple[in
         return {k: loaded[k] for k in loaded.files}
     rows: dict[str, list] = {k: [] for k in ("x", "scene", "y", "source", "name", "size", "variant", "side")}
     for source, label, name, size, kind, pixels in samples(sources() if items is None else items, sizes, kinds):
-        f = content_features(pixels)
+        prep = image_analysis._prepare(pixels)  # what content_features(pixels) measures, made once for both
+        f = image_analysis._content_features(prep)
         rows["x"].append([f[k] for k in CONTENT_FEATURES])
-        prep = image_analysis._prepare(pixels)
         rows["scene"].append(scene_net.scene_features(prep.content_rgb, prep.content_alpha))
         rows["y"].append(label == "anime")
         rows["source"].append(source)

@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine import scene_net  # noqa: E402
 URL = "https://registry.npmjs.org/nsfwjs/-/nsfwjs-4.4.0.tgz"
 SHA256 = "585cd178f3b994337c4d10a87b080d342fc52f8b9bf0085c4d1f345a3a1c5382"
 MODEL = "package/dist/models/mobilenet_v2/model.min.js"
@@ -69,7 +72,7 @@ def convert(tarball: bytes) -> tuple[dict[str, np.ndarray], str]:
         count = int(np.prod(dims)) if dims else 1
         values = np.frombuffer(raw, np.uint8, count, offset).reshape(dims)
         offset += count
-        key = name.replace("/", ":")
+        key = scene_net.stored_key(name)
         arrays[key] = values.copy()
         arrays[key + ":min"] = np.float32(low)
         arrays[key + ":scale"] = np.float32(scale)
@@ -86,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     arrays, licence = convert(fetch(args.url))
     args.out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.out / "scene_backbone.npz", **arrays)
+    np.savez_compressed(args.out / scene_net.BACKBONE_PATH.name, **arrays)
     (args.out / "LICENSE-nsfwjs").write_text(licence)
     log.info("wrote %s: %d tensors", args.out / "scene_backbone.npz", len(arrays) // 3)
 

@@ -533,18 +533,19 @@ def scene_logit(rgb: np.ndarray, alpha: np.ndarray | None = None, head: SceneHea
 
 
 def _logit(prep: _Prepared, classifier: ContentClassifier | None = None, head: SceneHead | None = None) -> float:
-    """The content log-odds of anime: both readings, on the CONTENT_SIDE copy (the measures alone under
-    SCENE_MIN_SIDE)."""
-    return sum(part for part in _readings(prep, classifier, head) if part is not None)
+    """The content log-odds of anime (:func:`_reading`)."""
+    return _reading(prep, classifier, head)[0]
 
 
-def _readings(prep: _Prepared, classifier: ContentClassifier | None = None, head: SceneHead | None = None
-              ) -> tuple[float, float | None]:
-    """(the measures' part of the content log-odds, the scene network's part or None under SCENE_MIN_SIDE)."""
+def _reading(prep: _Prepared, classifier: ContentClassifier | None = None, head: SceneHead | None = None
+             ) -> tuple[float, float | None]:
+    """(the content log-odds of anime from both readings on the CONTENT_SIDE copy, the scene network's part of
+    it); under SCENE_MIN_SIDE the measures alone, and None for the scene network's part."""
     measures = content_logit(_content_features(prep), classifier)
     if max(prep.content_rgb.shape[:2]) < SCENE_MIN_SIDE:
         return measures, None
-    return MEASURES_WEIGHT * measures, scene_logit(prep.content_rgb, prep.content_alpha, head)
+    scene = scene_logit(prep.content_rgb, prep.content_alpha, head)
+    return MEASURES_WEIGHT * measures + scene, scene
 
 
 def drawn_faces(image: np.ndarray, faces: Sequence[FaceBox], logit: float,
@@ -684,8 +685,7 @@ def analyze(
         # call the face enhancer makes on the same pixels, so the count shown is the count restored.
         detection = pool.submit(detect_faces, image, retinaface=retinaface) if detect_faces_too else None
         prep = _prepare(image)
-        measures, scene = _readings(prep)
-        logit = measures + (scene or 0.0)
+        logit, scene = _reading(prep)
         sigma = _noise_sigma(prep)
         blocking, blur = _jpeg_blockiness(prep), _blur_level(prep)
         found = detection.result() if detection else None

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 __all__ = ["BACKBONE_PATH", "HEAD_PATH", "INPUT_SIDE", "SceneHead", "network_input", "scene_features", "scene_head",
-           "warm_up"]
+           "stored_key", "warm_up"]
 
 DATA = Path(__file__).resolve().parent / "data"
 BACKBONE_PATH = DATA / "scene_backbone.npz"
@@ -63,8 +63,14 @@ class SceneHead:
         return np.asarray(features, dtype=np.float64) @ self.weight + self.bias
 
 
+def stored_key(name: str) -> str:
+    """The key of the Keras tensor ``name`` ("block_1_expand/kernel") in the weights file; ``:min`` and ``:scale``
+    after it hold its quantisation."""
+    return name.replace("/", ":")
+
+
 def _dequantised(stored: np.lib.npyio.NpzFile, name: str) -> np.ndarray:
-    key = name.replace("/", ":")
+    key = stored_key(name)
     return stored[key].astype(np.float32) * stored[key + ":scale"] + stored[key + ":min"]
 
 
@@ -171,7 +177,6 @@ def scene_head(path: Path = HEAD_PATH) -> SceneHead:
     """The fitted head (``bench/fit_content_type.py`` writes it)."""
     with np.load(path) as stored:
         return SceneHead(stored["weight"].astype(np.float64), float(stored["bias"]))
-
 
 
 def warm_up() -> None:
