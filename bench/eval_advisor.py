@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fit_content_type import (  # noqa: E402
-    CACHE, DATA, DEBIAN_FIT_IMAGES, DEBIAN_MORE_IMAGES, _feature_version, balanced_weights, dataset, debian_sources,
-    fit_classifier, fit_logistic, fit_shipped_scene_head, held_out_logits, more_sources, read_rgb, report, rgb8, samples,
-    sources)
+    CACHE, DATA, DEBIAN_FIT_IMAGES, DEBIAN_GAME_IMAGES, DEBIAN_MORE_IMAGES, _feature_version, balanced_weights,
+    dataset, debian_sources, fit_classifier, fit_logistic, fit_shipped_scene_head, held_out_logits, more_sources,
+    read_rgb, report, rgb8, samples, sources)
 from engine import face_detect, image_analysis  # noqa: E402
 from engine.image_analysis import (  # noqa: E402
     TRIAL_BIAS, TRIAL_GAP_WEIGHT, TRIAL_LOGIT_WEIGHT, analyze, decide_content, drawn_faces, noise_level, noise_sigma,
@@ -237,10 +237,15 @@ def main() -> None:
     if unseen is not None:
         data_u, plain, tried = unseen
         later = np.isin(data_u["source"], sorted({source for source, *_ in DEBIAN_MORE_IMAGES}))
+        games = np.isin(data_u["source"], sorted({source for source, *_ in DEBIAN_GAME_IMAGES}))
         for title, group in (("all of them", np.ones(len(later), bool)),
+                             ("the 43 before the game art joined (to compare with figures before 2026-12-04)",
+                              ~games),
                              ("KDE's wallpapers and spacefun (DEBIAN_IMAGES, to compare with figures before "
-                              "2026-12-03 17:00)", ~later),
-                             ("Stellarium, SuperTux, Frozen Bubble, UKUI, GNOME (DEBIAN_MORE_IMAGES)", later)):
+                              "2026-12-03 17:00)", ~later & ~games),
+                             ("Stellarium, SuperTux, Frozen Bubble, UKUI, GNOME (DEBIAN_MORE_IMAGES)", later),
+                             ("Tux Paint, Teeworlds, Fish Fillets, Hannah's Horse, Pingus (DEBIAN_GAME_IMAGES)",
+                              games)):
             if not group.any():
                 continue
             subset = {k: v[group] for k, v in data_u.items()}

@@ -18,9 +18,9 @@ The set is generated on the fly from public images that are on this machine offl
   warning where it can't be had): MATE's nature wallpapers, KDE Palapeli's puzzle photos and Ren'Py's demo
   backgrounds (21 photos), Ren'Py's anime character sprites, a concert scene and its launch image (drawings).
 
-Not in the set, so never in a fit: 19 + 24 images from other Debian packages (:data:`DEBIAN_IMAGES`,
-:data:`DEBIAN_MORE_IMAGES`, fetched the same way), on which ``bench/eval_advisor.py`` judges the shipped advisor
-as on images it never saw.
+Not in the set, so never in a fit: 19 + 24 + 53 images from other Debian packages (:data:`DEBIAN_IMAGES`,
+:data:`DEBIAN_MORE_IMAGES`, :data:`DEBIAN_GAME_IMAGES`, fetched the same way), on which ``bench/eval_advisor.py``
+judges the shipped advisor as on images it never saw.
 
 Each image is made at long sides 128, 160, 240, 360 and 512 px and native (INTER_AREA), and at each size as
 ``clean``, re-compressed ``jpeg`` (quality 30-95, fixed per image and size), ``gray``, Gaussian ``noise``
@@ -365,9 +365,45 @@ DEBIAN_MORE_IMAGES = (
 )
 
 
+#: Game and education art the shipped model never saw (:func:`debian_sources`), chosen on 2026-12-04 and labelled by
+#: eye before any was classified, each style of each project one source: Tux Paint's photo templates (bark,
+#: mudstone, rocks, a cliff; waves, spray, jellyfish; trees, sun through leaves and clouds, a web; a lighthouse,
+#: sheep, a mill machine) and its colouring-book line art; Teeworlds' flat vector mountains and cartoon tile sheets;
+#: Fish Fillets' painted level backgrounds (dark, textured) and its cartoon intro and map; Hannah's Horse's cartoon
+#: screens; Pingus' cartoon cloud layers. Fitting on them too was tried (2026-12-04, bench/HISTORY.md): drawings
+#: gained, photos lost 1.5-3.5 points everywhere, so they stay out of the fit.
+DEBIAN_GAME_PACKAGES = ("tuxpaint-data", "teeworlds-data", "fillets-ng-data", "hannah-data", "pingus-data")
+_TUXPAINT, _TEEWORLDS = "usr/share/tuxpaint", "usr/share/games/teeworlds/data/mapres"
+_FILLETS, _GAMES = "usr/share/games/fillets-ng/images", "usr/share/games"
+DEBIAN_GAME_IMAGES = (
+    *(("tuxpaint_texture", "photo", f"{_TUXPAINT}/templates/{name}.jpg")
+      for name in ("burnt_bark", "mossy_bark", "mossy_log", "mudstone", "rocks", "cliff")),
+    *(("tuxpaint_water", "photo", f"{_TUXPAINT}/templates/{name}.jpg")
+      for name in ("ocean_splash", "ocean_waves", "jellyfish")),
+    *(("tuxpaint_trees", "photo", f"{_TUXPAINT}/templates/{name}.jpg")
+      for name in ("corn_maze", "redwoods_above", "trees_above", "trees_at_dusk", "sun_behind_clouds",
+                   "sun_behind_leaves", "spiders_web")),
+    *(("tuxpaint_scenes", "photo", f"{_TUXPAINT}/templates/{name}.jpg")
+      for name in ("lighthouse", "sheep", "wool_mill_machine")),
+    *(("tuxpaint_lineart", "anime", f"{_TUXPAINT}/starters/{name}.png")
+      for name in ("chicken", "frog", "jetplane", "nagasaki", "tux_farmer", "street", "carcassone")),
+    *(("teeworlds_mountains", "anime", f"{_TEEWORLDS}/{name}.png")
+      for name in ("desert_mountains", "mountains", "winter_mountains", "winter_mountains3")),
+    *(("teeworlds_tiles", "anime", f"{_TEEWORLDS}/{name}.png")
+      for name in ("grass_main", "desert_main", "jungle_midground")),
+    *(("fillets_painted", "anime", f"{_FILLETS}/{name}-p.png")
+      for name in ("airplane/letadlo", "bathroom/bathroom", "bathyscaph/batyskaf", "cave/jeskyne", "chest/truhla",
+                   "columns/sloupy", "duckie/odpadky", "viking1/drakar1", "map/mapa", "turtle/zelva")),
+    *(("fillets_art", "anime", f"{_FILLETS}/menu/{name}.png") for name in ("intro", "map")),
+    *(("hannah", "anime", f"{_GAMES}/hannah/images/{name}.png") for name in ("story", "story1", "bg_left")),
+    *(("pingus_clouds", "anime", f"{_GAMES}/pingus/data/images/core/menu/layer{n}.png") for n in range(1, 6)),
+)
+
+
 def debian_sources() -> list[Item]:
-    """The :data:`DEBIAN_IMAGES` wallpapers (their smallest raster file), the spacefun drawing and the
-    :data:`DEBIAN_MORE_IMAGES`; a group that can't be had is left out (with a warning)."""
+    """The :data:`DEBIAN_IMAGES` wallpapers (their smallest raster file), the spacefun drawing, the
+    :data:`DEBIAN_MORE_IMAGES` and the :data:`DEBIAN_GAME_IMAGES`; a group that can't be had is left out (with a
+    warning)."""
     items: list[Item] = []
     root = debian_files()
     if root is not None:
@@ -377,7 +413,8 @@ def debian_sources() -> list[Item]:
                      if f.suffix != ".svg"]
             smallest = min(files, key=lambda f: (f.stat().st_size, f.name))
             items.append(("wp_" + name, label, name, read_rgb(smallest)))
-    return items + _debian_items(DEBIAN_MORE_PACKAGES, DEBIAN_MORE_IMAGES, "debian-more")
+    return (items + _debian_items(DEBIAN_MORE_PACKAGES, DEBIAN_MORE_IMAGES, "debian-more")
+            + _debian_items(DEBIAN_GAME_PACKAGES, DEBIAN_GAME_IMAGES, "debian-game"))
 
 
 # ------------------------------------------------------------------------------------------ sizes and variants
