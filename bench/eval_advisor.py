@@ -180,6 +180,12 @@ def unseen_decisions(trial_too: bool) -> tuple[dict[str, np.ndarray], np.ndarray
     return data, np.array(plain), np.array(tried)
 
 
+def from_sources(source: np.ndarray, rows) -> np.ndarray:
+    """Which samples (their ``source`` column) come from a source of ``rows`` (items or image tables: the source
+    first)."""
+    return np.isin(source, sorted({row[0] for row in rows}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trial", action="store_true",
@@ -222,8 +228,8 @@ def main() -> None:
               f"all: TRIAL_GAP_WEIGHT={b[0]:.2f} TRIAL_LOGIT_WEIGHT={b[1]:.2f} TRIAL_BIAS={b[2]:.2f} (shipped "
               f"{TRIAL_GAP_WEIGHT}, {TRIAL_LOGIT_WEIGHT}, {TRIAL_BIAS})")
 
-    more = np.isin(data["source"], sorted({item[0] for item in more_sources()}))
-    debian_fit = np.isin(data["source"], sorted({source for source, *_ in DEBIAN_FIT_IMAGES}))
+    more = from_sources(data["source"], more_sources())
+    debian_fit = from_sources(data["source"], DEBIAN_FIT_IMAGES)
     for title, group in (("the sources added after the features were chosen (bench/fit_content_type.more_sources)",
                           more),
                          ("Debian's photos and anime art (bench/fit_content_type.DEBIAN_FIT_IMAGES)", debian_fit),
@@ -236,11 +242,11 @@ def main() -> None:
     unseen = unseen_decisions(args.trial)
     if unseen is not None:
         data_u, plain, tried = unseen
-        later = np.isin(data_u["source"], sorted({source for source, *_ in DEBIAN_MORE_IMAGES}))
-        games = np.isin(data_u["source"], sorted({source for source, *_ in DEBIAN_GAME_IMAGES}))
+        later = from_sources(data_u["source"], DEBIAN_MORE_IMAGES)
+        games = from_sources(data_u["source"], DEBIAN_GAME_IMAGES)
         for title, group in (("all of them", np.ones(len(later), bool)),
-                             ("the 43 before the game art joined (to compare with figures before 2026-12-04)",
-                              ~games),
+                             (f"the {len(np.unique(data_u['name'][~games]))} before the game art joined (to compare "
+                              "with figures before 2026-12-04)", ~games),
                              ("KDE's wallpapers and spacefun (DEBIAN_IMAGES, to compare with figures before "
                               "2026-12-03 17:00)", ~later & ~games),
                              ("Stellarium, SuperTux, Frozen Bubble, UKUI, GNOME (DEBIAN_MORE_IMAGES)", later),
